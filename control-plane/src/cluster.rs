@@ -1,0 +1,88 @@
+//! The published view of the cluster: what `WatchUsage` streams, what the
+//! CLI shows, and what a sidecar's degraded mode routes on. Immutable once
+//! built; shared as `Arc<ClusterState>`.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::EndpointKind;
+
+/// In-flight and token counts of one model on one endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelUsage {
+    /// Tracking model name.
+    pub model: Arc<str>,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// Prompt tokens reported on release, cumulative.
+    pub prompt_tokens: u64,
+    /// Completion tokens reported on release, cumulative.
+    pub completion_tokens: u64,
+    /// Requests released, cumulative.
+    pub requests: u64,
+}
+
+/// Everything known about one endpoint at one moment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointState {
+    /// Base URL as configured (the endpoint's identity).
+    pub url: Arc<str>,
+    /// API family.
+    pub kind: EndpointKind,
+    /// Position in the configuration (0 first; priority order).
+    pub priority: u32,
+    /// Concurrent-request limit.
+    pub max_concurrent: u32,
+    /// Last probe succeeded.
+    pub healthy: bool,
+    /// Why unhealthy; empty when healthy.
+    pub health_detail: String,
+    /// Draining endpoints receive no new work.
+    pub draining: bool,
+    /// Models advertised, as the endpoint names them.
+    pub advertised_models: Vec<Arc<str>>,
+    /// Models loaded, as the endpoint names them.
+    pub loaded_models: Vec<Arc<str>>,
+    /// Usage per tracking model.
+    pub usage: Vec<ModelUsage>,
+    /// In-flight requests over all models.
+    pub in_flight: u32,
+    /// Tracking models whose completions failed here recently.
+    pub failing_models: Vec<Arc<str>>,
+    /// Circuit breaker open: recent consecutive failures.
+    pub circuit_open: bool,
+    /// Unix milliseconds of the last successful probe; 0 if never.
+    pub last_probe_ok_unix_ms: u64,
+}
+
+/// The whole cluster at one version.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Increases with every published change.
+    pub version: u64,
+    /// Endpoints in configuration order.
+    pub endpoints: Vec<EndpointState>,
+    /// Live sidecar sessions.
+    pub sessions: u32,
+    /// Leases held across all sessions.
+    pub leases: u32,
+    /// Conversation-affinity entries held.
+    pub affinity_entries: u32,
+    /// `priority_routing` from the configuration.
+    pub priority_routing: bool,
+    /// `conversation_affinity` from the configuration.
+    pub conversation_affinity: bool,
+}
+
+impl ClusterState {
+    /// In-flight requests over the whole cluster.
+    pub fn total_in_flight(&self) -> u64 {
+        self.endpoints.iter().map(|e| u64::from(e.in_flight)).sum()
+    }
+
+    /// True when at least one endpoint's last probe succeeded.
+    pub fn any_healthy(&self) -> bool {
+        self.endpoints.iter().any(|e| e.healthy)
+    }
+}

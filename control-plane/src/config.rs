@@ -1,0 +1,874 @@
+//! Configuration: YAML that accepts nomyo-router's `config.yaml` unchanged,
+//! plus Switchyard's own keys. Parsed into [`RawConfig`] (every key optional,
+//! unknown keys rejected), then validated once by [`Config::load`] /
+//! [`Config::from_yaml`] into a typed [`Config`] that needs no further checks.
+//! Every error names the key and the bad value.
+
+use std::{collections::BTreeMap, fmt, path::Path, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+
+use crate::endpoint::EndpointKind;
+
+/// A secret string (API key). Never printed: `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A configuration problem, naming the key and the bad value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// Path tried.
+        path: String,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// YAML syntax error, unknown key, or a value of the wrong type.
+    #[error("invalid config: {0}")]
+    Syntax(String),
+    /// A key has a value that is not allowed.
+    #[error("invalid config: key `{key}`: {problem} (value: {value})")]
+    Invalid {
+        /// Dotted key path.
+        key: String,
+        /// The offending value, as written (secrets elided).
+        value: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(
+    key: impl Into<String>,
+    value: impl fmt::Display,
+    problem: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// A duration as written in YAML: a number of seconds (`30`, `0.5`) or a
+/// string with a unit (`"250ms"`, `"5s"`, `"2m"`, `"1h"`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawDuration {
+    /// Seconds.
+    Seconds(f64),
+    /// Number with unit.
+    Text(String),
+}
+
+impl RawDuration {
+    fn parse(&self, key: &str) -> Result<Duration, ConfigError> {
+        match self {
+            Self::Seconds(s) => {
+                if s.is_finite() && *s >= 0.0 {
+                    Ok(Duration::from_secs_f64(*s))
+                } else {
+                    Err(invalid(key, s, "must be a non-negative number of seconds"))
+                }
+            }
+            Self::Text(t) => parse_duration_text(t).ok_or_else(|| {
+                invalid(
+                    key,
+                    format!("{t:?}"),
+                    "expected seconds or a number with unit ms, s, m or h",
+                )
+            }),
+        }
+    }
+}
+
+fn parse_duration_text(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// Per-endpoint overrides under `endpoint_config.<url>`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpointConfig {
+    /// Concurrent-request limit for this endpoint.
+    pub max_concurrent_connections: Option<u32>,
+}
+
+/// Timeouts for one endpoint kind, under `timeouts.<kind>`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Option<RawDuration>,
+    /// From request sent to the first response byte (model loading counts).
+    pub first_byte: Option<RawDuration>,
+    /// Longest silence between two chunks of a streamed answer.
+    pub idle: Option<RawDuration>,
+}
+
+/// The YAML file as written. Every key optional; unknown keys are errors.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    // --- nomyo-router keys ---
+    /// Ollama or OpenAI-compatible (URL containing `/v1`) endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// llama.cpp `llama-server` endpoints.
+    #[serde(default)]
+    pub llama_server_endpoints: Vec<String>,
+    /// Default concurrent-request limit per endpoint.
+    pub max_concurrent_connections: Option<u32>,
+    /// Backend API keys by endpoint URL; values may use `${ENV}`.
+    #[serde(default)]
+    pub api_keys: BTreeMap<String, String>,
+    /// Router API key clients must present (nomyo spelling).
+    #[serde(rename = "nomyo-router-api-key")]
+    pub nomyo_router_api_key: Option<String>,
+    /// Router API key clients must present.
+    pub router_api_key: Option<String>,
+    /// Prefer endpoints in config order at equal utilization.
+    pub priority_routing: Option<bool>,
+    /// Route a conversation's turns to the same endpoint.
+    pub conversation_affinity: Option<bool>,
+    /// Affinity entry lifetime (seconds).
+    pub conversation_affinity_ttl: Option<RawDuration>,
+    /// Per-endpoint overrides.
+    #[serde(default)]
+    pub endpoint_config: BTreeMap<String, RawEndpointConfig>,
+
+    // --- Switchyard keys ---
+    /// Most affinity entries held.
+    pub affinity_max_entries: Option<usize>,
+    /// Period of discovery probes.
+    pub probe_interval: Option<RawDuration>,
+    /// Timeout of one probe request.
+    pub probe_timeout: Option<RawDuration>,
+    /// Random spread of probe periods, as a fraction (0 to 0.5).
+    pub probe_jitter: Option<f64>,
+    /// Session lifetime without keep-alive; its leases are released after.
+    pub session_ttl: Option<RawDuration>,
+    /// Keep-alive period sidecars are told to use.
+    pub keepalive_interval: Option<RawDuration>,
+    /// How long a failed completion excludes (endpoint, model).
+    pub completion_failure_ttl: Option<RawDuration>,
+    /// Consecutive backend failures that open an endpoint's circuit breaker.
+    pub breaker_failures: Option<u32>,
+    /// How long an open breaker keeps the endpoint out before a trial.
+    pub breaker_open_for: Option<RawDuration>,
+    /// Least time between two `WatchUsage` publications.
+    pub watch_interval: Option<RawDuration>,
+    /// Sidecar: deadline for a control-plane choice before deciding locally.
+    pub choose_timeout: Option<RawDuration>,
+    /// Sidecar: largest request body accepted, in bytes.
+    pub max_body_bytes: Option<usize>,
+    /// Sidecar: most endpoints tried for one request.
+    pub max_attempts: Option<u32>,
+    /// Sidecar: how long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Option<RawDuration>,
+    /// Sidecar: timeouts by endpoint kind (`ollama`, `openai`, `llama_server`).
+    #[serde(default)]
+    pub timeouts: BTreeMap<String, RawTimeouts>,
+}
+
+/// One backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// Base URL as configured, without a trailing `/` (the endpoint's identity).
+    pub url: Arc<str>,
+    /// API family.
+    pub kind: EndpointKind,
+    /// Sent as `Authorization: Bearer` to OpenAI-style routes.
+    pub api_key: Option<Secret>,
+    /// Concurrent-request limit.
+    pub max_concurrent: u32,
+}
+
+/// Conversation affinity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinityConfig {
+    /// On or off (`conversation_affinity`).
+    pub enabled: bool,
+    /// Entry lifetime (`conversation_affinity_ttl`).
+    pub ttl: Duration,
+    /// Most entries held (`affinity_max_entries`).
+    pub max_entries: usize,
+}
+
+/// Discovery probes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeConfig {
+    /// Period.
+    pub interval: Duration,
+    /// Timeout per probe request.
+    pub timeout: Duration,
+    /// Random spread of the period, as a fraction.
+    pub jitter: f64,
+}
+
+/// Sidecar sessions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Lifetime without keep-alive.
+    pub ttl: Duration,
+    /// Keep-alive period sidecars use.
+    pub keepalive_interval: Duration,
+}
+
+/// Passive health: completion failures and the circuit breaker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// How long a failed completion excludes (endpoint, model).
+    pub completion_failure_ttl: Duration,
+    /// Consecutive failures that open the breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before a trial request.
+    pub breaker_open_for: Duration,
+}
+
+/// Timeouts for requests to one endpoint kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connect.
+    pub connect: Duration,
+    /// First response byte.
+    pub first_byte: Duration,
+    /// Between stream chunks.
+    pub idle: Duration,
+}
+
+/// Sidecar behaviour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarConfig {
+    /// Deadline for a control-plane choice before deciding locally.
+    pub choose_timeout: Duration,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Most endpoints tried for one request (1 = no retry).
+    pub max_attempts: u32,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Timeouts for Ollama endpoints.
+    pub ollama_timeouts: Timeouts,
+    /// Timeouts for OpenAI-compatible endpoints.
+    pub openai_timeouts: Timeouts,
+    /// Timeouts for llama-server endpoints.
+    pub llama_server_timeouts: Timeouts,
+}
+
+impl SidecarConfig {
+    /// Timeouts for an endpoint kind.
+    pub fn timeouts(&self, kind: EndpointKind) -> Timeouts {
+        match kind {
+            EndpointKind::Ollama => self.ollama_timeouts,
+            EndpointKind::OpenAi => self.openai_timeouts,
+            EndpointKind::LlamaServer => self.llama_server_timeouts,
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Backends in configuration order (priority order).
+    pub endpoints: Vec<EndpointConfig>,
+    /// Key clients must present; `None` means no auth.
+    pub router_api_key: Option<Secret>,
+    /// Prefer lower utilization, then config order.
+    pub priority_routing: bool,
+    /// Conversation affinity.
+    pub affinity: AffinityConfig,
+    /// Discovery probes.
+    pub probe: ProbeConfig,
+    /// Sidecar sessions.
+    pub sessions: SessionConfig,
+    /// Passive health.
+    pub health: HealthConfig,
+    /// Least time between two `WatchUsage` publications.
+    pub watch_interval: Duration,
+    /// Sidecar behaviour.
+    pub sidecar: SidecarConfig,
+}
+
+/// Defaults, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// nomyo-router's default.
+    pub const MAX_CONCURRENT: u32 = 1;
+    /// Affinity entry lifetime.
+    pub const AFFINITY_TTL: Duration = Duration::from_secs(300);
+    /// Most affinity entries.
+    pub const AFFINITY_MAX_ENTRIES: usize = 100_000;
+    /// Probe period.
+    pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+    /// Probe timeout.
+    pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Probe jitter fraction.
+    pub const PROBE_JITTER: f64 = 0.1;
+    /// Session lifetime without keep-alive.
+    pub const SESSION_TTL: Duration = Duration::from_secs(10);
+    /// Keep-alive period.
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+    /// Completion-failure exclusion.
+    pub const COMPLETION_FAILURE_TTL: Duration = Duration::from_secs(30);
+    /// Breaker threshold.
+    pub const BREAKER_FAILURES: u32 = 3;
+    /// Breaker open time.
+    pub const BREAKER_OPEN_FOR: Duration = Duration::from_secs(5);
+    /// Watch publication spacing.
+    pub const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+    /// Control-plane choice deadline.
+    pub const CHOOSE_TIMEOUT: Duration = Duration::from_millis(50);
+    /// Largest request body (images arrive base64-encoded).
+    pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+    /// Endpoints tried per request.
+    pub const MAX_ATTEMPTS: u32 = 3;
+    /// Shutdown grace.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// Connect timeout.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// First-byte timeout (covers model loading).
+    pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Idle-between-chunks timeout.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+}
+
+/// Expands `${NAME}` from the environment via `lookup`.
+fn expand_env(
+    key: &str,
+    value: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| invalid(key, "(secret elided)", "unterminated ${...}"))?;
+        let name = &after[..end];
+        let val = lookup(name).ok_or_else(|| {
+            invalid(
+                key,
+                format!("${{{name}}}"),
+                format!("environment variable {name} is not set"),
+            )
+        })?;
+        out.push_str(&val);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn normalize_url(key: &str, url: &str) -> Result<String, ConfigError> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
+        .ok_or_else(|| invalid(key, url, "must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(invalid(key, url, "has no host"));
+    }
+    Ok(trimmed.to_owned())
+}
+
+impl Config {
+    /// Reads and validates a config file; `${ENV}` comes from the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates YAML text; `env` resolves `${NAME}`.
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?
+        };
+        Self::validate(raw, env)
+    }
+
+    /// The single validation step from raw to typed config.
+    pub fn validate(
+        raw: RawConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let default_limit = raw
+            .max_concurrent_connections
+            .unwrap_or(defaults::MAX_CONCURRENT);
+        if default_limit == 0 {
+            return Err(invalid(
+                "max_concurrent_connections",
+                0,
+                "must be at least 1",
+            ));
+        }
+
+        let mut endpoints: Vec<EndpointConfig> = Vec::new();
+        let listed = raw
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (format!("endpoints[{i}]"), u, false))
+            .chain(
+                raw.llama_server_endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(i, u)| (format!("llama_server_endpoints[{i}]"), u, true)),
+            );
+        for (key, url, llama) in listed {
+            let url = normalize_url(&key, url)?;
+            if endpoints.iter().any(|e| *e.url == *url) {
+                return Err(invalid(key, &url, "endpoint listed twice"));
+            }
+            let kind = if llama {
+                EndpointKind::LlamaServer
+            } else if url.contains("/v1") {
+                EndpointKind::OpenAi
+            } else {
+                EndpointKind::Ollama
+            };
+            endpoints.push(EndpointConfig {
+                url: Arc::from(url),
+                kind,
+                api_key: None,
+                max_concurrent: default_limit,
+            });
+        }
+
+        let find = |endpoints: &mut Vec<EndpointConfig>,
+                    key: &str,
+                    url: &str|
+         -> Result<usize, ConfigError> {
+            let norm = normalize_url(key, url)?;
+            endpoints
+                .iter()
+                .position(|e| *e.url == *norm)
+                .ok_or_else(|| invalid(key, url, "not a configured endpoint"))
+        };
+
+        for (url, value) in &raw.api_keys {
+            let key = format!("api_keys.{url}");
+            let idx = find(&mut endpoints, &key, url)?;
+            let secret = expand_env(&key, value, env)?;
+            if let Some(ep) = endpoints.get_mut(idx)
+                && !secret.is_empty()
+            {
+                ep.api_key = Some(Secret::new(secret));
+            }
+        }
+        for (url, over) in &raw.endpoint_config {
+            let key = format!("endpoint_config.{url}");
+            let idx = find(&mut endpoints, &key, url)?;
+            if let Some(limit) = over.max_concurrent_connections {
+                if limit == 0 {
+                    return Err(invalid(
+                        format!("{key}.max_concurrent_connections"),
+                        0,
+                        "must be at least 1",
+                    ));
+                }
+                if let Some(ep) = endpoints.get_mut(idx) {
+                    ep.max_concurrent = limit;
+                }
+            }
+        }
+
+        let router_api_key = match (&raw.nomyo_router_api_key, &raw.router_api_key) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "router_api_key",
+                    "(secret elided)",
+                    "set only one of `router_api_key` and `nomyo-router-api-key`",
+                ));
+            }
+            (Some(v), None) => Some(("nomyo-router-api-key", v)),
+            (None, Some(v)) => Some(("router_api_key", v)),
+            (None, None) => None,
+        };
+        let router_api_key = match router_api_key {
+            Some((key, v)) => {
+                let v = expand_env(key, v, env)?;
+                (!v.is_empty()).then(|| Secret::new(v))
+            }
+            None => None,
+        };
+
+        let dur = |key: &str,
+                   v: &Option<RawDuration>,
+                   default: Duration|
+         -> Result<Duration, ConfigError> {
+            v.as_ref().map_or(Ok(default), |d| d.parse(key))
+        };
+        let positive = |key: &str, d: Duration| -> Result<Duration, ConfigError> {
+            if d.is_zero() {
+                Err(invalid(key, "0", "must be greater than zero"))
+            } else {
+                Ok(d)
+            }
+        };
+
+        let affinity = AffinityConfig {
+            enabled: raw.conversation_affinity.unwrap_or(false),
+            ttl: positive(
+                "conversation_affinity_ttl",
+                dur(
+                    "conversation_affinity_ttl",
+                    &raw.conversation_affinity_ttl,
+                    defaults::AFFINITY_TTL,
+                )?,
+            )?,
+            max_entries: match raw.affinity_max_entries {
+                Some(0) => return Err(invalid("affinity_max_entries", 0, "must be at least 1")),
+                Some(n) => n,
+                None => defaults::AFFINITY_MAX_ENTRIES,
+            },
+        };
+
+        let jitter = raw.probe_jitter.unwrap_or(defaults::PROBE_JITTER);
+        if !(0.0..=0.5).contains(&jitter) {
+            return Err(invalid("probe_jitter", jitter, "must be between 0 and 0.5"));
+        }
+        let probe = ProbeConfig {
+            interval: positive(
+                "probe_interval",
+                dur(
+                    "probe_interval",
+                    &raw.probe_interval,
+                    defaults::PROBE_INTERVAL,
+                )?,
+            )?,
+            timeout: positive(
+                "probe_timeout",
+                dur("probe_timeout", &raw.probe_timeout, defaults::PROBE_TIMEOUT)?,
+            )?,
+            jitter,
+        };
+
+        let sessions = SessionConfig {
+            ttl: positive(
+                "session_ttl",
+                dur("session_ttl", &raw.session_ttl, defaults::SESSION_TTL)?,
+            )?,
+            keepalive_interval: positive(
+                "keepalive_interval",
+                dur(
+                    "keepalive_interval",
+                    &raw.keepalive_interval,
+                    defaults::KEEPALIVE_INTERVAL,
+                )?,
+            )?,
+        };
+        if sessions.keepalive_interval * 2 > sessions.ttl {
+            return Err(invalid(
+                "keepalive_interval",
+                format!("{:?}", sessions.keepalive_interval),
+                format!("must be at most half of session_ttl ({:?})", sessions.ttl),
+            ));
+        }
+
+        let health = HealthConfig {
+            completion_failure_ttl: dur(
+                "completion_failure_ttl",
+                &raw.completion_failure_ttl,
+                defaults::COMPLETION_FAILURE_TTL,
+            )?,
+            breaker_failures: match raw.breaker_failures {
+                Some(0) => return Err(invalid("breaker_failures", 0, "must be at least 1")),
+                Some(n) => n,
+                None => defaults::BREAKER_FAILURES,
+            },
+            breaker_open_for: positive(
+                "breaker_open_for",
+                dur(
+                    "breaker_open_for",
+                    &raw.breaker_open_for,
+                    defaults::BREAKER_OPEN_FOR,
+                )?,
+            )?,
+        };
+
+        let mut kind_timeouts = BTreeMap::new();
+        for (kind_name, t) in &raw.timeouts {
+            let key = format!("timeouts.{kind_name}");
+            let kind: EndpointKind = kind_name
+                .parse()
+                .map_err(|_| invalid(&key, kind_name, "expected ollama, openai or llama_server"))?;
+            let connect = positive(
+                &format!("{key}.connect"),
+                dur(
+                    &format!("{key}.connect"),
+                    &t.connect,
+                    defaults::CONNECT_TIMEOUT,
+                )?,
+            )?;
+            let first_byte = positive(
+                &format!("{key}.first_byte"),
+                dur(
+                    &format!("{key}.first_byte"),
+                    &t.first_byte,
+                    defaults::FIRST_BYTE_TIMEOUT,
+                )?,
+            )?;
+            let idle = positive(
+                &format!("{key}.idle"),
+                dur(&format!("{key}.idle"), &t.idle, defaults::IDLE_TIMEOUT)?,
+            )?;
+            kind_timeouts.insert(
+                kind.as_str(),
+                Timeouts {
+                    connect,
+                    first_byte,
+                    idle,
+                },
+            );
+        }
+        let default_timeouts = Timeouts {
+            connect: defaults::CONNECT_TIMEOUT,
+            first_byte: defaults::FIRST_BYTE_TIMEOUT,
+            idle: defaults::IDLE_TIMEOUT,
+        };
+        let timeouts_for = |kind: EndpointKind| {
+            kind_timeouts
+                .get(kind.as_str())
+                .copied()
+                .unwrap_or(default_timeouts)
+        };
+
+        let sidecar = SidecarConfig {
+            choose_timeout: positive(
+                "choose_timeout",
+                dur(
+                    "choose_timeout",
+                    &raw.choose_timeout,
+                    defaults::CHOOSE_TIMEOUT,
+                )?,
+            )?,
+            max_body_bytes: match raw.max_body_bytes {
+                Some(0) => return Err(invalid("max_body_bytes", 0, "must be at least 1")),
+                Some(n) => n,
+                None => defaults::MAX_BODY_BYTES,
+            },
+            max_attempts: match raw.max_attempts {
+                Some(0) => return Err(invalid("max_attempts", 0, "must be at least 1")),
+                Some(n) => n,
+                None => defaults::MAX_ATTEMPTS,
+            },
+            shutdown_grace: dur(
+                "shutdown_grace",
+                &raw.shutdown_grace,
+                defaults::SHUTDOWN_GRACE,
+            )?,
+            ollama_timeouts: timeouts_for(EndpointKind::Ollama),
+            openai_timeouts: timeouts_for(EndpointKind::OpenAi),
+            llama_server_timeouts: timeouts_for(EndpointKind::LlamaServer),
+        };
+
+        Ok(Self {
+            endpoints,
+            router_api_key,
+            priority_routing: raw.priority_routing.unwrap_or(false),
+            affinity,
+            probe,
+            sessions,
+            health,
+            watch_interval: dur(
+                "watch_interval",
+                &raw.watch_interval,
+                defaults::WATCH_INTERVAL,
+            )?,
+            sidecar,
+        })
+    }
+
+    /// The configuration used when none is given: one local Ollama at
+    /// `http://127.0.0.1:11434`, every other key at its default.
+    pub fn local_ollama() -> Result<Self, ConfigError> {
+        let mut raw = RawConfig::default();
+        raw.endpoints.push("http://127.0.0.1:11434".to_owned());
+        Self::validate(raw, &|_| None)
+    }
+
+    /// The endpoint with this URL (trailing `/` ignored).
+    pub fn endpoint(&self, url: &str) -> Option<&EndpointConfig> {
+        let url = url.trim_end_matches('/');
+        self.endpoints.iter().find(|e| &*e.url == url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "OPENAI_KEY").then(|| "sk-test".to_owned())
+    }
+
+    const NOMYO: &str = r#"
+endpoints:
+  - http://192.168.0.50:11434
+  - http://192.168.0.51:11434/
+  - https://api.openai.com/v1
+llama_server_endpoints:
+  - http://192.168.0.33:8889/v1
+max_concurrent_connections: 2
+api_keys:
+  "http://192.168.0.50:11434": "ollama"
+  "https://api.openai.com/v1": "${OPENAI_KEY}"
+nomyo-router-api-key: "router-secret"
+priority_routing: true
+conversation_affinity: true
+conversation_affinity_ttl: 600
+endpoint_config:
+  "http://192.168.0.51:11434":
+    max_concurrent_connections: 4
+"#;
+
+    #[test]
+    fn accepts_nomyo_config_unchanged() {
+        let c = Config::from_yaml(NOMYO, &env).unwrap();
+        let kinds: Vec<_> = c.endpoints.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EndpointKind::Ollama,
+                EndpointKind::Ollama,
+                EndpointKind::OpenAi,
+                EndpointKind::LlamaServer
+            ]
+        );
+        assert_eq!(&*c.endpoints[1].url, "http://192.168.0.51:11434");
+        assert_eq!(c.endpoints[0].max_concurrent, 2);
+        assert_eq!(c.endpoints[1].max_concurrent, 4);
+        assert_eq!(c.endpoints[2].api_key.as_ref().unwrap().expose(), "sk-test");
+        assert_eq!(c.router_api_key.as_ref().unwrap().expose(), "router-secret");
+        assert!(c.priority_routing);
+        assert!(c.affinity.enabled);
+        assert_eq!(c.affinity.ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_yaml("endpoints: []\nprobe_intervall: 3\n", &env).unwrap_err();
+        assert!(err.to_string().contains("probe_intervall"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named_with_their_value() {
+        let err = Config::from_yaml("probe_interval: \"5 parsecs\"\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("probe_interval") && err.contains("5 parsecs"),
+            "{err}"
+        );
+        let err = Config::from_yaml("endpoints: [\"ftp://x\"]\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("endpoints[0]") && err.contains("ftp://x"),
+            "{err}"
+        );
+        let err = Config::from_yaml("max_concurrent_connections: 0\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_concurrent_connections"), "{err}");
+        let err = Config::from_yaml("timeouts:\n  vllm:\n    connect: 1\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timeouts.vllm"), "{err}");
+    }
+
+    #[test]
+    fn missing_env_var_is_named_and_secret_never_printed() {
+        let yaml = "endpoints: [\"https://x/v1\"]\napi_keys:\n  \"https://x/v1\": \"${NOPE}\"\n";
+        let err = Config::from_yaml(yaml, &env).unwrap_err().to_string();
+        assert!(
+            err.contains("NOPE") && err.contains("api_keys.https://x/v1"),
+            "{err}"
+        );
+        let c = Config::from_yaml(NOMYO, &env).unwrap();
+        assert!(!format!("{c:?}").contains("sk-test"));
+        assert!(!format!("{c:?}").contains("router-secret"));
+    }
+
+    #[test]
+    fn keys_for_unknown_endpoints_are_errors() {
+        let yaml = "endpoints: [\"http://a:1\"]\napi_keys:\n  \"http://b:1\": k\n";
+        let err = Config::from_yaml(yaml, &env).unwrap_err().to_string();
+        assert!(err.contains("api_keys.http://b:1"), "{err}");
+    }
+
+    #[test]
+    fn durations_accept_units() {
+        let c = Config::from_yaml(
+            "session_ttl: 20s\nkeepalive_interval: 500ms\nprobe_interval: 0.25\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.sessions.ttl, Duration::from_secs(20));
+        assert_eq!(c.sessions.keepalive_interval, Duration::from_millis(500));
+        assert_eq!(c.probe.interval, Duration::from_millis(250));
+        let err = Config::from_yaml("session_ttl: 2s\nkeepalive_interval: 2s\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keepalive_interval"), "{err}");
+    }
+
+    #[test]
+    fn default_config_points_at_local_ollama() {
+        let c = Config::local_ollama().unwrap();
+        assert_eq!(c.endpoints.len(), 1);
+        assert_eq!(&*c.endpoints[0].url, "http://127.0.0.1:11434");
+        assert_eq!(c.endpoints[0].kind, EndpointKind::Ollama);
+    }
+}
