@@ -5,6 +5,7 @@
 //! - [`ids`], [`outcome`], [`decision`]: the vocabulary of leases and choices.
 //! - [`cluster`]: the published cluster state (`WatchUsage`, CLI, degraded mode).
 
+pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod decision;

@@ -1,0 +1,98 @@
+//! Plain data passed into and out of the [`ControlPlane`] facade that is not
+//! a choice: probe reports, lease records, session and affinity listings.
+//! Shared by the gRPC edge, the discovery probes and the embedded
+//! (standalone) sidecar.
+//!
+//! [`ControlPlane`]: crate::control_plane::ControlPlane
+
+use std::{sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{LeaseId, SessionId};
+
+/// What one discovery probe round found for one endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeReport {
+    /// The endpoint answered.
+    Ok {
+        /// Models it advertises, as it names them.
+        advertised: Vec<String>,
+        /// Models it has loaded, as it names them.
+        loaded: Vec<String>,
+    },
+    /// The endpoint did not answer, or answered an error.
+    Failed {
+        /// What went wrong (no secrets).
+        detail: String,
+    },
+}
+
+/// A lease a sidecar holds and asks the control plane to count.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// Lease id as the sidecar knows it.
+    pub lease: LeaseId,
+    /// Endpoint base URL.
+    pub endpoint: Arc<str>,
+    /// Tracking model name.
+    pub tracking_model: Arc<str>,
+}
+
+/// What opening a session grants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionGrant {
+    /// The new session.
+    pub id: SessionId,
+    /// Lifetime without keep-alive.
+    pub ttl: Duration,
+    /// Keep-alive period to use.
+    pub keepalive_interval: Duration,
+}
+
+/// Result of re-registering leases.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegisterOutcome {
+    /// Leases now counted (new or already known).
+    pub registered: usize,
+    /// Leases refused: endpoint not configured.
+    pub rejected: usize,
+}
+
+/// One session, for listings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Session id.
+    pub id: SessionId,
+    /// Sidecar name given at open.
+    pub name: String,
+    /// Leases held.
+    pub leases: u32,
+    /// Time since the last keep-alive.
+    pub since_keepalive: Duration,
+    /// Time until expiry without keep-alive.
+    pub expires_in: Duration,
+}
+
+/// One affinity entry, for listings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AffinityEntryInfo {
+    /// Conversation key.
+    pub key: String,
+    /// Endpoint URL it is bound to.
+    pub endpoint: Arc<str>,
+    /// Tracking model.
+    pub model: Arc<str>,
+    /// Time until the entry expires.
+    pub expires_in: Duration,
+}
+
+/// An admin call named an endpoint that is not configured.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown endpoint {url:?}; configured endpoints: {}", configured.join(", "))]
+pub struct UnknownEndpoint {
+    /// The URL given.
+    pub url: String,
+    /// Configured endpoint URLs.
+    pub configured: Vec<String>,
+}
