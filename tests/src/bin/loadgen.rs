@@ -1,0 +1,154 @@
+//! `loadgen`: an HTTP load generator for Switchyard's benchmarks.
+//!
+//! Two modes:
+//! - closed loop (`--concurrency N`): N workers send back-to-back requests;
+//!   measures peak throughput.
+//! - open loop (`--rate R`): requests are *scheduled* at a fixed rate and
+//!   latency is measured from the scheduled send time, so a stall shows up in
+//!   the percentiles instead of silently lowering the rate (no coordinated
+//!   omission).
+//!
+//! Prints one JSON object with throughput and latency percentiles.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "HTTP load generator for Switchyard benchmarks (closed or open loop)")]
+struct Args {
+    /// Full URL, e.g. http://127.0.0.1:12434/api/chat
+    #[arg(long)]
+    url: String,
+    /// JSON body to POST; GET when absent.
+    #[arg(long)]
+    body: Option<String>,
+    /// Closed loop: number of concurrent workers.
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: requests per second, scheduled at fixed intervals.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Measured duration in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds (not measured).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Label printed with the results.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+struct Sample {
+    latency: Duration,
+    ok: bool,
+}
+
+async fn send(client: &reqwest::Client, args: &Args) -> bool {
+    let req = match &args.body {
+        Some(b) => client
+            .post(&args.url)
+            .header("content-type", "application/json")
+            .body(b.clone()),
+        None => client.get(&args.url),
+    };
+    match req.send().await {
+        Ok(resp) => {
+            let ok = resp.status().is_success();
+            // Read the whole body: streaming answers count when complete.
+            resp.bytes().await.is_ok() && ok
+        }
+        Err(_) => false,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1e6
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = std::sync::Arc::new(Args::parse());
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .context("building HTTP client")?;
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let measure = Duration::from_secs_f64(args.duration);
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + measure;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Sample>();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    match (args.concurrency, args.rate) {
+        (Some(n), None) => {
+            for _ in 0..n {
+                let (client, args, tx) = (client.clone(), args.clone(), tx.clone());
+                tasks.spawn(async move {
+                    while Instant::now() < end {
+                        let t0 = Instant::now();
+                        let ok = send(&client, &args).await;
+                        if t0 >= measure_from && Instant::now() <= end {
+                            let _ = tx.send(Sample { latency: t0.elapsed(), ok });
+                        }
+                    }
+                });
+            }
+        }
+        (None, Some(rate)) if rate > 0.0 => {
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            let (client, args, tx) = (client.clone(), args.clone(), tx.clone());
+            tasks.spawn(async move {
+                let mut inner = tokio::task::JoinSet::new();
+                let mut next = start;
+                while next < end {
+                    tokio::time::sleep_until(next.into()).await;
+                    let scheduled = next;
+                    let (client, args, tx) = (client.clone(), args.clone(), tx.clone());
+                    inner.spawn(async move {
+                        let ok = send(&client, &args).await;
+                        if scheduled >= measure_from {
+                            let _ = tx.send(Sample { latency: scheduled.elapsed(), ok });
+                        }
+                    });
+                    next += interval;
+                    while inner.try_join_next().is_some() {}
+                }
+                while inner.join_next().await.is_some() {}
+            });
+        }
+        _ => bail!("give exactly one of --concurrency N or --rate R (R > 0)"),
+    }
+    drop(tx);
+    let mut lat = Vec::new();
+    let mut errors = 0u64;
+    while let Some(s) = rx.recv().await {
+        if s.ok {
+            lat.push(s.latency);
+        } else {
+            errors += 1;
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    lat.sort_unstable();
+    let out = serde_json::json!({
+        "label": args.label,
+        "mode": if args.rate.is_some() { "open" } else { "closed" },
+        "requests": lat.len(),
+        "errors": errors,
+        "rps": lat.len() as f64 / measure.as_secs_f64(),
+        "p50_us": percentile(&lat, 0.50),
+        "p90_us": percentile(&lat, 0.90),
+        "p99_us": percentile(&lat, 0.99),
+        "max_us": percentile(&lat, 1.0),
+    });
+    println!("{out}");
+    Ok(())
+}

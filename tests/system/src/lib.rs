@@ -1,0 +1,1 @@
+//! Shared harness for whole-system tests.
