@@ -13,3 +13,6 @@ pub mod endpoint;
 pub mod ids;
 pub mod model_name;
 pub mod outcome;
+pub mod policy;
+pub mod state;
+pub mod control_plane;

@@ -1,0 +1,437 @@
+//! The [`ControlPlane`] facade: the one entry point the gRPC service, the
+//! discovery probes and an embedded (standalone) sidecar use.
+//!
+//! Concurrency: discovery (advertised/loaded models and the model →
+//! candidate index) is an immutable [`DiscoverySnapshot`] in an `ArcSwap`,
+//! read without locking. Everything with invariants (leases, usage,
+//! sessions, affinity, health, draining) is one [`State`] behind one short
+//! `parking_lot::Mutex`; every method is synchronous and no lock is ever
+//! held across `.await`.
+//!
+//! Lock order: `discovery_writer` (serializes snapshot replacement by
+//! probes) before `state`. Nothing else nests.
+//!
+//! Publication: every visible mutation bumps `version` and notifies;
+//! [`ControlPlane::run_background`] coalesces notifications and publishes
+//! the latest [`ClusterState`] on a `watch` channel at most once per
+//! `watch_interval`. Slow watchers just see the latest value; choices
+//! never wait for the publisher.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{
+        AffinityEntryInfo, LeaseRecord, ProbeReport, RegisterOutcome, SessionGrant, SessionInfo,
+        UnknownEndpoint,
+    },
+    cluster::{ClusterState, EndpointState},
+    config::Config,
+    decision::{Choice, ChooseError, ChooseRequest, DecisionReason},
+    ids::{LeaseId, SessionId},
+    outcome::{Outcome, TokenCounts},
+    state::{
+        State,
+        discovery_snapshot::{DiscoverySnapshot, EndpointDiscovery},
+    },
+};
+
+/// Cumulative counters (monotonic) plus gauges, for Prometheus rendering.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlPlaneStats {
+    /// Successful choices by reason (dry runs included).
+    pub decisions: [(DecisionReason, u64); 4],
+    /// Choices refused: model not advertised anywhere.
+    pub not_found: u64,
+    /// `release` calls that ended a lease, by outcome (every outcome listed).
+    pub releases: Vec<(Outcome, u64)>,
+    /// Leases granted by reserving choices.
+    pub leases_granted: u64,
+    /// Leases ended by any means (release, session close, session expiry).
+    pub leases_released: u64,
+    /// Leases ended by session expiry (included in `leases_released`).
+    pub leases_expired: u64,
+    /// Gauge: live leases (granted or re-registered).
+    pub leases_active: u64,
+    /// Gauge: live sessions.
+    pub sessions_active: u64,
+    /// Sessions expired without keep-alive.
+    pub sessions_expired: u64,
+    /// Gauge: affinity entries held.
+    pub affinity_entries: u64,
+    /// Successful probes applied.
+    pub probes_ok: u64,
+    /// Failed probes applied.
+    pub probes_failed: u64,
+}
+
+struct Shared {
+    config: Arc<Config>,
+    /// Endpoint URL → index, for exclude lists, leases and admin calls.
+    urls: HashMap<Arc<str>, u32>,
+    discovery: ArcSwap<DiscoverySnapshot>,
+    discovery_writer: Mutex<()>,
+    state: Mutex<State>,
+    version: AtomicU64,
+    changed: Notify,
+    watch: watch::Sender<Arc<ClusterState>>,
+}
+
+/// The control plane: authoritative routing state and selection. Cheap to
+/// clone (an `Arc` inside).
+#[derive(Clone)]
+pub struct ControlPlane {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("endpoints", &self.shared.config.endpoints.len())
+            .field("version", &self.shared.version.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl ControlPlane {
+    /// A control plane for `config`: nothing probed, no sessions.
+    pub fn new(config: Arc<Config>) -> Self {
+        Self::from_state(State::new(config))
+    }
+
+    fn from_state(state: State) -> Self {
+        let config = state.config().clone();
+        let snap = DiscoverySnapshot::empty(config.endpoints.len());
+        let initial = Arc::new(state.cluster_state(&snap, 0, Instant::now()));
+        let (watch, _) = watch::channel(initial);
+        let urls = config
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.url.clone(), u32::try_from(i).unwrap_or(u32::MAX)))
+            .collect();
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                urls,
+                discovery: ArcSwap::from_pointee(snap),
+                discovery_writer: Mutex::new(()),
+                state: Mutex::new(state),
+                version: AtomicU64::new(0),
+                changed: Notify::new(),
+                watch,
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.shared.config
+    }
+
+    fn endpoint_index(&self, url: &str) -> Option<u32> {
+        self.shared.urls.get(url.trim_end_matches('/')).copied()
+    }
+
+    /// Records a visible change; the publisher picks it up.
+    fn bump(&self) {
+        self.shared.version.fetch_add(1, Ordering::Release);
+        self.shared.changed.notify_one();
+    }
+
+    // ---- sessions ----
+
+    /// Opens a sidecar session.
+    pub fn open_session(&self, name: &str, now: Instant) -> SessionGrant {
+        let grant = self.shared.state.lock().open_session(name, now);
+        self.bump();
+        grant
+    }
+
+    /// Extends a session's life; false if unknown (expired or never opened).
+    pub fn keep_alive(&self, id: SessionId, now: Instant) -> bool {
+        self.shared.state.lock().keep_alive(id, now)
+    }
+
+    /// Closes a session, releasing its leases (outcome cancelled, no failure
+    /// accounting). Returns the number of leases released.
+    pub fn close_session(&self, id: SessionId) -> usize {
+        let n = self.shared.state.lock().close_session(id);
+        self.bump();
+        n
+    }
+
+    /// Counts leases a sidecar already holds (after a control-plane restart,
+    /// or granted by itself in degraded mode). Idempotent per lease id;
+    /// leases on unconfigured endpoints are rejected. Refreshes the session.
+    pub fn register_leases(
+        &self,
+        id: SessionId,
+        leases: &[LeaseRecord],
+        now: Instant,
+    ) -> Result<RegisterOutcome, ChooseError> {
+        let out = self
+            .shared
+            .state
+            .lock()
+            .register_leases(id, leases, now, |url| {
+                self.endpoint_index(url).map(|i| i as usize)
+            })?;
+        self.bump();
+        Ok(out)
+    }
+
+    /// Removes sessions whose deadline passed and releases their leases.
+    /// Returns the number of leases reclaimed.
+    pub fn expire_sessions(&self, now: Instant) -> usize {
+        let n = self.shared.state.lock().expire_sessions(now);
+        if n > 0 {
+            self.bump();
+        }
+        n
+    }
+
+    // ---- routing ----
+
+    /// Chooses an endpoint. `reserve: Some(session)` takes a lease owned by
+    /// that session (and records affinity); `None` is a dry run.
+    pub fn choose(
+        &self,
+        req: &ChooseRequest,
+        reserve: Option<SessionId>,
+        now: Instant,
+    ) -> Result<Choice, ChooseError> {
+        let snap = self.shared.discovery.load();
+        // Unknown URLs in the exclude list cannot match a candidate: dropped.
+        let excluded: Vec<u32> = req
+            .exclude
+            .iter()
+            .filter_map(|u| self.endpoint_index(u))
+            .collect();
+        let result = self
+            .shared
+            .state
+            .lock()
+            .choose(&snap, req, &excluded, reserve, now);
+        if reserve.is_some() && result.is_ok() {
+            self.bump();
+        }
+        result
+    }
+
+    /// Ends a lease. Idempotent: false when unknown or already released.
+    /// Feeds token counters, the completion-failure cache and the breaker.
+    pub fn release(
+        &self,
+        lease: LeaseId,
+        outcome: Outcome,
+        tokens: TokenCounts,
+        now: Instant,
+    ) -> bool {
+        let released = self
+            .shared
+            .state
+            .lock()
+            .release(lease, outcome, tokens, now);
+        if released {
+            self.bump();
+        }
+        released
+    }
+
+    // ---- discovery input ----
+
+    /// Applies one probe round's result for endpoint `endpoint` (index in
+    /// `config.endpoints`; out-of-range indexes are ignored). The discovery
+    /// snapshot is rebuilt and swapped only when the lists changed; a failed
+    /// probe keeps the last lists (the endpoint stays a candidate, avoided
+    /// unless nothing else is left).
+    pub fn apply_probe(&self, endpoint: usize, report: ProbeReport, _now: Instant) {
+        let Some(cfg) = self.shared.config.endpoints.get(endpoint) else {
+            tracing::warn!(endpoint, "probe report for an unknown endpoint index");
+            return;
+        };
+        match report {
+            ProbeReport::Failed { detail } => {
+                let changed = self.shared.state.lock().probe_failed(endpoint, &detail);
+                if changed {
+                    self.bump();
+                }
+            }
+            ProbeReport::Ok { advertised, loaded } => {
+                let unix_ms = unix_ms_now();
+                let _writer = self.shared.discovery_writer.lock();
+                let snap = self.shared.discovery.load_full();
+                let same = snap
+                    .endpoints
+                    .get(endpoint)
+                    .is_some_and(|d| d.same_lists(&advertised, &loaded));
+                if same {
+                    let changed = self.shared.state.lock().probe_ok(endpoint, unix_ms);
+                    if changed {
+                        self.bump();
+                    }
+                    return;
+                }
+                let mut disc = EndpointDiscovery::parse(cfg.kind, &advertised, &loaded);
+                {
+                    let mut state = self.shared.state.lock();
+                    state.assign_slots(endpoint, &mut disc);
+                    state.probe_ok(endpoint, unix_ms);
+                }
+                let next = snap.with_endpoint(endpoint, disc);
+                self.shared.discovery.store(Arc::new(next));
+                self.bump();
+            }
+        }
+    }
+
+    // ---- admin / inspection ----
+
+    /// Drains (or undrains) an endpoint; returns its state afterwards.
+    pub fn set_draining(
+        &self,
+        url: &str,
+        draining: bool,
+    ) -> Result<EndpointState, UnknownEndpoint> {
+        let unknown = || UnknownEndpoint {
+            url: url.to_owned(),
+            configured: self
+                .shared
+                .config
+                .endpoints
+                .iter()
+                .map(|e| e.url.to_string())
+                .collect(),
+        };
+        let ep = self.endpoint_index(url).ok_or_else(unknown)? as usize;
+        let snap = self.shared.discovery.load();
+        let (changed, state) = {
+            let mut st = self.shared.state.lock();
+            let changed = st.set_draining(ep, draining);
+            (changed, st.endpoint_state(&snap, ep, Instant::now()))
+        };
+        if changed {
+            self.bump();
+        }
+        state.ok_or_else(unknown)
+    }
+
+    /// Live sessions.
+    pub fn sessions(&self, now: Instant) -> Vec<SessionInfo> {
+        self.shared.state.lock().sessions(now)
+    }
+
+    /// Number of live affinity entries and up to `limit` of them.
+    pub fn affinity_sample(&self, limit: usize, now: Instant) -> (usize, Vec<AffinityEntryInfo>) {
+        self.shared.state.lock().affinity_sample(limit, now)
+    }
+
+    /// Counters and gauges for `/metrics`.
+    pub fn stats(&self) -> ControlPlaneStats {
+        let st = self.shared.state.lock();
+        let c = st.counters();
+        ControlPlaneStats {
+            decisions: DecisionReason::ALL.map(|r| {
+                let i = DecisionReason::ALL
+                    .iter()
+                    .position(|x| *x == r)
+                    .unwrap_or(0);
+                (r, c.decisions.get(i).copied().unwrap_or(0))
+            }),
+            not_found: c.not_found,
+            releases: Outcome::ALL
+                .iter()
+                .zip(c.releases)
+                .map(|(o, n)| (*o, n))
+                .collect(),
+            leases_granted: c.leases_granted,
+            leases_released: c.leases_released,
+            leases_expired: c.leases_expired,
+            leases_active: st.leases_active() as u64,
+            sessions_active: st.sessions_active() as u64,
+            sessions_expired: c.sessions_expired,
+            affinity_entries: st.affinity_entries() as u64,
+            probes_ok: c.probes_ok,
+            probes_failed: c.probes_failed,
+        }
+    }
+
+    // ---- publication ----
+
+    /// The cluster state, built now (not the last published one).
+    pub fn state(&self) -> Arc<ClusterState> {
+        let snap = self.shared.discovery.load();
+        let st = self.shared.state.lock();
+        let version = self.shared.version.load(Ordering::Acquire);
+        Arc::new(st.cluster_state(&snap, version, Instant::now()))
+    }
+
+    /// A receiver of published states; its current value is the latest
+    /// publication (the initial state before `run_background` publishes).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.shared.watch.subscribe()
+    }
+
+    /// Time-driven upkeep: session expiry, breaker timeouts, failure-cache
+    /// and affinity expiry.
+    fn maintain(&self, now: Instant) {
+        let changed = self.shared.state.lock().maintain(now);
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// Session reaper (every `min(session_ttl / 4, 1s)`) and `WatchUsage`
+    /// publisher (at most once per `watch_interval`, always the latest
+    /// state). Runs until `cancel`; the caller owns the task.
+    pub async fn run_background(self, cancel: CancellationToken) {
+        let reap_every = (self.shared.config.sessions.ttl / 4)
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(1));
+        let spacing = self.shared.config.watch_interval;
+        let mut reap = tokio::time::interval(reap_every);
+        reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut published = self.shared.watch.borrow().version;
+        let mut next_publish = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                _ = reap.tick() => self.maintain(tokio::time::Instant::now().into_std()),
+                () = self.shared.changed.notified() => {
+                    if tokio::time::Instant::now() < next_publish {
+                        tokio::select! {
+                            biased;
+                            () = cancel.cancelled() => break,
+                            () = tokio::time::sleep_until(next_publish) => {}
+                        }
+                    }
+                    if self.shared.version.load(Ordering::Acquire) != published {
+                        let state = self.state();
+                        published = state.version;
+                        self.shared.watch.send_replace(state);
+                        next_publish = tokio::time::Instant::now() + spacing;
+                    }
+                }
+            }
+        }
+    }
+}

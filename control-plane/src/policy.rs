@@ -1,0 +1,448 @@
+//! The selection policy: a pure function from a snapshot of candidate loads
+//! to a decision with its reason. No clock reads, no I/O; randomness comes
+//! from the caller's RNG so tests can seed it.
+//!
+//! Two front ends share [`select`]:
+//! - the control plane fills a reusable `[CandidateLoad]` from its precomputed
+//!   model → candidate index and flat counters (no allocation per decision);
+//! - a sidecar in degraded mode calls [`select_from_cluster_state`] over the
+//!   last published [`ClusterState`] plus its own [`LocalUsage`].
+//!
+//! Rules, in order (see DESIGN.md "Selection"):
+//! 1. candidates advertise the model (names compared by [`index_key`]);
+//! 2. hard exclusions (excluded for this request, draining) always apply;
+//!    nothing left → [`Rejection::AllHardExcluded`];
+//! 3. soft exclusions (probe failed, circuit open or half-open trial in
+//!    flight, recent completion failure) apply unless they drop everything;
+//! 4. affinity: the conversation's endpoint if still in the pool, loaded and free;
+//! 5. loaded and free: least in-flight for the model (priority routing:
+//!    utilization ratio, then config order);
+//! 6. any free slot: least total in-flight (priority: ratio, then order);
+//! 7. all saturated: least utilization ratio (priority: then config order).
+//!
+//! Ties are broken uniformly at random among equal keys.
+
+use std::{cmp::Ordering, collections::HashMap, sync::Arc};
+
+use rand::Rng;
+
+use crate::{
+    cluster::ClusterState,
+    decision::{Choice, ChooseError, ChooseRequest, DecisionReason},
+    model_name::tracking_name,
+};
+
+/// Why a candidate can never get this request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardExclusion {
+    /// Named in the request's exclude list (already failed for it).
+    Excluded,
+    /// Admin-draining.
+    Draining,
+}
+
+/// The load of one candidate endpoint for one model, as the policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CandidateLoad {
+    /// Position of the endpoint in the configuration (priority order).
+    pub priority: u32,
+    /// In-flight requests for the requested (tracking) model on the endpoint.
+    pub model_in_flight: u32,
+    /// In-flight requests over all models on the endpoint.
+    pub total_in_flight: u32,
+    /// Concurrent-request limit of the endpoint (0 is treated as 1).
+    pub max_concurrent: u32,
+    /// The model is loaded there now.
+    pub loaded: bool,
+    /// A hard exclusion, if any.
+    pub hard: Option<HardExclusion>,
+    /// Soft exclusion: probe failed, circuit open (or trial in flight), or a
+    /// recent completion failure of this model there.
+    pub avoid: bool,
+}
+
+impl CandidateLoad {
+    fn limit(&self) -> u32 {
+        self.max_concurrent.max(1)
+    }
+
+    /// True while the endpoint has a free slot.
+    pub fn has_free_slot(&self) -> bool {
+        self.total_in_flight < self.limit()
+    }
+
+    /// Compares utilization ratios (`total / limit`) exactly, without floats.
+    fn ratio_cmp(&self, other: &Self) -> Ordering {
+        let lhs = u64::from(self.total_in_flight) * u64::from(other.limit());
+        let rhs = u64::from(other.total_in_flight) * u64::from(self.limit());
+        lhs.cmp(&rhs)
+    }
+}
+
+/// The policy's pick: an index into the candidate slice and the reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// Index into the candidate slice.
+    pub index: usize,
+    /// Why.
+    pub reason: DecisionReason,
+}
+
+/// Why the policy could not pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// No endpoint advertises the model.
+    NoCandidates,
+    /// Every candidate is hard-excluded.
+    AllHardExcluded {
+        /// Candidates excluded for this request.
+        excluded: usize,
+        /// Candidates draining.
+        draining: usize,
+    },
+}
+
+impl Rejection {
+    /// The client-facing error. `available` is only called for
+    /// [`Rejection::NoCandidates`] (it may be costly to build).
+    pub fn into_error(self, model: &str, available: impl FnOnce() -> Vec<String>) -> ChooseError {
+        match self {
+            Self::NoCandidates => ChooseError::ModelNotFound {
+                model: model.to_owned(),
+                available: available(),
+            },
+            Self::AllHardExcluded { excluded, draining } => ChooseError::NoEndpointAvailable {
+                model: model.to_owned(),
+                detail: format!(
+                    "{} endpoint(s) advertise it: {excluded} already failed for this request, \
+                     {draining} draining",
+                    excluded + draining
+                ),
+            },
+        }
+    }
+}
+
+/// Selects one candidate. `affinity` is the index of the conversation's
+/// previous endpoint among `candidates` (the caller has checked the key is
+/// for the same model).
+pub fn select<R: Rng + ?Sized>(
+    candidates: &[CandidateLoad],
+    affinity: Option<usize>,
+    priority_routing: bool,
+    rng: &mut R,
+) -> Result<Selection, Rejection> {
+    if candidates.is_empty() {
+        return Err(Rejection::NoCandidates);
+    }
+    let (mut eligible, mut preferred, mut excluded, mut draining) = (0usize, 0usize, 0, 0);
+    for c in candidates {
+        match c.hard {
+            Some(HardExclusion::Excluded) => excluded += 1,
+            Some(HardExclusion::Draining) => draining += 1,
+            None => {
+                eligible += 1;
+                if !c.avoid {
+                    preferred += 1;
+                }
+            }
+        }
+    }
+    if eligible == 0 {
+        return Err(Rejection::AllHardExcluded { excluded, draining });
+    }
+    // Soft exclusions hold only while something else is left: fall through
+    // to the whole hard-filtered set rather than refuse.
+    let strict = preferred > 0;
+    let in_pool = |c: &CandidateLoad| c.hard.is_none() && !(strict && c.avoid);
+
+    if let Some(i) = affinity
+        && let Some(c) = candidates.get(i)
+        && in_pool(c)
+        && c.loaded
+        && c.has_free_slot()
+    {
+        return Ok(Selection {
+            index: i,
+            reason: DecisionReason::Affinity,
+        });
+    }
+
+    let by_priority =
+        |a: &CandidateLoad, b: &CandidateLoad| a.ratio_cmp(b).then(a.priority.cmp(&b.priority));
+
+    let loaded_free = |c: &CandidateLoad| in_pool(c) && c.loaded && c.has_free_slot();
+    let picked = if priority_routing {
+        pick_min(candidates, loaded_free, by_priority, rng)
+    } else {
+        pick_min(
+            candidates,
+            loaded_free,
+            |a, b| a.model_in_flight.cmp(&b.model_in_flight),
+            rng,
+        )
+    };
+    if let Some(index) = picked {
+        return Ok(Selection {
+            index,
+            reason: DecisionReason::LoadedFree,
+        });
+    }
+
+    let free = |c: &CandidateLoad| in_pool(c) && c.has_free_slot();
+    let picked = if priority_routing {
+        pick_min(candidates, free, by_priority, rng)
+    } else {
+        pick_min(
+            candidates,
+            free,
+            |a, b| a.total_in_flight.cmp(&b.total_in_flight),
+            rng,
+        )
+    };
+    if let Some(index) = picked {
+        return Ok(Selection {
+            index,
+            reason: DecisionReason::FreeSlot,
+        });
+    }
+
+    let picked = if priority_routing {
+        pick_min(candidates, in_pool, by_priority, rng)
+    } else {
+        pick_min(candidates, in_pool, CandidateLoad::ratio_cmp, rng)
+    };
+    match picked {
+        Some(index) => Ok(Selection {
+            index,
+            reason: DecisionReason::Saturated,
+        }),
+        // Unreachable: the pool holds at least one eligible candidate.
+        None => Err(Rejection::AllHardExcluded { excluded, draining }),
+    }
+}
+
+/// Index of a minimum under `cmp` among candidates passing `keep`, uniformly
+/// at random among equal minima. Two passes, no allocation, one RNG draw
+/// only when there is a tie.
+fn pick_min<R: Rng + ?Sized>(
+    candidates: &[CandidateLoad],
+    keep: impl Fn(&CandidateLoad) -> bool,
+    cmp: impl Fn(&CandidateLoad, &CandidateLoad) -> Ordering,
+    rng: &mut R,
+) -> Option<usize> {
+    let mut best: Option<(usize, &CandidateLoad)> = None;
+    let mut ties = 0usize;
+    for (i, c) in candidates.iter().enumerate() {
+        if !keep(c) {
+            continue;
+        }
+        match best {
+            None => {
+                best = Some((i, c));
+                ties = 1;
+            }
+            Some((_, b)) => match cmp(c, b) {
+                Ordering::Less => {
+                    best = Some((i, c));
+                    ties = 1;
+                }
+                Ordering::Equal => ties += 1,
+                Ordering::Greater => {}
+            },
+        }
+    }
+    let (first, best) = best?;
+    if ties == 1 {
+        return Some(first);
+    }
+    let mut k = rng.random_range(0..ties);
+    for (i, c) in candidates.iter().enumerate().skip(first) {
+        if keep(c) && cmp(c, best) == Ordering::Equal {
+            if k == 0 {
+                return Some(i);
+            }
+            k -= 1;
+        }
+    }
+    Some(first)
+}
+
+/// True when the last path segment of `name` carries a `:tag`.
+fn has_tag(name: &str) -> bool {
+    name.rsplit('/').next().unwrap_or(name).contains(':')
+}
+
+/// The key model names are matched by: the trimmed name with a `:latest`
+/// tag removed. Two names have the same key exactly when their
+/// [`canonical_request_name`](crate::model_name::canonical_request_name)s
+/// are equal, but computing it never allocates.
+pub fn index_key(name: &str) -> &str {
+    let name = name.trim();
+    match name.strip_suffix(":latest") {
+        Some(base) if !has_tag(base) => base,
+        _ => name,
+    }
+}
+
+/// In-flight requests a sidecar knows about and the published state does
+/// not (yet): leases it granted itself in degraded mode, or requests started
+/// since the last `WatchUsage` update. Counts may go negative transiently
+/// (a release seen locally before the state caught up); the policy clamps
+/// the sum with the published count at zero.
+#[derive(Clone, Debug, Default)]
+pub struct LocalUsage {
+    endpoints: HashMap<Arc<str>, LocalEndpoint>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct LocalEndpoint {
+    total: i64,
+    models: HashMap<Arc<str>, i64>,
+}
+
+impl LocalUsage {
+    /// Adds `delta` (+1 on start, -1 on end) for (endpoint url, tracking model).
+    pub fn add(&mut self, endpoint: &str, tracking_model: &str, delta: i64) {
+        let ep = match self.endpoints.get_mut(endpoint) {
+            Some(ep) => ep,
+            None => self.endpoints.entry(Arc::from(endpoint)).or_default(),
+        };
+        ep.total = ep.total.saturating_add(delta);
+        match ep.models.get_mut(tracking_model) {
+            Some(n) => *n = n.saturating_add(delta),
+            None => {
+                ep.models.insert(Arc::from(tracking_model), delta);
+            }
+        }
+        ep.models.retain(|_, n| *n != 0);
+        if ep.total == 0 && ep.models.is_empty() {
+            self.endpoints.remove(endpoint);
+        }
+    }
+
+    /// Extra in-flight for (endpoint url, tracking model).
+    pub fn get(&self, endpoint: &str, tracking_model: &str) -> i64 {
+        self.endpoints
+            .get(endpoint)
+            .and_then(|ep| ep.models.get(tracking_model))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Extra in-flight on an endpoint over all models.
+    pub fn endpoint_total(&self, endpoint: &str) -> i64 {
+        self.endpoints.get(endpoint).map_or(0, |ep| ep.total)
+    }
+
+    /// True when nothing is counted.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// Forgets every count (e.g. once the control plane has caught up).
+    pub fn clear(&mut self) {
+        self.endpoints.clear();
+    }
+}
+
+fn add_clamped(published: u32, extra: i64) -> u32 {
+    let sum = i64::from(published).saturating_add(extra);
+    u32::try_from(sum.max(0)).unwrap_or(u32::MAX)
+}
+
+/// The same policy over a published [`ClusterState`] plus the sidecar's own
+/// in-flight counts (`local`). Used by a sidecar that cannot reach the
+/// control plane. The choice carries no lease. `affinity_endpoint` is the URL
+/// the sidecar remembers for the request's affinity key (same model); it is
+/// honoured only when the state says affinity is on and the request has a key.
+pub fn select_from_cluster_state(
+    state: &ClusterState,
+    local: &LocalUsage,
+    req: &ChooseRequest,
+    affinity_endpoint: Option<&str>,
+    rng: &mut impl Rng,
+) -> Result<Choice, ChooseError> {
+    let key = index_key(&req.model);
+    let excluded: Vec<&str> = req
+        .exclude
+        .iter()
+        .map(|u| u.trim_end_matches('/'))
+        .collect();
+    let affinity_endpoint = affinity_endpoint
+        .filter(|_| state.conversation_affinity && req.affinity_key.is_some())
+        .map(|u| u.trim_end_matches('/'));
+
+    // (endpoint index, advertised name, tracking name) per candidate.
+    let mut found: Vec<(usize, &Arc<str>, String)> = Vec::new();
+    let mut loads: Vec<CandidateLoad> = Vec::new();
+    let mut affinity = None;
+    for (i, ep) in state.endpoints.iter().enumerate() {
+        let Some(advertised) = ep.advertised_models.iter().find(|m| index_key(m) == key) else {
+            continue;
+        };
+        let tracking = tracking_name(ep.kind, advertised);
+        let published = ep
+            .usage
+            .iter()
+            .find(|u| *u.model == *tracking)
+            .map_or(0, |u| u.in_flight);
+        let hard = if excluded.contains(&&*ep.url) {
+            Some(HardExclusion::Excluded)
+        } else if ep.draining {
+            Some(HardExclusion::Draining)
+        } else {
+            None
+        };
+        let avoid =
+            !ep.healthy || ep.circuit_open || ep.failing_models.iter().any(|m| **m == *tracking);
+        if affinity_endpoint == Some(&*ep.url) {
+            affinity = Some(loads.len());
+        }
+        loads.push(CandidateLoad {
+            priority: ep.priority,
+            model_in_flight: add_clamped(published, local.get(&ep.url, &tracking)),
+            total_in_flight: add_clamped(ep.in_flight, local.endpoint_total(&ep.url)),
+            max_concurrent: ep.max_concurrent,
+            loaded: ep.loaded_models.iter().any(|m| index_key(m) == key),
+            hard,
+            avoid,
+        });
+        found.push((i, advertised, tracking));
+    }
+
+    let selection = select(&loads, affinity, state.priority_routing, rng).map_err(|r| {
+        r.into_error(&req.model, || {
+            let mut all: Vec<String> = state
+                .endpoints
+                .iter()
+                .flat_map(|e| e.advertised_models.iter().map(|m| m.to_string()))
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        })
+    })?;
+    let (ep_index, advertised, tracking) =
+        found
+            .get(selection.index)
+            .ok_or_else(|| ChooseError::NoEndpointAvailable {
+                model: req.model.clone(),
+                detail: "internal: selection out of range".to_owned(),
+            })?;
+    let ep = state
+        .endpoints
+        .get(*ep_index)
+        .ok_or_else(|| ChooseError::NoEndpointAvailable {
+            model: req.model.clone(),
+            detail: "internal: endpoint out of range".to_owned(),
+        })?;
+    Ok(Choice {
+        endpoint: ep.url.clone(),
+        endpoint_kind: ep.kind,
+        tracking_model: Arc::from(tracking.as_str()),
+        backend_model: (*advertised).clone(),
+        reason: selection.reason,
+        lease: None,
+    })
+}
