@@ -1,0 +1,325 @@
+//! Read-only observers for pass-through streams and bodies.
+//!
+//! When client and backend speak the same API the proxy forwards bytes
+//! unchanged; these observers watch a copy of the bytes to learn the token
+//! counts for the release report and whether the stream ended cleanly, an
+//! error arrived in-band, or the backend stopped early. They never modify
+//! or hold back data and never fail: an observer that cannot make sense of
+//! the stream simply reports what it saw.
+
+use serde_json::Value;
+
+use super::stream::StreamEnd;
+use super::usage::{Timings, Usage, num_u64, token_counts};
+use super::{TokenCounts, UpstreamError};
+use crate::framing::{NdjsonDecoder, SSE_DONE, SseDecoder};
+
+/// Watches an OpenAI SSE stream (`/v1/chat/completions`, `/v1/completions`).
+#[derive(Debug, Default)]
+pub struct OpenAiStreamObserver {
+    decoder: SseDecoder,
+    usage: Option<Usage>,
+    timings: Option<Timings>,
+    finish_seen: bool,
+    done_seen: bool,
+    error: Option<String>,
+}
+
+impl OpenAiStreamObserver {
+    /// An observer at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Watches a chunk of the body as it is forwarded.
+    pub fn push(&mut self, bytes: &[u8]) {
+        match self.decoder.push(bytes) {
+            Ok(payloads) => {
+                for p in payloads {
+                    self.observe_payload(&p);
+                }
+            }
+            Err(e) => {
+                self.error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// Watches one SSE data payload (for callers that decode themselves).
+    pub fn observe_payload(&mut self, payload: &str) {
+        let payload = payload.trim();
+        if payload == SSE_DONE {
+            self.done_seen = true;
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(payload) else {
+            return;
+        };
+        if let Some(e) = UpstreamError::from_stream_value(&v) {
+            self.error.get_or_insert(e.message);
+            return;
+        }
+        if let Some(u) = Usage::of(&v) {
+            self.usage = Some(u);
+        }
+        if let Some(t) = Timings::of(&v) {
+            self.timings = Some(t);
+        }
+        let finished = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.get("finish_reason")
+                        .and_then(Value::as_str)
+                        .is_some_and(|r| !r.is_empty())
+                })
+            });
+        self.finish_seen |= finished;
+    }
+
+    /// Latest usage seen (`usage` first, llama.cpp `timings` as fallback).
+    pub fn tokens(&self) -> TokenCounts {
+        token_counts(self.usage, self.timings)
+    }
+
+    /// Whether `data: [DONE]` was seen.
+    pub fn done_seen(&self) -> bool {
+        self.done_seen
+    }
+
+    /// Ends observation (body exhausted): complete after `[DONE]` or a
+    /// finish reason; failed on an in-band error; truncated otherwise.
+    pub fn finish(&mut self) -> StreamEnd {
+        if let Some(p) = self.decoder.finish() {
+            self.observe_payload(&p);
+        }
+        match &self.error {
+            Some(message) => StreamEnd::Failed {
+                message: message.clone(),
+            },
+            None if self.done_seen || self.finish_seen => StreamEnd::Complete,
+            None => StreamEnd::Truncated,
+        }
+    }
+}
+
+/// Watches an Ollama NDJSON stream (`/api/chat`, `/api/generate`).
+#[derive(Debug, Default)]
+pub struct OllamaStreamObserver {
+    decoder: NdjsonDecoder,
+    tokens: TokenCounts,
+    done_seen: bool,
+    error: Option<String>,
+}
+
+impl OllamaStreamObserver {
+    /// An observer at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Watches a chunk of the body as it is forwarded.
+    pub fn push(&mut self, bytes: &[u8]) {
+        match self.decoder.push(bytes) {
+            Ok(lines) => {
+                for l in lines {
+                    self.observe_line(&l);
+                }
+            }
+            Err(e) => {
+                self.error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// Watches one NDJSON line.
+    pub fn observe_line(&mut self, line: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            return;
+        };
+        if let Some(e) = UpstreamError::from_stream_value(&v) {
+            self.error.get_or_insert(e.message);
+            return;
+        }
+        if v.get("done").and_then(Value::as_bool) == Some(true) {
+            self.done_seen = true;
+            self.tokens = tokens_from_ollama_body(&v);
+        }
+    }
+
+    /// Counts from the final `done:true` chunk (zero before it).
+    pub fn tokens(&self) -> TokenCounts {
+        self.tokens
+    }
+
+    /// Whether the final `done:true` chunk was seen.
+    pub fn done_seen(&self) -> bool {
+        self.done_seen
+    }
+
+    /// Ends observation: complete after `done:true`, failed on an error
+    /// line, truncated otherwise.
+    pub fn finish(&mut self) -> StreamEnd {
+        if let Some(l) = self.decoder.finish() {
+            self.observe_line(&l);
+        }
+        match &self.error {
+            Some(message) => StreamEnd::Failed {
+                message: message.clone(),
+            },
+            None if self.done_seen => StreamEnd::Complete,
+            None => StreamEnd::Truncated,
+        }
+    }
+}
+
+/// Tokens of a non-stream OpenAI body (chat, completions, embeddings).
+pub fn tokens_from_openai_body(body: &Value) -> TokenCounts {
+    token_counts(Usage::of(body), Timings::of(body))
+}
+
+/// Tokens of a non-stream Ollama body or final chunk (`prompt_eval_count`,
+/// `eval_count`; absent means 0).
+pub fn tokens_from_ollama_body(body: &Value) -> TokenCounts {
+    TokenCounts {
+        prompt: num_u64(body.get("prompt_eval_count")).unwrap_or(0),
+        completion: num_u64(body.get("eval_count")).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn openai_observer_usage_after_finish_split_anywhere() {
+        let body = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            ": ping\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":9,\"total_tokens\":29}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for step in [1, 5, 17, body.len()] {
+            let mut o = OpenAiStreamObserver::new();
+            for piece in body.as_bytes().chunks(step) {
+                o.push(piece);
+            }
+            assert!(o.done_seen());
+            assert_eq!(o.finish(), StreamEnd::Complete);
+            assert_eq!(
+                o.tokens(),
+                TokenCounts {
+                    prompt: 20,
+                    completion: 9
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn openai_observer_llama_cpp_repeated_usage_counts_once() {
+        let mut o = OpenAiStreamObserver::new();
+        o.push(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":248,\"completion_tokens\":35},\"timings\":{\"prompt_n\":12,\"cache_n\":236,\"predicted_n\":35}}\n\n");
+        o.push(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":248,\"completion_tokens\":35}}\n\n");
+        assert_eq!(
+            o.tokens(),
+            TokenCounts {
+                prompt: 248,
+                completion: 35
+            }
+        );
+        // Server closed without [DONE] after the finish reason: complete.
+        assert_eq!(o.finish(), StreamEnd::Complete);
+    }
+
+    #[test]
+    fn openai_observer_error_and_truncation() {
+        let mut o = OpenAiStreamObserver::new();
+        o.push(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\ndata: {\"error\":{\"message\":\"overloaded\",\"code\":503}}\n\n");
+        assert_eq!(
+            o.finish(),
+            StreamEnd::Failed {
+                message: "overloaded".into()
+            }
+        );
+        let mut o = OpenAiStreamObserver::new();
+        o.push(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\ndata: {\"cho",
+        );
+        assert_eq!(o.finish(), StreamEnd::Truncated);
+        assert_eq!(o.tokens(), TokenCounts::default());
+    }
+
+    #[test]
+    fn ollama_observer_counts_from_done_chunk() {
+        let body = concat!(
+            "{\"model\":\"m\",\"created_at\":\"2025-01-01T10:00:00.123456789Z\",\"message\":{\"role\":\"assistant\",\"content\":\"The\"},\"done\":false}\n",
+            "{\"model\":\"m\",\"created_at\":\"2025-01-01T10:00:00.2Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\",\"total_duration\":5,\"prompt_eval_count\":26,\"eval_count\":298}\n"
+        );
+        for step in [1, 9, body.len()] {
+            let mut o = OllamaStreamObserver::new();
+            for piece in body.as_bytes().chunks(step) {
+                o.push(piece);
+            }
+            assert!(o.done_seen());
+            assert_eq!(o.finish(), StreamEnd::Complete);
+            assert_eq!(
+                o.tokens(),
+                TokenCounts {
+                    prompt: 26,
+                    completion: 298
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn ollama_observer_error_line_and_truncation() {
+        let mut o = OllamaStreamObserver::new();
+        o.push(b"{\"message\":{\"content\":\"a\"},\"done\":false}\n{\"error\":\"model runner has unexpectedly stopped\"}\n");
+        assert_eq!(
+            o.finish(),
+            StreamEnd::Failed {
+                message: "model runner has unexpectedly stopped".into()
+            }
+        );
+        let mut o = OllamaStreamObserver::new();
+        o.push(b"{\"message\":{\"content\":\"a\"},\"done\":false}\n");
+        assert_eq!(o.finish(), StreamEnd::Truncated);
+        // A final line without trailing newline still counts.
+        let mut o = OllamaStreamObserver::new();
+        o.push(b"{\"done\":true,\"prompt_eval_count\":1}");
+        assert_eq!(o.finish(), StreamEnd::Complete);
+        assert_eq!(
+            o.tokens(),
+            TokenCounts {
+                prompt: 1,
+                completion: 0
+            }
+        );
+    }
+
+    #[test]
+    fn body_token_helpers() {
+        assert_eq!(
+            tokens_from_openai_body(&json!({"usage":{"prompt_tokens":3,"completion_tokens":4}})),
+            TokenCounts {
+                prompt: 3,
+                completion: 4
+            }
+        );
+        assert_eq!(
+            tokens_from_ollama_body(&json!({"prompt_eval_count":8})),
+            TokenCounts {
+                prompt: 8,
+                completion: 0
+            }
+        );
+    }
+}
