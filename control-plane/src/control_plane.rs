@@ -435,3 +435,6 @@ impl ControlPlane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -446,3 +446,6 @@ pub fn select_from_cluster_state(
         lease: None,
     })
 }
+
+#[cfg(test)]
+mod tests;

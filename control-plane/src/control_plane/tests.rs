@@ -1,0 +1,903 @@
+//! Tests of the facade: selection rules end to end over probes, leases,
+//! sessions, health and affinity; restart re-registration; publication.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use rand::{SeedableRng, rngs::SmallRng};
+
+use super::*;
+use crate::{endpoint::EndpointKind, outcome::RequestKind};
+
+const A: &str = "http://a:11434";
+const B: &str = "http://b:11434";
+const O: &str = "http://o/v1";
+const L: &str = "http://l:8080/v1";
+
+/// Endpoints a, b (Ollama), o (OpenAI), l (llama-server), limit 2 each
+/// unless `extra` sets `max_concurrent_connections`.
+fn config(extra: &str) -> Arc<Config> {
+    let limit = if extra
+        .lines()
+        .any(|l| l.starts_with("max_concurrent_connections"))
+    {
+        ""
+    } else {
+        "max_concurrent_connections: 2\n"
+    };
+    let yaml = format!(
+        "endpoints:\n  - {A}\n  - {B}\n  - {O}\nllama_server_endpoints:\n  - {L}\n{limit}{extra}"
+    );
+    Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap())
+}
+
+fn plane(extra: &str) -> ControlPlane {
+    ControlPlane::from_state(State::with_rng(config(extra), SmallRng::seed_from_u64(11)))
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn probe(cp: &ControlPlane, ep: usize, advertised: &[&str], loaded: &[&str], now: Instant) {
+    cp.apply_probe(
+        ep,
+        ProbeReport::Ok {
+            advertised: strings(advertised),
+            loaded: strings(loaded),
+        },
+        now,
+    );
+}
+
+fn req(model: &str) -> ChooseRequest {
+    ChooseRequest {
+        model: model.to_owned(),
+        affinity_key: None,
+        kind: RequestKind::Chat,
+        exclude: Vec::new(),
+    }
+}
+
+fn keyed(model: &str, key: &str) -> ChooseRequest {
+    ChooseRequest {
+        affinity_key: Some(key.to_owned()),
+        ..req(model)
+    }
+}
+
+fn check(cp: &ControlPlane) {
+    cp.shared.state.lock().check_invariants();
+    let state = cp.state();
+    let sum: u64 = state.total_in_flight();
+    assert_eq!(sum, u64::from(state.leases), "usage == live leases");
+}
+
+fn in_flight(cp: &ControlPlane, url: &str) -> u32 {
+    cp.state()
+        .endpoints
+        .iter()
+        .find(|e| &*e.url == url)
+        .unwrap()
+        .in_flight
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[test]
+fn choice_carries_backend_and_tracking_names() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    probe(&cp, 3, &["unsloth/gpt-oss-20b-GGUF:Q8_0"], &[], t0);
+    probe(&cp, 2, &["gpt-4o", "llama3"], &[], t0);
+    let s = cp.open_session("sc", t0).id;
+    let ch = cp
+        .choose(&req("unsloth/gpt-oss-20b-GGUF:Q8_0"), Some(s), t0)
+        .unwrap();
+    assert_eq!(&*ch.endpoint, L);
+    assert_eq!(ch.endpoint_kind, EndpointKind::LlamaServer);
+    assert_eq!(&*ch.backend_model, "unsloth/gpt-oss-20b-GGUF:Q8_0");
+    assert_eq!(&*ch.tracking_model, "gpt-oss-20b-GGUF");
+    assert!(ch.lease.is_some());
+    let usage = &cp.state().endpoints[3].usage;
+    assert_eq!(&*usage[0].model, "gpt-oss-20b-GGUF");
+    assert_eq!(usage[0].in_flight, 1);
+    for name in ["llama3:latest", "llama3"] {
+        let ch = cp.choose(&req(name), None, t0).unwrap();
+        assert_eq!(
+            (&*ch.endpoint, &*ch.backend_model, &*ch.tracking_model),
+            (O, "llama3", "llama3")
+        );
+        assert_eq!(ch.lease, None);
+    }
+    check(&cp);
+}
+
+#[test]
+fn unknown_model_lists_available_models() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    probe(&cp, 0, &["qwen:7b", "llama3:latest"], &[], t0);
+    probe(&cp, 1, &["llama3:latest"], &[], t0);
+    probe(&cp, 2, &["gpt-4o"], &[], t0);
+    let err = cp.choose(&req("mistral"), None, t0).unwrap_err();
+    assert_eq!(
+        err,
+        ChooseError::ModelNotFound {
+            model: "mistral".into(),
+            available: strings(&["gpt-4o", "llama3:latest", "qwen:7b"]),
+        }
+    );
+    assert!(err.to_string().contains("gpt-4o, llama3:latest, qwen:7b"));
+    assert_eq!(cp.stats().not_found, 1);
+}
+
+#[test]
+fn excluded_and_draining_endpoints_never_get_the_request() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let mut r = req("m");
+    r.exclude = vec![format!("{A}/")];
+    for _ in 0..20 {
+        assert_eq!(&*cp.choose(&r, None, t0).unwrap().endpoint, B);
+    }
+    let drained = cp.set_draining(B, true).unwrap();
+    assert!(drained.draining && &*drained.url == B);
+    let err = cp.choose(&r, None, t0).unwrap_err();
+    let ChooseError::NoEndpointAvailable { model, detail } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(model, "m");
+    assert!(
+        detail.contains("1 already failed") && detail.contains("1 draining"),
+        "{detail}"
+    );
+    r.exclude.clear();
+    for _ in 0..20 {
+        assert_eq!(&*cp.choose(&r, None, t0).unwrap().endpoint, A);
+    }
+    assert!(!cp.set_draining(B, false).unwrap().draining);
+    let err = cp.set_draining("http://nope:1", true).unwrap_err();
+    assert_eq!(err.configured, strings(&[A, B, O, L]));
+}
+
+#[test]
+fn unknown_session_is_refused_and_dry_runs_take_nothing() {
+    let t0 = Instant::now();
+    let cp = plane("conversation_affinity: true\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    assert_eq!(
+        cp.choose(&req("m"), Some(SessionId(42)), t0),
+        Err(ChooseError::UnknownSession(42))
+    );
+    let ch = cp.choose(&keyed("m", "k"), None, t0).unwrap();
+    assert_eq!(ch.lease, None);
+    assert_eq!(in_flight(&cp, A), 0);
+    assert_eq!(
+        cp.affinity_sample(10, t0).0,
+        0,
+        "dry run records no affinity"
+    );
+    assert_eq!(cp.stats().leases_granted, 0);
+}
+
+#[test]
+fn loaded_free_then_free_slot_then_saturated() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &[], t0);
+    let s = cp.open_session("sc", t0).id;
+    let reasons: Vec<(String, DecisionReason)> = (0..6)
+        .map(|_| {
+            let ch = cp.choose(&req("m"), Some(s), t0).unwrap();
+            (ch.endpoint.to_string(), ch.reason)
+        })
+        .collect();
+    use DecisionReason::*;
+    assert_eq!(reasons[0], (A.to_owned(), LoadedFree));
+    assert_eq!(reasons[1], (A.to_owned(), LoadedFree));
+    assert_eq!(reasons[2], (B.to_owned(), FreeSlot));
+    assert_eq!(reasons[3], (B.to_owned(), FreeSlot));
+    assert_eq!(reasons[4].1, Saturated);
+    assert_eq!(reasons[5].1, Saturated);
+    assert_ne!(
+        reasons[4].0, reasons[5].0,
+        "least utilization spreads the queue"
+    );
+    assert_eq!((in_flight(&cp, A), in_flight(&cp, B)), (3, 3));
+    check(&cp);
+}
+
+#[test]
+fn loaded_free_counts_in_flight_for_the_model_only() {
+    let t0 = Instant::now();
+    let cp = plane("endpoint_config:\n  \"http://a:11434\":\n    max_concurrent_connections: 4\n");
+    probe(&cp, 0, &["m", "n"], &["m", "n"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    // Two requests for n on a: a has 2 in flight in total, 0 for m.
+    for _ in 0..2 {
+        assert_eq!(&*cp.choose(&req("n"), Some(s), t0).unwrap().endpoint, A);
+    }
+    let mut on_b = req("m");
+    on_b.exclude = vec![A.to_owned()];
+    let l_b = cp.choose(&on_b, Some(s), t0).unwrap();
+    assert_eq!(&*l_b.endpoint, B);
+    let next = cp.choose(&req("m"), None, t0).unwrap();
+    assert_eq!(
+        (&*next.endpoint, next.reason),
+        (A, DecisionReason::LoadedFree),
+        "b has 1 in flight for m, a has 0 for m (but 2 in total)"
+    );
+}
+
+#[test]
+fn priority_routing_uses_ratio_then_config_order() {
+    let t0 = Instant::now();
+    let cp = plane("priority_routing: true\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    let order: Vec<String> = (0..4)
+        .map(|_| {
+            cp.choose(&req("m"), Some(s), t0)
+                .unwrap()
+                .endpoint
+                .to_string()
+        })
+        .collect();
+    assert_eq!(order, strings(&[A, B, A, B]));
+}
+
+#[test]
+fn affinity_is_honoured_only_when_loaded_and_free() {
+    let t0 = Instant::now();
+    let cp = plane("priority_routing: true\nconversation_affinity: true\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    let first = cp.choose(&keyed("m", "k"), Some(s), t0).unwrap();
+    assert_eq!(
+        (&*first.endpoint, first.reason),
+        (A, DecisionReason::LoadedFree)
+    );
+    // Priority routing alone would now pick b (lower ratio): affinity wins.
+    let again = cp.choose(&keyed("m", "k"), Some(s), t0).unwrap();
+    assert_eq!(
+        (&*again.endpoint, again.reason),
+        (A, DecisionReason::Affinity)
+    );
+    // a is full (2/2): affinity not honoured; the new endpoint is remembered.
+    let moved = cp.choose(&keyed("m", "k"), Some(s), t0).unwrap();
+    assert_eq!(
+        (&*moved.endpoint, moved.reason),
+        (B, DecisionReason::LoadedFree)
+    );
+    let (n, sample) = cp.affinity_sample(10, t0);
+    assert_eq!(n, 1);
+    assert_eq!((&*sample[0].endpoint, &*sample[0].model), (B, "m:latest"));
+    // Model unloaded on b: not honoured (b still wins on free slot).
+    probe(&cp, 1, &["m"], &[], t0);
+    let ch = cp.choose(&keyed("m", "k"), None, t0).unwrap();
+    assert_eq!((&*ch.endpoint, ch.reason), (B, DecisionReason::FreeSlot));
+    // Another model under the same key does not follow the entry.
+    probe(&cp, 0, &["m", "n"], &["m", "n"], t0);
+    probe(&cp, 1, &["m", "n"], &["m", "n"], t0);
+    let ch = cp.choose(&keyed("n", "k"), None, t0).unwrap();
+    assert_ne!(ch.reason, DecisionReason::Affinity);
+    // Entries expire after the TTL.
+    let later = t0 + config("").affinity.ttl + secs(1);
+    assert_eq!(cp.affinity_sample(10, later).0, 0);
+}
+
+#[test]
+fn affinity_off_records_nothing_and_table_is_bounded() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    cp.choose(&keyed("m", "k"), Some(s), t0).unwrap();
+    assert_eq!(cp.stats().affinity_entries, 0);
+
+    let cp = plane("conversation_affinity: true\naffinity_max_entries: 2\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    for (i, key) in ["k1", "k2", "k3"].iter().enumerate() {
+        cp.choose(&keyed("m", key), Some(s), t0 + secs(i as u64))
+            .unwrap();
+    }
+    let (n, sample) = cp.affinity_sample(10, t0 + secs(3));
+    assert_eq!(n, 2);
+    let keys: Vec<&str> = sample.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["k3", "k2"], "least recently used evicted");
+}
+
+#[test]
+fn probe_failures_are_avoided_unless_all_fail() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    cp.apply_probe(
+        0,
+        ProbeReport::Failed {
+            detail: "connection refused".into(),
+        },
+        t0,
+    );
+    let st = cp.state();
+    assert!(!st.endpoints[0].healthy);
+    assert_eq!(st.endpoints[0].health_detail, "connection refused");
+    assert_eq!(st.endpoints[0].advertised_models.len(), 1, "lists kept");
+    let s = cp.open_session("sc", t0).id;
+    for _ in 0..4 {
+        // Even saturated, b is preferred over an unhealthy a.
+        assert_eq!(&*cp.choose(&req("m"), Some(s), t0).unwrap().endpoint, B);
+    }
+    cp.apply_probe(1, ProbeReport::Failed { detail: "x".into() }, t0);
+    let ch = cp.choose(&req("m"), None, t0).unwrap();
+    assert_eq!(
+        (&*ch.endpoint, ch.reason),
+        (A, DecisionReason::LoadedFree),
+        "all unhealthy: fall through"
+    );
+    probe(&cp, 0, &["m"], &["m"], t0);
+    assert!(cp.state().endpoints[0].healthy);
+    let stats = cp.stats();
+    assert_eq!((stats.probes_ok, stats.probes_failed), (3, 2));
+}
+
+#[test]
+fn completion_failures_avoid_the_model_on_that_endpoint_for_a_while() {
+    let t0 = Instant::now();
+    let cp = plane("completion_failure_ttl: 30\nbreaker_failures: 5\n");
+    probe(&cp, 0, &["m", "n"], &["m", "n"], t0);
+    probe(&cp, 1, &["m", "n"], &["m", "n"], t0);
+    let s = cp.open_session("sc", t0).id;
+    let mut r = req("m");
+    r.exclude = vec![B.to_owned()];
+    let lease = cp.choose(&r, Some(s), t0).unwrap().lease.unwrap();
+    assert!(cp.release(lease, Outcome::BackendError, TokenCounts::default(), t0));
+    assert_eq!(
+        &*cp.state().endpoints[0].failing_models,
+        &[Arc::<str>::from("m:latest")]
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            &*cp.choose(&req("m"), None, t0 + secs(29)).unwrap().endpoint,
+            B
+        );
+    }
+    // Only that model: n may still go to a.
+    let mut seen_a = false;
+    for _ in 0..40 {
+        seen_a |= &*cp.choose(&req("n"), None, t0).unwrap().endpoint == A;
+    }
+    assert!(seen_a);
+    // Excluding b: a is the only candidate left, failing or not.
+    assert_eq!(&*cp.choose(&r, None, t0).unwrap().endpoint, A);
+    // After the TTL, m goes to a again sometimes.
+    let mut seen_a = false;
+    for _ in 0..40 {
+        seen_a |= &*cp.choose(&req("m"), None, t0 + secs(30)).unwrap().endpoint == A;
+    }
+    assert!(seen_a);
+    // A success clears the entry at once.
+    let lease = cp.choose(&r, Some(s), t0).unwrap().lease.unwrap();
+    assert!(cp.release(lease, Outcome::BackendError, TokenCounts::default(), t0));
+    let lease = cp.choose(&r, Some(s), t0).unwrap().lease.unwrap();
+    assert!(cp.release(lease, Outcome::Ok, TokenCounts::default(), t0));
+    assert!(cp.state().endpoints[0].failing_models.is_empty());
+}
+
+#[test]
+fn breaker_opens_then_half_open_allows_one_trial() {
+    let t0 = Instant::now();
+    let cp = plane(
+        "priority_routing: true\nmax_concurrent_connections: 4\nbreaker_failures: 2\n\
+         breaker_open_for: 5\ncompletion_failure_ttl: 0\n",
+    );
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    for _ in 0..2 {
+        let ch = cp.choose(&req("m"), Some(s), t0).unwrap();
+        assert_eq!(&*ch.endpoint, A);
+        cp.release(
+            ch.lease.unwrap(),
+            Outcome::ConnectError,
+            TokenCounts::default(),
+            t0,
+        );
+    }
+    assert!(cp.state().endpoints[0].circuit_open);
+    // Open: a is avoided even though b gets busier.
+    let held: Vec<LeaseId> = (0..2)
+        .map(|_| {
+            let ch = cp.choose(&req("m"), Some(s), t0 + secs(1)).unwrap();
+            assert_eq!(&*ch.endpoint, B);
+            ch.lease.unwrap()
+        })
+        .collect();
+    // Open period over: one trial goes to a; while in flight a is avoided.
+    let t1 = t0 + secs(5);
+    let trial = cp.choose(&req("m"), Some(s), t1).unwrap();
+    assert_eq!(&*trial.endpoint, A);
+    assert!(cp.state().endpoints[0].circuit_open, "trial in flight");
+    let other = cp.choose(&req("m"), Some(s), t1).unwrap();
+    assert_eq!(
+        &*other.endpoint, B,
+        "a has ratio 1/4 < 3/4 but its trial is in flight"
+    );
+    // Trial succeeds: closed; a preferred again.
+    cp.release(
+        trial.lease.unwrap(),
+        Outcome::Ok,
+        TokenCounts::default(),
+        t1,
+    );
+    assert!(!cp.state().endpoints[0].circuit_open);
+    assert_eq!(&*cp.choose(&req("m"), None, t1).unwrap().endpoint, A);
+    for l in held.into_iter().chain(other.lease) {
+        assert!(cp.release(l, Outcome::Ok, TokenCounts::default(), t1));
+    }
+    check(&cp);
+}
+
+#[test]
+fn failed_trial_reopens_and_probe_success_half_opens() {
+    let t0 = Instant::now();
+    let cp = plane(
+        "priority_routing: true\nbreaker_failures: 1\nbreaker_open_for: 60\n\
+         completion_failure_ttl: 0\n",
+    );
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    let l = cp.choose(&req("m"), Some(s), t0).unwrap().lease.unwrap();
+    cp.release(l, Outcome::IdleTimeout, TokenCounts::default(), t0);
+    assert_eq!(
+        &*cp.choose(&req("m"), None, t0 + secs(30)).unwrap().endpoint,
+        B
+    );
+    // A successful probe moves the open breaker to half-open now.
+    probe(&cp, 0, &["m"], &["m"], t0 + secs(30));
+    let trial = cp.choose(&req("m"), Some(s), t0 + secs(30)).unwrap();
+    assert_eq!(&*trial.endpoint, A);
+    cp.release(
+        trial.lease.unwrap(),
+        Outcome::BackendError,
+        TokenCounts::default(),
+        t0 + secs(30),
+    );
+    assert_eq!(
+        &*cp.choose(&req("m"), None, t0 + secs(89)).unwrap().endpoint,
+        B
+    );
+    assert_eq!(
+        &*cp.choose(&req("m"), None, t0 + secs(90)).unwrap().endpoint,
+        A
+    );
+}
+
+#[test]
+fn release_is_exactly_once_and_counts_never_go_negative() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    let l = cp.choose(&req("m"), Some(s), t0).unwrap().lease.unwrap();
+    let tokens = TokenCounts {
+        prompt: 10,
+        completion: 5,
+    };
+    assert!(cp.release(l, Outcome::Ok, tokens, t0));
+    assert!(!cp.release(l, Outcome::Ok, tokens, t0));
+    assert!(!cp.release(LeaseId(999), Outcome::Ok, tokens, t0));
+    let st = cp.state();
+    let u = &st.endpoints[0].usage[0];
+    assert_eq!(
+        (
+            u.in_flight,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.requests
+        ),
+        (0, 10, 5, 1)
+    );
+    assert_eq!(st.endpoints[0].in_flight, 0);
+    // The lease is gone from its session too: closing releases nothing.
+    assert_eq!(cp.close_session(s), 0);
+    check(&cp);
+}
+
+#[test]
+fn session_expiry_and_close_reclaim_leases_without_failure_accounting() {
+    let t0 = Instant::now();
+    let cp = plane("session_ttl: 10\nkeepalive_interval: 2\nbreaker_failures: 1\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let dead = cp.open_session("dead", t0).id;
+    let live = cp.open_session("live", t0).id;
+    let closing = cp.open_session("closing", t0).id;
+    for s in [dead, dead, live, closing] {
+        cp.choose(&req("m"), Some(s), t0).unwrap();
+    }
+    assert_eq!(cp.state().leases, 4);
+    assert!(cp.keep_alive(live, t0 + secs(8)));
+    assert!(cp.keep_alive(closing, t0 + secs(8)));
+    let listed = cp.sessions(t0 + secs(9));
+    assert_eq!(listed.len(), 3);
+    let d = listed.iter().find(|i| i.id == dead).unwrap();
+    assert_eq!((d.name.as_str(), d.leases), ("dead", 2));
+    assert_eq!((d.since_keepalive, d.expires_in), (secs(9), secs(1)));
+    assert_eq!(cp.expire_sessions(t0 + secs(9)), 0);
+    assert_eq!(cp.expire_sessions(t0 + secs(10)), 2);
+    assert!(!cp.keep_alive(dead, t0 + secs(10)));
+    assert_eq!(cp.close_session(closing), 1);
+    let st = cp.state();
+    assert_eq!((st.leases, st.sessions), (1, 1));
+    assert!(
+        st.endpoints
+            .iter()
+            .all(|e| !e.circuit_open && e.failing_models.is_empty())
+    );
+    let stats = cp.stats();
+    assert_eq!(stats.leases_expired, 2);
+    assert_eq!(stats.leases_released, 3);
+    assert_eq!(stats.sessions_expired, 1);
+    assert_eq!((stats.leases_active, stats.sessions_active), (1, 1));
+    assert!(
+        stats.releases.iter().all(|(_, n)| *n == 0),
+        "no release() calls"
+    );
+    assert_eq!(
+        cp.choose(&req("m"), Some(dead), t0 + secs(10)),
+        Err(ChooseError::UnknownSession(dead.0))
+    );
+    check(&cp);
+}
+
+#[test]
+fn register_leases_after_restart_is_idempotent() {
+    let t0 = Instant::now();
+    let old = plane("");
+    probe(&old, 0, &["m"], &["m"], t0);
+    let s_old = old.open_session("sc", t0).id;
+    let granted = old.choose(&req("m"), Some(s_old), t0).unwrap();
+
+    // The control plane restarts: a new instance knows nothing.
+    let cp = plane("");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    assert_eq!(
+        cp.register_leases(s_old, &[], t0),
+        Err(ChooseError::UnknownSession(s_old.0))
+    );
+    let s = cp.open_session("sc", t0).id;
+    // As a sidecar's own allocator makes them in degraded mode: top bit set.
+    let degraded = LeaseId(crate::ids::IdAllocator::new(true).next());
+    assert_eq!(degraded.0 >> 63, 1);
+    let records = vec![
+        LeaseRecord {
+            lease: granted.lease.unwrap(),
+            endpoint: granted.endpoint.clone(),
+            tracking_model: granted.tracking_model.clone(),
+        },
+        // Granted by the sidecar itself in degraded mode (top bit set),
+        // for a model the endpoint does not advertise.
+        LeaseRecord {
+            lease: degraded,
+            endpoint: Arc::from(format!("{B}/")),
+            tracking_model: Arc::from("other:latest"),
+        },
+        LeaseRecord {
+            lease: LeaseId(5),
+            endpoint: Arc::from("http://unknown:1"),
+            tracking_model: Arc::from("m:latest"),
+        },
+    ];
+    let out = cp.register_leases(s, &records, t0).unwrap();
+    assert_eq!(
+        out,
+        RegisterOutcome {
+            registered: 2,
+            rejected: 1
+        }
+    );
+    assert_eq!(cp.stats().leases_active, 2);
+    // Registering again (e.g. a retried call) counts nothing twice.
+    assert_eq!(cp.register_leases(s, &records, t0).unwrap().registered, 2);
+    // A new session (sidecar reconnected) takes them over, still once.
+    let s2 = cp.open_session("sc", t0).id;
+    assert_eq!(cp.register_leases(s2, &records, t0).unwrap().registered, 2);
+    assert_eq!(cp.close_session(s), 0, "moved to the new session");
+    let st = cp.state();
+    assert_eq!(
+        (st.endpoints[0].in_flight, st.endpoints[1].in_flight),
+        (1, 1)
+    );
+    assert_eq!(&*st.endpoints[1].usage[0].model, "other:latest");
+    check(&cp);
+    // Exact usage: a (limit 2) has one free slot left, for one request.
+    let ch = cp.choose(&req("m"), None, t0).unwrap();
+    assert_eq!((&*ch.endpoint, ch.reason), (A, DecisionReason::LoadedFree));
+    assert!(cp.release(degraded, Outcome::Ok, TokenCounts::default(), t0));
+    assert!(cp.release(
+        granted.lease.unwrap(),
+        Outcome::Ok,
+        TokenCounts::default(),
+        t0
+    ));
+    assert_eq!(cp.state().leases, 0);
+    check(&cp);
+}
+
+#[test]
+fn stats_count_decisions_and_releases() {
+    let t0 = Instant::now();
+    let cp = plane("conversation_affinity: true\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    let l1 = cp
+        .choose(&keyed("m", "k"), Some(s), t0)
+        .unwrap()
+        .lease
+        .unwrap();
+    let l2 = cp
+        .choose(&keyed("m", "k"), Some(s), t0)
+        .unwrap()
+        .lease
+        .unwrap();
+    let _l3 = cp.choose(&req("m"), Some(s), t0).unwrap();
+    cp.release(l1, Outcome::Ok, TokenCounts::default(), t0);
+    cp.release(l2, Outcome::Cancelled, TokenCounts::default(), t0);
+    cp.release(l2, Outcome::Cancelled, TokenCounts::default(), t0);
+    let _ = cp.choose(&req("nope"), None, t0);
+    let st = cp.stats();
+    let d: Vec<(DecisionReason, u64)> = st.decisions.to_vec();
+    assert_eq!(
+        d,
+        [
+            (DecisionReason::Affinity, 1),
+            (DecisionReason::LoadedFree, 1),
+            (DecisionReason::FreeSlot, 0),
+            (DecisionReason::Saturated, 1)
+        ]
+    );
+    assert_eq!(st.not_found, 1);
+    assert_eq!(st.releases.len(), Outcome::ALL.len());
+    let get = |o: Outcome| st.releases.iter().find(|(x, _)| *x == o).unwrap().1;
+    assert_eq!(
+        (
+            get(Outcome::Ok),
+            get(Outcome::Cancelled),
+            get(Outcome::BackendError)
+        ),
+        (1, 1, 0)
+    );
+    assert_eq!(
+        (st.leases_granted, st.leases_released, st.leases_active),
+        (3, 2, 1)
+    );
+    assert_eq!((st.sessions_active, st.affinity_entries), (1, 1));
+}
+
+/// The next published state, waiting at most 5 s.
+async fn next(rx: &mut watch::Receiver<Arc<ClusterState>>) -> Arc<ClusterState> {
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("a publication within 5 s")
+        .unwrap();
+    rx.borrow_and_update().clone()
+}
+
+/// Waits (bounded) for a published state satisfying `want`.
+async fn until(
+    rx: &mut watch::Receiver<Arc<ClusterState>>,
+    want: impl Fn(&ClusterState) -> bool,
+) -> Arc<ClusterState> {
+    for _ in 0..1000 {
+        let st = next(rx).await;
+        if want(&st) {
+            return st;
+        }
+    }
+    panic!("state never reached");
+}
+
+#[tokio::test]
+async fn watchers_see_initial_state_then_changes() {
+    let cp = plane("watch_interval: 20ms\n");
+    let mut rx = cp.subscribe();
+    assert_eq!(rx.borrow_and_update().version, 0);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(cp.clone().run_background(cancel.clone()));
+    let now = || tokio::time::Instant::now().into_std();
+    probe(&cp, 0, &["m"], &["m"], now());
+    let s = cp.open_session("sc", now()).id;
+    let lease = cp.choose(&req("m"), Some(s), now()).unwrap().lease.unwrap();
+    let seen = until(&mut rx, |st| st.leases == 1).await;
+    assert_eq!(seen.endpoints[0].in_flight, 1);
+    assert_eq!(&*seen.endpoints[0].advertised_models[0], "m");
+    let v1 = seen.version;
+    let t_release = tokio::time::Instant::now();
+    cp.release(lease, Outcome::Ok, TokenCounts::default(), now());
+    let st = next(&mut rx).await;
+    assert!(st.version > v1);
+    assert_eq!((st.leases, st.endpoints[0].in_flight), (0, 0));
+    assert!(
+        tokio::time::Instant::now() - t_release < Duration::from_secs(2),
+        "published within a few watch intervals"
+    );
+    // Many changes in a burst are coalesced into few publications.
+    let before = st.version;
+    for _ in 0..100 {
+        let l = cp.choose(&req("m"), Some(s), now()).unwrap().lease.unwrap();
+        cp.release(l, Outcome::Ok, TokenCounts::default(), now());
+    }
+    let st = next(&mut rx).await;
+    assert!(st.version >= before + 200, "the latest state is published");
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn background_reaper_expires_sessions() {
+    let cp = plane("session_ttl: 200ms\nkeepalive_interval: 100ms\n");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(cp.clone().run_background(cancel.clone()));
+    let now = tokio::time::Instant::now().into_std();
+    probe(&cp, 0, &["m"], &["m"], now);
+    let s = cp.open_session("sc", now).id;
+    cp.choose(&req("m"), Some(s), now).unwrap();
+    let mut rx = cp.subscribe();
+    let st = until(&mut rx, |st| st.sessions == 1).await;
+    assert_eq!(st.leases, 1);
+    let st = until(&mut rx, |st| st.sessions == 0).await;
+    assert_eq!(st.leases, 0);
+    assert!(Instant::now() >= now + Duration::from_millis(200));
+    assert_eq!(cp.stats().leases_expired, 1);
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Choose {
+        model: usize,
+        session: usize,
+        reserve: bool,
+        key: Option<u8>,
+    },
+    Release {
+        nth: usize,
+        outcome: usize,
+    },
+    Close {
+        session: usize,
+    },
+    Expire {
+        advance: u64,
+    },
+    KeepAlive {
+        session: usize,
+    },
+    Drain {
+        ep: usize,
+        on: bool,
+    },
+    ProbeFail {
+        ep: usize,
+    },
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0usize..3, 0usize..3, any::<bool>(), prop::option::of(0u8..4))
+            .prop_map(|(model, session, reserve, key)| Op::Choose { model, session, reserve, key }),
+        5 => (any::<usize>(), 0usize..8).prop_map(|(nth, outcome)| Op::Release { nth, outcome }),
+        1 => (0usize..3).prop_map(|session| Op::Close { session }),
+        1 => (0u64..8).prop_map(|advance| Op::Expire { advance }),
+        2 => (0usize..3).prop_map(|session| Op::KeepAlive { session }),
+        1 => (0usize..4, any::<bool>()).prop_map(|(ep, on)| Op::Drain { ep, on }),
+        1 => (0usize..4).prop_map(|ep| Op::ProbeFail { ep }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Any sequence of operations keeps usage equal to live leases, never
+    /// negative, never above a limit while capacity was available.
+    #[test]
+    fn usage_always_equals_live_leases(ops in prop::collection::vec(arb_op(), 1..80)) {
+        let t0 = Instant::now();
+        let cp = plane(
+            "conversation_affinity: true\nsession_ttl: 10\nkeepalive_interval: 2\n\
+             breaker_failures: 2\n",
+        );
+        probe(&cp, 0, &["m", "n"], &["m"], t0);
+        probe(&cp, 1, &["m"], &[], t0);
+        probe(&cp, 2, &["n", "o"], &[], t0);
+        probe(&cp, 3, &["o"], &["o"], t0);
+        let models = ["m", "n", "o"];
+        let mut clock = t0;
+        let mut sessions: Vec<SessionId> =
+            (0..3).map(|i| cp.open_session(&format!("s{i}"), t0).id).collect();
+        let mut live: Vec<LeaseId> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Choose { model, session, reserve, key } => {
+                    let mut r = req(models[model]);
+                    r.affinity_key = key.map(|k| format!("k{k}"));
+                    let before = cp.state();
+                    let res = cp.choose(&r, reserve.then(|| sessions[session]), clock);
+                    if let Ok(ch) = res {
+                        let ep = before.endpoints.iter().find(|e| e.url == ch.endpoint).unwrap();
+                        let wanted = crate::policy::index_key(models[model]);
+                        let advertises = ep
+                            .advertised_models
+                            .iter()
+                            .any(|m| crate::policy::index_key(m) == wanted);
+                        prop_assert!(advertises, "chose an endpoint not advertising the model");
+                        prop_assert!(!ep.draining);
+                        if ch.reason != DecisionReason::Saturated {
+                            prop_assert!(ep.in_flight < ep.max_concurrent, "free slot used");
+                        }
+                        if let Some(l) = ch.lease {
+                            live.push(l);
+                        }
+                    }
+                }
+                Op::Release { nth, outcome } => {
+                    if !live.is_empty() {
+                        let l = live[nth % live.len()];
+                        let released =
+                            cp.release(l, Outcome::ALL[outcome], TokenCounts::default(), clock);
+                        // May already be gone with its session; never twice.
+                        prop_assert!(!cp.release(l, Outcome::Ok, TokenCounts::default(), clock));
+                        let _ = released;
+                        live.retain(|x| *x != l);
+                    }
+                }
+                Op::Close { session } => {
+                    cp.close_session(sessions[session]);
+                    sessions[session] = cp.open_session("again", clock).id;
+                }
+                Op::Expire { advance } => {
+                    clock += secs(advance);
+                    cp.expire_sessions(clock);
+                    for s in &mut sessions {
+                        if !cp.keep_alive(*s, clock) {
+                            *s = cp.open_session("again", clock).id;
+                        }
+                    }
+                }
+                Op::KeepAlive { session } => {
+                    cp.keep_alive(sessions[session], clock);
+                }
+                Op::Drain { ep, on } => {
+                    cp.set_draining([A, B, O, L][ep], on).unwrap();
+                }
+                Op::ProbeFail { ep } => {
+                    cp.apply_probe(ep, ProbeReport::Failed { detail: "down".into() }, clock);
+                }
+            }
+            check(&cp);
+        }
+        // Releasing everything still live brings usage to zero exactly.
+        for l in live {
+            cp.release(l, Outcome::Cancelled, TokenCounts::default(), clock);
+        }
+        let st = cp.state();
+        prop_assert_eq!(st.leases, 0);
+        prop_assert!(st.endpoints.iter().all(|e| e.in_flight == 0));
+        check(&cp);
+    }
+}

@@ -1,0 +1,580 @@
+//! Unit and property tests of the pure policy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use proptest::prelude::*;
+use rand::{SeedableRng, rngs::SmallRng};
+
+use super::*;
+use crate::{
+    cluster::{EndpointState, ModelUsage},
+    endpoint::EndpointKind,
+    model_name::canonical_request_name,
+    outcome::RequestKind,
+};
+
+fn rng() -> SmallRng {
+    SmallRng::seed_from_u64(7)
+}
+
+/// A healthy, eligible candidate.
+fn c(priority: u32, model: u32, total: u32, max: u32, loaded: bool) -> CandidateLoad {
+    CandidateLoad {
+        priority,
+        model_in_flight: model,
+        total_in_flight: total,
+        max_concurrent: max,
+        loaded,
+        hard: None,
+        avoid: false,
+    }
+}
+
+fn pick(cands: &[CandidateLoad], affinity: Option<usize>, priority: bool) -> Selection {
+    select(cands, affinity, priority, &mut rng()).unwrap()
+}
+
+fn sel(index: usize, reason: DecisionReason) -> Selection {
+    Selection { index, reason }
+}
+
+#[test]
+fn no_candidates_is_not_found() {
+    assert_eq!(
+        select(&[], None, false, &mut rng()),
+        Err(Rejection::NoCandidates)
+    );
+    let err = Rejection::NoCandidates.into_error("m", || vec!["a".into(), "b".into()]);
+    assert_eq!(
+        err,
+        ChooseError::ModelNotFound {
+            model: "m".into(),
+            available: vec!["a".into(), "b".into()]
+        }
+    );
+}
+
+#[test]
+fn hard_exclusions_never_get_the_request() {
+    let mut excluded = c(0, 0, 0, 4, true);
+    excluded.hard = Some(HardExclusion::Excluded);
+    let mut draining = c(1, 0, 0, 4, true);
+    draining.hard = Some(HardExclusion::Draining);
+    let busy = c(2, 9, 9, 1, false);
+    for prio in [false, true] {
+        assert_eq!(
+            pick(&[excluded, draining, busy], Some(0), prio),
+            sel(2, DecisionReason::Saturated)
+        );
+    }
+    let err = select(&[excluded, draining], None, false, &mut rng()).unwrap_err();
+    assert_eq!(
+        err,
+        Rejection::AllHardExcluded {
+            excluded: 1,
+            draining: 1
+        }
+    );
+    let msg = err.into_error("m", Vec::new).to_string();
+    assert!(
+        msg.contains("1 already failed") && msg.contains("1 draining"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn soft_exclusions_drop_unless_they_drop_all() {
+    let mut sick = c(0, 0, 0, 4, true);
+    sick.avoid = true;
+    let busy = c(1, 3, 3, 4, true);
+    assert_eq!(
+        pick(&[sick, busy], None, false),
+        sel(1, DecisionReason::LoadedFree)
+    );
+    // Even a saturated healthy endpoint beats a free avoided one.
+    let full = c(1, 4, 4, 4, true);
+    assert_eq!(
+        pick(&[sick, full], None, false),
+        sel(1, DecisionReason::Saturated)
+    );
+    // All avoided: fall through to the whole hard-filtered set.
+    let mut sick_busy = busy;
+    sick_busy.avoid = true;
+    assert_eq!(
+        pick(&[sick, sick_busy], None, false),
+        sel(0, DecisionReason::LoadedFree)
+    );
+    // A hard-excluded healthy endpoint does not keep the soft filter on.
+    let mut excluded = c(2, 0, 0, 4, true);
+    excluded.hard = Some(HardExclusion::Excluded);
+    assert_eq!(
+        pick(&[sick, excluded], None, false),
+        sel(0, DecisionReason::LoadedFree)
+    );
+}
+
+#[test]
+fn affinity_only_when_loaded_and_free() {
+    let idle = c(0, 0, 0, 4, true);
+    let remembered = c(1, 2, 2, 4, true);
+    assert_eq!(
+        pick(&[idle, remembered], Some(1), false),
+        sel(1, DecisionReason::Affinity)
+    );
+    let not_loaded = c(1, 0, 2, 4, false);
+    assert_eq!(
+        pick(&[idle, not_loaded], Some(1), false),
+        sel(0, DecisionReason::LoadedFree)
+    );
+    let full = c(1, 4, 4, 4, true);
+    assert_eq!(
+        pick(&[idle, full], Some(1), false),
+        sel(0, DecisionReason::LoadedFree)
+    );
+    let mut sick = remembered;
+    sick.avoid = true;
+    assert_eq!(
+        pick(&[idle, sick], Some(1), false),
+        sel(0, DecisionReason::LoadedFree)
+    );
+    let mut excluded = remembered;
+    excluded.hard = Some(HardExclusion::Excluded);
+    assert_eq!(
+        pick(&[idle, excluded], Some(1), false),
+        sel(0, DecisionReason::LoadedFree)
+    );
+    assert_eq!(
+        pick(&[idle, remembered], Some(7), false),
+        sel(0, DecisionReason::LoadedFree),
+        "out-of-range affinity index is ignored"
+    );
+}
+
+#[test]
+fn loaded_free_prefers_least_in_flight_for_the_model() {
+    // Endpoint 0: busy with other models but idle for this one.
+    let a = c(0, 0, 3, 4, true);
+    let b = c(1, 1, 1, 4, true);
+    let unloaded = c(2, 0, 0, 4, false);
+    assert_eq!(
+        pick(&[a, b, unloaded], None, false),
+        sel(0, DecisionReason::LoadedFree)
+    );
+    // Priority routing: utilization ratio first (1/4 < 3/4).
+    assert_eq!(
+        pick(&[a, b, unloaded], None, true),
+        sel(1, DecisionReason::LoadedFree)
+    );
+    // Priority routing: equal ratio → config order.
+    let x = c(5, 0, 1, 2, true);
+    let y = c(3, 0, 2, 4, true);
+    assert_eq!(
+        pick(&[x, y], None, true),
+        sel(1, DecisionReason::LoadedFree)
+    );
+}
+
+#[test]
+fn free_slot_prefers_least_total_in_flight() {
+    let loaded_full = c(0, 2, 2, 2, true);
+    let a = c(1, 0, 3, 8, false);
+    let b = c(2, 0, 2, 3, false);
+    assert_eq!(
+        pick(&[loaded_full, a, b], None, false),
+        sel(2, DecisionReason::FreeSlot)
+    );
+    // Priority routing: ratio 3/8 < 2/3.
+    assert_eq!(
+        pick(&[loaded_full, a, b], None, true),
+        sel(1, DecisionReason::FreeSlot)
+    );
+    let e = c(1, 0, 1, 2, false);
+    let f = c(0, 0, 2, 4, false);
+    assert_eq!(pick(&[e, f], None, true), sel(1, DecisionReason::FreeSlot));
+}
+
+#[test]
+fn saturated_prefers_least_utilization() {
+    let a = c(0, 3, 6, 2, true); // ratio 3
+    let b = c(1, 1, 4, 2, false); // ratio 2
+    let d = c(2, 5, 5, 1, true); // ratio 5
+    for prio in [false, true] {
+        assert_eq!(
+            pick(&[a, b, d], None, prio),
+            sel(1, DecisionReason::Saturated)
+        );
+    }
+    let e = c(4, 0, 2, 1, false);
+    let f = c(3, 0, 4, 2, false);
+    assert_eq!(pick(&[e, f], None, true), sel(1, DecisionReason::Saturated));
+    // Zero limit (malformed published state) counts as one.
+    let z = c(0, 0, 1, 0, true);
+    assert_eq!(
+        pick(&[z, e], None, false),
+        sel(0, DecisionReason::Saturated)
+    );
+}
+
+/// Each of `k` equal candidates gets within ±6% of n/k of `n` draws.
+fn assert_even(cands: &[CandidateLoad], reason: DecisionReason) {
+    let n = 40_000usize;
+    let k = cands.len();
+    let mut counts = vec![0usize; k];
+    let mut r = rng();
+    for _ in 0..n {
+        let s = select(cands, None, false, &mut r).unwrap();
+        assert_eq!(s.reason, reason);
+        counts[s.index] += 1;
+    }
+    let expect = n / k;
+    for (i, got) in counts.iter().enumerate() {
+        let dev = (*got as f64 - expect as f64).abs() / expect as f64;
+        assert!(
+            dev < 0.06,
+            "candidate {i}: {got} of {n} (expected ~{expect})"
+        );
+    }
+}
+
+#[test]
+fn ties_are_broken_uniformly() {
+    // Loaded-free ties, with an unequal candidate in between.
+    let eq = c(0, 1, 1, 4, true);
+    let worse = c(1, 2, 2, 4, true);
+    let mut r = rng();
+    let mut seen = [0usize; 4];
+    for _ in 0..4000 {
+        seen[select(&[eq, worse, eq, eq], None, false, &mut r)
+            .unwrap()
+            .index] += 1;
+    }
+    assert_eq!(seen[1], 0, "a worse candidate never wins a tie");
+    assert_even(&[eq, eq, eq, eq], DecisionReason::LoadedFree);
+    assert_even(&[c(0, 0, 1, 4, false); 5], DecisionReason::FreeSlot);
+    assert_even(
+        &[c(0, 0, 4, 2, false), c(1, 0, 2, 1, true)],
+        DecisionReason::Saturated,
+    );
+}
+
+#[test]
+fn index_key_matches_canonical_names() {
+    assert_eq!(index_key("llama3"), "llama3");
+    assert_eq!(index_key("llama3:latest"), "llama3");
+    assert_eq!(index_key(" org/m:latest "), "org/m");
+    assert_eq!(index_key("m:8b"), "m:8b");
+    assert_eq!(index_key("a:b:latest"), "a:b:latest");
+}
+
+proptest! {
+    #[test]
+    fn index_key_agrees_with_canonical_request_name(
+        a in "[a-c]{1,2}(/[a-c]{1,2})?(:(latest|b|c:latest))?",
+        b in "[a-c]{1,2}(/[a-c]{1,2})?(:(latest|b|c:latest))?",
+    ) {
+        prop_assert_eq!(
+            index_key(&a) == index_key(&b),
+            canonical_request_name(&a) == canonical_request_name(&b)
+        );
+    }
+}
+
+fn arb_candidate() -> impl Strategy<Value = CandidateLoad> {
+    (
+        0u32..6,
+        0u32..6,
+        1u32..5,
+        any::<bool>(),
+        0u8..10,
+        any::<bool>(),
+    )
+        .prop_map(|(model, extra, max, loaded, hard, avoid)| CandidateLoad {
+            priority: 0,
+            model_in_flight: model,
+            total_in_flight: model + extra,
+            max_concurrent: max,
+            loaded,
+            hard: match hard {
+                0 => Some(HardExclusion::Excluded),
+                1 => Some(HardExclusion::Draining),
+                _ => None,
+            },
+            avoid,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The policy's answer is consistent with the state it was given.
+    #[test]
+    fn selection_is_consistent_with_the_snapshot(
+        mut cands in prop::collection::vec(arb_candidate(), 0..12),
+        affinity in prop::option::of(0usize..14),
+        priority in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        for (i, cand) in cands.iter_mut().enumerate() {
+            cand.priority = i as u32;
+        }
+        let result = select(&cands, affinity, priority, &mut SmallRng::seed_from_u64(seed));
+        let eligible: Vec<&CandidateLoad> = cands.iter().filter(|c| c.hard.is_none()).collect();
+        if cands.is_empty() {
+            prop_assert_eq!(result, Err(Rejection::NoCandidates));
+            return Ok(());
+        }
+        if eligible.is_empty() {
+            prop_assert!(
+                matches!(result, Err(Rejection::AllHardExcluded { .. })),
+                "expected AllHardExcluded, got {:?}",
+                result
+            );
+            return Ok(());
+        }
+        let s = result.unwrap();
+        let chosen = cands[s.index];
+        prop_assert!(chosen.hard.is_none(), "never excluded or draining");
+        let strict = eligible.iter().any(|c| !c.avoid);
+        prop_assert!(!(strict && chosen.avoid), "avoided only when all are");
+        let pool: Vec<&CandidateLoad> =
+            eligible.into_iter().filter(|c| !(strict && c.avoid)).collect();
+        let any_free = pool.iter().any(|c| c.has_free_slot());
+        let any_loaded_free = pool.iter().any(|c| c.loaded && c.has_free_slot());
+        if any_free {
+            prop_assert!(chosen.has_free_slot(), "a free slot was available");
+        }
+        match s.reason {
+            DecisionReason::Affinity => {
+                prop_assert_eq!(Some(s.index), affinity);
+                prop_assert!(chosen.loaded && chosen.has_free_slot());
+            }
+            DecisionReason::LoadedFree => {
+                prop_assert!(chosen.loaded && chosen.has_free_slot());
+                if !priority {
+                    let min = pool
+                        .iter()
+                        .filter(|c| c.loaded && c.has_free_slot())
+                        .map(|c| c.model_in_flight)
+                        .min();
+                    prop_assert_eq!(Some(chosen.model_in_flight), min);
+                }
+            }
+            DecisionReason::FreeSlot => {
+                prop_assert!(!any_loaded_free && chosen.has_free_slot());
+                if !priority {
+                    let min = pool.iter().filter(|c| c.has_free_slot()).map(|c| c.total_in_flight).min();
+                    prop_assert_eq!(Some(chosen.total_in_flight), min);
+                }
+            }
+            DecisionReason::Saturated => {
+                prop_assert!(!any_free);
+                for other in &pool {
+                    prop_assert!(chosen.ratio_cmp(other) != Ordering::Greater);
+                }
+            }
+        }
+        if let Some(a) = affinity
+            && let Some(ac) = cands.get(a)
+            && pool.iter().any(|p| std::ptr::eq(*p, ac))
+            && ac.loaded
+            && ac.has_free_slot()
+        {
+            prop_assert_eq!(s.reason, DecisionReason::Affinity);
+        }
+        if priority && s.reason != DecisionReason::Affinity {
+            // With priority routing the answer is deterministic.
+            let again = select(&cands, affinity, priority, &mut SmallRng::seed_from_u64(seed ^ 1));
+            prop_assert_eq!(again, Ok(s));
+        }
+    }
+}
+
+// ---- select_from_cluster_state ----
+
+fn endpoint(url: &str, kind: EndpointKind, priority: u32, advertised: &[&str]) -> EndpointState {
+    EndpointState {
+        url: Arc::from(url),
+        kind,
+        priority,
+        max_concurrent: 2,
+        healthy: true,
+        health_detail: String::new(),
+        draining: false,
+        advertised_models: advertised.iter().map(|m| Arc::from(*m)).collect(),
+        loaded_models: Vec::new(),
+        usage: Vec::new(),
+        in_flight: 0,
+        failing_models: Vec::new(),
+        circuit_open: false,
+        last_probe_ok_unix_ms: 1,
+    }
+}
+
+fn request(model: &str) -> ChooseRequest {
+    ChooseRequest {
+        model: model.to_owned(),
+        affinity_key: None,
+        kind: RequestKind::Chat,
+        exclude: Vec::new(),
+    }
+}
+
+fn cluster() -> ClusterState {
+    ClusterState {
+        version: 3,
+        endpoints: vec![
+            endpoint(
+                "http://a:11434",
+                EndpointKind::Ollama,
+                0,
+                &["llama3:latest", "qwen:7b"],
+            ),
+            endpoint(
+                "http://b/v1",
+                EndpointKind::OpenAi,
+                1,
+                &["llama3", "gpt-4o"],
+            ),
+            endpoint(
+                "http://c:8080/v1",
+                EndpointKind::LlamaServer,
+                2,
+                &["unsloth/gpt-oss-20b-GGUF:Q8_0"],
+            ),
+        ],
+        conversation_affinity: true,
+        ..ClusterState::default()
+    }
+}
+
+#[test]
+fn cluster_state_choice_names_backend_and_tracking_models() {
+    let state = cluster();
+    let local = LocalUsage::default();
+    let ch = select_from_cluster_state(
+        &state,
+        &local,
+        &request("unsloth/gpt-oss-20b-GGUF:Q8_0"),
+        None,
+        &mut rng(),
+    )
+    .unwrap();
+    assert_eq!(&*ch.endpoint, "http://c:8080/v1");
+    assert_eq!(ch.endpoint_kind, EndpointKind::LlamaServer);
+    assert_eq!(&*ch.backend_model, "unsloth/gpt-oss-20b-GGUF:Q8_0");
+    assert_eq!(&*ch.tracking_model, "gpt-oss-20b-GGUF");
+    assert_eq!(ch.lease, None);
+
+    // `llama3:latest` also matches the OpenAI endpoint listing plain `llama3`.
+    let mut req = request("llama3:latest");
+    req.exclude = vec!["http://a:11434/".to_owned()];
+    let ch = select_from_cluster_state(&state, &local, &req, None, &mut rng()).unwrap();
+    assert_eq!(&*ch.endpoint, "http://b/v1");
+    assert_eq!(&*ch.backend_model, "llama3");
+    assert_eq!(&*ch.tracking_model, "llama3");
+    assert_eq!(ch.reason, DecisionReason::FreeSlot);
+}
+
+#[test]
+fn cluster_state_not_found_lists_models_sorted_and_deduplicated() {
+    let mut state = cluster();
+    state.endpoints[1]
+        .advertised_models
+        .push(Arc::from("qwen:7b"));
+    let err = select_from_cluster_state(
+        &state,
+        &LocalUsage::default(),
+        &request("mistral"),
+        None,
+        &mut rng(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        ChooseError::ModelNotFound {
+            model: "mistral".into(),
+            available: [
+                "gpt-4o",
+                "llama3",
+                "llama3:latest",
+                "qwen:7b",
+                "unsloth/gpt-oss-20b-GGUF:Q8_0"
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    );
+}
+
+#[test]
+fn cluster_state_counts_local_usage_and_health() {
+    let mut state = cluster();
+    state.priority_routing = true;
+    let mut local = LocalUsage::default();
+    // Priority routing picks endpoint a first while both are idle.
+    let req = request("llama3");
+    let ch = select_from_cluster_state(&state, &local, &req, None, &mut rng()).unwrap();
+    assert_eq!(&*ch.endpoint, "http://a:11434");
+    // Two local in-flight on a (not yet published) saturate it.
+    local.add("http://a:11434", "llama3:latest", 1);
+    local.add("http://a:11434", "llama3:latest", 1);
+    assert_eq!(local.get("http://a:11434", "llama3:latest"), 2);
+    assert_eq!(local.endpoint_total("http://a:11434"), 2);
+    let ch = select_from_cluster_state(&state, &local, &req, None, &mut rng()).unwrap();
+    assert_eq!(&*ch.endpoint, "http://b/v1");
+    // Local releases the state already counted: clamped at zero.
+    local.add("http://a:11434", "llama3:latest", -3);
+    assert_eq!(local.get("http://a:11434", "llama3:latest"), -1);
+    local.add("http://a:11434", "llama3:latest", 1);
+    assert!(local.is_empty());
+    // Failing model on a, circuit open on b: c does not advertise; fall through.
+    state.endpoints[0]
+        .failing_models
+        .push(Arc::from("llama3:latest"));
+    let ch = select_from_cluster_state(&state, &local, &req, None, &mut rng()).unwrap();
+    assert_eq!(&*ch.endpoint, "http://b/v1");
+    state.endpoints[1].circuit_open = true;
+    let ch = select_from_cluster_state(&state, &local, &req, None, &mut rng()).unwrap();
+    assert_eq!(&*ch.endpoint, "http://a:11434", "all avoided: fall through");
+    state.endpoints[0].draining = true;
+    state.endpoints[1].draining = true;
+    let err = select_from_cluster_state(&state, &local, &req, None, &mut rng()).unwrap_err();
+    assert!(
+        matches!(err, ChooseError::NoEndpointAvailable { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn cluster_state_affinity_needs_key_loaded_and_free() {
+    let mut state = cluster();
+    state.endpoints[1].loaded_models.push(Arc::from("llama3"));
+    state.endpoints[0]
+        .loaded_models
+        .push(Arc::from("llama3:latest"));
+    state.endpoints[1].usage.push(ModelUsage {
+        model: Arc::from("llama3"),
+        in_flight: 1,
+        ..ModelUsage::default()
+    });
+    state.endpoints[1].in_flight = 1;
+    let local = LocalUsage::default();
+    let mut req = request("llama3");
+    // Without a key the affinity URL is ignored: a is less busy.
+    let ch =
+        select_from_cluster_state(&state, &local, &req, Some("http://b/v1"), &mut rng()).unwrap();
+    assert_eq!(
+        (&*ch.endpoint, ch.reason),
+        ("http://a:11434", DecisionReason::LoadedFree)
+    );
+    req.affinity_key = Some("conv".to_owned());
+    let ch =
+        select_from_cluster_state(&state, &local, &req, Some("http://b/v1"), &mut rng()).unwrap();
+    assert_eq!(
+        (&*ch.endpoint, ch.reason),
+        ("http://b/v1", DecisionReason::Affinity)
+    );
+    state.conversation_affinity = false;
+    let ch =
+        select_from_cluster_state(&state, &local, &req, Some("http://b/v1"), &mut rng()).unwrap();
+    assert_eq!(&*ch.endpoint, "http://a:11434");
+}
