@@ -1,0 +1,330 @@
+//! The command line, as clap derive structs: every flag, its environment
+//! variable and its help text live here and nowhere else.
+//!
+//! The interface is fixed by DESIGN.md ("Command-line interface"):
+//! `switchyard [--control-plane URL] <command> [--output table|json]`.
+//! `--control-plane` and `--output` are global, so they may be written
+//! before or after the subcommand.
+
+use std::{fmt, str::FromStr};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Default control-plane address (the control plane's default `--listen`).
+pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:50051";
+
+/// Inspect and operate a Switchyard cluster through its control plane's gRPC API.
+///
+/// Exit codes: 0 ok, 1 runtime failure (control plane unreachable, unknown
+/// model or endpoint, ...), 2 bad usage.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about, long_about)]
+pub struct Cli {
+    /// Control-plane gRPC address (http:// or https://).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_CONTROL_PLANE",
+        default_value = DEFAULT_CONTROL_PLANE,
+        value_name = "URL"
+    )]
+    pub control_plane: ControlPlaneUrl,
+
+    /// Output format: human-readable tables, or JSON with stable field names.
+    #[arg(
+        long,
+        short = 'o',
+        global = true,
+        env = "SWITCHYARD_OUTPUT",
+        value_enum,
+        default_value_t = OutputFormat::Table
+    )]
+    pub output: OutputFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand, PartialEq, Eq)]
+pub enum Command {
+    /// List endpoints: kind, health, drain state, circuit breaker, models, in-flight.
+    ///
+    /// One row per configured endpoint, in configuration (priority) order.
+    /// HEALTH is `ok` or `down` followed by the last probe error; CIRCUIT is
+    /// `open` while the circuit breaker keeps the endpoint out after
+    /// consecutive failures; IN-FLIGHT is requests in flight / concurrency
+    /// limit. JSON: `{"version", "endpoints": [...]}`.
+    Endpoints,
+    /// List models: which endpoints serve each one, where it is loaded, in-flight.
+    ///
+    /// Models are grouped under the name the control plane counts usage by
+    /// (Ollama names get `:latest`, llama-server names lose their org prefix
+    /// and quantization suffix), so one model served by several kinds of
+    /// backend appears once. JSON: `{"version", "models": [...]}`.
+    Models,
+    /// Show in-flight requests and token counts per endpoint and model, with totals.
+    ///
+    /// Token and request counts are cumulative since the control plane
+    /// started, as reported by sidecars when requests end.
+    /// JSON: `{"version", "rows": [...], "totals": {...}}`.
+    Usage,
+    /// List sidecar sessions: id, name, leases held, last keep-alive, expiry.
+    ///
+    /// A session that misses its keep-alive deadline expires and its leases
+    /// are released. JSON: `{"sessions": [...]}`.
+    Sessions,
+    /// Show the conversation-affinity table size and a sample of entries.
+    ///
+    /// JSON: `{"total", "entries": [...]}`.
+    Affinity {
+        /// Most entries to show.
+        #[arg(long, default_value_t = 20, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+    },
+    /// Follow cluster state live (the `WatchUsage` stream) until Ctrl-C.
+    ///
+    /// On a terminal the view is redrawn in place; otherwise each update is
+    /// printed after the previous one. With `--output json`, one JSON object
+    /// per line per update (the same object as `endpoints --output json`
+    /// plus cluster totals). Exits 0 on Ctrl-C or when the control plane ends
+    /// the stream, 1 if the stream breaks.
+    Watch,
+    /// Dry-run a routing decision for MODEL: which endpoint would serve it, and why.
+    ///
+    /// Takes no lease and changes no state. Prints the endpoint, its kind,
+    /// the model name that would be sent to the backend, the name usage is
+    /// tracked under, and the reason (affinity, loaded_free, free_slot,
+    /// saturated). Exits 1 with the control plane's message if no endpoint
+    /// serves the model.
+    Choose {
+        /// Model name as a client would send it (e.g. `llama3.2`, `gpt-4o`).
+        model: String,
+        /// Conversation-affinity key to route with (as a sidecar would compute it).
+        #[arg(long, value_name = "K")]
+        affinity_key: Option<String>,
+    },
+    /// Stop sending new requests to ENDPOINT; requests in flight finish.
+    ///
+    /// ENDPOINT is the base URL exactly as configured (a trailing `/` is
+    /// ignored). Watch its IN-FLIGHT in `switchyard endpoints` fall to 0
+    /// before taking the backend down.
+    Drain {
+        /// Endpoint base URL as configured, e.g. `http://10.0.0.5:11434`.
+        endpoint: String,
+    },
+    /// Return a drained ENDPOINT to service.
+    Undrain {
+        /// Endpoint base URL as configured, e.g. `http://10.0.0.5:11434`.
+        endpoint: String,
+    },
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable tables.
+    Table,
+    /// JSON with stable field names (one object per line for `watch`).
+    Json,
+}
+
+/// A control-plane address: an absolute `http://` or `https://` URL with a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlPlaneUrl(http::Uri);
+
+impl ControlPlaneUrl {
+    /// The URL as a URI.
+    pub fn uri(&self) -> &http::Uri {
+        &self.0
+    }
+}
+
+impl fmt::Display for ControlPlaneUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `Uri` renders `http://h:1` as `http://h:1/`; show it as written.
+        let s = self.0.to_string();
+        f.write_str(s.strip_suffix('/').unwrap_or(&s))
+    }
+}
+
+/// Why a `--control-plane` value was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneUrlError {
+    /// Not a URI at all.
+    #[error("not a valid URL: {0}")]
+    Invalid(#[from] http::uri::InvalidUri),
+    /// Scheme missing or not http/https.
+    #[error("must start with http:// or https:// (e.g. {DEFAULT_CONTROL_PLANE})")]
+    Scheme,
+    /// No host.
+    #[error("has no host")]
+    NoHost,
+    /// A path other than `/` (gRPC services live at the root).
+    #[error("must not have a path (gRPC is served at the root)")]
+    Path,
+}
+
+impl FromStr for ControlPlaneUrl {
+    type Err = ControlPlaneUrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let uri: http::Uri = s.trim().parse()?;
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            _ => return Err(ControlPlaneUrlError::Scheme),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(ControlPlaneUrlError::NoHost);
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(ControlPlaneUrlError::Path);
+        }
+        Ok(Self(uri))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use clap::{CommandFactory, error::ErrorKind};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("switchyard").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        // The env var may be set in a developer's shell; clap reads it.
+        if std::env::var_os("SWITCHYARD_CONTROL_PLANE").is_some()
+            || std::env::var_os("SWITCHYARD_OUTPUT").is_some()
+        {
+            return;
+        }
+        let cli = parse(&["endpoints"]).unwrap();
+        assert_eq!(cli.control_plane.to_string(), DEFAULT_CONTROL_PLANE);
+        assert_eq!(cli.output, OutputFormat::Table);
+        assert_eq!(cli.command, Command::Endpoints);
+    }
+
+    #[test]
+    fn global_flags_before_or_after_the_command() {
+        let a = parse(&[
+            "--control-plane",
+            "http://cp:1",
+            "usage",
+            "--output",
+            "json",
+        ])
+        .unwrap();
+        let b = parse(&["usage", "--control-plane", "http://cp:1", "-o", "json"]).unwrap();
+        for cli in [a, b] {
+            assert_eq!(cli.control_plane.to_string(), "http://cp:1");
+            assert_eq!(cli.output, OutputFormat::Json);
+            assert_eq!(cli.command, Command::Usage);
+        }
+    }
+
+    #[test]
+    fn every_command_parses() {
+        let cases: &[(&[&str], Command)] = &[
+            (&["endpoints"], Command::Endpoints),
+            (&["models"], Command::Models),
+            (&["usage"], Command::Usage),
+            (&["sessions"], Command::Sessions),
+            (&["affinity"], Command::Affinity { limit: 20 }),
+            (
+                &["affinity", "--limit", "5"],
+                Command::Affinity { limit: 5 },
+            ),
+            (&["watch"], Command::Watch),
+            (
+                &["choose", "llama3"],
+                Command::Choose {
+                    model: "llama3".into(),
+                    affinity_key: None,
+                },
+            ),
+            (
+                &["choose", "llama3", "--affinity-key", "k1"],
+                Command::Choose {
+                    model: "llama3".into(),
+                    affinity_key: Some("k1".into()),
+                },
+            ),
+            (
+                &["drain", "http://a:1"],
+                Command::Drain {
+                    endpoint: "http://a:1".into(),
+                },
+            ),
+            (
+                &["undrain", "http://a:1"],
+                Command::Undrain {
+                    endpoint: "http://a:1".into(),
+                },
+            ),
+        ];
+        for (args, want) in cases {
+            assert_eq!(&parse(args).unwrap().command, want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn bad_usage_is_a_clap_error() {
+        let kind = |args: &[&str]| parse(args).unwrap_err().kind();
+        assert_eq!(
+            kind(&[]),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        );
+        assert_eq!(kind(&["frobnicate"]), ErrorKind::InvalidSubcommand);
+        assert_eq!(kind(&["choose"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(kind(&["drain"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(kind(&["endpoints", "-o", "yaml"]), ErrorKind::InvalidValue);
+        assert_eq!(
+            kind(&["affinity", "--limit", "0"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            kind(&["--control-plane", "127.0.0.1:50051", "endpoints"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            kind(&["--control-plane", "ftp://x", "endpoints"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            kind(&["--control-plane", "http://x:1/api", "endpoints"]),
+            ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn every_subcommand_has_help() {
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            assert!(
+                sub.get_about().is_some(),
+                "subcommand {} has no help",
+                sub.get_name()
+            );
+        }
+    }
+
+    #[test]
+    fn url_display_keeps_what_was_written() {
+        let u: ControlPlaneUrl = "https://cp.example:443".parse().unwrap();
+        assert_eq!(u.to_string(), "https://cp.example:443");
+        let u: ControlPlaneUrl = "http://10.0.0.1:50051/".parse().unwrap();
+        assert_eq!(u.to_string(), "http://10.0.0.1:50051");
+    }
+}
