@@ -1,0 +1,391 @@
+//! The `switchyard-control-plane` command line: typed arguments (clap
+//! derive, every flag with an environment-variable fallback), config
+//! validation, and the process lifecycle with its exit codes:
+//!
+//! - `0`: clean shutdown (SIGTERM / Ctrl-C), or `--check-config` passed;
+//! - `2`: bad usage or bad config (the message names the key and value);
+//! - `1`: runtime failure (e.g. the listen address is in use).
+//!
+//! `main.rs` only calls [`run_cli`]; everything here is testable.
+
+use std::{ffi::OsString, io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    server::{self, ServeError},
+    telemetry::{self, LogFormat},
+};
+
+/// Default gRPC listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Switchyard control plane: the authoritative routing state for a fleet of
+/// LLM inference servers, served over gRPC to sidecars and the `switchyard`
+/// CLI.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "switchyard-control-plane", version, about, long_about = None)]
+pub struct Args {
+    /// Configuration file (YAML; nomyo-router's config.yaml keys are accepted).
+    #[arg(long, value_name = "FILE", env = "SWITCHYARD_CONFIG")]
+    pub config: PathBuf,
+
+    /// Address for the gRPC API (Routing, Cluster, health, reflection).
+    #[arg(long, value_name = "ADDR", env = "SWITCHYARD_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Address for Prometheus metrics at GET /metrics; off when unset.
+    #[arg(long, value_name = "ADDR", env = "SWITCHYARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Validate the configuration, print a one-line summary and exit.
+    #[arg(long, env = "SWITCHYARD_CHECK_CONFIG")]
+    pub check_config: bool,
+
+    /// Log format on stderr (level filter from RUST_LOG, default info).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        env = "SWITCHYARD_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How the process ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// 0: success.
+    Ok,
+    /// 1: runtime failure.
+    Runtime,
+    /// 2: bad usage or bad configuration.
+    Usage,
+}
+
+impl Exit {
+    /// The numeric exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Ok => 0,
+            Self::Runtime => 1,
+            Self::Usage => 2,
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e.code())
+    }
+}
+
+/// Drops credentials (`user:pass@`) from a URL for display.
+fn display_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The one-line `--check-config` summary: endpoints with kinds and limits;
+/// whether keys are set, never their values.
+pub fn config_summary(config: &Config) -> String {
+    let endpoints: Vec<String> = config
+        .endpoints
+        .iter()
+        .map(|e| {
+            format!(
+                "{} ({}, max {}{})",
+                display_url(&e.url),
+                e.kind,
+                e.max_concurrent,
+                if e.api_key.is_some() { ", api key" } else { "" }
+            )
+        })
+        .collect();
+    format!(
+        "config ok: {} endpoint{}: {}; priority_routing={}, conversation_affinity={}, router api key {}",
+        config.endpoints.len(),
+        if config.endpoints.len() == 1 { "" } else { "s" },
+        if endpoints.is_empty() {
+            "(none)".to_owned()
+        } else {
+            endpoints.join(", ")
+        },
+        config.priority_routing,
+        config.affinity.enabled,
+        if config.router_api_key.is_some() {
+            "set"
+        } else {
+            "not set"
+        },
+    )
+}
+
+/// Parses `args` (including the program name), then checks the config or
+/// runs the control plane until SIGTERM / Ctrl-C. Messages go to `out` and
+/// `err`.
+pub fn run_cli<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> Exit
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args = match Args::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            // Help and version are "errors" to clap, but succeed.
+            return if e.use_stderr() {
+                let _ = write!(err, "{}", e.render());
+                Exit::Usage
+            } else {
+                let _ = write!(out, "{}", e.render());
+                Exit::Ok
+            };
+        }
+    };
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(err, "switchyard-control-plane: {e}");
+            return Exit::Usage;
+        }
+    };
+    if args.check_config {
+        let _ = writeln!(out, "{}", config_summary(&config));
+        return Exit::Ok;
+    }
+
+    telemetry::init(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(
+                err,
+                "switchyard-control-plane: cannot start the runtime: {e}"
+            );
+            return Exit::Runtime;
+        }
+    };
+    match runtime.block_on(serve_until_signal(config, &args)) {
+        Ok(()) => Exit::Ok,
+        Err(e) => {
+            tracing::error!(error = %e, "control plane failed");
+            let _ = writeln!(err, "switchyard-control-plane: {e}");
+            Exit::Runtime
+        }
+    }
+}
+
+async fn serve_until_signal(config: Config, args: &Args) -> Result<(), ServeError> {
+    let grpc = server::bind(args.listen).await?;
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(server::bind(addr).await?),
+        None => None,
+    };
+    tracing::info!(
+        listen = %args.listen,
+        metrics_listen = ?args.metrics_listen,
+        endpoints = config.endpoints.len(),
+        version = env!("CARGO_PKG_VERSION"),
+        "switchyard control plane listening"
+    );
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received; stopping");
+            shutdown.cancel();
+        }
+    });
+    let result = server::run(config, grpc, metrics, shutdown).await;
+    signals.abort();
+    result
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM. If a handler cannot be
+/// installed, that signal is simply not awaited.
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(
+            std::iter::once("switchyard-control-plane").chain(args.iter().copied()),
+        )
+    }
+
+    #[test]
+    fn parses_typed_flags_with_defaults() {
+        let a = parse(&["--config", "/etc/s.yaml"]).unwrap();
+        assert_eq!(a.config, PathBuf::from("/etc/s.yaml"));
+        assert_eq!(a.listen, DEFAULT_LISTEN.parse::<SocketAddr>().unwrap());
+        assert_eq!(a.metrics_listen, None);
+        assert!(!a.check_config);
+        assert_eq!(a.log_format, LogFormat::Text);
+
+        let a = parse(&[
+            "--config",
+            "c.yaml",
+            "--listen",
+            "0.0.0.0:6000",
+            "--metrics-listen",
+            "[::1]:9100",
+            "--check-config",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(a.listen.port(), 6000);
+        assert_eq!(a.metrics_listen.unwrap().port(), 9100);
+        assert!(a.check_config);
+        assert_eq!(a.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn rejects_bad_usage() {
+        assert!(parse(&[]).is_err(), "--config is required");
+        let e = parse(&["--config", "c", "--listen", "localhost"]).unwrap_err();
+        assert!(e.to_string().contains("--listen"), "{e}");
+        assert!(parse(&["--config", "c", "--log-format", "xml"]).is_err());
+        assert!(parse(&["--config", "c", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn help_documents_flags_and_env_vars() {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let exit = run_cli(["switchyard-control-plane", "--help"], &mut out, &mut err);
+        assert_eq!(exit, Exit::Ok);
+        let help = String::from_utf8(out).unwrap();
+        for needle in [
+            "--config",
+            "--listen",
+            "--metrics-listen",
+            "--check-config",
+            "--log-format",
+            "SWITCHYARD_CONFIG",
+            "SWITCHYARD_LISTEN",
+            "SWITCHYARD_METRICS_LISTEN",
+            "SWITCHYARD_LOG_FORMAT",
+            "127.0.0.1:50051",
+        ] {
+            assert!(help.contains(needle), "{needle} missing from:\n{help}");
+        }
+    }
+
+    fn write_config(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn run(args: &[&str]) -> (Exit, String, String) {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let exit = run_cli(
+            std::iter::once("switchyard-control-plane").chain(args.iter().copied()),
+            &mut out,
+            &mut err,
+        );
+        (
+            exit,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    #[test]
+    fn check_config_prints_a_summary_without_secrets() {
+        let f = write_config(
+            "endpoints:\n  - http://10.0.0.5:11434\n  - https://api.example.com/v1\n\
+             llama_server_endpoints: [\"http://10.0.0.6:8080\"]\n\
+             api_keys:\n  \"https://api.example.com/v1\": sk-very-secret\n\
+             router_api_key: router-secret\n",
+        );
+        let (exit, out, err) = run(&["--config", f.path().to_str().unwrap(), "--check-config"]);
+        assert_eq!(exit, Exit::Ok, "{err}");
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(out.contains("3 endpoints"), "{out}");
+        assert!(out.contains("http://10.0.0.5:11434 (ollama"), "{out}");
+        assert!(
+            out.contains("https://api.example.com/v1 (openai, max 1, api key)"),
+            "{out}"
+        );
+        assert!(out.contains("(llama_server"), "{out}");
+        assert!(
+            !out.contains("sk-very-secret") && !out.contains("router-secret"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn bad_config_exits_2_naming_key_and_value() {
+        let f = write_config("endpoints: [\"http://a:1\"]\nprobe_interval: \"5 parsecs\"\n");
+        let (exit, _, err) = run(&["--config", f.path().to_str().unwrap(), "--check-config"]);
+        assert_eq!(exit, Exit::Usage);
+        assert!(
+            err.contains("probe_interval") && err.contains("5 parsecs"),
+            "{err}"
+        );
+
+        let (exit, _, err) = run(&["--config", "/nonexistent/switchyard.yaml"]);
+        assert_eq!(exit, Exit::Usage);
+        assert!(err.contains("/nonexistent/switchyard.yaml"), "{err}");
+
+        let (exit, _, err) = run(&["--listen", "nope"]);
+        assert_eq!(exit, Exit::Usage);
+        assert!(!err.is_empty());
+    }
+
+    #[test]
+    fn address_in_use_exits_1_naming_the_address() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let f = write_config("endpoints: [\"http://127.0.0.1:9\"]\n");
+        let (exit, _, err) = run(&["--config", f.path().to_str().unwrap(), "--listen", &addr]);
+        assert_eq!(exit, Exit::Runtime);
+        assert!(err.contains(&addr), "{err}");
+    }
+
+    #[test]
+    fn urls_lose_their_credentials_for_display() {
+        assert_eq!(display_url("http://u:p@h:1/v1"), "http://h:1/v1");
+        assert_eq!(display_url("http://h:1"), "http://h:1");
+    }
+}

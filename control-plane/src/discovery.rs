@@ -1,0 +1,551 @@
+//! Discovery: background probes that find which models each endpoint
+//! advertises and which it has loaded, and whether it answers at all.
+//!
+//! One task per endpoint probes immediately at start and then every
+//! `probe.interval`, spread by ±`probe.jitter` so a fleet of endpoints is not
+//! probed in lock-step. Each round ends in exactly one
+//! [`ProbeReport`] handed to a [`ProbeSink`] (the [`ControlPlane`]).
+//! A choice never waits on a probe: it reads the last report's snapshot.
+//!
+//! What is probed, by kind (see `shared/reference/nomyo-routing.md`):
+//! - Ollama: `GET {url}/api/tags` (advertised) and `GET {url}/api/ps`
+//!   (loaded), concurrently;
+//! - OpenAI-compatible: `GET {base}/models` with the endpoint's API key as
+//!   `Authorization: Bearer`; nothing is reported loaded (as nomyo-router
+//!   does), so these endpoints are chosen by free slot, not by "loaded";
+//! - llama-server: `GET {base}/models`, loaded decided by each item's status.
+//!
+//! Invariants: all probes share one pooled HTTP client; every probe is bounded
+//! by `probe.timeout` and by a body-size cap; failure details never carry the
+//! API key or URL credentials; tasks are owned by the caller's
+//! [`TaskTracker`] and stop when the [`CancellationToken`] fires.
+//!
+//! [`ControlPlane`]: crate::control_plane::ControlPlane
+
+pub mod listing;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    api::ProbeReport,
+    config::{Config, EndpointConfig, ProbeConfig},
+    endpoint::{EndpointKind, openai_base},
+};
+
+/// Largest listing body accepted (a big Ollama host lists a few hundred
+/// models in well under 1 MiB).
+const MAX_LISTING_BYTES: usize = 8 * 1024 * 1024;
+
+/// Receives probe results. Implemented by the control plane; tests use their
+/// own sinks.
+pub trait ProbeSink: Send + Sync + 'static {
+    /// Records the result of one probe round of endpoint `endpoint` (its
+    /// position in `config.endpoints`).
+    fn apply_probe(&self, endpoint: usize, report: ProbeReport, now: Instant);
+}
+
+impl ProbeSink for crate::control_plane::ControlPlane {
+    fn apply_probe(&self, endpoint: usize, report: ProbeReport, now: Instant) {
+        crate::control_plane::ControlPlane::apply_probe(self, endpoint, report, now);
+    }
+}
+
+/// The HTTP client for probes could not be built (TLS backend failure).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the discovery HTTP client: {0}")]
+pub struct DiscoveryError(#[source] reqwest::Error);
+
+/// Probes endpoints. Cheap to clone (the client is pooled and shared).
+#[derive(Clone, Debug)]
+pub struct Prober {
+    client: reqwest::Client,
+    timeout: Duration,
+}
+
+impl Prober {
+    /// A prober with one pooled client; each probe is bounded by `timeout`.
+    pub fn new(timeout: Duration) -> Result<Self, DiscoveryError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!(
+                "switchyard-control-plane/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .build()
+            .map_err(DiscoveryError)?;
+        Ok(Self { client, timeout })
+    }
+
+    /// One probe round for one endpoint. Never fails: problems become
+    /// [`ProbeReport::Failed`].
+    pub async fn probe(&self, endpoint: &EndpointConfig) -> ProbeReport {
+        match self.try_probe(endpoint).await {
+            Ok((advertised, loaded)) => ProbeReport::Ok { advertised, loaded },
+            Err(detail) => ProbeReport::Failed { detail },
+        }
+    }
+
+    async fn try_probe(
+        &self,
+        endpoint: &EndpointConfig,
+    ) -> Result<(Vec<String>, Vec<String>), String> {
+        match endpoint.kind {
+            EndpointKind::Ollama => {
+                let url = endpoint.url.trim_end_matches('/');
+                let (tags_url, ps_url) = (format!("{url}/api/tags"), format!("{url}/api/ps"));
+                let (tags, ps) = tokio::join!(
+                    self.get(endpoint, &tags_url, "/api/tags"),
+                    self.get(endpoint, &ps_url, "/api/ps"),
+                );
+                let advertised = listing::parse_ollama_tags(&tags?)
+                    .map_err(|e| format!("GET /api/tags: {e}"))?;
+                let loaded =
+                    listing::parse_ollama_ps(&ps?).map_err(|e| format!("GET /api/ps: {e}"))?;
+                Ok((advertised, loaded))
+            }
+            EndpointKind::OpenAi => {
+                let base = openai_base(&endpoint.url, endpoint.kind);
+                let body = self
+                    .get(endpoint, &format!("{base}/models"), "/models")
+                    .await?;
+                let advertised =
+                    listing::parse_openai_models(&body).map_err(|e| format!("GET /models: {e}"))?;
+                // Hosted and vLLM servers do not say what is loaded; like
+                // nomyo-router, report nothing loaded.
+                Ok((advertised, Vec::new()))
+            }
+            EndpointKind::LlamaServer => {
+                let base = openai_base(&endpoint.url, endpoint.kind);
+                let body = self
+                    .get(endpoint, &format!("{base}/models"), "/models")
+                    .await?;
+                listing::parse_llama_server_models(&body).map_err(|e| format!("GET /models: {e}"))
+            }
+        }
+    }
+
+    /// GET with the probe timeout, the endpoint's bearer key if it has one,
+    /// and a bounded body. Errors are described by `path` only (no host, no
+    /// credentials).
+    async fn get(
+        &self,
+        endpoint: &EndpointConfig,
+        url: &str,
+        path: &str,
+    ) -> Result<Vec<u8>, String> {
+        let mut req = self.client.get(url).timeout(self.timeout);
+        if let Some(key) = &endpoint.api_key {
+            req = req.bearer_auth(key.expose());
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| format!("GET {path}: {}", describe(&e, self.timeout)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("GET {path}: HTTP {status}"));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| format!("GET {path}: {}", describe(&e, self.timeout)))?
+        {
+            if body.len() + chunk.len() > MAX_LISTING_BYTES {
+                return Err(format!(
+                    "GET {path}: listing larger than {MAX_LISTING_BYTES} bytes"
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+/// A short description of a request error without the URL (which could hold
+/// credentials in its userinfo).
+fn describe(err: &reqwest::Error, timeout: Duration) -> String {
+    if err.is_timeout() {
+        return format!("timed out after {timeout:?}");
+    }
+    let kind = if err.is_connect() {
+        "connect error"
+    } else if err.is_body() || err.is_decode() {
+        "error reading body"
+    } else {
+        "request error"
+    };
+    // The innermost cause is the useful part ("Connection refused").
+    let mut cause: &dyn std::error::Error = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    if std::ptr::addr_eq(cause, err as &dyn std::error::Error) {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {cause}")
+    }
+}
+
+/// The delay before the next probe: `interval` spread by ±`jitter`.
+fn next_delay(probe: &ProbeConfig, rng: &mut impl Rng) -> Duration {
+    let jitter = probe.jitter.clamp(0.0, 0.5);
+    if jitter == 0.0 {
+        return probe.interval;
+    }
+    let factor = 1.0 + rng.random_range(-jitter..=jitter);
+    probe.interval.mul_f64(factor)
+}
+
+/// Starts one probe task per configured endpoint on `tracker`. Each task
+/// probes at once, then periodically, until `cancel` fires.
+pub fn spawn(
+    config: &Config,
+    sink: Arc<dyn ProbeSink>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<(), DiscoveryError> {
+    let prober = Prober::new(config.probe.timeout)?;
+    for (index, endpoint) in config.endpoints.iter().enumerate() {
+        tracker.spawn(probe_loop(
+            prober.clone(),
+            index,
+            endpoint.clone(),
+            config.probe.clone(),
+            Arc::clone(&sink),
+            cancel.clone(),
+        ));
+    }
+    Ok(())
+}
+
+async fn probe_loop(
+    prober: Prober,
+    index: usize,
+    endpoint: EndpointConfig,
+    probe: ProbeConfig,
+    sink: Arc<dyn ProbeSink>,
+    cancel: CancellationToken,
+) {
+    let mut was_ok: Option<bool> = None;
+    loop {
+        let report = tokio::select! {
+            () = cancel.cancelled() => return,
+            report = prober.probe(&endpoint) => report,
+        };
+        let ok = matches!(report, ProbeReport::Ok { .. });
+        // Log transitions only: a steady state is visible in metrics.
+        if was_ok != Some(ok) {
+            match &report {
+                ProbeReport::Ok { advertised, loaded } => tracing::info!(
+                    endpoint = %endpoint.url,
+                    kind = %endpoint.kind,
+                    advertised = advertised.len(),
+                    loaded = loaded.len(),
+                    "endpoint probe ok"
+                ),
+                ProbeReport::Failed { detail } => tracing::warn!(
+                    endpoint = %endpoint.url,
+                    kind = %endpoint.kind,
+                    %detail,
+                    "endpoint probe failed"
+                ),
+            }
+            was_ok = Some(ok);
+        }
+        sink.apply_probe(index, report, Instant::now());
+        let delay = next_delay(&probe, &mut rand::rng());
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::config::Secret;
+    use axum::{
+        Json, Router,
+        extract::State,
+        http::{HeaderMap, StatusCode},
+        routing::get,
+    };
+    use parking_lot::Mutex;
+    use serde_json::{Value, json};
+
+    /// What a fake backend answers, changeable while it runs.
+    #[derive(Clone, Default)]
+    struct Fake {
+        tags: Arc<Mutex<Value>>,
+        ps: Arc<Mutex<Value>>,
+        models: Arc<Mutex<Value>>,
+        /// Authorization headers seen on `/v1/models`.
+        auth: Arc<Mutex<Vec<Option<String>>>>,
+        /// Answer 500 to everything.
+        broken: Arc<Mutex<bool>>,
+    }
+
+    async fn serve_fake(fake: Fake) -> String {
+        async fn tags(State(f): State<Fake>) -> Result<Json<Value>, StatusCode> {
+            if *f.broken.lock() {
+                return Err(StatusCode::INTERNAL_SERVER_ERROR);
+            }
+            Ok(Json(f.tags.lock().clone()))
+        }
+        async fn ps(State(f): State<Fake>) -> Result<Json<Value>, StatusCode> {
+            if *f.broken.lock() {
+                return Err(StatusCode::INTERNAL_SERVER_ERROR);
+            }
+            Ok(Json(f.ps.lock().clone()))
+        }
+        async fn models(
+            State(f): State<Fake>,
+            headers: HeaderMap,
+        ) -> Result<Json<Value>, StatusCode> {
+            let auth = headers
+                .get("authorization")
+                .map(|v| v.to_str().unwrap().to_owned());
+            f.auth.lock().push(auth);
+            if *f.broken.lock() {
+                return Err(StatusCode::INTERNAL_SERVER_ERROR);
+            }
+            Ok(Json(f.models.lock().clone()))
+        }
+        let app = Router::new()
+            .route("/api/tags", get(tags))
+            .route("/api/ps", get(ps))
+            .route("/v1/models", get(models))
+            .with_state(fake);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn endpoint(url: &str, kind: EndpointKind, key: Option<&str>) -> EndpointConfig {
+        EndpointConfig {
+            url: Arc::from(url),
+            kind,
+            api_key: key.map(Secret::new),
+            max_concurrent: 1,
+        }
+    }
+
+    fn prober() -> Prober {
+        Prober::new(Duration::from_secs(2)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn ollama_probe_reads_tags_and_ps() {
+        let fake = Fake::default();
+        *fake.tags.lock() = json!({"models":[{"name":"a:latest"},{"name":"b:7b"}]});
+        *fake.ps.lock() = json!({"models":[{"name":"b:7b"}]});
+        let url = serve_fake(fake).await;
+        let report = prober()
+            .probe(&endpoint(&url, EndpointKind::Ollama, None))
+            .await;
+        assert_eq!(
+            report,
+            ProbeReport::Ok {
+                advertised: vec!["a:latest".into(), "b:7b".into()],
+                loaded: vec!["b:7b".into()],
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn openai_probe_sends_bearer_and_reports_nothing_loaded() {
+        let fake = Fake::default();
+        *fake.models.lock() = json!({"object":"list","data":[{"id":"gpt-x","object":"model"}]});
+        let url = serve_fake(fake.clone()).await;
+        let report = prober()
+            .probe(&endpoint(
+                &format!("{url}/v1"),
+                EndpointKind::OpenAi,
+                Some("sk-secret"),
+            ))
+            .await;
+        assert_eq!(
+            report,
+            ProbeReport::Ok {
+                advertised: vec!["gpt-x".into()],
+                loaded: vec![],
+            }
+        );
+        assert_eq!(
+            fake.auth.lock().as_slice(),
+            [Some("Bearer sk-secret".to_owned())]
+        );
+
+        // Without a key, no Authorization header at all.
+        prober()
+            .probe(&endpoint(&format!("{url}/v1"), EndpointKind::OpenAi, None))
+            .await;
+        assert_eq!(fake.auth.lock().last().unwrap(), &None);
+    }
+
+    #[tokio::test]
+    async fn llama_server_probe_uses_status() {
+        let fake = Fake::default();
+        *fake.models.lock() = json!({"data":[
+            {"id":"org/m-GGUF:Q4_K_M","status":{"value":"loaded"}},
+            {"id":"other","status":"unloaded"},
+            {"id":"plain"}]});
+        let url = serve_fake(fake).await;
+        // Configured without `/v1`: the probe appends it.
+        let report = prober()
+            .probe(&endpoint(&url, EndpointKind::LlamaServer, None))
+            .await;
+        assert_eq!(
+            report,
+            ProbeReport::Ok {
+                advertised: vec!["org/m-GGUF:Q4_K_M".into(), "other".into(), "plain".into()],
+                loaded: vec!["org/m-GGUF:Q4_K_M".into(), "plain".into()],
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_are_reported_without_secrets() {
+        let fake = Fake::default();
+        *fake.broken.lock() = true;
+        let url = serve_fake(fake).await;
+        let report = prober()
+            .probe(&endpoint(
+                &format!("{url}/v1"),
+                EndpointKind::OpenAi,
+                Some("sk-secret"),
+            ))
+            .await;
+        let ProbeReport::Failed { detail } = report else {
+            panic!("expected failure, got {report:?}");
+        };
+        assert!(detail.contains("HTTP 500"), "{detail}");
+        assert!(!detail.contains("sk-secret"), "{detail}");
+
+        // Nothing listening: a connect error naming the path, not the URL's
+        // credentials.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let report = prober()
+            .probe(&endpoint(
+                &format!("http://user:pw@{dead}"),
+                EndpointKind::Ollama,
+                None,
+            ))
+            .await;
+        let ProbeReport::Failed { detail } = report else {
+            panic!("expected failure, got {report:?}");
+        };
+        assert!(detail.starts_with("GET /api/"), "{detail}");
+        assert!(!detail.contains("pw"), "{detail}");
+    }
+
+    /// Collects reports and wakes waiters.
+    #[derive(Default)]
+    struct Recorder {
+        reports: Mutex<Vec<(usize, ProbeReport)>>,
+        notify: tokio::sync::Notify,
+    }
+
+    impl ProbeSink for Recorder {
+        fn apply_probe(&self, endpoint: usize, report: ProbeReport, _now: Instant) {
+            self.reports.lock().push((endpoint, report));
+            self.notify.notify_waiters();
+        }
+    }
+
+    impl Recorder {
+        /// Waits (bounded) until `pred` holds for the latest report of `ep`.
+        async fn wait_for(&self, ep: usize, pred: impl Fn(&ProbeReport) -> bool) -> ProbeReport {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    let notified = self.notify.notified();
+                    if let Some((_, r)) = self.reports.lock().iter().rev().find(|(i, _)| *i == ep)
+                        && pred(r)
+                    {
+                        return r.clone();
+                    }
+                    notified.await;
+                }
+            })
+            .await
+            .expect("condition not reached in time")
+        }
+    }
+
+    #[tokio::test]
+    async fn loop_probes_at_once_then_sees_changes_and_failures() {
+        let fake = Fake::default();
+        *fake.tags.lock() = json!({"models":[{"name":"a:latest"}]});
+        *fake.ps.lock() = json!({"models":[]});
+        let url = serve_fake(fake.clone()).await;
+        let yaml = format!(
+            "endpoints: [\"{url}\"]\nprobe_interval: 100ms\nprobe_timeout: 1s\nprobe_jitter: 0.2\n"
+        );
+        let config = Config::from_yaml(&yaml, &|_| None).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        spawn(&config, recorder.clone(), &tracker, cancel.clone()).unwrap();
+
+        let first = recorder.wait_for(0, |_| true).await;
+        assert!(
+            matches!(first, ProbeReport::Ok { ref advertised, .. } if advertised == &["a:latest"])
+        );
+
+        // A model pulled at runtime shows up within a probe interval or two.
+        *fake.tags.lock() = json!({"models":[{"name":"a:latest"},{"name":"new:1b"}]});
+        recorder
+            .wait_for(0, |r| {
+                matches!(r, ProbeReport::Ok { advertised, .. } if advertised.iter().any(|m| m == "new:1b"))
+            })
+            .await;
+
+        // The backend breaks: the next report is a failure.
+        *fake.broken.lock() = true;
+        recorder
+            .wait_for(0, |r| matches!(r, ProbeReport::Failed { .. }))
+            .await;
+
+        cancel.cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .expect("probe tasks stop on cancel");
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let probe = ProbeConfig {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(1),
+            jitter: 0.1,
+        };
+        let mut rng = rand::rng();
+        for _ in 0..1000 {
+            let d = next_delay(&probe, &mut rng);
+            assert!(
+                d >= Duration::from_secs(9) && d <= Duration::from_secs(11),
+                "{d:?}"
+            );
+        }
+        let fixed = ProbeConfig {
+            jitter: 0.0,
+            ..probe
+        };
+        assert_eq!(next_delay(&fixed, &mut rng), Duration::from_secs(10));
+    }
+}

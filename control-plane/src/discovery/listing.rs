@@ -1,0 +1,220 @@
+//! Parsing of the model listings backends answer to discovery probes:
+//! Ollama `/api/tags` and `/api/ps`, OpenAI-style `{base}/models`, and
+//! llama-server's `{base}/models` with its per-model `status`.
+//!
+//! Unknown fields are ignored (backends add fields often); a missing required
+//! field is an error naming it. Names keep the spelling the backend uses;
+//! normalization happens in the state, not here. Duplicates are dropped,
+//! first occurrence kept.
+
+use serde::Deserialize;
+
+/// A listing that does not have the expected shape. The message never quotes
+/// the body (it may be large or contain anything).
+#[derive(Debug, thiserror::Error)]
+pub enum ListingError {
+    /// Not JSON, or the wrong JSON shape.
+    #[error("invalid listing: {0}")]
+    Json(#[from] serde_json::Error),
+    /// An item without a usable name.
+    #[error("invalid listing: {field}: missing or empty")]
+    MissingName {
+        /// Path of the field, e.g. `models[2].name`.
+        field: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct OllamaList {
+    /// `null` is what some builds send for an empty list.
+    models: Option<Vec<OllamaItem>>,
+}
+
+#[derive(Deserialize)]
+struct OllamaItem {
+    name: Option<String>,
+    /// Older and newer builds both send `model` too; used if `name` is absent.
+    model: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiList {
+    data: Option<Vec<OpenAiItem>>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiItem {
+    id: Option<String>,
+    /// llama-server router mode only; see [`LlamaStatus`].
+    #[serde(default)]
+    status: Option<LlamaStatus>,
+}
+
+/// llama-server's model status, in the three forms seen in the wild:
+/// `{"value":"loaded", ...}`, a bare `"loaded"`, or absent (meaning loaded:
+/// single-model servers do not send it).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LlamaStatus {
+    Text(String),
+    Object { value: String },
+}
+
+impl LlamaStatus {
+    fn is_loaded(&self) -> bool {
+        let value = match self {
+            Self::Text(v) | Self::Object { value: v } => v,
+        };
+        value.eq_ignore_ascii_case("loaded")
+    }
+}
+
+fn push_unique(names: &mut Vec<String>, name: String) {
+    if !names.contains(&name) {
+        names.push(name);
+    }
+}
+
+fn ollama_names(body: &[u8]) -> Result<Vec<String>, ListingError> {
+    let list: OllamaList = serde_json::from_slice(body)?;
+    let mut names = Vec::new();
+    for (i, item) in list.models.unwrap_or_default().into_iter().enumerate() {
+        let name = item
+            .name
+            .filter(|n| !n.is_empty())
+            .or(item.model.filter(|n| !n.is_empty()))
+            .ok_or_else(|| ListingError::MissingName {
+                field: format!("models[{i}].name"),
+            })?;
+        push_unique(&mut names, name);
+    }
+    Ok(names)
+}
+
+/// Advertised models from Ollama `GET /api/tags` (`models[].name`).
+pub fn parse_ollama_tags(body: &[u8]) -> Result<Vec<String>, ListingError> {
+    ollama_names(body)
+}
+
+/// Loaded models from Ollama `GET /api/ps` (`models[].name`).
+pub fn parse_ollama_ps(body: &[u8]) -> Result<Vec<String>, ListingError> {
+    ollama_names(body)
+}
+
+fn openai_items(body: &[u8]) -> Result<Vec<(String, Option<LlamaStatus>)>, ListingError> {
+    let list: OpenAiList = serde_json::from_slice(body)?;
+    list.data
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item.id.filter(|id| !id.is_empty()) {
+            Some(id) => Ok((id, item.status)),
+            None => Err(ListingError::MissingName {
+                field: format!("data[{i}].id"),
+            }),
+        })
+        .collect()
+}
+
+/// Advertised models from an OpenAI-style `GET {base}/models` (`data[].id`).
+pub fn parse_openai_models(body: &[u8]) -> Result<Vec<String>, ListingError> {
+    let mut names = Vec::new();
+    for (id, _) in openai_items(body)? {
+        push_unique(&mut names, id);
+    }
+    Ok(names)
+}
+
+/// Advertised and loaded models from llama-server's `GET {base}/models`:
+/// every item is advertised; it is loaded when its `status` says `loaded`
+/// or carries no status at all.
+pub fn parse_llama_server_models(body: &[u8]) -> Result<(Vec<String>, Vec<String>), ListingError> {
+    let mut advertised = Vec::new();
+    let mut loaded = Vec::new();
+    for (id, status) in openai_items(body)? {
+        if status.as_ref().is_none_or(LlamaStatus::is_loaded) {
+            push_unique(&mut loaded, id.clone());
+        }
+        push_unique(&mut advertised, id);
+    }
+    Ok((advertised, loaded))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn ollama_tags_and_ps() {
+        let tags = br#"{"models":[
+            {"name":"qwen3:8b","model":"qwen3:8b","modified_at":"2025-05-10T08:06:48-07:00","size":5225388164,
+             "digest":"abc","details":{"format":"gguf","family":"qwen3","families":["qwen3"],
+             "parameter_size":"8.2B","quantization_level":"Q4_K_M"},"capabilities":["completion"]},
+            {"model":"llama3.2:latest"},
+            {"name":"qwen3:8b"}]}"#;
+        assert_eq!(
+            parse_ollama_tags(tags).unwrap(),
+            ["qwen3:8b", "llama3.2:latest"]
+        );
+        let ps = br#"{"models":[{"name":"qwen3:8b","model":"qwen3:8b","size":1,"digest":"d",
+            "expires_at":"2025-05-10T08:06:48-07:00","size_vram":1,"context_length":4096}]}"#;
+        assert_eq!(parse_ollama_ps(ps).unwrap(), ["qwen3:8b"]);
+        assert!(parse_ollama_ps(br#"{"models":[]}"#).unwrap().is_empty());
+        assert!(parse_ollama_ps(br#"{"models":null}"#).unwrap().is_empty());
+    }
+
+    #[test]
+    fn ollama_errors_name_the_field() {
+        let err = parse_ollama_tags(br#"{"models":[{"name":"a"},{"size":3}]}"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid listing: models[1].name: missing or empty"
+        );
+        assert!(matches!(
+            parse_ollama_tags(b"<html>oops</html>").unwrap_err(),
+            ListingError::Json(_)
+        ));
+    }
+
+    #[test]
+    fn openai_models() {
+        let body = br#"{"object":"list","data":[
+            {"id":"gpt-4o","object":"model","created":1700000000,"owned_by":"org"},
+            {"id":"text-embedding-3-small","object":"model"}]}"#;
+        assert_eq!(
+            parse_openai_models(body).unwrap(),
+            ["gpt-4o", "text-embedding-3-small"]
+        );
+        let err = parse_openai_models(br#"{"data":[{"object":"model"}]}"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid listing: data[0].id: missing or empty"
+        );
+    }
+
+    #[test]
+    fn llama_server_status_in_all_three_forms() {
+        let body = br#"{"object":"list","data":[
+            {"id":"ggml-org/gemma-3-4b-it-GGUF:Q4_K_M","path":"/m/x.gguf",
+             "status":{"value":"loaded","args":["llama-server","-ctx","4096"]}},
+            {"id":"unsloth/gpt-oss-20b-GGUF:Q8_0","status":{"value":"unloaded","failed":true,"exit_code":1}},
+            {"id":"bare-loaded","status":"loaded"},
+            {"id":"bare-sleeping","status":"sleeping"},
+            {"id":"loading","status":{"value":"loading"}},
+            {"id":"downloading","status":{"value":"downloading","progress":{"u":{"done":1,"total":2}}}},
+            {"id":"single-model","owned_by":"llamacpp","meta":null},
+            {"id":"null-status","status":null}]}"#;
+        let (advertised, loaded) = parse_llama_server_models(body).unwrap();
+        assert_eq!(advertised.len(), 8);
+        assert_eq!(
+            loaded,
+            [
+                "ggml-org/gemma-3-4b-it-GGUF:Q4_K_M",
+                "bare-loaded",
+                "single-model",
+                "null-status"
+            ]
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! The gRPC edge: `switchyard.v1.Routing` and `switchyard.v1.Cluster`
+//! implemented over the [`ControlPlane`] facade.
+//!
+//! Each handler parses its request at the boundary ([`convert`]), makes one
+//! synchronous facade call (no lock is held across `.await`), and converts
+//! the answer back. Every failure goes through [`status_from_error`], the one
+//! exhaustive mapping from domain errors to gRPC codes:
+//!
+//! | error | code |
+//! |---|---|
+//! | invalid field | `INVALID_ARGUMENT`, message names the field |
+//! | model not advertised anywhere | `NOT_FOUND`, message lists available models |
+//! | every candidate excluded or draining | `UNAVAILABLE` |
+//! | unknown session (choose, register) | `FAILED_PRECONDITION` `unknown session N` (the sidecar re-opens) |
+//! | unknown endpoint (drain) | `NOT_FOUND`, message lists configured endpoints |
+//!
+//! `WatchUsage` sends the current state at once, then every newly published
+//! state; a slow watcher skips to the latest (a `watch` channel), and the
+//! stream ends when the server shuts down.
+
+pub mod convert;
+
+use std::{pin::Pin, time::Instant};
+
+use futures::Stream;
+use switchyard_proto::v1::{self, cluster_server::Cluster, routing_server::Routing};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    api::UnknownEndpoint,
+    control_plane::ControlPlane,
+    decision::ChooseError,
+    grpc::convert::{
+        ChooseCall, ConvertError, ReleaseCall, affinity_listing_to_proto, lease_records_from_proto,
+        session_id_from_proto,
+    },
+};
+
+/// Default number of affinity entries a `ListAffinity` call returns.
+const DEFAULT_AFFINITY_SAMPLE: usize = 20;
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    /// The request is malformed.
+    #[error(transparent)]
+    Invalid(#[from] ConvertError),
+    /// The policy could not choose.
+    #[error(transparent)]
+    Choose(#[from] ChooseError),
+    /// An admin call named an endpoint that is not configured.
+    #[error(transparent)]
+    UnknownEndpoint(#[from] UnknownEndpoint),
+}
+
+/// The one mapping from domain errors to gRPC statuses.
+pub fn status_from_error(err: GrpcError) -> Status {
+    let message = err.to_string();
+    match err {
+        GrpcError::Invalid(_) => Status::invalid_argument(message),
+        GrpcError::Choose(e) => match e {
+            ChooseError::ModelNotFound { .. } => Status::not_found(message),
+            ChooseError::NoEndpointAvailable { .. } => Status::unavailable(message),
+            ChooseError::UnknownSession(_) => Status::failed_precondition(message),
+        },
+        GrpcError::UnknownEndpoint(_) => Status::not_found(message),
+    }
+}
+
+impl From<GrpcError> for Status {
+    fn from(err: GrpcError) -> Self {
+        status_from_error(err)
+    }
+}
+
+fn invalid(err: ConvertError) -> Status {
+    status_from_error(GrpcError::Invalid(err))
+}
+
+/// The `Routing` service (sidecars' data path).
+#[derive(Clone, Debug)]
+pub struct RoutingService {
+    cp: ControlPlane,
+    shutdown: CancellationToken,
+}
+
+impl RoutingService {
+    /// A service over `cp`; `WatchUsage` streams end when `shutdown` fires.
+    pub fn new(cp: ControlPlane, shutdown: CancellationToken) -> Self {
+        Self { cp, shutdown }
+    }
+}
+
+/// Stream type of `WatchUsage`.
+pub type WatchUsageStream = Pin<Box<dyn Stream<Item = Result<v1::ClusterState, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Routing for RoutingService {
+    async fn open_session(
+        &self,
+        request: Request<v1::OpenSessionRequest>,
+    ) -> Result<Response<v1::OpenSessionResponse>, Status> {
+        let name = request.into_inner().name;
+        let grant = self.cp.open_session(&name, Instant::now());
+        tracing::info!(session = grant.id.0, %name, "session opened");
+        Ok(Response::new((&grant).into()))
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<v1::KeepAliveRequest>,
+    ) -> Result<Response<v1::KeepAliveResponse>, Status> {
+        let id = session_id_from_proto(request.into_inner().session_id).map_err(invalid)?;
+        let known = self.cp.keep_alive(id, Instant::now());
+        Ok(Response::new(v1::KeepAliveResponse { known }))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<v1::CloseSessionRequest>,
+    ) -> Result<Response<v1::CloseSessionResponse>, Status> {
+        let id = session_id_from_proto(request.into_inner().session_id).map_err(invalid)?;
+        let released = self.cp.close_session(id);
+        tracing::info!(session = id.0, released, "session closed");
+        Ok(Response::new(v1::CloseSessionResponse {
+            released_leases: released as u64,
+        }))
+    }
+
+    async fn register_leases(
+        &self,
+        request: Request<v1::RegisterLeasesRequest>,
+    ) -> Result<Response<v1::RegisterLeasesResponse>, Status> {
+        let m = request.into_inner();
+        let id = session_id_from_proto(m.session_id).map_err(invalid)?;
+        let leases = lease_records_from_proto(m.leases).map_err(invalid)?;
+        let out = self
+            .cp
+            .register_leases(id, &leases, Instant::now())
+            .map_err(GrpcError::from)?;
+        Ok(Response::new((&out).into()))
+    }
+
+    async fn choose_endpoint(
+        &self,
+        request: Request<v1::ChooseRequest>,
+    ) -> Result<Response<v1::ChooseResponse>, Status> {
+        let call = ChooseCall::try_from(request.into_inner()).map_err(invalid)?;
+        let choice = self
+            .cp
+            .choose(&call.request, call.reserve, Instant::now())
+            .map_err(GrpcError::from)?;
+        Ok(Response::new((&choice).into()))
+    }
+
+    async fn release(
+        &self,
+        request: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseResponse>, Status> {
+        let call = ReleaseCall::try_from(request.into_inner()).map_err(invalid)?;
+        let released = self
+            .cp
+            .release(call.lease, call.outcome, call.tokens, Instant::now());
+        Ok(Response::new(v1::ReleaseResponse { released }))
+    }
+
+    type WatchUsageStream = WatchUsageStream;
+
+    async fn watch_usage(
+        &self,
+        _request: Request<v1::WatchUsageRequest>,
+    ) -> Result<Response<Self::WatchUsageStream>, Status> {
+        let mut rx = self.cp.subscribe();
+        // Everything published so far is covered by the fresh state below.
+        rx.mark_unchanged();
+        let first = self.cp.state();
+        let shutdown = self.shutdown.clone();
+        let stream = futures::stream::unfold(
+            (Some(first), rx, shutdown),
+            |(first, mut rx, shutdown)| async move {
+                if let Some(state) = first {
+                    let msg = v1::ClusterState::from(&*state);
+                    return Some((Ok(msg), (None, rx, shutdown)));
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => None,
+                    changed = rx.changed() => {
+                        // The sender lives as long as the control plane; an
+                        // error means it is gone: end the stream.
+                        changed.ok()?;
+                        let state = rx.borrow_and_update().clone();
+                        let msg = v1::ClusterState::from(&*state);
+                        Some((Ok(msg), (None, rx, shutdown)))
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The `Cluster` service (inspection and administration).
+#[derive(Clone, Debug)]
+pub struct ClusterService {
+    cp: ControlPlane,
+}
+
+impl ClusterService {
+    /// A service over `cp`.
+    pub fn new(cp: ControlPlane) -> Self {
+        Self { cp }
+    }
+
+    fn drain(
+        &self,
+        request: Request<v1::DrainRequest>,
+        draining: bool,
+    ) -> Result<v1::DrainResponse, Status> {
+        let url = request.into_inner().endpoint;
+        if url.is_empty() {
+            return Err(invalid(ConvertError::new("endpoint", "must not be empty")));
+        }
+        let state = self
+            .cp
+            .set_draining(&url, draining)
+            .map_err(GrpcError::from)?;
+        tracing::info!(endpoint = %state.url, draining, "endpoint admin state changed");
+        Ok(v1::DrainResponse {
+            endpoint: Some((&state).into()),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn get_state(
+        &self,
+        _request: Request<v1::GetStateRequest>,
+    ) -> Result<Response<v1::ClusterState>, Status> {
+        Ok(Response::new((&*self.cp.state()).into()))
+    }
+
+    async fn list_sessions(
+        &self,
+        _request: Request<v1::ListSessionsRequest>,
+    ) -> Result<Response<v1::ListSessionsResponse>, Status> {
+        let sessions = self.cp.sessions(Instant::now());
+        Ok(Response::new(v1::ListSessionsResponse {
+            sessions: sessions.iter().map(v1::SessionInfo::from).collect(),
+        }))
+    }
+
+    async fn list_affinity(
+        &self,
+        request: Request<v1::ListAffinityRequest>,
+    ) -> Result<Response<v1::ListAffinityResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => DEFAULT_AFFINITY_SAMPLE,
+            n => n as usize,
+        };
+        let (total, entries) = self.cp.affinity_sample(limit, Instant::now());
+        Ok(Response::new(affinity_listing_to_proto(total, &entries)))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<v1::DrainRequest>,
+    ) -> Result<Response<v1::DrainResponse>, Status> {
+        ClusterService::drain(self, request, true).map(Response::new)
+    }
+
+    async fn undrain(
+        &self,
+        request: Request<v1::DrainRequest>,
+    ) -> Result<Response<v1::DrainResponse>, Status> {
+        ClusterService::drain(self, request, false).map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn every_error_maps_to_its_code() {
+        let cases: Vec<(GrpcError, Code, &str)> = vec![
+            (
+                ConvertError::new("model", "must not be empty").into(),
+                Code::InvalidArgument,
+                "model: must not be empty",
+            ),
+            (
+                ChooseError::ModelNotFound {
+                    model: "x".into(),
+                    available: vec!["a:latest".into(), "b:7b".into()],
+                }
+                .into(),
+                Code::NotFound,
+                "available models: a:latest, b:7b",
+            ),
+            (
+                ChooseError::NoEndpointAvailable {
+                    model: "x".into(),
+                    detail: "all draining".into(),
+                }
+                .into(),
+                Code::Unavailable,
+                "all draining",
+            ),
+            (
+                ChooseError::UnknownSession(7).into(),
+                Code::FailedPrecondition,
+                "unknown session 7",
+            ),
+            (
+                UnknownEndpoint {
+                    url: "http://nope:1".into(),
+                    configured: vec!["http://a:11434".into(), "http://b:11434".into()],
+                }
+                .into(),
+                Code::NotFound,
+                "configured endpoints: http://a:11434, http://b:11434",
+            ),
+        ];
+        for (err, code, needle) in cases {
+            let status = status_from_error(err);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(needle), "{status:?}");
+        }
+    }
+}
