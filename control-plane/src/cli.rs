@@ -193,9 +193,18 @@ async fn serve_until_signal(config: Config, args: &Args) -> Result<(), ServeErro
         Some(addr) => Some(server::bind(addr).await?),
         None => None,
     };
+    // Log the bound addresses (they differ from the flags for port 0).
+    let listen = grpc.local_addr().unwrap_or(args.listen);
+    let metrics_listen = metrics.as_ref().map_or_else(
+        || "off".to_owned(),
+        |l| {
+            l.local_addr()
+                .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+        },
+    );
     tracing::info!(
-        listen = %args.listen,
-        metrics_listen = ?args.metrics_listen,
+        %listen,
+        %metrics_listen,
         endpoints = config.endpoints.len(),
         version = env!("CARGO_PKG_VERSION"),
         "switchyard control plane listening"
@@ -211,6 +220,9 @@ async fn serve_until_signal(config: Config, args: &Args) -> Result<(), ServeErro
     });
     let result = server::run(config, grpc, metrics, shutdown).await;
     signals.abort();
+    if result.is_ok() {
+        tracing::info!("switchyard control plane stopped");
+    }
     result
 }
 

@@ -527,6 +527,57 @@ mod tests {
             .expect("probe tasks stop on cancel");
     }
 
+    #[tokio::test]
+    async fn control_plane_sees_models_and_marks_failures_unhealthy() {
+        use crate::control_plane::ControlPlane;
+
+        let fake = Fake::default();
+        *fake.tags.lock() = json!({"models":[{"name":"a:latest"}]});
+        *fake.ps.lock() = json!({"models":[{"name":"a:latest"}]});
+        let url = serve_fake(fake.clone()).await;
+        let yaml = format!("endpoints: [\"{url}\"]\nprobe_interval: 50ms\nprobe_timeout: 1s\n");
+        let cp = ControlPlane::new(Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap()));
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        spawn(cp.config(), Arc::new(cp.clone()), &tracker, cancel.clone()).unwrap();
+
+        let wait = |pred: fn(&crate::cluster::EndpointState) -> bool| {
+            let cp = cp.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        let state = cp.state();
+                        if pred(&state.endpoints[0]) {
+                            return state;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await
+                .expect("endpoint state not reached in time")
+            }
+        };
+        let state = wait(|e| e.healthy && e.loaded_models.len() == 1).await;
+        assert_eq!(&*state.endpoints[0].advertised_models[0], "a:latest");
+
+        *fake.broken.lock() = true;
+        let state = wait(|e| !e.healthy).await;
+        assert!(
+            state.endpoints[0].health_detail.contains("HTTP 500"),
+            "{:?}",
+            state.endpoints[0]
+        );
+        let stats = cp.stats();
+        assert!(
+            stats.probes_ok >= 1 && stats.probes_failed >= 1,
+            "{stats:?}"
+        );
+
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
     #[test]
     fn jitter_stays_within_bounds() {
         let probe = ProbeConfig {

@@ -20,15 +20,17 @@
 
 pub mod convert;
 
-use std::{pin::Pin, time::Instant};
+use std::{pin::Pin, sync::Arc, time::Instant};
 
 use futures::Stream;
 use switchyard_proto::v1::{self, cluster_server::Cluster, routing_server::Routing};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
     api::UnknownEndpoint,
+    cluster::ClusterState,
     control_plane::ControlPlane,
     decision::ChooseError,
     grpc::convert::{
@@ -175,28 +177,49 @@ impl Routing for RoutingService {
         // Everything published so far is covered by the fresh state below.
         rx.mark_unchanged();
         let first = self.cp.state();
-        let shutdown = self.shutdown.clone();
-        let stream = futures::stream::unfold(
-            (Some(first), rx, shutdown),
-            |(first, mut rx, shutdown)| async move {
-                if let Some(state) = first {
-                    let msg = v1::ClusterState::from(&*state);
-                    return Some((Ok(msg), (None, rx, shutdown)));
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => None,
-                    changed = rx.changed() => {
-                        // The sender lives as long as the control plane; an
-                        // error means it is gone: end the stream.
-                        changed.ok()?;
-                        let state = rx.borrow_and_update().clone();
-                        let msg = v1::ClusterState::from(&*state);
-                        Some((Ok(msg), (None, rx, shutdown)))
-                    }
-                }
-            },
-        );
+        let watcher = Watcher {
+            first: Some(first),
+            sent: None,
+            rx,
+            shutdown: self.shutdown.clone(),
+        };
+        let stream = futures::stream::unfold(watcher, |mut w| async move {
+            let state = w.next().await?;
+            Some((Ok(v1::ClusterState::from(&*state)), w))
+        });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// One `WatchUsage` subscriber: the fresh state first, then publications,
+/// never going back in version (a publication racing with the first fresh
+/// state may be older than it).
+struct Watcher {
+    first: Option<Arc<ClusterState>>,
+    sent: Option<u64>,
+    rx: watch::Receiver<Arc<ClusterState>>,
+    shutdown: CancellationToken,
+}
+
+impl Watcher {
+    /// The next state to send; `None` ends the stream (server shutdown, or
+    /// the control plane is gone).
+    async fn next(&mut self) -> Option<Arc<ClusterState>> {
+        if let Some(state) = self.first.take() {
+            self.sent = Some(state.version);
+            return Some(state);
+        }
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return None,
+                changed = self.rx.changed() => changed.ok()?,
+            }
+            let state = self.rx.borrow_and_update().clone();
+            if self.sent.is_none_or(|v| state.version > v) {
+                self.sent = Some(state.version);
+                return Some(state);
+            }
+        }
     }
 }
 

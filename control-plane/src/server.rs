@@ -634,10 +634,30 @@ mod tests {
         let s = state_where(&mut cluster, |s| !s.endpoints[0].healthy).await;
         assert!(s.endpoints[0].health_detail.contains("HTTP 500"), "{s:?}");
 
-        // Shutdown ends the watch stream and stops the server.
-        tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+        // Shutdown flips health to NOT_SERVING, ends the watch stream and
+        // stops the server.
+        let mut health_watch = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: "switchyard.v1.Routing".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        assert_eq!(health_watch.next().await.unwrap().unwrap().status, serving);
+        let stopping = tokio::spawn(running.shutdown());
+        let next = tokio::time::timeout(Duration::from_secs(10), health_watch.next())
+            .await
+            .expect("health watch sees the change");
+        assert_eq!(
+            next.unwrap().unwrap().status,
+            tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+        );
+        drop(health_watch);
+        tokio::time::timeout(Duration::from_secs(10), stopping)
             .await
             .expect("shutdown completes")
+            .unwrap()
             .unwrap();
         let end = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
