@@ -26,7 +26,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// LLM inference servers, served over gRPC to sidecars and the `switchyard`
 /// CLI.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "switchyard-control-plane", version, about, long_about = None)]
+#[command(
+    name = "switchyard-control-plane",
+    version,
+    after_help = "Exit codes: 0 ok, 1 runtime failure (e.g. address in use), 2 bad usage or bad config.\n\
+                  Log level: RUST_LOG (default info). SIGTERM or Ctrl-C shuts down gracefully."
+)]
 pub struct Args {
     /// Configuration file (YAML; nomyo-router's config.yaml keys are accepted).
     #[arg(long, value_name = "FILE", env = "SWITCHYARD_CONFIG")]
