@@ -1,0 +1,401 @@
+//! Command line of `switchyard-sidecar` (fixed by DESIGN.md):
+//!
+//! ```text
+//! switchyard-sidecar --control-plane URL [--listen ADDR] [--config FILE]
+//! switchyard-sidecar --standalone [--config FILE] [--listen ADDR]
+//! ```
+//!
+//! Every flag also reads an environment variable. Without
+//! `--control-plane` the sidecar runs standalone (the single-machine
+//! default); standalone without `--config` routes to one local Ollama at
+//! `http://127.0.0.1:11434`.
+//!
+//! Exit codes: 0 after a clean shutdown (SIGTERM / Ctrl-C), 2 for bad usage
+//! or a bad configuration (the message names the problem), 1 for a runtime
+//! failure (cannot listen, server error).
+
+use std::{ffi::OsString, io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use switchyard_control_plane::{
+    config::Config,
+    telemetry::{self, LogFormat},
+};
+
+use crate::server::{Mode, StartError, StartOptions, default_name, start};
+
+/// Default listen address (one port above Ollama's 11434 decade, so both
+/// can run on one host).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:12434";
+
+/// Ollama- and OpenAI-API proxy that routes each request to a model server
+/// chosen by the Switchyard control plane.
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard-sidecar",
+    version,
+    after_help = "Modes:\n  \
+        switchyard-sidecar --control-plane http://cp:50051 [--config FILE]\n      \
+        route through a shared control plane (the config, if given, supplies\n      \
+        backend API keys, the router key and sidecar settings)\n  \
+        switchyard-sidecar --standalone [--config FILE]\n      \
+        single machine: control plane embedded; without --config, one local\n      \
+        Ollama at http://127.0.0.1:11434\n\n\
+        Without --control-plane the sidecar runs standalone.\n\n\
+        HTTP routes: Ollama /api/chat /api/generate /api/embed /api/embeddings /api/show\n\
+        /api/tags /api/ps /api/version, OpenAI /v1/chat/completions /v1/completions\n\
+        /v1/embeddings /v1/models, plus GET / (liveness), /health and /metrics.\n\n\
+        Exit codes: 0 clean shutdown, 2 bad usage or configuration, 1 runtime failure."
+)]
+pub struct Args {
+    /// Embed the control plane in this process (single machine).
+    #[arg(long, env = "SWITCHYARD_STANDALONE", conflicts_with = "control_plane")]
+    pub standalone: bool,
+
+    /// gRPC URL of the control plane, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "SWITCHYARD_CONTROL_PLANE", value_name = "URL", value_parser = parse_url)]
+    pub control_plane: Option<String>,
+
+    /// Configuration file (nomyo-router compatible YAML).
+    #[arg(long, env = "SWITCHYARD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// HTTP listen address.
+    #[arg(long, env = "SWITCHYARD_LISTEN", value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Session name shown by the control plane [default: host name].
+    #[arg(long, env = "SWITCHYARD_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Log format (RUST_LOG sets the filter, default info).
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Validate the configuration and exit (0 valid, 2 invalid).
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+fn parse_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| format!("{s:?} must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+/// What the arguments ask for, validated.
+#[derive(Debug)]
+pub struct Plan {
+    /// Start options.
+    pub options: StartOptions,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Only validate the configuration.
+    pub check_only: bool,
+}
+
+/// A usage or configuration problem (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+impl Args {
+    /// Loads the configuration and decides the mode.
+    pub fn plan(self) -> Result<Plan, UsageError> {
+        let config = match &self.config {
+            Some(path) => Some(Config::load(path).map_err(|e| UsageError(e.to_string()))?),
+            None => None,
+        };
+        let mode = match self.control_plane {
+            Some(url) => Mode::Remote {
+                control_plane_url: url,
+                config,
+            },
+            None => {
+                let config = match config {
+                    Some(c) => c,
+                    None => Config::local_ollama().map_err(|e| UsageError(e.to_string()))?,
+                };
+                if config.endpoints.is_empty() {
+                    return Err(UsageError(
+                        "standalone mode needs at least one endpoint: the config lists none \
+                         (keys `endpoints` / `llama_server_endpoints`)"
+                            .into(),
+                    ));
+                }
+                Mode::Standalone { config }
+            }
+        };
+        Ok(Plan {
+            options: StartOptions {
+                mode,
+                listen: self.listen,
+                name: self.name.unwrap_or_else(default_name),
+            },
+            log_format: self.log_format,
+            check_only: self.check_config,
+        })
+    }
+}
+
+/// Exit code: clean shutdown.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: runtime failure.
+pub const EXIT_RUNTIME: u8 = 1;
+/// Exit code: bad usage or bad configuration.
+pub const EXIT_USAGE: u8 = 2;
+
+/// Runs the sidecar binary: parse, start, serve until SIGTERM/Ctrl-C,
+/// shut down gracefully. Returns the process exit code.
+pub fn run_cli(
+    args: impl IntoIterator<Item = OsString>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> ExitCode {
+    ExitCode::from(run_cli_code(args, stdout, stderr))
+}
+
+/// [`run_cli`] returning the exit code as a number.
+pub fn run_cli_code(
+    args: impl IntoIterator<Item = OsString>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> u8 {
+    let args = match Args::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let text = e.render().to_string();
+            let _ = if code == 0 {
+                stdout.write_all(text.as_bytes())
+            } else {
+                stderr.write_all(text.as_bytes())
+            };
+            return code;
+        }
+    };
+    let plan = match args.plan() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(stderr, "switchyard-sidecar: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    if plan.check_only {
+        let _ = writeln!(stdout, "configuration is valid");
+        return EXIT_OK;
+    }
+    telemetry::init(plan.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(
+                stderr,
+                "switchyard-sidecar: cannot start the async runtime: {e}"
+            );
+            return EXIT_RUNTIME;
+        }
+    };
+    match runtime.block_on(serve_until_signal(plan.options)) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            tracing::error!(error = %e, "sidecar failed");
+            let _ = writeln!(stderr, "switchyard-sidecar: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+async fn serve_until_signal(options: StartOptions) -> Result<(), StartError> {
+    let handle = start(options).await?;
+    let trigger = handle.shutdown_trigger();
+    tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("shutdown signal received");
+            handle.shutdown().await;
+        }
+        // The server stopped on its own (it failed; the error is logged).
+        () = trigger.cancelled() => handle.wait().await,
+    }
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::io::Write as _;
+
+    use super::*;
+
+    /// A config file in the temp dir, removed on drop.
+    struct TempConfig(PathBuf);
+
+    impl TempConfig {
+        fn new(name: &str, text: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "switchyard-sidecar-cli-{}-{name}.yaml",
+                std::process::id()
+            ));
+            let mut f = std::fs::File::create(&path).unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempConfig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("switchyard-sidecar").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_to_standalone_local_ollama() {
+        let plan = parse(&[]).unwrap().plan().unwrap();
+        assert_eq!(plan.options.listen.to_string(), DEFAULT_LISTEN);
+        match plan.options.mode {
+            Mode::Standalone { config } => {
+                assert_eq!(&*config.endpoints[0].url, "http://127.0.0.1:11434");
+            }
+            Mode::Remote { .. } => panic!("expected standalone"),
+        }
+    }
+
+    #[test]
+    fn remote_mode_and_url_validation() {
+        let plan = parse(&[
+            "--control-plane",
+            "http://cp:50051/",
+            "--listen",
+            "0.0.0.0:9000",
+        ])
+        .unwrap()
+        .plan()
+        .unwrap();
+        match plan.options.mode {
+            Mode::Remote {
+                control_plane_url,
+                config,
+            } => {
+                assert_eq!(control_plane_url, "http://cp:50051");
+                assert!(config.is_none());
+            }
+            Mode::Standalone { .. } => panic!("expected remote"),
+        }
+        assert!(parse(&["--control-plane", "cp:50051"]).is_err());
+        assert!(parse(&["--standalone", "--control-plane", "http://cp:1"]).is_err());
+        assert!(parse(&["--listen", "nope"]).is_err());
+    }
+
+    #[test]
+    fn config_file_errors_name_the_problem() {
+        let f = TempConfig::new("typo", "endpoints: [\"http://a:1\"]\nprobe_intervall: 3\n");
+        let err = parse(&["--standalone", "--config", f.path()])
+            .unwrap()
+            .plan()
+            .unwrap_err();
+        assert!(err.to_string().contains("probe_intervall"), "{err}");
+        let err = parse(&["--config", "/nonexistent/switchyard.yaml"])
+            .unwrap()
+            .plan()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/switchyard.yaml"),
+            "{err}"
+        );
+
+        let empty = TempConfig::new("empty", "endpoints: []\n");
+        let err = parse(&["--config", empty.path()])
+            .unwrap()
+            .plan()
+            .unwrap_err();
+        assert!(err.to_string().contains("endpoints"), "{err}");
+    }
+
+    #[test]
+    fn exit_codes() {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let code = run_cli_code(
+            ["switchyard-sidecar", "--bogus"].map(OsString::from),
+            &mut out,
+            &mut err,
+        );
+        assert_eq!(code, EXIT_USAGE);
+        assert!(String::from_utf8_lossy(&err).contains("--bogus"));
+
+        let mut out = Vec::new();
+        let code = run_cli_code(
+            ["switchyard-sidecar", "--help"].map(OsString::from),
+            &mut out,
+            &mut err,
+        );
+        assert_eq!(code, EXIT_OK);
+        let help = String::from_utf8_lossy(&out);
+        for needle in [
+            "--control-plane",
+            "--standalone",
+            "--listen",
+            "SWITCHYARD_LISTEN",
+            "SWITCHYARD_CONFIG",
+            "Exit codes",
+        ] {
+            assert!(help.contains(needle), "help lacks {needle}:\n{help}");
+        }
+
+        let mut out = Vec::new();
+        let code = run_cli_code(
+            ["switchyard-sidecar", "--check-config"].map(OsString::from),
+            &mut out,
+            &mut err,
+        );
+        assert_eq!(code, EXIT_OK);
+        let code = run_cli_code(
+            ["switchyard-sidecar", "--config", "/nonexistent/x.yaml"].map(OsString::from),
+            &mut out,
+            &mut err,
+        );
+        assert_eq!(code, EXIT_USAGE);
+    }
+}

@@ -1,0 +1,270 @@
+//! Listings and liveness, answered from the router's latest cluster state
+//! (never by fanning out to backends per request): `GET /api/tags`,
+//! `/api/ps`, `/v1/models`, `/api/version`, `/` and `/health`.
+//!
+//! Invariants:
+//! - Only endpoints that are healthy and not draining contribute models:
+//!   a listed model is one a request can be routed to now.
+//! - Listings never depend on credentials (nomyo bug 10: an OpenAI endpoint
+//!   without an API key entry made `/api/tags` fail): the names come from
+//!   the discovery snapshot.
+//! - `/health` is 200 only while at least one backend is healthy, 503
+//!   otherwise (nomyo bug 11: it always said ok).
+//! - Names are deduplicated; OpenAI ids appear as `id:latest` in the Ollama
+//!   listings (as nomyo-router shows them) and as-is in `/v1/models`.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Json,
+    extract::State,
+    response::{IntoResponse, Response},
+};
+use http::StatusCode;
+use serde_json::{Value, json};
+use switchyard_control_plane::{
+    cluster::{ClusterState, EndpointState},
+    model_name::canonical_request_name,
+};
+
+use crate::{server::AppState, translate::listing};
+
+/// The version `/api/version` reports. Clients (ollama-python, Open WebUI,
+/// editors) gate features such as `think`, structured outputs and tool
+/// calling on the server version, so the sidecar claims a recent Ollama
+/// release whose API it serves; it is fixed, not the lowest backend version
+/// (nomyo-router's behaviour), so it never changes with backend churn.
+pub const OLLAMA_COMPAT_VERSION: &str = "0.12.3";
+
+/// How long `/api/ps` says a loaded model stays loaded (Ollama's default
+/// `keep_alive`); the real expiry is per backend and not in the snapshot.
+const PS_EXPIRES_IN: Duration = Duration::from_secs(300);
+
+fn routable(state: &ClusterState) -> impl Iterator<Item = &EndpointState> {
+    state.endpoints.iter().filter(|e| e.healthy && !e.draining)
+}
+
+/// `/api/tags` body for a cluster state.
+pub fn tags_body(state: &ClusterState, now: SystemTime) -> Value {
+    let mut items: BTreeMap<String, Value> = BTreeMap::new();
+    for endpoint in routable(state) {
+        for model in &endpoint.advertised_models {
+            items
+                .entry(canonical_request_name(model))
+                .or_insert_with(|| listing::tags_item(model, endpoint.kind, now));
+        }
+    }
+    json!({ "models": items.into_values().collect::<Vec<_>>() })
+}
+
+/// `/api/ps` body for a cluster state.
+pub fn ps_body(state: &ClusterState, now: SystemTime) -> Value {
+    let mut items: BTreeMap<String, Value> = BTreeMap::new();
+    for endpoint in routable(state) {
+        for model in &endpoint.loaded_models {
+            items
+                .entry(canonical_request_name(model))
+                .or_insert_with(|| {
+                    listing::ps_item(model, endpoint.kind, now + PS_EXPIRES_IN, None)
+                });
+        }
+    }
+    json!({ "models": items.into_values().collect::<Vec<_>>() })
+}
+
+/// `/v1/models` body for a cluster state.
+pub fn openai_models_body(state: &ClusterState) -> Value {
+    let mut items: BTreeMap<String, Value> = BTreeMap::new();
+    for endpoint in routable(state) {
+        for model in &endpoint.advertised_models {
+            if let Some(item) = listing::openai_model_from_tag(&json!({ "name": &**model })) {
+                items.entry(model.to_string()).or_insert(item);
+            }
+        }
+    }
+    json!({ "object": "list", "data": items.into_values().collect::<Vec<_>>() })
+}
+
+/// `/health` status and body for a cluster state.
+pub fn health(state: &ClusterState, control_plane_connected: bool) -> (StatusCode, Value) {
+    let healthy = state.endpoints.iter().filter(|e| e.healthy).count();
+    let ok = healthy > 0;
+    let body = json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "healthy_endpoints": healthy,
+        "endpoints": state.endpoints.len(),
+        "control_plane_connected": control_plane_connected,
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body)
+}
+
+/// `GET /` and `HEAD /`: Ollama's liveness text.
+pub(crate) async fn root() -> &'static str {
+    "Ollama is running"
+}
+
+/// `GET /api/version`.
+pub(crate) async fn version() -> Json<Value> {
+    Json(json!({ "version": OLLAMA_COMPAT_VERSION }))
+}
+
+/// `GET /health`.
+pub(crate) async fn health_handler(State(state): State<AppState>) -> Response {
+    let router = state.router();
+    let (status, body) = health(&router.cluster_state(), router.control_plane_connected());
+    (status, Json(body)).into_response()
+}
+
+/// `GET /api/tags`.
+pub(crate) async fn tags(State(state): State<AppState>) -> Json<Value> {
+    Json(tags_body(
+        &state.router().cluster_state(),
+        SystemTime::now(),
+    ))
+}
+
+/// `GET /api/ps`.
+pub(crate) async fn ps(State(state): State<AppState>) -> Json<Value> {
+    Json(ps_body(&state.router().cluster_state(), SystemTime::now()))
+}
+
+/// `GET /v1/models`.
+pub(crate) async fn openai_models(State(state): State<AppState>) -> Json<Value> {
+    Json(openai_models_body(&state.router().cluster_state()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+
+    use switchyard_control_plane::endpoint::EndpointKind;
+
+    use super::*;
+
+    fn endpoint(
+        url: &str,
+        kind: EndpointKind,
+        healthy: bool,
+        advertised: &[&str],
+        loaded: &[&str],
+    ) -> EndpointState {
+        EndpointState {
+            url: Arc::from(url),
+            kind,
+            priority: 0,
+            max_concurrent: 1,
+            healthy,
+            health_detail: String::new(),
+            draining: false,
+            advertised_models: advertised.iter().map(|m| Arc::from(*m)).collect(),
+            loaded_models: loaded.iter().map(|m| Arc::from(*m)).collect(),
+            usage: vec![],
+            in_flight: 0,
+            failing_models: vec![],
+            circuit_open: false,
+            last_probe_ok_unix_ms: 0,
+        }
+    }
+
+    fn state() -> ClusterState {
+        ClusterState {
+            endpoints: vec![
+                endpoint(
+                    "http://o1:11434",
+                    EndpointKind::Ollama,
+                    true,
+                    &["llama3:latest", "qwen3:8b"],
+                    &["qwen3:8b"],
+                ),
+                endpoint(
+                    "http://o2:11434",
+                    EndpointKind::Ollama,
+                    true,
+                    &["llama3:latest"],
+                    &[],
+                ),
+                // An OpenAI endpoint (no API key needed to list it).
+                endpoint(
+                    "https://api.x/v1",
+                    EndpointKind::OpenAi,
+                    true,
+                    &["gpt-4o"],
+                    &[],
+                ),
+                endpoint(
+                    "http://down:11434",
+                    EndpointKind::Ollama,
+                    false,
+                    &["ghost:1b"],
+                    &["ghost:1b"],
+                ),
+            ],
+            ..ClusterState::default()
+        }
+    }
+
+    #[test]
+    fn tags_merge_dedupe_and_show_openai_ids_as_latest() {
+        let body = tags_body(&state(), SystemTime::UNIX_EPOCH);
+        let names: Vec<&str> = body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["gpt-4o:latest", "llama3:latest", "qwen3:8b"]);
+    }
+
+    #[test]
+    fn ps_lists_loaded_models_of_healthy_endpoints() {
+        let body = ps_body(&state(), SystemTime::UNIX_EPOCH);
+        let names: Vec<&str> = body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["qwen3:8b"]);
+    }
+
+    #[test]
+    fn openai_models_list_shape() {
+        let body = openai_models_body(&state());
+        assert_eq!(body["object"], "list");
+        let ids: Vec<&str> = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["gpt-4o", "llama3:latest", "qwen3:8b"]);
+        assert_eq!(body["data"][0]["object"], "model");
+    }
+
+    #[test]
+    fn health_reflects_backends() {
+        let (s, body) = health(&state(), true);
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body["status"], "ok");
+        assert_eq!(body["healthy_endpoints"], 3);
+        let mut all_down = state();
+        for e in &mut all_down.endpoints {
+            e.healthy = false;
+        }
+        let (s, body) = health(&all_down, false);
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "unavailable");
+        let (s, _) = health(&ClusterState::default(), true);
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    }
+}

@@ -1,0 +1,139 @@
+//! The proxy for routed inference requests, in explicit phases:
+//!
+//! 1. **accept** — [`handle`]: span, in-flight gauge, panic and shutdown
+//!    guards (auth already ran as middleware, see [`crate::auth`]);
+//! 2. **parse and validate** — [`request`]: body limit, JSON, model, stream
+//!    default, affinity key → [`request::RequestContext`];
+//! 3. **choose** — [`choose`]: lease from the router, retry loop excluding
+//!    failed endpoints;
+//! 4. **forward** — [`forward`]: URL per endpoint kind, body (rewritten
+//!    only when the model name differs, or translated), header hygiene;
+//! 5. **stream** — [`stream`]: timeouts, retry before the first byte,
+//!    streaming without buffering;
+//! 6. **release and record** — [`release`]: outcome classification, the
+//!    lease finished exactly once, metrics.
+//!
+//! Errors from any phase become a response in the client's format in one
+//! place, [`crate::errors`].
+
+pub mod choose;
+pub mod forward;
+pub mod release;
+pub mod request;
+pub mod stream;
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{extract::Request, response::Response};
+use futures::FutureExt;
+use tracing::{Instrument, Span, field};
+
+use crate::{
+    errors::ProxyError, metrics::InFlightGuard, metrics::RequestLabels, routes::ApiRoute,
+    server::AppState,
+};
+
+/// What the phases learn about a request that the accept phase reports.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    /// When the request arrived.
+    pub received: Instant,
+    /// Time spent waiting for backends (excluded from overhead).
+    pub backend_wait: Duration,
+    /// The endpoint of the last attempt.
+    pub endpoint: Option<Arc<str>>,
+    /// Held until the response ends; a stream takes it along.
+    pub in_flight: Option<InFlightGuard>,
+}
+
+impl Progress {
+    /// Time spent in the sidecar itself so far.
+    fn overhead(&self) -> Duration {
+        self.received.elapsed().saturating_sub(self.backend_wait)
+    }
+}
+
+/// Entry point for every routed inference request.
+pub(crate) async fn handle(state: AppState, route: ApiRoute, req: Request) -> Response {
+    let format = route.format();
+    let span = tracing::info_span!(
+        "request",
+        route = route.path(),
+        model = field::Empty,
+        endpoint = field::Empty,
+        reason = field::Empty,
+        attempt = field::Empty,
+        degraded = field::Empty,
+        outcome = field::Empty,
+        status = field::Empty,
+    );
+    let mut progress = Progress {
+        received: Instant::now(),
+        backend_wait: Duration::ZERO,
+        endpoint: None,
+        in_flight: Some(state.metrics().in_flight()),
+    };
+    let mut model = None;
+    let work = run(&state, route, req, &mut progress, &span, &mut model).instrument(span.clone());
+    let shutdown = state.shutdown_token();
+    let result = tokio::select! {
+        r = AssertUnwindSafe(work).catch_unwind() => r,
+        // Past the shutdown grace: give up on requests still waiting for a
+        // backend (their leases drop and release as Cancelled).
+        () = shutdown.cancelled() => Ok(Err(ProxyError::ShuttingDown)),
+    };
+    let response = match result {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            let level_warn = error.status().is_server_error();
+            if level_warn {
+                tracing::warn!(parent: &span, error = %error, "request failed");
+            } else {
+                tracing::info!(parent: &span, error = %error, "request refused");
+            }
+            error.into_response_for(format)
+        }
+        Err(_panic) => {
+            tracing::error!(parent: &span, "panic while handling a request");
+            ProxyError::Internal("unexpected failure while handling the request".into())
+                .into_response_for(format)
+        }
+    };
+    let status = response.status().as_u16();
+    span.record("status", status);
+    state.metrics().overhead(progress.overhead());
+    let endpoint = progress.endpoint.as_deref().unwrap_or_default().to_owned();
+    state.metrics().request(RequestLabels {
+        route: route.path().to_owned(),
+        // Only routed names become label values (bounded cardinality).
+        model: if endpoint.is_empty() {
+            String::new()
+        } else {
+            model.unwrap_or_default()
+        },
+        endpoint,
+        status,
+    });
+    tracing::info!(parent: &span, status, "response started");
+    response
+}
+
+async fn run(
+    state: &AppState,
+    route: ApiRoute,
+    req: Request,
+    progress: &mut Progress,
+    span: &Span,
+    model: &mut Option<String>,
+) -> Result<Response, ProxyError> {
+    let (parts, body) = req.into_parts();
+    let bytes = request::read_body(body, &parts.headers, state.max_body_bytes()).await?;
+    let ctx = request::parse(route, parts.headers, bytes, progress.received)?;
+    span.record("model", ctx.model.as_str());
+    *model = Some(ctx.model.clone());
+    choose::route(state, &ctx, progress, span).await
+}

@@ -1,0 +1,92 @@
+//! Choose phase and the retry loop.
+//!
+//! Each attempt asks the router for an endpoint (excluding the ones that
+//! already failed for this request), takes its lease, and runs the exchange.
+//! A failure before anything reached the client releases that lease with
+//! its outcome and tries again, up to `max_attempts` in all. When no
+//! endpoint is left (or attempts run out) the client gets the last failure,
+//! in its own format.
+
+use switchyard_control_plane::decision::ChooseRequest;
+use tracing::Span;
+
+use super::{
+    Progress,
+    release::TrackedLease,
+    request::RequestContext,
+    stream::{Attempt, exchange},
+};
+use crate::{
+    errors::{AttemptFailure, ProxyError},
+    server::AppState,
+};
+
+/// Routes the request, retrying on another endpoint while nothing has
+/// reached the client.
+pub(crate) async fn route(
+    state: &AppState,
+    ctx: &RequestContext,
+    progress: &mut Progress,
+    span: &Span,
+) -> Result<axum::response::Response, ProxyError> {
+    let max_attempts = state.max_attempts().max(1);
+    let mut exclude: Vec<String> = Vec::new();
+    let mut last: Option<AttemptFailure> = None;
+    for attempt in 1..=max_attempts {
+        let request = ChooseRequest {
+            model: ctx.model.clone(),
+            affinity_key: ctx.affinity_key.clone(),
+            kind: ctx.route.kind(),
+            exclude: exclude.clone(),
+        };
+        let lease = match state.router().choose(&request).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                return Err(match last {
+                    // Nothing left to try after failures: report the
+                    // failure, not "no endpoint".
+                    Some(last) => ProxyError::AttemptsFailed {
+                        attempts: attempt - 1,
+                        last,
+                    },
+                    None => e.into(),
+                });
+            }
+        };
+        if attempt > 1 {
+            state.metrics().retry();
+        }
+        if lease.degraded() {
+            state.metrics().degraded_decision();
+        }
+        let choice = lease.choice().clone();
+        span.record("endpoint", &*choice.endpoint);
+        span.record("reason", choice.reason.as_str());
+        span.record("attempt", attempt);
+        span.record("degraded", lease.degraded());
+        progress.endpoint = Some(choice.endpoint.clone());
+        let lease = TrackedLease::new(lease, state.metrics().clone(), span.clone());
+        match exchange(state, ctx, lease, progress).await {
+            Attempt::Answered(response) => return Ok(response),
+            Attempt::Failed(error) => return Err(error),
+            Attempt::Retry(failure) => {
+                tracing::warn!(
+                    endpoint = &*choice.endpoint,
+                    attempt,
+                    max_attempts,
+                    failure = %failure,
+                    "attempt failed before the first byte"
+                );
+                exclude.push(choice.endpoint.to_string());
+                last = Some(failure);
+            }
+        }
+    }
+    Err(match last {
+        Some(last) => ProxyError::AttemptsFailed {
+            attempts: max_attempts,
+            last,
+        },
+        None => ProxyError::Internal("retry loop ended without an attempt".into()),
+    })
+}

@@ -1,0 +1,486 @@
+//! Upstream request building: which URL, which body, which headers.
+//!
+//! - URL: Ollama-API requests to Ollama backends go to `{url}/api/...`;
+//!   OpenAI-API requests go to the endpoint's OpenAI base
+//!   ([`openai_base`]: `{url}/v1` for Ollama and llama-server, the configured
+//!   `/v1` URL for OpenAI-compatible servers) plus the route.
+//! - Body: forwarded byte for byte unless the backend names the model
+//!   differently from the client (then only the model field changes).
+//! - Headers ("header hygiene"): the client's headers go along except
+//!   hop-by-hop headers, `host`, `content-length` (recomputed),
+//!   `authorization` (the client's key is for the router, never for the
+//!   backend), `accept-encoding` (responses must stay readable for the
+//!   stream observers and translators) and the session headers. The
+//!   endpoint's own API key is added as `Authorization: Bearer`.
+//!
+//! One pooled [`reqwest::Client`] per endpoint kind carries that kind's
+//! connect timeout; connections are reused across requests (keep-alive).
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue,
+    header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST},
+};
+use std::time::SystemTime;
+
+use serde_json::{Map, Value};
+use switchyard_control_plane::{
+    config::{Secret, SidecarConfig},
+    decision::Choice,
+    endpoint::{EndpointKind, openai_base},
+};
+
+use crate::{
+    affinity_key::SESSION_HEADERS,
+    errors::ProxyError,
+    proxy::request::RequestContext,
+    routes::ApiRoute,
+    translate::{
+        Plan, Target, chat,
+        embed::{self, EmbedApi},
+        generate::{self, GenerateRoute},
+        listing,
+    },
+};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// One pooled HTTP client per endpoint kind.
+#[derive(Clone, Debug)]
+pub struct UpstreamClients {
+    ollama: reqwest::Client,
+    openai: reqwest::Client,
+    llama_server: reqwest::Client,
+}
+
+impl UpstreamClients {
+    /// Builds the clients with each kind's connect timeout.
+    pub fn new(config: &SidecarConfig) -> Result<Self, reqwest::Error> {
+        let build = |kind: EndpointKind| {
+            reqwest::Client::builder()
+                .connect_timeout(config.timeouts(kind).connect)
+                // POST bodies must not be replayed as GETs to another host.
+                .redirect(reqwest::redirect::Policy::none())
+                .tcp_nodelay(true)
+                .pool_idle_timeout(std::time::Duration::from_secs(90))
+                .build()
+        };
+        Ok(Self {
+            ollama: build(EndpointKind::Ollama)?,
+            openai: build(EndpointKind::OpenAi)?,
+            llama_server: build(EndpointKind::LlamaServer)?,
+        })
+    }
+
+    /// The client for an endpoint kind.
+    pub fn get(&self, kind: EndpointKind) -> &reqwest::Client {
+        match kind {
+            EndpointKind::Ollama => &self.ollama,
+            EndpointKind::OpenAi => &self.openai,
+            EndpointKind::LlamaServer => &self.llama_server,
+        }
+    }
+}
+
+/// The OpenAI route path under the OpenAI base, for OpenAI-API routes.
+fn openai_path(route: ApiRoute) -> Option<&'static str> {
+    match route {
+        ApiRoute::OpenAiChat => Some("/chat/completions"),
+        ApiRoute::OpenAiCompletions => Some("/completions"),
+        ApiRoute::OpenAiEmbeddings => Some("/embeddings"),
+        ApiRoute::OllamaChat
+        | ApiRoute::OllamaGenerate
+        | ApiRoute::OllamaEmbed
+        | ApiRoute::OllamaEmbeddings
+        | ApiRoute::OllamaShow => None,
+    }
+}
+
+/// The pass-through URL for `route` on the chosen endpoint, or `None` when
+/// the route needs translation for this endpoint (Ollama API to an
+/// OpenAI-only backend).
+pub fn passthrough_url(route: ApiRoute, endpoint: &str, kind: EndpointKind) -> Option<String> {
+    match openai_path(route) {
+        Some(path) => Some(format!("{}{path}", openai_base(endpoint, kind))),
+        None if kind.is_openai_only() => None,
+        None => Some(format!(
+            "{}{}",
+            endpoint.trim_end_matches('/'),
+            route.path()
+        )),
+    }
+}
+
+/// The URL for a translated request (`path` relative to the OpenAI base).
+pub fn translated_url(endpoint: &str, kind: EndpointKind, path: &str) -> String {
+    format!("{}{path}", openai_base(endpoint, kind))
+}
+
+/// How the backend's answer is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handling {
+    /// Same API on both sides: bytes pass unchanged (observed for tokens).
+    PassThrough,
+    /// Ollama `/api/chat` answered by `/v1/chat/completions`.
+    Chat,
+    /// Ollama `/api/generate` answered by `/v1/completions` or chat.
+    Generate,
+    /// Ollama `/api/embed` or `/api/embeddings` answered by `/v1/embeddings`.
+    Embed(EmbedApi),
+}
+
+/// A request ready to send to the chosen backend.
+#[derive(Clone, Debug)]
+pub struct UpstreamCall {
+    /// Full URL.
+    pub url: String,
+    /// Body bytes.
+    pub body: Bytes,
+    /// Request headers (already cleaned, backend key added).
+    pub headers: HeaderMap,
+    /// Whether the answer is a stream.
+    pub stream: bool,
+    /// How to handle the answer.
+    pub handling: Handling,
+}
+
+/// What the forward phase decided for one attempt.
+#[derive(Clone, Debug)]
+pub enum Planned {
+    /// Send this to the backend.
+    Send(UpstreamCall),
+    /// Answer locally without contacting the backend (Ollama load/unload
+    /// and empty-input requests for OpenAI-only backends, `/api/show` for
+    /// a model only an OpenAI-only backend serves).
+    Local(Value),
+}
+
+/// Which OpenAI route serves `/api/generate` on an OpenAI-only backend:
+/// llama-server always has `/v1/completions`; for other OpenAI-compatible
+/// servers (hosted APIs often lack completions for chat models) chat is
+/// used, except for `raw` prompts, which are already templated and need the
+/// completions route.
+fn generate_route(kind: EndpointKind, json: &Map<String, Value>) -> GenerateRoute {
+    let raw = json.get("raw").and_then(Value::as_bool).unwrap_or(false);
+    match kind {
+        EndpointKind::LlamaServer => GenerateRoute::Completions,
+        EndpointKind::OpenAi | EndpointKind::Ollama if raw => GenerateRoute::Completions,
+        EndpointKind::OpenAi | EndpointKind::Ollama => GenerateRoute::Chat,
+    }
+}
+
+/// Plans the upstream request for one attempt on `choice`.
+pub fn plan(
+    ctx: &RequestContext,
+    choice: &Choice,
+    api_key: Option<&Secret>,
+) -> Result<Planned, ProxyError> {
+    let kind = choice.endpoint_kind;
+    let headers = upstream_headers(&ctx.headers, api_key);
+    if let Some(url) = passthrough_url(ctx.route, &choice.endpoint, kind) {
+        return Ok(Planned::Send(UpstreamCall {
+            url,
+            body: passthrough_body(ctx, choice)?,
+            headers,
+            stream: ctx.stream,
+            handling: Handling::PassThrough,
+        }));
+    }
+    // Ollama API to an OpenAI-only backend: translate.
+    let target = Target {
+        kind,
+        model: &choice.backend_model,
+    };
+    let body = Value::Object(ctx.json.clone());
+    let (plan, handling) = match ctx.route {
+        ApiRoute::OllamaChat => (chat::chat_request(&body, &target)?, Handling::Chat),
+        ApiRoute::OllamaGenerate => (
+            generate::generate_request(&body, &target, generate_route(kind, &ctx.json))?,
+            Handling::Generate,
+        ),
+        ApiRoute::OllamaEmbed => (
+            embed::embed_request(&body, &target, EmbedApi::Embed)?,
+            Handling::Embed(EmbedApi::Embed),
+        ),
+        ApiRoute::OllamaEmbeddings => (
+            embed::embed_request(&body, &target, EmbedApi::Embeddings)?,
+            Handling::Embed(EmbedApi::Embeddings),
+        ),
+        ApiRoute::OllamaShow => {
+            return Ok(Planned::Local(listing::show_response(
+                &choice.backend_model,
+                kind,
+                SystemTime::now(),
+            )));
+        }
+        ApiRoute::OpenAiChat | ApiRoute::OpenAiCompletions | ApiRoute::OpenAiEmbeddings => {
+            return Err(ProxyError::Internal(format!(
+                "no upstream URL for {} on a {kind} endpoint",
+                ctx.route.path()
+            )));
+        }
+    };
+    match plan {
+        Plan::Local(reply) => Ok(Planned::Local(reply.render(&ctx.model, SystemTime::now()))),
+        Plan::Forward(out) => {
+            let body = serde_json::to_vec(&out.body)
+                .map(Bytes::from)
+                .map_err(|e| {
+                    ProxyError::Internal(format!("cannot serialize translated body: {e}"))
+                })?;
+            Ok(Planned::Send(UpstreamCall {
+                url: translated_url(&choice.endpoint, kind, out.route.path()),
+                body,
+                headers,
+                stream: out.stream,
+                handling,
+            }))
+        }
+    }
+}
+
+/// The body to forward: the original bytes when the backend's model name is
+/// the client's, otherwise the body with the model field rewritten.
+pub fn passthrough_body(ctx: &RequestContext, choice: &Choice) -> Result<Bytes, ProxyError> {
+    if *choice.backend_model == *ctx.model {
+        return Ok(ctx.body.clone());
+    }
+    let mut json = ctx.json.clone();
+    json.insert(
+        ctx.model_field.to_owned(),
+        Value::from(&*choice.backend_model),
+    );
+    serde_json::to_vec(&json)
+        .map(Bytes::from)
+        .map_err(|e| ProxyError::Internal(format!("cannot serialize request body: {e}")))
+}
+
+fn is_dropped_request_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    HOP_BY_HOP.contains(&n)
+        || name == HOST
+        || name == CONTENT_LENGTH
+        || name == AUTHORIZATION
+        || name == ACCEPT_ENCODING
+        || name == CONTENT_TYPE
+        || SESSION_HEADERS.contains(&n)
+}
+
+/// Headers named in the client's `Connection` header are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Request headers for the backend: the client's minus the dropped ones,
+/// JSON content type, and the endpoint's key if it has one.
+pub fn upstream_headers(client: &HeaderMap, api_key: Option<&Secret>) -> HeaderMap {
+    let listed = connection_listed(client);
+    let mut out = HeaderMap::with_capacity(client.len() + 2);
+    for (name, value) in client {
+        if is_dropped_request_header(name) || listed.iter().any(|l| l == name.as_str()) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(key) = api_key
+        && let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+    {
+        value.set_sensitive(true);
+        out.insert(AUTHORIZATION, value);
+    }
+    out
+}
+
+/// Response headers for the client: the backend's minus hop-by-hop headers
+/// and `content-length` (the body is re-streamed, possibly with an error
+/// chunk appended, so the server frames it).
+pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
+    let listed = connection_listed(upstream);
+    let mut out = HeaderMap::with_capacity(upstream.len());
+    for (name, value) in upstream {
+        if HOP_BY_HOP.contains(&name.as_str())
+            || name == CONTENT_LENGTH
+            || listed.iter().any(|l| l == name.as_str())
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::{sync::Arc, time::Instant};
+
+    use switchyard_control_plane::decision::DecisionReason;
+
+    use super::*;
+    use crate::proxy::request::parse;
+
+    fn choice(url: &str, kind: EndpointKind, backend_model: &str) -> Choice {
+        Choice {
+            endpoint: Arc::from(url),
+            endpoint_kind: kind,
+            tracking_model: Arc::from(backend_model),
+            backend_model: Arc::from(backend_model),
+            reason: DecisionReason::LoadedFree,
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn urls_per_endpoint_kind() {
+        use EndpointKind::*;
+        let u = |r, e, k| passthrough_url(r, e, k);
+        assert_eq!(
+            u(ApiRoute::OllamaChat, "http://o:11434", Ollama).unwrap(),
+            "http://o:11434/api/chat"
+        );
+        assert_eq!(
+            u(ApiRoute::OllamaShow, "http://o:11434/", Ollama).unwrap(),
+            "http://o:11434/api/show"
+        );
+        assert_eq!(
+            u(ApiRoute::OpenAiChat, "http://o:11434", Ollama).unwrap(),
+            "http://o:11434/v1/chat/completions"
+        );
+        assert_eq!(
+            u(ApiRoute::OpenAiEmbeddings, "https://api.x.com/v1", OpenAi).unwrap(),
+            "https://api.x.com/v1/embeddings"
+        );
+        assert_eq!(
+            u(ApiRoute::OpenAiCompletions, "http://l:8080", LlamaServer).unwrap(),
+            "http://l:8080/v1/completions"
+        );
+        assert!(u(ApiRoute::OllamaChat, "http://l:8080/v1", LlamaServer).is_none());
+        assert!(u(ApiRoute::OllamaEmbed, "https://api.x.com/v1", OpenAi).is_none());
+        assert_eq!(
+            translated_url("http://l:8080", LlamaServer, "/chat/completions"),
+            "http://l:8080/v1/chat/completions"
+        );
+    }
+
+    #[test]
+    fn body_rewritten_only_when_model_differs() {
+        let raw = r#"{"model":"llama3",  "messages":[]}"#;
+        let ctx = parse(
+            ApiRoute::OllamaChat,
+            HeaderMap::new(),
+            Bytes::from(raw),
+            Instant::now(),
+        )
+        .unwrap();
+        let same =
+            passthrough_body(&ctx, &choice("http://o", EndpointKind::Ollama, "llama3")).unwrap();
+        assert_eq!(&same[..], raw.as_bytes());
+        let other = passthrough_body(
+            &ctx,
+            &choice("http://o", EndpointKind::Ollama, "llama3:latest"),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&other).unwrap();
+        assert_eq!(v["model"], "llama3:latest");
+        assert_eq!(v["messages"], Value::Array(vec![]));
+        // The stream field is not added: Ollama's default (stream) holds.
+        assert!(v.get("stream").is_none());
+
+        let ctx = parse(
+            ApiRoute::OllamaShow,
+            HeaderMap::new(),
+            Bytes::from(r#"{"name":"llama3"}"#),
+            Instant::now(),
+        )
+        .unwrap();
+        let b = passthrough_body(
+            &ctx,
+            &choice("http://o", EndpointKind::Ollama, "llama3:latest"),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["name"], "llama3:latest");
+    }
+
+    #[test]
+    fn header_hygiene() {
+        let mut client = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer client-key"),
+            ("host", "sidecar:12434"),
+            ("content-length", "12"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("accept-encoding", "gzip"),
+            ("x-session-id", "abc"),
+            ("content-type", "text/plain"),
+            ("user-agent", "ollama-python/0.4"),
+            ("traceparent", "00-abc-def-01"),
+        ] {
+            client.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let out = upstream_headers(&client, None);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        for dropped in [
+            "authorization",
+            "host",
+            "content-length",
+            "connection",
+            "x-private",
+            "keep-alive",
+            "transfer-encoding",
+            "accept-encoding",
+            "x-session-id",
+        ] {
+            assert!(!names.contains(&dropped), "{dropped} forwarded: {names:?}");
+        }
+        assert_eq!(out["user-agent"], "ollama-python/0.4");
+        assert_eq!(out["traceparent"], "00-abc-def-01");
+        assert_eq!(out["content-type"], "application/json");
+
+        let key = Secret::new("backend-key");
+        let out = upstream_headers(&client, Some(&key));
+        assert_eq!(out["authorization"], "Bearer backend-key");
+        assert!(out["authorization"].is_sensitive());
+        assert_eq!(out.get_all("authorization").iter().count(), 1);
+    }
+
+    #[test]
+    fn response_header_hygiene() {
+        let mut up = HeaderMap::new();
+        up.insert(
+            "content-type",
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        up.insert("content-length", HeaderValue::from_static("99"));
+        up.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        up.insert("x-request-id", HeaderValue::from_static("r1"));
+        let out = response_headers(&up);
+        assert_eq!(out["content-type"], "application/x-ndjson");
+        assert_eq!(out["x-request-id"], "r1");
+        assert!(out.get("content-length").is_none());
+        assert!(out.get("transfer-encoding").is_none());
+    }
+}

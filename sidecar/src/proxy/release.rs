@@ -1,0 +1,290 @@
+//! Outcome classification: how each way an upstream exchange can end maps
+//! to the [`Outcome`] a lease is released with, and whether the proxy may
+//! try another endpoint.
+//!
+//! The rules (one place, unit-tested):
+//! - Before the response: refused/reset/DNS → `ConnectError`; no connection
+//!   within the connect timeout → `ConnectTimeout`; no response headers (or,
+//!   for streams, no first body chunk) within the first-byte timeout →
+//!   `FirstByteTimeout`. All retryable.
+//! - Status 5xx and 429 → `BackendError`, retryable (the backend is busy,
+//!   loading or broken; another endpoint may serve the request).
+//! - Status 401/403 → `BackendError`, retryable: the *sidecar's* backend key
+//!   was refused, which is this endpoint's problem, not the client's.
+//! - Other 4xx → `ClientError`, passed through, not retried. That includes
+//!   404 "model not found": discovery said the endpoint advertises the model,
+//!   so a 404 means the request named something the backend rejects (or a
+//!   deleted model that the next probe will notice); counting it against the
+//!   backend's health would let clients trip circuit breakers with bad input.
+//! - After bytes reached the client: a broken stream → `BackendError`, a
+//!   stall → `IdleTimeout`, the client leaving or shutdown → `Cancelled`
+//!   (the lease's drop guard), a clean end → `Ok` unless the stream carried
+//!   an error object or ended without its final chunk (`BackendError`).
+//!
+//! [`TrackedLease`] is the one place a lease is finished, so the metric, the
+//! span field and the release always agree.
+
+use http::StatusCode;
+use switchyard_control_plane::{
+    decision::Choice,
+    outcome::{Outcome, TokenCounts},
+};
+use tracing::Span;
+
+use crate::{metrics::Metrics, router::Lease, translate::stream::StreamEnd};
+
+/// What a response status means for the attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusClass {
+    /// 2xx: forward the answer.
+    Success,
+    /// The backend failed; release with this outcome and try elsewhere.
+    Retryable(Outcome),
+    /// The client's request was refused; release `ClientError`, pass the
+    /// error through.
+    ClientError,
+}
+
+/// Classifies a backend's response status.
+pub fn classify_status(status: StatusCode) -> StatusClass {
+    match status.as_u16() {
+        200..=299 => StatusClass::Success,
+        401 | 403 | 429 => StatusClass::Retryable(Outcome::BackendError),
+        400..=499 => StatusClass::ClientError,
+        // 1xx/3xx are not valid final answers for these POST routes
+        // (redirects are not followed): the backend is misconfigured.
+        _ => StatusClass::Retryable(Outcome::BackendError),
+    }
+}
+
+/// What kind of transport failure happened before any response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendFailure {
+    /// `connect` flag of the error.
+    pub is_connect: bool,
+    /// `timeout` flag of the error.
+    pub is_timeout: bool,
+}
+
+impl SendFailure {
+    /// Flags of a reqwest error.
+    pub fn of(e: &reqwest::Error) -> Self {
+        Self {
+            is_connect: e.is_connect(),
+            is_timeout: e.is_timeout(),
+        }
+    }
+
+    /// The outcome to release with; every send failure is retryable.
+    pub fn outcome(self) -> Outcome {
+        match (self.is_connect, self.is_timeout) {
+            (true, true) => Outcome::ConnectTimeout,
+            (false, true) => Outcome::FirstByteTimeout,
+            // Refused, DNS failure, reset before the response: the request
+            // did not get an answer from this endpoint.
+            (true, false) | (false, false) => Outcome::ConnectError,
+        }
+    }
+}
+
+/// A short, URL-free description of a reqwest error for clients and logs
+/// (reqwest's own `Display` includes the URL).
+pub fn describe(e: &reqwest::Error) -> String {
+    let mut detail = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    let kind = if e.is_connect() {
+        "connect failed"
+    } else if e.is_timeout() {
+        "timed out"
+    } else if e.is_body() || e.is_decode() {
+        "response body failed"
+    } else {
+        "request failed"
+    };
+    if detail.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+/// How a stream that already reached the client stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamStop {
+    /// The backend ended the body; the observer or translator says how
+    /// complete it was.
+    Ended(StreamEnd),
+    /// The backend connection broke mid-body.
+    Broken,
+    /// No chunk within the idle timeout.
+    Stalled,
+}
+
+impl StreamStop {
+    /// The outcome to release with.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Ended(StreamEnd::Complete) => Outcome::Ok,
+            // An in-band error or a body cut short without its final chunk.
+            Self::Ended(StreamEnd::Failed { .. } | StreamEnd::Truncated) | Self::Broken => {
+                Outcome::BackendError
+            }
+            Self::Stalled => Outcome::IdleTimeout,
+        }
+    }
+}
+
+/// A lease plus what is recorded when it ends: the upstream-error metric,
+/// the request span's `outcome` field and a log line.
+///
+/// Exactly-once release: [`TrackedLease::finish`] consumes it; dropping it
+/// unfinished (client disconnect, shutdown, panic unwinding) drops the inner
+/// [`Lease`], whose own guard releases it as `Cancelled`.
+pub struct TrackedLease {
+    lease: Option<Lease>,
+    choice: Choice,
+    metrics: Metrics,
+    span: Span,
+}
+
+impl std::fmt::Debug for TrackedLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackedLease")
+            .field("endpoint", &self.choice.endpoint)
+            .field("held", &self.lease.is_some())
+            .finish()
+    }
+}
+
+impl TrackedLease {
+    /// Wraps a lease taken for the request recorded by `span`.
+    pub fn new(lease: Lease, metrics: Metrics, span: Span) -> Self {
+        let choice = lease.choice().clone();
+        Self {
+            lease: Some(lease),
+            choice,
+            metrics,
+            span,
+        }
+    }
+
+    /// The choice the lease was taken for.
+    pub fn choice(&self) -> &Choice {
+        &self.choice
+    }
+
+    /// Releases the lease with `outcome`.
+    pub fn finish(mut self, outcome: Outcome, tokens: TokenCounts) {
+        self.metrics
+            .upstream_outcome(&self.choice.endpoint, outcome);
+        self.span.record("outcome", outcome.as_str());
+        tracing::debug!(
+            parent: &self.span,
+            endpoint = &*self.choice.endpoint,
+            %outcome,
+            prompt_tokens = tokens.prompt,
+            completion_tokens = tokens.completion,
+            "lease released"
+        );
+        if let Some(lease) = self.lease.take() {
+            lease.finish(outcome, tokens);
+        }
+    }
+}
+
+impl Drop for TrackedLease {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.span.record("outcome", Outcome::Cancelled.as_str());
+            tracing::info!(
+                parent: &self.span,
+                endpoint = &*self.choice.endpoint,
+                "request cancelled (client gone or shutdown); lease released as cancelled"
+            );
+            drop(lease);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        assert_eq!(classify_status(StatusCode::OK), StatusClass::Success);
+        for s in [500, 502, 503, 504, 429, 401, 403, 501, 302] {
+            assert_eq!(
+                classify_status(StatusCode::from_u16(s).unwrap_or(StatusCode::IM_A_TEAPOT)),
+                StatusClass::Retryable(Outcome::BackendError),
+                "{s}"
+            );
+        }
+        for s in [400, 404, 413, 422] {
+            assert_eq!(
+                classify_status(StatusCode::from_u16(s).unwrap_or(StatusCode::IM_A_TEAPOT)),
+                StatusClass::ClientError,
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn send_failures() {
+        let f = |is_connect, is_timeout| {
+            SendFailure {
+                is_connect,
+                is_timeout,
+            }
+            .outcome()
+        };
+        assert_eq!(f(true, true), Outcome::ConnectTimeout);
+        assert_eq!(f(true, false), Outcome::ConnectError);
+        assert_eq!(f(false, true), Outcome::FirstByteTimeout);
+        assert_eq!(f(false, false), Outcome::ConnectError);
+    }
+
+    #[test]
+    fn stream_stops() {
+        assert_eq!(
+            StreamStop::Ended(StreamEnd::Complete).outcome(),
+            Outcome::Ok
+        );
+        assert_eq!(
+            StreamStop::Ended(StreamEnd::Failed {
+                message: "x".into()
+            })
+            .outcome(),
+            Outcome::BackendError
+        );
+        assert_eq!(
+            StreamStop::Ended(StreamEnd::Truncated).outcome(),
+            Outcome::BackendError
+        );
+        assert_eq!(StreamStop::Broken.outcome(), Outcome::BackendError);
+        assert_eq!(StreamStop::Stalled.outcome(), Outcome::IdleTimeout);
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_a_connect_error() {
+        // Bind, learn the port, close: connecting is then refused.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok();
+        let Some(addr) = listener.as_ref().and_then(|l| l.local_addr().ok()) else {
+            panic!("cannot bind loopback");
+        };
+        drop(listener);
+        let client = reqwest::Client::new();
+        let err = match client.post(format!("http://{addr}/api/chat")).send().await {
+            Ok(r) => panic!("unexpected answer {}", r.status()),
+            Err(e) => e,
+        };
+        assert_eq!(SendFailure::of(&err).outcome(), Outcome::ConnectError);
+        let text = describe(&err);
+        assert!(!text.contains("127.0.0.1"), "{text}");
+        assert!(text.starts_with("connect failed"), "{text}");
+    }
+}

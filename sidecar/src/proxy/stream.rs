@@ -1,0 +1,564 @@
+//! Forward-and-stream phase: send one attempt upstream, wait for its answer
+//! under the first-byte deadline, and hand the answer to the client.
+//!
+//! - Nothing reaches the client until the backend has answered 2xx *and*
+//!   sent its first body chunk, so every failure up to that point (connect,
+//!   timeouts, 5xx/429, an empty or broken first chunk) can be retried on
+//!   another endpoint ([`Attempt::Retry`]).
+//! - Streams are never buffered: each chunk is forwarded (pass-through,
+//!   watched by an observer for token counts and in-band errors) or
+//!   translated (SSE → NDJSON) as it arrives. Each wait for the next chunk
+//!   is bounded by the idle timeout.
+//! - Non-stream answers are single JSON objects produced at the end of
+//!   generation, so they are read whole (bounded) before the status is sent:
+//!   a failure while reading them is still retryable and never becomes a
+//!   200 with a cut body.
+//! - The lease lives *inside* the response body stream: when the client
+//!   goes away hyper drops the body, which drops the upstream reqwest
+//!   response (cancelling the backend request) and the lease (released as
+//!   `Cancelled`). Every other end finishes it explicitly, exactly once.
+//! - After the first byte, a failure ends the stream with an error chunk in
+//!   the client's format; a panic while streaming ends the stream the same
+//!   way.
+
+use std::{
+    convert::Infallible,
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{
+    Json,
+    body::Body,
+    response::{IntoResponse, Response},
+};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, StatusCode, header::CONTENT_TYPE};
+use serde_json::Value;
+use switchyard_control_plane::outcome::{Outcome, TokenCounts};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Progress,
+    forward::{self, Handling, Planned, UpstreamCall},
+    release::{SendFailure, StatusClass, StreamStop, TrackedLease, classify_status, describe},
+    request::RequestContext,
+};
+use crate::{
+    errors::{AttemptFailure, ProxyError, stream_error_chunk},
+    metrics::InFlightGuard,
+    routes::ApiFormat,
+    server::AppState,
+    translate::{
+        ResponseMeta, TranslateError, UpstreamError, chat, embed, generate,
+        observe::{
+            OllamaStreamObserver, OpenAiStreamObserver, tokens_from_ollama_body,
+            tokens_from_openai_body,
+        },
+        stream::{SseToNdjson, StreamEnd, StreamMode, StreamTranslator},
+    },
+};
+
+/// Largest non-stream answer read into memory (a big embedding batch fits
+/// comfortably; anything larger is a misbehaving backend).
+pub const MAX_BUFFERED_RESPONSE: usize = 256 * 1024 * 1024;
+
+/// Most bytes of an error body read to build the client's error message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+const NDJSON: &str = "application/x-ndjson";
+const EVENT_STREAM: &str = "text/event-stream";
+
+/// How one attempt ended.
+pub enum Attempt {
+    /// The client has its answer (possibly a stream still running).
+    Answered(Response),
+    /// Failed before anything reached the client; the lease is released.
+    Retry(AttemptFailure),
+    /// Failed in a way another endpoint will not fix; the lease is released.
+    Failed(ProxyError),
+}
+
+type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+fn retry_transport(lease: TrackedLease, outcome: Outcome, detail: String) -> Attempt {
+    lease.finish(outcome, TokenCounts::default());
+    Attempt::Retry(AttemptFailure::Transport { outcome, detail })
+}
+
+fn retry_upstream(lease: TrackedLease, outcome: Outcome, error: UpstreamError) -> Attempt {
+    lease.finish(outcome, TokenCounts::default());
+    Attempt::Retry(AttemptFailure::Upstream { outcome, error })
+}
+
+fn bad_gateway(message: String) -> UpstreamError {
+    UpstreamError {
+        status: StatusCode::BAD_GATEWAY,
+        message,
+        error_type: None,
+        code: None,
+    }
+}
+
+/// Runs one attempt on the endpoint `lease` was taken for.
+pub(crate) async fn exchange(
+    state: &AppState,
+    ctx: &RequestContext,
+    lease: TrackedLease,
+    progress: &mut Progress,
+) -> Attempt {
+    let choice = lease.choice().clone();
+    let call = match forward::plan(ctx, &choice, state.backend_key(&choice.endpoint)) {
+        Ok(Planned::Send(call)) => call,
+        Ok(Planned::Local(body)) => {
+            lease.finish(Outcome::Ok, TokenCounts::default());
+            return Attempt::Answered(local_response(ctx.stream, body));
+        }
+        Err(e) => {
+            // The request cannot be expressed for this backend (bad image
+            // data, bad `format`, ...): the client's fault.
+            lease.finish(Outcome::ClientError, TokenCounts::default());
+            return Attempt::Failed(e);
+        }
+    };
+    let timeouts = state.timeouts(choice.endpoint_kind);
+    let client = state.clients().get(choice.endpoint_kind);
+    let UpstreamCall {
+        url,
+        body,
+        headers,
+        stream,
+        handling,
+    } = call;
+
+    let sent = Instant::now();
+    let deadline = tokio::time::Instant::from_std(sent + timeouts.first_byte);
+    let send = client.post(url).headers(headers).body(body).send();
+    let response = tokio::time::timeout_at(deadline, send).await;
+    progress.backend_wait += sent.elapsed();
+    let response = match response {
+        Err(_) => {
+            return retry_transport(
+                lease,
+                Outcome::FirstByteTimeout,
+                format!("no response within {:?}", timeouts.first_byte),
+            );
+        }
+        Ok(Err(e)) => return retry_transport(lease, SendFailure::of(&e).outcome(), describe(&e)),
+        Ok(Ok(r)) => r,
+    };
+
+    let status = response.status();
+    match classify_status(status) {
+        StatusClass::Success => {}
+        StatusClass::Retryable(outcome) => {
+            let waited = Instant::now();
+            let body = read_error_body(response, timeouts.idle).await;
+            progress.backend_wait += waited.elapsed();
+            return retry_upstream(lease, outcome, UpstreamError::parse(status, &body));
+        }
+        StatusClass::ClientError => {
+            let waited = Instant::now();
+            let body = read_error_body(response, timeouts.idle).await;
+            progress.backend_wait += waited.elapsed();
+            lease.finish(Outcome::ClientError, TokenCounts::default());
+            return Attempt::Failed(ProxyError::Upstream(UpstreamError::parse(status, &body)));
+        }
+    }
+
+    let upstream_headers = response.headers().clone();
+    let mut upstream: Upstream = Box::pin(response.bytes_stream());
+    if !stream {
+        let waited = Instant::now();
+        let read = read_whole(&mut upstream, deadline, timeouts.idle).await;
+        progress.backend_wait += waited.elapsed();
+        return match read {
+            Ok(body) => whole_answer(ctx, lease, handling, status, &upstream_headers, body),
+            Err((outcome, detail)) => retry_transport(lease, outcome, detail),
+        };
+    }
+
+    // Stream: wait for the first chunk before committing to this endpoint.
+    let waited = Instant::now();
+    let first = tokio::time::timeout_at(deadline, upstream.next()).await;
+    progress.backend_wait += waited.elapsed();
+    let first = match first {
+        Err(_) => {
+            return retry_transport(
+                lease,
+                Outcome::FirstByteTimeout,
+                format!("no stream data within {:?}", timeouts.first_byte),
+            );
+        }
+        Ok(None) => {
+            return retry_upstream(
+                lease,
+                Outcome::BackendError,
+                bad_gateway("backend ended the stream before sending anything".into()),
+            );
+        }
+        Ok(Some(Err(e))) => return retry_transport(lease, Outcome::BackendError, describe(&e)),
+        Ok(Some(Ok(bytes))) => bytes,
+    };
+
+    let format = ctx.route.format();
+    let (transform, headers) = match handling {
+        Handling::PassThrough => {
+            let mut headers = forward::response_headers(&upstream_headers);
+            let default_type = match format {
+                ApiFormat::Ollama => NDJSON,
+                ApiFormat::OpenAi => EVENT_STREAM,
+            };
+            headers
+                .entry(CONTENT_TYPE)
+                .or_insert(HeaderValue::from_static(default_type));
+            let transform = match format {
+                ApiFormat::Ollama => Transform::Ollama(OllamaStreamObserver::new()),
+                ApiFormat::OpenAi => Transform::OpenAi(OpenAiStreamObserver::new()),
+            };
+            (transform, headers)
+        }
+        Handling::Chat | Handling::Generate => {
+            let mode = if handling == Handling::Chat {
+                StreamMode::Chat
+            } else {
+                StreamMode::Generate
+            };
+            let translator =
+                StreamTranslator::new(mode, ctx.model.clone(), ctx.received, ctx.received_wall);
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+            (
+                Transform::Translate(Box::new(SseToNdjson::new(translator))),
+                headers,
+            )
+        }
+        Handling::Embed(_) => {
+            lease.finish(Outcome::BackendError, TokenCounts::default());
+            return Attempt::Failed(ProxyError::Internal(
+                "embeddings answered as a stream".into(),
+            ));
+        }
+    };
+
+    let live = LiveStream {
+        lease,
+        upstream,
+        first,
+        transform,
+        idle: timeouts.idle,
+        format,
+        shutdown: state.shutdown_token(),
+        in_flight: progress.in_flight.take(),
+    };
+    let mut response = Response::new(live.into_body());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Attempt::Answered(response)
+}
+
+/// A local answer: one JSON object, or one NDJSON line for a streaming
+/// Ollama request (as Ollama itself answers load/unload requests).
+fn local_response(stream: bool, body: Value) -> Response {
+    if stream {
+        let mut line = body.to_string();
+        line.push('\n');
+        ([(CONTENT_TYPE, NDJSON)], line).into_response()
+    } else {
+        Json(body).into_response()
+    }
+}
+
+/// Handles a complete non-stream answer.
+fn whole_answer(
+    ctx: &RequestContext,
+    lease: TrackedLease,
+    handling: Handling,
+    status: StatusCode,
+    upstream_headers: &HeaderMap,
+    body: Bytes,
+) -> Attempt {
+    if handling == Handling::PassThrough {
+        let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+        if let Some(error) = parsed.as_ref().and_then(UpstreamError::from_stream_value) {
+            // A 2xx carrying an error object: the backend failed.
+            return retry_upstream(lease, Outcome::BackendError, error);
+        }
+        let tokens = parsed.map_or_else(TokenCounts::default, |v| match ctx.route.format() {
+            ApiFormat::Ollama => tokens_from_ollama_body(&v),
+            ApiFormat::OpenAi => tokens_from_openai_body(&v),
+        });
+        lease.finish(Outcome::Ok, tokens);
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        *response.headers_mut() = forward::response_headers(upstream_headers);
+        return Attempt::Answered(response);
+    }
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return retry_upstream(
+                lease,
+                Outcome::BackendError,
+                bad_gateway(format!("backend answered invalid JSON: {e}")),
+            );
+        }
+    };
+    let meta = ResponseMeta {
+        model: &ctx.model,
+        now: SystemTime::now(),
+        total_duration: ctx.received.elapsed(),
+    };
+    let converted = match handling {
+        Handling::Chat => chat::chat_response(&value, &meta),
+        Handling::Generate => generate::generate_response(&value, &meta),
+        Handling::Embed(api) => embed::embed_response(&value, &meta, api),
+        Handling::PassThrough => Err(TranslateError::BadBackendResponse("unreachable".into())),
+    };
+    match converted {
+        Ok(c) => {
+            lease.finish(Outcome::Ok, c.tokens);
+            Attempt::Answered(Json(c.body).into_response())
+        }
+        Err(TranslateError::Upstream(e)) => retry_upstream(lease, Outcome::BackendError, e),
+        Err(TranslateError::BadBackendResponse(m)) => retry_upstream(
+            lease,
+            Outcome::BackendError,
+            bad_gateway(format!("invalid response from backend: {m}")),
+        ),
+        Err(e @ TranslateError::BadRequest(_)) => {
+            lease.finish(Outcome::ClientError, TokenCounts::default());
+            Attempt::Failed(e.into())
+        }
+    }
+}
+
+/// Reads a whole non-stream body: the first chunk by the first-byte
+/// deadline, each next one within `idle`, at most [`MAX_BUFFERED_RESPONSE`].
+async fn read_whole(
+    upstream: &mut Upstream,
+    deadline: tokio::time::Instant,
+    idle: Duration,
+) -> Result<Bytes, (Outcome, String)> {
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    loop {
+        let next = if first {
+            tokio::time::timeout_at(deadline, upstream.next()).await
+        } else {
+            tokio::time::timeout(idle, upstream.next()).await
+        };
+        match next {
+            Err(_) if first => {
+                return Err((Outcome::FirstByteTimeout, "no response body in time".into()));
+            }
+            Err(_) => {
+                return Err((
+                    Outcome::IdleTimeout,
+                    format!("response body stalled for {idle:?}"),
+                ));
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err((Outcome::BackendError, describe(&e))),
+            Ok(Some(Ok(chunk))) => {
+                if buf.len() + chunk.len() > MAX_BUFFERED_RESPONSE {
+                    return Err((
+                        Outcome::BackendError,
+                        format!("response larger than {MAX_BUFFERED_RESPONSE} bytes"),
+                    ));
+                }
+                buf.extend_from_slice(&chunk);
+                first = false;
+            }
+        }
+    }
+}
+
+/// Reads up to [`MAX_ERROR_BODY`] bytes of an error answer; whatever
+/// arrives before a stall or failure is enough for the message.
+async fn read_error_body(response: reqwest::Response, idle: Duration) -> Bytes {
+    let mut body = response.bytes_stream();
+    let mut buf = BytesMut::new();
+    while buf.len() < MAX_ERROR_BODY {
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
+            Ok(None | Some(Err(_))) | Err(_) => break,
+        }
+    }
+    buf.truncate(MAX_ERROR_BODY);
+    buf.freeze()
+}
+
+/// What happens to each chunk of a streamed answer.
+enum Transform {
+    /// Ollama NDJSON passed through, observed.
+    Ollama(OllamaStreamObserver),
+    /// OpenAI SSE passed through, observed.
+    OpenAi(OpenAiStreamObserver),
+    /// OpenAI SSE translated to Ollama NDJSON.
+    Translate(Box<SseToNdjson>),
+}
+
+impl Transform {
+    /// The bytes to send for a backend chunk.
+    fn push(&mut self, chunk: Bytes, now: Instant) -> Bytes {
+        match self {
+            Self::Ollama(o) => {
+                o.push(&chunk);
+                chunk
+            }
+            Self::OpenAi(o) => {
+                o.push(&chunk);
+                chunk
+            }
+            Self::Translate(t) => t.push(&chunk, now),
+        }
+    }
+
+    /// The backend ended the body: last bytes to send and how it ended.
+    fn finish(&mut self, now: Instant) -> (Bytes, StreamEnd) {
+        match self {
+            Self::Ollama(o) => (Bytes::new(), o.finish()),
+            Self::OpenAi(o) => (Bytes::new(), o.finish()),
+            Self::Translate(t) => t.finish(now),
+        }
+    }
+
+    /// Whether the stream already carried its final chunk (a transport
+    /// failure after that is harmless).
+    fn complete(&self) -> bool {
+        match self {
+            Self::Ollama(o) => o.done_seen(),
+            Self::OpenAi(o) => o.done_seen(),
+            Self::Translate(t) => t.status() == crate::translate::stream::StreamStatus::Done,
+        }
+    }
+
+    /// The error chunk that ends a failed stream, in the client's framing.
+    fn abort(&mut self, format: ApiFormat, message: &str) -> Bytes {
+        match self {
+            Self::Ollama(_) | Self::OpenAi(_) => stream_error_chunk(format, message),
+            Self::Translate(t) => {
+                let line = t.abort(message);
+                if line.is_empty() {
+                    stream_error_chunk(ApiFormat::Ollama, message)
+                } else {
+                    line
+                }
+            }
+        }
+    }
+
+    fn tokens(&self) -> TokenCounts {
+        match self {
+            Self::Ollama(o) => o.tokens(),
+            Self::OpenAi(o) => o.tokens(),
+            Self::Translate(t) => t.tokens(),
+        }
+    }
+}
+
+/// A streamed answer in progress; owns everything that must be released
+/// when the stream ends or is dropped.
+struct LiveStream {
+    lease: TrackedLease,
+    upstream: Upstream,
+    first: Bytes,
+    transform: Transform,
+    idle: Duration,
+    format: ApiFormat,
+    shutdown: CancellationToken,
+    in_flight: Option<InFlightGuard>,
+}
+
+enum Next {
+    Chunk(Bytes),
+    End,
+    Broken(String),
+    Stalled,
+    Shutdown,
+}
+
+impl LiveStream {
+    fn into_body(self) -> Body {
+        let format = self.format;
+        let body = async_stream::stream! {
+            let LiveStream { lease, mut upstream, first, mut transform, idle, format, shutdown, in_flight } = self;
+            // Held until the stream ends or is dropped.
+            let _in_flight = in_flight;
+            let out = transform.push(first, Instant::now());
+            if !out.is_empty() {
+                yield Ok::<Bytes, Infallible>(out);
+            }
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => Next::Shutdown,
+                    r = tokio::time::timeout(idle, upstream.next()) => match r {
+                        Err(_) => Next::Stalled,
+                        Ok(None) => Next::End,
+                        Ok(Some(Ok(chunk))) => Next::Chunk(chunk),
+                        Ok(Some(Err(e))) => Next::Broken(describe(&e)),
+                    },
+                };
+                match next {
+                    Next::Chunk(chunk) => {
+                        let out = transform.push(chunk, Instant::now());
+                        if !out.is_empty() {
+                            yield Ok(out);
+                        }
+                    }
+                    Next::End => {
+                        let (tail, end) = transform.finish(Instant::now());
+                        if !tail.is_empty() {
+                            yield Ok(tail);
+                        }
+                        if end == StreamEnd::Truncated {
+                            yield Ok(stream_error_chunk(
+                                if matches!(transform, Transform::Translate(_)) { ApiFormat::Ollama } else { format },
+                                "backend ended the stream before it was complete",
+                            ));
+                        }
+                        let stop = StreamStop::Ended(end);
+                        lease.finish(stop.outcome(), transform.tokens());
+                        break;
+                    }
+                    Next::Broken(_) | Next::Stalled if transform.complete() => {
+                        // The final chunk already went out; the backend
+                        // just closed untidily.
+                        lease.finish(Outcome::Ok, transform.tokens());
+                        break;
+                    }
+                    Next::Broken(detail) => {
+                        yield Ok(transform.abort(format, &format!("backend stream failed: {detail}")));
+                        lease.finish(StreamStop::Broken.outcome(), transform.tokens());
+                        break;
+                    }
+                    Next::Stalled => {
+                        yield Ok(transform.abort(format, &format!("backend sent nothing for {idle:?}")));
+                        lease.finish(StreamStop::Stalled.outcome(), transform.tokens());
+                        break;
+                    }
+                    Next::Shutdown => {
+                        yield Ok(transform.abort(format, "sidecar is shutting down"));
+                        // Dropping the lease releases it as Cancelled.
+                        drop(lease);
+                        break;
+                    }
+                }
+            }
+        };
+        let guarded = AssertUnwindSafe(body)
+            .catch_unwind()
+            .map(move |item| match item {
+                Ok(item) => item,
+                Err(_) => {
+                    tracing::error!("panic while streaming a response; stream ended");
+                    Ok(stream_error_chunk(format, "internal error while streaming"))
+                }
+            });
+        Body::from_stream(guarded)
+    }
+}

@@ -1,0 +1,216 @@
+//! The route table: every path the sidecar answers, and the vocabulary the
+//! proxy uses to talk about them ([`ApiRoute`], [`ApiFormat`]).
+//!
+//! Invariants:
+//! - Every routed inference path is one [`ApiRoute`] variant; nothing else
+//!   compares path strings (the error format of an unmatched path is decided
+//!   once, by [`ApiFormat::for_path`]).
+//! - Authentication wraps every route except the liveness routes `GET /`
+//!   and `GET /health` (see [`crate::auth`]).
+//! - `GET /metrics` is served on the same listener as the APIs.
+
+use axum::{
+    Router,
+    extract::{Request, State},
+    middleware,
+    response::Response,
+    routing::{get, post},
+};
+use switchyard_control_plane::outcome::RequestKind;
+
+use crate::{auth, errors::ProxyError, listing, metrics, proxy, server::AppState};
+
+/// The API family a client speaks; decides the shape of every error it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ApiFormat {
+    /// Ollama native (`/api/*`, `/`): errors are `{"error":"text"}`.
+    Ollama,
+    /// OpenAI (`/v1/*`): errors are `{"error":{message,type,param,code}}`.
+    OpenAi,
+}
+
+impl ApiFormat {
+    /// The format of a request path: `/v1` and below is OpenAI, the rest Ollama.
+    pub fn for_path(path: &str) -> Self {
+        if path == "/v1" || path.starts_with("/v1/") {
+            Self::OpenAi
+        } else {
+            Self::Ollama
+        }
+    }
+}
+
+/// An inference route routed to one backend by the body's `model`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ApiRoute {
+    /// Ollama `POST /api/chat`.
+    OllamaChat,
+    /// Ollama `POST /api/generate`.
+    OllamaGenerate,
+    /// Ollama `POST /api/embed`.
+    OllamaEmbed,
+    /// Ollama `POST /api/embeddings` (legacy, single prompt).
+    OllamaEmbeddings,
+    /// Ollama `POST /api/show`.
+    OllamaShow,
+    /// OpenAI `POST /v1/chat/completions`.
+    OpenAiChat,
+    /// OpenAI `POST /v1/completions`.
+    OpenAiCompletions,
+    /// OpenAI `POST /v1/embeddings`.
+    OpenAiEmbeddings,
+}
+
+impl ApiRoute {
+    /// Every routed inference route.
+    pub const ALL: [ApiRoute; 8] = [
+        Self::OllamaChat,
+        Self::OllamaGenerate,
+        Self::OllamaEmbed,
+        Self::OllamaEmbeddings,
+        Self::OllamaShow,
+        Self::OpenAiChat,
+        Self::OpenAiCompletions,
+        Self::OpenAiEmbeddings,
+    ];
+
+    /// The client-facing path (also the `route` label in metrics and logs).
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::OllamaChat => "/api/chat",
+            Self::OllamaGenerate => "/api/generate",
+            Self::OllamaEmbed => "/api/embed",
+            Self::OllamaEmbeddings => "/api/embeddings",
+            Self::OllamaShow => "/api/show",
+            Self::OpenAiChat => "/v1/chat/completions",
+            Self::OpenAiCompletions => "/v1/completions",
+            Self::OpenAiEmbeddings => "/v1/embeddings",
+        }
+    }
+
+    /// The API family of the route.
+    pub fn format(self) -> ApiFormat {
+        match self {
+            Self::OllamaChat
+            | Self::OllamaGenerate
+            | Self::OllamaEmbed
+            | Self::OllamaEmbeddings
+            | Self::OllamaShow => ApiFormat::Ollama,
+            Self::OpenAiChat | Self::OpenAiCompletions | Self::OpenAiEmbeddings => {
+                ApiFormat::OpenAi
+            }
+        }
+    }
+
+    /// What the request does, for the control plane.
+    pub fn kind(self) -> RequestKind {
+        match self {
+            Self::OllamaChat | Self::OpenAiChat => RequestKind::Chat,
+            Self::OllamaGenerate | Self::OpenAiCompletions => RequestKind::Generate,
+            Self::OllamaEmbed | Self::OllamaEmbeddings | Self::OpenAiEmbeddings => {
+                RequestKind::Embed
+            }
+            Self::OllamaShow => RequestKind::Show,
+        }
+    }
+
+    /// Whether the route has a `stream` field at all.
+    pub fn accepts_stream(self) -> bool {
+        match self {
+            Self::OllamaChat
+            | Self::OllamaGenerate
+            | Self::OpenAiChat
+            | Self::OpenAiCompletions => true,
+            Self::OllamaEmbed
+            | Self::OllamaEmbeddings
+            | Self::OllamaShow
+            | Self::OpenAiEmbeddings => false,
+        }
+    }
+
+    /// The stream mode when the body has no `stream` field: Ollama streams by
+    /// default (nomyo bug 2 came from ignoring this), OpenAI does not.
+    pub fn default_stream(self) -> bool {
+        matches!(self, Self::OllamaChat | Self::OllamaGenerate)
+    }
+
+    /// Body fields that may carry the model name, in order of preference
+    /// (`/api/show` from older clients sends `name`).
+    pub fn model_fields(self) -> &'static [&'static str] {
+        match self {
+            Self::OllamaShow => &["model", "name"],
+            _ => &["model"],
+        }
+    }
+}
+
+/// Builds the axum application: inference routes, listings, health,
+/// metrics, a fallback answering unknown paths in the client's format, all
+/// behind the router-key check.
+pub(crate) fn app(state: AppState) -> Router {
+    let mut router = Router::new();
+    for route in ApiRoute::ALL {
+        router = router.route(
+            route.path(),
+            post(move |State(state): State<AppState>, req: Request| {
+                proxy::handle(state, route, req)
+            }),
+        );
+    }
+    router
+        .route("/", get(listing::root).head(listing::root))
+        .route("/health", get(listing::health_handler))
+        .route("/api/version", get(listing::version))
+        .route("/api/tags", get(listing::tags))
+        .route("/api/ps", get(listing::ps))
+        .route("/v1/models", get(listing::openai_models))
+        .route("/metrics", get(metrics::handler))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::middleware,
+        ))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> Response {
+    let format = ApiFormat::for_path(req.uri().path());
+    ProxyError::UnknownRoute.into_response_for(format)
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let format = ApiFormat::for_path(req.uri().path());
+    ProxyError::MethodNotAllowed.into_response_for(format)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_follow_paths() {
+        for route in ApiRoute::ALL {
+            assert_eq!(
+                ApiFormat::for_path(route.path()),
+                route.format(),
+                "{route:?}"
+            );
+        }
+        assert_eq!(ApiFormat::for_path("/v1"), ApiFormat::OpenAi);
+        assert_eq!(ApiFormat::for_path("/v1x"), ApiFormat::Ollama);
+        assert_eq!(ApiFormat::for_path("/"), ApiFormat::Ollama);
+    }
+
+    #[test]
+    fn only_ollama_generation_streams_by_default() {
+        let streaming: Vec<_> = ApiRoute::ALL
+            .into_iter()
+            .filter(|r| r.default_stream())
+            .collect();
+        assert_eq!(streaming, [ApiRoute::OllamaChat, ApiRoute::OllamaGenerate]);
+        for r in streaming {
+            assert!(r.accepts_stream());
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The HTTP server: shared state, listener, graceful shutdown, and the
+//! library API tests and `main` use ([`start_standalone`], [`start_remote`],
+//! [`start`], [`SidecarHandle`]).
+//!
+//! Shutdown ([`SidecarHandle::shutdown`], or SIGTERM/Ctrl-C in `main`):
+//! 1. stop accepting connections; idle keep-alive connections close;
+//! 2. in-flight requests and streams run on for up to `shutdown_grace`;
+//! 3. then the remaining ones are cancelled: streams end with an error chunk
+//!    in the client's format, waiting requests answer 503, and their leases
+//!    are released as `Cancelled`;
+//! 4. the router closes its session (`Router::close`), then background
+//!    tasks (control-plane publisher, discovery, remote-session tasks) are
+//!    cancelled and awaited.
+//!
+//! Every task is owned by the handle's [`TaskTracker`]; nothing is spawned
+//! fire-and-forget.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::serve::ListenerExt;
+use switchyard_control_plane::{
+    config::{Config, ConfigError, Secret, Timeouts},
+    endpoint::EndpointKind,
+};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{metrics::Metrics, proxy::forward::UpstreamClients, router::Router, routes};
+
+/// After the grace period, how long connections get to flush the error
+/// chunk that ends their cancelled streams before the server stops waiting.
+const FLUSH_AFTER_CANCEL: Duration = Duration::from_secs(2);
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address tried.
+        addr: SocketAddr,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend HTTP clients could not be built (TLS setup).
+    #[error("cannot build HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+    /// The embedded control plane's discovery could not start.
+    #[error("cannot start discovery: {0}")]
+    Discovery(#[source] switchyard_control_plane::discovery::DiscoveryError),
+    /// The built-in default configuration is invalid (a bug).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+struct Shared {
+    router: Router,
+    config: Arc<Config>,
+    clients: UpstreamClients,
+    metrics: Metrics,
+    /// Cancelled when the shutdown grace is over: in-flight work stops.
+    hard_stop: CancellationToken,
+}
+
+/// State shared by every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    shared: Arc<Shared>,
+}
+
+impl AppState {
+    /// State for a sidecar routing through `router` with `config`'s
+    /// sidecar settings, router key and backend keys.
+    pub(crate) fn new(router: Router, config: Arc<Config>) -> Result<Self, StartError> {
+        let clients = UpstreamClients::new(&config.sidecar).map_err(StartError::HttpClient)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                router,
+                config,
+                clients,
+                metrics: Metrics::new(),
+                hard_stop: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// The routing handle.
+    pub(crate) fn router(&self) -> &Router {
+        &self.shared.router
+    }
+
+    /// The sidecar's metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The pooled backend clients.
+    pub(crate) fn clients(&self) -> &UpstreamClients {
+        &self.shared.clients
+    }
+
+    /// The key clients must present, if any.
+    pub(crate) fn router_api_key(&self) -> Option<&Secret> {
+        self.shared.config.router_api_key.as_ref()
+    }
+
+    /// The API key configured for a backend endpoint, if any.
+    pub(crate) fn backend_key(&self, endpoint: &str) -> Option<&Secret> {
+        self.shared
+            .config
+            .endpoint(endpoint)
+            .and_then(|e| e.api_key.as_ref())
+    }
+
+    /// Timeouts for an endpoint kind.
+    pub(crate) fn timeouts(&self, kind: EndpointKind) -> Timeouts {
+        self.shared.config.sidecar.timeouts(kind)
+    }
+
+    /// Most endpoints tried per request.
+    pub(crate) fn max_attempts(&self) -> u32 {
+        self.shared.config.sidecar.max_attempts
+    }
+
+    /// Largest request body.
+    pub(crate) fn max_body_bytes(&self) -> usize {
+        self.shared.config.sidecar.max_body_bytes
+    }
+
+    /// Cancelled when in-flight work must stop (end of shutdown grace).
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
+        self.shared.hard_stop.clone()
+    }
+}
+
+/// How the sidecar reaches routing decisions.
+#[derive(Debug)]
+pub enum Mode {
+    /// Control plane embedded in this process.
+    Standalone {
+        /// Full configuration (endpoints required).
+        config: Config,
+    },
+    /// Control plane reached over gRPC.
+    Remote {
+        /// gRPC URL, e.g. `http://127.0.0.1:50051`.
+        control_plane_url: String,
+        /// Optional configuration: backend API keys, router key, sidecar
+        /// settings. Endpoints listed here are not probed by the sidecar.
+        config: Option<Config>,
+    },
+}
+
+/// Everything [`start`] needs.
+#[derive(Debug)]
+pub struct StartOptions {
+    /// Standalone or remote.
+    pub mode: Mode,
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// Session name shown in the control plane (default: [`default_name`]).
+    pub name: String,
+}
+
+/// The session name when none is given: `SWITCHYARD_NAME`, else the
+/// host name, else `switchyard-sidecar`.
+pub fn default_name() -> String {
+    std::env::var("SWITCHYARD_NAME")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "switchyard-sidecar".to_owned())
+}
+
+/// A running sidecar.
+pub struct SidecarHandle {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    router: Router,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for SidecarHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SidecarHandle")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SidecarHandle {
+    /// The routing handle (cluster state, local in-flight leases).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// A token that starts the graceful shutdown when cancelled (for
+    /// signal handlers).
+    pub fn shutdown_trigger(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Waits until the sidecar has stopped (after a trigger).
+    pub async fn wait(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Graceful shutdown (see the module docs); returns when every task
+    /// has ended.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.wait().await;
+    }
+}
+
+/// Starts a standalone sidecar: control plane embedded, discovery probes
+/// running in this process.
+pub async fn start_standalone(
+    config: Config,
+    listen: SocketAddr,
+) -> Result<SidecarHandle, StartError> {
+    start(StartOptions {
+        mode: Mode::Standalone { config },
+        listen,
+        name: default_name(),
+    })
+    .await
+}
+
+/// Starts a sidecar routed by the control plane at `control_plane_url`. It
+/// starts even when the control plane is down (degraded mode).
+pub async fn start_remote(
+    control_plane_url: String,
+    config: Option<Config>,
+    listen: SocketAddr,
+) -> Result<SidecarHandle, StartError> {
+    start(StartOptions {
+        mode: Mode::Remote {
+            control_plane_url,
+            config,
+        },
+        listen,
+        name: default_name(),
+    })
+    .await
+}
+
+/// Starts a sidecar.
+pub async fn start(options: StartOptions) -> Result<SidecarHandle, StartError> {
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: options.listen,
+        source,
+    })?;
+    let tasks = TaskTracker::new();
+    // Background work (control plane, discovery, remote session) stops
+    // after the router has closed its session.
+    let background = CancellationToken::new();
+    let (router, config) = match options.mode {
+        Mode::Standalone { config } => {
+            let config = Arc::new(config);
+            let router = crate::standalone::embedded_router(
+                config.clone(),
+                &options.name,
+                &tasks,
+                &background,
+            )?;
+            (router, config)
+        }
+        Mode::Remote {
+            control_plane_url,
+            config,
+        } => {
+            let config = Arc::new(match config {
+                Some(c) => c,
+                None => Config::from_yaml("", &|_| None)?,
+            });
+            let router = crate::standalone::remote_router(
+                control_plane_url,
+                options.name.clone(),
+                &config,
+                &tasks,
+                &background,
+            )
+            .await;
+            (router, config)
+        }
+    };
+    let state = AppState::new(router.clone(), config.clone())?;
+    let stop = CancellationToken::new();
+    tracing::info!(%addr, name = %options.name, "sidecar listening");
+    tasks.spawn(serve(
+        listener,
+        state,
+        stop.clone(),
+        config.sidecar.shutdown_grace,
+        background,
+        tasks.clone(),
+    ));
+    Ok(SidecarHandle {
+        addr,
+        router,
+        stop,
+        tasks,
+    })
+}
+
+async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    stop: CancellationToken,
+    grace: Duration,
+    background: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let router = state.router().clone();
+    let hard_stop = state.shutdown_token();
+    let listener = listener.tap_io(|tcp| {
+        // Streamed tokens are small writes; don't let Nagle hold them.
+        let _ = tcp.set_nodelay(true);
+    });
+    let app = routes::app(state);
+    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let mut server = std::pin::pin!(server.into_future());
+    let ended = tokio::select! {
+        r = &mut server => Some(r),
+        () = async {
+            stop.cancelled().await;
+            tracing::info!(?grace, "shutting down: no new connections, waiting for in-flight requests");
+            tokio::time::sleep(grace).await;
+        } => None,
+    };
+    let result = match ended {
+        Some(r) => r,
+        None => {
+            tracing::warn!("shutdown grace over: cancelling the remaining requests");
+            hard_stop.cancel();
+            match tokio::time::timeout(FLUSH_AFTER_CANCEL, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(
+                        "connections still open after cancelling; closing the server anyway"
+                    );
+                    Ok(())
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+    hard_stop.cancel();
+    router.close().await;
+    background.cancel();
+    tasks.close();
+    tracing::info!("sidecar stopped");
+}
+
+#[cfg(test)]
+mod tests;

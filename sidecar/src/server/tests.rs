@@ -1,0 +1,850 @@
+//! In-crate end-to-end tests: a standalone sidecar in front of tiny axum
+//! backends on `127.0.0.1:0`. (The full fake model server and the
+//! whole-system tests live in `tests/`.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Json, Router as AxumRouter,
+    body::{Body, Bytes},
+    extract::{Request, State},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use futures::StreamExt;
+use http::{HeaderMap, StatusCode};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use switchyard_control_plane::config::Config;
+use tokio::sync::Notify;
+
+use super::*;
+
+/// What a fake backend does for inference requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behaviour {
+    /// Answer normally.
+    Serve,
+    /// Answer every inference request with this status.
+    Fail(u16),
+    /// Stream one chunk, then hold the stream open until dropped.
+    StallAfterFirstChunk,
+    /// Never send response headers.
+    Hang,
+}
+
+/// One request a fake backend saw.
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    headers: HeaderMap,
+    body: Value,
+}
+
+#[derive(Clone)]
+struct FakeState {
+    kind: &'static str,
+    models: Vec<&'static str>,
+    behaviour: Behaviour,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Streams dropped before their end (the sidecar cancelled them).
+    dropped: Arc<AtomicUsize>,
+    dropped_signal: Arc<Notify>,
+}
+
+struct Fake {
+    addr: SocketAddr,
+    state: FakeState,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Fake {
+    async fn start(kind: &'static str, models: &[&'static str], behaviour: Behaviour) -> Fake {
+        let state = FakeState {
+            kind,
+            models: models.to_vec(),
+            behaviour,
+            seen: Arc::default(),
+            dropped: Arc::default(),
+            dropped_signal: Arc::default(),
+        };
+        let app = AxumRouter::new()
+            .route("/api/tags", get(fake_tags))
+            .route("/api/ps", get(fake_ps))
+            .route("/v1/models", get(fake_models))
+            .route("/api/chat", post(fake_infer))
+            .route("/api/generate", post(fake_infer))
+            .route("/api/embed", post(fake_infer))
+            .route("/v1/chat/completions", post(fake_infer))
+            .route("/v1/embeddings", post(fake_infer))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Fake {
+            addr,
+            state,
+            _server: server,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().clone()
+    }
+
+    fn inference_count(&self) -> usize {
+        self.seen().len()
+    }
+
+    /// Stops listening: new connections are refused.
+    async fn stop(self) {
+        self._server.abort();
+        let _ = self._server.await;
+    }
+}
+
+async fn fake_tags(State(s): State<FakeState>) -> Json<Value> {
+    let models: Vec<Value> = s
+        .models
+        .iter()
+        .map(|m| json!({"name": m, "model": m}))
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+async fn fake_ps(State(s): State<FakeState>) -> Json<Value> {
+    let models: Vec<Value> = s
+        .models
+        .iter()
+        .map(|m| json!({"name": m, "model": m}))
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+async fn fake_models(State(s): State<FakeState>) -> Json<Value> {
+    let data: Vec<Value> = s
+        .models
+        .iter()
+        .map(|m| json!({"id": m, "object": "model"}))
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+/// Counts a stream dropped before it ended.
+struct DropWatch {
+    done: bool,
+    dropped: Arc<AtomicUsize>,
+    signal: Arc<Notify>,
+}
+
+impl DropWatch {
+    fn completed(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for DropWatch {
+    fn drop(&mut self) {
+        if !self.done {
+            self.dropped.fetch_add(1, Ordering::SeqCst);
+            self.signal.notify_waiters();
+        }
+    }
+}
+
+async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let headers = req.headers().clone();
+    let bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    s.seen.lock().push(Seen {
+        path: path.clone(),
+        headers,
+        body: body.clone(),
+    });
+    match s.behaviour {
+        Behaviour::Serve | Behaviour::StallAfterFirstChunk => {}
+        Behaviour::Fail(code) => {
+            let status = StatusCode::from_u16(code).unwrap();
+            return (
+                status,
+                Json(json!({"error": format!("fake failure {code}")})),
+            )
+                .into_response();
+        }
+        Behaviour::Hang => {
+            std::future::pending::<()>().await;
+        }
+    }
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let openai = path.starts_with("/v1/");
+    let stream = body["stream"].as_bool().unwrap_or(!openai);
+    if path.ends_with("embed") || path.ends_with("embeddings") {
+        return if openai {
+            Json(json!({"object":"list","data":[{"index":0,"embedding":[0.1,0.2]},{"index":1,"embedding":[0.3,0.4]}],
+                        "usage":{"prompt_tokens":4,"total_tokens":4}}))
+            .into_response()
+        } else {
+            Json(json!({"model": model, "embeddings": [[0.1, 0.2]], "prompt_eval_count": 4}))
+                .into_response()
+        };
+    }
+    let chunks: Vec<String> = if openai {
+        if stream {
+            vec![
+                format!(
+                    "data: {}\n\n",
+                    json!({"id":"c1","object":"chat.completion.chunk","model":model,"choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"},"finish_reason":null}]})
+                ),
+                format!(
+                    "data: {}\n\n",
+                    json!({"id":"c1","object":"chat.completion.chunk","model":model,"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":null}]})
+                ),
+                format!(
+                    "data: {}\n\n",
+                    json!({"id":"c1","object":"chat.completion.chunk","model":model,"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]})
+                ),
+                format!(
+                    "data: {}\n\n",
+                    json!({"id":"c1","object":"chat.completion.chunk","model":model,"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}})
+                ),
+                "data: [DONE]\n\n".to_owned(),
+            ]
+        } else {
+            return Json(json!({"id":"c1","object":"chat.completion","model":model,
+                "choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],
+                "usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}))
+            .into_response();
+        }
+    } else if stream {
+        vec![
+            format!(
+                "{}\n",
+                json!({"model":model,"message":{"role":"assistant","content":"Hel"},"done":false})
+            ),
+            format!(
+                "{}\n",
+                json!({"model":model,"message":{"role":"assistant","content":"lo"},"done":false})
+            ),
+            format!(
+                "{}\n",
+                json!({"model":model,"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","prompt_eval_count":3,"eval_count":2})
+            ),
+        ]
+    } else {
+        return Json(json!({"model":model,"message":{"role":"assistant","content":"Hello"},"done":true,"prompt_eval_count":3,"eval_count":2})).into_response();
+    };
+    let stall = s.behaviour == Behaviour::StallAfterFirstChunk;
+    let mut watch = DropWatch {
+        done: false,
+        dropped: s.dropped.clone(),
+        signal: s.dropped_signal.clone(),
+    };
+    let body = async_stream::stream! {
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            yield Ok::<Bytes, Infallible>(Bytes::from(chunk));
+            if stall && i == 0 {
+                std::future::pending::<()>().await;
+            }
+        }
+        watch.completed();
+    };
+    let content_type = if openai {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    (
+        [(http::header::CONTENT_TYPE, content_type)],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+fn config(yaml: &str) -> Config {
+    Config::from_yaml(yaml, &|_| None).unwrap()
+}
+
+fn endpoints_yaml(fakes: &[&Fake]) -> String {
+    let mut ollama = Vec::new();
+    let mut llama = Vec::new();
+    for f in fakes {
+        match f.state.kind {
+            "llama_server" => llama.push(format!("\"{}\"", f.url())),
+            _ => ollama.push(format!("\"{}\"", f.url())),
+        }
+    }
+    format!(
+        "endpoints: [{}]\nllama_server_endpoints: [{}]\nprobe_interval: 0.1\nmax_concurrent_connections: 4\n",
+        ollama.join(", "),
+        llama.join(", ")
+    )
+}
+
+async fn sidecar(yaml: &str) -> SidecarHandle {
+    start(StartOptions {
+        mode: Mode::Standalone {
+            config: config(yaml),
+        },
+        listen: "127.0.0.1:0".parse().unwrap(),
+        name: "test".into(),
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits (bounded) until every endpoint has been probed healthy.
+async fn wait_routable(handle: &SidecarHandle, endpoints: usize) {
+    for _ in 0..500 {
+        let state = handle.router().cluster_state();
+        if state.endpoints.iter().filter(|e| e.healthy).count() >= endpoints {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("endpoints never became healthy");
+}
+
+/// Waits (bounded) until the sidecar holds no lease.
+async fn wait_no_leases(handle: &SidecarHandle) {
+    for _ in 0..500 {
+        if handle.router().local_in_flight() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("leases still held: {}", handle.router().local_in_flight());
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+fn ndjson(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn ollama_chat_streams_by_default_through_to_done() {
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let url = format!("http://{}/api/chat", sc.addr);
+    let r = client()
+        .post(&url)
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    let lines = ndjson(&r.text().await.unwrap());
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[2]["done"], true);
+    // The body was forwarded with the backend's model name and no stream
+    // field added (Ollama's default holds).
+    let seen = fake.seen();
+    assert_eq!(seen[0].path, "/api/chat");
+    assert_eq!(seen[0].body["model"], "llama3:latest");
+    assert!(seen[0].body.get("stream").is_none());
+    wait_no_leases(&sc).await;
+
+    // Non-streaming.
+    let r = client()
+        .post(&url)
+        .json(&json!({"model": "llama3:latest", "messages": [], "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["message"]["content"], "Hello");
+    wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn openai_stream_keeps_finish_reason_and_done_and_no_stream_options_added() {
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let url = format!("http://{}/v1/chat/completions", sc.addr);
+    let r = client()
+        .post(&url)
+        .header("authorization", "Bearer client-secret")
+        .json(&json!({"model": "llama3:latest", "messages": [{"role":"user","content":"hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("\"finish_reason\":\"stop\""), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let r = client()
+        .post(&url)
+        .json(&json!({"model": "llama3:latest", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello");
+    let seen = fake.seen();
+    assert_eq!(seen[0].path, "/v1/chat/completions");
+    assert!(seen[1].body.get("stream_options").is_none());
+    // The client's key never reaches the backend.
+    assert!(seen[0].headers.get("authorization").is_none());
+    wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_model_is_404_listing_models_in_client_format() {
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "nope", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("nope") && msg.contains("llama3:latest"),
+        "{msg}"
+    );
+    assert!(!msg.contains("127.0.0.1"), "{msg}");
+    let r = client()
+        .post(format!("http://{}/v1/chat/completions", sc.addr))
+        .json(&json!({"model": "nope", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found");
+    assert_eq!(fake.inference_count(), 0);
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_400_and_413() {
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = format!("{}max_body_bytes: 1000\n", endpoints_yaml(&[&fake]));
+    let sc = sidecar(&yaml).await;
+    let base = format!("http://{}", sc.addr);
+    let r = client()
+        .post(format!("{base}/api/chat"))
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    let r = client()
+        .post(format!("{base}/v1/embeddings"))
+        .json(&json!({"input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], "model");
+    let big = json!({"model": "llama3", "prompt": "x".repeat(5000)});
+    let r = client()
+        .post(format!("{base}/api/generate"))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let r = client()
+        .get(format!("{base}/api/nothing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn retries_on_another_endpoint_after_a_5xx() {
+    let bad = Fake::start("ollama", &["llama3:latest"], Behaviour::Fail(503)).await;
+    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    // priority_routing: config order breaks ties, so the failing endpoint
+    // is tried first.
+    let yaml = format!("{}priority_routing: true\n", endpoints_yaml(&[&bad, &good]));
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 2).await;
+    for _ in 0..3 {
+        let r = client()
+            .post(format!("http://{}/api/chat", sc.addr))
+            .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(good.inference_count(), 3);
+    assert!(bad.inference_count() >= 1);
+    wait_no_leases(&sc).await;
+    let metrics = client()
+        .get(format!("http://{}/metrics", sc.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("switchyard_sidecar_retries_total 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outcome=\"backend_error\""), "{metrics}");
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn retries_on_another_endpoint_after_a_refused_connection() {
+    let gone = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    // Slow probes: the stopped endpoint still looks healthy when the request
+    // comes, as it would between two probe rounds.
+    let yaml = format!(
+        "{}priority_routing: true\nprobe_interval: 60\n",
+        endpoints_yaml(&[&gone, &good]).replace("probe_interval: 0.1\n", "")
+    );
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 2).await;
+    gone.stop().await;
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let lines = ndjson(&r.text().await.unwrap());
+    assert_eq!(lines.last().unwrap()["done"], true);
+    assert_eq!(good.inference_count(), 1);
+    wait_no_leases(&sc).await;
+    let metrics = client()
+        .get(format!("http://{}/metrics", sc.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("outcome=\"connect_error\""), "{metrics}");
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn total_failure_is_reported_in_the_client_format() {
+    let bad = Fake::start("ollama", &["llama3:latest"], Behaviour::Fail(500)).await;
+    let yaml = format!("{}max_attempts: 2\n", endpoints_yaml(&[&bad]));
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 1).await;
+    let r = client()
+        .post(format!("http://{}/v1/chat/completions", sc.addr))
+        .json(&json!({"model": "llama3:latest", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    // One endpoint, failing with 500: 502 in OpenAI format, never a 200.
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fake failure"),
+        "{v}"
+    );
+    // A 4xx is the client's: passed through, not retried.
+    let picky = Fake::start("ollama", &["llama3:latest"], Behaviour::Fail(400)).await;
+    let sc2 = sidecar(&endpoints_yaml(&[&picky])).await;
+    wait_routable(&sc2, 1).await;
+    let r = client()
+        .post(format!("http://{}/api/chat", sc2.addr))
+        .json(&json!({"model": "llama3", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "fake failure 400"
+    );
+    assert_eq!(picky.inference_count(), 1);
+    wait_no_leases(&sc).await;
+    wait_no_leases(&sc2).await;
+    sc.shutdown().await;
+    sc2.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_stream_cancels_upstream_and_releases() {
+    let fake = Fake::start(
+        "ollama",
+        &["llama3:latest"],
+        Behaviour::StallAfterFirstChunk,
+    )
+    .await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let dropped = fake.state.dropped_signal.notified();
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(std::str::from_utf8(&first).unwrap().contains("Hel"));
+    assert_eq!(sc.router().local_in_flight(), 1);
+    drop(body);
+    tokio::time::timeout(Duration::from_secs(5), dropped)
+        .await
+        .expect("upstream stream not cancelled");
+    assert_eq!(fake.state.dropped.load(Ordering::SeqCst), 1);
+    wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_timeout_ends_the_stream_with_an_error_line() {
+    let fake = Fake::start(
+        "ollama",
+        &["llama3:latest"],
+        Behaviour::StallAfterFirstChunk,
+    )
+    .await;
+    let yaml = format!(
+        "{}timeouts:\n  ollama:\n    idle: 0.2\n",
+        endpoints_yaml(&[&fake])
+    );
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 1).await;
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let lines = ndjson(&r.text().await.unwrap());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1]["error"].as_str().unwrap().contains("nothing"),
+        "{lines:?}"
+    );
+    wait_no_leases(&sc).await;
+    let metrics = client()
+        .get(format!("http://{}/metrics", sc.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("outcome=\"idle_timeout\""), "{metrics}");
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn first_byte_timeout_is_504() {
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Hang).await;
+    let yaml = format!(
+        "{}max_attempts: 1\ntimeouts:\n  ollama:\n    first_byte: 0.2\n",
+        endpoints_yaml(&[&fake])
+    );
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 1).await;
+    let r = client()
+        .post(format!("http://{}/api/generate", sc.addr))
+        .json(&json!({"model": "llama3", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn router_key_is_required_and_backend_key_sent() {
+    let fake = Fake::start("llama_server", &["qwen"], Behaviour::Serve).await;
+    let yaml = format!(
+        "{}router_api_key: sekret\napi_keys:\n  \"{}\": backend-key\n",
+        endpoints_yaml(&[&fake]),
+        fake.url()
+    );
+    let sc = sidecar(&yaml).await;
+    let base = format!("http://{}", sc.addr);
+    let r = client()
+        .get(format!("{base}/api/tags"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(format!("{base}/v1/models"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
+    // Liveness stays public.
+    let r = client().get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "Ollama is running");
+    wait_routable(&sc, 1).await;
+    let r = client()
+        .post(format!("{base}/v1/chat/completions?api_key=sekret"))
+        .json(&json!({"model": "qwen", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = fake.seen();
+    assert_eq!(seen[0].headers["authorization"], "Bearer backend-key");
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn ollama_chat_is_translated_for_llama_server() {
+    let fake = Fake::start("llama_server", &["qwen"], Behaviour::Serve).await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "qwen", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    let lines = ndjson(&r.text().await.unwrap());
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true, "{lines:?}");
+    assert_eq!(last["eval_count"], 2, "{lines:?}");
+    let text: String = lines
+        .iter()
+        .filter_map(|l| l["message"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Hello");
+    let seen = fake.seen();
+    assert_eq!(seen[0].path, "/v1/chat/completions");
+    assert_eq!(seen[0].body["stream"], true);
+
+    // Embeddings: every vector comes back.
+    let r = client()
+        .post(format!("http://{}/api/embed", sc.addr))
+        .json(&json!({"model": "qwen", "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["embeddings"].as_array().unwrap().len(), 2, "{v}");
+    // Listings include the OpenAI-only model.
+    let tags: Value = client()
+        .get(format!("http://{}/api/tags", sc.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tags["models"][0]["name"], "qwen:latest");
+    wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_is_503_when_every_backend_is_down() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let sc = sidecar(&format!("endpoints: [\"{url}\"]\n")).await;
+    let r = client()
+        .get(format!("http://{}/health", sc.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "unavailable");
+    let version: Value = client()
+        .get(format!("http://{}/api/version", sc.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(version["version"], crate::listing::OLLAMA_COMPAT_VERSION);
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_cancels_streams_after_the_grace() {
+    let fake = Fake::start(
+        "ollama",
+        &["llama3:latest"],
+        Behaviour::StallAfterFirstChunk,
+    )
+    .await;
+    let yaml = format!("{}shutdown_grace: 0.2\n", endpoints_yaml(&[&fake]));
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 1).await;
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move { r.text().await.unwrap() });
+    let router = sc.router().clone();
+    tokio::time::timeout(Duration::from_secs(10), sc.shutdown())
+        .await
+        .expect("shutdown hung");
+    let text = reader.await.unwrap();
+    let lines = ndjson(&text);
+    assert!(
+        lines.last().unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{text}"
+    );
+    assert_eq!(router.local_in_flight(), 0);
+}

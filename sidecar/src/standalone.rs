@@ -1,0 +1,49 @@
+//! Wiring of the two routing modes.
+//!
+//! - Standalone: the control plane runs in this process — its upkeep and
+//!   `WatchUsage` publisher plus the discovery probes
+//!   ([`switchyard_control_plane::server::spawn_background`]) — and the
+//!   router calls it directly, with no gRPC hop.
+//! - Remote: the router talks gRPC to a control plane elsewhere and keeps
+//!   routing (degraded, from its last snapshot) when that control plane is
+//!   unreachable.
+//!
+//! Every background task lands on the caller's [`TaskTracker`] and stops on
+//! the caller's [`CancellationToken`].
+
+use std::sync::Arc;
+
+use switchyard_control_plane::{
+    config::Config, control_plane::ControlPlane, server::spawn_background,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    router::{RemoteSettings, Router},
+    server::StartError,
+};
+
+/// A router over an embedded control plane for `config`, with discovery
+/// and upkeep running on `tasks` until `cancel`.
+pub(crate) fn embedded_router(
+    config: Arc<Config>,
+    name: &str,
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<Router, StartError> {
+    let cp = ControlPlane::new(config);
+    spawn_background(&cp, tasks, cancel.child_token()).map_err(StartError::Discovery)?;
+    Ok(Router::embedded(cp, name))
+}
+
+/// A router over the control plane at `url`.
+pub(crate) async fn remote_router(
+    url: String,
+    name: String,
+    config: &Config,
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Router {
+    let settings = RemoteSettings::from_config(config);
+    Router::remote(url, name, settings, tasks, cancel.child_token()).await
+}
