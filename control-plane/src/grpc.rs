@@ -235,7 +235,7 @@ impl ClusterService {
         Self { cp }
     }
 
-    fn drain(
+    fn set_draining(
         &self,
         request: Request<v1::DrainRequest>,
         draining: bool,
@@ -290,14 +290,14 @@ impl Cluster for ClusterService {
         &self,
         request: Request<v1::DrainRequest>,
     ) -> Result<Response<v1::DrainResponse>, Status> {
-        ClusterService::drain(self, request, true).map(Response::new)
+        self.set_draining(request, true).map(Response::new)
     }
 
     async fn undrain(
         &self,
         request: Request<v1::DrainRequest>,
     ) -> Result<Response<v1::DrainResponse>, Status> {
-        ClusterService::drain(self, request, false).map(Response::new)
+        self.set_draining(request, false).map(Response::new)
     }
 }
 
