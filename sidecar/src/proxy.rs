@@ -81,26 +81,20 @@ pub(crate) async fn handle(state: AppState, route: ApiRoute, req: Request) -> Re
     let work = run(&state, route, req, &mut progress, &span, &mut model).instrument(span.clone());
     let shutdown = state.shutdown_token();
     let result = tokio::select! {
-        r = AssertUnwindSafe(work).catch_unwind() => r,
+        r = catch_panic(work) => r,
         // Past the shutdown grace: give up on requests still waiting for a
         // backend (their leases drop and release as Cancelled).
-        () = shutdown.cancelled() => Ok(Err(ProxyError::ShuttingDown)),
+        () = shutdown.cancelled() => Err(ProxyError::ShuttingDown),
     };
     let response = match result {
-        Ok(Ok(response)) => response,
-        Ok(Err(error)) => {
-            let level_warn = error.status().is_server_error();
-            if level_warn {
+        Ok(response) => response,
+        Err(error) => {
+            if error.status().is_server_error() {
                 tracing::warn!(parent: &span, error = %error, "request failed");
             } else {
                 tracing::info!(parent: &span, error = %error, "request refused");
             }
             error.into_response_for(format)
-        }
-        Err(_panic) => {
-            tracing::error!(parent: &span, "panic while handling a request");
-            ProxyError::Internal("unexpected failure while handling the request".into())
-                .into_response_for(format)
         }
     };
     let status = response.status().as_u16();
@@ -122,6 +116,24 @@ pub(crate) async fn handle(state: AppState, route: ApiRoute, req: Request) -> Re
     response
 }
 
+/// Runs a handler future, turning a panic into an internal error (a 500 in
+/// the client's format) instead of a dropped connection. Leases held by the
+/// future are dropped during unwinding and release as `Cancelled`.
+async fn catch_panic<F>(work: F) -> Result<Response, ProxyError>
+where
+    F: Future<Output = Result<Response, ProxyError>>,
+{
+    match AssertUnwindSafe(work).catch_unwind().await {
+        Ok(result) => result,
+        Err(_panic) => {
+            tracing::error!("panic while handling a request");
+            Err(ProxyError::Internal(
+                "unexpected failure while handling the request".into(),
+            ))
+        }
+    }
+}
+
 async fn run(
     state: &AppState,
     route: ApiRoute,
@@ -136,4 +148,29 @@ async fn run(
     span.record("model", ctx.model.as_str());
     *model = Some(ctx.model.clone());
     choose::route(state, &ctx, progress, span).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn panics_become_internal_errors() {
+        let ok = catch_panic(async { Ok("fine".into_response()) }).await;
+        assert_eq!(ok.unwrap().status(), 200);
+        let boom = catch_panic(async {
+            if Instant::now().elapsed() < Duration::from_secs(3600) {
+                panic!("boom");
+            }
+            Ok("unreachable".into_response())
+        })
+        .await;
+        let err = boom.unwrap_err();
+        assert!(matches!(err, ProxyError::Internal(_)));
+        assert_eq!(err.status(), 500);
+    }
 }

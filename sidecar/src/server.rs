@@ -266,37 +266,17 @@ pub async fn start(options: StartOptions) -> Result<SidecarHandle, StartError> {
     // Background work (control plane, discovery, remote session) stops
     // after the router has closed its session.
     let background = CancellationToken::new();
-    let (router, config) = match options.mode {
-        Mode::Standalone { config } => {
-            let config = Arc::new(config);
-            let router = crate::standalone::embedded_router(
-                config.clone(),
-                &options.name,
-                &tasks,
-                &background,
-            )?;
-            (router, config)
-        }
-        Mode::Remote {
-            control_plane_url,
-            config,
-        } => {
-            let config = Arc::new(match config {
-                Some(c) => c,
-                None => Config::from_yaml("", &|_| None)?,
-            });
-            let router = crate::standalone::remote_router(
-                control_plane_url,
-                options.name.clone(),
-                &config,
-                &tasks,
-                &background,
-            )
-            .await;
-            (router, config)
+    let built = build_state(options.mode, &options.name, &tasks, &background).await;
+    let (router, config, state) = match built {
+        Ok(parts) => parts,
+        Err(e) => {
+            // Do not leave discovery or session tasks behind.
+            background.cancel();
+            tasks.close();
+            tasks.wait().await;
+            return Err(e);
         }
     };
-    let state = AppState::new(router.clone(), config.clone())?;
     let stop = CancellationToken::new();
     tracing::info!(%addr, name = %options.name, "sidecar listening");
     tasks.spawn(serve(
@@ -313,6 +293,44 @@ pub async fn start(options: StartOptions) -> Result<SidecarHandle, StartError> {
         stop,
         tasks,
     })
+}
+
+/// The router for `mode` (its background tasks on `tasks`, stopped by
+/// `background`) and the handlers' shared state.
+async fn build_state(
+    mode: Mode,
+    name: &str,
+    tasks: &TaskTracker,
+    background: &CancellationToken,
+) -> Result<(Router, Arc<Config>, AppState), StartError> {
+    let (router, config) = match mode {
+        Mode::Standalone { config } => {
+            let config = Arc::new(config);
+            let router =
+                crate::standalone::embedded_router(config.clone(), name, tasks, background)?;
+            (router, config)
+        }
+        Mode::Remote {
+            control_plane_url,
+            config,
+        } => {
+            let config = Arc::new(match config {
+                Some(c) => c,
+                None => Config::from_yaml("", &|_| None)?,
+            });
+            let router = crate::standalone::remote_router(
+                control_plane_url,
+                name.to_owned(),
+                &config,
+                tasks,
+                background,
+            )
+            .await;
+            (router, config)
+        }
+    };
+    let state = AppState::new(router.clone(), config.clone())?;
+    Ok((router, config, state))
 }
 
 async fn serve(

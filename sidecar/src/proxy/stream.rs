@@ -550,15 +550,54 @@ impl LiveStream {
                 }
             }
         };
-        let guarded = AssertUnwindSafe(body)
-            .catch_unwind()
-            .map(move |item| match item {
-                Ok(item) => item,
-                Err(_) => {
-                    tracing::error!("panic while streaming a response; stream ended");
-                    Ok(stream_error_chunk(format, "internal error while streaming"))
-                }
-            });
+        let guarded = panic_safe(body, format);
         Body::from_stream(guarded)
+    }
+}
+
+/// Ends a body stream with an error chunk instead of a dropped connection
+/// if producing it panics (the stream, and the lease inside it, is dropped
+/// during unwinding: released as `Cancelled`).
+fn panic_safe<S>(body: S, format: ApiFormat) -> impl Stream<Item = Result<Bytes, Infallible>> + Send
+where
+    S: Stream<Item = Result<Bytes, Infallible>> + Send,
+{
+    AssertUnwindSafe(body)
+        .catch_unwind()
+        .map(move |item| match item {
+            Ok(item) => item,
+            Err(_) => {
+                tracing::error!("panic while streaming a response; stream ended");
+                Ok(stream_error_chunk(format, "internal error while streaming"))
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_stream_ends_with_an_error_chunk() {
+        let body = async_stream::stream! {
+            yield Ok::<Bytes, Infallible>(Bytes::from_static(b"{\"a\":1}\n"));
+            if Instant::now().elapsed() < Duration::from_secs(3600) {
+                panic!("boom");
+            }
+            yield Ok(Bytes::from_static(b"never"));
+        };
+        let out: Vec<Bytes> = panic_safe(body, ApiFormat::Ollama)
+            .map(|r| r.unwrap())
+            .collect()
+            .await;
+        assert_eq!(out.len(), 2);
+        assert_eq!(&out[0][..], b"{\"a\":1}\n");
+        assert!(
+            std::str::from_utf8(&out[1])
+                .unwrap()
+                .contains("internal error")
+        );
     }
 }

@@ -85,6 +85,7 @@ impl Fake {
             .route("/api/chat", post(fake_infer))
             .route("/api/generate", post(fake_infer))
             .route("/api/embed", post(fake_infer))
+            .route("/api/show", post(fake_infer))
             .route("/v1/chat/completions", post(fake_infer))
             .route("/v1/embeddings", post(fake_infer))
             .with_state(state.clone());
@@ -195,6 +196,10 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
         }
     }
     let model = body["model"].as_str().unwrap_or_default().to_owned();
+    if path == "/api/show" {
+        return Json(json!({"modelfile": format!("FROM {}", body["name"].as_str().unwrap_or(&model)), "details": {}}))
+            .into_response();
+    }
     let openai = path.starts_with("/v1/");
     let stream = body["stream"].as_bool().unwrap_or(!openai);
     if path.ends_with("embed") || path.ends_with("embeddings") {
@@ -369,6 +374,19 @@ async fn ollama_chat_streams_by_default_through_to_done() {
     assert_eq!(seen[0].body["model"], "llama3:latest");
     assert!(seen[0].body.get("stream").is_none());
     wait_no_leases(&sc).await;
+
+    // `/api/show` from an older client (`name`) passes through, renamed.
+    let r = client()
+        .post(format!("http://{}/api/show", sc.addr))
+        .json(&json!({"name": "llama3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["modelfile"],
+        "FROM llama3:latest"
+    );
 
     // Non-streaming.
     let r = client()
@@ -776,6 +794,18 @@ async fn ollama_chat_is_translated_for_llama_server() {
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["embeddings"].as_array().unwrap().len(), 2, "{v}");
+    // `/api/show` for an OpenAI-only model is synthesized (no backend call).
+    let before = fake.inference_count();
+    let r = client()
+        .post(format!("http://{}/api/show", sc.addr))
+        .json(&json!({"name": "qwen"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["capabilities"].is_array(), "{v}");
+    assert_eq!(fake.inference_count(), before);
     // Listings include the OpenAI-only model.
     let tags: Value = client()
         .get(format!("http://{}/api/tags", sc.addr))
@@ -847,4 +877,77 @@ async fn shutdown_cancels_streams_after_the_grace() {
         "{text}"
     );
     assert_eq!(router.local_in_flight(), 0);
+}
+
+#[tokio::test]
+async fn remote_mode_routes_through_the_control_plane() {
+    use switchyard_control_plane::server::RunningControlPlane;
+
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = endpoints_yaml(&[&fake]);
+    let cp = RunningControlPlane::start(config(&yaml)).await.unwrap();
+    let sc = start_remote(
+        cp.url(),
+        Some(config(&yaml)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_routable(&sc, 1).await;
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let lines = ndjson(&r.text().await.unwrap());
+    assert_eq!(lines.last().unwrap()["done"], true);
+    wait_no_leases(&sc).await;
+    // The control plane saw the lease come and go.
+    for _ in 0..500 {
+        if cp.cp.state().leases == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cp.cp.state().leases, 0);
+    sc.shutdown().await;
+    cp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_control_plane_without_state_is_503() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let sc = start_remote(url, None, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let r = client()
+        .post(format!("http://{}/v1/chat/completions", sc.addr))
+        .json(&json!({"model": "llama3", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("control plane"),
+        "{v}"
+    );
+    let r = client()
+        .get(format!("http://{}/health", sc.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["control_plane_connected"],
+        false
+    );
+    sc.shutdown().await;
 }
