@@ -1,0 +1,243 @@
+//! The sidecar's routing handle: how a request gets an endpoint and a lease.
+//!
+//! [`Router`] has two modes behind one API (see `notes/sidecar-router.md`):
+//! - **embedded** ([`Router::embedded`], standalone mode): the control plane
+//!   is in this process; choices and releases are direct facade calls;
+//! - **remote** ([`Router::remote`]): gRPC to a control-plane process, with a
+//!   session kept alive, the cluster state followed over `WatchUsage`,
+//!   releases sent in the background, and **degraded mode** — local
+//!   decisions from the last cluster state — whenever the control plane does
+//!   not answer within `choose_timeout`.
+//!
+//! Invariants kept here and in the submodules:
+//! - every [`Lease`] is released exactly once (`finish`, or `Drop` as
+//!   cancelled), and at the control plane at most once;
+//! - release never blocks a request on the network;
+//! - after the control plane restarts, the leases this sidecar holds
+//!   (including those it granted itself while degraded) are registered with
+//!   the new one, so its usage counts are exact again within one keep-alive
+//!   interval;
+//! - every background task runs on the caller's `TaskTracker` and stops on
+//!   the caller's `CancellationToken`.
+
+mod degraded;
+mod embedded;
+mod follower;
+mod lease;
+mod ledger;
+mod remote;
+
+use std::{sync::Arc, time::Duration};
+
+use switchyard_control_plane::{
+    cluster::ClusterState,
+    config::Config,
+    control_plane::ControlPlane,
+    decision::{ChooseError, ChooseRequest},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use lease::Lease;
+
+use self::{embedded::EmbeddedRouter, remote::RemoteRouter};
+
+/// Why no lease could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The policy (control plane or local) found no endpoint: model not
+    /// found, or every candidate excluded or draining.
+    #[error(transparent)]
+    Choose(#[from] ChooseError),
+    /// Degraded mode without anything to decide on.
+    #[error("control plane unreachable and no cluster state known yet")]
+    NoState,
+}
+
+/// Settings of the remote (gRPC) router. [`RemoteSettings::from_config`]
+/// takes `choose_timeout` and the affinity settings from the config; the
+/// rest are transport constants with sensible defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteSettings {
+    /// Deadline for a control-plane choice before deciding locally
+    /// (`choose_timeout`, tens of milliseconds).
+    pub choose_timeout: Duration,
+    /// TCP connect timeout to the control plane.
+    pub connect_timeout: Duration,
+    /// Deadline of the other calls (session, keep-alive, register, release).
+    pub rpc_timeout: Duration,
+    /// First retry delay when the control plane is unreachable (doubles).
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// HTTP/2 ping period on the channel (finds dead connections).
+    pub http2_keepalive: Duration,
+    /// Longest wait in [`Router::remote`] for a session and a first cluster
+    /// state before serving anyway (degraded).
+    pub startup_wait: Duration,
+    /// Total budget of [`Router::close`] (flush releases, close session).
+    pub close_timeout: Duration,
+    /// `Release` calls in flight at once.
+    pub release_concurrency: usize,
+    /// How long a conversation is remembered for degraded decisions.
+    pub affinity_ttl: Duration,
+    /// Most conversations remembered.
+    pub affinity_max_entries: usize,
+}
+
+impl Default for RemoteSettings {
+    fn default() -> Self {
+        Self {
+            choose_timeout: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(1),
+            rpc_timeout: Duration::from_secs(2),
+            retry_min: Duration::from_millis(50),
+            retry_max: Duration::from_secs(2),
+            http2_keepalive: Duration::from_secs(10),
+            startup_wait: Duration::from_secs(1),
+            close_timeout: Duration::from_secs(2),
+            release_concurrency: 64,
+            affinity_ttl: Duration::from_secs(300),
+            affinity_max_entries: 100_000,
+        }
+    }
+}
+
+impl RemoteSettings {
+    /// Settings for `config`: its `choose_timeout` and affinity TTL / size.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            choose_timeout: config.sidecar.choose_timeout,
+            affinity_ttl: config.affinity.ttl,
+            affinity_max_entries: config.affinity.max_entries,
+            ..Self::default()
+        }
+    }
+}
+
+enum Mode {
+    Embedded(EmbeddedRouter),
+    Remote(RemoteRouter),
+}
+
+/// How the sidecar reaches routing decisions. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    mode: Arc<Mode>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match &*self.mode {
+            Mode::Embedded(_) => "embedded",
+            Mode::Remote(_) => "remote",
+        };
+        f.debug_struct("Router")
+            .field("mode", &mode)
+            .field("local_in_flight", &self.local_in_flight())
+            .finish()
+    }
+}
+
+impl Router {
+    /// Standalone: control plane embedded in this process (no gRPC hop).
+    /// Opens a session on the embedded control plane; that session never
+    /// expires (see [`embedded`](self::embedded) — it cannot lose contact
+    /// with its own process), so no keep-alive task is needed.
+    pub fn embedded(cp: ControlPlane, name: &str) -> Router {
+        Router {
+            mode: Arc::new(Mode::Embedded(EmbeddedRouter::new(cp, name))),
+        }
+    }
+
+    /// Remote: gRPC to `url` (e.g. `http://127.0.0.1:50051`); spawns its
+    /// session keep-alive, `WatchUsage` follower and release sender tasks
+    /// (owned by `tasks`, stopped by `cancel`). Does not fail if the control
+    /// plane is down at start: it waits at most `settings.startup_wait` for a
+    /// session and a first cluster state, then keeps retrying in the
+    /// background and routes in degraded mode meanwhile. An unusable URL is
+    /// logged; every choice then fails with [`RouteError::NoState`].
+    pub async fn remote(
+        url: String,
+        name: String,
+        settings: RemoteSettings,
+        tasks: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Router {
+        let remote = RemoteRouter::start(url, name, settings, tasks, cancel).await;
+        Router {
+            mode: Arc::new(Mode::Remote(remote)),
+        }
+    }
+
+    /// Chooses an endpoint and takes a lease. Remote: gRPC with deadline
+    /// `choose_timeout`; on timeout / unavailable decides locally with
+    /// `policy::select_from_cluster_state` over the last `WatchUsage`
+    /// snapshot plus this sidecar's own unregistered local leases
+    /// (`Lease::degraded() == true`).
+    pub async fn choose(&self, req: &ChooseRequest) -> Result<Lease, RouteError> {
+        match &*self.mode {
+            Mode::Embedded(e) => e.choose(req),
+            Mode::Remote(r) => r.choose(req).await,
+        }
+    }
+
+    /// Latest cluster state (embedded: built now; remote: the last
+    /// `WatchUsage` snapshot, or an empty state before the first one).
+    pub fn cluster_state(&self) -> Arc<ClusterState> {
+        match &*self.mode {
+            Mode::Embedded(e) => e.cluster_state(),
+            Mode::Remote(r) => r.cluster_state(),
+        }
+    }
+
+    /// Whether the last contact with the control plane succeeded (always
+    /// true when embedded).
+    pub fn control_plane_connected(&self) -> bool {
+        match &*self.mode {
+            Mode::Embedded(_) => true,
+            Mode::Remote(r) => r.control_plane_connected(),
+        }
+    }
+
+    /// Number of this sidecar's leases not yet released.
+    pub fn local_in_flight(&self) -> usize {
+        match &*self.mode {
+            Mode::Embedded(e) => e.local_in_flight(),
+            Mode::Remote(r) => r.local_in_flight(),
+        }
+    }
+
+    /// Leases granted locally (degraded mode) since start; for metrics.
+    pub fn degraded_decisions(&self) -> u64 {
+        match &*self.mode {
+            Mode::Embedded(_) => 0,
+            Mode::Remote(r) => r.degraded_decisions(),
+        }
+    }
+
+    /// Closes the session on shutdown (after in-flight requests finished).
+    /// Remote: flushes queued releases, then `CloseSession`; bounded by
+    /// `close_timeout`, best effort.
+    pub async fn close(&self) {
+        match &*self.mode {
+            Mode::Embedded(e) => e.close(),
+            Mode::Remote(r) => r.close().await,
+        }
+    }
+
+    #[cfg(test)]
+    fn embedded_inner(&self) -> Option<&EmbeddedRouter> {
+        match &*self.mode {
+            Mode::Embedded(e) => Some(e),
+            Mode::Remote(_) => None,
+        }
+    }
+
+    #[cfg(test)]
+    fn remote_inner(&self) -> Option<&RemoteRouter> {
+        match &*self.mode {
+            Mode::Embedded(_) => None,
+            Mode::Remote(r) => Some(r),
+        }
+    }
+}

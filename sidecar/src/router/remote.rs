@@ -1,0 +1,667 @@
+//! Remote mode: the control plane is another process, reached over one
+//! tonic [`Channel`] (HTTP/2, connected lazily, reconnecting by itself).
+//!
+//! Three background tasks, all on the caller's `TaskTracker` and stopped by
+//! its `CancellationToken`:
+//! - the **session task** opens the session (retrying with backoff while the
+//!   control plane is unreachable), keeps it alive every
+//!   `keepalive_interval` from the grant, re-probes quickly while the circuit
+//!   is open, and when the control plane forgot the session (`known=false`
+//!   or `FAILED_PRECONDITION unknown session`: it restarted, or the session
+//!   expired) opens a new one and re-registers every lease still held —
+//!   including those granted locally in degraded mode — with
+//!   `RegisterLeases`, so cluster usage is exact again within one interval;
+//! - the **follower** ([`super::follower`]) keeps the last `WatchUsage` state;
+//! - the **release sender** sends queued `Release` calls, many concurrently,
+//!   retrying transport failures until acknowledged or until the session
+//!   they were owed to is gone (then the control plane already dropped the
+//!   lease). See [`super::ledger`] for the exactly-once rules.
+//!
+//! A choice is one `ChooseEndpoint` with `reserve=true` and a local deadline
+//! of `choose_timeout`. On deadline, transport error, unknown session or a
+//! missing session it decides locally ([`super::degraded`]). A call that
+//! missed the deadline is not abandoned: it finishes in a tracked task and a
+//! lease it still grants is released at once (otherwise the control plane
+//! would count it until the session ends).
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use switchyard_control_plane::{
+    api::SessionGrant,
+    cluster::ClusterState,
+    decision::{Choice, ChooseError, ChooseRequest},
+    grpc::convert::{ReleaseCall, choose_error_from_status, choose_request_to_proto},
+    ids::{LeaseId, SessionId},
+    policy::select_from_cluster_state,
+};
+use switchyard_proto::v1::{self, routing_client::RoutingClient};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Code, Status, transport::Channel};
+
+use super::{
+    RemoteSettings, RouteError,
+    degraded::{AffinityMemory, Circuit, DegradeCause},
+    follower::{Follower, Snapshot},
+    lease::Lease,
+    ledger::{self, Ledger, Registration, ReleaseJob},
+};
+
+/// Exponential backoff with ±20 % jitter, `min` doubling up to `max`.
+#[derive(Clone, Debug)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
+        Self {
+            min,
+            max: max.max(min),
+            current: min,
+        }
+    }
+
+    /// The next delay to wait.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        base.mul_f64(rand::random_range(0.8..1.2))
+    }
+
+    /// Back to the shortest delay (after a success).
+    pub(crate) fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+/// True for failures that say nothing about the request, only that the
+/// control plane could not be reached or did not answer.
+fn is_transport(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
+}
+
+/// Runs `call` with a local deadline (the tonic `grpc-timeout` header is set
+/// too, so the server stops waiting as well).
+async fn with_deadline<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded("no answer within the deadline")),
+    }
+}
+
+fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.set_timeout(timeout);
+    r
+}
+
+struct Shared {
+    name: String,
+    settings: RemoteSettings,
+    client: RoutingClient<Channel>,
+    ledger: Arc<Ledger>,
+    circuit: Arc<Circuit>,
+    snapshot: Arc<Snapshot>,
+    affinity: AffinityMemory,
+    wake_session: Arc<Notify>,
+    /// Notified when a session opens (start-up wait).
+    session_opened: Notify,
+    closed: AtomicBool,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// Router over a control plane reached by gRPC.
+pub(crate) struct RemoteRouter {
+    /// `None` when the URL was unusable: then every choice is local and
+    /// fails with [`RouteError::NoState`] (no state can ever arrive).
+    shared: Option<Arc<Shared>>,
+    empty: Arc<ClusterState>,
+}
+
+impl RemoteRouter {
+    pub(crate) async fn start(
+        url: String,
+        name: String,
+        settings: RemoteSettings,
+        tasks: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        let empty = Arc::new(ClusterState::default());
+        let endpoint = match tonic::transport::Endpoint::from_shared(url.clone()) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(url, error = %e, "invalid control-plane URL; no routing possible");
+                return Self {
+                    shared: None,
+                    empty,
+                };
+            }
+        };
+        let channel = endpoint
+            .connect_timeout(settings.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(settings.http2_keepalive)
+            .keep_alive_timeout(settings.http2_keepalive * 2)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        let client = RoutingClient::new(channel);
+        let (queue, jobs) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            name,
+            affinity: AffinityMemory::new(settings.affinity_ttl, settings.affinity_max_entries),
+            settings,
+            client: client.clone(),
+            ledger: Arc::new(Ledger::new(queue)),
+            circuit: Arc::new(Circuit::default()),
+            snapshot: Arc::new(Snapshot::default()),
+            wake_session: Arc::new(Notify::new()),
+            session_opened: Notify::new(),
+            closed: AtomicBool::new(false),
+            tasks: tasks.clone(),
+            cancel: cancel.clone(),
+        });
+        tracing::info!(url, name = shared.name, "connecting to the control plane");
+
+        tasks.spawn(session_task(shared.clone(), cancel.clone()));
+        tasks.spawn(release_sender(shared.clone(), jobs, cancel.clone()));
+        let follower = Follower {
+            client,
+            snapshot: shared.snapshot.clone(),
+            circuit: shared.circuit.clone(),
+            wake_session: shared.wake_session.clone(),
+            backoff: Backoff::new(shared.settings.retry_min, shared.settings.retry_max),
+        };
+        tasks.spawn(follower.run(cancel.clone()));
+
+        let router = Self {
+            shared: Some(shared.clone()),
+            empty,
+        };
+        // Give the first requests a session and a cluster state when the
+        // control plane is up; never fail (or wait long) when it is not.
+        let ready = async {
+            loop {
+                let opened = shared.session_opened.notified();
+                let arrived = shared.snapshot.arrived.notified();
+                let has_session = shared.ledger.session().is_some();
+                let has_state = shared.snapshot.get().is_some();
+                match (has_session, has_state) {
+                    (true, true) => return,
+                    (false, _) => opened.await,
+                    (true, false) => arrived.await,
+                }
+            }
+        };
+        tokio::select! {
+            () = ready => {}
+            () = tokio::time::sleep(shared.settings.startup_wait) => {
+                tracing::warn!("control plane not ready yet; starting anyway (degraded until it is)");
+            }
+            () = cancel.cancelled() => {}
+        }
+        router
+    }
+
+    pub(crate) async fn choose(&self, req: &ChooseRequest) -> Result<Lease, RouteError> {
+        let Some(shared) = &self.shared else {
+            return Err(RouteError::NoState);
+        };
+        let cause = match shared.ledger.session() {
+            None => DegradeCause::NoSession,
+            Some(_) if !shared.circuit.reachable() => DegradeCause::CircuitOpen,
+            Some((session, generation)) => {
+                match remote_choose(shared, req, session, generation).await {
+                    Ok(lease) => return Ok(lease),
+                    Err(Fallback::Refused(e)) => return Err(RouteError::Choose(e)),
+                    Err(Fallback::Local(cause)) => cause,
+                }
+            }
+        };
+        choose_locally(shared, req, cause)
+    }
+
+    pub(crate) fn cluster_state(&self) -> Arc<ClusterState> {
+        self.shared
+            .as_ref()
+            .and_then(|s| s.snapshot.get())
+            .unwrap_or_else(|| self.empty.clone())
+    }
+
+    pub(crate) fn control_plane_connected(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.circuit.reachable())
+    }
+
+    pub(crate) fn local_in_flight(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| s.ledger.held())
+    }
+
+    pub(crate) fn degraded_decisions(&self) -> u64 {
+        self.shared
+            .as_ref()
+            .map_or(0, |s| s.circuit.degraded_decisions())
+    }
+
+    /// Flushes queued releases (so their outcomes and tokens are counted),
+    /// then closes the session; each step bounded, all best effort.
+    pub(crate) async fn close(&self) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        shared.closed.store(true, Ordering::Release);
+        shared.wake_session.notify_one();
+        let budget = shared.settings.close_timeout;
+        if tokio::time::timeout(budget / 2, shared.ledger.drained())
+            .await
+            .is_err()
+        {
+            tracing::warn!("releases still queued at close; the session close ends those leases");
+        }
+        let Some(session) = shared.ledger.take_session() else {
+            return;
+        };
+        let mut client = shared.client.clone();
+        let call = client.close_session(request(
+            v1::CloseSessionRequest {
+                session_id: session.0,
+            },
+            budget / 2,
+        ));
+        match with_deadline(budget / 2, call).await {
+            Ok(r) => {
+                tracing::info!(session = %session, released = r.released_leases, "session closed")
+            }
+            Err(s) => {
+                tracing::warn!(session = %session, code = ?s.code(), message = s.message(), "could not close the session; it will expire")
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn session(&self) -> Option<SessionId> {
+        self.shared
+            .as_ref()
+            .and_then(|s| s.ledger.session())
+            .map(|(s, _)| s)
+    }
+}
+
+/// Why a remote choice did not produce a lease.
+enum Fallback {
+    /// The control plane decided: no endpoint (model not found, ...).
+    Refused(ChooseError),
+    /// The control plane could not decide: decide locally.
+    Local(DegradeCause),
+}
+
+async fn remote_choose(
+    shared: &Arc<Shared>,
+    req: &ChooseRequest,
+    session: SessionId,
+    generation: u64,
+) -> Result<Lease, Fallback> {
+    let settings = &shared.settings;
+    let mut client = shared.client.clone();
+    // The header deadline is the long RPC timeout: a late answer is still
+    // wanted (to release its lease), only this request stops waiting.
+    let message = request(
+        choose_request_to_proto(req, Some(session)),
+        settings_rpc_timeout(settings),
+    );
+    let mut call = Box::pin(async move { client.choose_endpoint(message).await });
+    let answer = match tokio::time::timeout(settings.choose_timeout, &mut call).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            reap_late_grant(shared, call, generation);
+            if shared.circuit.deadline_missed() {
+                shared.wake_session.notify_one();
+            }
+            return Err(Fallback::Local(DegradeCause::Deadline));
+        }
+    };
+    match answer {
+        Ok(response) => {
+            shared.circuit.up();
+            let choice = match Choice::try_from(response.into_inner()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "invalid choice from the control plane");
+                    return Err(Fallback::Local(DegradeCause::BadAnswer));
+                }
+            };
+            let Some(id) = choice.lease else {
+                tracing::error!("the control plane granted no lease for a reserving choice");
+                return Err(Fallback::Local(DegradeCause::BadAnswer));
+            };
+            shared.circuit.answered();
+            shared.ledger.insert_granted(id, &choice, generation);
+            shared.affinity.remember(req, &choice, Instant::now());
+            Ok(Lease::new(choice, id, false, ledger::sink(&shared.ledger)))
+        }
+        Err(status) => match choose_error_from_status(&status, &req.model) {
+            Some(ChooseError::UnknownSession(_)) => {
+                shared.circuit.up();
+                if shared.ledger.drop_session(session) {
+                    tracing::warn!(session = %session, "control plane does not know this session; re-opening");
+                }
+                shared.wake_session.notify_one();
+                Err(Fallback::Local(DegradeCause::UnknownSession))
+            }
+            Some(refused) => {
+                shared.circuit.up();
+                shared.circuit.answered();
+                Err(Fallback::Refused(refused))
+            }
+            None if is_transport(status.code()) => {
+                shared.circuit.down(status.message());
+                shared.wake_session.notify_one();
+                Err(Fallback::Local(DegradeCause::Transport))
+            }
+            None => {
+                tracing::error!(code = ?status.code(), message = status.message(), "control plane rejected a choice");
+                Err(Fallback::Local(DegradeCause::BadAnswer))
+            }
+        },
+    }
+}
+
+fn settings_rpc_timeout(settings: &RemoteSettings) -> Duration {
+    settings.rpc_timeout.max(settings.choose_timeout)
+}
+
+/// Lets a choose call that missed its deadline finish in a tracked task and
+/// releases the lease it may still grant.
+fn reap_late_grant<F>(shared: &Arc<Shared>, call: F, generation: u64)
+where
+    F: Future<Output = Result<tonic::Response<v1::ChooseResponse>, Status>> + Send + 'static,
+{
+    let ledger = shared.ledger.clone();
+    let cancel = shared.cancel.clone();
+    let limit = settings_rpc_timeout(&shared.settings);
+    shared.tasks.spawn(async move {
+        let answer = tokio::select! {
+            () = cancel.cancelled() => return,
+            a = tokio::time::timeout(limit, call) => a,
+        };
+        if let Ok(Ok(response)) = answer {
+            let lease = response.into_inner().lease_id;
+            if lease != 0 {
+                tracing::debug!(lease, "late choice granted a lease; releasing it");
+                ledger.release_orphan(LeaseId(lease), generation);
+            }
+        }
+    });
+}
+
+fn choose_locally(
+    shared: &Shared,
+    req: &ChooseRequest,
+    cause: DegradeCause,
+) -> Result<Lease, RouteError> {
+    let Some(state) = shared.snapshot.get() else {
+        return Err(RouteError::NoState);
+    };
+    let now = Instant::now();
+    let affinity = shared.affinity.lookup(req, now);
+    let (choice, id) = shared.ledger.grant_local(|local| {
+        select_from_cluster_state(&state, local, req, affinity.as_deref(), &mut rand::rng())
+    })?;
+    shared.circuit.degraded_decision(cause);
+    shared.affinity.remember(req, &choice, now);
+    tracing::debug!(
+        endpoint = &*choice.endpoint,
+        cause = cause.as_str(),
+        "degraded decision"
+    );
+    Ok(Lease::new(choice, id, true, ledger::sink(&shared.ledger)))
+}
+
+// ---------------------------------------------------------------- session
+
+/// Waits `delay`, or until woken; false when cancelled.
+async fn pause(shared: &Shared, delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
+        () = shared.wake_session.notified() => true,
+    }
+}
+
+async fn open_session(shared: &Shared) -> Result<SessionGrant, Status> {
+    let timeout = shared.settings.rpc_timeout;
+    let mut client = shared.client.clone();
+    let call = client.open_session(request(
+        v1::OpenSessionRequest {
+            name: shared.name.clone(),
+        },
+        timeout,
+    ));
+    let response = with_deadline(timeout, call).await?;
+    SessionGrant::try_from(response).map_err(|e| Status::internal(e.to_string()))
+}
+
+async fn keep_alive(shared: &Shared, session: SessionId) -> Result<bool, Status> {
+    let timeout = shared.settings.rpc_timeout;
+    let mut client = shared.client.clone();
+    let call = client.keep_alive(request(
+        v1::KeepAliveRequest {
+            session_id: session.0,
+        },
+        timeout,
+    ));
+    with_deadline(timeout, call).await.map(|r| r.known)
+}
+
+/// What a registration round found out about the session.
+enum Registered {
+    Done,
+    SessionUnknown,
+    Failed,
+}
+
+async fn register(shared: &Shared, round: &Registration) -> Registered {
+    let timeout = shared.settings.rpc_timeout;
+    let mut client = shared.client.clone();
+    let call = client.register_leases(request(
+        v1::RegisterLeasesRequest {
+            session_id: round.session.0,
+            leases: round.leases.iter().map(v1::LeaseRecord::from).collect(),
+        },
+        timeout,
+    ));
+    match with_deadline(timeout, call).await {
+        Ok(r) => {
+            shared.circuit.up();
+            shared.ledger.finish_registration(round, true);
+            if r.rejected > 0 {
+                tracing::warn!(
+                    rejected = r.rejected,
+                    "control plane rejected leases on endpoints it does not know"
+                );
+            }
+            tracing::info!(session = %round.session, registered = r.registered, "leases re-registered");
+            Registered::Done
+        }
+        Err(status) => {
+            shared.ledger.finish_registration(round, false);
+            match choose_error_from_status(&status, "") {
+                Some(ChooseError::UnknownSession(_)) => Registered::SessionUnknown,
+                _ => {
+                    if is_transport(status.code()) {
+                        shared.circuit.down(status.message());
+                    }
+                    tracing::warn!(code = ?status.code(), message = status.message(), "lease registration failed; will retry");
+                    Registered::Failed
+                }
+            }
+        }
+    }
+}
+
+/// Opens, keeps alive, re-opens the session and registers leases, until
+/// `cancel` or [`RemoteRouter::close`].
+async fn session_task(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut backoff = Backoff::new(shared.settings.retry_min, shared.settings.retry_max);
+    let mut logged_failure = false;
+    'session: loop {
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let grant = match open_session(&shared).await {
+            Ok(g) => g,
+            Err(status) => {
+                shared.circuit.down(status.message());
+                if !logged_failure {
+                    tracing::warn!(code = ?status.code(), message = status.message(), "cannot open a control-plane session; retrying");
+                    logged_failure = true;
+                }
+                if !pause(&shared, backoff.next_delay(), &cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if shared.closed.load(Ordering::Acquire) {
+            // Closed while opening: do not leave a session behind.
+            let mut client = shared.client.clone();
+            let timeout = shared.settings.rpc_timeout;
+            let _ = with_deadline(
+                timeout,
+                client.close_session(request(
+                    v1::CloseSessionRequest {
+                        session_id: grant.id.0,
+                    },
+                    timeout,
+                )),
+            )
+            .await;
+            return;
+        }
+        shared.circuit.up();
+        backoff.reset();
+        logged_failure = false;
+        let generation = shared.ledger.open_session(grant.id);
+        shared.session_opened.notify_waiters();
+        tracing::info!(session = %grant.id, generation, ttl = ?grant.ttl, "control-plane session opened");
+
+        let mut wait = Duration::ZERO;
+        loop {
+            if let Some(round) = shared.ledger.begin_registration()
+                && let Registered::SessionUnknown = register(&shared, &round).await
+            {
+                shared.ledger.drop_session(grant.id);
+                continue 'session;
+            }
+            if !pause(&shared, wait, &cancel).await {
+                return;
+            }
+            if shared.closed.load(Ordering::Acquire) {
+                return;
+            }
+            match keep_alive(&shared, grant.id).await {
+                Ok(true) => {
+                    shared.circuit.up();
+                    backoff.reset();
+                    // A choice may have dropped the session on an "unknown
+                    // session" answer that this keep-alive contradicts (two
+                    // control-plane replicas behind one address): it lives.
+                    if !shared.closed.load(Ordering::Acquire) {
+                        shared.ledger.restore_session(grant.id);
+                    }
+                    wait = grant.keepalive_interval;
+                }
+                Ok(false) => {
+                    shared.circuit.up();
+                    shared.ledger.drop_session(grant.id);
+                    tracing::warn!(session = %grant.id, "control plane forgot the session (restart or expiry); re-opening and re-registering leases");
+                    continue 'session;
+                }
+                Err(status) => {
+                    shared.circuit.down(status.message());
+                    // Re-probe quickly while unreachable, never slower than
+                    // the keep-alive period.
+                    wait = backoff.next_delay().min(grant.keepalive_interval);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- releases
+
+/// Sends queued releases, up to `release_concurrency` at once, until
+/// `cancel`.
+async fn release_sender(
+    shared: Arc<Shared>,
+    mut jobs: mpsc::UnboundedReceiver<ReleaseJob>,
+    cancel: CancellationToken,
+) {
+    let stream = futures::stream::poll_fn(move |cx| jobs.poll_recv(cx));
+    let limit = shared.settings.release_concurrency.max(1);
+    let run = stream.for_each_concurrent(limit, |job| {
+        let shared = shared.clone();
+        async move {
+            send_release(&shared, job).await;
+            shared.ledger.job_done();
+        }
+    });
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        () = run => {}
+    }
+}
+
+async fn send_release(shared: &Shared, job: ReleaseJob) {
+    let mut backoff = Backoff::new(shared.settings.retry_min, shared.settings.retry_max);
+    let message = v1::ReleaseRequest::from(&ReleaseCall {
+        lease: job.lease,
+        outcome: job.outcome,
+        tokens: job.tokens,
+    });
+    loop {
+        if !shared.ledger.is_current(job.generation) {
+            tracing::debug!(lease = %job.lease, "session replaced; its leases are gone at the control plane");
+            return;
+        }
+        let timeout = shared.settings.rpc_timeout;
+        let mut client = shared.client.clone();
+        let call = client.release(request(message, timeout));
+        match with_deadline(timeout, call).await {
+            Ok(r) => {
+                if !r.released {
+                    tracing::debug!(lease = %job.lease, "lease already ended at the control plane");
+                }
+                return;
+            }
+            Err(status) if is_transport(status.code()) => {
+                tracing::debug!(lease = %job.lease, code = ?status.code(), "release not delivered; retrying");
+            }
+            Err(status) => {
+                tracing::warn!(lease = %job.lease, code = ?status.code(), message = status.message(), "release refused; dropped");
+                return;
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

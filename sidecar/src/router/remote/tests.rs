@@ -1,0 +1,343 @@
+//! Remote router against in-process gRPC control planes on `127.0.0.1:0`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use switchyard_control_plane::{
+    api::ProbeReport,
+    config::Config,
+    control_plane::ControlPlane,
+    decision::{ChooseError, ChooseRequest},
+    outcome::{Outcome, RequestKind, TokenCounts},
+    server::RunningControlPlane,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::router::{RemoteSettings, RouteError, Router};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn config() -> Config {
+    // Backends on ports nothing listens on: probes fail (the endpoints stay
+    // candidates with the lists the tests inject).
+    let yaml = "endpoints:\n  - http://127.0.0.1:9\n  - http://127.0.0.1:10\n\
+                max_concurrent_connections: 4\nsession_ttl: 2s\nkeepalive_interval: 100ms\n\
+                probe_interval: 1h\n";
+    Config::from_yaml(yaml, &|_| None).unwrap()
+}
+
+fn settings() -> RemoteSettings {
+    RemoteSettings {
+        // Generous for a loaded 2-core CI machine; still "tens of ms" class.
+        choose_timeout: Duration::from_millis(250),
+        retry_min: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+        startup_wait: Duration::from_secs(10),
+        ..RemoteSettings::default()
+    }
+}
+
+fn probe(cp: &ControlPlane) {
+    for i in 0..2 {
+        cp.apply_probe(
+            i,
+            ProbeReport::Ok {
+                advertised: vec!["llama3:latest".into(), "qwen:7b".into()],
+                loaded: vec!["llama3:latest".into()],
+            },
+            Instant::now(),
+        );
+    }
+}
+
+fn request(model: &str) -> ChooseRequest {
+    ChooseRequest {
+        model: model.into(),
+        affinity_key: None,
+        kind: RequestKind::Chat,
+        exclude: vec![],
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds; panics after [`WAIT`].
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn start_cp(addr: Option<SocketAddr>) -> RunningControlPlane {
+    let rcp = match addr {
+        None => RunningControlPlane::start(config()).await.unwrap(),
+        Some(a) => {
+            // The old listener may take a moment to go away.
+            let deadline = Instant::now() + WAIT;
+            loop {
+                match RunningControlPlane::start_on(config(), a, None).await {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "cannot rebind {a}: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+    };
+    probe(&rcp.cp);
+    rcp
+}
+
+struct Harness {
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self {
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    async fn router(&self, url: String, settings: RemoteSettings) -> Router {
+        Router::remote(
+            url,
+            "test-sidecar".into(),
+            settings,
+            &self.tasks,
+            self.cancel.clone(),
+        )
+        .await
+    }
+
+    /// Every task the router spawned stops on cancel.
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        tokio::time::timeout(WAIT, self.tasks.wait())
+            .await
+            .expect("router tasks did not stop on cancel");
+    }
+}
+
+fn has_models(router: &Router) -> bool {
+    router
+        .cluster_state()
+        .endpoints
+        .iter()
+        .all(|e| !e.advertised_models.is_empty())
+}
+
+#[tokio::test]
+async fn choose_and_release_through_grpc() {
+    let rcp = start_cp(None).await;
+    let h = Harness::new();
+    let router = h.router(rcp.url(), settings()).await;
+    wait_until("cluster state with models", || has_models(&router)).await;
+    assert!(router.control_plane_connected());
+
+    let lease = router.choose(&request("llama3")).await.unwrap();
+    assert!(!lease.degraded());
+    assert_eq!(lease.id().0 >> 63, 0, "granted by the control plane");
+    assert_eq!(lease.choice().lease, Some(lease.id()));
+    assert_eq!(rcp.cp.state().leases, 1);
+    assert_eq!(router.local_in_flight(), 1);
+
+    match router.choose(&request("mistral")).await.unwrap_err() {
+        RouteError::Choose(ChooseError::ModelNotFound { model, available }) => {
+            assert_eq!(model, "mistral");
+            assert_eq!(available, vec!["llama3:latest", "qwen:7b"]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    lease.finish(
+        Outcome::Ok,
+        TokenCounts {
+            prompt: 4,
+            completion: 6,
+        },
+    );
+    assert_eq!(router.local_in_flight(), 0);
+    wait_until("release at the control plane", || {
+        rcp.cp.state().leases == 0
+    })
+    .await;
+    let ok = rcp
+        .cp
+        .stats()
+        .releases
+        .iter()
+        .find(|(o, _)| *o == Outcome::Ok)
+        .map(|(_, n)| *n);
+    assert_eq!(ok, Some(1));
+    assert_eq!(router.degraded_decisions(), 0);
+
+    // A dropped lease is released as cancelled.
+    let lease = router.choose(&request("qwen:7b")).await.unwrap();
+    drop(lease);
+    wait_until("cancelled release", || rcp.cp.state().leases == 0).await;
+
+    assert_eq!(rcp.cp.sessions(Instant::now()).len(), 1);
+    router.close().await;
+    assert!(rcp.cp.sessions(Instant::now()).is_empty());
+    h.stop().await;
+    rcp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn degraded_while_down_then_reregistered_on_restart() {
+    let rcp = start_cp(None).await;
+    let addr = rcp.addr;
+    let h = Harness::new();
+    let s = settings();
+    let router = h.router(rcp.url(), s.clone()).await;
+    wait_until("cluster state with models", || has_models(&router)).await;
+    let old_session = router.remote_inner().and_then(|r| r.session()).unwrap();
+
+    let granted = router.choose(&request("llama3")).await.unwrap();
+    assert!(!granted.degraded());
+    // The snapshot degraded mode will route on must show that lease (it is
+    // published within one `watch_interval`).
+    wait_until("snapshot with the lease", || {
+        router.cluster_state().leases == 1
+    })
+    .await;
+
+    // Control plane gone.
+    rcp.shutdown().await.unwrap();
+
+    let started = Instant::now();
+    let local = router.choose(&request("llama3")).await.unwrap();
+    let first = started.elapsed();
+    assert!(local.degraded());
+    assert!(local.id().0 >> 63 == 1, "local ids are tagged");
+    // Bounded by the deadline (plus scheduling slack on a busy machine).
+    assert!(
+        first < s.choose_timeout * 4,
+        "first degraded choice took {first:?}"
+    );
+    // The two leases held count in the local decision: least in-flight for
+    // the model puts the second request on the other endpoint.
+    assert_ne!(local.choice().endpoint, granted.choice().endpoint);
+
+    // The circuit is open now: the next choice does not pay the deadline.
+    wait_until("circuit open", || !router.control_plane_connected()).await;
+    let started = Instant::now();
+    let forgotten = router.choose(&request("qwen:7b")).await.unwrap();
+    assert!(forgotten.degraded());
+    assert!(
+        started.elapsed() < s.choose_timeout,
+        "circuit did not skip the RPC"
+    );
+    assert!(router.degraded_decisions() >= 2);
+    // Released while disconnected and never registered: forgotten locally.
+    drop(forgotten);
+    assert_eq!(router.local_in_flight(), 2);
+
+    // A new control plane on the same address.
+    let rcp2 = start_cp(Some(addr)).await;
+    wait_until("new session", || {
+        router
+            .remote_inner()
+            .and_then(|r| r.session())
+            .is_some_and(|s| s != old_session)
+    })
+    .await;
+    // Usage exact again: both held leases (one granted by the old control
+    // plane, one granted locally) and nothing else.
+    wait_until("leases re-registered", || rcp2.cp.state().leases == 2).await;
+    let state = rcp2.cp.state();
+    assert_eq!(state.total_in_flight(), 2);
+    for lease in [&granted, &local] {
+        let ep = state
+            .endpoints
+            .iter()
+            .find(|e| e.url == lease.choice().endpoint)
+            .unwrap();
+        assert_eq!(ep.in_flight, 1, "{}", ep.url);
+    }
+
+    // Routing through the control plane again.
+    wait_until("reconnected", || router.control_plane_connected()).await;
+    let fresh = router.choose(&request("llama3")).await.unwrap();
+    assert!(!fresh.degraded());
+    assert_eq!(rcp2.cp.state().leases, 3);
+
+    granted.finish(Outcome::Ok, TokenCounts::default());
+    local.finish(Outcome::BackendError, TokenCounts::default());
+    drop(fresh);
+    assert_eq!(router.local_in_flight(), 0);
+    wait_until("all released", || rcp2.cp.state().leases == 0).await;
+    let stats = rcp2.cp.stats();
+    assert_eq!(stats.leases_released, 3, "each lease released exactly once");
+    assert_eq!(stats.leases_active, 0);
+
+    router.close().await;
+    h.stop().await;
+    rcp2.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn starts_with_the_control_plane_down_and_connects_later() {
+    // Learn a free port, then free it.
+    let probe_cp = start_cp(None).await;
+    let addr = probe_cp.addr;
+    probe_cp.shutdown().await.unwrap();
+
+    let h = Harness::new();
+    let started = Instant::now();
+    let router = h
+        .router(
+            format!("http://{addr}"),
+            RemoteSettings {
+                startup_wait: Duration::from_millis(200),
+                ..settings()
+            },
+        )
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(!router.control_plane_connected());
+    assert!(router.cluster_state().endpoints.is_empty());
+    assert!(matches!(
+        router.choose(&request("llama3")).await,
+        Err(RouteError::NoState)
+    ));
+
+    let rcp = start_cp(Some(addr)).await;
+    wait_until("connected with models", || {
+        router.control_plane_connected() && has_models(&router)
+    })
+    .await;
+    wait_until("session", || {
+        router.remote_inner().and_then(|r| r.session()).is_some()
+    })
+    .await;
+    let lease = router.choose(&request("llama3")).await.unwrap();
+    assert!(!lease.degraded());
+    drop(lease);
+    wait_until("released", || rcp.cp.state().leases == 0).await;
+    router.close().await;
+    h.stop().await;
+    rcp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_url_never_routes() {
+    let h = Harness::new();
+    let router = h.router("not a url".into(), settings()).await;
+    assert!(!router.control_plane_connected());
+    assert!(matches!(
+        router.choose(&request("llama3")).await,
+        Err(RouteError::NoState)
+    ));
+    router.close().await;
+    h.stop().await;
+}
