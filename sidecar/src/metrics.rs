@@ -17,6 +17,9 @@
 //!
 //! `model` is the client's model name only once an endpoint was chosen for
 //! it (otherwise `""`), so arbitrary unknown names cannot grow the label set.
+//! `status` is the status the client received in the response head: a
+//! stream that fails after its first byte still counts as 200 there, and
+//! shows up in `upstream_errors_total` with its release outcome.
 
 use std::{sync::Arc, time::Duration};
 
