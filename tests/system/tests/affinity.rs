@@ -1,0 +1,105 @@
+//! Conversation affinity: with `conversation_affinity: true` and the model
+//! loaded on two backends, every turn of one conversation (a growing
+//! message list with the same first messages) lands on the backend that
+//! served its first turn, and an `X-Session-Id` header pins the same way.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{Value, json};
+use switchyard_system_tests::{Cluster, client::send, ollama_fake};
+
+/// Index of the backend that served the last request (the only one whose
+/// served count grew).
+fn served_by(c: &Cluster, before: &[u64]) -> usize {
+    let now: Vec<u64> = c.backends.iter().map(|b| b.model_requests("m")).collect();
+    let grew: Vec<usize> = (0..now.len()).filter(|i| now[*i] > before[*i]).collect();
+    assert_eq!(
+        grew.len(),
+        1,
+        "exactly one backend should have served: {before:?} -> {now:?}"
+    );
+    grew[0]
+}
+
+fn counts(c: &Cluster) -> Vec<u64> {
+    c.backends.iter().map(|b| b.model_requests("m")).collect()
+}
+
+async fn affinity_cluster() -> Cluster {
+    Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .backend(ollama_fake(&["m:latest"]))
+        .set("conversation_affinity", "true")
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_of_one_conversation_land_on_the_same_backend() {
+    let c = affinity_cluster().await;
+    // Several conversations, several turns each: without affinity the
+    // random tie-break would split them (chance of a false pass 2^-15).
+    for conv in 0..3 {
+        let mut messages: Vec<Value> = vec![
+            json!({"role": "system", "content": format!("you are assistant {conv}")}),
+            json!({"role": "user", "content": format!("conversation {conv} starts")}),
+        ];
+        let mut first = None;
+        for turn in 0..6 {
+            let (path, body) = if turn % 2 == 0 {
+                (
+                    "/api/chat",
+                    json!({"model": "m", "stream": false, "messages": messages}),
+                )
+            } else {
+                (
+                    "/v1/chat/completions",
+                    json!({"model": "m", "messages": messages}),
+                )
+            };
+            let before = counts(&c);
+            let r = send(c.http().post(c.at(path)).json(&body)).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            let backend = served_by(&c, &before);
+            match first {
+                None => first = Some(backend),
+                Some(f) => assert_eq!(
+                    backend, f,
+                    "conversation {conv} turn {turn} moved from backend {f} to {backend}"
+                ),
+            }
+            messages.push(json!({"role": "assistant", "content": "tok0 tok1 tok2"}));
+            messages.push(json!({"role": "user", "content": format!("turn {turn}")}));
+        }
+    }
+    c.wait_usage(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_header_pins_requests_to_one_backend() {
+    let c = affinity_cluster().await;
+    let mut seen = Vec::new();
+    for session in ["alpha", "beta", "gamma"] {
+        let mut first = None;
+        for i in 0..5 {
+            let before = counts(&c);
+            let r = send(
+                c.http()
+                    .post(c.at("/api/chat"))
+                    .header("X-Session-Id", session)
+                    .json(&json!({"model": "m", "stream": false, "messages": [
+                        {"role": "user", "content": format!("unrelated question {i} in {session}")}
+                    ]})),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            let backend = served_by(&c, &before);
+            match first {
+                None => first = Some(backend),
+                Some(f) => assert_eq!(backend, f, "session {session} request {i} moved"),
+            }
+        }
+        seen.push(first.unwrap());
+    }
+    c.wait_usage(0).await;
+}

@@ -1,0 +1,123 @@
+//! Client errors and unavailability, always in the client's API format:
+//! malformed JSON and a missing model are 400, a body over
+//! `max_body_bytes` is 413, no healthy backend is 503.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::json;
+use switchyard_system_tests::{
+    Cluster,
+    client::{Reply, ollama_error_text, openai_error_message, post_json, send},
+    ollama_fake, openai_fake,
+};
+
+/// Routed paths with their API format (`true` = OpenAI).
+const PATHS: [(&str, bool); 5] = [
+    ("/api/chat", false),
+    ("/api/generate", false),
+    ("/api/embed", false),
+    ("/v1/chat/completions", true),
+    ("/v1/embeddings", true),
+];
+
+fn assert_format(path: &str, openai: bool, r: &Reply) -> String {
+    if openai {
+        openai_error_message(r)
+    } else {
+        assert!(
+            r.json()["error"].is_string(),
+            "{path}: expected an Ollama error body, got {}",
+            r.text
+        );
+        ollama_error_text(r)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_and_missing_model_are_400_in_client_format() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .start()
+        .await;
+    for (path, openai) in PATHS {
+        let r = send(
+            c.http()
+                .post(c.at(path))
+                .header("content-type", "application/json")
+                .body("{\"model\": \"m\", \"messages\": ["),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{path} malformed: {}", r.text);
+        assert_format(path, openai, &r);
+
+        let r = post_json(
+            c.http(),
+            &c.at(path),
+            &json!({"messages": [], "input": "x", "prompt": "x"}),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{path} without model: {}", r.text);
+        let msg = assert_format(path, openai, &r);
+        assert!(
+            msg.contains("model"),
+            "{path}: message should name `model`: {msg}"
+        );
+    }
+    assert_eq!(
+        c.backend(0).model_requests("m"),
+        0,
+        "a bad request reached the backend"
+    );
+    c.wait_usage(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_over_max_body_bytes_is_413_in_client_format() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .set("max_body_bytes", "2048")
+        .start()
+        .await;
+    let big = "x".repeat(8 * 1024);
+    for (path, openai) in PATHS {
+        let r = post_json(
+            c.http(),
+            &c.at(path),
+            &json!({"model": "m", "stream": false, "input": big, "prompt": big,
+                    "messages": [{"role": "user", "content": big}]}),
+        )
+        .await;
+        assert_eq!(r.status, 413, "{path}: {}", r.text);
+        assert_format(path, openai, &r);
+    }
+    // Just under the limit is fine.
+    let r = post_json(
+        c.http(),
+        &c.at("/api/chat"),
+        &json!({"model": "m", "stream": false, "messages": [{"role": "user", "content": "x".repeat(1000)}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    c.wait_usage(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_healthy_backend_is_503_in_client_format() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .backend(openai_fake(&["m"]))
+        .start()
+        .await;
+    c.backend(0).shutdown().await;
+    c.backend(1).shutdown().await;
+    c.wait_healthy(0, false).await;
+    c.wait_healthy(1, false).await;
+    let chat =
+        json!({"model": "m", "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+    for (path, openai) in [("/api/chat", false), ("/v1/chat/completions", true)] {
+        let r = post_json(c.http(), &c.at(path), &chat).await;
+        assert_eq!(r.status, 503, "{path} with every backend down: {}", r.text);
+        assert_format(path, openai, &r);
+    }
+    c.wait_usage(0).await;
+}
