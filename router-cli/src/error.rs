@@ -34,8 +34,8 @@ pub enum CliError {
         /// The server's message.
         message: String,
     },
-    /// Any other gRPC error status.
-    #[error("control plane at {addr} answered {code:?}: {message}")]
+    /// Any other gRPC error status: the server's message first.
+    #[error("{message} ({code:?} from control plane at {addr})")]
     Status {
         /// Address tried.
         addr: String,
