@@ -564,7 +564,10 @@ async fn session_task(shared: Arc<Shared>, cancel: CancellationToken) {
 
         let mut wait = Duration::ZERO;
         loop {
-            if let Some(round) = shared.ledger.begin_registration()
+            // Register what the session does not count yet: everything after
+            // a re-open, leases granted locally meanwhile, late answers.
+            if shared.circuit.reachable()
+                && let Some(round) = shared.ledger.begin_registration()
                 && let Registered::SessionUnknown = register(&shared, &round).await
             {
                 shared.ledger.drop_session(grant.id);

@@ -4,6 +4,10 @@
 
 use std::{
     net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -12,10 +16,17 @@ use switchyard_control_plane::{
     config::Config,
     control_plane::ControlPlane,
     decision::{ChooseError, ChooseRequest},
+    grpc::{RoutingService, WatchUsageStream},
     outcome::{Outcome, RequestKind, TokenCounts},
     server::RunningControlPlane,
 };
+use switchyard_proto::v1::{
+    self,
+    routing_server::{Routing, RoutingServer},
+};
+use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::server::TcpIncoming;
 
 use crate::router::{RemoteSettings, RouteError, Router};
 
@@ -327,6 +338,138 @@ async fn starts_with_the_control_plane_down_and_connects_later() {
     router.close().await;
     h.stop().await;
     rcp.shutdown().await.unwrap();
+}
+
+/// A `Routing` service whose `ChooseEndpoint` can be held at a gate: a
+/// control plane that answers too late.
+#[derive(Clone)]
+struct Gated {
+    inner: RoutingService,
+    hold: Arc<AtomicBool>,
+    gate: watch::Sender<bool>,
+}
+
+#[tonic::async_trait]
+impl Routing for Gated {
+    async fn open_session(
+        &self,
+        r: tonic::Request<v1::OpenSessionRequest>,
+    ) -> Result<tonic::Response<v1::OpenSessionResponse>, tonic::Status> {
+        self.inner.open_session(r).await
+    }
+    async fn keep_alive(
+        &self,
+        r: tonic::Request<v1::KeepAliveRequest>,
+    ) -> Result<tonic::Response<v1::KeepAliveResponse>, tonic::Status> {
+        self.inner.keep_alive(r).await
+    }
+    async fn close_session(
+        &self,
+        r: tonic::Request<v1::CloseSessionRequest>,
+    ) -> Result<tonic::Response<v1::CloseSessionResponse>, tonic::Status> {
+        self.inner.close_session(r).await
+    }
+    async fn register_leases(
+        &self,
+        r: tonic::Request<v1::RegisterLeasesRequest>,
+    ) -> Result<tonic::Response<v1::RegisterLeasesResponse>, tonic::Status> {
+        self.inner.register_leases(r).await
+    }
+    async fn choose_endpoint(
+        &self,
+        r: tonic::Request<v1::ChooseRequest>,
+    ) -> Result<tonic::Response<v1::ChooseResponse>, tonic::Status> {
+        if self.hold.swap(false, Ordering::AcqRel) {
+            let mut open = self.gate.subscribe();
+            let _ = open.wait_for(|o| *o).await;
+        }
+        self.inner.choose_endpoint(r).await
+    }
+    async fn release(
+        &self,
+        r: tonic::Request<v1::ReleaseRequest>,
+    ) -> Result<tonic::Response<v1::ReleaseResponse>, tonic::Status> {
+        self.inner.release(r).await
+    }
+
+    type WatchUsageStream = WatchUsageStream;
+
+    async fn watch_usage(
+        &self,
+        r: tonic::Request<v1::WatchUsageRequest>,
+    ) -> Result<tonic::Response<Self::WatchUsageStream>, tonic::Status> {
+        self.inner.watch_usage(r).await
+    }
+}
+
+#[tokio::test]
+async fn late_answer_goes_degraded_and_its_lease_is_released() {
+    let cp = ControlPlane::new(Arc::new(config()));
+    probe(&cp);
+    let server_tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
+    server_tasks.spawn(cp.clone().run_background(stop.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = Arc::new(AtomicBool::new(false));
+    let (gate, _) = watch::channel(false);
+    let service = Gated {
+        inner: RoutingService::new(cp.clone(), stop.clone()),
+        hold: hold.clone(),
+        gate: gate.clone(),
+    };
+    {
+        let stop = stop.clone();
+        server_tasks.spawn(
+            tonic::transport::Server::builder()
+                .add_service(RoutingServer::new(service))
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.cancelled_owned()),
+        );
+    }
+
+    let h = Harness::new();
+    let s = settings();
+    let router = h.router(format!("http://{addr}"), s.clone()).await;
+    wait_until("cluster state with models", || has_models(&router)).await;
+
+    hold.store(true, Ordering::Release);
+    let started = Instant::now();
+    let local = router.choose(&request("llama3")).await.unwrap();
+    let took = started.elapsed();
+    assert!(local.degraded());
+    assert!(
+        took >= s.choose_timeout,
+        "answered before the deadline: {took:?}"
+    );
+    assert!(took < s.choose_timeout * 4, "degraded choice took {took:?}");
+    assert_eq!(router.degraded_decisions(), 1);
+    // One slow answer does not open the circuit.
+    assert!(router.control_plane_connected());
+
+    // The held call now grants a lease nobody uses: it must be released,
+    // and the locally granted lease registered, leaving exactly one.
+    gate.send_replace(true);
+    wait_until("late grant released, local lease registered", || {
+        let stats = cp.stats();
+        stats.leases_granted == 1 && stats.leases_released == 1 && cp.state().leases == 1
+    })
+    .await;
+
+    let remote = router.choose(&request("llama3")).await.unwrap();
+    assert!(!remote.degraded());
+    assert_eq!(cp.state().leases, 2);
+    drop(local);
+    remote.finish(Outcome::Ok, TokenCounts::default());
+    wait_until("all released", || cp.state().leases == 0).await;
+    assert_eq!(cp.stats().leases_released, 3);
+
+    router.close().await;
+    h.stop().await;
+    stop.cancel();
+    server_tasks.close();
+    tokio::time::timeout(WAIT, server_tasks.wait())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
