@@ -246,6 +246,37 @@ else
   echo "== kubectl not installed: skipping the kustomize render check"
 fi
 
+echo "== docker-compose.yml and Dockerfile"
+"$PY" - <<'PYEOF'
+import os, re, sys, yaml
+
+errors = []
+binaries = {"switchyard-control-plane", "switchyard-sidecar", "switchyard"}
+compose = yaml.safe_load(open("deploy/docker-compose.yml"))
+for name, svc in compose["services"].items():
+    argv = svc.get("entrypoint") or svc.get("command")
+    if not argv or argv[0] not in binaries:
+        errors.append(f"docker-compose.yml: service {name}: runs {argv!r}, not one of {sorted(binaries)}")
+    for vol in svc.get("volumes", []):
+        src = vol.split(":")[0]
+        if src.startswith(".") and not os.path.exists(os.path.join("deploy", src)):
+            errors.append(f"docker-compose.yml: service {name}: mounts missing file {src}")
+    build = svc.get("build")
+    if build and not os.path.exists(os.path.join("deploy", build["context"], build["dockerfile"])):
+        errors.append(f"docker-compose.yml: service {name}: no Dockerfile at {build}")
+dockerfile = open("deploy/Dockerfile").read()
+for b in sorted(binaries):
+    if not re.search(rf"--bin {re.escape(b)}(\s|$)", dockerfile):
+        errors.append(f"Dockerfile: does not build {b}")
+    if f"target/release/{b}" not in dockerfile:
+        errors.append(f"Dockerfile: does not copy {b}")
+for e in errors:
+    print("ERROR " + e)
+if errors:
+    sys.exit(1)
+print(f"ok: {len(compose['services'])} compose services; the image builds and ships {len(binaries)} binaries")
+PYEOF
+
 # --- 4: the configs ------------------------------------------------------
 check_config() { # FILE, then VAR=value pairs
   local file=$1
