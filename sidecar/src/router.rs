@@ -141,8 +141,9 @@ impl std::fmt::Debug for Router {
 impl Router {
     /// Standalone: control plane embedded in this process (no gRPC hop).
     /// Opens a session on the embedded control plane; that session never
-    /// expires (see [`embedded`](self::embedded) — it cannot lose contact
-    /// with its own process), so no keep-alive task is needed.
+    /// expires (an embedded sidecar cannot lose contact with its own
+    /// process, and expiry exists only to reclaim the leases of sidecars
+    /// that did), so no keep-alive task is needed.
     pub fn embedded(cp: ControlPlane, name: &str) -> Router {
         Router {
             mode: Arc::new(Mode::Embedded(EmbeddedRouter::new(cp, name))),

@@ -579,7 +579,19 @@ async fn session_task(shared: Arc<Shared>, cancel: CancellationToken) {
             if shared.closed.load(Ordering::Acquire) {
                 return;
             }
-            match keep_alive(&shared, grant.id).await {
+            let answer = match keep_alive(&shared, grant.id).await {
+                // Same meaning as `known = false`.
+                Err(status)
+                    if matches!(
+                        choose_error_from_status(&status, ""),
+                        Some(ChooseError::UnknownSession(_))
+                    ) =>
+                {
+                    Ok(false)
+                }
+                other => other,
+            };
+            match answer {
                 Ok(true) => {
                     shared.circuit.up();
                     backoff.reset();
