@@ -101,6 +101,10 @@ pub struct StreamTranslator {
     status: StreamStatus,
     failure: Option<String>,
     tokens: TokenCounts,
+    /// Content/reasoning deltas streamed: the completion-token count when
+    /// the backend reports neither `usage` nor `timings` (llama-cpp-python's
+    /// server ignores `include_usage`; llama.cpp streams one token per chunk).
+    deltas: u64,
 }
 
 impl StreamTranslator {
@@ -127,6 +131,7 @@ impl StreamTranslator {
             status: StreamStatus::Streaming,
             failure: None,
             tokens: TokenCounts::default(),
+            deltas: 0,
         }
     }
 
@@ -171,6 +176,7 @@ impl StreamTranslator {
                 self.first_token.get_or_insert(now);
             }
             if !content.is_empty() || !reasoning.is_empty() {
+                self.deltas += 1;
                 out.push(self.delta_chunk(content, reasoning, now));
             }
             if let Some(reason) = choice
@@ -232,8 +238,18 @@ impl StreamTranslator {
     pub fn tokens(&self) -> TokenCounts {
         match self.status {
             StreamStatus::Done => self.tokens,
-            _ => token_counts(self.usage, self.timings),
+            _ => self.counted_tokens(),
         }
+    }
+
+    /// Counts from `usage`/`timings`; without either, the number of
+    /// streamed deltas stands in for the completion tokens.
+    fn counted_tokens(&self) -> TokenCounts {
+        let mut tokens = token_counts(self.usage, self.timings);
+        if self.usage.is_none() && self.timings.is_none() {
+            tokens.completion = self.deltas;
+        }
+        tokens
     }
 
     /// Where the stream stands.
@@ -347,7 +363,7 @@ impl StreamTranslator {
     fn complete(&mut self, now: Instant) -> Vec<Value> {
         let mut out: Vec<Value> = self.tool_chunk(now).into_iter().collect();
         let end = self.finish_at.unwrap_or(now);
-        let tokens = token_counts(self.usage, self.timings);
+        let tokens = self.counted_tokens();
         let timings = self.timings.unwrap_or_default();
         let prompt_eval = timings.prompt_ms.map_or_else(
             || {
@@ -648,6 +664,27 @@ mod tests {
     }
 
     #[test]
+    fn without_usage_or_timings_streamed_deltas_count_as_completion_tokens() {
+        // llama-cpp-python's server ignores stream_options.include_usage.
+        let c = Clock::new();
+        let mut t = chat(&c);
+        for (i, piece) in ["Hel", "lo", "!"].iter().enumerate() {
+            let delta =
+                format!(r#"{{"index":0,"delta":{{"content":"{piece}"}},"finish_reason":null}}"#);
+            t.feed(&chunk(&delta), c.at(10 * (i as u64 + 1)));
+        }
+        t.feed(
+            &chunk(r#"{"index":0,"delta":{},"finish_reason":"stop"}"#),
+            c.at(50),
+        );
+        let out = t.feed("[DONE]", c.at(60));
+        let last = out.last().unwrap();
+        assert_eq!(last["done"], true);
+        assert_eq!(last["eval_count"], 3);
+        assert_eq!(t.tokens().completion, 3);
+    }
+
+    #[test]
     fn llama_cpp_usage_and_timings_on_finish_chunk_count_once() {
         let c = Clock::new();
         let mut t = chat(&c);
@@ -744,7 +781,8 @@ mod tests {
         assert_eq!(end, StreamEnd::Complete);
         assert_eq!(last.len(), 1);
         assert_eq!(last[0]["done"], true);
-        assert_eq!(last[0]["eval_count"], 0);
+        // No usage reported: the one streamed delta is the count.
+        assert_eq!(last[0]["eval_count"], 1);
     }
 
     #[test]
