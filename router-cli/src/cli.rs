@@ -13,12 +13,34 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// Default control-plane address (the control plane's default `--listen`).
 pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:50051";
 
+/// The `--output json` schema, shown by `switchyard --help`. Field names are
+/// part of the interface (see [`crate::view`]); keep the two in step.
+pub(crate) const JSON_HELP: &str = "\
+JSON output (--output json; field names are stable):
+  endpoints, each watch line:
+    {version, sessions, leases, affinity_entries, priority_routing,
+     conversation_affinity, in_flight, endpoints: [{url, kind, priority,
+     healthy, health_detail, draining, circuit_open, in_flight, max_concurrent,
+     advertised_models, loaded_models, failing_models, last_probe_ok_unix_ms,
+     usage: [{model, in_flight, requests, prompt_tokens, completion_tokens}]}]}
+  models:   {version, models: [{model, in_flight, endpoints: [{url, kind,
+             advertised_as, tracking_model, loaded, in_flight, healthy, draining}]}]}
+  usage:    {version, rows: [{endpoint, model, in_flight, requests,
+             prompt_tokens, completion_tokens}], totals: {in_flight, requests,
+             prompt_tokens, completion_tokens}}
+  sessions: {sessions: [{id, name, leases, last_keepalive_ms_ago, expires_in_ms}]}
+  affinity: {total, entries: [{key, endpoint, model, expires_in_ms}]}
+  choose:   {model, endpoint, endpoint_kind, backend_model, tracking_model, reason}
+  drain, undrain: {endpoint: {...as in endpoints...}}
+  kind: ollama | openai | llama_server
+  reason: affinity | loaded_free | free_slot | saturated";
+
 /// Inspect and operate a Switchyard cluster through its control plane's gRPC API.
 ///
 /// Exit codes: 0 ok, 1 runtime failure (control plane unreachable, unknown
 /// model or endpoint, ...), 2 bad usage.
 #[derive(Debug, Parser)]
-#[command(name = "switchyard", version, about, long_about)]
+#[command(name = "switchyard", version, about, long_about, after_long_help = JSON_HELP)]
 pub struct Cli {
     /// Control-plane gRPC address (http:// or https://).
     #[arg(
@@ -316,6 +338,67 @@ mod tests {
                 sub.get_about().is_some(),
                 "subcommand {} has no help",
                 sub.get_name()
+            );
+        }
+    }
+
+    /// Every key of every JSON view appears in the `--help` schema.
+    #[test]
+    fn json_help_names_every_field() {
+        use switchyard_control_plane::decision::DecisionReason;
+        use switchyard_proto::v1;
+
+        use crate::view::{self, tests::sample_state};
+
+        fn keys(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        out.push(k.clone());
+                        keys(v, out);
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| keys(v, out)),
+                _ => {}
+            }
+        }
+        let state = view::StateView::try_from(sample_state()).unwrap();
+        let values = [
+            serde_json::to_value(&state).unwrap(),
+            serde_json::to_value(view::ModelsView::from(&state)).unwrap(),
+            serde_json::to_value(view::UsageView::from(&state)).unwrap(),
+            serde_json::to_value(view::SessionsView::from(v1::ListSessionsResponse {
+                sessions: vec![v1::SessionInfo::default()],
+            }))
+            .unwrap(),
+            serde_json::to_value(view::AffinityView::from(v1::ListAffinityResponse {
+                total: 1,
+                entries: vec![v1::AffinityEntry::default()],
+            }))
+            .unwrap(),
+            serde_json::to_value(view::ChoiceView {
+                model: String::new(),
+                endpoint: String::new(),
+                endpoint_kind: String::new(),
+                backend_model: String::new(),
+                tracking_model: String::new(),
+                reason: DecisionReason::Affinity,
+            })
+            .unwrap(),
+            serde_json::to_value(view::DrainView {
+                endpoint: state.endpoints[0].clone(),
+            })
+            .unwrap(),
+        ];
+        let mut all = Vec::new();
+        values.iter().for_each(|v| keys(v, &mut all));
+        let words: Vec<&str> = JSON_HELP
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
+        for key in all {
+            assert!(
+                words.contains(&key.as_str()),
+                "`{key}` missing from JSON_HELP"
             );
         }
     }
