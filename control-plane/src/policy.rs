@@ -3,8 +3,9 @@
 //! from the caller's RNG so tests can seed it.
 //!
 //! Two front ends share [`select`]:
-//! - the control plane fills a reusable `[CandidateLoad]` from its precomputed
-//!   model → candidate index and flat counters (no allocation per decision);
+//! - the control plane calls [`select_with`], computing each candidate's
+//!   [`CandidateLoad`] on demand from its precomputed model → candidate
+//!   index and dense counters (nothing allocated per decision);
 //! - a sidecar in degraded mode calls [`select_from_cluster_state`] over the
 //!   last published [`ClusterState`] plus its own [`LocalUsage`].
 //!
@@ -22,7 +23,7 @@
 //!
 //! Ties are broken uniformly at random among equal keys.
 
-use std::{cmp::Ordering, collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use rand::Rng;
 
@@ -70,13 +71,6 @@ impl CandidateLoad {
     pub fn has_free_slot(&self) -> bool {
         self.total_in_flight < self.limit()
     }
-
-    /// Compares utilization ratios (`total / limit`) exactly, without floats.
-    fn ratio_cmp(&self, other: &Self) -> Ordering {
-        let lhs = u64::from(self.total_in_flight) * u64::from(other.limit());
-        let rhs = u64::from(other.total_in_flight) * u64::from(self.limit());
-        lhs.cmp(&rhs)
-    }
 }
 
 /// The policy's pick: an index into the candidate slice and the reason.
@@ -123,6 +117,57 @@ impl Rejection {
     }
 }
 
+/// The tier a candidate falls in: rules 5, 6 and 7 in one ordering.
+/// A loaded-and-free candidate (tier 0) beats any merely free one (tier 1),
+/// which beats any saturated one (tier 2); within the winning tier the
+/// rule's own key decides. So one pass finds the rule's answer.
+const TIER_REASON: [DecisionReason; 3] = [
+    DecisionReason::LoadedFree,
+    DecisionReason::FreeSlot,
+    DecisionReason::Saturated,
+];
+
+const TIER_SHIFT: u32 = 100;
+
+/// The candidate's rank as one integer, smaller is better: tier in the top
+/// bits, then the tier's key (rule 5: in-flight for the model; rule 6:
+/// total in-flight; rule 7: utilization ratio; with priority routing:
+/// ratio then config order).
+///
+/// One integer compare per candidate keeps the decision loop nearly free
+/// of data-dependent branches. The ratio is an `f64` whose bit pattern
+/// orders like the value (it is never negative); the quotient of two
+/// integers below 2^17 is exact enough that distinct ratios stay distinct
+/// and equal ones equal (distinct ratios differ by at least 2^-34, far
+/// above the rounding error). Beyond that, near-equal ratios may tie.
+#[inline]
+fn rank(c: &CandidateLoad, priority_routing: bool) -> u128 {
+    let limit = c.limit();
+    let free = c.total_in_flight < limit;
+    // Arithmetic rather than branches: candidates' tiers are unpredictable.
+    let tier = 2 * u128::from(!free) + u128::from(free & !c.loaded);
+    let ratio = u128::from((f64::from(c.total_in_flight) / f64::from(limit)).to_bits());
+    let key = if priority_routing {
+        (ratio << 32) | u128::from(c.priority)
+    } else {
+        let by_tier = [
+            u128::from(c.model_in_flight),
+            u128::from(c.total_in_flight),
+            ratio,
+        ];
+        by_tier[usize::from(!free) * 2 + usize::from(free & !c.loaded)]
+    };
+    (tier << TIER_SHIFT) | key
+}
+
+fn tier_reason(rank: u128) -> DecisionReason {
+    let tier = usize::try_from(rank >> TIER_SHIFT).unwrap_or(2);
+    TIER_REASON
+        .get(tier)
+        .copied()
+        .unwrap_or(DecisionReason::Saturated)
+}
+
 /// Selects one candidate. `affinity` is the index of the conversation's
 /// previous endpoint among `candidates` (the caller has checked the key is
 /// for the same model).
@@ -132,140 +177,112 @@ pub fn select<R: Rng + ?Sized>(
     priority_routing: bool,
     rng: &mut R,
 ) -> Result<Selection, Rejection> {
-    if candidates.is_empty() {
+    select_with(
+        candidates.len(),
+        |i| candidates[i],
+        affinity,
+        priority_routing,
+        rng,
+    )
+}
+
+/// [`select`] over `len` candidates whose loads `load(i)` computes on
+/// demand (the control plane reads them straight from its dense counters,
+/// without materializing a slice). `load` must be a pure function of `i`.
+///
+/// One pass over the candidates, no allocation: it counts hard exclusions
+/// and keeps two running minima, over the preferred pool (not avoided) and
+/// over every eligible candidate (the fall-through). Ties in the preferred
+/// pool are resolved by reservoir sampling (the k-th equal candidate
+/// replaces the pick with probability 1/k: uniform); the fall-through pool
+/// is only resolved, with a second pass, when the preferred one is empty.
+pub fn select_with<R: Rng + ?Sized>(
+    len: usize,
+    load: impl Fn(usize) -> CandidateLoad,
+    affinity: Option<usize>,
+    priority_routing: bool,
+    rng: &mut R,
+) -> Result<Selection, Rejection> {
+    if len == 0 {
         return Err(Rejection::NoCandidates);
     }
-    let (mut eligible, mut preferred, mut excluded, mut draining) = (0usize, 0usize, 0, 0);
-    for c in candidates {
+    let (mut excluded, mut draining) = (0usize, 0usize);
+    // Preferred pool (eligible, not avoided): best rank, ties, pick.
+    let (mut best, mut ties, mut pick) = (u128::MAX, 0u32, 0usize);
+    // Fall-through pool (every eligible candidate): best rank, ties, first.
+    let (mut fb_best, mut fb_ties, mut fb_first) = (u128::MAX, 0u32, 0usize);
+    for i in 0..len {
+        let c = load(i);
         match c.hard {
-            Some(HardExclusion::Excluded) => excluded += 1,
-            Some(HardExclusion::Draining) => draining += 1,
-            None => {
-                eligible += 1;
-                if !c.avoid {
-                    preferred += 1;
+            Some(HardExclusion::Excluded) => {
+                excluded += 1;
+                continue;
+            }
+            Some(HardExclusion::Draining) => {
+                draining += 1;
+                continue;
+            }
+            None => {}
+        }
+        let r = rank(&c, priority_routing);
+        if r < fb_best || fb_ties == 0 {
+            (fb_best, fb_ties, fb_first) = (r, 1, i);
+        } else if r == fb_best {
+            fb_ties += 1;
+        }
+        if !c.avoid {
+            if r < best || ties == 0 {
+                (best, ties, pick) = (r, 1, i);
+            } else if r == best {
+                ties += 1;
+                if rng.random_range(0..ties) == 0 {
+                    pick = i;
                 }
             }
         }
     }
-    if eligible == 0 {
+    if fb_ties == 0 {
         return Err(Rejection::AllHardExcluded { excluded, draining });
     }
     // Soft exclusions hold only while something else is left: fall through
     // to the whole hard-filtered set rather than refuse.
-    let strict = preferred > 0;
-    let in_pool = |c: &CandidateLoad| c.hard.is_none() && !(strict && c.avoid);
+    let strict = ties > 0;
 
-    if let Some(i) = affinity
-        && let Some(c) = candidates.get(i)
-        && in_pool(c)
-        && c.loaded
-        && c.has_free_slot()
-    {
-        return Ok(Selection {
-            index: i,
-            reason: DecisionReason::Affinity,
-        });
-    }
-
-    let by_priority =
-        |a: &CandidateLoad, b: &CandidateLoad| a.ratio_cmp(b).then(a.priority.cmp(&b.priority));
-
-    let loaded_free = |c: &CandidateLoad| in_pool(c) && c.loaded && c.has_free_slot();
-    let picked = if priority_routing {
-        pick_min(candidates, loaded_free, by_priority, rng)
-    } else {
-        pick_min(
-            candidates,
-            loaded_free,
-            |a, b| a.model_in_flight.cmp(&b.model_in_flight),
-            rng,
-        )
-    };
-    if let Some(index) = picked {
-        return Ok(Selection {
-            index,
-            reason: DecisionReason::LoadedFree,
-        });
-    }
-
-    let free = |c: &CandidateLoad| in_pool(c) && c.has_free_slot();
-    let picked = if priority_routing {
-        pick_min(candidates, free, by_priority, rng)
-    } else {
-        pick_min(
-            candidates,
-            free,
-            |a, b| a.total_in_flight.cmp(&b.total_in_flight),
-            rng,
-        )
-    };
-    if let Some(index) = picked {
-        return Ok(Selection {
-            index,
-            reason: DecisionReason::FreeSlot,
-        });
-    }
-
-    let picked = if priority_routing {
-        pick_min(candidates, in_pool, by_priority, rng)
-    } else {
-        pick_min(candidates, in_pool, CandidateLoad::ratio_cmp, rng)
-    };
-    match picked {
-        Some(index) => Ok(Selection {
-            index,
-            reason: DecisionReason::Saturated,
-        }),
-        // Unreachable: the pool holds at least one eligible candidate.
-        None => Err(Rejection::AllHardExcluded { excluded, draining }),
-    }
-}
-
-/// Index of a minimum under `cmp` among candidates passing `keep`, uniformly
-/// at random among equal minima. Two passes, no allocation, one RNG draw
-/// only when there is a tie.
-fn pick_min<R: Rng + ?Sized>(
-    candidates: &[CandidateLoad],
-    keep: impl Fn(&CandidateLoad) -> bool,
-    cmp: impl Fn(&CandidateLoad, &CandidateLoad) -> Ordering,
-    rng: &mut R,
-) -> Option<usize> {
-    let mut best: Option<(usize, &CandidateLoad)> = None;
-    let mut ties = 0usize;
-    for (i, c) in candidates.iter().enumerate() {
-        if !keep(c) {
-            continue;
+    if let Some(i) = affinity.filter(|i| *i < len) {
+        let c = load(i);
+        if c.hard.is_none() && !(strict && c.avoid) && c.loaded && c.has_free_slot() {
+            return Ok(Selection {
+                index: i,
+                reason: DecisionReason::Affinity,
+            });
         }
-        match best {
-            None => {
-                best = Some((i, c));
-                ties = 1;
-            }
-            Some((_, b)) => match cmp(c, b) {
-                Ordering::Less => {
-                    best = Some((i, c));
-                    ties = 1;
+    }
+
+    if strict {
+        return Ok(Selection {
+            index: pick,
+            reason: tier_reason(best),
+        });
+    }
+
+    let mut index = fb_first;
+    if fb_ties > 1 {
+        let mut k = rng.random_range(0..fb_ties);
+        for i in fb_first..len {
+            let c = load(i);
+            if c.hard.is_none() && rank(&c, priority_routing) == fb_best {
+                if k == 0 {
+                    index = i;
+                    break;
                 }
-                Ordering::Equal => ties += 1,
-                Ordering::Greater => {}
-            },
-        }
-    }
-    let (first, best) = best?;
-    if ties == 1 {
-        return Some(first);
-    }
-    let mut k = rng.random_range(0..ties);
-    for (i, c) in candidates.iter().enumerate().skip(first) {
-        if keep(c) && cmp(c, best) == Ordering::Equal {
-            if k == 0 {
-                return Some(i);
+                k -= 1;
             }
-            k -= 1;
         }
     }
-    Some(first)
+    Ok(Selection {
+        index,
+        reason: tier_reason(fb_best),
+    })
 }
 
 /// True when the last path segment of `name` carries a `:tag`.

@@ -90,10 +90,10 @@ pub struct State {
     affinity: AffinityTable,
     health: Health,
     draining: Vec<bool>,
+    /// `max_concurrent` per endpoint, dense for the decision loop.
+    limits: Vec<u32>,
     lease_ids: IdAllocator,
     rng: SmallRng,
-    /// Reused per decision so choosing never allocates a candidate vector.
-    scratch: Vec<CandidateLoad>,
     counters: Counters,
 }
 
@@ -112,9 +112,9 @@ impl State {
             affinity: AffinityTable::new(config.affinity.max_entries),
             health: Health::new(config.health.clone(), n),
             draining: vec![false; n],
+            limits: config.endpoints.iter().map(|e| e.max_concurrent).collect(),
             lease_ids: IdAllocator::new(false),
             rng,
-            scratch: Vec::with_capacity(n),
             counters: Counters::default(),
             config,
         }
@@ -282,37 +282,41 @@ impl State {
             .and_then(|k| self.affinity.get(k, now))
             .map(|e| (e.endpoint, e.slot));
 
-        self.scratch.clear();
-        let mut affinity_index = None;
-        for (i, c) in candidates.iter().enumerate() {
+        // Candidates are in endpoint order: find the remembered one by search.
+        let affinity_index = remembered.and_then(|(endpoint, slot)| {
+            let i = candidates
+                .binary_search_by_key(&endpoint, |c| c.endpoint)
+                .ok()?;
+            (candidates.get(i)?.slot == slot).then_some(i)
+        });
+
+        // The policy reads each candidate's load straight from the dense
+        // counters: nothing is materialized per decision.
+        let (leases, health, draining, limits) =
+            (&self.leases, &self.health, &self.draining, &self.limits);
+        let load = |i: usize| {
+            let c = candidates[i];
             let ep = c.endpoint as usize;
-            let hard = if excluded.contains(&c.endpoint) {
+            let hard = if !excluded.is_empty() && excluded.contains(&c.endpoint) {
                 Some(HardExclusion::Excluded)
-            } else if self.draining.get(ep).copied().unwrap_or(true) {
+            } else if draining.get(ep).copied().unwrap_or(true) {
                 Some(HardExclusion::Draining)
             } else {
                 None
             };
-            if remembered == Some((c.endpoint, c.slot)) {
-                affinity_index = Some(i);
-            }
-            self.scratch.push(CandidateLoad {
+            CandidateLoad {
                 priority: c.endpoint,
-                model_in_flight: self.leases.model_in_flight(ep, c.slot),
-                total_in_flight: self.leases.total_in_flight(ep),
-                max_concurrent: self
-                    .config
-                    .endpoints
-                    .get(ep)
-                    .map_or(1, |e| e.max_concurrent),
+                model_in_flight: leases.model_in_flight(c.slot),
+                total_in_flight: leases.total_in_flight(ep),
+                max_concurrent: limits.get(ep).copied().unwrap_or(1),
                 loaded: c.loaded,
                 hard,
-                avoid: self.health.avoid(ep, c.slot, now),
-            });
-        }
-
-        let selection = match policy::select(
-            &self.scratch,
+                avoid: health.avoid(ep, c.slot, now),
+            }
+        };
+        let selection = match policy::select_with(
+            candidates.len(),
+            load,
             affinity_index,
             self.config.priority_routing,
             &mut self.rng,
@@ -487,37 +491,33 @@ impl State {
         let cfg = self.config.endpoints.get(ep)?;
         let probe = self.health.probe(ep);
         let disc = snap.endpoints.get(ep);
-        let usage = self.leases.usage(ep);
         Some(EndpointState {
             url: cfg.url.clone(),
             kind: cfg.kind,
             priority: u32::try_from(ep).unwrap_or(u32::MAX),
             max_concurrent: cfg.max_concurrent,
-            healthy: probe.is_some_and(|p| p.healthy),
+            healthy: self.health.healthy(ep),
             health_detail: probe.map(|p| p.detail.clone()).unwrap_or_default(),
             draining: self.draining.get(ep).copied().unwrap_or(false),
             advertised_models: disc.map(|d| d.advertised.clone()).unwrap_or_default(),
             loaded_models: disc.map(|d| d.loaded.clone()).unwrap_or_default(),
-            usage: usage
-                .map(|u| {
-                    u.models
-                        .iter()
-                        .filter(|m| m.in_flight > 0 || m.requests > 0)
-                        .map(|m| ModelUsage {
-                            model: m.name.clone(),
-                            in_flight: m.in_flight,
-                            prompt_tokens: m.prompt_tokens,
-                            completion_tokens: m.completion_tokens,
-                            requests: m.requests,
-                        })
-                        .collect()
+            usage: self
+                .leases
+                .endpoint_usage(ep)
+                .filter(|(c, n)| *n > 0 || c.requests > 0)
+                .map(|(c, n)| ModelUsage {
+                    model: c.name.clone(),
+                    in_flight: n,
+                    prompt_tokens: c.prompt_tokens,
+                    completion_tokens: c.completion_tokens,
+                    requests: c.requests,
                 })
-                .unwrap_or_default(),
-            in_flight: usage.map_or(0, |u| u.total),
+                .collect(),
+            in_flight: self.leases.total_in_flight(ep),
             failing_models: self
                 .health
                 .failing_slots(ep, now)
-                .filter_map(|s| self.leases.slot_name(ep, s).cloned())
+                .filter_map(|s| self.leases.slot_name(s).cloned())
                 .collect(),
             circuit_open: self.health.circuit_open(ep, now),
             last_probe_ok_unix_ms: probe.map_or(0, |p| p.last_ok_unix_ms),

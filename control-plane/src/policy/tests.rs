@@ -12,6 +12,13 @@ use crate::{
     outcome::RequestKind,
 };
 
+/// Exact utilization-ratio order (`total / limit`), by cross-multiplication.
+fn ratio_cmp(a: &CandidateLoad, b: &CandidateLoad) -> std::cmp::Ordering {
+    let lhs = u64::from(a.total_in_flight) * u64::from(b.max_concurrent.max(1));
+    let rhs = u64::from(b.total_in_flight) * u64::from(a.max_concurrent.max(1));
+    lhs.cmp(&rhs)
+}
+
 fn rng() -> SmallRng {
     SmallRng::seed_from_u64(7)
 }
@@ -368,7 +375,7 @@ proptest! {
             DecisionReason::Saturated => {
                 prop_assert!(!any_free);
                 for other in &pool {
-                    prop_assert!(chosen.ratio_cmp(other) != Ordering::Greater);
+                    prop_assert!(ratio_cmp(&chosen, other) != std::cmp::Ordering::Greater);
                 }
             }
         }
@@ -577,4 +584,26 @@ fn cluster_state_affinity_needs_key_loaded_and_free() {
     let ch =
         select_from_cluster_state(&state, &local, &req, Some("http://b/v1"), &mut rng()).unwrap();
     assert_eq!(&*ch.endpoint, "http://a:11434");
+}
+
+#[test]
+fn rank_orders_ratios_exactly_for_realistic_limits() {
+    // Saturated tier, keyed by ratio: 87380/65535 == 4/3 exactly;
+    // 87381/65535 is just above.
+    let r = |x: &CandidateLoad| rank(x, false);
+    let sat = c(1, 0, 4, 3, false);
+    let sat_same = c(0, 0, 87380, 65535, false);
+    let sat_above = c(2, 0, 87381, 65535, false);
+    assert_eq!(r(&sat), r(&sat_same), "equal ratios tie");
+    assert!(r(&sat_above) > r(&sat), "distinct ratios stay distinct");
+    // Priority routing ranks every tier by ratio, then config order:
+    // 21845/65535 == 1/3 exactly.
+    let p = |x: &CandidateLoad| rank(x, true);
+    let third = c(1, 0, 1, 3, false);
+    let same = c(0, 0, 21845, 65535, false);
+    let above = c(2, 0, 21846, 65535, false);
+    assert!(p(&same) < p(&third) && p(&third) < p(&above));
+    // Tiers dominate keys: loaded-free < free < saturated.
+    assert!(r(&c(0, 9, 9, 10, true)) < r(&c(0, 0, 0, 10, false)));
+    assert!(r(&c(0, 0, 9, 10, false)) < r(&c(0, 0, 1, 1, true)));
 }

@@ -13,11 +13,10 @@ use std::time::Instant;
 
 use crate::{config::HealthConfig, ids::LeaseId, outcome::Outcome};
 
-/// Last probe result of one endpoint.
+/// Details of the last probe of one endpoint (whether it succeeded is
+/// [`Health::healthy`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProbeHealth {
-    /// Last probe succeeded.
-    pub healthy: bool,
     /// Why unhealthy; empty when healthy.
     pub detail: String,
     /// Unix ms of the last successful probe; 0 if never.
@@ -84,10 +83,17 @@ impl Breaker {
 }
 
 /// Health of every endpoint.
+///
+/// The decision loop reads two dense flag arrays per candidate: `healthy`
+/// and `attention` (breaker not closed, or some failure entry present);
+/// only flagged endpoints pay for the detailed checks. `attention[ep]` is
+/// recomputed after every change to that endpoint's breaker or entries.
 #[derive(Debug)]
 pub struct Health {
     config: HealthConfig,
     probes: Vec<ProbeHealth>,
+    healthy: Vec<bool>,
+    attention: Vec<bool>,
     breakers: Vec<Breaker>,
     /// Per endpoint: (slot, expiry) of recent completion failures.
     failing: Vec<Vec<(u32, Instant)>>,
@@ -100,20 +106,36 @@ impl Health {
             config,
             probes: vec![
                 ProbeHealth {
-                    healthy: false,
                     detail: "not probed yet".to_owned(),
                     last_ok_unix_ms: 0,
                 };
                 endpoints
             ],
+            healthy: vec![false; endpoints],
+            attention: vec![false; endpoints],
             breakers: vec![Breaker::default(); endpoints],
             failing: vec![Vec::new(); endpoints],
+        }
+    }
+
+    fn refresh_attention(&mut self, ep: usize) {
+        if let (Some(a), Some(b), Some(f)) = (
+            self.attention.get_mut(ep),
+            self.breakers.get(ep),
+            self.failing.get(ep),
+        ) {
+            *a = b.state != BreakerState::Closed || !f.is_empty();
         }
     }
 
     /// Probe state of an endpoint.
     pub fn probe(&self, ep: usize) -> Option<&ProbeHealth> {
         self.probes.get(ep)
+    }
+
+    /// Last probe of the endpoint succeeded.
+    pub fn healthy(&self, ep: usize) -> bool {
+        self.healthy.get(ep).copied().unwrap_or(false)
     }
 
     /// Breaker of an endpoint.
@@ -126,10 +148,12 @@ impl Health {
     pub fn probe_ok(&mut self, ep: usize, unix_ms: u64) -> bool {
         let mut changed = false;
         if let Some(p) = self.probes.get_mut(ep) {
-            changed |= !p.healthy;
-            p.healthy = true;
             p.detail.clear();
             p.last_ok_unix_ms = unix_ms;
+        }
+        if let Some(h) = self.healthy.get_mut(ep) {
+            changed |= !*h;
+            *h = true;
         }
         if let Some(b) = self.breakers.get_mut(ep)
             && matches!(b.state, BreakerState::Open { .. })
@@ -137,28 +161,30 @@ impl Health {
             b.state = BreakerState::HalfOpen { trial: None };
             changed = true;
         }
+        self.refresh_attention(ep);
         changed
     }
 
     /// Records a failed probe. Returns true if anything visible changed.
     pub fn probe_failed(&mut self, ep: usize, detail: &str) -> bool {
-        match self.probes.get_mut(ep) {
-            Some(p) => {
-                let changed = p.healthy || p.detail != detail;
-                p.healthy = false;
+        match (self.probes.get_mut(ep), self.healthy.get_mut(ep)) {
+            (Some(p), Some(h)) => {
+                let changed = *h || p.detail != detail;
+                *h = false;
                 detail.clone_into(&mut p.detail);
                 changed
             }
-            None => false,
+            _ => false,
         }
     }
 
     /// True when the policy should avoid (endpoint, slot) now.
     #[inline]
     pub fn avoid(&self, ep: usize, slot: u32, now: Instant) -> bool {
-        self.probes.get(ep).is_none_or(|p| !p.healthy)
-            || self.breakers.get(ep).is_some_and(|b| b.blocks(now))
-            || self.is_failing(ep, slot, now)
+        !self.healthy.get(ep).copied().unwrap_or(false)
+            || (self.attention.get(ep).copied().unwrap_or(false)
+                && (self.breakers.get(ep).is_some_and(|b| b.blocks(now))
+                    || self.is_failing(ep, slot, now)))
     }
 
     /// True when (endpoint, slot) had a completion failure within the TTL.
@@ -193,10 +219,24 @@ impl Health {
                 b.state = BreakerState::HalfOpen { trial: Some(lease) };
             }
         }
+        self.refresh_attention(ep);
     }
 
     /// A lease ended with `outcome`. Returns true if health changed.
     pub fn on_release(
+        &mut self,
+        ep: usize,
+        slot: u32,
+        lease: LeaseId,
+        outcome: Outcome,
+        now: Instant,
+    ) -> bool {
+        let changed = self.apply_release(ep, slot, lease, outcome, now);
+        self.refresh_attention(ep);
+        changed
+    }
+
+    fn apply_release(
         &mut self,
         ep: usize,
         slot: u32,
@@ -250,6 +290,7 @@ impl Health {
             && b.state == (BreakerState::HalfOpen { trial: Some(lease) })
         {
             b.state = BreakerState::HalfOpen { trial: None };
+            self.refresh_attention(ep);
             return true;
         }
         false
@@ -266,6 +307,9 @@ impl Health {
             let before = f.len();
             f.retain(|&(_, until)| until > now);
             changed |= f.len() != before;
+        }
+        for ep in 0..self.attention.len() {
+            self.refresh_attention(ep);
         }
         changed
     }

@@ -1,15 +1,17 @@
 //! The lease table and the usage counters it drives.
 //!
-//! Usage is flat: per endpoint a total and a vector of per-model counters
-//! whose positions ("slots") never change once assigned, so the decision loop
-//! reads `usage[endpoint].models[slot]` without hashing a model name. Slots
-//! are interned per endpoint by tracking name.
+//! Usage is laid out for the decision loop: a dense `in_flight` array
+//! indexed by a global *slot* (one per (endpoint, tracking model), interned
+//! by name per endpoint, never reused or moved) and a dense per-endpoint
+//! `totals` array. The discovery index stores each candidate's slot, so a
+//! decision reads two `u32`s per candidate and never hashes a model name.
+//! Cumulative token counts live beside, in [`SlotCounters`].
 //!
 //! Invariants (checked by [`LeaseTable::check_invariants`] in tests): for
-//! every (endpoint, slot), `in_flight` equals the number of live leases on it;
-//! an endpoint's `total` is the sum of its models' `in_flight`. A lease is
-//! released at most once: the second release finds nothing and changes
-//! nothing, and counters are decremented with saturating arithmetic.
+//! every slot, `in_flight` equals the number of live leases on it; an
+//! endpoint's total is the sum over its slots. A lease is released at most
+//! once: the second release finds nothing and changes nothing, and counters
+//! are decremented with saturating arithmetic.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -18,28 +20,19 @@ use crate::{
     outcome::TokenCounts,
 };
 
-/// Counters of one model on one endpoint.
+/// Cumulative counters of one (endpoint, tracking model) slot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ModelCounters {
+pub struct SlotCounters {
+    /// Endpoint index.
+    pub endpoint: u32,
     /// Tracking name.
     pub name: Arc<str>,
-    /// Live leases.
-    pub in_flight: u32,
     /// Prompt tokens reported, cumulative.
     pub prompt_tokens: u64,
     /// Completion tokens reported, cumulative.
     pub completion_tokens: u64,
     /// Leases released, cumulative.
     pub requests: u64,
-}
-
-/// Counters of one endpoint.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EndpointUsage {
-    /// Live leases over all models.
-    pub total: u32,
-    /// Per tracking model, by slot.
-    pub models: Vec<ModelCounters>,
 }
 
 /// One live lease.
@@ -49,7 +42,7 @@ pub struct Lease {
     pub session: SessionId,
     /// Endpoint index.
     pub endpoint: u32,
-    /// Usage slot on that endpoint.
+    /// Global usage slot of (endpoint, tracking model).
     pub slot: u32,
 }
 
@@ -57,7 +50,14 @@ pub struct Lease {
 #[derive(Debug)]
 pub struct LeaseTable {
     leases: HashMap<LeaseId, Lease>,
-    usage: Vec<EndpointUsage>,
+    /// Per endpoint: live leases over all models.
+    totals: Vec<u32>,
+    /// Per slot: live leases.
+    in_flight: Vec<u32>,
+    /// Per slot: identity and cumulative counters.
+    slots: Vec<SlotCounters>,
+    /// Per endpoint: its slots, in creation order.
+    endpoint_slots: Vec<Vec<u32>>,
 }
 
 impl LeaseTable {
@@ -65,47 +65,59 @@ impl LeaseTable {
     pub fn new(endpoints: usize) -> Self {
         Self {
             leases: HashMap::new(),
-            usage: vec![EndpointUsage::default(); endpoints],
+            totals: vec![0; endpoints],
+            in_flight: Vec::new(),
+            slots: Vec::new(),
+            endpoint_slots: vec![Vec::new(); endpoints],
         }
     }
 
     /// The slot of (endpoint, tracking model), created if new. `None` for an
     /// unknown endpoint.
     pub fn slot(&mut self, endpoint: usize, tracking: &str) -> Option<u32> {
-        let usage = self.usage.get_mut(endpoint)?;
-        if let Some(pos) = usage.models.iter().position(|m| &*m.name == tracking) {
-            return u32::try_from(pos).ok();
+        let owned = self.endpoint_slots.get_mut(endpoint)?;
+        if let Some(&s) = owned.iter().find(|&&s| {
+            self.slots
+                .get(s as usize)
+                .is_some_and(|c| &*c.name == tracking)
+        }) {
+            return Some(s);
         }
-        usage.models.push(ModelCounters {
+        let slot = u32::try_from(self.slots.len()).ok()?;
+        self.slots.push(SlotCounters {
+            endpoint: u32::try_from(endpoint).ok()?,
             name: Arc::from(tracking),
-            ..ModelCounters::default()
+            ..SlotCounters::default()
         });
-        u32::try_from(usage.models.len() - 1).ok()
+        self.in_flight.push(0);
+        owned.push(slot);
+        Some(slot)
     }
 
-    /// In-flight on (endpoint, slot).
+    /// In-flight on a slot.
     #[inline]
-    pub fn model_in_flight(&self, endpoint: usize, slot: u32) -> u32 {
-        self.usage
-            .get(endpoint)
-            .and_then(|u| u.models.get(slot as usize))
-            .map_or(0, |m| m.in_flight)
+    pub fn model_in_flight(&self, slot: u32) -> u32 {
+        self.in_flight.get(slot as usize).copied().unwrap_or(0)
     }
 
     /// In-flight on an endpoint over all models.
     #[inline]
     pub fn total_in_flight(&self, endpoint: usize) -> u32 {
-        self.usage.get(endpoint).map_or(0, |u| u.total)
+        self.totals.get(endpoint).copied().unwrap_or(0)
     }
 
-    /// Counters of an endpoint.
-    pub fn usage(&self, endpoint: usize) -> Option<&EndpointUsage> {
-        self.usage.get(endpoint)
+    /// An endpoint's slots with their in-flight counts.
+    pub fn endpoint_usage(&self, endpoint: usize) -> impl Iterator<Item = (&SlotCounters, u32)> {
+        self.endpoint_slots
+            .get(endpoint)
+            .into_iter()
+            .flatten()
+            .filter_map(|&s| Some((self.slots.get(s as usize)?, self.model_in_flight(s))))
     }
 
     /// Tracking name of a slot.
-    pub fn slot_name(&self, endpoint: usize, slot: u32) -> Option<&Arc<str>> {
-        Some(&self.usage.get(endpoint)?.models.get(slot as usize)?.name)
+    pub fn slot_name(&self, slot: u32) -> Option<&Arc<str>> {
+        Some(&self.slots.get(slot as usize)?.name)
     }
 
     /// The lease, if live.
@@ -121,19 +133,21 @@ impl LeaseTable {
     }
 
     /// Counts a new lease. False (and nothing counted) if the id is already
-    /// live or the slot does not exist.
+    /// live or the slot does not belong to the endpoint.
     pub fn grant(&mut self, id: LeaseId, lease: Lease) -> bool {
-        if self.leases.contains_key(&id) {
+        if self.leases.contains_key(&id)
+            || self.slots.get(lease.slot as usize).map(|s| s.endpoint) != Some(lease.endpoint)
+        {
             return false;
         }
-        let Some(usage) = self.usage.get_mut(lease.endpoint as usize) else {
+        let (Some(total), Some(n)) = (
+            self.totals.get_mut(lease.endpoint as usize),
+            self.in_flight.get_mut(lease.slot as usize),
+        ) else {
             return false;
         };
-        let Some(model) = usage.models.get_mut(lease.slot as usize) else {
-            return false;
-        };
-        model.in_flight = model.in_flight.saturating_add(1);
-        usage.total = usage.total.saturating_add(1);
+        *total = total.saturating_add(1);
+        *n = n.saturating_add(1);
         self.leases.insert(id, lease);
         true
     }
@@ -141,16 +155,18 @@ impl LeaseTable {
     /// Releases a lease: `None` if unknown or already released (a no-op).
     pub fn release(&mut self, id: LeaseId, tokens: TokenCounts) -> Option<Lease> {
         let lease = self.leases.remove(&id)?;
-        if let Some(usage) = self.usage.get_mut(lease.endpoint as usize) {
-            debug_assert!(usage.total > 0, "endpoint total underflow");
-            usage.total = usage.total.saturating_sub(1);
-            if let Some(model) = usage.models.get_mut(lease.slot as usize) {
-                debug_assert!(model.in_flight > 0, "model in-flight underflow");
-                model.in_flight = model.in_flight.saturating_sub(1);
-                model.prompt_tokens = model.prompt_tokens.saturating_add(tokens.prompt);
-                model.completion_tokens = model.completion_tokens.saturating_add(tokens.completion);
-                model.requests = model.requests.saturating_add(1);
-            }
+        if let Some(total) = self.totals.get_mut(lease.endpoint as usize) {
+            debug_assert!(*total > 0, "endpoint total underflow");
+            *total = total.saturating_sub(1);
+        }
+        if let Some(n) = self.in_flight.get_mut(lease.slot as usize) {
+            debug_assert!(*n > 0, "slot in-flight underflow");
+            *n = n.saturating_sub(1);
+        }
+        if let Some(c) = self.slots.get_mut(lease.slot as usize) {
+            c.prompt_tokens = c.prompt_tokens.saturating_add(tokens.prompt);
+            c.completion_tokens = c.completion_tokens.saturating_add(tokens.completion);
+            c.requests = c.requests.saturating_add(1);
         }
         Some(lease)
     }
@@ -168,21 +184,18 @@ impl LeaseTable {
     /// Panics if a counter disagrees with the live leases (tests only).
     #[cfg(test)]
     pub fn check_invariants(&self) {
-        let mut expect: HashMap<(u32, u32), u32> = HashMap::new();
+        let mut expect: HashMap<u32, u32> = HashMap::new();
         for l in self.leases.values() {
-            *expect.entry((l.endpoint, l.slot)).or_default() += 1;
+            assert_eq!(self.slots[l.slot as usize].endpoint, l.endpoint);
+            *expect.entry(l.slot).or_default() += 1;
         }
-        for (e, usage) in self.usage.iter().enumerate() {
-            let mut sum = 0;
-            for (s, m) in usage.models.iter().enumerate() {
-                let want = expect
-                    .get(&(e as u32, s as u32))
-                    .copied()
-                    .unwrap_or_default();
-                assert_eq!(m.in_flight, want, "endpoint {e} slot {s}");
-                sum += m.in_flight;
-            }
-            assert_eq!(usage.total, sum, "endpoint {e} total");
+        for (slot, n) in self.in_flight.iter().enumerate() {
+            let want = expect.get(&(slot as u32)).copied().unwrap_or_default();
+            assert_eq!(*n, want, "slot {slot}");
+        }
+        for (e, owned) in self.endpoint_slots.iter().enumerate() {
+            let sum: u32 = owned.iter().map(|&s| self.in_flight[s as usize]).sum();
+            assert_eq!(self.totals[e], sum, "endpoint {e} total");
         }
     }
 }
@@ -200,6 +213,14 @@ mod tests {
         let b = t.slot(0, "n").unwrap();
         assert_ne!(a, b);
         assert_eq!(t.slot(5, "m"), None);
+        let other = t.slot(1, "m").unwrap();
+        assert_ne!(other, a, "slots are per endpoint");
+        let wrong = Lease {
+            session: SessionId(1),
+            endpoint: 0,
+            slot: other,
+        };
+        assert!(!t.grant(LeaseId(9), wrong), "slot of another endpoint");
         let lease = Lease {
             session: SessionId(1),
             endpoint: 0,
@@ -207,18 +228,18 @@ mod tests {
         };
         assert!(t.grant(LeaseId(1), lease));
         assert!(!t.grant(LeaseId(1), lease), "same id counted once");
-        assert_eq!((t.model_in_flight(0, a), t.total_in_flight(0)), (1, 1));
+        assert_eq!((t.model_in_flight(a), t.total_in_flight(0)), (1, 1));
         let tokens = TokenCounts {
             prompt: 3,
             completion: 4,
         };
         assert!(t.release(LeaseId(1), tokens).is_some());
         assert!(t.release(LeaseId(1), tokens).is_none());
-        assert_eq!((t.model_in_flight(0, a), t.total_in_flight(0)), (0, 0));
-        let m = &t.usage(0).unwrap().models[a as usize];
+        assert_eq!((t.model_in_flight(a), t.total_in_flight(0)), (0, 0));
+        let (m, n) = t.endpoint_usage(0).next().unwrap();
         assert_eq!(
-            (m.prompt_tokens, m.completion_tokens, m.requests),
-            (3, 4, 1)
+            (n, m.prompt_tokens, m.completion_tokens, m.requests),
+            (0, 3, 4, 1)
         );
         t.check_invariants();
     }
