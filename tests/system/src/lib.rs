@@ -56,3 +56,6 @@ pub fn workspace_root() -> std::path::PathBuf {
         .and_then(std::path::Path::parent)
         .map_or_else(|| manifest.to_path_buf(), std::path::Path::to_path_buf)
 }
+
+/// Fault-injection helpers (see the module docs).
+pub mod faults;

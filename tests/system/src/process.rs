@@ -3,9 +3,11 @@
 //! plane, restart it).
 //!
 //! Locating a binary: `env!("CARGO_BIN_EXE_<name>")` exists only inside the
-//! binary's own package, so [`binary`] first runs
-//! `cargo build -p <package> --bin <name>` once per test process (a no-op
-//! when fresh, so a stale binary is never tested), then looks in
+//! binary's own package, so [`binary`] first runs one
+//! `cargo build --bins -p switchyard-control-plane -p switchyard-sidecar
+//! -p switchyard-tests` per test process (a no-op when fresh, so a stale
+//! binary is never tested; cargo allows it while `cargo test` runs), then
+//! looks in
 //! `SWITCHYARD_BIN_DIR`, the directory of the running test executable's
 //! profile (`target/debug`, found from `current_exe()`), and
 //! `<workspace>/target/debug`. Set `SWITCHYARD_SKIP_BUILD=1` to skip the
@@ -69,17 +71,39 @@ impl Binary {
             Binary::FakeModelServer => "switchyard-tests",
         }
     }
+}
 
-    fn cell(self) -> &'static OnceCell<PathBuf> {
-        static CP: OnceCell<PathBuf> = OnceCell::const_new();
-        static SIDECAR: OnceCell<PathBuf> = OnceCell::const_new();
-        static FAKE: OnceCell<PathBuf> = OnceCell::const_new();
-        match self {
-            Binary::ControlPlane => &CP,
-            Binary::Sidecar => &SIDECAR,
-            Binary::FakeModelServer => &FAKE,
-        }
-    }
+/// Builds every binary the harness runs, in one cargo invocation, once per
+/// test process (one invocation: a single feature resolution, so the
+/// binaries are not relinked back and forth between calls).
+async fn build_binaries() {
+    static BUILT: OnceCell<()> = OnceCell::const_new();
+    BUILT
+        .get_or_init(|| async {
+            if std::env::var_os("SWITCHYARD_SKIP_BUILD").is_some() {
+                return;
+            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let mut args = vec!["build", "--quiet", "--bins"];
+            for bin in [
+                Binary::ControlPlane,
+                Binary::Sidecar,
+                Binary::FakeModelServer,
+            ] {
+                args.extend(["-p", bin.package()]);
+            }
+            let status = tokio::process::Command::new(&cargo)
+                .current_dir(crate::workspace_root())
+                .args(&args)
+                .stdin(Stdio::null())
+                .status()
+                .await
+                .unwrap_or_else(|e| panic!("cannot run {cargo} build: {e}"));
+            if !status.success() {
+                panic!("`cargo {}` failed ({status})", args.join(" "));
+            }
+        })
+        .await;
 }
 
 fn candidate_dirs() -> Vec<PathBuf> {
@@ -103,41 +127,20 @@ fn candidate_dirs() -> Vec<PathBuf> {
 /// The path of `bin`, built (once per process) if needed; panics with the
 /// build command to run when it cannot be found.
 pub async fn binary(bin: Binary) -> PathBuf {
-    bin.cell()
-        .get_or_init(|| async move {
-            if std::env::var_os("SWITCHYARD_SKIP_BUILD").is_none() {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-                let status = tokio::process::Command::new(&cargo)
-                    .current_dir(crate::workspace_root())
-                    .args(["build", "--quiet", "-p", bin.package(), "--bin", bin.name()])
-                    .stdin(Stdio::null())
-                    .status()
-                    .await
-                    .unwrap_or_else(|e| panic!("cannot run {cargo} build: {e}"));
-                if !status.success() {
-                    panic!(
-                        "`cargo build -p {} --bin {}` failed ({status})",
-                        bin.package(),
-                        bin.name()
-                    );
-                }
-            }
-            candidate_dirs()
-                .into_iter()
-                .map(|d| d.join(bin.name()))
-                .find(|p| p.is_file())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "binary {} not found in {:?}: run `cargo build -p {} --bin {}`",
-                        bin.name(),
-                        candidate_dirs(),
-                        bin.package(),
-                        bin.name()
-                    )
-                })
+    build_binaries().await;
+    candidate_dirs()
+        .into_iter()
+        .map(|d| d.join(bin.name()))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "binary {} not found in {:?}: run `cargo build -p {} --bin {}`",
+                bin.name(),
+                candidate_dirs(),
+                bin.package(),
+                bin.name()
+            )
         })
-        .await
-        .clone()
 }
 
 /// A free loopback address: binds port 0 and releases it for a child to

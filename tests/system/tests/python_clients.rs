@@ -1,0 +1,121 @@
+//! The official Python clients end to end through a sidecar: `openai`
+//! (chat, streamed chat, completions, embeddings, models) and `ollama`
+//! (chat and generate both ways, embed with a list, list, show), against an
+//! Ollama-mode fake and an OpenAI-mode fake (so the ollama client also
+//! exercises translation). The scripts are first run straight against the
+//! fakes, so a script bug is never mistaken for a sidecar bug.
+//!
+//! Needs `.venv` from `tests/run.sh` (or `SWITCHYARD_PYTHON`); without it
+//! these tests FAIL with that instruction.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::json;
+use switchyard_system_tests::{
+    Cluster, FakeBackend, embedding_for, ollama_fake, openai_fake, python::run_script_ok,
+};
+
+const TEXT: &str = "tok0 tok1 tok2";
+const INPUTS: [&str; 3] = ["alpha", "beta", "gamma"];
+
+fn env_for(dims: usize) -> Vec<(&'static str, String)> {
+    let vecs: Vec<Vec<f32>> = INPUTS.iter().map(|i| embedding_for(i, dims)).collect();
+    vec![
+        ("EXPECT_TEXT", TEXT.to_owned()),
+        ("EMBED_INPUTS", json!(INPUTS).to_string()),
+        ("EXPECT_EMBEDDINGS", json!(vecs).to_string()),
+    ]
+}
+
+async fn run(script: &str, base: &str, model: &str, dims: usize) {
+    let env = env_for(dims);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = run_script_ok(script, &[base, model, model], &env).await;
+    assert!(out.stdout.contains("checks passed"), "{}", out.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_pass_against_the_fakes_directly() {
+    let ollama = FakeBackend::start(ollama_fake(&["m:latest"])).await;
+    run(
+        "ollama_client.py",
+        &ollama.url(),
+        "m",
+        ollama.embedding_dims(),
+    )
+    .await;
+    run(
+        "openai_client.py",
+        &ollama.url(),
+        "m",
+        ollama.embedding_dims(),
+    )
+    .await;
+    let openai = FakeBackend::start(openai_fake(&["gpt-x"])).await;
+    run(
+        "openai_client.py",
+        &openai.url(),
+        "gpt-x",
+        openai.embedding_dims(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_client_through_a_sidecar() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .backend(openai_fake(&["gpt-x"]))
+        .start()
+        .await;
+    run(
+        "openai_client.py",
+        &c.url(0),
+        "gpt-x",
+        c.backend(1).embedding_dims(),
+    )
+    .await;
+    run(
+        "openai_client.py",
+        &c.url(0),
+        "m",
+        c.backend(0).embedding_dims(),
+    )
+    .await;
+    c.wait_usage(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_client_through_a_sidecar_to_an_ollama_backend() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .start()
+        .await;
+    run(
+        "ollama_client.py",
+        &c.url(0),
+        "m",
+        c.backend(0).embedding_dims(),
+    )
+    .await;
+    c.wait_usage(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_client_through_a_sidecar_to_an_openai_backend() {
+    let c = Cluster::builder()
+        .backend(openai_fake(&["gpt-x"]))
+        .start()
+        .await;
+    run(
+        "ollama_client.py",
+        &c.url(0),
+        "gpt-x",
+        c.backend(0).embedding_dims(),
+    )
+    .await;
+    // It really was translated: the backend only saw OpenAI routes.
+    assert!(c.backend(0).request_count("/v1/chat/completions") >= 2);
+    assert!(c.backend(0).request_count("/v1/embeddings") >= 1);
+    c.wait_usage(0).await;
+}
