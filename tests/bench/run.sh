@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Switchyard benchmarks (not tests). Builds release binaries, then measures:
+#   1. the selection policy in-process (ns/decision at 10/100/1000 endpoints);
+#   2. choose+release pairs/s over gRPC against a control-plane process;
+#   3. /api/chat through: the fake backend directly, a standalone sidecar, and
+#      sidecar + control plane — closed-loop throughput (concurrency 10) and
+#      open-loop latency at a fixed rate (added p50/p99 vs direct);
+#   4. sidecar RSS idle and after load.
+# Results (JSON lines) go to stdout and to $OUT (default target/bench-results.jsonl).
+# Usage: tests/bench/run.sh [seconds-per-run (default 10)] [fixed rate (default 500)]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+SECS=${1:-10}
+RATE=${2:-500}
+OUT=${OUT:-$ROOT/target/bench-results.jsonl}
+: > "$OUT"
+
+cargo build --release --quiet --bin switchyard-control-plane --bin switchyard-sidecar \
+  --bin fake-model-server --bin loadgen --bin grpc-bench
+BIN=$ROOT/target/release
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 1 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "timeout waiting for $1" >&2; return 1; }
+record() { echo "$1" | tee -a "$OUT"; }
+rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+
+echo "# machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+
+# 1. policy
+cargo run --release --quiet -p switchyard-control-plane --example policy_bench | tee -a "$WORK/policy.txt"
+
+# Fake backend: Ollama mode, one model, answers immediately.
+"$BIN/fake-model-server" --mode ollama --listen 127.0.0.1:0 --models m --loaded m --chunks 1 > "$WORK/fake.out" &
+PIDS+=($!)
+for _ in $(seq 1 50); do grep -q LISTENING "$WORK/fake.out" && break; sleep 0.1; done
+FAKE=$(awk '/LISTENING/{print $2}' "$WORK/fake.out")
+
+cat > "$WORK/config.yaml" <<YAML
+endpoints:
+  - $FAKE
+max_concurrent_connections: 100000
+probe_interval: 1s
+YAML
+
+# 2. control plane + gRPC pairs
+CP_PORT=$(free_port)
+"$BIN/switchyard-control-plane" --config "$WORK/config.yaml" --listen "127.0.0.1:$CP_PORT" > "$WORK/cp.log" 2>&1 &
+CP_PID=$!; PIDS+=($CP_PID)
+sleep 1.5
+record "$("$BIN/grpc-bench" --target "http://127.0.0.1:$CP_PORT" --model m --concurrency 64 --channels 4 --duration "$SECS")"
+
+# 3. HTTP paths
+BODY='{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":false}'
+SA_PORT=$(free_port)
+"$BIN/switchyard-sidecar" --standalone --config "$WORK/config.yaml" --listen "127.0.0.1:$SA_PORT" > "$WORK/sa.log" 2>&1 &
+SA_PID=$!; PIDS+=($SA_PID)
+RM_PORT=$(free_port)
+"$BIN/switchyard-sidecar" --control-plane "http://127.0.0.1:$CP_PORT" --listen "127.0.0.1:$RM_PORT" > "$WORK/rm.log" 2>&1 &
+RM_PID=$!; PIDS+=($RM_PID)
+wait_http "http://127.0.0.1:$SA_PORT/health"; wait_http "http://127.0.0.1:$RM_PORT/health"
+sleep 2
+record "{\"label\":\"sidecar_rss_idle_kb\",\"standalone\":$(rss_kb $SA_PID),\"remote\":$(rss_kb $RM_PID)}"
+
+for target in "direct $FAKE" "standalone http://127.0.0.1:$SA_PORT" "remote http://127.0.0.1:$RM_PORT"; do
+  set -- $target
+  record "$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --concurrency 10 --duration "$SECS" --label "$1-throughput-c10")"
+  record "$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --rate "$RATE" --duration "$SECS" --label "$1-latency-r$RATE")"
+done
+record "{\"label\":\"sidecar_rss_after_load_kb\",\"standalone\":$(rss_kb $SA_PID),\"remote\":$(rss_kb $RM_PID)}"
+echo "# results in $OUT"
