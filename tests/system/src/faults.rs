@@ -67,7 +67,8 @@ impl CpProcess {
             "--metrics-listen".to_owned(),
             metrics_addr.to_string(),
         ];
-        let process = ChildProcess::spawn_in(Binary::ControlPlane, args, Vec::new(), addr, dir).await;
+        let process =
+            ChildProcess::spawn_in(Binary::ControlPlane, args, Vec::new(), addr, dir).await;
         let channel = tonic::transport::Endpoint::from_shared(process.url())
             .unwrap_or_else(|e| panic!("bad control-plane URL {}: {e}", process.url()))
             .connect_timeout(Duration::from_millis(500))
@@ -100,7 +101,10 @@ impl CpProcess {
     pub async fn state(&self) -> Option<ClusterState> {
         let mut client = ClusterClient::new(self.channel.clone());
         let call = client.get_state(v1::GetStateRequest {});
-        let answer = tokio::time::timeout(INSPECT_TIMEOUT, call).await.ok()?.ok()?;
+        let answer = tokio::time::timeout(INSPECT_TIMEOUT, call)
+            .await
+            .ok()?
+            .ok()?;
         Some(
             ClusterState::try_from(answer.into_inner())
                 .unwrap_or_else(|e| panic!("control plane sent an invalid ClusterState: {e}")),
@@ -116,15 +120,19 @@ impl CpProcess {
     pub async fn sessions(&self) -> Option<Vec<SessionInfo>> {
         let mut client = ClusterClient::new(self.channel.clone());
         let call = client.list_sessions(v1::ListSessionsRequest {});
-        let answer = tokio::time::timeout(INSPECT_TIMEOUT, call).await.ok()?.ok()?;
+        let answer = tokio::time::timeout(INSPECT_TIMEOUT, call)
+            .await
+            .ok()?
+            .ok()?;
         Some(
             answer
                 .into_inner()
                 .sessions
                 .into_iter()
                 .map(|s| {
-                    SessionInfo::try_from(s)
-                        .unwrap_or_else(|e| panic!("invalid SessionInfo from the control plane: {e}"))
+                    SessionInfo::try_from(s).unwrap_or_else(|e| {
+                        panic!("invalid SessionInfo from the control plane: {e}")
+                    })
                 })
                 .collect(),
         )
@@ -161,7 +169,11 @@ impl CpProcess {
 }
 
 /// `switchyard-sidecar --control-plane URL --listen ADDR --name NAME --config FILE`.
-pub async fn sidecar_process(control_plane_url: &str, config: &TestConfig, name: &str) -> ChildProcess {
+pub async fn sidecar_process(
+    control_plane_url: &str,
+    config: &TestConfig,
+    name: &str,
+) -> ChildProcess {
     let addr = free_addr();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
     let file = write_config(dir.path(), config);
@@ -197,7 +209,10 @@ pub async fn get_text(http: &reqwest::Client, url: &str) -> Option<String> {
         }
         r.text().await.ok()
     };
-    tokio::time::timeout(INSPECT_TIMEOUT, fut).await.ok().flatten()
+    tokio::time::timeout(INSPECT_TIMEOUT, fut)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The last `n` lines of `text` (for failure messages).
@@ -268,8 +283,8 @@ pub async fn chat_once(http: &reqwest::Client, url: &str, body: &Value) -> Resul
         if status != 200 {
             return Err(format!("status {status}: {text}"));
         }
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| format!("status 200, body not JSON ({e}): {text}"))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("status 200, body not JSON ({e}): {text}"))?;
         if v["done"] != json!(true) || v.get("error").is_some() {
             return Err(format!("status 200 but not a complete answer: {text}"));
         }

@@ -58,7 +58,12 @@ fn cp_failure_releases(c: &Cluster) -> u64 {
 }
 
 /// A sidecar's `/metrics` value.
-async fn sidecar_metric(http: &reqwest::Client, base: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+async fn sidecar_metric(
+    http: &reqwest::Client,
+    base: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
     let text = get_text(http, &format!("{base}/metrics"))
         .await
         .unwrap_or_else(|| panic!("{base}/metrics did not answer"));
@@ -99,7 +104,9 @@ async fn wait_cp_ready(
         });
         let mut sidecars_ok = true;
         for s in sidecars {
-            let tags = get_text(&http, &format!("{s}/api/tags")).await.unwrap_or_default();
+            let tags = get_text(&http, &format!("{s}/api/tags"))
+                .await
+                .unwrap_or_default();
             sidecars_ok &= models.iter().all(|m| tags.contains(m));
         }
         if cp_ok && sidecars_ok {
@@ -130,8 +137,18 @@ fn process_config() -> TestConfig {
 /// usage is exact again, and it returns to zero after the load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_plane_killed_under_load_no_client_fails_and_usage_recovers() {
-    let a = FakeBackend::start(ollama_fake(&["m:latest"]).delay(Duration::from_millis(20)).label("a")).await;
-    let b = FakeBackend::start(ollama_fake(&["m:latest"]).delay(Duration::from_millis(20)).label("b")).await;
+    let a = FakeBackend::start(
+        ollama_fake(&["m:latest"])
+            .delay(Duration::from_millis(20))
+            .label("a"),
+    )
+    .await;
+    let b = FakeBackend::start(
+        ollama_fake(&["m:latest"])
+            .delay(Duration::from_millis(20))
+            .label("b"),
+    )
+    .await;
     let slow = FakeBackend::start(ollama_fake(&["slow:latest"]).label("slow")).await;
     let mut config = process_config();
     for f in [&a, &b, &slow] {
@@ -141,7 +158,14 @@ async fn control_plane_killed_under_load_no_client_fails_and_usage_recovers() {
     let s1 = sidecar_process(&cp.url(), &config, "s1").await;
     let s2 = sidecar_process(&cp.url(), &config, "s2").await;
     let urls = [s1.url(), s2.url()];
-    wait_cp_ready(&cp, &[&a, &b, &slow], 2, &urls, &["m:latest", "slow:latest"]).await;
+    wait_cp_ready(
+        &cp,
+        &[&a, &b, &slow],
+        2,
+        &urls,
+        &["m:latest", "slow:latest"],
+    )
+    .await;
     let http = http_client();
 
     // Two requests held at a backend across the whole outage: they must be
@@ -155,7 +179,10 @@ async fn control_plane_killed_under_load_no_client_fails_and_usage_recovers() {
             tokio::spawn(async move { chat_once(&http, &url, &chat("slow", "held")).await })
         })
         .collect();
-    assert!(slow.wait_for_waiting(2, SOON).await, "held requests never reached the backend");
+    assert!(
+        slow.wait_for_waiting(2, SOON).await,
+        "held requests never reached the backend"
+    );
     cp.wait_usage(2, 2, SOON).await;
 
     let load = Load::start(&http, &urls, 8, "m");
@@ -220,7 +247,8 @@ async fn control_plane_killed_under_load_no_client_fails_and_usage_recovers() {
 
     let mut degraded = 0.0;
     for u in &urls {
-        degraded += sidecar_metric(&http, u, "switchyard_sidecar_degraded_decisions_total", &[]).await;
+        degraded +=
+            sidecar_metric(&http, u, "switchyard_sidecar_degraded_decisions_total", &[]).await;
     }
     println!(
         "control plane killed: {} requests ok, {} failed; {served_during_outage} served during a \
@@ -263,13 +291,21 @@ async fn sidecar_killed_with_request_in_flight_frees_its_slot_within_the_ttl() {
 
     let send = |base: String, text: &'static str| {
         let http = http.clone();
-        tokio::spawn(async move { chat_once(&http, &format!("{base}/api/chat"), &chat("m", text)).await })
+        tokio::spawn(async move {
+            chat_once(&http, &format!("{base}/api/chat"), &chat("m", text)).await
+        })
     };
     // Priority routing: the first request takes `a`, the second `b`.
     let doomed = send(s1.url(), "through s1");
-    assert!(a.wait_for_waiting(1, SOON).await, "s1's request did not reach a");
+    assert!(
+        a.wait_for_waiting(1, SOON).await,
+        "s1's request did not reach a"
+    );
     let survivor = send(s2.url(), "through s2");
-    assert!(b.wait_for_waiting(1, SOON).await, "s2's request did not reach b");
+    assert!(
+        b.wait_for_waiting(1, SOON).await,
+        "s2's request did not reach b"
+    );
     cp.wait_usage(2, 2, SOON).await;
 
     s1.kill();
@@ -287,8 +323,13 @@ async fn sidecar_killed_with_request_in_flight_frees_its_slot_within_the_ttl() {
         freed_after_kill <= Duration::from_millis(2000 + 700),
         "s1's lease was released {freed_after_kill:?} after the kill; session_ttl is 2 s"
     );
-    let r = within("the killed sidecar's client", SOON, doomed).await.unwrap();
-    assert!(r.is_err(), "a request through a killed sidecar cannot succeed: {r:?}");
+    let r = within("the killed sidecar's client", SOON, doomed)
+        .await
+        .unwrap();
+    assert!(
+        r.is_err(),
+        "a request through a killed sidecar cannot succeed: {r:?}"
+    );
 
     // a's only slot is free again: s2's next request lands there (b is full).
     let reuse = send(s2.url(), "through s2 again");
@@ -314,8 +355,14 @@ async fn sidecar_killed_with_request_in_flight_frees_its_slot_within_the_ttl() {
 /// Two backends, two in-process sidecars, sequential load.
 async fn two_backend_cluster() -> Cluster {
     Cluster::builder()
-        .backend_with(ollama_fake(&["m:latest"]).label("a").record_capacity(0), BackendOptions::max_concurrent(8))
-        .backend_with(ollama_fake(&["m:latest"]).label("b").record_capacity(0), BackendOptions::max_concurrent(8))
+        .backend_with(
+            ollama_fake(&["m:latest"]).label("a").record_capacity(0),
+            BackendOptions::max_concurrent(8),
+        )
+        .backend_with(
+            ollama_fake(&["m:latest"]).label("b").record_capacity(0),
+            BackendOptions::max_concurrent(8),
+        )
         .sidecars(2)
         .start()
         .await
@@ -341,7 +388,10 @@ async fn sequential(c: &Cluster, n: usize, what: &str) -> Vec<String> {
 async fn failing_backend_scenario(mode: FailureMode) {
     let c = two_backend_cluster().await;
     let warm = sequential(&c, 40, "warm-up").await;
-    assert!(warm.iter().any(|l| l == "a") && warm.iter().any(|l| l == "b"), "{warm:?}");
+    assert!(
+        warm.iter().any(|l| l == "a") && warm.iter().any(|l| l == "b"),
+        "{warm:?}"
+    );
     let a = c.backend(0);
     let before = a.request_count("/api/chat");
     a.set_failure(mode);
@@ -355,7 +405,10 @@ async fn failing_backend_scenario(mode: FailureMode) {
         "{mode:?}: {n} requests in {took:?}, all ok; failing backend received {to_a} ({share:.2} %); \
          retries absorbed every failure"
     );
-    assert!(labels.iter().all(|l| l == "b"), "answers not from b: {labels:?}");
+    assert!(
+        labels.iter().all(|l| l == "b"),
+        "answers not from b: {labels:?}"
+    );
     assert!(
         share <= 5.0,
         "failing backend received {to_a} of {n} requests ({share:.1} %) after the switch"
@@ -363,7 +416,10 @@ async fn failing_backend_scenario(mode: FailureMode) {
     a.set_failure(FailureMode::None);
     let healed = Instant::now();
     let back = back_in_rotation(&c, "a").await;
-    println!("{mode:?}: healed backend serves again {back:?} after healing (checked {:?})", healed.elapsed());
+    println!(
+        "{mode:?}: healed backend serves again {back:?} after healing (checked {:?})",
+        healed.elapsed()
+    );
     c.wait_usage(0).await;
 }
 
@@ -440,7 +496,10 @@ async fn killed_backend_stops_receiving_traffic_within_2s_and_probes_bring_it_ba
         last <= Duration::from_secs(2),
         "the dead backend was still tried {last:?} after the kill"
     );
-    assert!(share <= 5.0, "{share:.1} % of requests tried the dead backend");
+    assert!(
+        share <= 5.0,
+        "{share:.1} % of requests tried the dead backend"
+    );
 
     a.restart().await.unwrap();
     let restarted = Instant::now();
@@ -484,26 +543,43 @@ async fn client_disconnect_mid_stream_cancels_backend_and_frees_usage_within_100
 
     drop(body);
     let gone = Instant::now();
-    let to_zero = measure_until("usage back to zero", gone, SOON, || c.usage_and_leases() == (0, 0)).await;
+    let to_zero = measure_until("usage back to zero", gone, SOON, || {
+        c.usage_and_leases() == (0, 0)
+    })
+    .await;
     let backend = c.backend(0);
     let cancelled = measure_until("the backend to see the cancellation", gone, SOON, || {
         backend.cancelled_count() >= 1
     })
     .await;
-    println!("mid-stream disconnect: usage zero after {to_zero:?}; backend saw the cancel after {cancelled:?}");
-    assert!(to_zero <= CANCEL_TO_ZERO, "usage took {to_zero:?} to reach zero after the disconnect");
+    println!(
+        "mid-stream disconnect: usage zero after {to_zero:?}; backend saw the cancel after {cancelled:?}"
+    );
+    assert!(
+        to_zero <= CANCEL_TO_ZERO,
+        "usage took {to_zero:?} to reach zero after the disconnect"
+    );
     assert_eq!(backend.in_flight(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_disconnect_before_first_byte_cancels_backend_and_frees_usage_within_100ms() {
-    let c = Cluster::builder().backend(ollama_fake(&["m:latest"])).start().await;
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .start()
+        .await;
     let backend = c.backend(0);
     backend.hold_requests(true);
     let http = c.http().clone();
     let url = c.at("/api/chat");
-    let client = tokio::spawn(async move { post_json(&http, &url, &chat_stream("m", "never answered")).await });
-    assert!(backend.wait_for_waiting(1, SOON).await, "request never reached the backend");
+    let client =
+        tokio::spawn(
+            async move { post_json(&http, &url, &chat_stream("m", "never answered")).await },
+        );
+    assert!(
+        backend.wait_for_waiting(1, SOON).await,
+        "request never reached the backend"
+    );
     wait_for("usage 1", SOON, || c.usage_and_leases(), |u| *u == (1, 1)).await;
 
     client.abort();
@@ -517,18 +593,26 @@ async fn client_disconnect_before_first_byte_cancels_backend_and_frees_usage_wit
         backend.cancelled_count() >= 1
     })
     .await;
-    println!("pre-first-byte disconnect: usage zero after {to_zero:?}; backend saw the cancel after {cancelled:?}");
-    assert!(to_zero <= CANCEL_TO_ZERO, "usage took {to_zero:?} to reach zero after the disconnect");
+    println!(
+        "pre-first-byte disconnect: usage zero after {to_zero:?}; backend saw the cancel after {cancelled:?}"
+    );
+    assert!(
+        to_zero <= CANCEL_TO_ZERO,
+        "usage took {to_zero:?} to reach zero after the disconnect"
+    );
     backend.hold_requests(false);
     assert_eq!(backend.waiting(), 0);
 }
 
 // ---------------------------------------------------------- 5. timeouts
 
-fn tight_timeouts(builder: switchyard_system_tests::ClusterBuilder) -> switchyard_system_tests::ClusterBuilder {
-    builder
-        .set("priority_routing", "true")
-        .set("timeouts.ollama", "{connect: 0.3, first_byte: 0.5, idle: 0.5}")
+fn tight_timeouts(
+    builder: switchyard_system_tests::ClusterBuilder,
+) -> switchyard_system_tests::ClusterBuilder {
+    builder.set("priority_routing", "true").set(
+        "timeouts.ollama",
+        "{connect: 0.3, first_byte: 0.5, idle: 0.5}",
+    )
 }
 
 /// A backend slower than `first_byte`: released as `first_byte_timeout`,
@@ -536,7 +620,11 @@ fn tight_timeouts(builder: switchyard_system_tests::ClusterBuilder) -> switchyar
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn first_byte_timeout_is_its_own_outcome_and_is_retried() {
     let c = tight_timeouts(Cluster::builder())
-        .backend(ollama_fake(&["m:latest"]).label("slow").delay(Duration::from_secs(3)))
+        .backend(
+            ollama_fake(&["m:latest"])
+                .label("slow")
+                .delay(Duration::from_secs(3)),
+        )
         .backend(ollama_fake(&["m:latest"]).label("fast"))
         .start()
         .await;
@@ -544,10 +632,15 @@ async fn first_byte_timeout_is_its_own_outcome_and_is_retried() {
     let label = chat_once(c.http(), &c.at("/api/chat"), &chat("m", "hello")).await;
     let took = started.elapsed();
     assert_eq!(label.as_deref(), Ok("fast"), "answer");
-    assert!(took >= Duration::from_millis(500), "answered in {took:?}: slow backend not tried first?");
-    wait_until("the control plane to count a first_byte_timeout release", SOON, || {
-        cp_releases(&c, Outcome::FirstByteTimeout) == 1
-    })
+    assert!(
+        took >= Duration::from_millis(500),
+        "answered in {took:?}: slow backend not tried first?"
+    );
+    wait_until(
+        "the control plane to count a first_byte_timeout release",
+        SOON,
+        || cp_releases(&c, Outcome::FirstByteTimeout) == 1,
+    )
     .await;
     let m = sidecar_metric(
         c.http(),
@@ -559,7 +652,10 @@ async fn first_byte_timeout_is_its_own_outcome_and_is_retried() {
     assert_eq!(m, 1.0, "sidecar first_byte_timeout metric");
     assert_eq!(cp_releases(&c, Outcome::ConnectTimeout), 0);
     assert_eq!(cp_releases(&c, Outcome::IdleTimeout), 0);
-    assert!(c.backend(0).wait_for_cancelled(1, SOON).await, "slow backend not told to stop");
+    assert!(
+        c.backend(0).wait_for_cancelled(1, SOON).await,
+        "slow backend not told to stop"
+    );
     println!("first-byte timeout: answered by the other backend after {took:?}");
     c.wait_usage(0).await;
 }
@@ -569,24 +665,40 @@ async fn first_byte_timeout_is_its_own_outcome_and_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_timeout_is_its_own_outcome() {
     let c = tight_timeouts(Cluster::builder())
-        .backend(ollama_fake(&["m:latest"]).chunks(3).chunk_delay(Duration::from_secs(3)))
+        .backend(
+            ollama_fake(&["m:latest"])
+                .chunks(3)
+                .chunk_delay(Duration::from_secs(3)),
+        )
         .start()
         .await;
-    let r = stream(c.http().post(c.at("/api/chat")).json(&chat_stream("m", "stall")), Framing::Ndjson).await;
+    let r = stream(
+        c.http()
+            .post(c.at("/api/chat"))
+            .json(&chat_stream("m", "stall")),
+        Framing::Ndjson,
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.dump());
     let lines = r.ndjson();
     assert!(lines.len() >= 2, "{}", r.dump());
     let last: &Value = lines.last().unwrap();
-    assert!(last.get("error").is_some(), "stream did not end with an error line: {}", r.dump());
+    assert!(
+        last.get("error").is_some(),
+        "stream did not end with an error line: {}",
+        r.dump()
+    );
     let stalled = r.ended.duration_since(r.chunks[0].at);
     assert!(
         // The sidecar's timer starts before the client sees the chunk.
         stalled >= Duration::from_millis(450) && stalled < Duration::from_millis(2500),
         "stream ended {stalled:?} after the first chunk (idle timeout 0.5 s)"
     );
-    wait_until("the control plane to count an idle_timeout release", SOON, || {
-        cp_releases(&c, Outcome::IdleTimeout) == 1
-    })
+    wait_until(
+        "the control plane to count an idle_timeout release",
+        SOON,
+        || cp_releases(&c, Outcome::IdleTimeout) == 1,
+    )
     .await;
     assert_eq!(cp_releases(&c, Outcome::FirstByteTimeout), 0);
     let m = sidecar_metric(
@@ -620,9 +732,11 @@ async fn connect_timeout_is_its_own_outcome_and_is_retried() {
     let label = chat_once(c.http(), &c.at("/api/chat"), &chat("m", "hello")).await;
     let took = started.elapsed();
     assert_eq!(label.as_deref(), Ok("fine"), "answer");
-    wait_until("the control plane to count a connect_timeout release", SOON, || {
-        cp_releases(&c, Outcome::ConnectTimeout) == 1
-    })
+    wait_until(
+        "the control plane to count a connect_timeout release",
+        SOON,
+        || cp_releases(&c, Outcome::ConnectTimeout) == 1,
+    )
     .await;
     assert_eq!(cp_releases(&c, Outcome::FirstByteTimeout), 0);
     assert_eq!(cp_releases(&c, Outcome::ConnectError), 0);
@@ -654,7 +768,10 @@ async fn sigterm_lets_the_stream_finish_closes_the_session_and_exits_0() {
     )
     .await;
     let mut config = process_config();
-    config.set("shutdown_grace", "10").set("session_ttl", "10").set("keepalive_interval", "1");
+    config
+        .set("shutdown_grace", "10")
+        .set("session_ttl", "10")
+        .set("keepalive_interval", "1");
     config.endpoint(entry(&fake, 4));
     let cp = CpProcess::start(&config).await;
     let mut sidecar = sidecar_process(&cp.url(), &config, "leaving").await;
@@ -663,9 +780,18 @@ async fn sigterm_lets_the_stream_finish_closes_the_session_and_exits_0() {
     let url = format!("{}/api/chat", sidecar.url());
     let reader = {
         let http = http.clone();
-        tokio::spawn(async move { stream(http.post(url).json(&chat_stream("m", "long")), Framing::Ndjson).await })
+        tokio::spawn(async move {
+            stream(
+                http.post(url).json(&chat_stream("m", "long")),
+                Framing::Ndjson,
+            )
+            .await
+        })
     };
-    assert!(fake.wait_for_in_flight(1, SOON).await, "stream never reached the backend");
+    assert!(
+        fake.wait_for_in_flight(1, SOON).await,
+        "stream never reached the backend"
+    );
     cp.wait_usage(1, 1, SOON).await;
 
     let pid = sidecar.pid().unwrap();
@@ -689,24 +815,46 @@ async fn sigterm_lets_the_stream_finish_closes_the_session_and_exits_0() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    let r = within("the in-flight stream", Duration::from_secs(15), reader).await.unwrap();
+    let r = within("the in-flight stream", Duration::from_secs(15), reader)
+        .await
+        .unwrap();
     let lines = r.ndjson();
     assert_eq!(r.status, 200, "{}", r.dump());
-    assert!(r.transport_error.is_none() && r.trailing.is_empty(), "{}", r.dump());
+    assert!(
+        r.transport_error.is_none() && r.trailing.is_empty(),
+        "{}",
+        r.dump()
+    );
     let text: String = lines
         .iter()
         .filter_map(|l| l["message"]["content"].as_str())
         .collect();
-    let expected: String = (0..20).map(|i| if i == 0 { "tok0".to_owned() } else { format!(" tok{i}") }).collect();
+    let expected: String = (0..20)
+        .map(|i| {
+            if i == 0 {
+                "tok0".to_owned()
+            } else {
+                format!(" tok{i}")
+            }
+        })
+        .collect();
     assert_eq!(text, expected, "stream content: {}", r.dump());
     assert_eq!(lines.last().unwrap()["done"], json!(true), "{}", r.dump());
     let finished = r.ended.duration_since(term);
 
     let status = sidecar.wait_exit(Duration::from_secs(15)).await;
     let exited = term.elapsed();
-    assert_eq!(status.code(), Some(0), "exit status; log:\n{}", tail(&sidecar.logs(), 30));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status; log:\n{}",
+        tail(&sidecar.logs(), 30)
+    );
     let sessions = cp.sessions().await.expect("control plane answers");
-    assert!(sessions.is_empty(), "sessions after the sidecar left: {sessions:?}");
+    assert!(
+        sessions.is_empty(),
+        "sessions after the sidecar left: {sessions:?}"
+    );
     cp.wait_usage(0, 0, Duration::from_millis(500)).await;
     let metrics = cp.metrics().await.expect("control-plane metrics");
     assert_eq!(
