@@ -17,7 +17,7 @@
 //!
 //! ```no_run
 //! # async fn demo(config: &switchyard_system_tests::TestConfig) {
-//! use switchyard_system_tests::process::{ChildProcess, Binary};
+//! use switchyard_system_tests::process::ChildProcess;
 //! let mut cp = ChildProcess::control_plane(config).await;    // --config FILE --listen ADDR
 //! let sidecar = ChildProcess::sidecar_remote(&cp.url(), Some(config)).await;
 //! // ... send requests to sidecar.url() ...

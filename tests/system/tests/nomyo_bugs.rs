@@ -207,6 +207,28 @@ async fn bug04_backend_failure_mid_stream_ends_with_error_in_client_format() {
         "content before the failure was lost: {}",
         r.dump()
     );
+
+    // Ollama client, OpenAI backend (translated stream): an error line too.
+    let r = stream(
+        c.http().post(c.at("/api/chat")).json(&json!({
+            "model": "gpt-x", "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]
+        })),
+        Framing::Ndjson,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let lines = r.ndjson();
+    assert!(
+        lines.last().is_some_and(|l| l["error"].is_string()),
+        "translated stream did not end with an error line: {}",
+        r.dump()
+    );
+    assert!(
+        !lines.iter().any(|l| l["done"] == json!(true)),
+        "{}",
+        r.dump()
+    );
     c.wait_usage(0).await;
 }
 
@@ -367,6 +389,48 @@ async fn bug05_counters_do_not_leak_after_client_disconnect_mid_stream() {
         );
         c.wait_usage(0).await;
         assert!(c.backend(0).wait_for_idle(SOON).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bug05_counters_do_not_leak_when_the_client_gives_up_before_the_first_byte() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .backend(openai_fake(&["gpt-x"]))
+        .start()
+        .await;
+    for (i, (path, model)) in [
+        ("/api/chat", "m"),
+        ("/api/chat", "gpt-x"),
+        ("/v1/chat/completions", "gpt-x"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fake = usize::from(model == "gpt-x");
+        c.backend(fake).hold_requests(true);
+        let before = c.backend(fake).cancelled_count();
+        let http = c.http().clone();
+        let url = c.at(path);
+        let client = tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({"model": model, "stream": true,
+                              "messages": [{"role": "user", "content": format!("q{i}")}]}))
+                .send()
+                .await
+        });
+        assert!(
+            c.backend(fake).wait_for_waiting(1, SOON).await,
+            "{path} {model}: request never reached the backend"
+        );
+        c.wait_usage(1).await;
+        client.abort(); // the client hangs up while the backend is silent
+        assert!(
+            c.backend(fake).wait_for_cancelled(before + 1, SOON).await,
+            "{path} {model}: the backend never saw the cancellation"
+        );
+        c.wait_usage(0).await;
+        c.backend(fake).hold_requests(false);
     }
 }
 
