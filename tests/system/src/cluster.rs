@@ -437,3 +437,35 @@ impl Cluster {
         }
     }
 }
+
+/// The cluster state of the control plane at `url` (`http://ADDR`) over
+/// gRPC `Cluster.GetState` — for control planes running as child
+/// processes ([`crate::process::ChildProcess::control_plane`]).
+pub async fn grpc_cluster_state(url: &str) -> Result<ClusterState, String> {
+    use switchyard_proto::v1::{GetStateRequest, cluster_client::ClusterClient};
+    let mut client = ClusterClient::connect(url.to_owned())
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    let state = client
+        .get_state(GetStateRequest {})
+        .await
+        .map_err(|e| format!("GetState on {url} failed: {e}"))?
+        .into_inner();
+    ClusterState::try_from(state).map_err(|e| format!("bad GetState answer from {url}: {e}"))
+}
+
+/// Waits until the control plane at `url` reports `n` in flight over the
+/// cluster (and no lease held when `n == 0`); panics with the last answer.
+pub async fn wait_grpc_usage(url: &str, n: u64) {
+    crate::wait::wait_for_async(
+        &format!("usage of the control plane at {url} to reach {n}"),
+        SOON,
+        || async {
+            grpc_cluster_state(url)
+                .await
+                .map(|s| (s.total_in_flight(), s.leases))
+        },
+        |r| matches!(r, Ok((f, l)) if *f == n && (n != 0 || *l == 0)),
+    )
+    .await;
+}

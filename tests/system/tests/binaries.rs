@@ -12,6 +12,7 @@ use switchyard_control_plane::endpoint::EndpointKind;
 use switchyard_system_tests::{
     Framing, SOON, TestConfig,
     client::{get, stream},
+    cluster::{grpc_cluster_state, wait_grpc_usage},
     config::EndpointEntry,
     process::ChildProcess,
     wait::wait_for_async,
