@@ -457,7 +457,7 @@ pub async fn grpc_cluster_state(url: &str) -> Result<ClusterState, String> {
 /// Waits until the control plane at `url` reports `n` in flight over the
 /// cluster (and no lease held when `n == 0`); panics with the last answer.
 pub async fn wait_grpc_usage(url: &str, n: u64) {
-    crate::wait::wait_for_async(
+    let _reached = crate::wait::wait_for_async(
         &format!("usage of the control plane at {url} to reach {n}"),
         SOON,
         || async {
