@@ -62,6 +62,15 @@ async fn real_binaries_route_a_chat_remote_and_standalone() {
         format!("{}\n{}", cp.logs(), sidecar.logs())
     })
     .await;
+    // The control plane process counted the request and released it.
+    wait_grpc_usage(&cp.url(), 0).await;
+    let state = grpc_cluster_state(&cp.url()).await.unwrap();
+    assert_eq!(state.sessions, 1, "{state:?}");
+    let served: u64 = state.endpoints[0].usage.iter().map(|u| u.requests).sum();
+    assert!(
+        served >= 1,
+        "the control plane saw no released request: {state:?}"
+    );
     // SIGTERM: graceful exit with status 0.
     let status = sidecar.terminate(Duration::from_secs(15)).await;
     assert!(
