@@ -218,11 +218,15 @@ impl ProxyError {
             Self::Upstream(e) => e.ollama_status(),
             Self::AttemptsFailed { last, .. } => match last {
                 AttemptFailure::Transport { outcome, .. } => match outcome {
-                    Outcome::ConnectTimeout | Outcome::FirstByteTimeout | Outcome::IdleTimeout => {
+                    // No backend could even be reached: the service is
+                    // unavailable (as /health says), not a bad gateway.
+                    Outcome::ConnectError | Outcome::ConnectTimeout => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                    Outcome::FirstByteTimeout | Outcome::IdleTimeout => {
                         StatusCode::GATEWAY_TIMEOUT
                     }
                     Outcome::Ok
-                    | Outcome::ConnectError
                     | Outcome::BackendError
                     | Outcome::Cancelled
                     | Outcome::ClientError => StatusCode::BAD_GATEWAY,
@@ -399,6 +403,16 @@ mod tests {
                     last: AttemptFailure::Transport {
                         outcome: Outcome::ConnectError,
                         detail: "refused".into(),
+                    },
+                },
+                503,
+            ),
+            (
+                ProxyError::AttemptsFailed {
+                    attempts: 2,
+                    last: AttemptFailure::Transport {
+                        outcome: Outcome::BackendError,
+                        detail: "reset mid-body".into(),
                     },
                 },
                 502,
