@@ -604,6 +604,52 @@ async fn client_disconnect_before_first_byte_cancels_backend_and_frees_usage_wit
     assert_eq!(backend.waiting(), 0);
 }
 
+/// Clients that leave within the first 0–3 ms — while the sidecar is still
+/// waiting for the control plane's choice — must not leave leases behind.
+/// (Found by the soak: the remote router drops its in-flight
+/// `ChooseEndpoint` call with the request, so a lease the control plane
+/// grants for it is never released while the session lives.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_disconnect_while_the_sidecar_chooses_leaks_no_lease() {
+    let c = Cluster::builder()
+        .backend_with(
+            ollama_fake(&["m:latest"]).record_capacity(0),
+            BackendOptions::max_concurrent(4),
+        )
+        .start()
+        .await;
+    let url = c.at("/api/chat");
+    let n = 400u64;
+    for i in 0..n {
+        let send = c.http().post(&url).json(&chat("m", "leaving")).send();
+        let _ = tokio::time::timeout(Duration::from_micros(i * 7919 % 3000), send).await;
+    }
+    let left = Instant::now();
+    let deadline = left + SOON;
+    let (usage, local) = loop {
+        let usage = c.usage_and_leases();
+        let local = c.sidecars[0].router().local_in_flight();
+        if usage == (0, 0) || Instant::now() > deadline {
+            break (usage, local);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let stats = c.control_plane.as_ref().unwrap().cp.stats();
+    println!(
+        "{n} early leaves: control plane (in-flight, leases) {usage:?} after {:?}; the sidecar \
+         itself holds {local}; granted {}, ended {}",
+        left.elapsed(),
+        stats.leases_granted,
+        stats.leases_released
+    );
+    assert_eq!(
+        usage,
+        (0, 0),
+        "leases leaked at the control plane by clients that left during the choice (the sidecar \
+         holds {local} itself); {stats:?}"
+    );
+}
+
 // ---------------------------------------------------------- 5. timeouts
 
 fn tight_timeouts(
