@@ -17,8 +17,15 @@
 //! `WatchUsage` sends the current state at once, then every newly published
 //! state; a slow watcher skips to the latest (a `watch` channel), and the
 //! stream ends when the server shuts down.
+//!
+//! `Route` multiplexes choose and release on one bidirectional stream
+//! ([`route_stream`]); each message goes through the very same code as the
+//! unary `ChooseEndpoint` / `Release` calls ([`RoutingService::choose_now`],
+//! [`RoutingService::release_now`]), so validation and error codes cannot
+//! drift apart.
 
 pub mod convert;
+pub mod route_stream;
 
 use std::{pin::Pin, sync::Arc, time::Instant};
 
@@ -37,6 +44,7 @@ use crate::{
         ChooseCall, ConvertError, ReleaseCall, affinity_listing_to_proto, lease_records_from_proto,
         session_id_from_proto,
     },
+    grpc::route_stream::{RouteResponseStream, RouteStream},
 };
 
 /// Default number of affinity entries a `ListAffinity` call returns.
@@ -88,9 +96,31 @@ pub struct RoutingService {
 }
 
 impl RoutingService {
-    /// A service over `cp`; `WatchUsage` streams end when `shutdown` fires.
+    /// A service over `cp`; `WatchUsage` and `Route` streams end when
+    /// `shutdown` fires.
     pub fn new(cp: ControlPlane, shutdown: CancellationToken) -> Self {
         Self { cp, shutdown }
+    }
+
+    /// One `ChooseEndpoint`, start to end (parse, choose, convert): the
+    /// unary call and a `Route` stream's `choose` both run exactly this.
+    pub fn choose_now(&self, request: v1::ChooseRequest) -> Result<v1::ChooseResponse, Status> {
+        let call = ChooseCall::try_from(request).map_err(invalid)?;
+        let choice = self
+            .cp
+            .choose(&call.request, call.reserve, Instant::now())
+            .map_err(GrpcError::from)?;
+        Ok((&choice).into())
+    }
+
+    /// One `Release`, start to end: the unary call and a `Route` stream's
+    /// `release` both run exactly this.
+    pub fn release_now(&self, request: v1::ReleaseRequest) -> Result<v1::ReleaseResponse, Status> {
+        let call = ReleaseCall::try_from(request).map_err(invalid)?;
+        let released = self
+            .cp
+            .release(call.lease, call.outcome, call.tokens, Instant::now());
+        Ok(v1::ReleaseResponse { released })
     }
 }
 
@@ -148,23 +178,24 @@ impl Routing for RoutingService {
         &self,
         request: Request<v1::ChooseRequest>,
     ) -> Result<Response<v1::ChooseResponse>, Status> {
-        let call = ChooseCall::try_from(request.into_inner()).map_err(invalid)?;
-        let choice = self
-            .cp
-            .choose(&call.request, call.reserve, Instant::now())
-            .map_err(GrpcError::from)?;
-        Ok(Response::new((&choice).into()))
+        self.choose_now(request.into_inner()).map(Response::new)
     }
 
     async fn release(
         &self,
         request: Request<v1::ReleaseRequest>,
     ) -> Result<Response<v1::ReleaseResponse>, Status> {
-        let call = ReleaseCall::try_from(request.into_inner()).map_err(invalid)?;
-        let released = self
-            .cp
-            .release(call.lease, call.outcome, call.tokens, Instant::now());
-        Ok(Response::new(v1::ReleaseResponse { released }))
+        self.release_now(request.into_inner()).map(Response::new)
+    }
+
+    type RouteStream = RouteResponseStream;
+
+    async fn route(
+        &self,
+        request: Request<tonic::Streaming<v1::RouteRequest>>,
+    ) -> Result<Response<Self::RouteStream>, Status> {
+        let stream = RouteStream::new(self.clone(), request.into_inner(), &self.shutdown);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type WatchUsageStream = WatchUsageStream;

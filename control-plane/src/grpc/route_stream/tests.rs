@@ -1,0 +1,374 @@
+//! `Route` over a real tonic server on 127.0.0.1:0: answers matched by
+//! correlation id, errors identical to the unary calls with the stream left
+//! open, many callers multiplexed on one [`RouteClient`], leases surviving a
+//! closed stream until their session ends, and shutdown ending the stream.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use super::*;
+use crate::{api::ProbeReport, config::Config, control_plane::ControlPlane, server};
+
+const BACKEND: &str = "http://a:11434";
+
+/// A control plane whose one endpoint advertises and has loaded `m:latest`,
+/// served over gRPC (no probing: discovery is applied directly).
+struct Served {
+    cp: ControlPlane,
+    channel: Channel,
+    shutdown: CancellationToken,
+    server: JoinHandle<Result<(), server::ServeError>>,
+}
+
+async fn served() -> Served {
+    let yaml = format!("endpoints: [\"{BACKEND}\"]\nmax_concurrent_connections: 1000\n");
+    let cp = ControlPlane::new(Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap()));
+    cp.apply_probe(
+        0,
+        ProbeReport::Ok {
+            advertised: vec!["m:latest".to_owned()],
+            loaded: vec!["m:latest".to_owned()],
+        },
+        Instant::now(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(server::serve(cp.clone(), listener, shutdown.clone()));
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    Served {
+        cp,
+        channel,
+        shutdown,
+        server,
+    }
+}
+
+impl Served {
+    fn routing(&self) -> RoutingClient<Channel> {
+        RoutingClient::new(self.channel.clone())
+    }
+
+    async fn session(&self) -> u64 {
+        self.routing()
+            .open_session(v1::OpenSessionRequest {
+                name: "route-test".to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.server)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A raw `Route` stream: the request sender and the answer stream.
+async fn raw_stream(
+    s: &Served,
+) -> (
+    mpsc::Sender<v1::RouteRequest>,
+    tonic::Streaming<v1::RouteResponse>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let answers = s
+        .routing()
+        .route(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, answers)
+}
+
+fn choose(session: u64, model: &str) -> v1::ChooseRequest {
+    v1::ChooseRequest {
+        model: model.to_owned(),
+        reserve: session != 0,
+        session_id: session,
+        request_kind: v1::RequestKind::Chat as i32,
+        ..Default::default()
+    }
+}
+
+fn release(lease_id: u64) -> v1::ReleaseRequest {
+    v1::ReleaseRequest {
+        lease_id,
+        outcome: v1::Outcome::Ok as i32,
+        prompt_tokens: 1,
+        completion_tokens: 2,
+    }
+}
+
+fn request(correlation_id: u64, op: Option<Op>) -> v1::RouteRequest {
+    v1::RouteRequest { correlation_id, op }
+}
+
+async fn next_answer(answers: &mut tonic::Streaming<v1::RouteResponse>) -> v1::RouteResponse {
+    tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .expect("an answer in time")
+        .expect("stream open")
+        .expect("no stream error")
+}
+
+fn error_of(answer: &v1::RouteResponse) -> Status {
+    match &answer.result {
+        Some(Answer::Error(e)) => status_from_route_error(e.clone()),
+        other => panic!("expected an error result, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn choose_and_release_answer_by_correlation_id_and_errors_keep_the_stream_open() {
+    let s = served().await;
+    let session = s.session().await;
+    let (tx, mut answers) = raw_stream(&s).await;
+
+    // A batch sent at once: one good choose, then four bad requests.
+    let mut empty_model = choose(session, "");
+    empty_model.model.clear();
+    let batch = [
+        request(7, Some(Op::Choose(choose(session, "m")))),
+        request(8, Some(Op::Choose(empty_model.clone()))),
+        request(9, Some(Op::Choose(choose(session, "nope")))),
+        request(10, None),
+        request(11, Some(Op::Choose(choose(999, "m")))),
+    ];
+    for r in batch {
+        tx.send(r).await.unwrap();
+    }
+
+    let first = next_answer(&mut answers).await;
+    assert_eq!(first.correlation_id, 7);
+    let Some(Answer::Choice(choice)) = first.result else {
+        panic!("expected a choice: {first:?}");
+    };
+    assert_eq!(choice.endpoint, BACKEND);
+    assert_eq!(choice.backend_model, "m:latest");
+    assert_ne!(choice.lease_id, 0);
+    assert_eq!(s.cp.stats().leases_active, 1);
+
+    // Each error is what the unary call answers: same code, same message.
+    let mut unary = s.routing();
+    let invalid = next_answer(&mut answers).await;
+    assert_eq!(invalid.correlation_id, 8);
+    let want = unary.choose_endpoint(empty_model).await.unwrap_err();
+    assert_eq!(error_of(&invalid).code(), Code::InvalidArgument);
+    assert_eq!(error_of(&invalid).message(), "model: must not be empty");
+    assert_eq!(error_of(&invalid).message(), want.message());
+
+    let unknown = next_answer(&mut answers).await;
+    assert_eq!(unknown.correlation_id, 9);
+    let want = unary
+        .choose_endpoint(choose(session, "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(error_of(&unknown).code(), Code::NotFound);
+    assert_eq!(error_of(&unknown).code(), want.code());
+    assert_eq!(error_of(&unknown).message(), want.message());
+    assert!(error_of(&unknown).message().contains("m:latest"));
+
+    let no_op = next_answer(&mut answers).await;
+    assert_eq!(no_op.correlation_id, 10);
+    assert_eq!(error_of(&no_op).code(), Code::InvalidArgument);
+    assert!(error_of(&no_op).message().starts_with("op:"), "{no_op:?}");
+
+    let no_session = next_answer(&mut answers).await;
+    assert_eq!(no_session.correlation_id, 11);
+    assert_eq!(error_of(&no_session).code(), Code::FailedPrecondition);
+    assert_eq!(error_of(&no_session).message(), "unknown session 999");
+
+    // The stream is still open: release works, twice is idempotent, and a
+    // bad outcome is rejected like the unary call rejects it.
+    tx.send(request(12, Some(Op::Release(release(choice.lease_id)))))
+        .await
+        .unwrap();
+    let released = next_answer(&mut answers).await;
+    assert_eq!(released.correlation_id, 12);
+    assert_eq!(
+        released.result,
+        Some(Answer::Released(v1::ReleaseResponse { released: true }))
+    );
+    assert_eq!(s.cp.stats().leases_active, 0);
+    tx.send(request(13, Some(Op::Release(release(choice.lease_id)))))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_answer(&mut answers).await.result,
+        Some(Answer::Released(v1::ReleaseResponse { released: false }))
+    );
+    let mut bad_outcome = release(5);
+    bad_outcome.outcome = 42;
+    tx.send(request(14, Some(Op::Release(bad_outcome))))
+        .await
+        .unwrap();
+    let bad = next_answer(&mut answers).await;
+    assert_eq!(bad.correlation_id, 14);
+    let want = unary.release(bad_outcome).await.unwrap_err();
+    assert_eq!(error_of(&bad).code(), Code::InvalidArgument);
+    assert_eq!(error_of(&bad).message(), want.message());
+
+    // Ending our side ends the answers cleanly.
+    drop(tx);
+    let end = tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .expect("stream ends");
+    assert!(end.is_none(), "{end:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn many_callers_share_one_route_client() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = Arc::new(RouteClient::open(s.routing()).await.unwrap());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let mut leases = Vec::new();
+            for _ in 0..25 {
+                let choice = client.choose(choose(session, "m")).await.unwrap();
+                leases.push(choice.lease_id);
+                let r = client.release(release(choice.lease_id)).await.unwrap();
+                assert!(r.released);
+            }
+            leases
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(leases) = tasks.join_next().await {
+        all.extend(leases.unwrap());
+    }
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 32 * 25, "every caller got its own lease");
+    let stats = s.cp.stats();
+    assert_eq!(stats.leases_granted, 32 * 25);
+    assert_eq!(stats.leases_active, 0);
+
+    // Routing errors come back as the unary statuses, and the client stays
+    // usable after them.
+    let e = client.choose(choose(session, "nope")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(
+        crate::grpc::convert::choose_error_from_status(&e, "nope"),
+        Some(crate::decision::ChooseError::ModelNotFound {
+            model: "nope".to_owned(),
+            available: vec!["m:latest".to_owned()],
+        })
+    );
+    let e = client
+        .release(v1::ReleaseRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("lease_id:"), "{e:?}");
+    assert!(client.choose(choose(0, "m")).await.is_ok());
+    assert!(!client.is_closed());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_closed_stream_keeps_its_leases_until_the_session_ends() {
+    let s = served().await;
+    let session = s.session().await;
+    let (tx, mut answers) = raw_stream(&s).await;
+    tx.send(request(1, Some(Op::Choose(choose(session, "m")))))
+        .await
+        .unwrap();
+    let Some(Answer::Choice(choice)) = next_answer(&mut answers).await.result else {
+        panic!("expected a choice");
+    };
+
+    // Close the stream and wait until the server has finished it.
+    drop(tx);
+    let end = tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .expect("stream ends");
+    assert!(end.is_none(), "{end:?}");
+
+    // The lease belongs to the session, not the stream: still counted.
+    assert_eq!(s.cp.stats().leases_active, 1);
+    let sessions = s.cp.sessions(Instant::now());
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].leases, 1);
+
+    // The session's expiry reclaims it; a later release is a no-op.
+    let ttl = s.cp.config().sessions.ttl;
+    let reclaimed =
+        s.cp.expire_sessions(Instant::now() + ttl + Duration::from_secs(1));
+    assert_eq!(reclaimed, 1);
+    assert_eq!(s.cp.stats().leases_active, 0);
+    assert_eq!(s.cp.stats().leases_expired, 1);
+    let client = RouteClient::open(s.routing()).await.unwrap();
+    let r = client.release(release(choice.lease_id)).await.unwrap();
+    assert!(!r.released);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_with_unavailable() {
+    let s = served().await;
+    let (tx, mut answers) = raw_stream(&s).await;
+    let client = RouteClient::open(s.routing()).await.unwrap();
+    assert!(client.choose(choose(0, "m")).await.is_ok());
+
+    s.shutdown.cancel();
+    let end = tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .expect("stream ends at shutdown")
+        .expect("with a status")
+        .unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable);
+    assert_eq!(end.message(), SHUTTING_DOWN);
+
+    // The multiplexing client fails its callers with that status.
+    let e = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match client.choose(choose(0, "m")).await {
+                Ok(_) => tokio::task::yield_now().await,
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("client sees the end");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(client.is_closed());
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(10), s.server)
+        .await
+        .expect("server stops")
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn route_errors_carry_the_unary_status() {
+    for status in [
+        Status::not_found("model x: available models: a"),
+        Status::invalid_argument("op: must be set"),
+        Status::failed_precondition("unknown session 3"),
+        Status::unavailable("no endpoint available for m: all draining"),
+    ] {
+        let back = status_from_route_error(route_error_from_status(&status));
+        assert_eq!(back.code(), status.code());
+        assert_eq!(back.message(), status.message());
+    }
+    let odd = status_from_route_error(v1::RouteError {
+        code: 1234,
+        message: "?".to_owned(),
+    });
+    assert_eq!(odd.code(), Code::Unknown);
+}
