@@ -16,7 +16,7 @@ use switchyard_control_plane::{
     config::Config,
     control_plane::ControlPlane,
     decision::{ChooseError, ChooseRequest},
-    grpc::{RoutingService, WatchUsageStream},
+    grpc::{RoutingService, WatchUsageStream, route_stream::RouteResponseStream},
     outcome::{Outcome, RequestKind, TokenCounts},
     server::RunningControlPlane,
 };
@@ -399,6 +399,15 @@ impl Routing for Gated {
         r: tonic::Request<v1::WatchUsageRequest>,
     ) -> Result<tonic::Response<Self::WatchUsageStream>, tonic::Status> {
         self.inner.watch_usage(r).await
+    }
+
+    type RouteStream = RouteResponseStream;
+
+    async fn route(
+        &self,
+        r: tonic::Request<tonic::Streaming<v1::RouteRequest>>,
+    ) -> Result<tonic::Response<Self::RouteStream>, tonic::Status> {
+        self.inner.route(r).await
     }
 }
 
