@@ -32,6 +32,12 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// HTTP/2 keep-alive ping period: finds dead sidecar connections.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(10);
 
+/// Concurrent HTTP/2 streams one connection may open. A sidecar multiplexes
+/// all its unary calls (and its `Route` / `WatchUsage` streams) on one
+/// connection; hyper's default of 200 would queue a busy sidecar's calls
+/// behind each other. Each stream costs a small task, so this stays bounded.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -106,10 +112,20 @@ pub async fn serve(
         }
     };
 
+    // Throughput settings (measured with `tests/src/bin/grpc-bench.rs`):
+    // - TCP_NODELAY: answers are small and latency-bound; Nagle would hold
+    //   each one back waiting for the client's ACK;
+    // - flow-control windows stay at hyper's 1 MiB (connection and stream):
+    //   routing messages are ~100 bytes, so windows never bind, and the
+    //   adaptive (BDP) window would only add PINGs (one per round trip);
+    // - per-call cost is HTTP/2 stream setup and one write per answer, which
+    //   no setting removes: high-rate clients use the `Route` stream, where
+    //   answers ready together leave in one write.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE * 2))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(RoutingServer::new(RoutingService::new(
             cp.clone(),
             shutdown.clone(),

@@ -372,3 +372,31 @@ fn route_errors_carry_the_unary_status() {
     });
     assert_eq!(odd.code(), Code::Unknown);
 }
+
+#[tokio::test]
+async fn a_stream_that_never_runs_dry_still_ends_at_shutdown() {
+    let yaml = format!("endpoints: [\"{BACKEND}\"]\n");
+    let cp = ControlPlane::new(Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap()));
+    let shutdown = CancellationToken::new();
+    let service = RoutingService::new(cp, shutdown.clone());
+    // Always ready: release answers `released = false` for unknown leases.
+    let flood = futures::stream::repeat_with(|| Ok(request(1, Some(Op::Release(release(9))))));
+    let mut stream = RouteStream::new(service, flood, &shutdown);
+    for _ in 0..1000 {
+        assert!(stream.next().await.unwrap().is_ok());
+    }
+    shutdown.cancel();
+    let mut answered = 0;
+    let end = loop {
+        match stream.next().await.unwrap() {
+            Ok(_) => answered += 1,
+            Err(status) => break status,
+        }
+    };
+    assert!(
+        answered < SHUTDOWN_CHECK_EVERY,
+        "{answered} answers after shutdown"
+    );
+    assert_eq!(end.code(), Code::Unavailable);
+    assert!(stream.next().await.is_none());
+}
