@@ -26,6 +26,7 @@
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -326,11 +327,21 @@ async fn remote_choose(
         choose_request_to_proto(req, Some(session)),
         settings_rpc_timeout(settings),
     );
-    let mut call = Box::pin(async move { client.choose_endpoint(message).await });
-    let answer = match tokio::time::timeout(settings.choose_timeout, &mut call).await {
-        Ok(answer) => answer,
-        Err(_) => {
-            reap_late_grant(shared, call, generation);
+    // If this future is dropped while the call is pending (the client went
+    // away), or the deadline passes, the guard hands the call to
+    // `reap_late_grant`, so a lease the control plane still grants is
+    // released instead of leaking for the session's lifetime.
+    let mut pending = PendingChoose {
+        shared,
+        generation,
+        call: Some(Box::pin(
+            async move { client.choose_endpoint(message).await },
+        )),
+    };
+    let answer = match pending.wait(settings.choose_timeout).await {
+        Some(answer) => answer,
+        None => {
+            drop(pending);
             if shared.circuit.deadline_missed() {
                 shared.wake_session.notify_one();
             }
@@ -383,6 +394,44 @@ async fn remote_choose(
     }
 }
 
+type ChooseAnswer = Result<tonic::Response<v1::ChooseResponse>, Status>;
+
+/// A choose call in flight. Dropped unfinished, it lets the call complete in
+/// a tracked task that releases any lease granted late.
+struct PendingChoose<'a, F>
+where
+    F: Future<Output = ChooseAnswer> + Send + 'static,
+{
+    shared: &'a Arc<Shared>,
+    generation: u64,
+    call: Option<Pin<Box<F>>>,
+}
+
+impl<F> PendingChoose<'_, F>
+where
+    F: Future<Output = ChooseAnswer> + Send + 'static,
+{
+    /// The answer, or `None` when `limit` passed first (the call stays
+    /// pending and is reaped on drop).
+    async fn wait(&mut self, limit: Duration) -> Option<ChooseAnswer> {
+        let call = self.call.as_mut()?;
+        let answer = tokio::time::timeout(limit, call).await.ok()?;
+        self.call = None;
+        Some(answer)
+    }
+}
+
+impl<F> Drop for PendingChoose<'_, F>
+where
+    F: Future<Output = ChooseAnswer> + Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take() {
+            reap_late_grant(self.shared, call, self.generation);
+        }
+    }
+}
+
 fn settings_rpc_timeout(settings: &RemoteSettings) -> Duration {
     settings.rpc_timeout.max(settings.choose_timeout)
 }
@@ -391,7 +440,7 @@ fn settings_rpc_timeout(settings: &RemoteSettings) -> Duration {
 /// releases the lease it may still grant.
 fn reap_late_grant<F>(shared: &Arc<Shared>, call: F, generation: u64)
 where
-    F: Future<Output = Result<tonic::Response<v1::ChooseResponse>, Status>> + Send + 'static,
+    F: Future<Output = ChooseAnswer> + Send + 'static,
 {
     let ledger = shared.ledger.clone();
     let cancel = shared.cancel.clone();
