@@ -35,6 +35,7 @@ use std::{
 };
 
 use futures::StreamExt;
+use switchyard_control_plane::grpc::route_stream::RouteClient;
 use switchyard_control_plane::{
     api::SessionGrant,
     cluster::ClusterState,
@@ -118,6 +119,12 @@ struct Shared {
     name: String,
     settings: RemoteSettings,
     client: RoutingClient<Channel>,
+    /// The multiplexed `Route` stream choices and releases travel on
+    /// (one HTTP/2 stream instead of one call each: ~10x cheaper for the
+    /// control plane); reopened when it ends, unary calls meanwhile.
+    route: parking_lot::Mutex<Option<Arc<RouteClient>>>,
+    /// Serializes stream (re)opening.
+    route_opening: tokio::sync::Mutex<()>,
     ledger: Arc<Ledger>,
     circuit: Arc<Circuit>,
     snapshot: Arc<Snapshot>,
@@ -171,6 +178,8 @@ impl RemoteRouter {
             affinity: AffinityMemory::new(settings.affinity_ttl, settings.affinity_max_entries),
             settings,
             client: client.clone(),
+            route: parking_lot::Mutex::new(None),
+            route_opening: tokio::sync::Mutex::new(()),
             ledger: Arc::new(Ledger::new(queue)),
             circuit: Arc::new(Circuit::default()),
             snapshot: Arc::new(Snapshot::default()),
@@ -296,6 +305,15 @@ impl RemoteRouter {
         }
     }
 
+    /// True while choices and releases travel on an open `Route` stream.
+    #[cfg(test)]
+    pub(crate) fn route_stream_open(&self) -> bool {
+        self.shared
+            .as_ref()
+            .and_then(|s| s.route.lock().clone())
+            .is_some_and(|c| !c.is_closed())
+    }
+
     #[cfg(test)]
     pub(crate) fn session(&self) -> Option<SessionId> {
         self.shared
@@ -321,6 +339,7 @@ async fn remote_choose(
 ) -> Result<Lease, Fallback> {
     let settings = &shared.settings;
     let mut client = shared.client.clone();
+    let route = route_client(shared).await;
     // The header deadline is the long RPC timeout: a late answer is still
     // wanted (to release its lease), only this request stops waiting.
     let message = request(
@@ -334,9 +353,15 @@ async fn remote_choose(
     let mut pending = PendingChoose {
         shared,
         generation,
-        call: Some(Box::pin(
-            async move { client.choose_endpoint(message).await },
-        )),
+        call: Some(Box::pin(async move {
+            match route {
+                Some(route) => route.choose(message.into_inner()).await,
+                None => client
+                    .choose_endpoint(message)
+                    .await
+                    .map(tonic::Response::into_inner),
+            }
+        })),
     };
     let answer = match pending.wait(settings.choose_timeout).await {
         Some(answer) => answer,
@@ -351,7 +376,7 @@ async fn remote_choose(
     match answer {
         Ok(response) => {
             shared.circuit.up();
-            let choice = match Choice::try_from(response.into_inner()) {
+            let choice = match Choice::try_from(response) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "invalid choice from the control plane");
@@ -394,7 +419,34 @@ async fn remote_choose(
     }
 }
 
-type ChooseAnswer = Result<tonic::Response<v1::ChooseResponse>, Status>;
+type ChooseAnswer = Result<v1::ChooseResponse, Status>;
+
+/// The open `Route` stream, opening one when there is none (bounded by the
+/// choice deadline); `None` means use unary calls this time.
+async fn route_client(shared: &Shared) -> Option<Arc<RouteClient>> {
+    let usable =
+        |slot: &Option<Arc<RouteClient>>| slot.as_ref().filter(|c| !c.is_closed()).cloned();
+    if let Some(c) = usable(&shared.route.lock()) {
+        return Some(c);
+    }
+    let _opening = shared.route_opening.try_lock().ok()?;
+    if let Some(c) = usable(&shared.route.lock()) {
+        return Some(c);
+    }
+    let open = RouteClient::open(shared.client.clone());
+    match tokio::time::timeout(shared.settings.choose_timeout, open).await {
+        Ok(Ok(c)) => {
+            let c = Arc::new(c);
+            *shared.route.lock() = Some(c.clone());
+            Some(c)
+        }
+        Ok(Err(status)) => {
+            tracing::debug!(code = ?status.code(), "cannot open the Route stream; unary calls");
+            None
+        }
+        Err(_) => None,
+    }
+}
 
 /// A choose call in flight. Dropped unfinished, it lets the call complete in
 /// a tracked task that releases any lease granted late.
@@ -451,7 +503,7 @@ where
             a = tokio::time::timeout(limit, call) => a,
         };
         if let Ok(Ok(response)) = answer {
-            let lease = response.into_inner().lease_id;
+            let lease = response.lease_id;
             if lease != 0 {
                 tracing::debug!(lease, "late choice granted a lease; releasing it");
                 ledger.release_orphan(LeaseId(lease), generation);
@@ -706,9 +758,17 @@ async fn send_release(shared: &Shared, job: ReleaseJob) {
             return;
         }
         let timeout = shared.settings.rpc_timeout;
-        let mut client = shared.client.clone();
-        let call = client.release(request(message, timeout));
-        match with_deadline(timeout, call).await {
+        let answer = match route_client(shared).await {
+            Some(route) => match tokio::time::timeout(timeout, route.release(message)).await {
+                Ok(r) => r,
+                Err(_) => Err(Status::deadline_exceeded("no answer within the deadline")),
+            },
+            None => {
+                let mut client = shared.client.clone();
+                with_deadline(timeout, client.release(request(message, timeout))).await
+            }
+        };
+        match answer {
             Ok(r) => {
                 if !r.released {
                     tracing::debug!(lease = %job.lease, "lease already ended at the control plane");

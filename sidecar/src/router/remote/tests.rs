@@ -156,6 +156,10 @@ async fn choose_and_release_through_grpc() {
 
     let lease = router.choose(&request("llama3")).await.unwrap();
     assert!(!lease.degraded());
+    assert!(
+        router.remote_inner().unwrap().route_stream_open(),
+        "choices travel on the multiplexed Route stream"
+    );
     assert_eq!(lease.id().0 >> 63, 0, "granted by the control plane");
     assert_eq!(lease.choice().lease, Some(lease.id()));
     assert_eq!(rcp.cp.state().leases, 1);
@@ -403,11 +407,15 @@ impl Routing for Gated {
 
     type RouteStream = RouteResponseStream;
 
+    /// Refused, so the router falls back to the gated unary calls (the
+    /// late-answer handling is the same for both transports).
     async fn route(
         &self,
-        r: tonic::Request<tonic::Streaming<v1::RouteRequest>>,
+        _r: tonic::Request<tonic::Streaming<v1::RouteRequest>>,
     ) -> Result<tonic::Response<Self::RouteStream>, tonic::Status> {
-        self.inner.route(r).await
+        Err(tonic::Status::unimplemented(
+            "gated test service: unary only",
+        ))
     }
 }
 
