@@ -303,6 +303,8 @@ pub struct LoadReport {
     pub ok: u64,
     /// Every failed request: `(seconds since load start, what happened)`.
     pub failures: Vec<(f64, String)>,
+    /// The slowest request (successful or not).
+    pub max_latency: Duration,
 }
 
 /// Closed-loop client load: `workers` tasks, each sending non-streaming
@@ -314,6 +316,7 @@ pub struct Load {
     tasks: Vec<JoinHandle<()>>,
     ok: Arc<AtomicU64>,
     failures: Arc<Mutex<Vec<(f64, String)>>>,
+    max_latency_us: Arc<AtomicU64>,
 }
 
 impl Load {
@@ -322,6 +325,7 @@ impl Load {
         let stop = CancellationToken::new();
         let ok = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
+        let max_latency_us = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let tasks = (0..workers)
             .map(|w| {
@@ -330,13 +334,18 @@ impl Load {
                 let stop = stop.clone();
                 let ok = ok.clone();
                 let failures = failures.clone();
+                let max_latency_us = max_latency_us.clone();
                 let model = model.to_owned();
                 tokio::spawn(async move {
                     let mut i = w;
                     while !stop.is_cancelled() {
                         let url = &urls[i % urls.len()];
                         let body = chat(&model, &format!("worker {w} request {i}"));
-                        match chat_once(&http, url, &body).await {
+                        let sent = Instant::now();
+                        let answer = chat_once(&http, url, &body).await;
+                        let took = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        max_latency_us.fetch_max(took, Ordering::Relaxed);
+                        match answer {
                             Ok(_) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
@@ -354,6 +363,7 @@ impl Load {
             tasks,
             ok,
             failures,
+            max_latency_us,
         }
     }
 
@@ -378,6 +388,7 @@ impl Load {
         LoadReport {
             ok: self.ok.load(Ordering::Relaxed),
             failures: std::mem::take(&mut *self.failures.lock()),
+            max_latency: Duration::from_micros(self.max_latency_us.load(Ordering::Relaxed)),
         }
     }
 }

@@ -245,6 +245,24 @@ async fn control_plane_killed_under_load_no_client_fails_and_usage_recovers() {
     cp.wait_usage(0, 0, Duration::from_secs(20)).await;
     let zero_after_load = load_end.elapsed();
 
+    // Both sidecars are back on the control plane with one session each.
+    let mut names: Vec<String> = cp
+        .sessions()
+        .await
+        .expect("control plane answers")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["s1", "s2"], "sessions after the restart");
+    for u in &urls {
+        let connected =
+            sidecar_metric(&http, u, "switchyard_sidecar_control_plane_connected", &[]).await;
+        assert_eq!(
+            connected, 1.0,
+            "{u} does not report the control plane connected"
+        );
+    }
     let mut degraded = 0.0;
     for u in &urls {
         degraded +=
@@ -253,9 +271,11 @@ async fn control_plane_killed_under_load_no_client_fails_and_usage_recovers() {
     println!(
         "control plane killed: {} requests ok, {} failed; {served_during_outage} served during a \
          {outage:?} outage; {degraded} degraded decisions; held leases re-registered {reregistered:?} \
-         after restart; usage exact {exact_after_load:?} and zero {zero_after_load:?} after the load",
+         after restart; usage exact {exact_after_load:?} and zero {zero_after_load:?} after the \
+         load; slowest request {:?}",
         report.ok,
-        report.failures.len()
+        report.failures.len(),
+        report.max_latency
     );
     assert!(
         report.failures.is_empty(),
@@ -265,6 +285,13 @@ async fn control_plane_killed_under_load_no_client_fails_and_usage_recovers() {
         tail(&s1.logs(), 40)
     );
     assert!(degraded > 0.0, "no sidecar reported a degraded decision");
+    // Backend delay 20 ms, choose deadline 50 ms: a request that waited for
+    // a dead control plane much longer than that was not decided locally.
+    assert!(
+        report.max_latency < Duration::from_secs(1),
+        "slowest request took {:?}",
+        report.max_latency
+    );
 }
 
 // ------------------------------------------------------ 2. sidecar killed
