@@ -223,9 +223,7 @@ impl ProxyError {
                     Outcome::ConnectError | Outcome::ConnectTimeout => {
                         StatusCode::SERVICE_UNAVAILABLE
                     }
-                    Outcome::FirstByteTimeout | Outcome::IdleTimeout => {
-                        StatusCode::GATEWAY_TIMEOUT
-                    }
+                    Outcome::FirstByteTimeout | Outcome::IdleTimeout => StatusCode::GATEWAY_TIMEOUT,
                     Outcome::Ok
                     | Outcome::BackendError
                     | Outcome::Cancelled

@@ -49,4 +49,6 @@ pub mod server;
 pub mod standalone;
 pub mod translate;
 
-pub use server::{Mode, SidecarHandle, StartError, StartOptions, start, start_remote, start_standalone};
+pub use server::{
+    Mode, SidecarHandle, StartError, StartOptions, start, start_remote, start_standalone,
+};

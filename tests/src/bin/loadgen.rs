@@ -96,7 +96,10 @@ async fn main() -> anyhow::Result<()> {
                         let t0 = Instant::now();
                         let ok = send(&client, &args).await;
                         if t0 >= measure_from && Instant::now() <= end {
-                            let _ = tx.send(Sample { latency: t0.elapsed(), ok });
+                            let _ = tx.send(Sample {
+                                latency: t0.elapsed(),
+                                ok,
+                            });
                         }
                     }
                 });
@@ -115,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
                     inner.spawn(async move {
                         let ok = send(&client, &args).await;
                         if scheduled >= measure_from {
-                            let _ = tx.send(Sample { latency: scheduled.elapsed(), ok });
+                            let _ = tx.send(Sample {
+                                latency: scheduled.elapsed(),
+                                ok,
+                            });
                         }
                     });
                     next += interval;
