@@ -951,3 +951,181 @@ async fn unreachable_control_plane_without_state_is_503() {
     );
     sc.shutdown().await;
 }
+
+/// Captures every span's fields (as recorded at creation and later with
+/// `Span::record`) and keeps them once the span closes.
+mod span_capture {
+    use std::collections::{BTreeMap, HashMap};
+
+    use tracing::{
+        Subscriber,
+        field::{Field, Visit},
+        span::{Attributes, Id, Record},
+    };
+    use tracing_subscriber::{Layer, layer::Context, registry::LookupSpan};
+
+    use super::*;
+
+    /// A closed span: name and fields (`&str` fields unquoted, others in
+    /// their `Debug` form).
+    #[derive(Clone, Debug)]
+    pub(super) struct ClosedSpan {
+        pub name: String,
+        pub fields: BTreeMap<String, String>,
+    }
+
+    #[derive(Clone, Default)]
+    pub(super) struct SpanCapture {
+        open: Arc<Mutex<HashMap<u64, ClosedSpan>>>,
+        closed: Arc<Mutex<Vec<ClosedSpan>>>,
+    }
+
+    struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+    impl Visit for Fields<'_> {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.insert(field.name().to_owned(), value.to_owned());
+        }
+
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(field.name().to_owned(), format!("{value:?}"));
+        }
+    }
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanCapture {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _ctx: Context<'_, S>) {
+            let mut fields = BTreeMap::new();
+            attrs.record(&mut Fields(&mut fields));
+            self.open.lock().insert(
+                id.into_u64(),
+                ClosedSpan {
+                    name: attrs.metadata().name().to_owned(),
+                    fields,
+                },
+            );
+        }
+
+        fn on_record(&self, id: &Id, values: &Record<'_>, _ctx: Context<'_, S>) {
+            if let Some(span) = self.open.lock().get_mut(&id.into_u64()) {
+                values.record(&mut Fields(&mut span.fields));
+            }
+        }
+
+        fn on_close(&self, id: Id, _ctx: Context<'_, S>) {
+            if let Some(span) = self.open.lock().remove(&id.into_u64()) {
+                self.closed.lock().push(span);
+            }
+        }
+    }
+
+    impl SpanCapture {
+        /// Closed spans named `name`, oldest first.
+        pub(super) fn closed(&self, name: &str) -> Vec<ClosedSpan> {
+            self.closed
+                .lock()
+                .iter()
+                .filter(|s| s.name == name)
+                .cloned()
+                .collect()
+        }
+
+        /// Waits (bounded) until `n` spans named `name` have closed.
+        pub(super) async fn wait_closed(&self, name: &str, n: usize) -> Vec<ClosedSpan> {
+            for _ in 0..500 {
+                let spans = self.closed(name);
+                if spans.len() >= n {
+                    return spans;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!(
+                "expected {n} closed {name:?} spans, have {:?}",
+                self.closed(name)
+            );
+        }
+    }
+}
+
+/// The per-request span carries the decision: endpoint, reason, attempt,
+/// whether it was made locally, the release outcome and the status — for a
+/// retried non-stream request and for a stream (whose outcome is recorded
+/// when the stream ends, after the response head went out).
+#[tokio::test]
+async fn the_request_span_records_the_decision_and_outcome() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let capture = span_capture::SpanCapture::default();
+    // A current-thread test runtime: the server's tasks run on this
+    // thread, under this default subscriber.
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+
+    let bad = Fake::start("ollama", &["llama3:latest"], Behaviour::Fail(503)).await;
+    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    // priority_routing: config order breaks ties, so `bad` is tried first.
+    let yaml = format!("{}priority_routing: true\n", endpoints_yaml(&[&bad, &good]));
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 2).await;
+
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let spans = capture.wait_closed("request", 1).await;
+    let f = &spans[0].fields;
+    assert_eq!(f["route"], "/api/chat", "{f:?}");
+    assert_eq!(f["model"], "llama3", "{f:?}");
+    assert_eq!(
+        f["endpoint"],
+        good.url(),
+        "the last attempt's endpoint: {f:?}"
+    );
+    assert_eq!(f["reason"], "loaded_free", "{f:?}");
+    assert_eq!(f["attempt"], "2", "{f:?}");
+    assert_eq!(f["degraded"], "false", "{f:?}");
+    assert_eq!(f["outcome"], "ok", "{f:?}");
+    assert_eq!(f["status"], "200", "{f:?}");
+
+    // A stream: its span outlives the handler (the lease inside the body
+    // holds it) and gets its outcome when the backend's stream ends.
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _body = r.text().await.unwrap();
+    let spans = capture.wait_closed("request", 2).await;
+    let f = &spans[1].fields;
+    assert_eq!(f["endpoint"], good.url(), "{f:?}");
+    assert_eq!(
+        f["attempt"], "1",
+        "the failing endpoint is avoided now: {f:?}"
+    );
+    assert_eq!(f["outcome"], "ok", "{f:?}");
+    assert_eq!(f["status"], "200", "{f:?}");
+
+    // An unknown model: no decision fields, the status only.
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "nope", "messages": [], "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let spans = capture.wait_closed("request", 3).await;
+    let f = &spans[2].fields;
+    assert_eq!(f["model"], "nope", "{f:?}");
+    assert_eq!(f["status"], "404", "{f:?}");
+    assert!(
+        !f.contains_key("endpoint") && !f.contains_key("outcome"),
+        "{f:?}"
+    );
+
+    wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
