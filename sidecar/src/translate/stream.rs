@@ -20,8 +20,10 @@
 //! Durations: `total_duration` is `now - start` at the final chunk;
 //! `prompt_eval_duration`/`eval_duration` come from llama.cpp `timings` when
 //! present, else from the measured first-token time (prompt = start → first
-//! token, eval = first token → finish chunk). `created_at` is the caller's
-//! wall-clock start plus the monotonic time elapsed, so no clock is read.
+//! token, eval = first token → finish chunk; when both fell in one read,
+//! eval = total and prompt = 0, as without a stream). `created_at` is the
+//! caller's wall-clock start plus the monotonic time elapsed, so no clock is
+//! read.
 
 use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime};
@@ -382,9 +384,19 @@ impl StreamTranslator {
             },
             ms_to_ns,
         );
+        let total = duration_ns(now.saturating_duration_since(self.start));
+        // The first token and the finish arrived in the same read (a fast
+        // backend, a busy reader): the split is unknown, so report as the
+        // non-stream path does (eval = total, prompt_eval = 0) rather than
+        // an eval_duration of 0 that clients divide tokens by.
+        let (prompt_eval, eval) = if eval == 0 && timings.predicted_ms.is_none() {
+            (0, total)
+        } else {
+            (prompt_eval, eval)
+        };
         let stats = FinalStats {
             tokens,
-            total: duration_ns(now.saturating_duration_since(self.start)),
+            total,
             prompt_eval,
             eval,
         };
@@ -682,6 +694,31 @@ mod tests {
         assert_eq!(last["done"], true);
         assert_eq!(last["eval_count"], 3);
         assert_eq!(t.tokens().completion, 3);
+    }
+
+    #[test]
+    fn a_stream_read_in_one_piece_reports_a_non_zero_eval_duration() {
+        // Every event arrived in the same read: one instant for all of them.
+        let c = Clock::new();
+        let mut t = chat(&c);
+        t.feed(
+            &chunk(r#"{"index":0,"delta":{"content":"Hi"},"finish_reason":null}"#),
+            c.at(40),
+        );
+        t.feed(
+            &chunk(r#"{"index":0,"delta":{},"finish_reason":"stop"}"#),
+            c.at(40),
+        );
+        let out = t.feed(
+            &format!(r#"{{{HEAD},"choices":[],"usage":{{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}}}"#),
+            c.at(40),
+        );
+        let done = out.last().unwrap();
+        assert_eq!(done["done"], true);
+        assert_eq!(done["eval_count"], 1);
+        assert_eq!(done["total_duration"], 40_000_000u64);
+        assert_eq!(done["eval_duration"], 40_000_000u64);
+        assert_eq!(done["prompt_eval_duration"], 0);
     }
 
     #[test]
