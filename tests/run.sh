@@ -21,7 +21,14 @@ fi
 export SWITCHYARD_PYTHON="$VENV/bin/python"
 
 cargo build --workspace --all-targets --quiet
-cargo test --workspace --quiet 2>&1 | tee /tmp/switchyard-cargo-test.log
+# The real-process tests use the binaries just built (no second cargo build
+# with a different feature set from inside the tests).
+export SWITCHYARD_SKIP_BUILD=1
+# The accounting soak defaults to 100,000 requests (about a minute in a
+# release build: `cargo test --release -p switchyard-system-tests --test
+# faults_soak`); this debug-build suite runs it with fewer to stay quick.
+export SWITCHYARD_SOAK_REQUESTS=${SWITCHYARD_SOAK_REQUESTS:-20000}
+cargo test --workspace --quiet
 
 if [ -x deploy/validate.sh ]; then
   VENV="$VENV" SWITCHYARD_CP_BIN="$ROOT/target/debug/switchyard-control-plane" deploy/validate.sh
