@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     server::{self, ServeError},
-    telemetry::{self, LogFormat},
+    telemetry::{self, LogFormat, TelemetryOptions},
 };
 
 /// Default gRPC listen address.
@@ -58,6 +58,12 @@ pub struct Args {
         default_value_t = LogFormat::Text
     )]
     pub log_format: LogFormat,
+
+    /// Export tracing spans over OTLP/HTTP to this collector URL (e.g.
+    /// http://127.0.0.1:4318; spans go to URL/v1/traces). Needs a build with
+    /// the `otlp` cargo feature; otherwise the flag exits 2.
+    #[arg(long, value_name = "URL", env = "SWITCHYARD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How the process ends.
@@ -156,6 +162,14 @@ where
             };
         }
     };
+    if let Some(Err(e)) = args
+        .otlp_endpoint
+        .as_deref()
+        .map(telemetry::check_otlp_endpoint)
+    {
+        let _ = writeln!(err, "switchyard-control-plane: {e}");
+        return Exit::Usage;
+    }
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -168,7 +182,19 @@ where
         return Exit::Ok;
     }
 
-    telemetry::init(args.log_format);
+    // Dropped after the runtime (declared before it): flushes spans
+    // still waiting for export.
+    let _telemetry = match telemetry::init_with(&TelemetryOptions {
+        format: args.log_format,
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        service_name: "switchyard-control-plane",
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = writeln!(err, "switchyard-control-plane: {e}");
+            return Exit::Usage;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -320,6 +346,8 @@ mod tests {
             "SWITCHYARD_LISTEN",
             "SWITCHYARD_METRICS_LISTEN",
             "SWITCHYARD_LOG_FORMAT",
+            "--otlp-endpoint",
+            "SWITCHYARD_OTLP_ENDPOINT",
             "127.0.0.1:50051",
         ] {
             assert!(help.contains(needle), "{needle} missing from:\n{help}");
@@ -398,6 +426,40 @@ mod tests {
         let (exit, _, err) = run(&["--config", f.path().to_str().unwrap(), "--listen", &addr]);
         assert_eq!(exit, Exit::Runtime);
         assert!(err.contains(&addr), "{err}");
+    }
+
+    #[test]
+    fn otlp_endpoint_is_refused_with_exit_2_when_unusable() {
+        let f = write_config("endpoints: [\"http://127.0.0.1:9\"]\n");
+        let path = f.path().to_str().unwrap();
+        let (exit, _, err) = run(&[
+            "--config",
+            path,
+            "--check-config",
+            "--otlp-endpoint",
+            "not a url",
+        ]);
+        assert_eq!(exit, Exit::Usage, "{err}");
+        assert!(err.contains("--otlp-endpoint"), "{err}");
+        #[cfg(not(feature = "otlp"))]
+        {
+            let (exit, _, err) =
+                run(&["--config", path, "--otlp-endpoint", "http://127.0.0.1:4318"]);
+            assert_eq!(exit, Exit::Usage, "{err}");
+            assert!(err.contains("built without the otlp feature"), "{err}");
+        }
+        #[cfg(feature = "otlp")]
+        {
+            let (exit, out, err) = run(&[
+                "--config",
+                path,
+                "--check-config",
+                "--otlp-endpoint",
+                "http://127.0.0.1:4318",
+            ]);
+            assert_eq!(exit, Exit::Ok, "{err}");
+            assert!(out.starts_with("config ok"), "{out}");
+        }
     }
 
     #[test]

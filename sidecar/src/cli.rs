@@ -5,6 +5,9 @@
 //! switchyard-sidecar --standalone [--config FILE] [--listen ADDR]
 //! ```
 //!
+//! plus `--log-format text|json` and `--otlp-endpoint URL` (span export,
+//! only in builds with the cargo feature `otlp`; otherwise exit 2).
+//!
 //! Every flag also reads an environment variable. Without
 //! `--control-plane` the sidecar runs standalone (the single-machine
 //! default); standalone without `--config` routes to one local Ollama at
@@ -19,7 +22,7 @@ use std::{ffi::OsString, io::Write, net::SocketAddr, path::PathBuf, process::Exi
 use clap::Parser;
 use switchyard_control_plane::{
     config::Config,
-    telemetry::{self, LogFormat},
+    telemetry::{self, LogFormat, TelemetryOptions},
 };
 
 use crate::server::{Mode, StartError, StartOptions, default_name, start};
@@ -75,6 +78,12 @@ pub struct Args {
     /// Validate the configuration and exit (0 valid, 2 invalid).
     #[arg(long)]
     pub check_config: bool,
+
+    /// Export tracing spans over OTLP/HTTP to this collector URL (e.g.
+    /// http://127.0.0.1:4318; spans go to URL/v1/traces). Needs a build with
+    /// the `otlp` cargo feature; otherwise the flag exits 2.
+    #[arg(long, env = "SWITCHYARD_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 fn parse_url(s: &str) -> Result<String, String> {
@@ -98,6 +107,9 @@ pub struct Plan {
     pub log_format: LogFormat,
     /// Only validate the configuration.
     pub check_only: bool,
+    /// OTLP/HTTP collector URL for span export (checked: a URL, and a
+    /// build with the `otlp` feature).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A usage or configuration problem (exit code 2).
@@ -108,6 +120,13 @@ pub struct UsageError(String);
 impl Args {
     /// Loads the configuration and decides the mode.
     pub fn plan(self) -> Result<Plan, UsageError> {
+        if let Some(Err(e)) = self
+            .otlp_endpoint
+            .as_deref()
+            .map(telemetry::check_otlp_endpoint)
+        {
+            return Err(UsageError(e.to_string()));
+        }
         let config = match &self.config {
             Some(path) => Some(Config::load(path).map_err(|e| UsageError(e.to_string()))?),
             None => None,
@@ -140,6 +159,7 @@ impl Args {
             },
             log_format: self.log_format,
             check_only: self.check_config,
+            otlp_endpoint: self.otlp_endpoint,
         })
     }
 }
@@ -191,7 +211,19 @@ pub fn run_cli_code(
         let _ = writeln!(stdout, "configuration is valid");
         return EXIT_OK;
     }
-    telemetry::init(plan.log_format);
+    // Dropped after the runtime (declared before it): flushes spans
+    // still waiting for export.
+    let _telemetry = match telemetry::init_with(&TelemetryOptions {
+        format: plan.log_format,
+        otlp_endpoint: plan.otlp_endpoint.clone(),
+        service_name: "switchyard-sidecar",
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = writeln!(stderr, "switchyard-sidecar: {e}");
+            return EXIT_USAGE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -379,6 +411,8 @@ mod tests {
             "--listen",
             "SWITCHYARD_LISTEN",
             "SWITCHYARD_CONFIG",
+            "--otlp-endpoint",
+            "SWITCHYARD_OTLP_ENDPOINT",
             "Exit codes",
         ] {
             assert!(help.contains(needle), "help lacks {needle}:\n{help}");
@@ -397,5 +431,44 @@ mod tests {
             &mut err,
         );
         assert_eq!(code, EXIT_USAGE);
+    }
+
+    #[test]
+    fn otlp_endpoint_is_refused_with_exit_2_when_unusable() {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let code = run_cli_code(
+            [
+                "switchyard-sidecar",
+                "--check-config",
+                "--otlp-endpoint",
+                "not a url",
+            ]
+            .map(OsString::from),
+            &mut out,
+            &mut err,
+        );
+        assert_eq!(code, EXIT_USAGE);
+        assert!(String::from_utf8_lossy(&err).contains("--otlp-endpoint"));
+
+        let mut err = Vec::new();
+        let code = run_cli_code(
+            [
+                "switchyard-sidecar",
+                "--check-config",
+                "--otlp-endpoint",
+                "http://127.0.0.1:4318",
+            ]
+            .map(OsString::from),
+            &mut out,
+            &mut err,
+        );
+        let err = String::from_utf8_lossy(&err);
+        if cfg!(feature = "otlp") {
+            assert_eq!(code, EXIT_OK, "{err}");
+        } else {
+            assert_eq!(code, EXIT_USAGE);
+            assert!(err.contains("built without the otlp feature"), "{err}");
+        }
     }
 }
