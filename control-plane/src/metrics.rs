@@ -5,6 +5,11 @@
 //! [`ControlPlane::state`]: no second set of counters to keep in step, and a
 //! scrape costs one short lock plus string formatting. Every family has its
 //! `# HELP` and `# TYPE` lines; label values are escaped per the format.
+//!
+//! [`render_openmetrics`] renders the same samples for an OpenMetrics
+//! exposition (a standalone sidecar appends them to its own `/metrics`):
+//! there a counter family is named without its `_total` suffix, which only
+//! its samples carry.
 
 use std::fmt::Write as _;
 
@@ -57,10 +62,16 @@ fn escape_help(value: &str) -> String {
 #[derive(Default)]
 struct Encoder {
     out: String,
+    /// Name counter families without `_total` (OpenMetrics).
+    openmetrics: bool,
 }
 
 impl Encoder {
     fn family(&mut self, name: &str, kind: Kind, help: &str) {
+        let name = match kind {
+            Kind::Counter if self.openmetrics => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
         let _ = writeln!(self.out, "# HELP {name} {}", escape_help(help));
         let _ = writeln!(self.out, "# TYPE {name} {}", kind.as_str());
     }
@@ -86,10 +97,25 @@ impl Encoder {
     }
 }
 
-/// Renders all control-plane metrics.
+/// Renders all control-plane metrics (Prometheus text format 0.0.4).
 pub fn render(stats: &ControlPlaneStats, state: &ClusterState) -> String {
-    let mut e = Encoder::default();
+    render_with(Encoder::default(), stats, state)
+}
 
+/// Renders all control-plane metrics as OpenMetrics families, without the
+/// closing `# EOF` (the caller appends them to its own exposition).
+pub fn render_openmetrics(stats: &ControlPlaneStats, state: &ClusterState) -> String {
+    render_with(
+        Encoder {
+            out: String::new(),
+            openmetrics: true,
+        },
+        stats,
+        state,
+    )
+}
+
+fn render_with(mut e: Encoder, stats: &ControlPlaneStats, state: &ClusterState) -> String {
     e.family(
         "switchyard_cp_decisions_total",
         Kind::Counter,
@@ -329,6 +355,30 @@ mod tests {
         assert!(text.contains("switchyard_cp_endpoint_healthy{endpoint=\"http://a:11434\"} 1\n"));
         assert!(text.contains("# TYPE switchyard_cp_leases_active gauge\n"));
         assert!(text.contains("# TYPE switchyard_cp_leases_granted_total counter\n"));
+    }
+
+    #[test]
+    fn openmetrics_counter_families_drop_the_total_suffix() {
+        let text = render_openmetrics(&stats(), &state());
+        assert!(
+            text.contains("# TYPE switchyard_cp_decisions counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP switchyard_cp_leases_granted "),
+            "{text}"
+        );
+        assert!(text.contains("switchyard_cp_decisions_total{reason=\"loaded_free\"} 3\n"));
+        assert!(text.contains("# TYPE switchyard_cp_leases_active gauge\n"));
+        assert!(
+            !text.contains("# TYPE switchyard_cp_decisions_total"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        // The 0.0.4 rendering is unchanged.
+        assert!(
+            render(&stats(), &state()).contains("# TYPE switchyard_cp_decisions_total counter\n")
+        );
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //! | `switchyard_sidecar_control_plane_connected` | gauge | — (1 when the last contact succeeded) |
 //! | `switchyard_sidecar_leases_held` | gauge | — (this sidecar's unreleased leases) |
 //!
+//! A standalone sidecar also exposes its embedded control plane's families
+//! (`switchyard_cp_*`: decisions by reason, leases, probes, endpoint health;
+//! see `switchyard_control_plane::metrics`) in the same exposition.
+//!
 //! `model` is the client's model name only once an endpoint was chosen for
 //! it (otherwise `""`), so arbitrary unknown names cannot grow the label set.
 //! `status` is the status the client received in the response head: a
@@ -244,7 +248,14 @@ pub(crate) async fn handler(State(state): State<AppState>) -> Response {
         .metrics()
         .render(router.control_plane_connected(), router.local_in_flight())
     {
-        Ok(text) => {
+        Ok(mut text) => {
+            if let Some(cp) = router.embedded_control_plane() {
+                let families =
+                    switchyard_control_plane::metrics::render_openmetrics(&cp.stats(), &cp.state());
+                // OpenMetrics ends with `# EOF`: the families go before it.
+                let end = text.rfind("# EOF").unwrap_or(text.len());
+                text.insert_str(end, &families);
+            }
             let mut response = text.into_response();
             response.headers_mut().insert(
                 CONTENT_TYPE,

@@ -226,6 +226,14 @@ impl Router {
         }
     }
 
+    /// The embedded control plane (standalone mode), for its metrics.
+    pub(crate) fn embedded_control_plane(&self) -> Option<&ControlPlane> {
+        match &*self.mode {
+            Mode::Embedded(e) => Some(e.control_plane()),
+            Mode::Remote(_) => None,
+        }
+    }
+
     #[cfg(test)]
     fn embedded_inner(&self) -> Option<&EmbeddedRouter> {
         match &*self.mode {

@@ -128,7 +128,7 @@ impl EmbeddedRouter {
         tracing::info!(session = %session, released, "embedded session closed");
     }
 
-    #[cfg(test)]
+    /// The embedded control plane (tests; the sidecar's `/metrics`).
     pub(crate) fn control_plane(&self) -> &ControlPlane {
         &self.sink.cp
     }

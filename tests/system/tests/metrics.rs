@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use switchyard_control_plane::server::RunningControlPlane;
 use switchyard_sidecar::SidecarHandle;
 use switchyard_system_tests::{
-    FailureMode, FakeBackend, SOON, TestConfig,
+    Cluster, FailureMode, FakeBackend, SOON, TestConfig,
     client::{get, post_json},
     cluster::{endpoint_kind, endpoint_url},
     config::EndpointEntry,
@@ -544,4 +544,58 @@ async fn metrics_of_both_components_count_the_traffic_sent() {
     for s in sidecars {
         s.shutdown().await;
     }
+}
+
+/// A standalone sidecar (control plane embedded) exposes the control
+/// plane's families in its own `/metrics`, as valid OpenMetrics: counter
+/// families without `_total`, one `# EOF` at the very end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_sidecar_exposes_the_embedded_control_plane_metrics() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .standalone()
+        .start()
+        .await;
+    let url = c.endpoint_url(0);
+    let r = post_json(c.http(), &c.at("/api/chat"), &chat("m", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = post_json(c.http(), &c.at("/api/chat"), &chat("nope", false)).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    c.wait_usage(0).await;
+
+    let reply = get(c.http(), &c.at("/metrics")).await;
+    assert_eq!(reply.status, 200);
+    let text = &reply.text;
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+    assert!(
+        text.contains("# TYPE switchyard_cp_decisions counter\n"),
+        "{text}"
+    );
+    let s = Scrape(parse(text));
+    assert_eq!(
+        s.sum("switchyard_sidecar_requests_total", &[("status", "200")]),
+        1.0
+    );
+    assert_eq!(
+        s.value(
+            "switchyard_sidecar_requests_total",
+            &[("endpoint", ""), ("status", "404")]
+        ),
+        1.0
+    );
+    assert_eq!(s.sum("switchyard_cp_decisions_total", &[]), 1.0);
+    assert_eq!(s.value("switchyard_cp_leases_granted_total", &[]), 1.0);
+    assert_eq!(s.value("switchyard_cp_model_not_found_total", &[]), 1.0);
+    assert_eq!(
+        s.value("switchyard_cp_releases_total", &[("outcome", "ok")]),
+        1.0
+    );
+    assert_eq!(s.value("switchyard_cp_leases_active", &[]), 0.0);
+    assert!(s.value("switchyard_cp_probes_total", &[("result", "ok")]) > 0.0);
+    assert_eq!(
+        s.value("switchyard_cp_endpoint_healthy", &[("endpoint", &url)]),
+        1.0
+    );
+    c.shutdown().await;
 }
