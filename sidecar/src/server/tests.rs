@@ -1050,7 +1050,12 @@ mod span_capture {
 /// whether it was made locally, the release outcome and the status — for a
 /// retried non-stream request and for a stream (whose outcome is recorded
 /// when the stream ends, after the response head went out).
+///
+/// Runs on its own (`tests/run.sh` runs it with `--ignored`): in a parallel
+/// run the CLI tests install a process-global subscriber, and this test's
+/// thread-local capture then stops seeing the span.
 #[tokio::test]
+#[ignore = "needs its own process; tests/run.sh runs it alone"]
 async fn the_request_span_records_the_decision_and_outcome() {
     use tracing_subscriber::layer::SubscriberExt as _;
 
