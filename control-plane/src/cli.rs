@@ -258,8 +258,8 @@ async fn serve_until_signal(config: Config, args: &Args) -> Result<(), ServeErro
 }
 
 /// Resolves on Ctrl-C or (on Unix) SIGTERM. If a handler cannot be
-/// installed, that signal is simply not awaited.
-async fn wait_for_signal() {
+/// installed, that signal is simply not awaited. Shared by both binaries.
+pub async fn wait_for_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

@@ -251,7 +251,7 @@ async fn serve_until_signal(options: StartOptions) -> Result<(), StartError> {
     let handle = start(options).await?;
     let trigger = handle.shutdown_trigger();
     tokio::select! {
-        () = shutdown_signal() => {
+        () = switchyard_control_plane::cli::wait_for_signal() => {
             tracing::info!("shutdown signal received");
             handle.shutdown().await;
         }
@@ -259,30 +259,6 @@ async fn serve_until_signal(options: StartOptions) -> Result<(), StartError> {
         () = trigger.cancelled() => handle.wait().await,
     }
     Ok(())
-}
-
-/// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }
 
 #[cfg(test)]
