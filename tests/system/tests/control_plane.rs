@@ -80,6 +80,25 @@ async fn next_state(watch: &mut tonic::Streaming<v1::ClusterState>) -> v1::Clust
         .expect("stream ended")
 }
 
+async fn open_session(routing: &mut RoutingClient<Channel>, name: &str) -> u64 {
+    routing
+        .open_session(OpenSessionRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id
+}
+
+/// A reserving choice for `model`; returns its lease id.
+async fn reserve(routing: &mut RoutingClient<Channel>, model: &str, session: u64) -> u64 {
+    routing
+        .choose_endpoint(choose(model, session, true))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease_id
+}
+
 fn in_flight(state: &v1::ClusterState) -> u32 {
     state.endpoints.iter().map(|e| e.in_flight).sum()
 }
@@ -242,24 +261,9 @@ async fn releasing_twice_never_goes_negative() {
         !s.endpoints[0].advertised_models.is_empty()
     })
     .await;
-    let session = routing
-        .open_session(OpenSessionRequest {
-            name: "twice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let first = routing
-        .choose_endpoint(choose("m", session, true))
-        .await
-        .unwrap()
-        .into_inner();
-    let second = routing
-        .choose_endpoint(choose("m", session, true))
-        .await
-        .unwrap()
-        .into_inner();
+    let session = open_session(&mut routing, "twice").await;
+    let first = reserve(&mut routing, "m", session).await;
+    let second = reserve(&mut routing, "m", session).await;
     let s = state(&mut cluster).await;
     assert_eq!(in_flight(&s), 2);
     let release = |lease_id| ReleaseRequest {
@@ -270,7 +274,7 @@ async fn releasing_twice_never_goes_negative() {
     };
     assert!(
         routing
-            .release(release(first.lease_id))
+            .release(release(first))
             .await
             .unwrap()
             .into_inner()
@@ -279,7 +283,7 @@ async fn releasing_twice_never_goes_negative() {
     for _ in 0..3 {
         assert!(
             !routing
-                .release(release(first.lease_id))
+                .release(release(first))
                 .await
                 .unwrap()
                 .into_inner()
@@ -297,7 +301,7 @@ async fn releasing_twice_never_goes_negative() {
     );
     assert!(
         routing
-            .release(release(second.lease_id))
+            .release(release(second))
             .await
             .unwrap()
             .into_inner()
@@ -305,7 +309,7 @@ async fn releasing_twice_never_goes_negative() {
     );
     assert!(
         !routing
-            .release(release(second.lease_id))
+            .release(release(second))
             .await
             .unwrap()
             .into_inner()
@@ -339,19 +343,8 @@ async fn watch_usage_delivers_the_initial_snapshot_and_each_change() {
     assert_eq!(in_flight(&initial), 0);
     let mut version = initial.version;
 
-    let session = routing
-        .open_session(OpenSessionRequest {
-            name: "watched".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let lease = routing
-        .choose_endpoint(choose("m", session, true))
-        .await
-        .unwrap()
-        .into_inner();
+    let session = open_session(&mut routing, "watched").await;
+    let lease = reserve(&mut routing, "m", session).await;
     // Each change arrives (later states may coalesce, never go back).
     let mut seen = next_state(&mut watch).await;
     while in_flight(&seen) != 1 {
@@ -363,7 +356,7 @@ async fn watch_usage_delivers_the_initial_snapshot_and_each_change() {
     version = seen.version;
     routing
         .release(ReleaseRequest {
-            lease_id: lease.lease_id,
+            lease_id: lease,
             outcome: Outcome::Ok as i32,
             ..Default::default()
         })
