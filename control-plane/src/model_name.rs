@@ -31,16 +31,6 @@ pub fn strip_latest(name: &str) -> &str {
     name.strip_suffix(":latest").unwrap_or(name)
 }
 
-/// True when a request for `requested` can be served by an endpoint of
-/// `kind` that advertises `advertised`. Both sides are compared in canonical
-/// form, so `x:latest` matches an OpenAI endpoint listing plain `x`, and an
-/// untagged Ollama request matches `x:latest`. Indexes of advertised models
-/// are keyed by [`canonical_request_name`] of the advertised name, which gives
-/// the same answers.
-pub fn advertised_matches(_kind: EndpointKind, advertised: &str, requested: &str) -> bool {
-    canonical_request_name(advertised) == canonical_request_name(requested)
-}
-
 /// The name usage is counted under for a model an endpoint advertises.
 pub fn tracking_name(kind: EndpointKind, advertised: &str) -> String {
     match kind {
@@ -73,31 +63,20 @@ mod tests {
         assert_eq!(canonical_request_name("hf.co/org/m:Q4"), "hf.co/org/m:Q4");
     }
 
+    /// Requests and advertised names match by canonical form (the index
+    /// the policy looks candidates up in is keyed the same way, see
+    /// `policy::index_key`).
     #[test]
     fn latest_matches_untagged_openai_ids() {
-        assert!(advertised_matches(
-            EndpointKind::OpenAi,
-            "gpt-4o",
-            "gpt-4o:latest"
-        ));
-        assert!(advertised_matches(EndpointKind::OpenAi, "gpt-4o", "gpt-4o"));
-        assert!(advertised_matches(
-            EndpointKind::Ollama,
-            "llama3:latest",
-            "llama3"
-        ));
-        assert!(advertised_matches(
-            EndpointKind::Ollama,
-            "llama3",
-            "llama3:latest"
-        ));
-        assert!(!advertised_matches(
-            EndpointKind::Ollama,
-            "llama3:8b",
-            "llama3"
-        ));
-        assert!(advertised_matches(
-            EndpointKind::LlamaServer,
+        let matches = |advertised: &str, requested: &str| {
+            canonical_request_name(advertised) == canonical_request_name(requested)
+        };
+        assert!(matches("gpt-4o", "gpt-4o:latest"));
+        assert!(matches("gpt-4o", "gpt-4o"));
+        assert!(matches("llama3:latest", "llama3"));
+        assert!(matches("llama3", "llama3:latest"));
+        assert!(!matches("llama3:8b", "llama3"));
+        assert!(matches(
             "unsloth/gpt-oss-20b-GGUF:Q8_0",
             "unsloth/gpt-oss-20b-GGUF:Q8_0"
         ));
