@@ -63,11 +63,13 @@ pub struct CandidateLoad {
 }
 
 impl CandidateLoad {
+    #[inline(always)]
     fn limit(&self) -> u32 {
         self.max_concurrent.max(1)
     }
 
     /// True while the endpoint has a free slot.
+    #[inline]
     pub fn has_free_slot(&self) -> bool {
         self.total_in_flight < self.limit()
     }
@@ -120,48 +122,57 @@ impl Rejection {
 /// The tier a candidate falls in: rules 5, 6 and 7 in one ordering.
 /// A loaded-and-free candidate (tier 0) beats any merely free one (tier 1),
 /// which beats any saturated one (tier 2); within the winning tier the
-/// rule's own key decides. So one pass finds the rule's answer.
+/// rule's own key decides. So one minimum finds the rule's answer.
 const TIER_REASON: [DecisionReason; 3] = [
     DecisionReason::LoadedFree,
     DecisionReason::FreeSlot,
     DecisionReason::Saturated,
 ];
 
-const TIER_SHIFT: u32 = 100;
+/// Bit layout of a candidate's rank word (smaller is better):
+/// `hard | avoid | tier (2 bits) | key (124 bits)`.
+const HARD_BIT: u32 = 127;
+const AVOID_BIT: u32 = 126;
+const TIER_SHIFT: u32 = 124;
 
-/// The candidate's rank as one integer, smaller is better: tier in the top
-/// bits, then the tier's key (rule 5: in-flight for the model; rule 6:
-/// total in-flight; rule 7: utilization ratio; with priority routing:
-/// ratio then config order).
+/// The candidate's rank as one integer, smaller is better. From the top:
+/// the hard-exclusion bit (such candidates lose to everything and are
+/// never picked), the avoid bit (soft exclusions lose to every candidate
+/// without one, which is exactly "soft exclusions hold only while
+/// something else is left"), the tier, then the tier's key (rule 5:
+/// in-flight for the model; rule 6: total in-flight; rule 7: utilization
+/// ratio; with priority routing: ratio then config order).
 ///
-/// One integer compare per candidate keeps the decision loop nearly free
-/// of data-dependent branches. The ratio is an `f64` whose bit pattern
-/// orders like the value (it is never negative); the quotient of two
-/// integers below 2^17 is exact enough that distinct ratios stay distinct
-/// and equal ones equal (distinct ratios differ by at least 2^-34, far
-/// above the rounding error). Beyond that, near-equal ratios may tie.
-#[inline]
+/// So the whole rule cascade is one minimum over integers, and ties are
+/// the candidates equal to it. The ratio is an `f64` whose bit pattern
+/// orders like the value (it is never negative); IEEE division is
+/// correctly rounded, so equal ratios give equal bits, and the quotient of
+/// two integers below 2^17 keeps distinct ratios distinct (they differ by
+/// at least 2^-34 relative, far above the rounding error). Beyond that,
+/// near-equal ratios may tie.
+#[inline(always)]
 fn rank(c: &CandidateLoad, priority_routing: bool) -> u128 {
     let limit = c.limit();
     let free = c.total_in_flight < limit;
-    // Arithmetic rather than branches: candidates' tiers are unpredictable.
     let tier = 2 * u128::from(!free) + u128::from(free & !c.loaded);
-    let ratio = u128::from((f64::from(c.total_in_flight) / f64::from(limit)).to_bits());
+    let ratio = || u128::from((f64::from(c.total_in_flight) / f64::from(limit)).to_bits());
     let key = if priority_routing {
-        (ratio << 32) | u128::from(c.priority)
+        (ratio() << 32) | u128::from(c.priority)
+    } else if !free {
+        ratio()
+    } else if c.loaded {
+        u128::from(c.model_in_flight)
     } else {
-        let by_tier = [
-            u128::from(c.model_in_flight),
-            u128::from(c.total_in_flight),
-            ratio,
-        ];
-        by_tier[usize::from(!free) * 2 + usize::from(free & !c.loaded)]
+        u128::from(c.total_in_flight)
     };
-    (tier << TIER_SHIFT) | key
+    (u128::from(c.hard.is_some()) << HARD_BIT)
+        | (u128::from(c.avoid) << AVOID_BIT)
+        | (tier << TIER_SHIFT)
+        | key
 }
 
 fn tier_reason(rank: u128) -> DecisionReason {
-    let tier = usize::try_from(rank >> TIER_SHIFT).unwrap_or(2);
+    let tier = usize::try_from((rank >> TIER_SHIFT) & 3).unwrap_or(2);
     TIER_REASON
         .get(tier)
         .copied()
@@ -182,106 +193,76 @@ pub fn select<R: Rng + ?Sized>(
         |i| candidates[i],
         affinity,
         priority_routing,
+        &mut Vec::with_capacity(candidates.len()),
         rng,
     )
 }
 
 /// [`select`] over `len` candidates whose loads `load(i)` computes on
 /// demand (the control plane reads them straight from its dense counters,
-/// without materializing a slice). `load` must be a pure function of `i`.
+/// without materializing them). `load` must be a pure function of `i`.
+/// `ranks` is scratch space the caller keeps between decisions, so that
+/// nothing is allocated per decision once it has grown.
 ///
-/// One pass over the candidates, no allocation: it counts hard exclusions
-/// and keeps two running minima, over the preferred pool (not avoided) and
-/// over every eligible candidate (the fall-through). Ties in the preferred
-/// pool are resolved by reservoir sampling (the k-th equal candidate
-/// replaces the pick with probability 1/k: uniform); the fall-through pool
-/// is only resolved, with a second pass, when the preferred one is empty.
+/// `load` is called once per candidate to write its [`rank`]; the rest works
+/// on the rank words alone: their minimum is the answer's rank (rules 2–7
+/// at once), the candidates equal to it are the ties, and one random draw
+/// picks among them uniformly.
 pub fn select_with<R: Rng + ?Sized>(
     len: usize,
     load: impl Fn(usize) -> CandidateLoad,
     affinity: Option<usize>,
     priority_routing: bool,
+    ranks: &mut Vec<u128>,
     rng: &mut R,
 ) -> Result<Selection, Rejection> {
     if len == 0 {
         return Err(Rejection::NoCandidates);
     }
+    ranks.clear();
+    ranks.resize(len, 0);
     let (mut excluded, mut draining) = (0usize, 0usize);
-    // Preferred pool (eligible, not avoided): best rank, ties, pick.
-    let (mut best, mut ties, mut pick) = (u128::MAX, 0u32, 0usize);
-    // Fall-through pool (every eligible candidate): best rank, ties, first.
-    let (mut fb_best, mut fb_ties, mut fb_first) = (u128::MAX, 0u32, 0usize);
-    for i in 0..len {
+    for (i, slot) in ranks.iter_mut().enumerate() {
         let c = load(i);
-        match c.hard {
-            Some(HardExclusion::Excluded) => {
-                excluded += 1;
-                continue;
-            }
-            Some(HardExclusion::Draining) => {
-                draining += 1;
-                continue;
-            }
-            None => {}
-        }
-        let r = rank(&c, priority_routing);
-        if r < fb_best || fb_ties == 0 {
-            (fb_best, fb_ties, fb_first) = (r, 1, i);
-        } else if r == fb_best {
-            fb_ties += 1;
-        }
-        if !c.avoid {
-            if r < best || ties == 0 {
-                (best, ties, pick) = (r, 1, i);
-            } else if r == best {
-                ties += 1;
-                if rng.random_range(0..ties) == 0 {
-                    pick = i;
-                }
-            }
-        }
+        excluded += usize::from(c.hard == Some(HardExclusion::Excluded));
+        draining += usize::from(c.hard == Some(HardExclusion::Draining));
+        *slot = rank(&c, priority_routing);
     }
-    if fb_ties == 0 {
+    let best = ranks.iter().copied().min().unwrap_or(u128::MAX);
+    if best >> HARD_BIT != 0 {
         return Err(Rejection::AllHardExcluded { excluded, draining });
     }
-    // Soft exclusions hold only while something else is left: fall through
-    // to the whole hard-filtered set rather than refuse.
-    let strict = ties > 0;
 
-    if let Some(i) = affinity.filter(|i| *i < len) {
-        let c = load(i);
-        if c.hard.is_none() && !(strict && c.avoid) && c.loaded && c.has_free_slot() {
-            return Ok(Selection {
-                index: i,
-                reason: DecisionReason::Affinity,
-            });
-        }
-    }
-
-    if strict {
+    // Affinity: the remembered endpoint, if it is in the pool the minimum
+    // came from (not avoided, unless everything eligible is), loaded and
+    // free (tier 0).
+    let pool_flags = best >> AVOID_BIT;
+    if let Some(i) = affinity
+        && let Some(&r) = ranks.get(i)
+        && r >> AVOID_BIT <= pool_flags
+        && (r >> TIER_SHIFT) & 3 == 0
+    {
         return Ok(Selection {
-            index: pick,
-            reason: tier_reason(best),
+            index: i,
+            reason: DecisionReason::Affinity,
         });
     }
 
-    let mut index = fb_first;
-    if fb_ties > 1 {
-        let mut k = rng.random_range(0..fb_ties);
-        for i in fb_first..len {
-            let c = load(i);
-            if c.hard.is_none() && rank(&c, priority_routing) == fb_best {
-                if k == 0 {
-                    index = i;
-                    break;
-                }
-                k -= 1;
-            }
-        }
-    }
+    let ties: u32 = ranks.iter().map(|&r| u32::from(r == best)).sum();
+    let k = if ties > 1 {
+        rng.random_range(0..ties)
+    } else {
+        0
+    };
+    let index = ranks
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| **r == best)
+        .nth(k as usize)
+        .map_or(0, |(i, _)| i);
     Ok(Selection {
         index,
-        reason: tier_reason(fb_best),
+        reason: tier_reason(best),
     })
 }
 

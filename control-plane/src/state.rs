@@ -81,6 +81,14 @@ fn outcome_index(o: Outcome) -> usize {
     Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
 }
 
+/// What the decision loop needs of an endpoint's configuration and admin
+/// state, packed so one read serves both.
+#[derive(Clone, Copy, Debug)]
+struct Admission {
+    max_concurrent: u32,
+    draining: bool,
+}
+
 /// Everything mutable, owned by one lock.
 #[derive(Debug)]
 pub struct State {
@@ -89,11 +97,14 @@ pub struct State {
     sessions: SessionTable,
     affinity: AffinityTable,
     health: Health,
-    draining: Vec<bool>,
-    /// `max_concurrent` per endpoint, dense for the decision loop.
-    limits: Vec<u32>,
+    /// Per endpoint, dense for the decision loop: `max_concurrent` and the
+    /// admin draining flag.
+    admission: Vec<Admission>,
     lease_ids: IdAllocator,
     rng: SmallRng,
+    /// The policy's scratch space (one rank word per candidate), kept so
+    /// that decisions allocate nothing once it has grown.
+    ranks: Vec<u128>,
     counters: Counters,
 }
 
@@ -111,10 +122,17 @@ impl State {
             sessions: SessionTable::new(config.sessions.ttl),
             affinity: AffinityTable::new(config.affinity.max_entries),
             health: Health::new(config.health.clone(), n),
-            draining: vec![false; n],
-            limits: config.endpoints.iter().map(|e| e.max_concurrent).collect(),
+            admission: config
+                .endpoints
+                .iter()
+                .map(|e| Admission {
+                    max_concurrent: e.max_concurrent,
+                    draining: false,
+                })
+                .collect(),
             lease_ids: IdAllocator::new(false),
             rng,
+            ranks: Vec::with_capacity(n),
             counters: Counters::default(),
             config,
         }
@@ -292,14 +310,17 @@ impl State {
 
         // The policy reads each candidate's load straight from the dense
         // counters: nothing is materialized per decision.
-        let (leases, health, draining, limits) =
-            (&self.leases, &self.health, &self.draining, &self.limits);
+        let (leases, health, admission) = (&self.leases, &self.health, &self.admission);
         let load = |i: usize| {
             let c = candidates[i];
             let ep = c.endpoint as usize;
+            let adm = admission.get(ep).copied().unwrap_or(Admission {
+                max_concurrent: 1,
+                draining: true,
+            });
             let hard = if !excluded.is_empty() && excluded.contains(&c.endpoint) {
                 Some(HardExclusion::Excluded)
-            } else if draining.get(ep).copied().unwrap_or(true) {
+            } else if adm.draining {
                 Some(HardExclusion::Draining)
             } else {
                 None
@@ -308,7 +329,7 @@ impl State {
                 priority: c.endpoint,
                 model_in_flight: leases.model_in_flight(c.slot),
                 total_in_flight: leases.total_in_flight(ep),
-                max_concurrent: limits.get(ep).copied().unwrap_or(1),
+                max_concurrent: adm.max_concurrent,
                 loaded: c.loaded,
                 hard,
                 avoid: health.avoid(ep, c.slot, now),
@@ -319,6 +340,7 @@ impl State {
             load,
             affinity_index,
             self.config.priority_routing,
+            &mut self.ranks,
             &mut self.rng,
         ) {
             Ok(s) => s,
@@ -433,9 +455,9 @@ impl State {
 
     /// Sets an endpoint's draining flag; true if it changed.
     pub fn set_draining(&mut self, ep: usize, draining: bool) -> bool {
-        match self.draining.get_mut(ep) {
-            Some(d) if *d != draining => {
-                *d = draining;
+        match self.admission.get_mut(ep) {
+            Some(a) if a.draining != draining => {
+                a.draining = draining;
                 true
             }
             _ => false,
@@ -498,7 +520,7 @@ impl State {
             max_concurrent: cfg.max_concurrent,
             healthy: self.health.healthy(ep),
             health_detail: probe.map(|p| p.detail.clone()).unwrap_or_default(),
-            draining: self.draining.get(ep).copied().unwrap_or(false),
+            draining: self.admission.get(ep).is_some_and(|a| a.draining),
             advertised_models: disc.map(|d| d.advertised.clone()).unwrap_or_default(),
             loaded_models: disc.map(|d| d.loaded.clone()).unwrap_or_default(),
             usage: self

@@ -13,6 +13,11 @@ use std::time::Instant;
 
 use crate::{config::HealthConfig, ids::LeaseId, outcome::Outcome};
 
+/// [`Health`] gate bit: the last probe failed (or none has run yet).
+const UNHEALTHY: u8 = 1;
+/// [`Health`] gate bit: the breaker is not closed or failure entries exist.
+const ATTENTION: u8 = 2;
+
 /// Details of the last probe of one endpoint (whether it succeeded is
 /// [`Health::healthy`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -84,16 +89,16 @@ impl Breaker {
 
 /// Health of every endpoint.
 ///
-/// The decision loop reads two dense flag arrays per candidate: `healthy`
-/// and `attention` (breaker not closed, or some failure entry present);
-/// only flagged endpoints pay for the detailed checks. `attention[ep]` is
-/// recomputed after every change to that endpoint's breaker or entries.
+/// The decision loop reads one dense flag byte per candidate, `gate`:
+/// [`UNHEALTHY`] (last probe failed) and [`ATTENTION`] (breaker not closed,
+/// or some failure entry present); only flagged endpoints pay for the
+/// detailed checks. `ATTENTION` is recomputed after every change to that
+/// endpoint's breaker or entries.
 #[derive(Debug)]
 pub struct Health {
     config: HealthConfig,
     probes: Vec<ProbeHealth>,
-    healthy: Vec<bool>,
-    attention: Vec<bool>,
+    gate: Vec<u8>,
     breakers: Vec<Breaker>,
     /// Per endpoint: (slot, expiry) of recent completion failures.
     failing: Vec<Vec<(u32, Instant)>>,
@@ -111,20 +116,20 @@ impl Health {
                 };
                 endpoints
             ],
-            healthy: vec![false; endpoints],
-            attention: vec![false; endpoints],
+            gate: vec![UNHEALTHY; endpoints],
             breakers: vec![Breaker::default(); endpoints],
             failing: vec![Vec::new(); endpoints],
         }
     }
 
     fn refresh_attention(&mut self, ep: usize) {
-        if let (Some(a), Some(b), Some(f)) = (
-            self.attention.get_mut(ep),
+        if let (Some(g), Some(b), Some(f)) = (
+            self.gate.get_mut(ep),
             self.breakers.get(ep),
             self.failing.get(ep),
         ) {
-            *a = b.state != BreakerState::Closed || !f.is_empty();
+            let attention = b.state != BreakerState::Closed || !f.is_empty();
+            *g = (*g & !ATTENTION) | if attention { ATTENTION } else { 0 };
         }
     }
 
@@ -135,7 +140,7 @@ impl Health {
 
     /// Last probe of the endpoint succeeded.
     pub fn healthy(&self, ep: usize) -> bool {
-        self.healthy.get(ep).copied().unwrap_or(false)
+        self.gate.get(ep).is_some_and(|g| g & UNHEALTHY == 0)
     }
 
     /// Breaker of an endpoint.
@@ -151,9 +156,9 @@ impl Health {
             p.detail.clear();
             p.last_ok_unix_ms = unix_ms;
         }
-        if let Some(h) = self.healthy.get_mut(ep) {
-            changed |= !*h;
-            *h = true;
+        if let Some(g) = self.gate.get_mut(ep) {
+            changed |= *g & UNHEALTHY != 0;
+            *g &= !UNHEALTHY;
         }
         if let Some(b) = self.breakers.get_mut(ep)
             && matches!(b.state, BreakerState::Open { .. })
@@ -167,10 +172,10 @@ impl Health {
 
     /// Records a failed probe. Returns true if anything visible changed.
     pub fn probe_failed(&mut self, ep: usize, detail: &str) -> bool {
-        match (self.probes.get_mut(ep), self.healthy.get_mut(ep)) {
-            (Some(p), Some(h)) => {
-                let changed = *h || p.detail != detail;
-                *h = false;
+        match (self.probes.get_mut(ep), self.gate.get_mut(ep)) {
+            (Some(p), Some(g)) => {
+                let changed = *g & UNHEALTHY == 0 || p.detail != detail;
+                *g |= UNHEALTHY;
                 detail.clone_into(&mut p.detail);
                 changed
             }
@@ -181,10 +186,11 @@ impl Health {
     /// True when the policy should avoid (endpoint, slot) now.
     #[inline]
     pub fn avoid(&self, ep: usize, slot: u32, now: Instant) -> bool {
-        !self.healthy.get(ep).copied().unwrap_or(false)
-            || (self.attention.get(ep).copied().unwrap_or(false)
-                && (self.breakers.get(ep).is_some_and(|b| b.blocks(now))
-                    || self.is_failing(ep, slot, now)))
+        let gate = self.gate.get(ep).copied().unwrap_or(UNHEALTHY);
+        gate != 0
+            && (gate & UNHEALTHY != 0
+                || self.breakers.get(ep).is_some_and(|b| b.blocks(now))
+                || self.is_failing(ep, slot, now))
     }
 
     /// True when (endpoint, slot) had a completion failure within the TTL.
@@ -308,7 +314,7 @@ impl Health {
             f.retain(|&(_, until)| until > now);
             changed |= f.len() != before;
         }
-        for ep in 0..self.attention.len() {
+        for ep in 0..self.gate.len() {
             self.refresh_attention(ep);
         }
         changed
