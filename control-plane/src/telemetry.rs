@@ -13,6 +13,8 @@
 //! - secrets never reach the logs through here: configuration is never
 //!   logged whole, and [`Secret`](crate::config::Secret) prints as `***`.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::{EnvFilter, Layer, Registry, layer::SubscriberExt as _};
 
 /// Log line format.
@@ -79,11 +81,26 @@ fn filter() -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
+/// The filter of exported spans: [`filter`] plus the sidecar's per-request
+/// spans, which are debug-level so that plain logging never pays for them
+/// but are what trace export is for.
+#[cfg(feature = "otlp")]
+fn span_filter() -> EnvFilter {
+    let request_spans = "switchyard_sidecar::proxy=debug".parse();
+    match request_spans {
+        Ok(directive) => filter().add_directive(directive),
+        Err(_) => filter(),
+    }
+}
+
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
 /// The stderr log layer in `format`, filtered by `RUST_LOG`.
 fn log_layer(format: LogFormat) -> BoxedLayer {
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour codes only for a terminal: in files and log collectors they are noise.
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => layer.with_filter(filter()).boxed(),
         LogFormat::Json => layer
@@ -186,7 +203,7 @@ pub mod otlp {
     use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
     use tracing_subscriber::{Layer, Registry};
 
-    use super::{BoxedLayer, TelemetryError, filter};
+    use super::{BoxedLayer, TelemetryError, span_filter};
 
     /// How long one export request may take.
     const EXPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -213,7 +230,8 @@ pub mod otlp {
     }
 
     /// The `tracing` layer sending spans to a new [`provider`], filtered by
-    /// `RUST_LOG` like the logs; keep the provider to flush it at exit.
+    /// `RUST_LOG` like the logs plus the sidecar's request spans
+    /// ([`span_filter`]); keep the provider to flush it at exit.
     pub fn layer(
         traces_url: &str,
         service_name: &'static str,
@@ -222,7 +240,7 @@ pub mod otlp {
         let tracer = provider.tracer(service_name);
         let layer = tracing_opentelemetry::layer::<Registry>()
             .with_tracer(tracer)
-            .with_filter(filter())
+            .with_filter(span_filter())
             .boxed();
         Ok((layer, provider))
     }
