@@ -21,6 +21,7 @@ pub mod forward;
 pub mod release;
 pub mod request;
 pub mod stream;
+pub mod upstream;
 
 use std::{
     panic::AssertUnwindSafe,

@@ -25,7 +25,7 @@ use switchyard_control_plane::{
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{metrics::Metrics, proxy::forward::UpstreamClients, router::Router, routes};
+use crate::{metrics::Metrics, proxy::upstream::UpstreamClients, router::Router, routes};
 
 /// After the grace period, how long connections get to flush the error
 /// chunk that ends their cancelled streams before the server stops waiting.

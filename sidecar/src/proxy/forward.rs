@@ -13,8 +13,7 @@
 //!   stream observers and translators) and the session headers. The
 //!   endpoint's own API key is added as `Authorization: Bearer`.
 //!
-//! One pooled [`reqwest::Client`] per endpoint kind carries that kind's
-//! connect timeout; connections are reused across requests (keep-alive).
+//! The clients that send it are in [`super::upstream`].
 
 use bytes::Bytes;
 use http::{
@@ -25,7 +24,7 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value};
 use switchyard_control_plane::{
-    config::{Secret, SidecarConfig},
+    config::Secret,
     decision::Choice,
     endpoint::{EndpointKind, openai_base},
 };
@@ -55,43 +54,6 @@ const HOP_BY_HOP: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
 ];
-
-/// One pooled HTTP client per endpoint kind.
-#[derive(Clone, Debug)]
-pub struct UpstreamClients {
-    ollama: reqwest::Client,
-    openai: reqwest::Client,
-    llama_server: reqwest::Client,
-}
-
-impl UpstreamClients {
-    /// Builds the clients with each kind's connect timeout.
-    pub fn new(config: &SidecarConfig) -> Result<Self, reqwest::Error> {
-        let build = |kind: EndpointKind| {
-            reqwest::Client::builder()
-                .connect_timeout(config.timeouts(kind).connect)
-                // POST bodies must not be replayed as GETs to another host.
-                .redirect(reqwest::redirect::Policy::none())
-                .tcp_nodelay(true)
-                .pool_idle_timeout(std::time::Duration::from_secs(90))
-                .build()
-        };
-        Ok(Self {
-            ollama: build(EndpointKind::Ollama)?,
-            openai: build(EndpointKind::OpenAi)?,
-            llama_server: build(EndpointKind::LlamaServer)?,
-        })
-    }
-
-    /// The client for an endpoint kind.
-    pub fn get(&self, kind: EndpointKind) -> &reqwest::Client {
-        match kind {
-            EndpointKind::Ollama => &self.ollama,
-            EndpointKind::OpenAi => &self.openai,
-            EndpointKind::LlamaServer => &self.llama_server,
-        }
-    }
-}
 
 /// The OpenAI route path under the OpenAI base, for OpenAI-API routes.
 fn openai_path(route: ApiRoute) -> Option<&'static str> {
