@@ -44,8 +44,8 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// The backend HTTP clients could not be built (TLS setup).
-    #[error("cannot build HTTP client: {0}")]
-    HttpClient(#[source] reqwest::Error),
+    #[error(transparent)]
+    HttpClient(#[from] crate::proxy::upstream::ClientError),
     /// The embedded control plane's discovery could not start.
     #[error("cannot start discovery: {0}")]
     Discovery(#[source] switchyard_control_plane::discovery::DiscoveryError),

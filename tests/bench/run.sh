@@ -66,9 +66,21 @@ wait_http "http://127.0.0.1:$SA_PORT/health"; wait_http "http://127.0.0.1:$RM_PO
 sleep 2
 record "{\"label\":\"sidecar_rss_idle_kb\",\"standalone\":$(rss_kb $SA_PID),\"remote\":$(rss_kb $RM_PID)}"
 
-for target in "direct $FAKE" "standalone http://127.0.0.1:$SA_PORT" "remote http://127.0.0.1:$RM_PORT"; do
+FAKE_PID=${PIDS[0]}
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# CPU time each process spent per request during a run (utime+stime ticks
+# of 10 ms, read before and after), so the cost of each hop is visible
+# independently of how the 2 cores were shared.
+us_per_req() { echo $(( ($2 - $1) * 10000 / $3 )); }
+for target in "direct $FAKE 0" "standalone http://127.0.0.1:$SA_PORT $SA_PID" "remote http://127.0.0.1:$RM_PORT $RM_PID"; do
   set -- $target
-  record "$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --concurrency 10 --duration "$SECS" --label "$1-throughput-c10")"
+  SC_PID=$3
+  f0=$(ticks $FAKE_PID); c0=$(ticks $CP_PID); s0=0; [ "$SC_PID" != 0 ] && s0=$(ticks $SC_PID)
+  line=$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --concurrency 10 --duration "$SECS" --warmup 0 --label "$1-throughput-c10")
+  f1=$(ticks $FAKE_PID); c1=$(ticks $CP_PID); s1=0; [ "$SC_PID" != 0 ] && s1=$(ticks $SC_PID)
+  record "$line"
+  n=$(echo "$line" | python3 -c 'import json,sys; print(max(1, json.load(sys.stdin)["requests"]))')
+  record "{\"label\":\"$1-cpu-us-per-request\",\"sidecar\":$(us_per_req $s0 $s1 $n),\"fake_backend\":$(us_per_req $f0 $f1 $n),\"control_plane\":$(us_per_req $c0 $c1 $n)}"
   record "$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --rate "$RATE" --duration "$SECS" --label "$1-latency-r$RATE")"
 done
 record "{\"label\":\"sidecar_rss_after_load_kb\",\"standalone\":$(rss_kb $SA_PID),\"remote\":$(rss_kb $RM_PID)}"

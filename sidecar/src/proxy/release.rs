@@ -31,7 +31,9 @@ use switchyard_control_plane::{
 };
 use tracing::Span;
 
-use crate::{metrics::Metrics, router::Lease, translate::stream::StreamEnd};
+use crate::{
+    metrics::Metrics, proxy::upstream::SendError, router::Lease, translate::stream::StreamEnd,
+};
 
 /// What a response status means for the attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +69,8 @@ pub struct SendFailure {
 }
 
 impl SendFailure {
-    /// Flags of a reqwest error.
-    pub fn of(e: &reqwest::Error) -> Self {
+    /// Flags of a failed send.
+    pub fn of(e: &SendError) -> Self {
         Self {
             is_connect: e.is_connect(),
             is_timeout: e.is_timeout(),
@@ -87,28 +89,36 @@ impl SendFailure {
     }
 }
 
-/// A short, URL-free description of a reqwest error for clients and logs
-/// (reqwest's own `Display` includes the URL).
-pub fn describe(e: &reqwest::Error) -> String {
-    let mut detail = String::new();
-    let mut source = std::error::Error::source(e);
+/// A short, URL-free description of a failed send for clients and logs:
+/// what failed plus the innermost cause (e.g. "connect failed: Connection
+/// refused (os error 111)").
+pub fn describe_send(e: &SendError) -> String {
+    let kind = match (e.is_connect(), e.is_timeout()) {
+        (true, true) => "connect timed out",
+        (true, false) => "connect failed",
+        (false, _) => "request failed",
+    };
+    with_cause(kind, e)
+}
+
+/// A short description of a response body that broke mid-way.
+pub fn describe_body(e: &hyper::Error) -> String {
+    with_cause("response body failed", e)
+}
+
+/// `kind`, plus the innermost source of `e` when it has one (the outer
+/// layers only say "client error" and the like; the URL is never in it).
+fn with_cause(kind: &str, e: &(dyn std::error::Error + 'static)) -> String {
+    let mut detail = None;
+    let mut source = e.source();
     while let Some(s) = source {
-        detail = s.to_string();
+        detail = Some(s);
         source = s.source();
     }
-    let kind = if e.is_connect() {
-        "connect failed"
-    } else if e.is_timeout() {
-        "timed out"
-    } else if e.is_body() || e.is_decode() {
-        "response body failed"
-    } else {
-        "request failed"
-    };
-    if detail.is_empty() {
-        kind.to_owned()
-    } else {
-        format!("{kind}: {detail}")
+    match detail {
+        Some(cause) => format!("{kind}: {cause}"),
+        None if e.is::<SendError>() => kind.to_owned(),
+        None => format!("{kind}: {e}"),
     }
 }
 
@@ -277,14 +287,22 @@ mod tests {
             panic!("cannot bind loopback");
         };
         drop(listener);
-        let client = reqwest::Client::new();
-        let err = match client.post(format!("http://{addr}/api/chat")).send().await {
+        let client = crate::proxy::upstream::UpstreamClient::new(std::time::Duration::from_secs(1))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sent = client
+            .post(
+                &format!("http://{addr}/api/chat"),
+                http::HeaderMap::new(),
+                bytes::Bytes::new(),
+            )
+            .await;
+        let err = match sent {
             Ok(r) => panic!("unexpected answer {}", r.status()),
             Err(e) => e,
         };
         assert_eq!(SendFailure::of(&err).outcome(), Outcome::ConnectError);
-        let text = describe(&err);
+        let text = describe_send(&err);
         assert!(!text.contains("127.0.0.1"), "{text}");
-        assert!(text.starts_with("connect failed"), "{text}");
+        assert!(text.starts_with("connect failed: "), "{text}");
     }
 }

@@ -14,8 +14,8 @@
 //!   a failure while reading them is still retryable and never becomes a
 //!   200 with a cut body.
 //! - The lease lives *inside* the response body stream: when the client
-//!   goes away hyper drops the body, which drops the upstream reqwest
-//!   response (cancelling the backend request) and the lease (released as
+//!   goes away hyper drops the body, which drops the upstream response
+//!   body (closing that connection: the backend sees the cancel) and the lease (released as
 //!   `Cancelled`). Every other end finishes it explicitly, exactly once.
 //! - After the first byte, a failure ends the stream with an error chunk in
 //!   the client's format; a panic while streaming ends the stream the same
@@ -43,8 +43,12 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Progress,
     forward::{self, Handling, Planned, UpstreamCall},
-    release::{SendFailure, StatusClass, StreamStop, TrackedLease, classify_status, describe},
+    release::{
+        SendFailure, StatusClass, StreamStop, TrackedLease, classify_status, describe_body,
+        describe_send,
+    },
     request::RequestContext,
+    upstream::UpstreamResponse,
 };
 use crate::{
     errors::{AttemptFailure, ProxyError, stream_error_chunk},
@@ -53,10 +57,7 @@ use crate::{
     server::AppState,
     translate::{
         ResponseMeta, TranslateError, UpstreamError, chat, embed, generate,
-        observe::{
-            OllamaStreamObserver, OpenAiStreamObserver, tokens_from_ollama_body,
-            tokens_from_openai_body,
-        },
+        observe::{OllamaStreamObserver, OpenAiStreamObserver, observe_answer},
         stream::{SseToNdjson, StreamEnd, StreamMode, StreamTranslator},
     },
 };
@@ -81,7 +82,12 @@ pub enum Attempt {
     Failed(ProxyError),
 }
 
-type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, hyper::Error>> + Send>>;
+
+/// The data frames of a backend's response body, as they arrive.
+fn body_stream(response: UpstreamResponse) -> Upstream {
+    Box::pin(http_body_util::BodyDataStream::new(response.into_body()))
+}
 
 fn retry_transport(lease: TrackedLease, outcome: Outcome, detail: String) -> Attempt {
     lease.finish(outcome, TokenCounts::default());
@@ -135,7 +141,7 @@ pub(crate) async fn exchange(
 
     let sent = Instant::now();
     let deadline = tokio::time::Instant::from_std(sent + timeouts.first_byte);
-    let send = client.post(url).headers(headers).body(body).send();
+    let send = client.post(&url, headers, body);
     let response = tokio::time::timeout_at(deadline, send).await;
     progress.backend_wait += sent.elapsed();
     let response = match response {
@@ -146,7 +152,9 @@ pub(crate) async fn exchange(
                 format!("no response within {:?}", timeouts.first_byte),
             );
         }
-        Ok(Err(e)) => return retry_transport(lease, SendFailure::of(&e).outcome(), describe(&e)),
+        Ok(Err(e)) => {
+            return retry_transport(lease, SendFailure::of(&e).outcome(), describe_send(&e));
+        }
         Ok(Ok(r)) => r,
     };
 
@@ -169,7 +177,7 @@ pub(crate) async fn exchange(
     }
 
     let upstream_headers = response.headers().clone();
-    let mut upstream: Upstream = Box::pin(response.bytes_stream());
+    let mut upstream = body_stream(response);
     if !stream {
         let waited = Instant::now();
         let read = read_whole(&mut upstream, deadline, timeouts.idle).await;
@@ -199,7 +207,9 @@ pub(crate) async fn exchange(
                 bad_gateway("backend ended the stream before sending anything".into()),
             );
         }
-        Ok(Some(Err(e))) => return retry_transport(lease, Outcome::BackendError, describe(&e)),
+        Ok(Some(Err(e))) => {
+            return retry_transport(lease, Outcome::BackendError, describe_body(&e));
+        }
         Ok(Some(Ok(bytes))) => bytes,
     };
 
@@ -281,15 +291,11 @@ fn whole_answer(
     body: Bytes,
 ) -> Attempt {
     if handling == Handling::PassThrough {
-        let parsed: Option<Value> = serde_json::from_slice(&body).ok();
-        if let Some(error) = parsed.as_ref().and_then(UpstreamError::from_stream_value) {
+        let tokens = match observe_answer(&body, ctx.route.format()) {
+            Ok(tokens) => tokens,
             // A 2xx carrying an error object: the backend failed.
-            return retry_upstream(lease, Outcome::BackendError, error);
-        }
-        let tokens = parsed.map_or_else(TokenCounts::default, |v| match ctx.route.format() {
-            ApiFormat::Ollama => tokens_from_ollama_body(&v),
-            ApiFormat::OpenAi => tokens_from_openai_body(&v),
-        });
+            Err(error) => return retry_upstream(lease, Outcome::BackendError, error),
+        };
         lease.finish(Outcome::Ok, tokens);
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
@@ -361,7 +367,7 @@ async fn read_whole(
                 ));
             }
             Ok(None) => return Ok(buf.freeze()),
-            Ok(Some(Err(e))) => return Err((Outcome::BackendError, describe(&e))),
+            Ok(Some(Err(e))) => return Err((Outcome::BackendError, describe_body(&e))),
             Ok(Some(Ok(chunk))) => {
                 if buf.len() + chunk.len() > MAX_BUFFERED_RESPONSE {
                     return Err((
@@ -378,8 +384,8 @@ async fn read_whole(
 
 /// Reads up to [`MAX_ERROR_BODY`] bytes of an error answer; whatever
 /// arrives before a stall or failure is enough for the message.
-async fn read_error_body(response: reqwest::Response, idle: Duration) -> Bytes {
-    let mut body = response.bytes_stream();
+async fn read_error_body(response: UpstreamResponse, idle: Duration) -> Bytes {
+    let mut body = body_stream(response);
     let mut buf = BytesMut::new();
     while buf.len() < MAX_ERROR_BODY {
         match tokio::time::timeout(idle, body.next()).await {
@@ -500,7 +506,7 @@ impl LiveStream {
                         Err(_) => Next::Stalled,
                         Ok(None) => Next::End,
                         Ok(Some(Ok(chunk))) => Next::Chunk(chunk),
-                        Ok(Some(Err(e))) => Next::Broken(describe(&e)),
+                        Ok(Some(Err(e))) => Next::Broken(describe_body(&e)),
                     },
                 };
                 match next {

@@ -1,29 +1,150 @@
 //! The pooled HTTP clients that carry requests to backends: one per endpoint
 //! kind, each with that kind's connect timeout; connections are reused
-//! across requests (keep-alive).
+//! across requests (keep-alive), `http://` and `https://` (rustls, Mozilla
+//! roots, HTTP/2 by ALPN) alike.
+//!
+//! Built straight on `hyper-util`'s pooled client rather than a
+//! convenience client: the proxy already has the method, headers and body
+//! in `http` types, and skipping URL re-parsing, redirect and retry layers
+//! per request is a measurable share of the sidecar's CPU (BENCHMARKS.md).
+//! Redirects are never followed (a POST must not be replayed elsewhere).
+//!
+//! Invariants: the body is sent as given (length known up front); the
+//! `Host` header is set by the client from the URL; send failures are
+//! classified once, here ([`SendError`]), into connect / connect-timeout /
+//! other, so the outcome rules in [`super::release`] never look at error
+//! text.
 
+use std::{error::Error as _, io, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
 use switchyard_control_plane::{config::SidecarConfig, endpoint::EndpointKind};
+
+/// How long an idle pooled connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// A backend's answer: status, headers, and the body as it arrives.
+pub type UpstreamResponse = Response<Incoming>;
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up TLS for backend connections: {0}")]
+pub struct ClientError(#[source] rustls::Error);
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The endpoint URL plus route is not a valid URI (a configuration
+    /// problem; never sent).
+    #[error("invalid backend URL {url:?}: {source}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    /// The request failed before a response head arrived.
+    #[error("{0}")]
+    Transport(#[source] hyper_util::client::legacy::Error),
+}
+
+impl SendError {
+    /// The connection could not be established (refused, unreachable, DNS,
+    /// TLS handshake, connect timeout): nothing reached the backend.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::BadUrl { .. } => true,
+            Self::Transport(e) => e.is_connect(),
+        }
+    }
+
+    /// The connect timeout expired.
+    pub fn is_timeout(&self) -> bool {
+        let mut source = self.source();
+        while let Some(e) = source {
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+            {
+                return true;
+            }
+            source = e.source();
+        }
+        false
+    }
+}
+
+/// One pooled client for one endpoint kind.
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl UpstreamClient {
+    /// A client whose connections time out after `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> Result<Self, ClientError> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        // The TLS layer decides per URL scheme.
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(ClientError)?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            .build(https);
+        Ok(Self { inner })
+    }
+
+    /// POSTs `body` to `url` with `headers`; resolves when the response
+    /// head has arrived (the body streams on).
+    pub async fn post(
+        &self,
+        url: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, SendError> {
+        let uri = Uri::try_from(url).map_err(|source| SendError::BadUrl {
+            url: url.to_owned(),
+            source,
+        })?;
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        self.inner
+            .request(request)
+            .await
+            .map_err(SendError::Transport)
+    }
+}
 
 /// One pooled HTTP client per endpoint kind.
 #[derive(Clone, Debug)]
 pub struct UpstreamClients {
-    ollama: reqwest::Client,
-    openai: reqwest::Client,
-    llama_server: reqwest::Client,
+    ollama: UpstreamClient,
+    openai: UpstreamClient,
+    llama_server: UpstreamClient,
 }
 
 impl UpstreamClients {
     /// Builds the clients with each kind's connect timeout.
-    pub fn new(config: &SidecarConfig) -> Result<Self, reqwest::Error> {
-        let build = |kind: EndpointKind| {
-            reqwest::Client::builder()
-                .connect_timeout(config.timeouts(kind).connect)
-                // POST bodies must not be replayed as GETs to another host.
-                .redirect(reqwest::redirect::Policy::none())
-                .tcp_nodelay(true)
-                .pool_idle_timeout(std::time::Duration::from_secs(90))
-                .build()
-        };
+    pub fn new(config: &SidecarConfig) -> Result<Self, ClientError> {
+        let build = |kind: EndpointKind| UpstreamClient::new(config.timeouts(kind).connect);
         Ok(Self {
             ollama: build(EndpointKind::Ollama)?,
             openai: build(EndpointKind::OpenAi)?,
@@ -32,7 +153,7 @@ impl UpstreamClients {
     }
 
     /// The client for an endpoint kind.
-    pub fn get(&self, kind: EndpointKind) -> &reqwest::Client {
+    pub fn get(&self, kind: EndpointKind) -> &UpstreamClient {
         match kind {
             EndpointKind::Ollama => &self.ollama,
             EndpointKind::OpenAi => &self.openai,
@@ -41,3 +162,98 @@ impl UpstreamClients {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn client() -> UpstreamClient {
+        UpstreamClient::new(Duration::from_millis(300)).unwrap()
+    }
+
+    /// A port nothing listens on (bound, then released).
+    fn closed_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_a_connect_error_not_a_timeout() {
+        let addr = closed_port();
+        let e = client()
+            .post(
+                &format!("http://{addr}/api/chat"),
+                HeaderMap::new(),
+                Bytes::new(),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.is_connect(), "{e:?}");
+        assert!(!e.is_timeout(), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn bad_url_is_refused_before_sending() {
+        let e = client()
+            .post("http://exa mple/", HeaderMap::new(), Bytes::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::BadUrl { .. }), "{e:?}");
+        assert!(e.is_connect());
+    }
+
+    #[tokio::test]
+    async fn posts_body_and_headers_and_reuses_the_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            // One connection serves both requests (keep-alive).
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"{}") {
+                    let n = sock.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "connection closed early");
+                    got.extend_from_slice(&buf[..n]);
+                }
+                seen.push(String::from_utf8(got).unwrap());
+                sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+            seen
+        });
+        let c = client();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-test", "1".parse().unwrap());
+        for _ in 0..2 {
+            let r = c
+                .post(
+                    &format!("http://{addr}/api/chat"),
+                    headers.clone(),
+                    Bytes::from_static(b"{}"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            use http_body_util::BodyExt as _;
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+        let seen = server.await.unwrap();
+        for req in &seen {
+            let lower = req.to_ascii_lowercase();
+            assert!(lower.starts_with("post /api/chat http/1.1\r\n"), "{req}");
+            assert!(lower.contains(&format!("host: {addr}\r\n")), "{req}");
+            assert!(lower.contains("x-test: 1\r\n"), "{req}");
+            assert!(lower.contains("content-length: 2\r\n"), "{req}");
+        }
+    }
+}

@@ -7,12 +7,16 @@
 //! or hold back data and never fail: an observer that cannot make sense of
 //! the stream simply reports what it saw.
 
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{Map, Value, value::RawValue};
 
 use super::stream::StreamEnd;
 use super::usage::{Timings, Usage, num_u64, token_counts};
 use super::{TokenCounts, UpstreamError};
-use crate::framing::{NdjsonDecoder, SSE_DONE, SseDecoder};
+use crate::{
+    framing::{NdjsonDecoder, SSE_DONE, SseDecoder},
+    routes::ApiFormat,
+};
 
 /// Watches an OpenAI SSE stream (`/v1/chat/completions`, `/v1/completions`).
 #[derive(Debug, Default)]
@@ -174,6 +178,74 @@ impl OllamaStreamObserver {
     }
 }
 
+/// The top-level fields of a non-stream answer the proxy looks at, borrowed
+/// from the body: everything else (the generated text, embeddings) is
+/// skipped without building a tree.
+#[derive(Deserialize)]
+struct AnswerFields<'a> {
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+    #[serde(borrow)]
+    object: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt_eval_count: Option<&'a RawValue>,
+    #[serde(borrow)]
+    eval_count: Option<&'a RawValue>,
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timings: Option<&'a RawValue>,
+}
+
+fn raw_value(raw: Option<&RawValue>) -> Option<Value> {
+    raw.and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+/// Watches a non-stream pass-through answer in `format`: its token counts,
+/// or the error object a backend sent with a 2xx status. A body that is not
+/// a JSON object yields zero counts (it is forwarded as is either way).
+///
+/// Same answers as parsing the whole body and calling
+/// [`UpstreamError::from_stream_value`] and [`tokens_from_ollama_body`] /
+/// [`tokens_from_openai_body`], at a fraction of the cost for big answers.
+pub fn observe_answer(body: &[u8], format: ApiFormat) -> Result<TokenCounts, UpstreamError> {
+    let whole = || -> Result<TokenCounts, UpstreamError> {
+        let Ok(v) = serde_json::from_slice::<Value>(body) else {
+            return Ok(TokenCounts::default());
+        };
+        if let Some(error) = UpstreamError::from_stream_value(&v) {
+            return Err(error);
+        }
+        Ok(match format {
+            ApiFormat::Ollama => tokens_from_ollama_body(&v),
+            ApiFormat::OpenAi => tokens_from_openai_body(&v),
+        })
+    };
+    // Not an object, not JSON, or a key given twice: the general path.
+    let Ok(fields) = serde_json::from_slice::<AnswerFields<'_>>(body) else {
+        return whole();
+    };
+    let error_object = raw_value(fields.object).is_some_and(|o| o == "error");
+    if error_object || raw_value(fields.error).is_some_and(|e| !e.is_null()) {
+        return whole();
+    }
+    Ok(match format {
+        ApiFormat::Ollama => TokenCounts {
+            prompt: num_u64(raw_value(fields.prompt_eval_count).as_ref()).unwrap_or(0),
+            completion: num_u64(raw_value(fields.eval_count).as_ref()).unwrap_or(0),
+        },
+        ApiFormat::OpenAi => {
+            let mut top = Map::new();
+            for (key, raw) in [("usage", fields.usage), ("timings", fields.timings)] {
+                if let Some(v) = raw_value(raw) {
+                    top.insert(key.to_owned(), v);
+                }
+            }
+            tokens_from_openai_body(&Value::Object(top))
+        }
+    })
+}
+
 /// Tokens of a non-stream OpenAI body (chat, completions, embeddings).
 pub fn tokens_from_openai_body(body: &Value) -> TokenCounts {
     token_counts(Usage::of(body), Timings::of(body))
@@ -195,6 +267,54 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn observe_answer_matches_the_whole_tree_reading() {
+        let bodies = [
+            r#"{"model":"m","message":{"role":"assistant","content":"hi"},"done":true,"prompt_eval_count":12,"eval_count":3.6}"#,
+            r#"{"id":"x","object":"chat.completion","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":20,"completion_tokens":9}}"#,
+            r#"{"choices":[],"timings":{"prompt_n":7,"predicted_n":5}}"#,
+            r#"{"error":{"message":"boom","type":"server_error","code":503}}"#,
+            r#"{"error":"model is loading"}"#,
+            r#"{"object":"error","message":"bad","code":400}"#,
+            r#"{"error":null,"eval_count":2}"#,
+            r#"{"eval_count":1,"eval_count":5}"#,
+            r#"{"usage":"weird","prompt_eval_count":"3"}"#,
+            r#"[1,2]"#,
+            "not json",
+            "",
+        ];
+        for body in bodies {
+            for format in [ApiFormat::Ollama, ApiFormat::OpenAi] {
+                let expected = match serde_json::from_str::<Value>(body) {
+                    Err(_) => Ok(TokenCounts::default()),
+                    Ok(v) => match UpstreamError::from_stream_value(&v) {
+                        Some(e) => Err(e.message),
+                        None => Ok(match format {
+                            ApiFormat::Ollama => tokens_from_ollama_body(&v),
+                            ApiFormat::OpenAi => tokens_from_openai_body(&v),
+                        }),
+                    },
+                };
+                let got = observe_answer(body.as_bytes(), format).map_err(|e| e.message);
+                assert_eq!(got, expected, "{body} as {format:?}");
+            }
+        }
+        assert_eq!(
+            observe_answer(bodies[0].as_bytes(), ApiFormat::Ollama),
+            Ok(TokenCounts {
+                prompt: 12,
+                completion: 4
+            })
+        );
+        assert_eq!(
+            observe_answer(bodies[1].as_bytes(), ApiFormat::OpenAi),
+            Ok(TokenCounts {
+                prompt: 20,
+                completion: 9
+            })
+        );
+    }
 
     #[test]
     fn openai_observer_usage_after_finish_split_anywhere() {
