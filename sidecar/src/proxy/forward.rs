@@ -5,7 +5,10 @@
 //!   ([`openai_base`]: `{url}/v1` for Ollama and llama-server, the configured
 //!   `/v1` URL for OpenAI-compatible servers) plus the route.
 //! - Body: forwarded byte for byte unless the backend names the model
-//!   differently from the client (then only the model field changes).
+//!   differently from the client (then only the model field's value is
+//!   replaced, in place: [`RequestContext::body_with_model`]). Only a
+//!   translated request needs the body as a JSON tree; it is parsed then,
+//!   by [`RequestContext::json_object`], and never on the pass-through path.
 //! - Headers ("header hygiene"): the client's headers go along except
 //!   hop-by-hop headers, `host`, `content-length` (recomputed),
 //!   `authorization` (the client's key is for the router, never for the
@@ -22,7 +25,7 @@ use http::{
 };
 use std::time::SystemTime;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use switchyard_control_plane::{
     config::Secret,
     decision::Choice,
@@ -133,8 +136,8 @@ pub enum Planned {
 /// servers (hosted APIs often lack completions for chat models) chat is
 /// used, except for `raw` prompts, which are already templated and need the
 /// completions route.
-fn generate_route(kind: EndpointKind, json: &Map<String, Value>) -> GenerateRoute {
-    let raw = json.get("raw").and_then(Value::as_bool).unwrap_or(false);
+fn generate_route(kind: EndpointKind, body: &Value) -> GenerateRoute {
+    let raw = body.get("raw").and_then(Value::as_bool).unwrap_or(false);
     match kind {
         EndpointKind::LlamaServer => GenerateRoute::Completions,
         EndpointKind::OpenAi | EndpointKind::Ollama if raw => GenerateRoute::Completions,
@@ -164,19 +167,22 @@ pub fn plan(
         kind,
         model: &choice.backend_model,
     };
-    let body = Value::Object(ctx.json.clone());
+    let body = || ctx.json_object().map(Value::Object);
     let (plan, handling) = match ctx.route {
-        ApiRoute::OllamaChat => (chat::chat_request(&body, &target)?, Handling::Chat),
-        ApiRoute::OllamaGenerate => (
-            generate::generate_request(&body, &target, generate_route(kind, &ctx.json))?,
-            Handling::Generate,
-        ),
+        ApiRoute::OllamaChat => (chat::chat_request(&body()?, &target)?, Handling::Chat),
+        ApiRoute::OllamaGenerate => {
+            let body = body()?;
+            (
+                generate::generate_request(&body, &target, generate_route(kind, &body))?,
+                Handling::Generate,
+            )
+        }
         ApiRoute::OllamaEmbed => (
-            embed::embed_request(&body, &target, EmbedApi::Embed)?,
+            embed::embed_request(&body()?, &target, EmbedApi::Embed)?,
             Handling::Embed(EmbedApi::Embed),
         ),
         ApiRoute::OllamaEmbeddings => (
-            embed::embed_request(&body, &target, EmbedApi::Embeddings)?,
+            embed::embed_request(&body()?, &target, EmbedApi::Embeddings)?,
             Handling::Embed(EmbedApi::Embeddings),
         ),
         ApiRoute::OllamaShow => {
@@ -213,19 +219,13 @@ pub fn plan(
 }
 
 /// The body to forward: the original bytes when the backend's model name is
-/// the client's, otherwise the body with the model field rewritten.
+/// the client's, otherwise the body with the model field's value replaced
+/// (no JSON tree either way).
 pub fn passthrough_body(ctx: &RequestContext, choice: &Choice) -> Result<Bytes, ProxyError> {
     if *choice.backend_model == *ctx.model {
         return Ok(ctx.body.clone());
     }
-    let mut json = ctx.json.clone();
-    json.insert(
-        ctx.model_field.to_owned(),
-        Value::from(&*choice.backend_model),
-    );
-    serde_json::to_vec(&json)
-        .map(Bytes::from)
-        .map_err(|e| ProxyError::Internal(format!("cannot serialize request body: {e}")))
+    ctx.body_with_model(&choice.backend_model)
 }
 
 fn is_dropped_request_header(name: &HeaderName) -> bool {
@@ -382,6 +382,102 @@ mod tests {
         .unwrap();
         let v: Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["name"], "llama3:latest");
+    }
+
+    #[test]
+    fn rewrite_keeps_every_other_byte() {
+        let raw = r#"{"model" : "llama3",  "messages":[],"options":{"temperature":0.50},"z":1}"#;
+        let ctx = parse(
+            ApiRoute::OllamaChat,
+            HeaderMap::new(),
+            Bytes::from(raw),
+            Instant::now(),
+        )
+        .unwrap();
+        let out = passthrough_body(
+            &ctx,
+            &choice("http://o", EndpointKind::Ollama, "llama3:latest"),
+        )
+        .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model" : "llama3:latest",  "messages":[],"options":{"temperature":0.50},"z":1}"#
+        );
+    }
+
+    fn body_of(planned: Planned) -> (UpstreamCall, Value) {
+        let Planned::Send(call) = planned else {
+            panic!("answered locally: {planned:?}");
+        };
+        let body = serde_json::from_slice(&call.body).unwrap();
+        (call, body)
+    }
+
+    #[test]
+    fn translation_gets_the_full_body() {
+        let raw = r#"{"model":"qwen","stream":false,"options":{"temperature":0.25,"num_predict":7},
+            "messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"},
+                        {"role":"assistant","content":"a"},{"role":"user","content":"more"}]}"#;
+        let ctx = parse(
+            ApiRoute::OllamaChat,
+            HeaderMap::new(),
+            Bytes::from(raw),
+            Instant::now(),
+        )
+        .unwrap();
+        let llama = choice("http://l:8080", EndpointKind::LlamaServer, "qwen-backend");
+        let (call, body) = body_of(plan(&ctx, &llama, None).unwrap());
+        assert_eq!(call.url, "http://l:8080/v1/chat/completions");
+        assert_eq!(call.handling, Handling::Chat);
+        assert_eq!(body["model"], "qwen-backend");
+        assert_eq!(body["temperature"], 0.25);
+        assert_eq!(body["max_tokens"], 7);
+        let messages = body["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 4);
+        assert_eq!(messages[3]["content"], "more");
+
+        // `raw` (read from the full body) picks the completions route.
+        let hosted = choice("https://api.x.com/v1", EndpointKind::OpenAi, "qwen");
+        for (raw_flag, path) in [(true, "/completions"), (false, "/chat/completions")] {
+            let ctx = parse(
+                ApiRoute::OllamaGenerate,
+                HeaderMap::new(),
+                Bytes::from(format!(
+                    r#"{{"model":"qwen","prompt":"hi","raw":{raw_flag},"stream":false}}"#
+                )),
+                Instant::now(),
+            )
+            .unwrap();
+            let (call, body) = body_of(plan(&ctx, &hosted, None).unwrap());
+            assert_eq!(call.url, format!("https://api.x.com/v1{path}"));
+            assert_eq!(call.handling, Handling::Generate);
+            assert_eq!(body["model"], "qwen");
+        }
+    }
+
+    #[test]
+    fn translation_reports_a_body_no_tree_can_hold() {
+        // Passes the cheap parse; the translator needs the tree and gets a
+        // 400 as before the parse was made lazy.
+        let ctx = parse(
+            ApiRoute::OllamaChat,
+            HeaderMap::new(),
+            Bytes::from(r#"{"model":"qwen","messages":[],"seed":1e400}"#),
+            Instant::now(),
+        )
+        .unwrap();
+        let llama = choice("http://l:8080", EndpointKind::LlamaServer, "qwen");
+        assert!(matches!(
+            plan(&ctx, &llama, None),
+            Err(ProxyError::InvalidJson(_))
+        ));
+        // The pass-through path forwards it untouched.
+        let ollama = choice("http://o", EndpointKind::Ollama, "qwen");
+        let (call, _) = match plan(&ctx, &ollama, None).unwrap() {
+            Planned::Send(call) => (call, ()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(call.body, ctx.body);
     }
 
     #[test]

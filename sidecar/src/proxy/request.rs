@@ -1,20 +1,55 @@
-//! Parse-and-validate phase: read the body under the size limit, parse the
-//! JSON, find the model, settle the stream mode, compute the affinity key,
-//! and build the per-request [`RequestContext`].
+//! Parse-and-validate phase: read the body under the size limit, check it
+//! is JSON, find the model, settle the stream mode, compute the affinity
+//! key, and build the per-request [`RequestContext`].
 //!
-//! Invariants: the original body bytes are kept untouched (forwarded as-is
-//! unless the model name must change); `stream` is decided here once, from
-//! the body or the route's default (Ollama: stream; OpenAI: don't).
+//! The body is never turned into a `serde_json::Value` tree here. Chat
+//! bodies carry the whole conversation (often hundreds of KB) while routing
+//! needs only a handful of top-level fields, so one pass over the body
+//! checks that it is well-formed JSON and borrows the raw text of the
+//! fields the sidecar reads (`model`, `name`, `stream`, `messages`,
+//! `prompt`, `system`); every other value is skipped without being built. The affinity key parses only the
+//! opening of `messages` (see [`crate::affinity_key`]). The full object is
+//! parsed on demand, by [`RequestContext::json_object`], only where a
+//! request must be rebuilt (translation for an OpenAI-only backend).
+//!
+//! Invariants:
+//! - The original body bytes are kept untouched: forwarded as-is, or with
+//!   only the model value replaced in place
+//!   ([`RequestContext::body_with_model`]) when the backend names the model
+//!   differently.
+//! - `stream` is decided here once, from the body or the route's default
+//!   (Ollama: stream; OpenAI: don't).
+//! - Every field the sidecar reads appears at most once at the top level:
+//!   a duplicate is a 400. The body goes to the backend verbatim and JSON
+//!   parsers disagree on which copy of a duplicate wins; a request the
+//!   sidecar routes as model A must never run as model B.
+//! - Rejected as today: invalid UTF-8 and malformed JSON (400
+//!   `InvalidJson`), non-objects (`NotAnObject`), a non-string model, a
+//!   non-boolean stream (`InvalidField`). Values the sidecar skips are
+//!   checked for syntax only, so three kinds of well-formed JSON that a
+//!   `Value` cannot hold (numbers beyond `f64`, nesting deeper than 128,
+//!   lone `\u` surrogates) now reach the backend on the pass-through path;
+//!   where the full object is needed they still fail as `InvalidJson`.
 
-use std::time::{Instant, SystemTime};
+use std::{
+    borrow::Cow,
+    fmt,
+    ops::Range,
+    time::{Instant, SystemTime},
+};
 
 use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, header::CONTENT_LENGTH};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::{Map, Value};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value, value::RawValue};
 
-use crate::{affinity_key::affinity_key, errors::ProxyError, routes::ApiRoute};
+use crate::{
+    affinity_key::{ConversationFields, affinity_key},
+    errors::ProxyError,
+    routes::ApiRoute,
+};
 
 /// Everything later phases need to know about one client request.
 #[derive(Clone, Debug)]
@@ -31,10 +66,8 @@ pub struct RequestContext {
     pub stream: bool,
     /// Whether the body carried `stream` itself.
     pub stream_explicit: bool,
-    /// The body exactly as received.
+    /// The body exactly as received (validated JSON object, UTF-8).
     pub body: Bytes,
-    /// The body parsed.
-    pub json: Map<String, Value>,
     /// Conversation-affinity key, if any.
     pub affinity_key: Option<String>,
     /// The client's request headers (forwarded minus hop-by-hop and auth).
@@ -43,6 +76,49 @@ pub struct RequestContext {
     pub received: Instant,
     /// Wall-clock time at arrival (`created_at` of translated answers).
     pub received_wall: SystemTime,
+    /// Byte range in `body` of the model field's JSON value (quotes
+    /// included), replaced by [`Self::body_with_model`].
+    model_span: Range<usize>,
+}
+
+impl RequestContext {
+    /// The whole body parsed as a JSON object, for the paths that rebuild
+    /// the request (translation). Parses `body` on every call: the
+    /// pass-through path never calls it.
+    ///
+    /// Errors are the ones [`parse`] gave before it stopped building the
+    /// tree: `InvalidJson` for what a `Value` cannot hold (see the module
+    /// docs), `NotAnObject` (unreachable after [`parse`], kept for
+    /// completeness of the mapping).
+    pub fn json_object(&self) -> Result<Map<String, Value>, ProxyError> {
+        match serde_json::from_slice(&self.body) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(ProxyError::NotAnObject),
+            Err(e) => Err(ProxyError::InvalidJson(e.to_string())),
+        }
+    }
+
+    /// The body with the model field's value replaced by `model` and every
+    /// other byte unchanged (no re-serialization: key order, number
+    /// spelling and unknown fields reach the backend as the client wrote
+    /// them).
+    pub fn body_with_model(&self, model: &str) -> Result<Bytes, ProxyError> {
+        let quoted = serde_json::to_string(model)
+            .map_err(|e| ProxyError::Internal(format!("cannot serialize model name: {e}")))?;
+        let (Some(before), Some(after)) = (
+            self.body.get(..self.model_span.start),
+            self.body.get(self.model_span.end..),
+        ) else {
+            return Err(ProxyError::Internal(
+                "model value outside the request body".into(),
+            ));
+        };
+        let mut out = Vec::with_capacity(before.len() + quoted.len() + after.len());
+        out.extend_from_slice(before);
+        out.extend_from_slice(quoted.as_bytes());
+        out.extend_from_slice(after);
+        Ok(Bytes::from(out))
+    }
 }
 
 /// Reads the whole body, refusing more than `limit` bytes (413), by the
@@ -72,14 +148,26 @@ pub fn parse(
     body: Bytes,
     received: Instant,
 ) -> Result<RequestContext, ProxyError> {
-    let value: Value =
-        serde_json::from_slice(&body).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
-    let Value::Object(json) = value else {
-        return Err(ProxyError::NotAnObject);
+    // Skipped values are not decoded, so UTF-8 is checked here, for the
+    // whole body at once (as parsing into a `Value` did).
+    let text = std::str::from_utf8(&body).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
+    let envelope = match serde_json::from_str::<TopLevel<'_>>(text) {
+        Ok(TopLevel::Object(envelope)) => envelope,
+        Ok(TopLevel::Other) => return Err(ProxyError::NotAnObject),
+        Err(e) => return Err(ProxyError::InvalidJson(e.to_string())),
     };
-    let (model_field, model) = find_model(route, &json)?;
-    let (stream, stream_explicit) = stream_mode(route, &json)?;
-    let affinity_key = affinity_key(route, &model, &headers, &json);
+    if let Some(field) = envelope.duplicate {
+        return Err(ProxyError::InvalidField {
+            field,
+            problem: "appears more than once",
+        });
+    }
+    let (model_field, model_value, model) = find_model(route, &envelope)?;
+    let model_span = span_in(text, model_value).ok_or_else(|| {
+        ProxyError::Internal("parsed model value does not point into the body".into())
+    })?;
+    let (stream, stream_explicit) = stream_mode(route, envelope.get("stream"))?;
+    let affinity_key = affinity_key(route, &model, &headers, &envelope.conversation());
     Ok(RequestContext {
         route,
         model,
@@ -87,47 +175,217 @@ pub fn parse(
         stream,
         stream_explicit,
         body,
-        json,
         affinity_key,
         headers,
         received,
         received_wall: SystemTime::now(),
+        model_span,
     })
 }
 
-fn find_model(
+/// The model: the first of the route's model fields holding a non-blank
+/// string (`null` and blank strings are as good as absent).
+fn find_model<'a>(
     route: ApiRoute,
-    json: &Map<String, Value>,
-) -> Result<(&'static str, String), ProxyError> {
-    for field in route.model_fields() {
-        match json.get(*field) {
-            None | Some(Value::Null) => continue,
-            Some(Value::String(s)) if !s.trim().is_empty() => {
-                return Ok((field, s.trim().to_owned()));
-            }
-            Some(Value::String(_)) => continue,
-            Some(_) => {
-                return Err(ProxyError::InvalidField {
-                    field,
-                    problem: "must be a string",
-                });
-            }
+    envelope: &Envelope<'a>,
+) -> Result<(&'static str, &'a RawValue, String), ProxyError> {
+    for &field in route.model_fields() {
+        let Some(raw) = envelope.get(field) else {
+            continue;
+        };
+        if raw.get() == "null" {
+            continue;
+        }
+        if !raw.get().starts_with('"') {
+            return Err(ProxyError::InvalidField {
+                field,
+                problem: "must be a string",
+            });
+        }
+        let name = decode_str(raw).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
+        let name = name.trim();
+        if !name.is_empty() {
+            return Ok((field, raw, name.to_owned()));
         }
     }
     Err(ProxyError::MissingModel)
 }
 
-fn stream_mode(route: ApiRoute, json: &Map<String, Value>) -> Result<(bool, bool), ProxyError> {
+fn stream_mode(route: ApiRoute, raw: Option<&RawValue>) -> Result<(bool, bool), ProxyError> {
     if !route.accepts_stream() {
         return Ok((false, false));
     }
-    match json.get("stream") {
-        None | Some(Value::Null) => Ok((route.default_stream(), false)),
-        Some(Value::Bool(b)) => Ok((*b, true)),
+    // A raw value is exactly the value's text: literals have one spelling.
+    match raw.map(RawValue::get) {
+        None | Some("null") => Ok((route.default_stream(), false)),
+        Some("true") => Ok((true, true)),
+        Some("false") => Ok((false, true)),
         Some(_) => Err(ProxyError::InvalidField {
             field: "stream",
             problem: "must be a boolean",
         }),
+    }
+}
+
+/// Where `raw` (borrowed from `text` by the parser) lies in `text`.
+fn span_in(text: &str, raw: &RawValue) -> Option<Range<usize>> {
+    let raw = raw.get();
+    let start = raw.as_ptr().addr().checked_sub(text.as_ptr().addr())?;
+    let span = start..start.checked_add(raw.len())?;
+    // In bounds and the same text: the pointer arithmetic was right.
+    (text.get(span.clone()) == Some(raw)).then_some(span)
+}
+
+/// The top-level fields the sidecar reads; every other value in the body
+/// is skipped (syntax-checked, never built).
+const READ_FIELDS: [&str; 6] = ["model", "name", "stream", "messages", "prompt", "system"];
+
+/// The top level of a body: the raw text of the [`READ_FIELDS`] present.
+#[derive(Debug, Default)]
+struct Envelope<'a> {
+    /// Indexed like [`READ_FIELDS`].
+    values: [Option<&'a RawValue>; READ_FIELDS.len()],
+    /// The first read field found twice.
+    duplicate: Option<&'static str>,
+}
+
+impl<'a> Envelope<'a> {
+    fn get(&self, field: &str) -> Option<&'a RawValue> {
+        let index = READ_FIELDS.iter().position(|f| *f == field)?;
+        self.values.get(index).copied().flatten()
+    }
+
+    fn conversation(&self) -> ConversationFields<'a> {
+        ConversationFields {
+            messages: self.get("messages"),
+            prompt: self.get("prompt"),
+            system: self.get("system"),
+        }
+    }
+}
+
+/// A body's top level: an object, or anything else (fully syntax-checked
+/// either way, so malformed JSON is `InvalidJson` before `NotAnObject`, as
+/// when parsing into a `Value`).
+enum TopLevel<'a> {
+    Object(Envelope<'a>),
+    Other,
+}
+
+impl<'de> de::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TopLevelVisitor)
+    }
+}
+
+struct TopLevelVisitor;
+
+impl<'de> Visitor<'de> for TopLevelVisitor {
+    type Value = TopLevel<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut envelope = Envelope::default();
+        while let Some(index) = map.next_key_seed(KeyIn(&READ_FIELDS))? {
+            let slot = index.and_then(|i| Some((envelope.values.get_mut(i)?, READ_FIELDS.get(i)?)));
+            let Some((slot, field)) = slot else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            if slot.replace(map.next_value::<&'de RawValue>()?).is_some() {
+                envelope.duplicate.get_or_insert(field);
+            }
+        }
+        Ok(TopLevel::Object(envelope))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other)
+    }
+}
+
+/// An object key looked up in a list of names: `Some(index)` for a listed
+/// name, `None` for any other key. Escaped keys (`"mod\u0065l"`) are
+/// decoded first, as a `Value` map would.
+pub(crate) struct KeyIn(pub &'static [&'static str]);
+
+impl<'de> DeserializeSeed<'de> for KeyIn {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_identifier(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIn {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|name| *name == key))
+    }
+}
+
+/// A raw JSON string decoded, borrowed from the body when it has no
+/// escapes. Errors on anything but a valid JSON string.
+pub(crate) fn decode_str(raw: &RawValue) -> Result<Cow<'_, str>, serde_json::Error> {
+    struct CowStr;
+    impl<'de> Visitor<'de> for CowStr {
+        type Value = Cow<'de, str>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(s))
+        }
+
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(s.to_owned()))
+        }
+    }
+    (&mut serde_json::Deserializer::from_str(raw.get())).deserialize_str(CowStr)
+}
+
+/// A raw JSON value as text if it is a string (`None` for other values,
+/// like `Value::as_str`).
+pub(crate) fn raw_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    if raw.get().starts_with('"') {
+        decode_str(raw).ok()
+    } else {
+        None
     }
 }
 
@@ -257,5 +515,184 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&ok[..], b"{}");
+    }
+
+    #[test]
+    fn malformed_json_is_rejected_even_in_skipped_values() {
+        for body in [
+            r#"{"model":"m",}"#,
+            r#"{"model":"m"} x"#,
+            r#"{"model":"m","options":{"a":[1,}}"#,
+            r#"{"model":"m","options":{"a":tru}}"#,
+            r#"{"model":"m","x":"bad \q escape"}"#,
+            "{\"model\":\"m\",\"x\":\"raw\ncontrol\"}",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}"#,
+            "[1",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    p(ApiRoute::OllamaChat, body),
+                    Err(ProxyError::InvalidJson(_))
+                ),
+                "{body:?}"
+            );
+        }
+        // Invalid UTF-8 in a value the sidecar never reads.
+        let mut bytes = br#"{"model":"m","x":""#.to_vec();
+        bytes.extend_from_slice(b"\xff\"}");
+        assert!(matches!(
+            parse(
+                ApiRoute::OllamaChat,
+                HeaderMap::new(),
+                Bytes::from(bytes),
+                Instant::now()
+            ),
+            Err(ProxyError::InvalidJson(_))
+        ));
+        for body in ["[]", r#""model""#, "1", "null", "true"] {
+            assert!(
+                matches!(p(ApiRoute::OllamaChat, body), Err(ProxyError::NotAnObject)),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_read_fields_are_rejected_other_duplicates_pass() {
+        let dup = |route, body| match p(route, body) {
+            Err(ProxyError::InvalidField { field, problem }) => {
+                assert_eq!(problem, "appears more than once");
+                Some(field)
+            }
+            other => panic!("{body}: {other:?}"),
+        };
+        assert_eq!(
+            dup(ApiRoute::OllamaChat, r#"{"model":"a","model":"b"}"#),
+            Some("model")
+        );
+        // The same key spelt with an escape is the same key.
+        assert_eq!(
+            dup(ApiRoute::OpenAiChat, r#"{"model":"a","mod\u0065l":"a"}"#),
+            Some("model")
+        );
+        assert_eq!(
+            dup(
+                ApiRoute::OpenAiChat,
+                r#"{"stream":true,"model":"a","stream":false}"#
+            ),
+            Some("stream")
+        );
+        assert_eq!(
+            dup(
+                ApiRoute::OllamaChat,
+                r#"{"model":"a","messages":[],"messages":[]}"#
+            ),
+            Some("messages")
+        );
+        assert_eq!(
+            dup(ApiRoute::OllamaShow, r#"{"name":"a","name":"b"}"#),
+            Some("name")
+        );
+        // Fields the sidecar does not read are the backend's business.
+        let c = p(
+            ApiRoute::OllamaChat,
+            r#"{"model":"a","keep_alive":1,"keep_alive":2}"#,
+        )
+        .unwrap();
+        assert_eq!(c.model, "a");
+    }
+
+    #[test]
+    fn strings_and_literals_are_decoded_like_a_value() {
+        let c = p(
+            ApiRoute::OpenAiChat,
+            "{ \"model\" : \" ll\\u0061ma3\\t\" ,\n \"stream\"\t:  true }",
+        )
+        .unwrap();
+        assert_eq!(c.model, "llama3");
+        assert!(c.stream && c.stream_explicit);
+        let c = p(ApiRoute::OllamaShow, r#"{"model":null,"name":"x"}"#).unwrap();
+        assert_eq!((c.model_field, c.model.as_str()), ("name", "x"));
+        assert!(matches!(
+            p(ApiRoute::OllamaShow, r#"{"model":["x"],"name":"x"}"#),
+            Err(ProxyError::InvalidField { field: "model", .. })
+        ));
+        assert!(matches!(
+            p(ApiRoute::OllamaChat, r#"{"model":"m","stream":"true"}"#),
+            Err(ProxyError::InvalidField {
+                field: "stream",
+                ..
+            })
+        ));
+        assert!(matches!(
+            p(ApiRoute::OllamaChat, r#"{"model":"m","stream":0}"#),
+            Err(ProxyError::InvalidField {
+                field: "stream",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn body_with_model_replaces_only_the_model_value() {
+        let raw = "{\"options\":{\"t\":1.50},\n \"model\" :  \"ll\\u0061ma3\" , \"messages\":[]}";
+        let c = p(ApiRoute::OllamaChat, raw).unwrap();
+        let out = c.body_with_model("llama3:latest").unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "{\"options\":{\"t\":1.50},\n \"model\" :  \"llama3:latest\" , \"messages\":[]}"
+        );
+        // Names needing escapes stay valid JSON.
+        let out = c.body_with_model("a\"b\\c").unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "a\"b\\c");
+        // `/api/show` from older clients: the `name` value is the one.
+        let c = p(ApiRoute::OllamaShow, r#"{"name":"x","verbose":true}"#).unwrap();
+        let out = c.body_with_model("x:latest").unwrap();
+        assert_eq!(&out[..], br#"{"name":"x:latest","verbose":true}"#);
+    }
+
+    #[test]
+    fn json_object_parses_the_whole_body_on_demand() {
+        let c = p(
+            ApiRoute::OllamaGenerate,
+            r#"{"model":"m","prompt":"p","raw":true,"options":{"temperature":0.5}}"#,
+        )
+        .unwrap();
+        let map = c.json_object().unwrap();
+        assert_eq!(map["raw"], true);
+        assert_eq!(map["options"]["temperature"], 0.5);
+        assert_eq!(map.len(), 4);
+        // Well-formed JSON a `Value` cannot hold passes the cheap parse
+        // (the backend decides), and fails where the tree is needed.
+        let c = p(ApiRoute::OllamaChat, r#"{"model":"m","seed":1e400}"#).unwrap();
+        assert!(matches!(c.json_object(), Err(ProxyError::InvalidJson(_))));
+    }
+
+    #[test]
+    fn huge_conversation_parses_only_its_opening() {
+        // Later turns hold a number no `Value` can represent: building the
+        // tree would fail, so a key computed at all proves they were only
+        // skipped, and it equals the key of the opening alone.
+        let opening = r#"{"role":"system","content":"be brief"},{"role":"user","content":"hi"}"#;
+        let mut body = format!(r#"{{"model":"m","messages":[{opening}"#);
+        for i in 0..20_000 {
+            body.push_str(&format!(
+                r#",{{"role":"assistant","content":"turn {i} {}","score":1e400}}"#,
+                "x".repeat(20)
+            ));
+        }
+        body.push_str("]}");
+        assert!(serde_json::from_str::<Value>(&body).is_err());
+        let big = p(ApiRoute::OllamaChat, &body).unwrap();
+        let small = p(
+            ApiRoute::OllamaChat,
+            &format!(r#"{{"model":"m","messages":[{opening}]}}"#),
+        )
+        .unwrap();
+        assert!(big.affinity_key.is_some());
+        assert_eq!(big.affinity_key, small.affinity_key);
+        assert_eq!(&big.body[..], body.as_bytes());
     }
 }
