@@ -348,6 +348,9 @@ async fn read_whole(
     deadline: tokio::time::Instant,
     idle: Duration,
 ) -> Result<Bytes, (Outcome, String)> {
+    // Most answers arrive in one chunk: keep it as is, copy only when a
+    // second one follows.
+    let mut only: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     let mut first = true;
     loop {
@@ -366,16 +369,24 @@ async fn read_whole(
                     format!("response body stalled for {idle:?}"),
                 ));
             }
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok(only.take().unwrap_or_else(|| buf.freeze())),
             Ok(Some(Err(e))) => return Err((Outcome::BackendError, describe_body(&e))),
             Ok(Some(Ok(chunk))) => {
-                if buf.len() + chunk.len() > MAX_BUFFERED_RESPONSE {
+                let held = only.as_ref().map_or(buf.len(), Bytes::len);
+                if held + chunk.len() > MAX_BUFFERED_RESPONSE {
                     return Err((
                         Outcome::BackendError,
                         format!("response larger than {MAX_BUFFERED_RESPONSE} bytes"),
                     ));
                 }
-                buf.extend_from_slice(&chunk);
+                if first {
+                    only = Some(chunk);
+                } else {
+                    if let Some(head) = only.take() {
+                        buf.extend_from_slice(&head);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
                 first = false;
             }
         }
@@ -584,6 +595,23 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[tokio::test]
+    async fn read_whole_joins_chunks_in_order() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        for chunks in [vec![], vec!["{\"a\":1}"], vec!["{\"a\"", ":1", "}"]] {
+            let expected: String = chunks.concat();
+            let items: Vec<Result<Bytes, hyper::Error>> = chunks
+                .into_iter()
+                .map(|c| Ok(Bytes::from_static(c.as_bytes())))
+                .collect();
+            let mut upstream: Upstream = Box::pin(futures::stream::iter(items));
+            let body = read_whole(&mut upstream, deadline, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(&body[..], expected.as_bytes());
+        }
+    }
 
     #[tokio::test]
     async fn a_panicking_stream_ends_with_an_error_chunk() {
