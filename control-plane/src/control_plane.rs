@@ -58,6 +58,9 @@ pub struct ControlPlaneStats {
     pub releases: Vec<(Outcome, u64)>,
     /// Leases granted by reserving choices.
     pub leases_granted: u64,
+    /// Leases a sidecar re-registered (after a control-plane restart, or
+    /// granted locally in degraded mode); they end like granted ones.
+    pub leases_registered: u64,
     /// Leases ended by any means (release, session close, session expiry).
     pub leases_released: u64,
     /// Leases ended by session expiry (included in `leases_released`).
@@ -363,6 +366,7 @@ impl ControlPlane {
                 .map(|(o, n)| (*o, n))
                 .collect(),
             leases_granted: c.leases_granted,
+            leases_registered: c.leases_registered,
             leases_released: c.leases_released,
             leases_expired: c.leases_expired,
             leases_active: st.leases_active() as u64,

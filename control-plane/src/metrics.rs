@@ -159,6 +159,12 @@ fn render_with(mut e: Encoder, stats: &ControlPlaneStats, state: &ClusterState) 
         stats.leases_granted,
     );
     e.single(
+        "switchyard_cp_leases_registered_total",
+        Kind::Counter,
+        "Leases sidecars re-registered (after a control-plane restart or degraded mode).",
+        stats.leases_registered,
+    );
+    e.single(
         "switchyard_cp_leases_released_total",
         Kind::Counter,
         "Leases ended by any means (release, session close, session expiry).",
@@ -285,6 +291,7 @@ mod tests {
             not_found: 1,
             releases: Outcome::ALL.iter().map(|o| (*o, 2)).collect(),
             leases_granted: 10,
+            leases_registered: 0,
             leases_released: 8,
             leases_expired: 1,
             leases_active: 2,
