@@ -159,6 +159,7 @@ impl Mux {
         let request = RouteRequest {
             correlation_id: id,
             op: Some(op),
+            releases: Vec::new(),
         };
         if self.tx.send(request).await.is_err() {
             self.waiters.lock().remove(&id);
