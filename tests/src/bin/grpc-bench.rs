@@ -135,6 +135,7 @@ impl Mux {
             while let Ok(Some(RouteResponse {
                 correlation_id,
                 result: Some(result),
+                ..
             })) = answers.message().await
             {
                 if let Some(w) = reader_waiters.lock().remove(&correlation_id) {
