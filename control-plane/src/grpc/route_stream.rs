@@ -282,6 +282,7 @@ impl RouteClient {
             linger,
             timer: Box::pin(tokio::time::sleep(linger)),
             armed: false,
+            active: false,
         };
         let answers = client.route(outbound).await?.into_inner();
         let reader = tokio::spawn(read_answers(answers, shared.clone()));
@@ -404,8 +405,13 @@ struct Outbound {
     shared: Arc<ClientShared>,
     linger: std::time::Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// `timer` runs for the releases queued now.
+    /// `timer` runs: since the last request written, or for the releases
+    /// queued while idle.
     armed: bool,
+    /// A request was written less than a linger ago. While active, queued
+    /// releases wait for the timer or the next request (no wake-up per
+    /// release); idle, the first queued release wakes the writer.
+    active: bool,
 }
 
 impl Outbound {
@@ -439,6 +445,7 @@ impl Stream for Outbound {
             Poll::Ready(Some(mut request)) => {
                 Self::attach(&mut this.shared.pending.lock(), &mut request);
                 this.armed = false;
+                this.active = true;
                 return Poll::Ready(Some(request));
             }
             // The client is gone: end our side (its waiters fail with it).
@@ -446,13 +453,15 @@ impl Stream for Outbound {
             Poll::Pending => {}
         }
         let mut pending = this.shared.pending.lock();
-        if pending.queued.is_empty() {
-            this.armed = false;
-            pending.writer = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
         if !this.armed {
+            if pending.queued.is_empty() && !this.active {
+                pending.writer = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            // Requests flowing (or releases waiting): the timer watches
+            // the queue, releases queued meanwhile wake nobody.
             this.armed = true;
+            pending.writer = None;
             this.timer
                 .as_mut()
                 .reset(tokio::time::Instant::now() + this.linger);
@@ -461,6 +470,12 @@ impl Stream for Outbound {
             return Poll::Pending;
         }
         this.armed = false;
+        if pending.queued.is_empty() {
+            // A whole linger without traffic: idle until the first release.
+            this.active = false;
+            pending.writer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
         let mut request = v1::RouteRequest {
             correlation_id: this.shared.next_id.fetch_add(1, Ordering::Relaxed),
             op: None,
