@@ -35,9 +35,9 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
 use futures::Stream;
@@ -46,7 +46,6 @@ use switchyard_proto::v1::{
     self, route_request::Op, route_response::Result as Answer, routing_client::RoutingClient,
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{
     sync::{CancellationToken, WaitForCancellationFutureOwned},
     task::AbortOnDropHandle,
@@ -65,19 +64,33 @@ pub type RouteResponseStream =
 /// Answers one `Route` request: exactly what the unary call would do, with
 /// a failure carried as a [`v1::RouteError`].
 pub fn route_one(service: &RoutingService, request: v1::RouteRequest) -> v1::RouteResponse {
+    // Coalesced releases first: a choose in the same message sees the slots
+    // they free.
+    let carried = request.releases.len();
+    let mut applied: u32 = 0;
+    for release in request.releases {
+        match service.release_now(release) {
+            Ok(_) => applied += 1,
+            Err(status) => tracing::warn!(
+                code = ?status.code(),
+                message = status.message(),
+                "malformed coalesced release skipped"
+            ),
+        }
+    }
     let result = match request.op {
-        Some(Op::Choose(m)) => service.choose_now(m).map(Answer::Choice),
-        Some(Op::Release(m)) => service.release_now(m).map(Answer::Released),
-        None => Err(status_from_error(GrpcError::Invalid(ConvertError::new(
-            "op",
-            "must be set (choose or release)",
+        Some(Op::Choose(m)) => Some(service.choose_now(m).map(Answer::Choice)),
+        Some(Op::Release(m)) => Some(service.release_now(m).map(Answer::Released)),
+        None if carried > 0 => None,
+        None => Some(Err(status_from_error(GrpcError::Invalid(
+            ConvertError::new("op", "must be set (choose or release)"),
         )))),
     };
     v1::RouteResponse {
         correlation_id: request.correlation_id,
-        result: Some(
-            result.unwrap_or_else(|status| Answer::Error(route_error_from_status(&status))),
-        ),
+        result: result
+            .map(|r| r.unwrap_or_else(|status| Answer::Error(route_error_from_status(&status)))),
+        releases_applied: applied,
     }
 }
 
@@ -176,6 +189,11 @@ where
 /// Requests a [`RouteClient`] queues for sending before callers wait.
 const CLIENT_QUEUE: usize = 1024;
 
+/// How long a coalesced release waits for a request to ride on before it
+/// goes out alone (see [`RouteClient::queue_release`]). Tokio timers tick
+/// in milliseconds, so the actual wait is 1-2 ms.
+pub const DEFAULT_RELEASE_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// A multiplexing `Route` client: any number of concurrent callers share one
 /// stream; answers are matched to callers by correlation id.
 ///
@@ -185,6 +203,14 @@ const CLIENT_QUEUE: usize = 1024;
 /// `UNAVAILABLE`) — then open a new one. A caller that gives up waiting
 /// (drops the future) after its choose was sent may still get a lease: like
 /// a unary call, it belongs to the session and ends with it.
+///
+/// Releases can be *coalesced* ([`RouteClient::queue_release`]): they ride
+/// in the `releases` field of the next request written (a choose, usually,
+/// under load: one message and one answer instead of two each), or go out
+/// alone after the linger. Each is acknowledged by the answer of the
+/// message that carried it, so a release is never lost silently: it is
+/// either acknowledged or failed (stream gone, or a server too old to apply
+/// coalesced releases, which also turns coalescing off on this client).
 #[derive(Debug)]
 pub struct RouteClient {
     tx: mpsc::Sender<v1::RouteRequest>,
@@ -196,13 +222,32 @@ pub struct RouteClient {
 struct ClientShared {
     next_id: AtomicU64,
     pending: Mutex<Pending>,
+    /// Cleared when the server showed it ignores coalesced releases.
+    no_coalescing: AtomicBool,
+}
+
+/// Completion of one coalesced release.
+type ReleaseDone = oneshot::Sender<Result<(), Status>>;
+
+/// Who waits for the answer to one sent request.
+#[derive(Debug, Default)]
+struct Waiter {
+    /// The caller of `choose` / `release`; `None` for a releases-only
+    /// request.
+    answer: Option<oneshot::Sender<Result<Answer, Status>>>,
+    /// The coalesced releases the request carried.
+    releases: Vec<ReleaseDone>,
 }
 
 #[derive(Debug, Default)]
 struct Pending {
-    waiters: HashMap<u64, oneshot::Sender<Result<Answer, Status>>>,
+    waiters: HashMap<u64, Waiter>,
     /// Set once the answer stream ended; no new waiter is accepted after.
     closed: Option<Status>,
+    /// Coalesced releases not written yet.
+    queued: Vec<(v1::ReleaseRequest, ReleaseDone)>,
+    /// The writer, parked with nothing queued: woken by the first release.
+    writer: Option<Waker>,
 }
 
 impl ClientShared {
@@ -216,12 +261,30 @@ impl ClientShared {
 }
 
 impl RouteClient {
-    /// Opens a `Route` stream on `client`'s channel. The reader task lives as
-    /// long as the returned client (and needs a Tokio runtime).
-    pub async fn open(mut client: RoutingClient<Channel>) -> Result<Self, Status> {
+    /// Opens a `Route` stream on `client`'s channel, coalescing releases
+    /// for [`DEFAULT_RELEASE_LINGER`]. The reader task lives as long as the
+    /// returned client (and needs a Tokio runtime).
+    pub async fn open(client: RoutingClient<Channel>) -> Result<Self, Status> {
+        Self::open_with_linger(client, DEFAULT_RELEASE_LINGER).await
+    }
+
+    /// [`RouteClient::open`] with coalesced releases waiting at most about
+    /// `linger` for a request to ride on.
+    pub async fn open_with_linger(
+        mut client: RoutingClient<Channel>,
+        linger: std::time::Duration,
+    ) -> Result<Self, Status> {
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
-        let answers = client.route(ReceiverStream::new(rx)).await?.into_inner();
         let shared = Arc::new(ClientShared::default());
+        let outbound = Outbound {
+            rx,
+            shared: shared.clone(),
+            linger,
+            timer: Box::pin(tokio::time::sleep(linger)),
+            armed: false,
+            active: false,
+        };
+        let answers = client.route(outbound).await?.into_inner();
         let reader = tokio::spawn(read_answers(answers, shared.clone()));
         Ok(Self {
             tx,
@@ -238,7 +301,7 @@ impl RouteClient {
         }
     }
 
-    /// `Release` over the stream.
+    /// `Release` over the stream, answered on its own.
     pub async fn release(
         &self,
         request: v1::ReleaseRequest,
@@ -247,6 +310,52 @@ impl RouteClient {
             Answer::Released(r) => Ok(r),
             other => Err(mismatch("release", &other)),
         }
+    }
+
+    /// Queues a coalesced release: it goes out with the next request
+    /// written on the stream, or alone after the linger. The returned
+    /// future resolves when the control plane applied it (`Ok`, whether or
+    /// not the lease was still held: releases are idempotent), or fails
+    /// with `UNAVAILABLE` (stream gone, or the server does not apply
+    /// coalesced releases: send it again, [`RouteClient::coalescing`] is
+    /// then false) or `INVALID_ARGUMENT` (the server skipped malformed
+    /// entries of that message). Dropping the future does not unqueue it.
+    pub fn queue_release(
+        &self,
+        request: v1::ReleaseRequest,
+    ) -> impl Future<Output = Result<(), Status>> + Send + 'static + use<> {
+        let (done, acked) = oneshot::channel();
+        let refused = {
+            let mut pending = self.shared.pending.lock();
+            match &pending.closed {
+                Some(status) => Some(status.clone()),
+                None => {
+                    pending.queued.push((request, done));
+                    if pending.queued.len() == 1
+                        && let Some(writer) = pending.writer.take()
+                    {
+                        writer.wake();
+                    }
+                    None
+                }
+            }
+        };
+        let shared = self.shared.clone();
+        async move {
+            if let Some(status) = refused {
+                return Err(status);
+            }
+            match acked.await {
+                Ok(result) => result,
+                Err(_) => Err(shared.closed_status()),
+            }
+        }
+    }
+
+    /// False once the server showed it does not apply coalesced releases
+    /// (older than `RouteRequest.releases`): use [`RouteClient::release`].
+    pub fn coalescing(&self) -> bool {
+        !self.shared.no_coalescing.load(Ordering::Relaxed)
     }
 
     /// True once the stream ended: every call now fails; open a new client.
@@ -262,11 +371,18 @@ impl RouteClient {
             if let Some(status) = &pending.closed {
                 return Err(status.clone());
             }
-            pending.waiters.insert(id, done);
+            pending.waiters.insert(
+                id,
+                Waiter {
+                    answer: Some(done),
+                    releases: Vec::new(),
+                },
+            );
         }
         let request = v1::RouteRequest {
             correlation_id: id,
             op: Some(op),
+            releases: Vec::new(),
         };
         if self.tx.send(request).await.is_err() {
             self.shared.pending.lock().waiters.remove(&id);
@@ -280,6 +396,96 @@ impl RouteClient {
     }
 }
 
+/// The request stream tonic writes: callers' requests, each carrying the
+/// releases queued by then, and releases-only requests when releases waited
+/// the linger with nothing to ride on. Polled by the connection's writer,
+/// so coalescing costs no extra task.
+struct Outbound {
+    rx: mpsc::Receiver<v1::RouteRequest>,
+    shared: Arc<ClientShared>,
+    linger: std::time::Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// `timer` runs: since the last request written, or for the releases
+    /// queued while idle.
+    armed: bool,
+    /// A request was written less than a linger ago. While active, queued
+    /// releases wait for the timer or the next request (no wake-up per
+    /// release); idle, the first queued release wakes the writer.
+    active: bool,
+}
+
+impl Outbound {
+    /// Moves every queued release into `request`, their completions to its
+    /// waiter.
+    fn attach(pending: &mut Pending, request: &mut v1::RouteRequest) {
+        if pending.queued.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut pending.queued);
+        let mut dones = Vec::with_capacity(queued.len());
+        request.releases.reserve(queued.len());
+        for (release, done) in queued {
+            request.releases.push(release);
+            dones.push(done);
+        }
+        pending
+            .waiters
+            .entry(request.correlation_id)
+            .or_default()
+            .releases = dones;
+    }
+}
+
+impl Stream for Outbound {
+    type Item = v1::RouteRequest;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(mut request)) => {
+                Self::attach(&mut this.shared.pending.lock(), &mut request);
+                this.armed = false;
+                this.active = true;
+                return Poll::Ready(Some(request));
+            }
+            // The client is gone: end our side (its waiters fail with it).
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        let mut pending = this.shared.pending.lock();
+        if !this.armed {
+            if pending.queued.is_empty() && !this.active {
+                pending.writer = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            // Requests flowing (or releases waiting): the timer watches
+            // the queue, releases queued meanwhile wake nobody.
+            this.armed = true;
+            pending.writer = None;
+            this.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + this.linger);
+        }
+        if this.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.armed = false;
+        if pending.queued.is_empty() {
+            // A whole linger without traffic: idle until the first release.
+            this.active = false;
+            pending.writer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let mut request = v1::RouteRequest {
+            correlation_id: this.shared.next_id.fetch_add(1, Ordering::Relaxed),
+            op: None,
+            releases: Vec::new(),
+        };
+        Self::attach(&mut pending, &mut request);
+        Poll::Ready(Some(request))
+    }
+}
+
 fn mismatch(asked: &str, got: &Answer) -> Status {
     let got = match got {
         Answer::Choice(_) => "choice",
@@ -289,39 +495,79 @@ fn mismatch(asked: &str, got: &Answer) -> Status {
     Status::internal(format!("Route answered a {asked} with a `{got}` result"))
 }
 
+/// Completes the coalesced releases an answer acknowledges.
+fn settle_releases(shared: &ClientShared, releases: Vec<ReleaseDone>, applied: u32) {
+    if releases.is_empty() {
+        return;
+    }
+    let outcome = if applied as usize == releases.len() {
+        Ok(())
+    } else if applied == 0 {
+        // A server older than `releases` ignored them: nothing applied.
+        if !shared.no_coalescing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "control plane does not apply coalesced releases; sending them one by one"
+            );
+        }
+        Err(Status::unavailable(
+            "coalesced releases not applied by this control plane; send them again",
+        ))
+    } else {
+        Err(Status::invalid_argument(
+            "the control plane skipped malformed coalesced releases",
+        ))
+    };
+    for done in releases {
+        let _ = done.send(outcome.clone());
+    }
+}
+
 /// Hands each answer to its caller; when the stream ends, fails every caller
-/// still waiting and refuses new ones.
+/// still waiting (and every release still queued) and refuses new ones.
 async fn read_answers(mut answers: tonic::Streaming<v1::RouteResponse>, shared: Arc<ClientShared>) {
     let end = loop {
         match answers.message().await {
             Ok(Some(answer)) => {
                 let waiter = shared.pending.lock().waiters.remove(&answer.correlation_id);
-                match waiter {
-                    Some(w) => {
-                        // A caller that stopped waiting has dropped its receiver.
-                        let _ = w.send(
-                            answer
-                                .result
-                                .ok_or_else(|| Status::internal("Route answer without a result")),
-                        );
-                    }
-                    None => tracing::warn!(
+                let Some(waiter) = waiter else {
+                    tracing::warn!(
                         correlation_id = answer.correlation_id,
                         "Route answer for no pending request"
-                    ),
+                    );
+                    continue;
+                };
+                settle_releases(&shared, waiter.releases, answer.releases_applied);
+                if let Some(w) = waiter.answer {
+                    // A caller that stopped waiting has dropped its receiver.
+                    let _ = w.send(
+                        answer
+                            .result
+                            .ok_or_else(|| Status::internal("Route answer without a result")),
+                    );
                 }
             }
             Ok(None) => break Status::unavailable("Route stream ended by the server"),
             Err(status) => break status,
         }
     };
-    let waiters = {
+    let (waiters, queued) = {
         let mut pending = shared.pending.lock();
         pending.closed = Some(end.clone());
-        std::mem::take(&mut pending.waiters)
+        (
+            std::mem::take(&mut pending.waiters),
+            std::mem::take(&mut pending.queued),
+        )
     };
     for waiter in waiters.into_values() {
-        let _ = waiter.send(Err(end.clone()));
+        if let Some(w) = waiter.answer {
+            let _ = w.send(Err(end.clone()));
+        }
+        for done in waiter.releases {
+            let _ = done.send(Err(end.clone()));
+        }
+    }
+    for (_, done) in queued {
+        let _ = done.send(Err(end.clone()));
     }
 }
 

@@ -15,7 +15,11 @@
 //! - the **release sender** sends queued `Release` calls, many concurrently,
 //!   retrying transport failures until acknowledged or until the session
 //!   they were owed to is gone (then the control plane already dropped the
-//!   lease). See [`super::ledger`] for the exactly-once rules.
+//!   lease). See [`super::ledger`] for the exactly-once rules. On the
+//!   `Route` stream releases are coalesced: they ride on the next choose
+//!   written (or go out together after ~1 ms), each still acknowledged by
+//!   the answer of the message that carried it; a control plane that
+//!   predates coalescing is detected and gets them one by one.
 //!
 //! A choice is one `ChooseEndpoint` with `reserve=true` and a local deadline
 //! of `choose_timeout`. On deadline, transport error, unknown session or a
@@ -759,18 +763,28 @@ async fn send_release(shared: &Shared, job: ReleaseJob) {
         }
         let timeout = shared.settings.rpc_timeout;
         let answer = match route_client(shared).await {
+            // Coalesced: rides on the next choose (one message, one answer
+            // for both), or goes alone after the client's linger.
+            Some(route) if route.coalescing() => {
+                match tokio::time::timeout(timeout, route.queue_release(message)).await {
+                    Ok(r) => r.map(|()| None),
+                    Err(_) => Err(Status::deadline_exceeded("no answer within the deadline")),
+                }
+            }
             Some(route) => match tokio::time::timeout(timeout, route.release(message)).await {
-                Ok(r) => r,
+                Ok(r) => r.map(Some),
                 Err(_) => Err(Status::deadline_exceeded("no answer within the deadline")),
             },
             None => {
                 let mut client = shared.client.clone();
-                with_deadline(timeout, client.release(request(message, timeout))).await
+                with_deadline(timeout, client.release(request(message, timeout)))
+                    .await
+                    .map(Some)
             }
         };
         match answer {
             Ok(r) => {
-                if !r.released {
+                if r.is_some_and(|r| !r.released) {
                     tracing::debug!(lease = %job.lease, "lease already ended at the control plane");
                 }
                 return;

@@ -135,6 +135,7 @@ impl Mux {
             while let Ok(Some(RouteResponse {
                 correlation_id,
                 result: Some(result),
+                ..
             })) = answers.message().await
             {
                 if let Some(w) = reader_waiters.lock().remove(&correlation_id) {
@@ -159,6 +160,7 @@ impl Mux {
         let request = RouteRequest {
             correlation_id: id,
             op: Some(op),
+            releases: Vec::new(),
         };
         if self.tx.send(request).await.is_err() {
             self.waiters.lock().remove(&id);

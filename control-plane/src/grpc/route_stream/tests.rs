@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::*;
 use crate::{api::ProbeReport, config::Config, control_plane::ControlPlane, server};
@@ -110,7 +111,11 @@ fn release(lease_id: u64) -> v1::ReleaseRequest {
 }
 
 fn request(correlation_id: u64, op: Option<Op>) -> v1::RouteRequest {
-    v1::RouteRequest { correlation_id, op }
+    v1::RouteRequest {
+        correlation_id,
+        op,
+        releases: Vec::new(),
+    }
 }
 
 async fn next_answer(answers: &mut tonic::Streaming<v1::RouteResponse>) -> v1::RouteResponse {
@@ -399,4 +404,144 @@ async fn a_stream_that_never_runs_dry_still_ends_at_shutdown() {
     );
     assert_eq!(end.code(), Code::Unavailable);
     assert!(stream.next().await.is_none());
+}
+
+/// Takes `n` leases on `session` through `client`.
+async fn take_leases(client: &RouteClient, session: u64, n: usize) -> Vec<u64> {
+    let mut leases = Vec::new();
+    for _ in 0..n {
+        leases.push(client.choose(choose(session, "m")).await.unwrap().lease_id);
+    }
+    leases
+}
+
+#[tokio::test]
+async fn coalesced_releases_apply_before_the_choose_they_ride_on() {
+    let s = served().await;
+    let session = s.session().await;
+    // A linger far longer than the test: releases can only leave with a
+    // choose.
+    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let leases = take_leases(&client, session, 3).await;
+    assert_eq!(s.cp.stats().leases_active, 3);
+    let acks: Vec<_> = leases
+        .iter()
+        .map(|&l| tokio::spawn(client.queue_release(release(l))))
+        .collect();
+    // Nothing written yet: still counted.
+    tokio::task::yield_now().await;
+    assert_eq!(s.cp.stats().leases_active, 3);
+    client.choose(choose(session, "m")).await.unwrap();
+    for ack in acks {
+        tokio::time::timeout(Duration::from_secs(10), ack)
+            .await
+            .expect("acknowledged with the choose")
+            .unwrap()
+            .unwrap();
+    }
+    // The three released, the new choose counted.
+    let stats = s.cp.stats();
+    assert_eq!((stats.leases_active, stats.leases_granted), (1, 4));
+    assert!(client.coalescing());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn coalesced_releases_leave_alone_after_the_linger() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = RouteClient::open_with_linger(s.routing(), Duration::from_millis(5))
+        .await
+        .unwrap();
+    let leases = take_leases(&client, session, 50).await;
+    let acks: Vec<_> = leases
+        .iter()
+        .map(|&l| client.queue_release(release(l)))
+        .collect();
+    for ack in acks {
+        tokio::time::timeout(Duration::from_secs(10), ack)
+            .await
+            .expect("flushed after the linger")
+            .unwrap();
+    }
+    assert_eq!(s.cp.stats().leases_active, 0);
+    // Releasing again is idempotent and still acknowledged.
+    client.queue_release(release(leases[0])).await.unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn coalesced_releases_fail_when_the_stream_ends_never_silently() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let leases = take_leases(&client, session, 2).await;
+    let acks: Vec<_> = leases
+        .iter()
+        .map(|&l| client.queue_release(release(l)))
+        .collect();
+    // Ending the stream: the queued releases are failed, never dropped
+    // silently, and the leases are still counted.
+    s.shutdown.cancel();
+    for ack in acks {
+        let e = tokio::time::timeout(Duration::from_secs(10), ack)
+            .await
+            .expect("failed when the stream ends")
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    }
+    assert!(client.is_closed());
+    assert_eq!(s.cp.stats().leases_active, 2);
+    let e = client.queue_release(release(leases[0])).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn releases_only_requests_and_malformed_entries_on_a_raw_stream() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = RouteClient::open(s.routing()).await.unwrap();
+    let leases = take_leases(&client, session, 2).await;
+    let (tx, mut answers) = raw_stream(&s).await;
+    let mut carried = request(1, None);
+    carried.releases = vec![release(leases[0]), release(0), release(leases[1])];
+    tx.send(carried).await.unwrap();
+    let answer = next_answer(&mut answers).await;
+    assert_eq!(answer.correlation_id, 1);
+    assert_eq!(answer.result, None, "a releases-only request has no result");
+    assert_eq!(answer.releases_applied, 2, "the malformed entry is skipped");
+    assert_eq!(s.cp.stats().leases_active, 0);
+    // A plain request reports none applied (what old servers always say).
+    tx.send(request(2, Some(Op::Release(release(leases[0])))))
+        .await
+        .unwrap();
+    assert_eq!(next_answer(&mut answers).await.releases_applied, 0);
+    s.stop().await;
+}
+
+#[test]
+fn releases_an_old_server_ignored_are_failed_for_resending() {
+    let shared = ClientShared::default();
+    let (done, mut acked) = oneshot::channel();
+    settle_releases(&shared, vec![done], 1);
+    acked.try_recv().unwrap().unwrap();
+
+    let (done, mut acked) = oneshot::channel();
+    settle_releases(&shared, vec![done], 0);
+    let e = acked.try_recv().unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(shared.no_coalescing.load(Ordering::Relaxed));
+
+    let (a, mut acked_a) = oneshot::channel();
+    let (b, _acked_b) = oneshot::channel();
+    settle_releases(&shared, vec![a, b], 1);
+    assert_eq!(
+        acked_a.try_recv().unwrap().unwrap_err().code(),
+        Code::InvalidArgument
+    );
 }
