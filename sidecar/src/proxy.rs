@@ -8,8 +8,9 @@
 //!    failed endpoints;
 //! 4. **forward** — [`forward`]: URL per endpoint kind, body (rewritten
 //!    only when the model name differs, or translated), header hygiene;
-//! 5. **stream** — [`stream`]: timeouts, retry before the first byte,
-//!    streaming without buffering;
+//! 5. **stream** — [`stream`]: send through the pooled clients of
+//!    [`upstream`], timeouts, retry before the first byte, streaming without
+//!    buffering;
 //! 6. **release and record** — [`release`]: outcome classification, the
 //!    lease finished exactly once, metrics.
 //!

@@ -4,7 +4,8 @@
 #   2. choose+release pairs/s over gRPC against a control-plane process;
 #   3. /api/chat through: the fake backend directly, a standalone sidecar, and
 #      sidecar + control plane — closed-loop throughput (concurrency 10) and
-#      open-loop latency at a fixed rate (added p50/p99 vs direct);
+#      open-loop latency at a fixed rate (added p50/p99 vs direct), CPU time
+#      per request of each process, and throughput again with wrk if present;
 #   4. sidecar RSS idle and after load.
 # Results (JSON lines) go to stdout and to $OUT (default target/bench-results.jsonl).
 # Usage: tests/bench/run.sh [seconds-per-run (default 10)] [fixed rate (default 500)]
@@ -81,7 +82,28 @@ for target in "direct $FAKE 0" "standalone http://127.0.0.1:$SA_PORT $SA_PID" "r
   record "$line"
   n=$(echo "$line" | python3 -c 'import json,sys; print(max(1, json.load(sys.stdin)["requests"]))')
   record "{\"label\":\"$1-cpu-us-per-request\",\"sidecar\":$(us_per_req $s0 $s1 $n),\"fake_backend\":$(us_per_req $f0 $f1 $n),\"control_plane\":$(us_per_req $c0 $c1 $n)}"
+  sleep 1
   record "$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --rate "$RATE" --duration "$SECS" --label "$1-latency-r$RATE")"
+  sleep 1
 done
+
+# Throughput again with wrk (C, far cheaper per request than loadgen): the
+# client's own CPU cost is shared by every path, so a cheaper client makes
+# the comparison stricter. Skipped when wrk is not installed (apt install wrk).
+if command -v wrk > /dev/null; then
+  cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$BODY'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+  for target in "direct $FAKE" "standalone http://127.0.0.1:$SA_PORT" "remote http://127.0.0.1:$RM_PORT"; do
+    set -- $target
+    rps=$(wrk -t1 -c10 -d"${SECS}s" -s "$WORK/post.lua" "$2/api/chat" | awk '/Requests\/sec/{print $2}')
+    record "{\"label\":\"$1-throughput-wrk-c10\",\"rps\":$rps}"
+    sleep 1
+  done
+else
+  echo "# wrk not installed: skipping the wrk throughput runs"
+fi
 record "{\"label\":\"sidecar_rss_after_load_kb\",\"standalone\":$(rss_kb $SA_PID),\"remote\":$(rss_kb $RM_PID)}"
 echo "# results in $OUT"
