@@ -6,8 +6,8 @@
 //! no lease left, and no lease held by any sidecar.
 //!
 //! Size: `SWITCHYARD_SOAK_REQUESTS` (default 100000). Measured on the
-//! shared 2-core machine: about 1600 requests/s in a release build (100000
-//! in ~63 s: `cargo test --release -p switchyard-system-tests --test
+//! shared 2-core machine: about 4700 requests/s in a release build (100000
+//! in ~21 s: `cargo test --release -p switchyard-system-tests --test
 //! faults_soak`), about 260 requests/s in a debug build (100000 in ~6.5
 //! min; `SWITCHYARD_SOAK_REQUESTS=20000` runs in ~80 s). Seed:
 //! `SWITCHYARD_SOAK_SEED` (default: from the clock; printed, so a failing
