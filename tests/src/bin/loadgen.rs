@@ -6,7 +6,11 @@
 //! - open loop (`--rate R`): requests are *scheduled* at a fixed rate and
 //!   latency is measured from the scheduled send time, so a stall shows up in
 //!   the percentiles instead of silently lowering the rate (no coordinated
-//!   omission).
+//!   omission). The pacing timer has tokio's 1 ms resolution, so each
+//!   request also starts up to ~1 ms late; the `service_*` percentiles
+//!   measure from the actual send instead, without that client-side jitter
+//!   (every request runs in its own task on its own connection from the
+//!   pool, so a slow server still shows there).
 //!
 //! Prints one JSON object with throughput and latency percentiles.
 
@@ -42,7 +46,10 @@ struct Args {
 }
 
 struct Sample {
+    /// From the scheduled (open loop) or actual (closed loop) send time.
     latency: Duration,
+    /// From the actual send time.
+    service: Duration,
     ok: bool,
 }
 
@@ -96,8 +103,10 @@ async fn main() -> anyhow::Result<()> {
                         let t0 = Instant::now();
                         let ok = send(&client, &args).await;
                         if t0 >= measure_from && Instant::now() <= end {
+                            let took = t0.elapsed();
                             let _ = tx.send(Sample {
-                                latency: t0.elapsed(),
+                                latency: took,
+                                service: took,
                                 ok,
                             });
                         }
@@ -116,10 +125,12 @@ async fn main() -> anyhow::Result<()> {
                     let scheduled = next;
                     let (client, args, tx) = (client.clone(), args.clone(), tx.clone());
                     inner.spawn(async move {
+                        let sent = Instant::now();
                         let ok = send(&client, &args).await;
                         if scheduled >= measure_from {
                             let _ = tx.send(Sample {
                                 latency: scheduled.elapsed(),
+                                service: sent.elapsed(),
                                 ok,
                             });
                         }
@@ -133,17 +144,19 @@ async fn main() -> anyhow::Result<()> {
         _ => bail!("give exactly one of --concurrency N or --rate R (R > 0)"),
     }
     drop(tx);
-    let mut lat = Vec::new();
+    let (mut lat, mut service) = (Vec::new(), Vec::new());
     let mut errors = 0u64;
     while let Some(s) = rx.recv().await {
         if s.ok {
             lat.push(s.latency);
+            service.push(s.service);
         } else {
             errors += 1;
         }
     }
     while tasks.join_next().await.is_some() {}
     lat.sort_unstable();
+    service.sort_unstable();
     let out = serde_json::json!({
         "label": args.label,
         "mode": if args.rate.is_some() { "open" } else { "closed" },
@@ -154,6 +167,9 @@ async fn main() -> anyhow::Result<()> {
         "p90_us": percentile(&lat, 0.90),
         "p99_us": percentile(&lat, 0.99),
         "max_us": percentile(&lat, 1.0),
+        "service_p50_us": percentile(&service, 0.50),
+        "service_p90_us": percentile(&service, 0.90),
+        "service_p99_us": percentile(&service, 0.99),
     });
     println!("{out}");
     Ok(())
