@@ -25,7 +25,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use parking_lot::Mutex;
 use switchyard_proto::v1::{
-    ChooseRequest, OpenSessionRequest, Outcome, ReleaseRequest, RequestKind, RouteRequest,
+    ChooseRequest, KeepAliveRequest, OpenSessionRequest, Outcome, ReleaseRequest, RequestKind, RouteRequest,
     RouteResponse, route_request::Op, route_response::Result as Answer,
     routing_client::RoutingClient,
 };
@@ -233,6 +233,21 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .into_inner()
         .session_id;
+
+    // Keep the session alive as a sidecar does: runs longer than the
+    // session TTL (10 s by default) would otherwise see it expire.
+    let mut keeper = RoutingClient::new(channels[0].clone());
+    let _keep_alive = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let _ = keeper
+                .keep_alive(KeepAliveRequest {
+                    session_id: session,
+                })
+                .await;
+        }
+    }));
 
     let mut muxes = Vec::new();
     if args.mode == Mode::Stream {
