@@ -25,8 +25,8 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use parking_lot::Mutex;
 use switchyard_proto::v1::{
-    ChooseRequest, KeepAliveRequest, OpenSessionRequest, Outcome, ReleaseRequest, RequestKind, RouteRequest,
-    RouteResponse, route_request::Op, route_response::Result as Answer,
+    ChooseRequest, KeepAliveRequest, OpenSessionRequest, Outcome, ReleaseRequest, RequestKind,
+    RouteRequest, RouteResponse, route_request::Op, route_response::Result as Answer,
     routing_client::RoutingClient,
 };
 use tokio::sync::{mpsc, oneshot};
