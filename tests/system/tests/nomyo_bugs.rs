@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchyard_system_tests::{
     BackendOptions, Cluster, FailureMode, Framing, SOON, SseEvent,
-    client::{get, ollama_error_text, openai_error_message, post_json, stream},
+    client::{StreamReply, get, ollama_error_text, openai_error_message, post_json, stream},
     embedding_for, ollama_fake, openai_fake,
     wait::wait_until,
 };
@@ -40,17 +40,22 @@ async fn one_openai() -> Cluster {
         .await
 }
 
+/// A streamed one-message chat ("hi") to `model` on `path`.
+async fn stream_hi(c: &Cluster, path: &str, model: &str, framing: Framing) -> StreamReply {
+    stream(
+        c.http().post(c.at(path)).json(&json!({
+            "model": model, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]
+        })),
+        framing,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bug01_streaming_api_chat_to_ollama_delivers_final_done_chunk() {
     let c = one_ollama().await;
-    let r = stream(
-        c.http().post(c.at("/api/chat")).json(&json!({
-            "model": "m", "stream": true,
-            "messages": [{"role": "user", "content": "hi"}]
-        })),
-        Framing::Ndjson,
-    )
-    .await;
+    let r = stream_hi(&c, "/api/chat", "m", Framing::Ndjson).await;
     assert_eq!(r.status, 200, "{}", r.dump());
     assert!(r.content_type.contains("ndjson"), "{}", r.dump());
     let lines = r.ndjson();
@@ -156,14 +161,7 @@ async fn bug04_backend_failure_mid_stream_ends_with_error_in_client_format() {
         .await;
     c.backend(0).set_failure(FailureMode::MidStreamDrop);
     c.backend(1).set_failure(FailureMode::MidStreamDrop);
-    let r = stream(
-        c.http().post(c.at("/api/chat")).json(&json!({
-            "model": "m", "stream": true,
-            "messages": [{"role": "user", "content": "hi"}]
-        })),
-        Framing::Ndjson,
-    )
-    .await;
+    let r = stream_hi(&c, "/api/chat", "m", Framing::Ndjson).await;
     assert_eq!(r.status, 200, "{}", r.dump());
     let lines = r.ndjson();
     assert!(
@@ -185,14 +183,7 @@ async fn bug04_backend_failure_mid_stream_ends_with_error_in_client_format() {
     assert!(lines[0]["message"]["content"].is_string(), "{}", r.dump());
 
     // OpenAI client, OpenAI backend: the SSE stream ends with an error event.
-    let r = stream(
-        c.http().post(c.at("/v1/chat/completions")).json(&json!({
-            "model": "gpt-x", "stream": true,
-            "messages": [{"role": "user", "content": "hi"}]
-        })),
-        Framing::Sse,
-    )
-    .await;
+    let r = stream_hi(&c, "/v1/chat/completions", "gpt-x", Framing::Sse).await;
     assert_eq!(r.status, 200, "{}", r.dump());
     let events = r.sse();
     let errors: Vec<_> = events
@@ -209,14 +200,7 @@ async fn bug04_backend_failure_mid_stream_ends_with_error_in_client_format() {
     );
 
     // Ollama client, OpenAI backend (translated stream): an error line too.
-    let r = stream(
-        c.http().post(c.at("/api/chat")).json(&json!({
-            "model": "gpt-x", "stream": true,
-            "messages": [{"role": "user", "content": "hi"}]
-        })),
-        Framing::Ndjson,
-    )
-    .await;
+    let r = stream_hi(&c, "/api/chat", "gpt-x", Framing::Ndjson).await;
     assert_eq!(r.status, 200, "{}", r.dump());
     let lines = r.ndjson();
     assert!(
@@ -249,14 +233,7 @@ async fn bug04_failure_before_first_byte_is_retried_on_another_endpoint() {
             .start()
             .await;
         c.backend(0).set_failure(failure);
-        let r = stream(
-            c.http().post(c.at("/api/chat")).json(&json!({
-                "model": "m", "stream": true,
-                "messages": [{"role": "user", "content": "hi"}]
-            })),
-            Framing::Ndjson,
-        )
-        .await;
+        let r = stream_hi(&c, "/api/chat", "m", Framing::Ndjson).await;
         assert_eq!(r.status, 200, "{failure:?}: {}", r.dump());
         let lines = r.ndjson();
         assert_eq!(
@@ -325,14 +302,7 @@ async fn bug05_counters_do_not_leak_after_backend_errors() {
         FailureMode::MidStreamError,
     ] {
         c.backend(0).set_failure(failure);
-        let r = stream(
-            c.http().post(c.at("/api/chat")).json(&json!({
-                "model": "m", "stream": true,
-                "messages": [{"role": "user", "content": "hi"}]
-            })),
-            Framing::Ndjson,
-        )
-        .await;
+        let r = stream_hi(&c, "/api/chat", "m", Framing::Ndjson).await;
         assert!(
             r.status >= 500 || r.chunks.iter().any(|l| l.text.contains("\"error\"")),
             "{failure:?} was not reported to the client: {}",
@@ -442,14 +412,7 @@ async fn bug06_openai_stream_has_finish_reason_and_done_and_no_stream_options_wh
         .start()
         .await;
     for (model, fake) in [("gpt-x", 0), ("m", 1)] {
-        let r = stream(
-            c.http().post(c.at("/v1/chat/completions")).json(&json!({
-                "model": model, "stream": true,
-                "messages": [{"role": "user", "content": "hi"}]
-            })),
-            Framing::Sse,
-        )
-        .await;
+        let r = stream_hi(&c, "/v1/chat/completions", model, Framing::Sse).await;
         assert_eq!(r.status, 200, "{}", r.dump());
         let events = r.sse();
         assert_eq!(
