@@ -146,7 +146,7 @@ fn open_session(cp: &ControlPlane, name: &str) -> SessionId {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::sync::Arc;
@@ -162,7 +162,8 @@ mod tests {
         Config::from_yaml(yaml, &|_| None).unwrap()
     }
 
-    fn probe(cp: &ControlPlane) {
+    /// Both configured endpoints advertise `llama3:latest` (loaded) and `qwen:7b`.
+    pub(crate) fn probe(cp: &ControlPlane) {
         for i in 0..2 {
             cp.apply_probe(
                 i,
@@ -175,7 +176,8 @@ mod tests {
         }
     }
 
-    fn request(model: &str) -> ChooseRequest {
+    /// A chat choice for `model`, no affinity, nothing excluded.
+    pub(crate) fn request(model: &str) -> ChooseRequest {
         ChooseRequest {
             model: model.into(),
             affinity_key: None,

@@ -12,12 +12,11 @@ use std::{
 };
 
 use switchyard_control_plane::{
-    api::ProbeReport,
     config::Config,
     control_plane::ControlPlane,
-    decision::{ChooseError, ChooseRequest},
+    decision::ChooseError,
     grpc::{RoutingService, WatchUsageStream, route_stream::RouteResponseStream},
-    outcome::{Outcome, RequestKind, TokenCounts},
+    outcome::{Outcome, TokenCounts},
     server::RunningControlPlane,
 };
 use switchyard_proto::v1::{
@@ -28,7 +27,10 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::server::TcpIncoming;
 
-use crate::router::{RemoteSettings, RouteError, Router};
+use crate::router::{
+    RemoteSettings, RouteError, Router,
+    embedded::tests::{probe, request},
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -49,28 +51,6 @@ fn settings() -> RemoteSettings {
         retry_max: Duration::from_millis(200),
         startup_wait: Duration::from_secs(10),
         ..RemoteSettings::default()
-    }
-}
-
-fn probe(cp: &ControlPlane) {
-    for i in 0..2 {
-        cp.apply_probe(
-            i,
-            ProbeReport::Ok {
-                advertised: vec!["llama3:latest".into(), "qwen:7b".into()],
-                loaded: vec!["llama3:latest".into()],
-            },
-            Instant::now(),
-        );
-    }
-}
-
-fn request(model: &str) -> ChooseRequest {
-    ChooseRequest {
-        model: model.into(),
-        affinity_key: None,
-        kind: RequestKind::Chat,
-        exclude: vec![],
     }
 }
 
