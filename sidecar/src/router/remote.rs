@@ -107,8 +107,18 @@ async fn with_deadline<T>(
     deadline: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<T, Status> {
+    within(deadline, call)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// `call`'s result, or `DEADLINE_EXCEEDED` once `deadline` has passed.
+async fn within<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
     match tokio::time::timeout(deadline, call).await {
-        Ok(r) => r.map(tonic::Response::into_inner),
+        Ok(r) => r,
         Err(_) => Err(Status::deadline_exceeded("no answer within the deadline")),
     }
 }
@@ -765,16 +775,10 @@ async fn send_release(shared: &Shared, job: ReleaseJob) {
         let answer = match route_client(shared).await {
             // Coalesced: rides on the next choose (one message, one answer
             // for both), or goes alone after the client's linger.
-            Some(route) if route.coalescing() => {
-                match tokio::time::timeout(timeout, route.queue_release(message)).await {
-                    Ok(r) => r.map(|()| None),
-                    Err(_) => Err(Status::deadline_exceeded("no answer within the deadline")),
-                }
-            }
-            Some(route) => match tokio::time::timeout(timeout, route.release(message)).await {
-                Ok(r) => r.map(Some),
-                Err(_) => Err(Status::deadline_exceeded("no answer within the deadline")),
-            },
+            Some(route) if route.coalescing() => within(timeout, route.queue_release(message))
+                .await
+                .map(|()| None),
+            Some(route) => within(timeout, route.release(message)).await.map(Some),
             None => {
                 let mut client = shared.client.clone();
                 with_deadline(timeout, client.release(request(message, timeout)))
