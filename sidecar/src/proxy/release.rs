@@ -91,35 +91,39 @@ impl SendFailure {
 
 /// A short, URL-free description of a failed send for clients and logs:
 /// what failed plus the innermost cause (e.g. "connect failed: Connection
-/// refused (os error 111)").
+/// refused (os error 111)"). The send error's own text is never used: for a
+/// bad URL it names the URL.
 pub fn describe_send(e: &SendError) -> String {
     let kind = match (e.is_connect(), e.is_timeout()) {
         (true, true) => "connect timed out",
         (true, false) => "connect failed",
         (false, _) => "request failed",
     };
-    with_cause(kind, e)
+    match innermost_cause(e) {
+        Some(cause) => format!("{kind}: {cause}"),
+        None => kind.to_owned(),
+    }
 }
 
 /// A short description of a response body that broke mid-way.
 pub fn describe_body(e: &hyper::Error) -> String {
-    with_cause("response body failed", e)
-}
-
-/// `kind`, plus the innermost source of `e` when it has one (the outer
-/// layers only say "client error" and the like; the URL is never in it).
-fn with_cause(kind: &str, e: &(dyn std::error::Error + 'static)) -> String {
-    let mut detail = None;
-    let mut source = e.source();
-    while let Some(s) = source {
-        detail = Some(s);
-        source = s.source();
-    }
-    match detail {
+    let kind = "response body failed";
+    match innermost_cause(e) {
         Some(cause) => format!("{kind}: {cause}"),
-        None if e.is::<SendError>() => kind.to_owned(),
         None => format!("{kind}: {e}"),
     }
+}
+
+/// The last error of `e`'s source chain, if it has one (the outer layers
+/// only say "client error" and the like).
+fn innermost_cause<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    let mut cause = e.source()?;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    Some(cause)
 }
 
 /// How a stream that already reached the client stopped.

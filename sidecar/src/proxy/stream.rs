@@ -15,8 +15,9 @@
 //!   200 with a cut body.
 //! - The lease lives *inside* the response body stream: when the client
 //!   goes away hyper drops the body, which drops the upstream response
-//!   body (closing that connection: the backend sees the cancel) and the lease (released as
-//!   `Cancelled`). Every other end finishes it explicitly, exactly once.
+//!   body (closing that connection: the backend sees the cancel) and the
+//!   lease (released as `Cancelled`). Every other end finishes it
+//!   explicitly, exactly once.
 //! - After the first byte, a failure ends the stream with an error chunk in
 //!   the client's format; a panic while streaming ends the stream the same
 //!   way.
