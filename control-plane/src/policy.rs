@@ -153,7 +153,7 @@ const TIER_SHIFT: u32 = 124;
 #[inline(always)]
 fn rank(c: &CandidateLoad, priority_routing: bool) -> u128 {
     let limit = c.limit();
-    let free = c.total_in_flight < limit;
+    let free = c.has_free_slot();
     let tier = 2 * u128::from(!free) + u128::from(free & !c.loaded);
     let ratio = || u128::from((f64::from(c.total_in_flight) / f64::from(limit)).to_bits());
     let key = if priority_routing {
