@@ -32,7 +32,10 @@ use switchyard_control_plane::{
 use tracing::Span;
 
 use crate::{
-    metrics::Metrics, proxy::upstream::SendError, router::Lease, translate::stream::StreamEnd,
+    metrics::Metrics,
+    proxy::upstream::{BodyError, SendError},
+    router::Lease,
+    translate::stream::StreamEnd,
 };
 
 /// What a response status means for the attempt.
@@ -106,7 +109,7 @@ pub fn describe_send(e: &SendError) -> String {
 }
 
 /// A short description of a response body that broke mid-way.
-pub fn describe_body(e: &hyper::Error) -> String {
+pub fn describe_body(e: &BodyError) -> String {
     let kind = "response body failed";
     match innermost_cause(e) {
         Some(cause) => format!("{kind}: {cause}"),

@@ -49,7 +49,7 @@ use super::{
         describe_send,
     },
     request::RequestContext,
-    upstream::UpstreamResponse,
+    upstream::{BodyError, UpstreamResponse},
 };
 use crate::{
     errors::{AttemptFailure, ProxyError, stream_error_chunk},
@@ -83,7 +83,7 @@ pub enum Attempt {
     Failed(ProxyError),
 }
 
-type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, hyper::Error>> + Send>>;
+type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>;
 
 /// The data frames of a backend's response body, as they arrive.
 fn body_stream(response: UpstreamResponse) -> Upstream {
@@ -602,7 +602,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         for chunks in [vec![], vec!["{\"a\":1}"], vec!["{\"a\"", ":1", "}"]] {
             let expected: String = chunks.concat();
-            let items: Vec<Result<Bytes, hyper::Error>> = chunks
+            let items: Vec<Result<Bytes, BodyError>> = chunks
                 .into_iter()
                 .map(|c| Ok(Bytes::from_static(c.as_bytes())))
                 .collect();

@@ -3,11 +3,17 @@
 //! across requests (keep-alive), `http://` and `https://` (rustls, Mozilla
 //! roots, HTTP/2 by ALPN) alike.
 //!
-//! Built straight on `hyper-util`'s pooled client rather than a
-//! convenience client: the proxy already has the method, headers and body
-//! in `http` types, and skipping URL re-parsing, redirect and retry layers
-//! per request is a measurable share of the sidecar's CPU (BENCHMARKS.md).
-//! Redirects are never followed (a POST must not be replayed elsewhere).
+//! Two clients behind one call ([`UpstreamClient::post`]):
+//! - `http://` backends (the usual case on a cluster network) go through
+//!   [`h1`]: the request runs in the proxying task itself on a pooled
+//!   keep-alive connection, without a connection task in between;
+//! - `https://` backends go through `hyper-util`'s pooled client (rustls,
+//!   Mozilla roots, HTTP/2 by ALPN).
+//!
+//! Neither re-parses URLs more than once, follows redirects (a POST must not
+//! be replayed elsewhere) or retries beyond [`h1`]'s one resend on a stale
+//! keep-alive connection; both showed up in the sidecar's CPU profile when
+//! it used a convenience client (BENCHMARKS.md).
 //!
 //! Invariants: the body is sent as given (length known up front); the
 //! `Host` header is set by the client from the URL; send failures are
@@ -15,10 +21,21 @@
 //! other, so the outcome rules in [`super::release`] never look at error
 //! text.
 
-use std::{error::Error as _, io, time::Duration};
+mod h1;
+
+use std::{
+    borrow::Cow,
+    error::Error as _,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body::{Body, Frame};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -31,8 +48,56 @@ use switchyard_control_plane::{config::SidecarConfig, endpoint::EndpointKind};
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
+pub use h1::{H1BodyError, H1Error};
+
 /// A backend's answer: status, headers, and the body as it arrives.
-pub type UpstreamResponse = Response<Incoming>;
+pub type UpstreamResponse = Response<UpstreamBody>;
+
+/// A backend's response body, from whichever client carried the request.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Read straight from a plain-HTTP connection.
+    Inline(h1::H1Body),
+    /// From hyper's client (`https://`).
+    Hyper(Incoming),
+}
+
+/// Why a response body broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// From the plain-HTTP client.
+    #[error("{0}")]
+    Inline(#[source] H1BodyError),
+    /// From hyper's client.
+    #[error("{0}")]
+    Hyper(#[source] hyper::Error),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Self::Inline(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::Inline))),
+            Self::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::Hyper))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Inline(b) => b.is_end_stream(),
+            Self::Hyper(b) => b.is_end_stream(),
+        }
+    }
+}
 
 /// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +117,10 @@ pub enum SendError {
         #[source]
         source: http::uri::InvalidUri,
     },
-    /// The request failed before a response head arrived.
+    /// The request failed before a response head arrived (plain HTTP).
+    #[error("{0}")]
+    Inline(#[source] H1Error),
+    /// The request failed before a response head arrived (`https://`).
     #[error("{0}")]
     Transport(#[source] hyper_util::client::legacy::Error),
 }
@@ -63,6 +131,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             Self::BadUrl { .. } => true,
+            Self::Inline(e) => matches!(e, H1Error::Connect(_) | H1Error::ConnectTimeout(_)),
             Self::Transport(e) => e.is_connect(),
         }
     }
@@ -85,7 +154,8 @@ impl SendError {
 /// One pooled client for one endpoint kind.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    plain: Arc<h1::H1Pool>,
+    tls: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl UpstreamClient {
@@ -103,11 +173,14 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let inner = Client::builder(TokioExecutor::new())
+        let tls = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(TokioTimer::new())
             .build(https);
-        Ok(Self { inner })
+        Ok(Self {
+            plain: Arc::new(h1::H1Pool::new(connect_timeout, POOL_IDLE)),
+            tls,
+        })
     }
 
     /// POSTs `body` to `url` with `headers`; resolves when the response
@@ -122,14 +195,34 @@ impl UpstreamClient {
             url: url.to_owned(),
             source,
         })?;
+        if uri.scheme() == Some(&http::uri::Scheme::HTTP)
+            && let Some(authority) = uri.authority()
+        {
+            let addr = match authority.port_u16() {
+                Some(_) => Cow::Borrowed(authority.as_str()),
+                None => Cow::Owned(format!("{}:80", authority.host())),
+            };
+            let target = uri.path_and_query().map_or("/", |p| p.as_str());
+            let request = h1::H1Request {
+                authority: authority.as_str(),
+                addr: &addr,
+                target,
+                headers: &headers,
+                body,
+            };
+            return match self.plain.post(request).await {
+                Ok(response) => Ok(response.map(UpstreamBody::Inline)),
+                Err(e) => Err(SendError::Inline(e)),
+            };
+        }
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
-        self.inner
-            .request(request)
-            .await
-            .map_err(SendError::Transport)
+        match self.tls.request(request).await {
+            Ok(response) => Ok(response.map(UpstreamBody::Hyper)),
+            Err(e) => Err(SendError::Transport(e)),
+        }
     }
 }
 
