@@ -68,11 +68,11 @@ pub fn affinity_key(
     let model = canonical_request_name(model);
     if let Some(session) = explicit_session(headers) {
         let session = if session.len() > MAX_SESSION_ID {
-            hex(&Sha256::digest(session.as_bytes())[..16])
+            std::borrow::Cow::Owned(hex(&Sha256::digest(session.as_bytes())[..16]))
         } else {
-            session.to_owned()
+            std::borrow::Cow::Borrowed(session)
         };
-        return Some(format!("{model}|session:{session}"));
+        return Some(key(model, "|session:", &session));
     }
     let digest = match route {
         ApiRoute::OllamaChat | ApiRoute::OpenAiChat => chat_opening(body.messages?)?,
@@ -86,7 +86,16 @@ pub fn affinity_key(
             return None;
         }
     };
-    Some(format!("{model}|conv:{}", hex(&digest[..16])))
+    Some(key(model, "|conv:", &hex(&digest[..16])))
+}
+
+/// `{model}{kind}{id}` in one allocation (this runs on every request).
+fn key(model: String, kind: &str, id: &str) -> String {
+    let mut key = model;
+    key.reserve_exact(kind.len() + id.len());
+    key.push_str(kind);
+    key.push_str(id);
+    key
 }
 
 fn explicit_session(headers: &HeaderMap) -> Option<&str> {

@@ -5,15 +5,23 @@
 #   3. /api/chat through: the fake backend directly, a standalone sidecar, and
 #      sidecar + control plane — closed-loop throughput (concurrency 10) and
 #      open-loop latency at a fixed rate (added p50/p99 vs direct), CPU time
-#      per request of each process, and throughput again with wrk if present;
+#      per request of each process, and throughput again with wrk if present.
+#      Client, sidecar, control plane and backend share the machine's cores,
+#      and single runs of the same path differ by up to ±25 % here, so the
+#      three paths run in ROUNDS interleaved rounds (direct, standalone,
+#      remote, direct, ...): each round's ratio compares runs seconds apart,
+#      and the summary reports the median over rounds;
 #   4. sidecar RSS idle and after load.
-# Results (JSON lines) go to stdout and to $OUT (default target/bench-results.jsonl).
+# Results (JSON lines) go to stdout and to $OUT (default target/bench-results.jsonl);
+# the last line is the summary (medians).
 # Usage: tests/bench/run.sh [seconds-per-run (default 10)] [fixed rate (default 500)]
+# Environment: ROUNDS (default 5).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 SECS=${1:-10}
 RATE=${2:-500}
+ROUNDS=${ROUNDS:-5}
 OUT=${OUT:-$ROOT/target/bench-results.jsonl}
 : > "$OUT"
 
@@ -73,18 +81,25 @@ ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 # of 10 ms, read before and after), so the cost of each hop is visible
 # independently of how the 2 cores were shared.
 us_per_req() { echo $(( ($2 - $1) * 10000 / $3 )); }
-for target in "direct $FAKE 0" "standalone http://127.0.0.1:$SA_PORT $SA_PID" "remote http://127.0.0.1:$RM_PORT $RM_PID"; do
-  set -- $target
-  SC_PID=$3
-  f0=$(ticks $FAKE_PID); c0=$(ticks $CP_PID); s0=0; [ "$SC_PID" != 0 ] && s0=$(ticks $SC_PID)
-  line=$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --concurrency 10 --duration "$SECS" --warmup 0 --label "$1-throughput-c10")
-  f1=$(ticks $FAKE_PID); c1=$(ticks $CP_PID); s1=0; [ "$SC_PID" != 0 ] && s1=$(ticks $SC_PID)
-  record "$line"
-  n=$(echo "$line" | python3 -c 'import json,sys; print(max(1, json.load(sys.stdin)["requests"]))')
-  record "{\"label\":\"$1-cpu-us-per-request\",\"sidecar\":$(us_per_req $s0 $s1 $n),\"fake_backend\":$(us_per_req $f0 $f1 $n),\"control_plane\":$(us_per_req $c0 $c1 $n)}"
-  sleep 1
-  record "$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --rate "$RATE" --duration "$SECS" --label "$1-latency-r$RATE")"
-  sleep 1
+PATHS=("direct $FAKE 0" "standalone http://127.0.0.1:$SA_PORT $SA_PID" "remote http://127.0.0.1:$RM_PORT $RM_PID")
+for round in $(seq 1 "$ROUNDS"); do
+  for target in "${PATHS[@]}"; do
+    set -- $target
+    SC_PID=$3
+    f0=$(ticks $FAKE_PID); c0=$(ticks $CP_PID); s0=0; [ "$SC_PID" != 0 ] && s0=$(ticks $SC_PID)
+    line=$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --concurrency 10 --duration "$SECS" --warmup 0 --label "$1-throughput-c10")
+    f1=$(ticks $FAKE_PID); c1=$(ticks $CP_PID); s1=0; [ "$SC_PID" != 0 ] && s1=$(ticks $SC_PID)
+    record "${line%\}},\"round\":$round}"
+    n=$(echo "$line" | python3 -c 'import json,sys; print(max(1, json.load(sys.stdin)["requests"]))')
+    record "{\"label\":\"$1-cpu-us-per-request\",\"round\":$round,\"sidecar\":$(us_per_req $s0 $s1 $n),\"fake_backend\":$(us_per_req $f0 $f1 $n),\"control_plane\":$(us_per_req $c0 $c1 $n)}"
+  done
+done
+for round in $(seq 1 "$ROUNDS"); do
+  for target in "${PATHS[@]}"; do
+    set -- $target
+    line=$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --rate "$RATE" --duration "$SECS" --label "$1-latency-r$RATE")
+    record "${line%\}},\"round\":$round}"
+  done
 done
 
 # Throughput again with wrk (C, far cheaper per request than loadgen): the
@@ -96,14 +111,16 @@ wrk.method = "POST"
 wrk.body = '$BODY'
 wrk.headers["Content-Type"] = "application/json"
 LUA
-  for target in "direct $FAKE" "standalone http://127.0.0.1:$SA_PORT" "remote http://127.0.0.1:$RM_PORT"; do
-    set -- $target
-    rps=$(wrk -t1 -c10 -d"${SECS}s" -s "$WORK/post.lua" "$2/api/chat" | awk '/Requests\/sec/{print $2}')
-    record "{\"label\":\"$1-throughput-wrk-c10\",\"rps\":$rps}"
-    sleep 1
+  for round in $(seq 1 "$ROUNDS"); do
+    for target in "${PATHS[@]}"; do
+      set -- $target
+      rps=$(wrk -t1 -c10 -d"${SECS}s" -s "$WORK/post.lua" "$2/api/chat" | awk '/Requests\/sec/{print $2}')
+      record "{\"label\":\"$1-throughput-wrk-c10\",\"round\":$round,\"rps\":$rps}"
+    done
   done
 else
   echo "# wrk not installed: skipping the wrk throughput runs"
 fi
 record "{\"label\":\"sidecar_rss_after_load_kb\",\"standalone\":$(rss_kb $SA_PID),\"remote\":$(rss_kb $RM_PID)}"
+python3 "$ROOT/tests/bench/summary.py" "$OUT" | tee -a "$OUT"
 echo "# results in $OUT"

@@ -77,19 +77,24 @@ fn openai_path(route: ApiRoute) -> Option<&'static str> {
 /// OpenAI-only backend).
 pub fn passthrough_url(route: ApiRoute, endpoint: &str, kind: EndpointKind) -> Option<String> {
     match openai_path(route) {
-        Some(path) => Some(format!("{}{path}", openai_base(endpoint, kind))),
+        Some(path) => Some(joined(&openai_base(endpoint, kind), path)),
         None if kind.is_openai_only() => None,
-        None => Some(format!(
-            "{}{}",
-            endpoint.trim_end_matches('/'),
-            route.path()
-        )),
+        None => Some(joined(endpoint.trim_end_matches('/'), route.path())),
     }
 }
 
 /// The URL for a translated request (`path` relative to the OpenAI base).
 pub fn translated_url(endpoint: &str, kind: EndpointKind, path: &str) -> String {
-    format!("{}{path}", openai_base(endpoint, kind))
+    joined(&openai_base(endpoint, kind), path)
+}
+
+/// `base` + `path` in one allocation, without the formatting machinery
+/// (this runs on every request).
+fn joined(base: &str, path: &str) -> String {
+    let mut url = String::with_capacity(base.len() + path.len());
+    url.push_str(base);
+    url.push_str(path);
+    url
 }
 
 /// How the backend's answer is handled.

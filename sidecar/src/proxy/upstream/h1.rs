@@ -241,9 +241,25 @@ fn encode_head(request: &H1Request<'_>) -> Vec<u8> {
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"content-length: ");
-    head.extend_from_slice(request.body.len().to_string().as_bytes());
+    push_decimal(&mut head, request.body.len());
     head.extend_from_slice(b"\r\n\r\n");
     head
+}
+
+/// Appends `n` in decimal (no formatting machinery per request).
+fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        // `n % 10` < 10: the cast cannot truncate.
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// A failed exchange: whether the backend can have seen the request.

@@ -460,3 +460,12 @@ proptest! {
         prop_assert_eq!(data, parts.concat());
     }
 }
+
+#[test]
+fn content_length_digits() {
+    for n in [0usize, 7, 10, 99, 107_331, usize::MAX] {
+        let mut out = Vec::new();
+        push_decimal(&mut out, n);
+        assert_eq!(String::from_utf8(out).unwrap(), n.to_string());
+    }
+}
