@@ -28,6 +28,16 @@
 //! Client side ([`RouteClient`]): one stream shared by any number of
 //! concurrent callers, with the same `Result<_, Status>` shape as the unary
 //! client so callers (and `convert::choose_error_from_status`) do not change.
+//!
+//! Coalesced releases have two ways to hear how they ended, with the same
+//! outcomes: [`RouteClient::queue_release`] returns a future, and
+//! [`RouteClient::queue_release_to`] (the hot path of a sidecar, called
+//! synchronously where a lease ends) reports to a [`ReleaseListener`] —
+//! no future, no task wake-up and no allocation per release. Either way
+//! every queued release is settled exactly once: acknowledged, or failed
+//! when its message's answer says so, when the stream ends, or when the
+//! client is dropped first. [`RouteClient::start_choose`] likewise hands
+//! out a plain (`Unpin`, unboxed) future for the answer of a choose.
 
 use std::{
     collections::HashMap,
@@ -45,7 +55,10 @@ use parking_lot::Mutex;
 use switchyard_proto::v1::{
     self, route_request::Op, route_response::Result as Answer, routing_client::RoutingClient,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{
+    mpsc::{self, error::TrySendError},
+    oneshot,
+};
 use tokio_util::{
     sync::{CancellationToken, WaitForCancellationFutureOwned},
     task::AbortOnDropHandle,
@@ -194,6 +207,31 @@ const CLIENT_QUEUE: usize = 1024;
 /// in milliseconds, so the actual wait is 1-2 ms.
 pub const DEFAULT_RELEASE_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// Hears how the coalesced releases queued with
+/// [`RouteClient::queue_release_to`] ended.
+pub trait ReleaseListener: Send + Sync {
+    /// `release`, queued with `tag`, was applied (`Ok`, whether or not the
+    /// lease was still held: releases are idempotent) or failed with one of
+    /// the statuses [`RouteClient::queue_release`] fails with. Called
+    /// exactly once per queued release, from the client's reader task (or
+    /// where the client is dropped), never under a lock of the client: it
+    /// may queue the release again, here or elsewhere, but must not block.
+    fn settled(&self, release: v1::ReleaseRequest, tag: u64, result: Result<(), &Status>);
+}
+
+/// Why [`RouteClient::queue_release_to`] did not queue a release. Nothing
+/// was written and the listener will not hear of it: send it another way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotQueued {
+    /// The stream ended: open a new client.
+    #[error("the Route stream is closed")]
+    Closed,
+    /// The server does not apply coalesced releases: use
+    /// [`RouteClient::release`].
+    #[error("the control plane does not apply coalesced releases")]
+    NotCoalescing,
+}
+
 /// A multiplexing `Route` client: any number of concurrent callers share one
 /// stream; answers are matched to callers by correlation id.
 ///
@@ -204,13 +242,14 @@ pub const DEFAULT_RELEASE_LINGER: std::time::Duration = std::time::Duration::fro
 /// (drops the future) after its choose was sent may still get a lease: like
 /// a unary call, it belongs to the session and ends with it.
 ///
-/// Releases can be *coalesced* ([`RouteClient::queue_release`]): they ride
-/// in the `releases` field of the next request written (a choose, usually,
-/// under load: one message and one answer instead of two each), or go out
-/// alone after the linger. Each is acknowledged by the answer of the
-/// message that carried it, so a release is never lost silently: it is
-/// either acknowledged or failed (stream gone, or a server too old to apply
-/// coalesced releases, which also turns coalescing off on this client).
+/// Releases can be *coalesced* ([`RouteClient::queue_release`],
+/// [`RouteClient::queue_release_to`]): they ride in the `releases` field of
+/// the next request written (a choose, usually, under load: one message and
+/// one answer instead of two each), or go out alone after the linger. Each
+/// is acknowledged by the answer of the message that carried it, so a
+/// release is never lost silently: it is either acknowledged or failed
+/// (stream gone, client dropped, or a server too old to apply coalesced
+/// releases, which also turns coalescing off on this client).
 #[derive(Debug)]
 pub struct RouteClient {
     tx: mpsc::Sender<v1::RouteRequest>,
@@ -226,8 +265,68 @@ struct ClientShared {
     no_coalescing: AtomicBool,
 }
 
-/// Completion of one coalesced release.
-type ReleaseDone = oneshot::Sender<Result<(), Status>>;
+/// Who hears how one coalesced release ended.
+enum ReleaseDone {
+    /// A [`RouteClient::queue_release`] future.
+    Future(oneshot::Sender<Result<(), Status>>),
+    /// A [`RouteClient::queue_release_to`] listener.
+    Listener(Notice),
+}
+
+impl ReleaseDone {
+    fn settle(self, result: Result<(), &Status>) {
+        match self {
+            // A caller that stopped waiting has dropped its receiver.
+            Self::Future(done) => {
+                let _ = done.send(result.map_err(Status::clone));
+            }
+            Self::Listener(notice) => notice.settle(result),
+        }
+    }
+}
+
+impl std::fmt::Debug for ReleaseDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Future(_) => f.write_str("Future"),
+            Self::Listener(n) => f
+                .debug_struct("Listener")
+                .field("release", &n.release)
+                .field("tag", &n.tag)
+                .finish(),
+        }
+    }
+}
+
+/// A listener's report still owed. Dropped unsettled (with the client
+/// state, by a path that forgot it), it reports `UNAVAILABLE`: the
+/// listener hears of every release exactly once, whatever happens.
+struct Notice {
+    /// `Some` until reported; taking it makes the report exactly-once.
+    listener: Option<Arc<dyn ReleaseListener>>,
+    release: v1::ReleaseRequest,
+    tag: u64,
+}
+
+impl Notice {
+    fn settle(mut self, result: Result<(), &Status>) {
+        if let Some(listener) = self.listener.take() {
+            listener.settled(self.release, self.tag, result);
+        }
+    }
+}
+
+impl Drop for Notice {
+    fn drop(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            let gone = Status::unavailable("Route client gone before the release was acknowledged");
+            listener.settled(self.release, self.tag, Err(&gone));
+        }
+    }
+}
+
+/// The answer a caller of `choose` / `release` waits for.
+type AnswerRx = oneshot::Receiver<Result<Answer, Status>>;
 
 /// Who waits for the answer to one sent request.
 #[derive(Debug, Default)]
@@ -257,6 +356,13 @@ impl ClientShared {
             .closed
             .clone()
             .unwrap_or_else(|| Status::unavailable("Route stream closed"))
+    }
+
+    /// Forgets the waiter of a request that was never written.
+    fn forget(&self, id: u64) {
+        // Bound first: the waiter drops after the lock is released.
+        let waiter = self.pending.lock().waiters.remove(&id);
+        drop(waiter);
     }
 }
 
@@ -295,10 +401,45 @@ impl RouteClient {
 
     /// `ChooseEndpoint` over the stream.
     pub async fn choose(&self, request: v1::ChooseRequest) -> Result<v1::ChooseResponse, Status> {
-        match self.call(Op::Choose(request)).await? {
-            Answer::Choice(c) => Ok(c),
-            other => Err(mismatch("choose", &other)),
-        }
+        self.start_choose(request).await
+    }
+
+    /// Sends `ChooseEndpoint` over the stream now (when the send queue has
+    /// room, else as soon as it has) and returns its answer as a plain
+    /// future: `Unpin`, `'static` and, while the queue has room, not boxed
+    /// (its one allocation is the answer's oneshot channel), so a caller
+    /// can keep it inline and hand it to another task if it stops waiting.
+    /// Dropping it does not unsend the choose.
+    pub fn start_choose(&self, request: v1::ChooseRequest) -> ChooseInFlight {
+        let (id, answer) = match self.register() {
+            Ok(registered) => registered,
+            Err(status) => return ChooseInFlight::failed(status),
+        };
+        let message = v1::RouteRequest {
+            correlation_id: id,
+            op: Some(Op::Choose(request)),
+            releases: Vec::new(),
+        };
+        let state = match self.tx.try_send(message) {
+            Ok(()) => CallState::Waiting(answer),
+            // The writer is behind: wait for room (rare, so boxed).
+            Err(TrySendError::Full(message)) => {
+                let tx = self.tx.clone();
+                let shared = self.shared.clone();
+                CallState::Sending(Box::pin(async move {
+                    if tx.send(message).await.is_err() {
+                        shared.forget(id);
+                        return Err(shared.closed_status());
+                    }
+                    Ok(answer)
+                }))
+            }
+            Err(TrySendError::Closed(_)) => {
+                self.shared.forget(id);
+                CallState::Done(Some(self.shared.closed_status()))
+            }
+        };
+        ChooseInFlight { state }
     }
 
     /// `Release` over the stream, answered on its own.
@@ -325,21 +466,7 @@ impl RouteClient {
         request: v1::ReleaseRequest,
     ) -> impl Future<Output = Result<(), Status>> + Send + 'static + use<> {
         let (done, acked) = oneshot::channel();
-        let refused = {
-            let mut pending = self.shared.pending.lock();
-            match &pending.closed {
-                Some(status) => Some(status.clone()),
-                None => {
-                    pending.queued.push((request, done));
-                    if pending.queued.len() == 1
-                        && let Some(writer) = pending.writer.take()
-                    {
-                        writer.wake();
-                    }
-                    None
-                }
-            }
-        };
+        let refused = self.enqueue(request, || ReleaseDone::Future(done)).err();
         let shared = self.shared.clone();
         async move {
             if let Some(status) = refused {
@@ -350,6 +477,33 @@ impl RouteClient {
                 Err(_) => Err(shared.closed_status()),
             }
         }
+    }
+
+    /// Queues a coalesced release like [`RouteClient::queue_release`], but
+    /// synchronously and reporting to `listener` (with `tag`, for the
+    /// caller to recognise it) instead of through a future: the cheap form
+    /// for a caller that ends many leases. `listener` then hears exactly
+    /// once how it ended. Refused when the stream is closed or the server
+    /// does not apply coalesced releases: then nothing was queued, nothing
+    /// will be reported, and the caller sends the release another way.
+    pub fn queue_release_to<L: ReleaseListener + 'static>(
+        &self,
+        request: v1::ReleaseRequest,
+        listener: &Arc<L>,
+        tag: u64,
+    ) -> Result<(), NotQueued> {
+        if !self.coalescing() {
+            return Err(NotQueued::NotCoalescing);
+        }
+        self.enqueue(request, || {
+            let listener: Arc<dyn ReleaseListener> = listener.clone();
+            ReleaseDone::Listener(Notice {
+                listener: Some(listener),
+                release: request,
+                tag,
+            })
+        })
+        .map_err(|_| NotQueued::Closed)
     }
 
     /// False once the server showed it does not apply coalesced releases
@@ -363,35 +517,145 @@ impl RouteClient {
         self.shared.pending.lock().closed.is_some() || self.tx.is_closed()
     }
 
-    async fn call(&self, op: Op) -> Result<Answer, Status> {
+    /// Queues `request` with the completion `done` makes, unless the stream
+    /// ended (then `done` is not called: the caller reports the status).
+    fn enqueue(
+        &self,
+        request: v1::ReleaseRequest,
+        done: impl FnOnce() -> ReleaseDone,
+    ) -> Result<(), Status> {
+        let mut pending = self.shared.pending.lock();
+        if let Some(status) = &pending.closed {
+            return Err(status.clone());
+        }
+        pending.queued.push((request, done()));
+        if pending.queued.len() == 1
+            && let Some(writer) = pending.writer.take()
+        {
+            writer.wake();
+        }
+        Ok(())
+    }
+
+    /// A correlation id and the receiver of its answer, registered before
+    /// the request is written (the answer may come back at once).
+    fn register(&self) -> Result<(u64, AnswerRx), Status> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, answer) = oneshot::channel();
-        {
-            let mut pending = self.shared.pending.lock();
-            if let Some(status) = &pending.closed {
-                return Err(status.clone());
-            }
-            pending.waiters.insert(
-                id,
-                Waiter {
-                    answer: Some(done),
-                    releases: Vec::new(),
-                },
-            );
+        let mut pending = self.shared.pending.lock();
+        if let Some(status) = &pending.closed {
+            return Err(status.clone());
         }
+        pending.waiters.insert(
+            id,
+            Waiter {
+                answer: Some(done),
+                releases: Vec::new(),
+            },
+        );
+        Ok((id, answer))
+    }
+
+    async fn call(&self, op: Op) -> Result<Answer, Status> {
+        let (id, answer) = self.register()?;
         let request = v1::RouteRequest {
             correlation_id: id,
             op: Some(op),
             releases: Vec::new(),
         };
         if self.tx.send(request).await.is_err() {
-            self.shared.pending.lock().waiters.remove(&id);
+            self.shared.forget(id);
             return Err(self.shared.closed_status());
         }
         match answer.await {
             Ok(Ok(Answer::Error(e))) => Err(status_from_route_error(e)),
             Ok(result) => result,
             Err(_) => Err(self.shared.closed_status()),
+        }
+    }
+}
+
+impl Drop for RouteClient {
+    fn drop(&mut self) {
+        // The reader task stops with the client: settle now what it would
+        // have (releases go back to their senders, to be sent again).
+        fail_pending(&self.shared, Status::unavailable("Route client dropped"));
+    }
+}
+
+/// The answer of a choose sent by [`RouteClient::start_choose`].
+#[must_use = "the choose is sent; the future only waits for its answer"]
+pub struct ChooseInFlight {
+    state: CallState,
+}
+
+enum CallState {
+    /// Waiting for room in the send queue, then for the answer.
+    Sending(Pin<Box<dyn Future<Output = Result<AnswerRx, Status>> + Send>>),
+    /// Sent: waiting for the answer.
+    Waiting(AnswerRx),
+    /// Failed before it was sent; `None` once reported.
+    Done(Option<Status>),
+}
+
+impl ChooseInFlight {
+    fn failed(status: Status) -> Self {
+        Self {
+            state: CallState::Done(Some(status)),
+        }
+    }
+}
+
+impl std::fmt::Debug for ChooseInFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            CallState::Sending(_) => "sending",
+            CallState::Waiting(_) => "waiting",
+            CallState::Done(_) => "done",
+        };
+        f.debug_struct("ChooseInFlight")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl Future for ChooseInFlight {
+    type Output = Result<v1::ChooseResponse, Status>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                CallState::Sending(send) => match send.as_mut().poll(cx) {
+                    Poll::Ready(Ok(answer)) => this.state = CallState::Waiting(answer),
+                    Poll::Ready(Err(status)) => {
+                        this.state = CallState::Done(None);
+                        return Poll::Ready(Err(status));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                CallState::Waiting(answer) => {
+                    let answer = match Pin::new(answer).poll(cx) {
+                        Poll::Ready(answer) => answer,
+                        Poll::Pending => return Poll::Pending,
+                    };
+                    this.state = CallState::Done(None);
+                    return Poll::Ready(match answer {
+                        Ok(Ok(Answer::Choice(c))) => Ok(c),
+                        Ok(Ok(Answer::Error(e))) => Err(status_from_route_error(e)),
+                        Ok(Ok(other)) => Err(mismatch("choose", &other)),
+                        Ok(Err(status)) => Err(status),
+                        // Every waiter is answered or failed before the
+                        // client state goes away; this is that going away.
+                        Err(_) => Err(Status::unavailable("Route stream closed")),
+                    });
+                }
+                CallState::Done(status) => {
+                    return Poll::Ready(Err(status.take().unwrap_or_else(|| {
+                        Status::internal("Route choose polled after it completed")
+                    })));
+                }
+            }
         }
     }
 }
@@ -518,7 +782,7 @@ fn settle_releases(shared: &ClientShared, releases: Vec<ReleaseDone>, applied: u
         ))
     };
     for done in releases {
-        let _ = done.send(outcome.clone());
+        done.settle(outcome.as_ref().map(|&()| ()));
     }
 }
 
@@ -550,10 +814,18 @@ async fn read_answers(mut answers: tonic::Streaming<v1::RouteResponse>, shared: 
             Err(status) => break status,
         }
     };
-    let (waiters, queued) = {
+    fail_pending(&shared, end);
+}
+
+/// Closes the client state with `end` (unless already closed): every caller
+/// still waiting and every release sent or queued fails with the status
+/// the stream ended with, outside the lock.
+fn fail_pending(shared: &ClientShared, end: Status) {
+    let (end, waiters, queued) = {
         let mut pending = shared.pending.lock();
-        pending.closed = Some(end.clone());
+        let end = pending.closed.get_or_insert(end).clone();
         (
+            end,
             std::mem::take(&mut pending.waiters),
             std::mem::take(&mut pending.queued),
         )
@@ -563,11 +835,11 @@ async fn read_answers(mut answers: tonic::Streaming<v1::RouteResponse>, shared: 
             let _ = w.send(Err(end.clone()));
         }
         for done in waiter.releases {
-            let _ = done.send(Err(end.clone()));
+            done.settle(Err(&end));
         }
     }
     for (_, done) in queued {
-        let _ = done.send(Err(end.clone()));
+        done.settle(Err(&end));
     }
 }
 

@@ -6,7 +6,8 @@
 //! with [`Outcome::Cancelled`]. The sink call is synchronous and never
 //! blocks on the network: the embedded router calls the in-process control
 //! plane (one short lock), the remote router updates its ledger and queues
-//! the `Release` RPC to a background sender.
+//! the `Release` on its `Route` stream (or, without one, to a background
+//! sender).
 
 use std::{fmt, sync::Arc};
 
@@ -21,13 +22,21 @@ use switchyard_control_plane::{
 pub(crate) trait ReleaseSink: Send + Sync {
     /// Ends lease `id` with `outcome`. Called exactly once per lease.
     fn release(&self, id: LeaseId, outcome: Outcome, tokens: TokenCounts);
+
+    /// [`ReleaseSink::release`] given the handle the lease held, which is
+    /// what a [`Lease`] calls: a sink that must hand itself on (the remote
+    /// ledger lends itself to the `Route` stream as the listener of the
+    /// release) gets its `Arc` without a self-reference of its own.
+    fn release_owned(self: Arc<Self>, id: LeaseId, outcome: Outcome, tokens: TokenCounts) {
+        self.release(id, outcome, tokens);
+    }
 }
 
 /// A held lease. Exactly-once release: [`finish`](Self::finish) consumes
 /// it; dropping it unfinished (client disconnect, panic unwinding, early
 /// return) releases with [`Outcome::Cancelled`]. Release is non-blocking
-/// (remote: queued to a background sender that retries until the control
-/// plane acknowledges or the session is gone).
+/// (remote: queued on the `Route` stream, or to a background sender that
+/// retries until the control plane acknowledges or the session is gone).
 #[must_use = "dropping a lease releases it at once as cancelled"]
 pub struct Lease {
     choice: Choice,
@@ -91,7 +100,7 @@ impl Lease {
 
     fn release(&mut self, outcome: Outcome, tokens: TokenCounts) {
         if let Some(sink) = self.sink.take() {
-            sink.release(self.id, outcome, tokens);
+            sink.release_owned(self.id, outcome, tokens);
         }
     }
 }

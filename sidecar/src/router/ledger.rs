@@ -23,6 +23,40 @@
 //! Queued releases carry the generation they were owed to; the sender drops
 //! one whose generation was superseded (that session, and its leases, are
 //! gone at the control plane).
+//!
+//! Where an owed release goes ([`Ledger::enqueue`]):
+//! - **fast path**: while the remote router's `Route` stream (the shared
+//!   [`RouteSlot`]) is open and coalescing, the release is queued on it
+//!   synchronously, right where the lease ends, with the ledger itself as
+//!   its [`ReleaseListener`] (tag: the generation). No channel hop, no task
+//!   wake-up, no future or allocation per release: it rides on the next
+//!   choose written (or goes out after the ~1 ms linger), and the stream's
+//!   reader reports the acknowledgement here;
+//! - **retry path**: otherwise — and whenever the stream reports a
+//!   transport failure (it ended, or the client went away, before the ack;
+//!   or the control plane turned out not to apply coalesced releases) — the
+//!   job goes on the channel to the remote router's release sender, which
+//!   retries with backoff (stream or unary) until acknowledged or until its
+//!   generation is superseded.
+//!
+//! A release refused as malformed (`INVALID_ARGUMENT`, any other
+//! non-transport status) is dropped with a warning on both paths.
+//! [`Ledger::drained`] counts both: a job is pending from the moment it is
+//! owed until it is acknowledged, refused or abandoned, whichever path it
+//! took (a fast-path failure keeps it pending while it moves to the retry
+//! path).
+//!
+//! Unlike the retry path, the fast path has no per-release deadline: a
+//! stream that stays open but never answers keeps its releases until the
+//! connection's HTTP/2 keep-alive fails it (then they take the retry path);
+//! [`Ledger::drained`] is bounded by its callers. While releases wait on
+//! the stream, the stream's client holds the ledger (as their listener) and
+//! the ledger's slot holds the client: that cycle ends with their report.
+//!
+//! Lock order: the book lock is never held while queueing; the route slot's
+//! lock is held while queueing on the stream (slot, then the client's own
+//! lock — the order `remote::route_client` takes them in too). Listener
+//! reports run outside the client's locks and take neither.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -36,13 +70,24 @@ use parking_lot::Mutex;
 use switchyard_control_plane::{
     api::LeaseRecord,
     decision::Choice,
+    grpc::{
+        convert::ReleaseCall,
+        route_stream::{ReleaseListener, RouteClient},
+    },
     ids::{IdAllocator, LeaseId, SessionId},
     outcome::{Outcome, TokenCounts},
     policy::LocalUsage,
 };
+use switchyard_proto::v1;
 use tokio::sync::{Notify, mpsc};
+use tonic::Status;
 
-use super::lease::ReleaseSink;
+use super::{lease::ReleaseSink, remote::is_transport};
+
+/// The remote router's current `Route` stream, shared with the ledger:
+/// the remote router opens and replaces it, the ledger queues releases on
+/// it. `None` (or a closed client) means the retry path.
+pub(crate) type RouteSlot = Mutex<Option<Arc<RouteClient>>>;
 
 /// A `Release` owed to the control plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +97,16 @@ pub(crate) struct ReleaseJob {
     pub(crate) tokens: TokenCounts,
     /// Session generation that counts the lease.
     pub(crate) generation: u64,
+}
+
+impl ReleaseJob {
+    fn message(&self) -> v1::ReleaseRequest {
+        v1::ReleaseRequest::from(&ReleaseCall {
+            lease: self.lease,
+            outcome: self.outcome,
+            tokens: self.tokens,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -88,8 +143,12 @@ pub(crate) struct Registration {
 /// remote lease.
 pub(crate) struct Ledger {
     book: Mutex<Book>,
+    /// The fast path (see the module docs).
+    route: Arc<RouteSlot>,
+    /// The retry path: to the remote router's release sender.
     queue: mpsc::UnboundedSender<ReleaseJob>,
-    /// Releases queued and not yet done by the sender.
+    /// Releases owed and not yet done (acknowledged, refused or abandoned),
+    /// on either path.
     pending: AtomicUsize,
     drained: Notify,
     /// Ids for leases granted locally (tagged: never collide with the
@@ -98,10 +157,12 @@ pub(crate) struct Ledger {
 }
 
 impl Ledger {
-    /// A ledger whose releases go to `queue`.
-    pub(crate) fn new(queue: mpsc::UnboundedSender<ReleaseJob>) -> Self {
+    /// A ledger whose releases go on the stream in `route` when it is open
+    /// and coalescing, to `queue` otherwise.
+    pub(crate) fn new(queue: mpsc::UnboundedSender<ReleaseJob>, route: Arc<RouteSlot>) -> Self {
         Self {
             book: Mutex::new(Book::default()),
+            route,
             queue,
             pending: AtomicUsize::new(0),
             drained: Notify::new(),
@@ -189,7 +250,7 @@ impl Ledger {
 
     /// Releases a lease the control plane granted but this sidecar never
     /// used (its answer came after the choose deadline).
-    pub(crate) fn release_orphan(&self, lease: LeaseId, generation: u64) {
+    pub(crate) fn release_orphan(self: &Arc<Self>, lease: LeaseId, generation: u64) {
         self.enqueue(ReleaseJob {
             lease,
             outcome: Outcome::Cancelled,
@@ -245,7 +306,7 @@ impl Ledger {
     /// the leases (an error leaves them for the next round). Deferred
     /// releases are queued either way: after a failed round the control plane
     /// may or may not count them, and `Release` is idempotent.
-    pub(crate) fn finish_registration(&self, round: &Registration, registered: bool) {
+    pub(crate) fn finish_registration(self: &Arc<Self>, round: &Registration, registered: bool) {
         let deferred = {
             let mut book = self.book.lock();
             let ids = book.registering.take().unwrap_or_default();
@@ -269,8 +330,31 @@ impl Ledger {
         }
     }
 
-    fn enqueue(&self, job: ReleaseJob) {
+    /// Owes `job`: on the open `Route` stream when there is one that
+    /// coalesces (the fast path), else to the release sender.
+    fn enqueue(self: &Arc<Self>, job: ReleaseJob) {
         self.pending.fetch_add(1, Ordering::AcqRel);
+        {
+            let route = self.route.lock();
+            if let Some(route) = &*route
+                && route
+                    .queue_release_to(job.message(), self, job.generation)
+                    .is_ok()
+            {
+                return;
+            }
+        }
+        self.to_sender(job);
+    }
+
+    /// Owes `job` without a reference to hand on: the retry path only.
+    fn enqueue_to_sender(&self, job: ReleaseJob) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.to_sender(job);
+    }
+
+    /// Hands a pending job to the release sender (the retry path).
+    fn to_sender(&self, job: ReleaseJob) {
         if self.queue.send(job).is_err() {
             // The sender stopped (shutdown): the session close or expiry
             // ends the lease at the control plane.
@@ -304,34 +388,78 @@ impl Ledger {
 
 impl ReleaseSink for Ledger {
     fn release(&self, id: LeaseId, outcome: Outcome, tokens: TokenCounts) {
-        let job = {
-            let mut book = self.book.lock();
-            let Some(h) = book.held.remove(&id) else {
-                return;
-            };
-            if h.local {
-                book.local
-                    .add(&h.record.endpoint, &h.record.tracking_model, -1);
-            }
-            let generation = book.generation;
-            let job = ReleaseJob {
-                lease: id,
-                outcome,
-                tokens,
-                generation,
-            };
-            if book.registering.as_ref().is_some_and(|r| r.contains(&id)) {
-                book.deferred.push(job);
-                return;
-            }
-            match h.counted_in {
-                Some(g) if g == generation => job,
-                // Counted by nobody: never registered, or its session is
-                // gone at the control plane (and the lease with it).
-                _ => return,
+        if let Some(job) = self.owe(id, outcome, tokens) {
+            self.enqueue_to_sender(job);
+        }
+    }
+
+    fn release_owned(self: Arc<Self>, id: LeaseId, outcome: Outcome, tokens: TokenCounts) {
+        if let Some(job) = self.owe(id, outcome, tokens) {
+            self.enqueue(job);
+        }
+    }
+}
+
+/// Reports of the releases queued on the `Route` stream (the fast path).
+impl ReleaseListener for Ledger {
+    fn settled(&self, release: v1::ReleaseRequest, generation: u64, result: Result<(), &Status>) {
+        let status = match result {
+            Ok(()) => return self.job_done(),
+            Err(status) => status,
+        };
+        let call = match ReleaseCall::try_from(release) {
+            Ok(call) => call,
+            Err(e) => {
+                // Built from a ReleaseJob, so it converts back; if it ever
+                // did not, the session's end still ends the lease.
+                tracing::error!(error = %e, "queued release does not convert back; dropped");
+                return self.job_done();
             }
         };
-        self.enqueue(job);
+        if is_transport(status.code()) {
+            // Not acknowledged: the retry path sends it again (releases are
+            // idempotent if it was applied after all). Still pending.
+            tracing::debug!(lease = %call.lease, code = ?status.code(), "release not acknowledged on the stream; retrying");
+            self.to_sender(ReleaseJob {
+                lease: call.lease,
+                outcome: call.outcome,
+                tokens: call.tokens,
+                generation,
+            });
+        } else {
+            tracing::warn!(lease = %call.lease, code = ?status.code(), message = status.message(), "release refused; dropped");
+            self.job_done();
+        }
+    }
+}
+
+impl Ledger {
+    /// Takes lease `id` off the book; the release to send, if the current
+    /// session counts it (see the module docs for the other cases).
+    fn owe(&self, id: LeaseId, outcome: Outcome, tokens: TokenCounts) -> Option<ReleaseJob> {
+        let mut book = self.book.lock();
+        let h = book.held.remove(&id)?;
+        if h.local {
+            book.local
+                .add(&h.record.endpoint, &h.record.tracking_model, -1);
+        }
+        let generation = book.generation;
+        let job = ReleaseJob {
+            lease: id,
+            outcome,
+            tokens,
+            generation,
+        };
+        if book.registering.as_ref().is_some_and(|r| r.contains(&id)) {
+            book.deferred.push(job);
+            return None;
+        }
+        match h.counted_in {
+            Some(g) if g == generation => Some(job),
+            // Counted by nobody: never registered, or its session is
+            // gone at the control plane (and the lease with it).
+            _ => None,
+        }
     }
 }
 
@@ -357,7 +485,7 @@ mod tests {
 
     fn ledger() -> (Arc<Ledger>, mpsc::UnboundedReceiver<ReleaseJob>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Arc::new(Ledger::new(tx)), rx)
+        (Arc::new(Ledger::new(tx, Arc::default())), rx)
     }
 
     fn drain(rx: &mut mpsc::UnboundedReceiver<ReleaseJob>) -> Vec<ReleaseJob> {
@@ -458,6 +586,41 @@ mod tests {
         drop(granted);
         assert!(drain(&mut rx).is_empty());
         assert!(l.begin_registration().is_none());
+    }
+
+    #[test]
+    fn stream_reports_finish_the_job_or_hand_it_to_the_sender() {
+        use futures::FutureExt;
+
+        let (l, mut rx) = ledger();
+        let g = l.open_session(SessionId(1));
+        // No stream in the slot: owed releases go to the sender. Taken off
+        // its queue here to play the stream's reports on them.
+        l.release_orphan(LeaseId(9), g);
+        let job = drain(&mut rx).pop().unwrap();
+        assert!(l.drained().now_or_never().is_none());
+
+        // Not acknowledged (stream gone): the same job goes to the sender,
+        // still pending.
+        l.settled(job.message(), g, Err(&Status::unavailable("stream gone")));
+        assert_eq!(drain(&mut rx), vec![job]);
+        assert!(l.drained().now_or_never().is_none());
+
+        // Refused as malformed: dropped (with a warning), done.
+        l.settled(
+            job.message(),
+            g,
+            Err(&Status::invalid_argument("malformed coalesced releases")),
+        );
+        assert!(drain(&mut rx).is_empty());
+        assert!(l.drained().now_or_never().is_some());
+
+        // Acknowledged: done.
+        l.release_orphan(LeaseId(10), g);
+        let job = drain(&mut rx).pop().unwrap();
+        l.settled(job.message(), g, Ok(()));
+        assert!(drain(&mut rx).is_empty());
+        assert!(l.drained().now_or_never().is_some());
     }
 
     #[tokio::test]

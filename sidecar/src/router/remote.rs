@@ -12,21 +12,26 @@
 //!   including those granted locally in degraded mode — with
 //!   `RegisterLeases`, so cluster usage is exact again within one interval;
 //! - the **follower** ([`super::follower`]) keeps the last `WatchUsage` state;
-//! - the **release sender** sends queued `Release` calls, many concurrently,
+//! - the **release sender** is the retry path of releases: it sends the
+//!   ones the ledger could not put on an open `Route` stream, and the ones
+//!   the stream failed before its acknowledgement, many concurrently,
 //!   retrying transport failures until acknowledged or until the session
 //!   they were owed to is gone (then the control plane already dropped the
-//!   lease). See [`super::ledger`] for the exactly-once rules. On the
-//!   `Route` stream releases are coalesced: they ride on the next choose
-//!   written (or go out together after ~1 ms), each still acknowledged by
-//!   the answer of the message that carried it; a control plane that
-//!   predates coalescing is detected and gets them one by one.
+//!   lease). See [`super::ledger`] for the exactly-once rules and the fast
+//!   path. On the `Route` stream releases are coalesced: they ride on the
+//!   next choose written (or go out together after ~1 ms), each still
+//!   acknowledged by the answer of the message that carried it; a control
+//!   plane that predates coalescing is detected and gets them one by one.
 //!
 //! A choice is one `ChooseEndpoint` with `reserve=true` and a local deadline
 //! of `choose_timeout`. On deadline, transport error, unknown session or a
 //! missing session it decides locally ([`super::degraded`]). A call that
 //! missed the deadline is not abandoned: it finishes in a tracked task and a
 //! lease it still grants is released at once (otherwise the control plane
-//! would count it until the session ends).
+//! would count it until the session ends). On the `Route` stream a choice
+//! costs no `tonic::Request` (whose `grpc-timeout` header is formatted per
+//! call) and no boxed future: the stream's [`ChooseInFlight`] is waited on
+//! inline; only the unary fallback builds a request and boxes its call.
 
 use std::{
     future::Future,
@@ -38,8 +43,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
-use switchyard_control_plane::grpc::route_stream::RouteClient;
+use futures::{StreamExt, future::Either};
+use switchyard_control_plane::grpc::route_stream::{ChooseInFlight, RouteClient};
 use switchyard_control_plane::{
     api::SessionGrant,
     cluster::ClusterState,
@@ -58,7 +63,7 @@ use super::{
     degraded::{AffinityMemory, Circuit, DegradeCause},
     follower::{Follower, Snapshot},
     lease::Lease,
-    ledger::{self, Ledger, Registration, ReleaseJob},
+    ledger::{self, Ledger, Registration, ReleaseJob, RouteSlot},
 };
 
 /// Exponential backoff with ±20 % jitter, `min` doubling up to `max`.
@@ -94,7 +99,7 @@ impl Backoff {
 
 /// True for failures that say nothing about the request, only that the
 /// control plane could not be reached or did not answer.
-fn is_transport(code: Code) -> bool {
+pub(crate) fn is_transport(code: Code) -> bool {
     matches!(
         code,
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
@@ -136,7 +141,8 @@ struct Shared {
     /// The multiplexed `Route` stream choices and releases travel on
     /// (one HTTP/2 stream instead of one call each: ~10x cheaper for the
     /// control plane); reopened when it ends, unary calls meanwhile.
-    route: parking_lot::Mutex<Option<Arc<RouteClient>>>,
+    /// Shared with the ledger, which queues releases on it directly.
+    route: Arc<RouteSlot>,
     /// Serializes stream (re)opening.
     route_opening: tokio::sync::Mutex<()>,
     ledger: Arc<Ledger>,
@@ -187,14 +193,15 @@ impl RemoteRouter {
             .connect_lazy();
         let client = RoutingClient::new(channel);
         let (queue, jobs) = mpsc::unbounded_channel();
+        let route = Arc::new(RouteSlot::new(None));
         let shared = Arc::new(Shared {
             name,
             affinity: AffinityMemory::new(settings.affinity_ttl, settings.affinity_max_entries),
             settings,
             client: client.clone(),
-            route: parking_lot::Mutex::new(None),
+            route: route.clone(),
             route_opening: tokio::sync::Mutex::new(()),
-            ledger: Arc::new(Ledger::new(queue)),
+            ledger: Arc::new(Ledger::new(queue, route)),
             circuit: Arc::new(Circuit::default()),
             snapshot: Arc::new(Snapshot::default()),
             wake_session: Arc::new(Notify::new()),
@@ -352,14 +359,24 @@ async fn remote_choose(
     generation: u64,
 ) -> Result<Lease, Fallback> {
     let settings = &shared.settings;
-    let mut client = shared.client.clone();
-    let route = route_client(shared).await;
-    // The header deadline is the long RPC timeout: a late answer is still
-    // wanted (to release its lease), only this request stops waiting.
-    let message = request(
-        choose_request_to_proto(req, Some(session)),
-        settings_rpc_timeout(settings),
-    );
+    let message = choose_request_to_proto(req, Some(session));
+    let call = match route_client(shared).await {
+        // Sent now; the answer is waited for inline (no box, no request).
+        Some(route) => Either::Left(route.start_choose(message)),
+        None => {
+            let mut client = shared.client.clone();
+            // The header deadline is the long RPC timeout: a late answer is
+            // still wanted (to release its lease), only this request stops
+            // waiting.
+            let message = request(message, settings_rpc_timeout(settings));
+            Either::Right(Box::pin(async move {
+                client
+                    .choose_endpoint(message)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }) as UnaryChoose)
+        }
+    };
     // If this future is dropped while the call is pending (the client went
     // away), or the deadline passes, the guard hands the call to
     // `reap_late_grant`, so a lease the control plane still grants is
@@ -367,15 +384,7 @@ async fn remote_choose(
     let mut pending = PendingChoose {
         shared,
         generation,
-        call: Some(Box::pin(async move {
-            match route {
-                Some(route) => route.choose(message.into_inner()).await,
-                None => client
-                    .choose_endpoint(message)
-                    .await
-                    .map(tonic::Response::into_inner),
-            }
-        })),
+        call: Some(call),
     };
     let answer = match pending.wait(settings.choose_timeout).await {
         Some(answer) => answer,
@@ -435,6 +444,12 @@ async fn remote_choose(
 
 type ChooseAnswer = Result<v1::ChooseResponse, Status>;
 
+/// A unary choose in flight (the fallback when there is no stream).
+type UnaryChoose = Pin<Box<dyn Future<Output = ChooseAnswer> + Send>>;
+
+/// A choose in flight on either transport.
+type AnyChoose = Either<ChooseInFlight, UnaryChoose>;
+
 /// The open `Route` stream, opening one when there is none (bounded by the
 /// choice deadline); `None` means use unary calls this time.
 async fn route_client(shared: &Shared) -> Option<Arc<RouteClient>> {
@@ -451,7 +466,10 @@ async fn route_client(shared: &Shared) -> Option<Arc<RouteClient>> {
     match tokio::time::timeout(shared.settings.choose_timeout, open).await {
         Ok(Ok(c)) => {
             let c = Arc::new(c);
-            *shared.route.lock() = Some(c.clone());
+            // The closed client goes away outside the slot's lock (its
+            // drop reports what it still held to the ledger).
+            let closed = shared.route.lock().replace(c.clone());
+            drop(closed);
             Some(c)
         }
         Ok(Err(status)) => {
@@ -464,19 +482,13 @@ async fn route_client(shared: &Shared) -> Option<Arc<RouteClient>> {
 
 /// A choose call in flight. Dropped unfinished, it lets the call complete in
 /// a tracked task that releases any lease granted late.
-struct PendingChoose<'a, F>
-where
-    F: Future<Output = ChooseAnswer> + Send + 'static,
-{
+struct PendingChoose<'a> {
     shared: &'a Arc<Shared>,
     generation: u64,
-    call: Option<Pin<Box<F>>>,
+    call: Option<AnyChoose>,
 }
 
-impl<F> PendingChoose<'_, F>
-where
-    F: Future<Output = ChooseAnswer> + Send + 'static,
-{
+impl PendingChoose<'_> {
     /// The answer, or `None` when `limit` passed first (the call stays
     /// pending and is reaped on drop).
     async fn wait(&mut self, limit: Duration) -> Option<ChooseAnswer> {
@@ -487,10 +499,7 @@ where
     }
 }
 
-impl<F> Drop for PendingChoose<'_, F>
-where
-    F: Future<Output = ChooseAnswer> + Send + 'static,
-{
+impl Drop for PendingChoose<'_> {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
             reap_late_grant(self.shared, call, self.generation);

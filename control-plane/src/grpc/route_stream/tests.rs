@@ -528,20 +528,250 @@ async fn releases_only_requests_and_malformed_entries_on_a_raw_stream() {
 fn releases_an_old_server_ignored_are_failed_for_resending() {
     let shared = ClientShared::default();
     let (done, mut acked) = oneshot::channel();
-    settle_releases(&shared, vec![done], 1);
+    settle_releases(&shared, vec![ReleaseDone::Future(done)], 1);
     acked.try_recv().unwrap().unwrap();
 
     let (done, mut acked) = oneshot::channel();
-    settle_releases(&shared, vec![done], 0);
+    settle_releases(&shared, vec![ReleaseDone::Future(done)], 0);
     let e = acked.try_recv().unwrap().unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(shared.no_coalescing.load(Ordering::Relaxed));
 
     let (a, mut acked_a) = oneshot::channel();
     let (b, _acked_b) = oneshot::channel();
-    settle_releases(&shared, vec![a, b], 1);
+    settle_releases(
+        &shared,
+        vec![ReleaseDone::Future(a), ReleaseDone::Future(b)],
+        1,
+    );
     assert_eq!(
         acked_a.try_recv().unwrap().unwrap_err().code(),
         Code::InvalidArgument
     );
+}
+
+/// What a [`ReleaseListener`] heard: lease, tag, and the outcome's code.
+type Heard = (u64, u64, Result<(), Code>);
+
+/// A listener that forwards every report to a channel.
+struct Recorder(mpsc::UnboundedSender<Heard>);
+
+impl ReleaseListener for Recorder {
+    fn settled(&self, release: v1::ReleaseRequest, tag: u64, result: Result<(), &Status>) {
+        let _ = self
+            .0
+            .send((release.lease_id, tag, result.map_err(Status::code)));
+    }
+}
+
+fn recorder() -> (Arc<Recorder>, mpsc::UnboundedReceiver<Heard>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Arc::new(Recorder(tx)), rx)
+}
+
+/// The next `n` reports, sorted by lease.
+async fn heard(rx: &mut mpsc::UnboundedReceiver<Heard>, n: usize) -> Vec<Heard> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let report = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a report in time")
+            .expect("listener alive");
+        out.push(report);
+    }
+    out.sort_unstable_by_key(|&(lease, tag, _)| (lease, tag));
+    out
+}
+
+#[tokio::test]
+async fn listener_releases_are_applied_and_reported_once() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = RouteClient::open_with_linger(s.routing(), Duration::from_millis(5))
+        .await
+        .unwrap();
+    let (listener, mut rx) = recorder();
+    let mut leases = take_leases(&client, session, 20).await;
+    for (tag, &lease) in leases.iter().enumerate() {
+        client
+            .queue_release_to(release(lease), &listener, tag as u64)
+            .unwrap();
+    }
+    let reports = heard(&mut rx, leases.len()).await;
+    leases.sort_unstable();
+    for (report, lease) in reports.iter().zip(&leases) {
+        assert_eq!((report.0, report.2), (*lease, Ok(())));
+    }
+    assert_eq!(s.cp.stats().leases_active, 0);
+
+    // Riding on a choose: applied before it, reported with its answer.
+    let more = take_leases(&client, session, 2).await;
+    let slow = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    for &lease in &more {
+        slow.queue_release_to(release(lease), &listener, 7).unwrap();
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(s.cp.stats().leases_active, 2, "nothing written yet");
+    slow.start_choose(choose(session, "m")).await.unwrap();
+    let reports = heard(&mut rx, 2).await;
+    assert!(
+        reports.iter().all(|r| r.1 == 7 && r.2 == Ok(())),
+        "{reports:?}"
+    );
+    assert_eq!(s.cp.stats().leases_active, 1, "only the new choose counted");
+    assert!(rx.try_recv().is_err(), "each release reported once");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn listener_hears_unavailable_when_the_stream_dies() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let (listener, mut rx) = recorder();
+    let leases = take_leases(&client, session, 2).await;
+    for &lease in &leases {
+        client
+            .queue_release_to(release(lease), &listener, 1)
+            .unwrap();
+    }
+    // The server goes away before anything carried them.
+    s.shutdown.cancel();
+    for report in heard(&mut rx, 2).await {
+        assert_eq!(report.2, Err(Code::Unavailable), "{report:?}");
+    }
+    assert!(client.is_closed());
+    assert_eq!(
+        client.queue_release_to(release(leases[0]), &listener, 1),
+        Err(NotQueued::Closed)
+    );
+    assert!(rx.try_recv().is_err(), "a refused release is not reported");
+    let stats = s.cp.stats();
+    assert_eq!((stats.leases_active, stats.leases_released), (2, 0));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn listener_releases_fail_over_to_a_new_stream_exactly_once() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let (listener, mut rx) = recorder();
+    let leases = take_leases(&client, session, 3).await;
+    for &lease in &leases {
+        client
+            .queue_release_to(release(lease), &listener, 2)
+            .unwrap();
+    }
+    // The client goes away with the releases unsent: each is reported
+    // UNAVAILABLE (to be sent again), none is applied.
+    drop(client);
+    let failed = heard(&mut rx, 3).await;
+    assert!(
+        failed.iter().all(|r| r.2 == Err(Code::Unavailable)),
+        "{failed:?}"
+    );
+    assert_eq!(s.cp.stats().leases_active, 3);
+
+    let fresh = RouteClient::open_with_linger(s.routing(), Duration::from_millis(5))
+        .await
+        .unwrap();
+    for (lease, _, _) in failed {
+        fresh
+            .queue_release_to(release(lease), &listener, 3)
+            .unwrap();
+    }
+    let applied = heard(&mut rx, 3).await;
+    assert!(
+        applied.iter().all(|r| r.1 == 3 && r.2 == Ok(())),
+        "{applied:?}"
+    );
+    let stats = s.cp.stats();
+    assert_eq!((stats.leases_active, stats.leases_released), (0, 3));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn listener_hears_invalid_argument_for_a_message_with_malformed_entries() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let (listener, mut rx) = recorder();
+    let lease = take_leases(&client, session, 1).await[0];
+    client
+        .queue_release_to(release(lease), &listener, 4)
+        .unwrap();
+    client.queue_release_to(release(0), &listener, 5).unwrap();
+    client.choose(choose(0, "m")).await.unwrap();
+    let reports = heard(&mut rx, 2).await;
+    assert_eq!(
+        reports,
+        vec![
+            (0, 5, Err(Code::InvalidArgument)),
+            (lease, 4, Err(Code::InvalidArgument)),
+        ]
+    );
+    // The well-formed one was applied all the same.
+    assert_eq!(s.cp.stats().leases_active, 0);
+    assert!(client.coalescing(), "a partial apply is not an old server");
+    // Once the server showed it ignores them, none is queued any more.
+    client.shared.no_coalescing.store(true, Ordering::Relaxed);
+    assert_eq!(
+        client.queue_release_to(release(lease), &listener, 6),
+        Err(NotQueued::NotCoalescing)
+    );
+    assert!(rx.try_recv().is_err(), "a refused release is not reported");
+    s.stop().await;
+}
+
+#[test]
+fn listener_notices_report_exactly_once_even_when_dropped() {
+    let shared = ClientShared::default();
+    let (listener, mut rx) = recorder();
+    let notice = |tag| {
+        ReleaseDone::Listener(Notice {
+            listener: Some(listener.clone()),
+            release: release(tag),
+            tag,
+        })
+    };
+    settle_releases(&shared, vec![notice(1)], 0);
+    assert_eq!(rx.try_recv().unwrap(), (1, 1, Err(Code::Unavailable)));
+    assert!(shared.no_coalescing.load(Ordering::Relaxed));
+    // A notice dropped unsettled reports, once.
+    drop(notice(2));
+    assert_eq!(rx.try_recv().unwrap(), (2, 2, Err(Code::Unavailable)));
+    notice(3).settle(Ok(()));
+    assert_eq!(rx.try_recv().unwrap(), (3, 3, Ok(())));
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn chooses_wait_for_room_when_the_send_queue_is_full() {
+    let s = served().await;
+    let client = RouteClient::open(s.routing()).await.unwrap();
+    // Started without yielding (one-thread runtime): the writer cannot
+    // drain the queue meanwhile, so the last ones find it full.
+    let calls: Vec<ChooseInFlight> = (0..CLIENT_QUEUE + 50)
+        .map(|_| client.start_choose(choose(0, "m")))
+        .collect();
+    assert!(
+        calls.iter().any(|c| format!("{c:?}").contains("sending")),
+        "the queue never filled"
+    );
+    let answers = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(calls))
+        .await
+        .expect("every choose answered");
+    for answer in answers {
+        assert_eq!(answer.unwrap().endpoint, BACKEND);
+    }
+    s.stop().await;
 }

@@ -6,30 +6,39 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use futures::{FutureExt, StreamExt};
 use switchyard_control_plane::{
+    api::SessionGrant,
     config::Config,
     control_plane::ControlPlane,
-    decision::ChooseError,
-    grpc::{RoutingService, WatchUsageStream, route_stream::RouteResponseStream},
+    decision::{Choice, ChooseError},
+    grpc::{
+        RoutingService, WatchUsageStream,
+        convert::choose_request_to_proto,
+        route_stream::{RouteClient, RouteResponseStream, RouteStream},
+    },
     outcome::{Outcome, TokenCounts},
     server::RunningControlPlane,
 };
 use switchyard_proto::v1::{
     self,
+    routing_client::RoutingClient,
     routing_server::{Routing, RoutingServer},
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::server::TcpIncoming;
 
 use crate::router::{
     RemoteSettings, RouteError, Router,
     embedded::tests::{probe, request},
+    lease::Lease,
+    ledger::{self, Ledger, RouteSlot},
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -331,6 +340,75 @@ struct Gated {
     inner: RoutingService,
     hold: Arc<AtomicBool>,
     gate: watch::Sender<bool>,
+    route: RouteMode,
+}
+
+/// How [`Gated`] answers `Route`.
+#[derive(Clone)]
+enum RouteMode {
+    /// Refused, so the router falls back to the gated unary calls (the
+    /// late-answer handling is the same for both transports).
+    Refused,
+    /// Served, under the test's control.
+    Served(Arc<StreamControl>),
+}
+
+/// Control over the `Route` streams of a [`Gated`] service.
+struct StreamControl {
+    /// The server's shutdown.
+    shutdown: CancellationToken,
+    /// While false, requests read from a stream wait before being answered.
+    open: watch::Sender<bool>,
+    /// Requests that found the gate closed.
+    held: AtomicUsize,
+    /// Ends the streams opened so far (a broken connection, as far as
+    /// they are concerned); replaced by a fresh token for later ones.
+    cut: parking_lot::Mutex<CancellationToken>,
+}
+
+impl StreamControl {
+    fn new(shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            shutdown,
+            open: watch::channel(true).0,
+            held: AtomicUsize::new(0),
+            cut: parking_lot::Mutex::new(CancellationToken::new()),
+        })
+    }
+
+    fn cut_open_streams(&self) {
+        std::mem::take(&mut *self.cut.lock()).cancel();
+    }
+
+    /// The answers to `inbound`: requests wait at the gate, and one that
+    /// waited until its stream was cut is never answered (it fails the
+    /// stream instead).
+    fn serve(
+        self: &Arc<Self>,
+        service: RoutingService,
+        inbound: tonic::Streaming<v1::RouteRequest>,
+    ) -> RouteResponseStream {
+        let cut = self.cut.lock().clone();
+        let ctl = self.clone();
+        let stream_cut = cut.clone();
+        let gated = Box::pin(inbound.then(move |request| {
+            let ctl = ctl.clone();
+            let cut = stream_cut.clone();
+            async move {
+                let mut open = ctl.open.subscribe();
+                if !*open.borrow_and_update() {
+                    ctl.held.fetch_add(1, Ordering::AcqRel);
+                }
+                let _ = open.wait_for(|o| *o).await;
+                if cut.is_cancelled() {
+                    return Err(tonic::Status::unavailable("stream cut"));
+                }
+                request
+            }
+        }));
+        let answers = RouteStream::new(service, gated, &self.shutdown);
+        Box::pin(answers.take_until(cut.cancelled_owned()))
+    }
 }
 
 #[tonic::async_trait]
@@ -387,46 +465,86 @@ impl Routing for Gated {
 
     type RouteStream = RouteResponseStream;
 
-    /// Refused, so the router falls back to the gated unary calls (the
-    /// late-answer handling is the same for both transports).
     async fn route(
         &self,
-        _r: tonic::Request<tonic::Streaming<v1::RouteRequest>>,
+        r: tonic::Request<tonic::Streaming<v1::RouteRequest>>,
     ) -> Result<tonic::Response<Self::RouteStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented(
-            "gated test service: unary only",
-        ))
+        match &self.route {
+            RouteMode::Refused => Err(tonic::Status::unimplemented(
+                "gated test service: unary only",
+            )),
+            RouteMode::Served(ctl) => Ok(tonic::Response::new(
+                ctl.serve(self.inner.clone(), r.into_inner()),
+            )),
+        }
+    }
+}
+
+/// A [`Gated`] control plane served on `127.0.0.1:0`.
+struct GatedServer {
+    cp: ControlPlane,
+    url: String,
+    hold: Arc<AtomicBool>,
+    gate: watch::Sender<bool>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl GatedServer {
+    /// `streams`: serve `Route` (under the returned control) or refuse it.
+    async fn start(streams: bool) -> (Self, Option<Arc<StreamControl>>) {
+        let cp = ControlPlane::new(Arc::new(config()));
+        probe(&cp);
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        tasks.spawn(cp.clone().run_background(stop.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let hold = Arc::new(AtomicBool::new(false));
+        let (gate, _) = watch::channel(false);
+        let control = streams.then(|| StreamControl::new(stop.clone()));
+        let service = Gated {
+            inner: RoutingService::new(cp.clone(), stop.clone()),
+            hold: hold.clone(),
+            gate: gate.clone(),
+            route: control
+                .clone()
+                .map_or(RouteMode::Refused, RouteMode::Served),
+        };
+        tasks.spawn(
+            tonic::transport::Server::builder()
+                .add_service(RoutingServer::new(service))
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener),
+                    stop.clone().cancelled_owned(),
+                ),
+        );
+        let server = Self {
+            cp,
+            url,
+            hold,
+            gate,
+            stop,
+            tasks,
+        };
+        (server, control)
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        tokio::time::timeout(WAIT, self.tasks.wait()).await.unwrap();
     }
 }
 
 #[tokio::test]
 async fn late_answer_goes_degraded_and_its_lease_is_released() {
-    let cp = ControlPlane::new(Arc::new(config()));
-    probe(&cp);
-    let server_tasks = TaskTracker::new();
-    let stop = CancellationToken::new();
-    server_tasks.spawn(cp.clone().run_background(stop.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hold = Arc::new(AtomicBool::new(false));
-    let (gate, _) = watch::channel(false);
-    let service = Gated {
-        inner: RoutingService::new(cp.clone(), stop.clone()),
-        hold: hold.clone(),
-        gate: gate.clone(),
-    };
-    {
-        let stop = stop.clone();
-        server_tasks.spawn(
-            tonic::transport::Server::builder()
-                .add_service(RoutingServer::new(service))
-                .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.cancelled_owned()),
-        );
-    }
+    let (server, _) = GatedServer::start(false).await;
+    let (cp, hold, gate) = (server.cp.clone(), server.hold.clone(), server.gate.clone());
 
     let h = Harness::new();
     let s = settings();
-    let router = h.router(format!("http://{addr}"), s.clone()).await;
+    let router = h.router(server.url.clone(), s.clone()).await;
     wait_until("cluster state with models", || has_models(&router)).await;
 
     hold.store(true, Ordering::Release);
@@ -462,11 +580,155 @@ async fn late_answer_goes_degraded_and_its_lease_is_released() {
 
     router.close().await;
     h.stop().await;
-    stop.cancel();
-    server_tasks.close();
-    tokio::time::timeout(WAIT, server_tasks.wait())
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn released_leases_go_on_the_open_stream_not_through_the_sender() {
+    let rcp = start_cp(None).await;
+    let client = RoutingClient::connect(rcp.url()).await.unwrap();
+    let grant = client
+        .clone()
+        .open_session(v1::OpenSessionRequest {
+            name: "ledger-test".into(),
+        })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    let session = SessionGrant::try_from(grant).unwrap().id;
+    let (queue, mut sender_jobs) = mpsc::unbounded_channel();
+    let slot = Arc::new(RouteSlot::new(None));
+    let ledger = Arc::new(Ledger::new(queue, slot.clone()));
+    let generation = ledger.open_session(session);
+    let stream = Arc::new(RouteClient::open(client.clone()).await.unwrap());
+    *slot.lock() = Some(stream.clone());
+    let take = |route: Arc<RouteClient>, ledger: Arc<Ledger>| async move {
+        let message = choose_request_to_proto(&request("llama3"), Some(session));
+        let choice = Choice::try_from(route.choose(message).await.unwrap()).unwrap();
+        let id = choice.lease.unwrap();
+        ledger.insert_granted(id, &choice, generation);
+        Lease::new(choice, id, false, ledger::sink(&ledger))
+    };
+
+    let mut leases = Vec::new();
+    for _ in 0..5 {
+        leases.push(take(stream.clone(), ledger.clone()).await);
+    }
+    assert_eq!(rcp.cp.state().leases, 5);
+    for lease in leases {
+        lease.finish(Outcome::Ok, TokenCounts::default());
+    }
+    tokio::time::timeout(WAIT, ledger.drained())
+        .await
+        .expect("acknowledged on the stream");
+    assert_eq!(rcp.cp.state().leases, 0);
+    assert_eq!(rcp.cp.stats().leases_released, 5);
+    assert!(
+        sender_jobs.try_recv().is_err(),
+        "nothing went to the sender"
+    );
+
+    // A stream that goes away before writing them: the releases come back
+    // to the sender, still pending, and are applied once from there.
+    let stalled = Arc::new(
+        RouteClient::open_with_linger(client.clone(), Duration::from_secs(3600))
+            .await
+            .unwrap(),
+    );
+    *slot.lock() = Some(stalled.clone());
+    let held = [
+        take(stalled.clone(), ledger.clone()).await,
+        take(stalled.clone(), ledger.clone()).await,
+    ];
+    drop(held);
+    assert!(sender_jobs.try_recv().is_err(), "queued on the stream");
+    assert_eq!(rcp.cp.state().leases, 2, "and not written yet");
+    drop(stalled);
+    drop(slot.lock().take());
+    let mut retried = Vec::new();
+    for _ in 0..2 {
+        let job = tokio::time::timeout(WAIT, sender_jobs.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (job.outcome, job.generation),
+            (Outcome::Cancelled, generation)
+        );
+        retried.push(job);
+    }
+    assert!(ledger.drained().now_or_never().is_none(), "still pending");
+    // What the sender does with them.
+    let mut unary = client.clone();
+    for job in retried {
+        let r = unary
+            .release(v1::ReleaseRequest {
+                lease_id: job.lease.0,
+                outcome: v1::Outcome::Cancelled as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(r.into_inner().released);
+        ledger.job_done();
+    }
+    assert!(ledger.drained().now_or_never().is_some());
+    let stats = rcp.cp.stats();
+    assert_eq!((stats.leases_active, stats.leases_released), (0, 7));
+    rcp.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn releases_on_a_stream_cut_before_the_ack_are_retried_and_applied_once() {
+    let (server, control) = GatedServer::start(true).await;
+    let control = control.unwrap();
+    let h = Harness::new();
+    let router = h.router(server.url.clone(), settings()).await;
+    wait_until("cluster state with models", || has_models(&router)).await;
+
+    let mut leases = Vec::new();
+    for model in ["llama3", "llama3", "qwen:7b"] {
+        let lease = router.choose(&request(model)).await.unwrap();
+        assert!(!lease.degraded());
+        leases.push(lease);
+    }
+    assert!(router.remote_inner().unwrap().route_stream_open());
+    assert_eq!(server.cp.state().leases, 3);
+
+    // The control plane stops answering the stream, the releases are
+    // written to it, then the connection breaks before any answer.
+    control.open.send_replace(false);
+    for lease in leases {
+        lease.finish(Outcome::Ok, TokenCounts::default());
+    }
+    assert_eq!(router.local_in_flight(), 0);
+    wait_until("releases written and held", || {
+        control.held.load(Ordering::Acquire) >= 1
+    })
+    .await;
+    assert_eq!(server.cp.state().leases, 3, "none applied yet");
+    control.cut_open_streams();
+    control.open.send_replace(true);
+
+    // Retried (on a new stream, or unary meanwhile): each applied once.
+    wait_until("released after the reconnect", || {
+        server.cp.state().leases == 0
+    })
+    .await;
+    let stats = server.cp.stats();
+    assert_eq!((stats.leases_released, stats.leases_active), (3, 0));
+    assert_eq!(
+        stats
+            .releases
+            .iter()
+            .find(|(o, _)| *o == Outcome::Ok)
+            .map(|(_, n)| *n),
+        Some(3)
+    );
+    router.close().await;
+    assert!(server.cp.sessions(Instant::now()).is_empty());
+    h.stop().await;
+    server.stop().await;
 }
 
 #[tokio::test]
