@@ -155,7 +155,14 @@ async fn run(
 ) -> Result<Response, ProxyError> {
     let (parts, body) = req.into_parts();
     let bytes = request::read_body(body, &parts.headers, state.max_body_bytes()).await?;
-    let ctx = request::parse(route, parts.headers, bytes, progress.received)?;
+    let derive_affinity = state.router().uses_affinity_keys();
+    let ctx = request::parse_for(
+        route,
+        parts.headers,
+        bytes,
+        progress.received,
+        derive_affinity,
+    )?;
     span.record("model", ctx.model.as_str());
     *model = Some(ctx.model.clone());
     choose::route(state, &ctx, progress, span).await

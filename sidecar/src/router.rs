@@ -191,6 +191,16 @@ impl Router {
         }
     }
 
+    /// Whether choices use affinity keys (`conversation_affinity` on; remote:
+    /// as the last cluster state said, and yes before the first one). When
+    /// off, the proxy does not derive them.
+    pub fn uses_affinity_keys(&self) -> bool {
+        match &*self.mode {
+            Mode::Embedded(e) => e.control_plane().config().affinity.enabled,
+            Mode::Remote(r) => r.uses_affinity_keys(),
+        }
+    }
+
     /// Whether the last contact with the control plane succeeded (always
     /// true when embedded).
     pub fn control_plane_connected(&self) -> bool {

@@ -141,12 +141,25 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
     }
 }
 
-/// Parses and validates a body for `route`.
+/// Parses and validates a body for `route`, deriving its affinity key.
 pub fn parse(
     route: ApiRoute,
     headers: HeaderMap,
     body: Bytes,
     received: Instant,
+) -> Result<RequestContext, ProxyError> {
+    parse_for(route, headers, body, received, true)
+}
+
+/// [`parse`], deriving the affinity key only when `derive_affinity` (with
+/// `conversation_affinity` off nothing reads it, and deriving it hashes the
+/// conversation's opening on every request).
+pub fn parse_for(
+    route: ApiRoute,
+    headers: HeaderMap,
+    body: Bytes,
+    received: Instant,
+    derive_affinity: bool,
 ) -> Result<RequestContext, ProxyError> {
     // Skipped values are not decoded, so UTF-8 is checked here, for the
     // whole body at once (as parsing into a `Value` did).
@@ -167,7 +180,11 @@ pub fn parse(
         ProxyError::Internal("parsed model value does not point into the body".into())
     })?;
     let (stream, stream_explicit) = stream_mode(route, envelope.get("stream"))?;
-    let affinity_key = affinity_key(route, &model, &headers, &envelope.conversation());
+    let affinity_key = if derive_affinity {
+        affinity_key(route, &model, &headers, &envelope.conversation())
+    } else {
+        None
+    };
     Ok(RequestContext {
         route,
         model,

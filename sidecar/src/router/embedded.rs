@@ -186,6 +186,16 @@ pub(crate) mod tests {
         }
     }
 
+    #[test]
+    fn affinity_keys_are_wanted_only_with_conversation_affinity_on() {
+        let off = Router::embedded(ControlPlane::new(Arc::new(config())), "test");
+        assert!(!off.uses_affinity_keys());
+        let yaml = "endpoints:\n  - http://127.0.0.1:9/\nconversation_affinity: true\n";
+        let on_config = Config::from_yaml(yaml, &|_| None).unwrap();
+        let on = Router::embedded(ControlPlane::new(Arc::new(on_config)), "test");
+        assert!(on.uses_affinity_keys());
+    }
+
     #[tokio::test]
     async fn choose_and_release_return_usage_to_zero() {
         let cp = ControlPlane::new(Arc::new(config()));

@@ -277,6 +277,13 @@ impl RemoteRouter {
             .unwrap_or_else(|| self.empty.clone())
     }
 
+    pub(crate) fn uses_affinity_keys(&self) -> bool {
+        self.shared
+            .as_ref()
+            .and_then(|s| s.snapshot.get())
+            .is_none_or(|state| state.conversation_affinity)
+    }
+
     pub(crate) fn control_plane_connected(&self) -> bool {
         self.shared.as_ref().is_some_and(|s| s.circuit.reachable())
     }

@@ -310,6 +310,8 @@ async fn starts_with_the_control_plane_down_and_connects_later() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(!router.control_plane_connected());
     assert!(router.cluster_state().endpoints.is_empty());
+    // Not knowing the control plane's setting yet: keys are derived.
+    assert!(router.uses_affinity_keys());
     assert!(matches!(
         router.choose(&request("llama3")).await,
         Err(RouteError::NoState)
@@ -320,6 +322,8 @@ async fn starts_with_the_control_plane_down_and_connects_later() {
         router.control_plane_connected() && has_models(&router)
     })
     .await;
+    // The test configuration leaves conversation_affinity off.
+    assert!(!router.uses_affinity_keys());
     wait_until("session", || {
         router.remote_inner().and_then(|r| r.session()).is_some()
     })
