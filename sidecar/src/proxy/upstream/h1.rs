@@ -17,11 +17,17 @@
 //!   to its framed end with nothing extra buffered, and the response allowed
 //!   keep-alive. A body dropped early closes its connection: the backend
 //!   sees the client's cancel.
-//! - The request is sent at most twice: a second time only when a *reused*
-//!   connection failed before a single response byte arrived (the backend
-//!   closed it while idle; it never saw the request). Then the host's idle
-//!   connections are dropped (a restarted backend killed all of them) and
-//!   the retry gets a fresh one. A fresh connection's failure is final.
+//! - A POST is not replayed once the backend may have read it. A pooled
+//!   connection is checked before reuse (the reactor already knows when the
+//!   backend closed or reset it while idle: no syscall in the common case)
+//!   and dropped if it is not cleanly idle. The request is sent a second
+//!   time only when writing it to a *reused* connection failed (the backend
+//!   had reset it: nothing was processed); then the host's idle connections
+//!   are dropped (a restarted backend killed all of them) and the resend
+//!   gets a fresh one. Any failure after the request was written — even an
+//!   end of stream before the first response byte — is final here, and the
+//!   proxy's retry policy decides (another endpoint, before the first
+//!   byte).
 //! - 1xx interim responses are skipped; 204/304 have no body; otherwise the
 //!   body is chunked (last transfer coding), `content-length`, or until
 //!   close (RFC 9112 §6.3).
@@ -184,7 +190,7 @@ impl H1Pool {
         let mut idle = self.idle.lock();
         let conns = idle.get_mut(addr)?;
         while let Some(conn) = conns.pop() {
-            if conn.since.elapsed() < self.idle_timeout {
+            if conn.since.elapsed() < self.idle_timeout && cleanly_idle(&conn.io) {
                 return Some(conn.io);
             }
         }
@@ -226,6 +232,14 @@ impl H1Pool {
     }
 }
 
+/// Whether an idle connection can carry a request: nothing to read (no end
+/// of stream, no reset, no stray bytes). Costs no syscall while the reactor
+/// has not seen it become readable.
+fn cleanly_idle(io: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 /// The request line and headers, ready to write.
 fn encode_head(request: &H1Request<'_>) -> Vec<u8> {
     let mut head = Vec::with_capacity(256);
@@ -264,9 +278,10 @@ fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
 
 /// A failed exchange: whether the backend can have seen the request.
 enum Failure {
-    /// Nothing came back (write failed, or closed/reset before any byte).
+    /// Writing the request failed: the connection was already reset.
     Untouched(H1Error),
-    /// Part of a response arrived, or it was malformed.
+    /// The request was written (the backend may be working on it), then the
+    /// exchange failed.
     Broken(H1Error),
 }
 
@@ -291,26 +306,15 @@ async fn exchange(
         return Err(Failure::Untouched(H1Error::Io(e)));
     }
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut received = false;
     loop {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_CHUNK);
         }
-        let n = match read(&io, &mut buf).await {
-            Ok(n) => n,
-            Err(e) if !received && is_reset(&e) => {
-                return Err(Failure::Untouched(H1Error::Io(e)));
-            }
+        match read(&io, &mut buf).await {
+            Ok(0) => return Err(Failure::Broken(H1Error::Closed)),
+            Ok(_) => {}
             Err(e) => return Err(Failure::Broken(H1Error::Io(e))),
-        };
-        if n == 0 {
-            return Err(if received {
-                Failure::Broken(H1Error::Closed)
-            } else {
-                Failure::Untouched(H1Error::Closed)
-            });
         }
-        received = true;
         match parse_head(&buf) {
             Ok(Some((len, head))) => {
                 buf.advance(len);
@@ -330,15 +334,6 @@ async fn exchange(
             Err(e) => return Err(Failure::Broken(e)),
         }
     }
-}
-
-fn is_reset(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-    )
 }
 
 async fn read(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {

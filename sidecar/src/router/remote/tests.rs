@@ -322,8 +322,12 @@ async fn starts_with_the_control_plane_down_and_connects_later() {
         router.control_plane_connected() && has_models(&router)
     })
     .await;
-    // The test configuration leaves conversation_affinity off.
-    assert!(!router.uses_affinity_keys());
+    // The test configuration leaves conversation_affinity off: known with
+    // the first cluster state.
+    wait_until("affinity setting from the cluster state", || {
+        !router.uses_affinity_keys()
+    })
+    .await;
     wait_until("session", || {
         router.remote_inner().and_then(|r| r.session()).is_some()
     })

@@ -233,6 +233,42 @@ async fn a_stale_pooled_connection_is_replaced_transparently() {
 }
 
 #[tokio::test]
+async fn a_request_read_then_unanswered_is_never_resent() {
+    // First request answered (keep-alive), the second read on the same
+    // connection and left unanswered: the backend may have started on it,
+    // so it must not get it twice.
+    let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let b = backend(vec![vec![ok], vec![]], 2).await;
+    let p = pool();
+    post(&p, &b.addr, b"{}").await.unwrap();
+    let e = post(&p, &b.addr, b"{}").await.unwrap_err();
+    assert_eq!(e, H1Error::Closed.to_string());
+    assert_eq!(b.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(b.requests.lock().len(), 2);
+}
+
+#[tokio::test]
+async fn stray_bytes_after_a_response_retire_its_connection() {
+    // The backend sends one byte more than its content-length announced,
+    // with the body or just after it: either the body leaves it buffered
+    // (not pooled) or the idle check finds it (not reused). The next
+    // request gets a fresh connection either way.
+    let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let b = backend(vec![vec![ok, b"X"], vec![ok]], 10).await;
+    let p = pool();
+    assert_eq!(
+        post(&p, &b.addr, b"{}").await.unwrap(),
+        (200, Bytes::from("ok"))
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        post(&p, &b.addr, b"{}").await.unwrap(),
+        (200, Bytes::from("ok"))
+    );
+    assert_eq!(b.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn a_fresh_connection_closed_without_answer_fails_once() {
     // Reads the request, answers nothing, closes.
     let b = backend(vec![vec![]], 1).await;
