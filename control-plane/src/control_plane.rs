@@ -382,9 +382,18 @@ impl ControlPlane {
 
     /// The cluster state, built now (not the last published one).
     pub fn state(&self) -> Arc<ClusterState> {
+        // Version first: every change writes (state under its lock, or the
+        // discovery snapshot) and then bumps, so each change counted in
+        // `version` is visible below. A state is never labelled newer than
+        // its content; changes it misses bump past it and are published
+        // again. (Reading the version last let a probe land between the
+        // discovery load and the version read: a state with the new version
+        // and the old model lists, which the publisher and watchers then
+        // took as current, and a sidecar could wait for the models until
+        // the next change.)
+        let version = self.shared.version.load(Ordering::Acquire);
         let snap = self.shared.discovery.load();
         let st = self.shared.state.lock();
-        let version = self.shared.version.load(Ordering::Acquire);
         Arc::new(st.cluster_state(&snap, version, Instant::now()))
     }
 

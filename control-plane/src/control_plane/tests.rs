@@ -901,3 +901,44 @@ proptest! {
         check(&cp);
     }
 }
+
+/// A state's version never runs ahead of its content: while probes keep
+/// changing endpoint a's model list (one bump each), every state read
+/// concurrently shows at least the list of the last change its version
+/// counts.
+#[test]
+fn state_versions_never_run_ahead_of_their_content() {
+    let cp = plane("");
+    let base = cp.state().version;
+    let rounds: u64 = 3_000;
+    let writer = {
+        let cp = cp.clone();
+        std::thread::spawn(move || {
+            for i in 1..=rounds {
+                let name = format!("m{i}");
+                probe(&cp, 0, &[&name], &[], Instant::now());
+            }
+        })
+    };
+    let mut checked = 0u64;
+    while !writer.is_finished() || checked == 0 {
+        let s = cp.state();
+        let shown: u64 = s.endpoints[0]
+            .advertised_models
+            .first()
+            .and_then(|m| m.trim_start_matches('m').split(':').next()?.parse().ok())
+            .unwrap_or(0);
+        let counted = s.version - base;
+        assert!(
+            counted <= shown,
+            "state version counts {counted} changes but shows list m{shown}"
+        );
+        checked += 1;
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        cp.state().version - base,
+        rounds,
+        "one bump per list change"
+    );
+}
