@@ -43,9 +43,16 @@ struct Args {
     /// Label printed with the results.
     #[arg(long, default_value = "")]
     label: String,
+    /// Also write one line per measured request to this file: send time
+    /// (µs since the start of the measurement), latency µs, service µs, ok.
+    /// For finding out whether a latency tail is one stall or spread out.
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
 }
 
 struct Sample {
+    /// When it was sent.
+    sent: Instant,
     /// From the scheduled (open loop) or actual (closed loop) send time.
     latency: Duration,
     /// From the actual send time.
@@ -105,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
                         if t0 >= measure_from && Instant::now() <= end {
                             let took = t0.elapsed();
                             let _ = tx.send(Sample {
+                                sent: t0,
                                 latency: took,
                                 service: took,
                                 ok,
@@ -129,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
                         let ok = send(&client, &args).await;
                         if scheduled >= measure_from {
                             let _ = tx.send(Sample {
+                                sent,
                                 latency: scheduled.elapsed(),
                                 service: sent.elapsed(),
                                 ok,
@@ -146,7 +155,16 @@ async fn main() -> anyhow::Result<()> {
     drop(tx);
     let (mut lat, mut service) = (Vec::new(), Vec::new());
     let mut errors = 0u64;
+    let mut dump = Vec::new();
     while let Some(s) = rx.recv().await {
+        if args.dump.is_some() {
+            dump.push((
+                s.sent.saturating_duration_since(measure_from).as_micros(),
+                s.latency.as_micros(),
+                s.service.as_micros(),
+                s.ok,
+            ));
+        }
         if s.ok {
             lat.push(s.latency);
             service.push(s.service);
@@ -155,6 +173,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     while tasks.join_next().await.is_some() {}
+    if let Some(path) = &args.dump {
+        dump.sort_unstable();
+        let text: String = dump
+            .iter()
+            .map(|(at, l, sv, ok)| format!("{at} {l} {sv} {ok}\n"))
+            .collect();
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     lat.sort_unstable();
     service.sort_unstable();
     let out = serde_json::json!({
