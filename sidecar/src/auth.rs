@@ -177,12 +177,16 @@ pub(crate) async fn middleware(
     }
     match result {
         Ok(()) => next.run(req).await,
-        Err(e) => {
-            let format = ApiFormat::for_path(req.uri().path());
-            tracing::info!(path = req.uri().path(), reason = %e, "request refused");
-            ProxyError::from(e).into_response_for(format)
-        }
+        Err(e) => refusal(e, req.uri().path()),
     }
+}
+
+/// The answer to a request the router key check refused, in the format of
+/// its path (logged without the key).
+pub(crate) fn refusal(e: AuthError, path: &str) -> Response {
+    let format = ApiFormat::for_path(path);
+    tracing::info!(path, reason = %e, "request refused");
+    ProxyError::from(e).into_response_for(format)
 }
 
 #[cfg(test)]

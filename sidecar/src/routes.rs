@@ -8,6 +8,19 @@
 //! - Authentication wraps every route except the liveness routes `GET /`
 //!   and `GET /health` (see [`crate::auth`]).
 //! - `GET /metrics` is served on the same listener as the APIs.
+//! - [`Entry`] is what the server runs: inference POSTs without a query
+//!   string go straight to the key check and [`proxy::handle`] (the same
+//!   check and handler the router below would reach, without its per-request
+//!   routing, middleware and boxing: ~10 allocations per request); every
+//!   other request goes through the axum router, so there is one definition
+//!   of each behaviour.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
 use axum::{
     Router,
@@ -16,7 +29,9 @@ use axum::{
     response::Response,
     routing::{get, post},
 };
+use http::Method;
 use switchyard_control_plane::outcome::RequestKind;
+use tower_service::Service;
 
 use crate::{auth, errors::ProxyError, listing, metrics, proxy, server::AppState};
 
@@ -73,6 +88,11 @@ impl ApiRoute {
         Self::OpenAiCompletions,
         Self::OpenAiEmbeddings,
     ];
+
+    /// The route served at `path`, if any.
+    pub fn for_path(path: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.path() == path)
+    }
 
     /// The client-facing path (also the `route` label in metrics and logs).
     pub fn path(self) -> &'static str {
@@ -172,6 +192,62 @@ pub(crate) fn app(state: AppState) -> Router {
             auth::middleware,
         ))
         .with_state(state)
+}
+
+/// The service the server runs: the fast path for inference POSTs, the
+/// axum [`app`] for everything else (see the module docs).
+#[derive(Clone)]
+pub(crate) struct Entry {
+    app: Router,
+    state: AppState,
+}
+
+impl Entry {
+    pub(crate) fn new(state: AppState) -> Self {
+        Self {
+            app: app(state.clone()),
+            state,
+        }
+    }
+}
+
+impl Service<Request> for Entry {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        // A query string may carry `api_key` (stripped by the middleware):
+        // the router path handles those.
+        let fast = if req.method() == Method::POST && req.uri().query().is_none() {
+            ApiRoute::for_path(req.uri().path())
+        } else {
+            None
+        };
+        match fast {
+            Some(route) => {
+                let state = self.state.clone();
+                Box::pin(async move {
+                    // Inference routes are never public: the middleware's
+                    // check, without the query (there is none).
+                    Ok(
+                        match auth::check(state.router_api_key(), req.headers(), None) {
+                            Ok(()) => proxy::handle(state, route, req).await,
+                            Err(e) => auth::refusal(e, route.path()),
+                        },
+                    )
+                })
+            }
+            None => {
+                let mut app = self.app.clone();
+                Box::pin(async move { app.call(req).await })
+            }
+        }
+    }
 }
 
 async fn not_found(req: Request) -> Response {

@@ -347,8 +347,10 @@ async fn serve(
         // Streamed tokens are small writes; don't let Nagle hold them.
         let _ = tcp.set_nodelay(true);
     });
-    let app = routes::app(state);
-    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let entry =
+        axum::ServiceExt::<axum::extract::Request>::into_make_service(routes::Entry::new(state));
+    let server =
+        axum::serve(listener, entry).with_graceful_shutdown(stop.clone().cancelled_owned());
     let mut server = std::pin::pin!(server.into_future());
     let ended = tokio::select! {
         r = &mut server => Some(r),

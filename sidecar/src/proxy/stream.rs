@@ -49,7 +49,7 @@ use super::{
         describe_send,
     },
     request::RequestContext,
-    upstream::{BodyError, UpstreamResponse},
+    upstream::{BodyError, UpstreamBody, UpstreamResponse},
 };
 use crate::{
     errors::{AttemptFailure, ProxyError, stream_error_chunk},
@@ -86,8 +86,8 @@ pub enum Attempt {
 type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>;
 
 /// The data frames of a backend's response body, as they arrive.
-fn body_stream(response: UpstreamResponse) -> Upstream {
-    Box::pin(http_body_util::BodyDataStream::new(response.into_body()))
+fn body_stream(body: UpstreamBody) -> Upstream {
+    Box::pin(http_body_util::BodyDataStream::new(body))
 }
 
 fn retry_transport(lease: TrackedLease, outcome: Outcome, detail: String) -> Attempt {
@@ -177,8 +177,9 @@ pub(crate) async fn exchange(
         }
     }
 
-    let upstream_headers = response.headers().clone();
-    let mut upstream = body_stream(response);
+    let (parts, body) = response.into_parts();
+    let upstream_headers = parts.headers;
+    let mut upstream = body_stream(body);
     if !stream {
         let waited = Instant::now();
         let read = read_whole(&mut upstream, deadline, timeouts.idle).await;
@@ -397,7 +398,7 @@ async fn read_whole(
 /// Reads up to [`MAX_ERROR_BODY`] bytes of an error answer; whatever
 /// arrives before a stall or failure is enough for the message.
 async fn read_error_body(response: UpstreamResponse, idle: Duration) -> Bytes {
-    let mut body = body_stream(response);
+    let mut body = body_stream(response.into_body());
     let mut buf = BytesMut::new();
     while buf.len() < MAX_ERROR_BODY {
         match tokio::time::timeout(idle, body.next()).await {

@@ -755,6 +755,38 @@ async fn router_key_is_required_and_backend_key_sent() {
     assert_eq!(r.status(), 200);
     let seen = fake.seen();
     assert_eq!(seen[0].headers["authorization"], "Bearer backend-key");
+    // Inference POSTs without a query take the entry's fast path: the same
+    // check, the same answers in the client's format.
+    let chat =
+        json!({"model": "qwen", "messages": [{"role":"user","content":"hi"}], "stream": false});
+    let r = client()
+        .post(format!("{base}/api/chat"))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    let r = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth("wrong")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
+    let r = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth("sekret")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2, "refused requests never reach the backend");
+    assert_eq!(seen[1].headers["authorization"], "Bearer backend-key");
     sc.shutdown().await;
 }
 

@@ -315,16 +315,11 @@ async fn exchange(
             Ok(_) => {}
             Err(e) => return Err(Failure::Broken(H1Error::Io(e))),
         }
-        match parse_head(&buf) {
-            Ok(Some((len, head))) => {
-                buf.advance(len);
-                match head {
-                    // Interim (100 Continue and friends): the final answer
-                    // follows on the same connection.
-                    Parsed::Interim => {}
-                    Parsed::Final(head) => return Ok((head, io, buf)),
-                }
-            }
+        match parse_head(&mut buf) {
+            // Interim (100 Continue and friends): the final answer follows
+            // on the same connection.
+            Ok(Some(Parsed::Interim)) => {}
+            Ok(Some(Parsed::Final(head))) => return Ok((head, io, buf)),
             Ok(None) if buf.len() > MAX_HEAD => {
                 return Err(Failure::Broken(H1Error::Protocol(
                     "response head too large",
@@ -361,24 +356,34 @@ enum Parsed {
     Final(Head),
 }
 
-/// The response head at the start of `buf`, with its length; `None` while
-/// incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, H1Error> {
+/// Takes the response head off the front of `buf` once it is complete
+/// (`None` while it is not). Header values are slices of the head's bytes,
+/// not copies: one allocation per head instead of one per header, and
+/// cloning them later is a reference count.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Error> {
+    let len = {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match httparse::Response::new(&mut slots).parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(H1Error::Protocol("too many response headers"));
+            }
+            Err(_) => return Err(H1Error::Protocol("malformed response head")),
+        }
+    };
+    let head = buf.split_to(len).freeze();
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(H1Error::Protocol("too many response headers"));
-        }
-        Err(_) => return Err(H1Error::Protocol("malformed response head")),
-    };
+    // The same bytes as above: complete again.
+    if !matches!(parsed.parse(&head), Ok(httparse::Status::Complete(_))) {
+        return Err(H1Error::Protocol("malformed response head"));
+    }
     let code = parsed.code.unwrap_or(0);
     let status =
         StatusCode::from_u16(code).map_err(|_| H1Error::Protocol("invalid status code"))?;
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(Some((len, Parsed::Interim)));
+        return Ok(Some(Parsed::Interim));
     }
     let version = if parsed.version == Some(0) {
         Version::HTTP_10
@@ -392,7 +397,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, H1Error> {
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| H1Error::Protocol("invalid header name"))?;
-        let value = HeaderValue::from_bytes(h.value)
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
             .map_err(|_| H1Error::Protocol("invalid header value"))?;
         if name == http::header::TRANSFER_ENCODING {
             // Chunked only counts as the last coding.
@@ -431,16 +436,13 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, H1Error> {
         close = true;
         Framing::UntilClose
     };
-    Ok(Some((
-        len,
-        Parsed::Final(Head {
-            status,
-            version,
-            headers,
-            framing,
-            keep_alive: !close,
-        }),
-    )))
+    Ok(Some(Parsed::Final(Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive: !close,
+    })))
 }
 
 /// How the body ends.

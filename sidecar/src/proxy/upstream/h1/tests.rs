@@ -385,17 +385,22 @@ fn malformed_heads_are_protocol_errors() {
         b"garbage\r\n\r\n",
     ] {
         assert!(
-            matches!(parse_head(head), Err(H1Error::Protocol(_))),
+            matches!(
+                parse_head(&mut BytesMut::from(head)),
+                Err(H1Error::Protocol(_))
+            ),
             "{}",
             String::from_utf8_lossy(head)
         );
     }
-    assert!(matches!(parse_head(b"HTTP/1.1 200 OK\r\n"), Ok(None)));
+    let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
+    assert!(matches!(parse_head(&mut partial), Ok(None)));
+    assert_eq!(partial.len(), 17, "an incomplete head stays buffered");
 }
 
 #[test]
 fn framing_follows_rfc_9112() {
-    let framing = |head: &[u8]| match parse_head(head).unwrap().unwrap().1 {
+    let framing = |head: &[u8]| match parse_head(&mut BytesMut::from(head)).unwrap().unwrap() {
         Parsed::Final(h) => (h.framing, h.keep_alive),
         Parsed::Interim => panic!("interim"),
     };
@@ -504,4 +509,19 @@ fn content_length_digits() {
         push_decimal(&mut out, n);
         assert_eq!(String::from_utf8(out).unwrap(), n.to_string());
     }
+}
+
+#[test]
+fn head_is_taken_off_the_buffer_and_values_are_kept() {
+    let mut buf = BytesMut::from(
+        &b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-custom: a b\r\ncontent-length: 2\r\n\r\nok"[..],
+    );
+    let Some(Parsed::Final(head)) = parse_head(&mut buf).unwrap() else {
+        panic!("final head expected");
+    };
+    assert_eq!(&buf[..], b"ok", "the body bytes stay in the buffer");
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.headers["content-type"], "application/json");
+    assert_eq!(head.headers["x-custom"], "a b");
+    assert_eq!(head.framing, Framing::Length(2));
 }
