@@ -426,11 +426,21 @@ impl RouteClient {
             Err(TrySendError::Full(message)) => {
                 let tx = self.tx.clone();
                 let shared = self.shared.clone();
+                // Dropped before the message was queued (the caller gave
+                // up), or the stream closed: the waiter is forgotten, since
+                // no answer will ever come for it.
+                let unsent = Unsent {
+                    shared: shared.clone(),
+                    id,
+                    armed: true,
+                };
                 CallState::Sending(Box::pin(async move {
+                    // The whole guard moves in (not just the field below).
+                    let mut unsent = unsent;
                     if tx.send(message).await.is_err() {
-                        shared.forget(id);
                         return Err(shared.closed_status());
                     }
+                    unsent.armed = false;
                     Ok(answer)
                 }))
             }
@@ -587,6 +597,22 @@ impl Drop for RouteClient {
 #[must_use = "the choose is sent; the future only waits for its answer"]
 pub struct ChooseInFlight {
     state: CallState,
+}
+
+/// Forgets request `id`'s waiter on drop while `armed` (its message never
+/// reached the send queue).
+struct Unsent {
+    shared: Arc<ClientShared>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.forget(self.id);
+        }
+    }
 }
 
 enum CallState {

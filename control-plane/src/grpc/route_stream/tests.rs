@@ -775,3 +775,33 @@ async fn chooses_wait_for_room_when_the_send_queue_is_full() {
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_choose_dropped_while_waiting_for_room_leaves_no_waiter() {
+    let s = served().await;
+    let client = RouteClient::open(s.routing()).await.unwrap();
+    // Fill the queue without yielding (one-thread runtime), then give up on
+    // the ones still waiting for room.
+    let mut calls: Vec<ChooseInFlight> = (0..CLIENT_QUEUE + 20)
+        .map(|_| client.start_choose(choose(0, "m")))
+        .collect();
+    let waiting = calls
+        .iter()
+        .filter(|c| format!("{c:?}").contains("sending"))
+        .count();
+    assert!(waiting > 0, "the queue never filled");
+    let registered = client.shared.pending.lock().waiters.len();
+    assert_eq!(registered, CLIENT_QUEUE + 20);
+    calls.retain(|c| !format!("{c:?}").contains("sending"));
+    assert_eq!(
+        client.shared.pending.lock().waiters.len(),
+        registered - waiting,
+        "dropped unsent chooses are forgotten"
+    );
+    let answers = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(calls))
+        .await
+        .expect("every sent choose answered");
+    assert!(answers.iter().all(Result::is_ok));
+    assert_eq!(client.shared.pending.lock().waiters.len(), 0);
+    s.stop().await;
+}
