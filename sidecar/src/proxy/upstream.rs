@@ -11,9 +11,10 @@
 //!   Mozilla roots, HTTP/2 by ALPN).
 //!
 //! Neither re-parses URLs more than once, follows redirects (a POST must not
-//! be replayed elsewhere) or retries beyond [`h1`]'s one resend on a stale
-//! keep-alive connection; both showed up in the sidecar's CPU profile when
-//! it used a convenience client (BENCHMARKS.md).
+//! be replayed elsewhere) or retries beyond [`h1`]'s one resend when writing
+//! to a pooled connection the backend had already reset (URL re-parsing and
+//! the redirect/retry layers showed up in the sidecar's CPU profile when it
+//! used a convenience client: BENCHMARKS.md).
 //!
 //! Invariants: the body is sent as given (length known up front); the
 //! `Host` header is set by the client from the URL; send failures are
