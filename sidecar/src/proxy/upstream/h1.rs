@@ -199,7 +199,11 @@ impl H1Pool {
 
     fn checkin(&self, addr: &str, io: TcpStream) {
         let mut idle = self.idle.lock();
-        let conns = idle.entry(addr.into()).or_default();
+        // Looked up before `entry`, which would allocate the key every time.
+        let conns = match idle.get_mut(addr) {
+            Some(conns) => conns,
+            None => idle.entry(addr.into()).or_default(),
+        };
         // Oldest first: drop the expired ones while we are here.
         let fresh = conns
             .iter()
@@ -307,9 +311,7 @@ async fn exchange(
     }
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(READ_CHUNK);
-        }
+        make_room(&mut buf);
         match read(&io, &mut buf).await {
             Ok(0) => return Err(Failure::Broken(H1Error::Closed)),
             Ok(_) => {}
@@ -328,6 +330,13 @@ async fn exchange(
             Ok(None) => {}
             Err(e) => return Err(Failure::Broken(e)),
         }
+    }
+}
+
+/// Makes sure the next read has a useful amount of space.
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
     }
 }
 
@@ -622,6 +631,14 @@ impl H1Body {
         }
     }
 
+    /// Ends the body with `e`; the connection is closed (its state is
+    /// unknown).
+    fn fail(&mut self, e: H1BodyError) -> Poll<Option<Result<Frame<Bytes>, H1BodyError>>> {
+        self.done = true;
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+
     fn finish(&mut self) {
         self.done = true;
         if let Some(io) = self.conn.take()
@@ -654,35 +671,21 @@ impl http_body::Body for H1Body {
                     return Poll::Ready(None);
                 }
                 Ok(Decoded::NeedMore) => {}
-                Err(e) => {
-                    this.done = true;
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Err(e) => return this.fail(e),
             }
             let Some(io) = this.conn.as_ref() else {
                 return Poll::Ready(None);
             };
-            if this.buf.capacity() - this.buf.len() < 1024 {
-                this.buf.reserve(READ_CHUNK);
-            }
+            make_room(&mut this.buf);
             match std::task::ready!(poll_read(io, cx, &mut this.buf)) {
                 Ok(0) if this.framing.ends_at_close() => {
                     this.keep_alive = false;
                     this.finish();
                     return Poll::Ready(None);
                 }
-                Ok(0) => {
-                    this.done = true;
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(H1BodyError::Closed)));
-                }
+                Ok(0) => return this.fail(H1BodyError::Closed),
                 Ok(_) => {}
-                Err(e) => {
-                    this.done = true;
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(H1BodyError::Io(e))));
-                }
+                Err(e) => return this.fail(H1BodyError::Io(e)),
             }
         }
     }

@@ -90,16 +90,31 @@ async fn backend(answers: Vec<Vec<&'static [u8]>>, close_after: usize) -> Backen
     }
 }
 
+/// A request to `addr` (also its `Host`).
+fn request<'a>(
+    addr: &'a str,
+    target: &'a str,
+    headers: &'a HeaderMap,
+    body: Bytes,
+) -> H1Request<'a> {
+    H1Request {
+        authority: addr,
+        addr,
+        target,
+        headers,
+        body,
+    }
+}
+
 async fn post(pool: &Arc<H1Pool>, addr: &str, body: &'static [u8]) -> Result<(u16, Bytes), String> {
     let headers = HeaderMap::new();
     let response = pool
-        .post(H1Request {
-            authority: addr,
+        .post(request(
             addr,
-            target: "/api/chat",
-            headers: &headers,
-            body: Bytes::from_static(body),
-        })
+            "/api/chat",
+            &headers,
+            Bytes::from_static(body),
+        ))
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
@@ -141,13 +156,12 @@ async fn headers_are_sent_as_given() {
     headers.insert("x-test", HeaderValue::from_static("1"));
     headers.insert("authorization", HeaderValue::from_static("Bearer k"));
     let response = pool()
-        .post(H1Request {
-            authority: &b.addr,
-            addr: &b.addr,
-            target: "/v1/chat/completions?x=1",
-            headers: &headers,
-            body: Bytes::new(),
-        })
+        .post(request(
+            &b.addr,
+            "/v1/chat/completions?x=1",
+            &headers,
+            Bytes::new(),
+        ))
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -285,13 +299,7 @@ async fn refused_connection_is_a_connect_error() {
     };
     let headers = HeaderMap::new();
     let e = pool()
-        .post(H1Request {
-            authority: &addr,
-            addr: &addr,
-            target: "/",
-            headers: &headers,
-            body: Bytes::new(),
-        })
+        .post(request(&addr, "/", &headers, Bytes::new()))
         .await
         .unwrap_err();
     assert!(matches!(e, H1Error::Connect(_)), "{e:?}");
@@ -337,13 +345,7 @@ async fn a_body_cut_short_is_an_error_and_dropping_a_body_closes_its_connection(
     let p = pool();
     let headers = HeaderMap::new();
     let mut response = p
-        .post(H1Request {
-            authority: &addr,
-            addr: &addr,
-            target: "/",
-            headers: &headers,
-            body: Bytes::new(),
-        })
+        .post(request(&addr, "/", &headers, Bytes::new()))
         .await
         .unwrap();
     let first = response.body_mut().frame().await.unwrap().unwrap();
