@@ -425,22 +425,12 @@ impl RouteClient {
             // The writer is behind: wait for room (rare, so boxed).
             Err(TrySendError::Full(message)) => {
                 let tx = self.tx.clone();
-                let shared = self.shared.clone();
-                // Dropped before the message was queued (the caller gave
-                // up), or the stream closed: the waiter is forgotten, since
-                // no answer will ever come for it.
-                let unsent = Unsent {
-                    shared: shared.clone(),
-                    id,
-                    armed: true,
-                };
+                let unsent = Unsent::new(&self.shared, id);
                 CallState::Sending(Box::pin(async move {
-                    // The whole guard moves in (not just the field below).
-                    let mut unsent = unsent;
                     if tx.send(message).await.is_err() {
-                        return Err(shared.closed_status());
+                        return Err(unsent.shared.closed_status());
                     }
-                    unsent.armed = false;
+                    unsent.sent();
                     Ok(answer)
                 }))
             }
@@ -573,10 +563,11 @@ impl RouteClient {
             op: Some(op),
             releases: Vec::new(),
         };
+        let unsent = Unsent::new(&self.shared, id);
         if self.tx.send(request).await.is_err() {
-            self.shared.forget(id);
             return Err(self.shared.closed_status());
         }
+        unsent.sent();
         match answer.await {
             Ok(Ok(Answer::Error(e))) => Err(status_from_route_error(e)),
             Ok(result) => result,
@@ -599,12 +590,29 @@ pub struct ChooseInFlight {
     state: CallState,
 }
 
-/// Forgets request `id`'s waiter on drop while `armed` (its message never
-/// reached the send queue).
+/// A registered request whose message is not in the send queue yet.
+/// Dropped before [`Unsent::sent`] (the stream closed, or the caller gave up
+/// waiting for room), it forgets the request's waiter: no answer will ever
+/// come for it.
 struct Unsent {
     shared: Arc<ClientShared>,
     id: u64,
     armed: bool,
+}
+
+impl Unsent {
+    fn new(shared: &Arc<ClientShared>, id: u64) -> Self {
+        Self {
+            shared: shared.clone(),
+            id,
+            armed: true,
+        }
+    }
+
+    /// The message is queued: its waiter stays until the answer comes.
+    fn sent(mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for Unsent {

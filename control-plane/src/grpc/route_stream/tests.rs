@@ -754,19 +754,26 @@ fn listener_notices_report_exactly_once_even_when_dropped() {
     assert!(rx.try_recv().is_err());
 }
 
+/// `CLIENT_QUEUE + extra` chooses started without yielding (one-thread
+/// runtime): the writer cannot drain the queue meanwhile, so the last ones
+/// find it full and wait for room.
+fn overfill(client: &RouteClient, extra: usize) -> Vec<ChooseInFlight> {
+    let calls: Vec<ChooseInFlight> = (0..CLIENT_QUEUE + extra)
+        .map(|_| client.start_choose(choose(0, "m")))
+        .collect();
+    assert!(calls.iter().any(waits_for_room), "the queue never filled");
+    calls
+}
+
+fn waits_for_room(call: &ChooseInFlight) -> bool {
+    matches!(call.state, CallState::Sending(_))
+}
+
 #[tokio::test]
 async fn chooses_wait_for_room_when_the_send_queue_is_full() {
     let s = served().await;
     let client = RouteClient::open(s.routing()).await.unwrap();
-    // Started without yielding (one-thread runtime): the writer cannot
-    // drain the queue meanwhile, so the last ones find it full.
-    let calls: Vec<ChooseInFlight> = (0..CLIENT_QUEUE + 50)
-        .map(|_| client.start_choose(choose(0, "m")))
-        .collect();
-    assert!(
-        calls.iter().any(|c| format!("{c:?}").contains("sending")),
-        "the queue never filled"
-    );
+    let calls = overfill(&client, 50);
     let answers = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(calls))
         .await
         .expect("every choose answered");
@@ -780,19 +787,12 @@ async fn chooses_wait_for_room_when_the_send_queue_is_full() {
 async fn a_choose_dropped_while_waiting_for_room_leaves_no_waiter() {
     let s = served().await;
     let client = RouteClient::open(s.routing()).await.unwrap();
-    // Fill the queue without yielding (one-thread runtime), then give up on
-    // the ones still waiting for room.
-    let mut calls: Vec<ChooseInFlight> = (0..CLIENT_QUEUE + 20)
-        .map(|_| client.start_choose(choose(0, "m")))
-        .collect();
-    let waiting = calls
-        .iter()
-        .filter(|c| format!("{c:?}").contains("sending"))
-        .count();
-    assert!(waiting > 0, "the queue never filled");
+    // Fill the queue, then give up on the ones still waiting for room.
+    let mut calls = overfill(&client, 20);
+    let waiting = calls.iter().filter(|c| waits_for_room(c)).count();
     let registered = client.shared.pending.lock().waiters.len();
     assert_eq!(registered, CLIENT_QUEUE + 20);
-    calls.retain(|c| !format!("{c:?}").contains("sending"));
+    calls.retain(|c| !waits_for_room(c));
     assert_eq!(
         client.shared.pending.lock().waiters.len(),
         registered - waiting,
