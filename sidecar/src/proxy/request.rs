@@ -86,9 +86,9 @@ impl RequestContext {
     /// the request (translation). Parses `body` on every call: the
     /// pass-through path never calls it.
     ///
-    /// Errors are the ones [`parse`] gave before it stopped building the
+    /// Errors are the ones [`parse_for`] gave before it stopped building the
     /// tree: `InvalidJson` for what a `Value` cannot hold (see the module
-    /// docs), `NotAnObject` (unreachable after [`parse`], kept for
+    /// docs), `NotAnObject` (unreachable after [`parse_for`], kept for
     /// completeness of the mapping).
     pub fn json_object(&self) -> Result<Map<String, Value>, ProxyError> {
         match serde_json::from_slice(&self.body) {
@@ -141,7 +141,9 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
     }
 }
 
-/// Parses and validates a body for `route`, deriving its affinity key.
+/// Parses and validates a body for `route`, deriving its affinity key (the
+/// tests' shorthand; the proxy asks its router with [`parse_for`]).
+#[cfg(test)]
 pub fn parse(
     route: ApiRoute,
     headers: HeaderMap,
@@ -151,9 +153,9 @@ pub fn parse(
     parse_for(route, headers, body, received, true)
 }
 
-/// [`parse`], deriving the affinity key only when `derive_affinity` (with
-/// `conversation_affinity` off nothing reads it, and deriving it hashes the
-/// conversation's opening on every request).
+/// Parses and validates a body for `route`, deriving the affinity key only
+/// when `derive_affinity` (with `conversation_affinity` off nothing reads
+/// it, and deriving it hashes the conversation's opening on every request).
 pub fn parse_for(
     route: ApiRoute,
     headers: HeaderMap,
