@@ -805,3 +805,68 @@ async fn a_choose_dropped_while_waiting_for_room_leaves_no_waiter() {
     assert_eq!(client.shared.pending.lock().waiters.len(), 0);
     s.stop().await;
 }
+
+/// A waker counting its wake-ups.
+#[derive(Default)]
+struct Wakes(AtomicU64);
+
+impl futures::task::ArcWake for Wakes {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test]
+async fn requests_wait_while_answers_are_owed_then_leave_together() {
+    let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+    let shared = Arc::new(ClientShared::default());
+    let linger = Duration::from_secs(60);
+    let mut outbound = Outbound {
+        rx,
+        shared: shared.clone(),
+        linger,
+        timer: Box::pin(tokio::time::sleep(linger)),
+        armed: false,
+        active: false,
+        draining: false,
+    };
+    let wakes = Arc::new(Wakes::default());
+    let waker = futures::task::waker(wakes.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut poll = |outbound: &mut Outbound| match Pin::new(outbound).poll_next(&mut cx) {
+        Poll::Ready(Some(r)) => Some(r.correlation_id),
+        Poll::Ready(None) => panic!("outbound ended"),
+        Poll::Pending => None,
+    };
+    let send = |id| {
+        tx.try_send(request(id, Some(Op::Choose(choose(0, "m")))))
+            .unwrap()
+    };
+
+    // Nothing owed: a request leaves at once, alone.
+    send(1);
+    assert_eq!(poll(&mut outbound), Some(1));
+    assert_eq!(poll(&mut outbound), None);
+    // One answer owed: the next ones wait, even across polls.
+    send(2);
+    send(3);
+    assert_eq!(poll(&mut outbound), None);
+    assert_eq!(poll(&mut outbound), None);
+    assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+    // The answer wakes the writer, and both leave in one write.
+    shared.answered(1);
+    assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+    assert_eq!(poll(&mut outbound), Some(2));
+    assert_eq!(poll(&mut outbound), Some(3));
+    assert_eq!(poll(&mut outbound), None);
+    // Two owed: the first answer does not release the writer, the last does.
+    send(4);
+    assert_eq!(poll(&mut outbound), None);
+    shared.answered(2);
+    assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+    assert_eq!(poll(&mut outbound), None);
+    shared.answered(3);
+    assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+    assert_eq!(poll(&mut outbound), Some(4));
+    assert_eq!(shared.pending.lock().in_flight, 1);
+}
