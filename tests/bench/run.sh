@@ -3,9 +3,12 @@
 #   1. the selection policy in-process (ns/decision at 10/100/1000 endpoints);
 #   2. choose+release pairs/s over gRPC against a control-plane process;
 #   3. /api/chat through: the fake backend directly, a standalone sidecar, and
-#      sidecar + control plane — closed-loop throughput (concurrency 10) and
-#      open-loop latency at a fixed rate (added p50/p99 vs direct), CPU time
-#      per request of each process, and throughput again with wrk if present.
+#      sidecar + control plane — closed-loop throughput (concurrency 10, and
+#      64 to find each path's saturated rate: under load the Route stream
+#      batches chooses, so the routed paths gain from concurrency while the
+#      backend alone is already saturated at 10) and open-loop latency at a
+#      fixed rate (added p50/p99 vs direct), CPU time per request of each
+#      process, and throughput again with wrk (concurrency 10) if present.
 #      Client, sidecar, control plane and backend share the machine's cores,
 #      and single runs of the same path differ by up to ±25 % here, so the
 #      three paths run in ROUNDS interleaved rounds (direct, standalone,
@@ -15,13 +18,14 @@
 # Results (JSON lines) go to stdout and to $OUT (default target/bench-results.jsonl);
 # the last line is the summary (medians).
 # Usage: tests/bench/run.sh [seconds-per-run (default 10)] [fixed rate (default 500)]
-# Environment: ROUNDS (default 5).
+# Environment: ROUNDS (default 5), CONCURRENCY (closed-loop levels, default "10 64").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 SECS=${1:-10}
 RATE=${2:-500}
 ROUNDS=${ROUNDS:-5}
+CONCURRENCY=${CONCURRENCY:-10 64}
 OUT=${OUT:-$ROOT/target/bench-results.jsonl}
 : > "$OUT"
 
@@ -83,15 +87,17 @@ ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 us_per_req() { echo $(( ($2 - $1) * 10000 / $3 )); }
 PATHS=("direct $FAKE 0" "standalone http://127.0.0.1:$SA_PORT $SA_PID" "remote http://127.0.0.1:$RM_PORT $RM_PID")
 for round in $(seq 1 "$ROUNDS"); do
-  for target in "${PATHS[@]}"; do
-    set -- $target
-    SC_PID=$3
-    f0=$(ticks $FAKE_PID); c0=$(ticks $CP_PID); s0=0; [ "$SC_PID" != 0 ] && s0=$(ticks $SC_PID)
-    line=$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --concurrency 10 --duration "$SECS" --warmup 0 --label "$1-throughput-c10")
-    f1=$(ticks $FAKE_PID); c1=$(ticks $CP_PID); s1=0; [ "$SC_PID" != 0 ] && s1=$(ticks $SC_PID)
-    record "${line%\}},\"round\":$round}"
-    n=$(echo "$line" | python3 -c 'import json,sys; print(max(1, json.load(sys.stdin)["requests"]))')
-    record "{\"label\":\"$1-cpu-us-per-request\",\"round\":$round,\"sidecar\":$(us_per_req $s0 $s1 $n),\"fake_backend\":$(us_per_req $f0 $f1 $n),\"control_plane\":$(us_per_req $c0 $c1 $n)}"
+  for c in $CONCURRENCY; do
+    for target in "${PATHS[@]}"; do
+      set -- $target
+      SC_PID=$3
+      f0=$(ticks $FAKE_PID); c0=$(ticks $CP_PID); s0=0; [ "$SC_PID" != 0 ] && s0=$(ticks $SC_PID)
+      line=$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --concurrency "$c" --duration "$SECS" --warmup 0 --label "$1-throughput-c$c")
+      f1=$(ticks $FAKE_PID); c1=$(ticks $CP_PID); s1=0; [ "$SC_PID" != 0 ] && s1=$(ticks $SC_PID)
+      record "${line%\}},\"round\":$round}"
+      n=$(echo "$line" | python3 -c 'import json,sys; print(max(1, json.load(sys.stdin)["requests"]))')
+      record "{\"label\":\"$1-cpu-us-per-request-c$c\",\"round\":$round,\"sidecar\":$(us_per_req $s0 $s1 $n),\"fake_backend\":$(us_per_req $f0 $f1 $n),\"control_plane\":$(us_per_req $c0 $c1 $n)}"
+    done
   done
 done
 for round in $(seq 1 "$ROUNDS"); do

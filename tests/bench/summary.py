@@ -2,7 +2,7 @@
 """Summarises a tests/bench/run.sh results file (JSON lines) into one line.
 
 For each path (standalone, remote) and each round: throughput as a fraction
-of the direct run of the same round (loadgen and wrk), added latency at the
+of the direct run of the same round (loadgen at each concurrency, and wrk), added latency at the
 fixed rate (p50/p99, scheduled and service time, minus the direct run of
 the same round), and CPU microseconds per request of each process. Prints
 the median over rounds, plus the min and max of each ratio, as one JSON
@@ -14,7 +14,14 @@ Usage: summary.py RESULTS.jsonl
 import json
 import statistics
 import sys
+import re
 from collections import defaultdict
+
+# "<path>-<kind>", e.g. "remote-throughput-c64", "direct-latency-r500".
+LABEL = re.compile(
+    r"^(?P<path>direct|standalone|remote)-"
+    r"(?P<kind>throughput-c\d+|throughput-wrk-c\d+|cpu-us-per-request-c\d+|latency-r\d+)$"
+)
 
 
 def main(path):
@@ -22,13 +29,14 @@ def main(path):
     by = defaultdict(dict)  # (kind, path) -> round -> row
     for r in rows:
         label, rnd = r.get("label", ""), r.get("round")
-        if rnd is None:
+        m = LABEL.match(label)
+        if rnd is None or not m:
             continue
-        for kind in ("throughput-c10", "throughput-wrk-c10", "cpu-us-per-request"):
-            if label.endswith("-" + kind):
-                by[(kind, label[: -len(kind) - 1])][rnd] = r
-        if "-latency-r" in label:
-            by[("latency", label.split("-latency-r")[0])][rnd] = r
+        kind = "latency" if m["kind"].startswith("latency-") else m["kind"]
+        by[(kind, m["path"])][rnd] = r
+    levels = sorted(
+        {int(k[len("throughput-c") :]) for k, _ in by if k.startswith("throughput-c")}
+    )
 
     def series(kind, path, f):
         direct = by.get((kind, "direct"), {})
@@ -48,9 +56,10 @@ def main(path):
     out = {"label": "summary"}
     for path in ("standalone", "remote"):
         s = {}
-        s["throughput_ratio_loadgen"] = stats(
-            series("throughput-c10", path, lambda m, d: m["rps"] / d["rps"]), 3
-        )
+        for c in levels:
+            s[f"throughput_ratio_loadgen_c{c}"] = stats(
+                series(f"throughput-c{c}", path, lambda m, d: m["rps"] / d["rps"]), 3
+            )
         s["throughput_ratio_wrk"] = stats(
             series("throughput-wrk-c10", path, lambda m, d: m["rps"] / d["rps"]), 3
         )
@@ -58,15 +67,17 @@ def main(path):
             s["added_" + key.replace("_us", "_ms")] = stats(
                 series("latency", path, lambda m, d, k=key: (m[k] - d[k]) / 1000), 3
             )
-        cpu = by.get(("cpu-us-per-request", path), {})
-        for proc in ("sidecar", "control_plane", "fake_backend"):
-            xs = [r[proc] for r in cpu.values() if r.get(proc)]
-            if xs:
-                s["cpu_us_per_request_" + proc] = statistics.median(xs)
+        for c in levels:
+            cpu = by.get((f"cpu-us-per-request-c{c}", path), {})
+            for proc in ("sidecar", "control_plane", "fake_backend"):
+                xs = [r[proc] for r in cpu.values() if r.get(proc)]
+                if xs:
+                    s[f"cpu_us_per_request_c{c}_{proc}"] = statistics.median(xs)
         out[path] = s
-    direct = [r["rps"] for r in by.get(("throughput-c10", "direct"), {}).values()]
-    if direct:
-        out["direct_rps_loadgen_median"] = statistics.median(direct)
+    for c in levels:
+        direct = [r["rps"] for r in by.get((f"throughput-c{c}", "direct"), {}).values()]
+        if direct:
+            out[f"direct_rps_loadgen_c{c}_median"] = statistics.median(direct)
     print(json.dumps(out))
 
 
