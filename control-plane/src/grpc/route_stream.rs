@@ -28,10 +28,6 @@
 //! Client side ([`RouteClient`]): one stream shared by any number of
 //! concurrent callers, with the same `Result<_, Status>` shape as the unary
 //! client so callers (and `convert::choose_error_from_status`) do not change.
-//! While answers are owed, new requests wait for them and then leave
-//! together (Nagle's algorithm with answers for ACKs, see `Outbound`), so
-//! under load both ends pay one write and one read per batch, not per
-//! request.
 //!
 //! Coalesced releases have two ways to hear how they ended, with the same
 //! outcomes: [`RouteClient::queue_release`] returns a future, and
@@ -60,10 +56,7 @@ use switchyard_proto::v1::{
     self, route_request::Op, route_response::Result as Answer, routing_client::RoutingClient,
 };
 use tokio::sync::{
-    mpsc::{
-        self,
-        error::{TryRecvError, TrySendError},
-    },
+    mpsc::{self, error::TrySendError},
     oneshot,
 };
 use tokio_util::{
@@ -354,11 +347,6 @@ struct Pending {
     queued: Vec<(v1::ReleaseRequest, ReleaseDone)>,
     /// The writer, parked with nothing queued: woken by the first release.
     writer: Option<Waker>,
-    /// Messages written whose answer has not come back yet.
-    in_flight: usize,
-    /// The writer, holding requests back while answers are owed (see
-    /// [`Outbound`]): woken by the last of those answers.
-    held: Option<Waker>,
 }
 
 impl ClientShared {
@@ -368,25 +356,6 @@ impl ClientShared {
             .closed
             .clone()
             .unwrap_or_else(|| Status::unavailable("Route stream closed"))
-    }
-
-    /// One answer came back: takes the waiter of `id`, and wakes a writer
-    /// holding requests back once no answer is owed any more.
-    fn answered(&self, id: u64) -> Option<Waiter> {
-        let (waiter, held) = {
-            let mut pending = self.pending.lock();
-            pending.in_flight = pending.in_flight.saturating_sub(1);
-            let held = match pending.in_flight {
-                0 => pending.held.take(),
-                _ => None,
-            };
-            (pending.waiters.remove(&id), held)
-        };
-        // The writer sends what queued meanwhile, in one write.
-        if let Some(writer) = held {
-            writer.wake();
-        }
-        waiter
     }
 
     /// Forgets the waiter of a request that was never written.
@@ -420,7 +389,6 @@ impl RouteClient {
             timer: Box::pin(tokio::time::sleep(linger)),
             armed: false,
             active: false,
-            draining: false,
         };
         let answers = client.route(outbound).await?.into_inner();
         let reader = tokio::spawn(read_answers(answers, shared.clone()));
@@ -730,17 +698,6 @@ impl Future for ChooseInFlight {
 /// releases queued by then, and releases-only requests when releases waited
 /// the linger with nothing to ride on. Polled by the connection's writer,
 /// so coalescing costs no extra task.
-///
-/// Writes are batched the way Nagle's algorithm batches TCP segments, with
-/// answers in place of ACKs: a request finding the stream idle (no answer
-/// owed) is written at once; requests arriving while answers are owed wait
-/// until the last of them comes back, then all leave in one write (tonic's
-/// encoder takes every message ready into one frame), are read by the
-/// control plane in one read and answered in one write. No timer: at low
-/// load nothing is owed and nothing waits; under load a request waits at
-/// most one round trip and the syscalls and wake-ups per request fall on
-/// both sides. The server answers every message, in order, so the owed
-/// count always returns to zero while the stream lives.
 struct Outbound {
     rx: mpsc::Receiver<v1::RouteRequest>,
     shared: Arc<ClientShared>,
@@ -753,23 +710,9 @@ struct Outbound {
     /// releases wait for the timer or the next request (no wake-up per
     /// release); idle, the first queued release wakes the writer.
     active: bool,
-    /// The encoder is taking every request ready now into one write: the
-    /// last poll yielded a request.
-    draining: bool,
 }
 
 impl Outbound {
-    /// Hands `request` to the encoder, with the releases queued by then.
-    fn write(&mut self, mut request: v1::RouteRequest) -> v1::RouteRequest {
-        let mut pending = self.shared.pending.lock();
-        pending.in_flight += 1;
-        Self::attach(&mut pending, &mut request);
-        self.armed = false;
-        self.active = true;
-        self.draining = true;
-        request
-    }
-
     /// Moves every queued release into `request`, their completions to its
     /// waiter.
     fn attach(pending: &mut Pending, request: &mut v1::RouteRequest) {
@@ -796,32 +739,13 @@ impl Stream for Outbound {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        let draining = std::mem::take(&mut this.draining);
-        if this.shared.pending.lock().in_flight > 0 {
-            // Answers are owed: finish the write in progress with what is
-            // ready (without registering for more), then hold.
-            if draining {
-                match this.rx.try_recv() {
-                    Ok(request) => return Poll::Ready(Some(this.write(request))),
-                    Err(TryRecvError::Disconnected) => return Poll::Ready(None),
-                    Err(TryRecvError::Empty) => {}
-                }
-            }
-            // Checked again under the lock `answered` wakes us under.
-            let mut pending = this.shared.pending.lock();
-            if pending.in_flight > 0 {
-                if !pending
-                    .held
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    pending.held = Some(cx.waker().clone());
-                }
-                return Poll::Pending;
-            }
-        }
         match this.rx.poll_recv(cx) {
-            Poll::Ready(Some(request)) => return Poll::Ready(Some(this.write(request))),
+            Poll::Ready(Some(mut request)) => {
+                Self::attach(&mut this.shared.pending.lock(), &mut request);
+                this.armed = false;
+                this.active = true;
+                return Poll::Ready(Some(request));
+            }
             // The client is gone: end our side (its waiters fail with it).
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
@@ -855,9 +779,7 @@ impl Stream for Outbound {
             op: None,
             releases: Vec::new(),
         };
-        pending.in_flight += 1;
         Self::attach(&mut pending, &mut request);
-        this.draining = true;
         Poll::Ready(Some(request))
     }
 }
@@ -904,7 +826,8 @@ async fn read_answers(mut answers: tonic::Streaming<v1::RouteResponse>, shared: 
     let end = loop {
         match answers.message().await {
             Ok(Some(answer)) => {
-                let Some(waiter) = shared.answered(answer.correlation_id) else {
+                let waiter = shared.pending.lock().waiters.remove(&answer.correlation_id);
+                let Some(waiter) = waiter else {
                     tracing::warn!(
                         correlation_id = answer.correlation_id,
                         "Route answer for no pending request"
