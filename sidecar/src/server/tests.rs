@@ -1166,3 +1166,25 @@ async fn the_request_span_records_the_decision_and_outcome() {
     wait_no_leases(&sc).await;
     sc.shutdown().await;
 }
+
+/// The future the server boxes per request holds the proxy's state machine
+/// (several KB) behind one pointer: unboxed, each of its moves was a memcpy
+/// of its full size (12 KB per request before `proxy::handle` boxed it).
+#[tokio::test]
+async fn a_request_future_stays_small() {
+    let tasks = TaskTracker::new();
+    let background = CancellationToken::new();
+    let mode = Mode::Standalone {
+        config: config("endpoints: []\n"),
+    };
+    let (_, _, state) = build_state(mode, "test", &tasks, &background)
+        .await
+        .unwrap();
+    let request = Request::post("/api/chat").body(Body::empty()).unwrap();
+    let future = crate::proxy::handle(state, crate::routes::ApiRoute::OllamaChat, request);
+    let size = std::mem::size_of_val(&future);
+    assert!(size <= 2048, "a request's future is {size} bytes");
+    drop(future);
+    background.cancel();
+    tasks.close();
+}
