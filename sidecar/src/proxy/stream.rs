@@ -3,8 +3,9 @@
 //!
 //! - Nothing reaches the client until the backend has answered 2xx *and*
 //!   sent its first body chunk, so every failure up to that point (connect,
-//!   timeouts, 5xx/429, an empty or broken first chunk) can be retried on
-//!   another endpoint ([`Attempt::Retry`]).
+//!   timeouts, 5xx/429, an empty or broken first chunk, a 404 saying the
+//!   model is missing there) can be retried on another endpoint
+//!   ([`Attempt::Retry`]).
 //! - Streams are never buffered: each chunk is forwarded (pass-through,
 //!   watched by an observer for token counts and in-band errors) or
 //!   translated (SSE → NDJSON) as it arrives. Each wait for the next chunk
@@ -172,8 +173,16 @@ pub(crate) async fn exchange(
             let waited = Instant::now();
             let body = read_error_body(response, timeouts.idle).await;
             progress.backend_wait += waited.elapsed();
+            let error = UpstreamError::parse(status, &body);
+            if error.is_model_not_found() {
+                // The model left this endpoint since it was last probed
+                // (deleted, or never pulled there): another endpoint may
+                // still have it. The backend is healthy, the request is
+                // fine: released as a client error, tried elsewhere.
+                return retry_upstream(lease, Outcome::ClientError, error);
+            }
             lease.finish(Outcome::ClientError, TokenCounts::default());
-            return Attempt::Failed(ProxyError::Upstream(UpstreamError::parse(status, &body)));
+            return Attempt::Failed(ProxyError::Upstream(error));
         }
     }
 

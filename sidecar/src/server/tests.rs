@@ -37,6 +37,9 @@ enum Behaviour {
     Serve,
     /// Answer every inference request with this status.
     Fail(u16),
+    /// Answer every inference request as Ollama does for a model it does
+    /// not have (404, scheduler text).
+    ModelGone,
     /// Stream one chunk, then hold the stream open until dropped.
     StallAfterFirstChunk,
     /// Never send response headers.
@@ -183,6 +186,16 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
     });
     match s.behaviour {
         Behaviour::Serve | Behaviour::StallAfterFirstChunk => {}
+        Behaviour::ModelGone => {
+            let model = body["model"].as_str().unwrap_or_default();
+            return (
+                StatusCode::NOT_FOUND,
+                Json(
+                    json!({"error": format!("model \"{model}\" not found, try pulling it first")}),
+                ),
+            )
+                .into_response();
+        }
         Behaviour::Fail(code) => {
             let status = StatusCode::from_u16(code).unwrap();
             return (
@@ -1187,4 +1200,91 @@ async fn a_request_future_stays_small() {
     drop(future);
     background.cancel();
     tasks.close();
+}
+
+#[tokio::test]
+async fn a_model_missing_on_one_endpoint_is_tried_on_another() {
+    // Both advertised the model when probed; `gone` has lost it since.
+    let gone = Fake::start("ollama", &["llama3:latest"], Behaviour::ModelGone).await;
+    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = format!(
+        "{}priority_routing: true\n",
+        endpoints_yaml(&[&gone, &good])
+    );
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 2).await;
+    for _ in 0..3 {
+        let r = client()
+            .post(format!("http://{}/api/chat", sc.addr))
+            .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(good.inference_count(), 3);
+    assert!(gone.inference_count() >= 1);
+    wait_no_leases(&sc).await;
+    let metrics = client()
+        .get(format!("http://{}/metrics", sc.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // A healthy backend without the model: released as a client error,
+    // never counted against the backend.
+    let failures: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("switchyard_sidecar_upstream_errors_total{"))
+        .collect();
+    assert_eq!(failures.len(), 1, "{metrics}");
+    assert!(
+        failures[0].contains("outcome=\"client_error\""),
+        "{metrics}"
+    );
+    assert!(failures[0].ends_with(" 3"), "{metrics}");
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_model_missing_everywhere_is_404_in_the_client_format() {
+    let gone = Fake::start("ollama", &["llama3:latest"], Behaviour::ModelGone).await;
+    let sc = sidecar(&endpoints_yaml(&[&gone])).await;
+    wait_routable(&sc, 1).await;
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.json::<Value>().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("not found"),
+        "{body}"
+    );
+    let r = client()
+        .post(format!("http://{}/v1/chat/completions", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.json::<Value>().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not found"),
+        "{body}"
+    );
+    wait_no_leases(&sc).await;
+    assert_eq!(
+        gone.inference_count(),
+        2,
+        "each request tried the one endpoint once"
+    );
+    sc.shutdown().await;
 }
