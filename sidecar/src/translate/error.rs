@@ -186,22 +186,14 @@ impl UpstreamError {
     }
 
     /// A missing model: 404 with `not found` / `does not exist`, or code
-    /// `model_not_found` (Ollama, vLLM and OpenAI texts).
+    /// `model_not_found` (Ollama, vLLM and OpenAI texts). The proxy tries
+    /// such a request on another endpoint; other 4xx (a prompt over the
+    /// context size among them) are the request's and go back as they are.
     pub fn is_model_not_found(&self) -> bool {
         let msg = self.message.to_ascii_lowercase();
         self.code.as_deref() == Some("model_not_found")
             || (self.status == StatusCode::NOT_FOUND
                 && (msg.contains("not found") || msg.contains("does not exist")))
-    }
-
-    /// The prompt does not fit the model's context (llama.cpp
-    /// `exceed_context_size_error`, vLLM `maximum context length`); retrying
-    /// on another endpoint of the same model will not help.
-    pub fn is_context_overflow(&self) -> bool {
-        let msg = self.message.to_ascii_lowercase();
-        self.error_type.as_deref() == Some("exceed_context_size_error")
-            || msg.contains("maximum context length")
-            || msg.contains("exceeds the available context size")
     }
 }
 
@@ -265,7 +257,6 @@ mod tests {
         let body = br#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error","n_prompt_tokens":5000,"n_ctx":4096}}"#;
         let e = UpstreamError::parse(StatusCode::BAD_REQUEST, body);
         assert_eq!(e.code.as_deref(), Some("400"));
-        assert!(e.is_context_overflow());
         assert!(!e.is_model_not_found());
         let (s, v) = e.to_openai();
         assert_eq!(s, StatusCode::BAD_REQUEST);
@@ -280,7 +271,6 @@ mod tests {
         assert!(e.is_model_not_found());
         let old = br#"{"object":"error","message":"This model's maximum context length is 4096 tokens.","type":"BadRequestError","param":null,"code":400}"#;
         let e = UpstreamError::parse(StatusCode::BAD_REQUEST, old);
-        assert!(e.is_context_overflow());
         assert_eq!(e.error_type.as_deref(), Some("BadRequestError"));
         let fastapi = br#"{"detail":"Not Found"}"#;
         assert_eq!(
