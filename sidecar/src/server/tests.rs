@@ -617,10 +617,16 @@ async fn total_failure_is_reported_in_the_client_format() {
             .contains("fake failure"),
         "{v}"
     );
-    // A 4xx is the client's: passed through, not retried.
+    // A 4xx is the client's: passed through, not retried, even with
+    // another endpoint to try.
     let picky = Fake::start("ollama", &["llama3:latest"], Behaviour::Fail(400)).await;
-    let sc2 = sidecar(&endpoints_yaml(&[&picky])).await;
-    wait_routable(&sc2, 1).await;
+    let spare = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = format!(
+        "{}priority_routing: true\n",
+        endpoints_yaml(&[&picky, &spare])
+    );
+    let sc2 = sidecar(&yaml).await;
+    wait_routable(&sc2, 2).await;
     let r = client()
         .post(format!("http://{}/api/chat", sc2.addr))
         .json(&json!({"model": "llama3", "messages": []}))
@@ -633,6 +639,7 @@ async fn total_failure_is_reported_in_the_client_format() {
         "fake failure 400"
     );
     assert_eq!(picky.inference_count(), 1);
+    assert_eq!(spare.inference_count(), 0);
     wait_no_leases(&sc).await;
     wait_no_leases(&sc2).await;
     sc.shutdown().await;
