@@ -110,6 +110,22 @@ fn bad_gateway(message: String) -> UpstreamError {
     }
 }
 
+/// A 404 naming nothing ([`UpstreamError::is_missing_route`]) says the
+/// backend has no such route, not no such model. The client would see only
+/// `Not Found`, so name the route the request was sent to (a generate on an
+/// OpenAI-API backend needs `/v1/completions`, which chat-only servers
+/// lack). The status stays 404, and the request is still tried on another
+/// endpoint.
+fn name_missing_route(mut error: UpstreamError, url: &str) -> UpstreamError {
+    if error.is_missing_route() {
+        let path = url
+            .parse::<http::Uri>()
+            .map_or_else(|_| url.to_owned(), |u| u.path().to_owned());
+        error.message = format!("the backend does not serve POST {path} (404 Not Found)");
+    }
+    error
+}
+
 /// Runs one attempt on the endpoint `lease` was taken for.
 pub(crate) async fn exchange(
     state: &AppState,
@@ -173,7 +189,7 @@ pub(crate) async fn exchange(
             let waited = Instant::now();
             let body = read_error_body(response, timeouts.idle).await;
             progress.backend_wait += waited.elapsed();
-            let error = UpstreamError::parse(status, &body);
+            let error = name_missing_route(UpstreamError::parse(status, &body), &url);
             if error.is_model_not_found() {
                 // The model left this endpoint since it was last probed
                 // (deleted, or never pulled there): another endpoint may

@@ -40,6 +40,9 @@ enum Behaviour {
     /// Answer every inference request as Ollama does for a model it does
     /// not have (404, scheduler text).
     ModelGone,
+    /// Answer every inference request as a FastAPI server without that
+    /// route does (404 `{"detail":"Not Found"}`).
+    NoRoute,
     /// Stream one chunk, then hold the stream open until dropped.
     StallAfterFirstChunk,
     /// Never send response headers.
@@ -186,6 +189,9 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
     });
     match s.behaviour {
         Behaviour::Serve | Behaviour::StallAfterFirstChunk => {}
+        Behaviour::NoRoute => {
+            return (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))).into_response();
+        }
         Behaviour::ModelGone => {
             let model = body["model"].as_str().unwrap_or_default();
             return (
@@ -1293,5 +1299,33 @@ async fn a_model_missing_everywhere_is_404_in_the_client_format() {
         2,
         "each request tried the one endpoint once"
     );
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_backend_route_is_named_in_the_error() {
+    // An OpenAI-API backend without `/v1/completions` (the fake has only
+    // the chat route, and answers other paths with an empty 404), which a
+    // generate needs there.
+    let chat_only = Fake::start("llama_server", &["m"], Behaviour::Serve).await;
+    // A FastAPI-style 404 body.
+    let fastapi = Fake::start("ollama", &["llama3:latest"], Behaviour::NoRoute).await;
+    let sc = sidecar(&endpoints_yaml(&[&chat_only, &fastapi])).await;
+    wait_routable(&sc, 2).await;
+    for (model, path) in [("m", "/v1/completions"), ("llama3", "/api/generate")] {
+        let r = client()
+            .post(format!("http://{}/api/generate", sc.addr))
+            .json(&json!({"model": model, "prompt": "hi", "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let body = r.json::<Value>().await.unwrap();
+        assert_eq!(
+            body["error"],
+            format!("the backend does not serve POST {path} (404 Not Found)")
+        );
+    }
+    wait_no_leases(&sc).await;
     sc.shutdown().await;
 }

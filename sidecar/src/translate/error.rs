@@ -185,6 +185,17 @@ impl UpstreamError {
         )
     }
 
+    /// A 404 that names nothing: FastAPI's `Not Found` (vLLM,
+    /// llama-cpp-python), llama.cpp's `File Not Found`, or no body at all.
+    /// The backend has no such route; a missing model is named in the text.
+    pub fn is_missing_route(&self) -> bool {
+        let message = self.message.trim();
+        self.status == StatusCode::NOT_FOUND
+            && (message.eq_ignore_ascii_case("not found")
+                || message.eq_ignore_ascii_case("file not found")
+                || message == default_message(StatusCode::NOT_FOUND))
+    }
+
     /// A missing model: 404 with `not found` / `does not exist`, or code
     /// `model_not_found` (Ollama, vLLM and OpenAI texts). The proxy tries
     /// such a request on another endpoint; other 4xx (a prompt over the
@@ -269,14 +280,14 @@ mod tests {
         let body = br#"{"error":{"message":"The model `x` does not exist.","type":"NotFoundError","param":"model","code":404}}"#;
         let e = UpstreamError::parse(StatusCode::NOT_FOUND, body);
         assert!(e.is_model_not_found());
+        assert!(!e.is_missing_route());
         let old = br#"{"object":"error","message":"This model's maximum context length is 4096 tokens.","type":"BadRequestError","param":null,"code":400}"#;
         let e = UpstreamError::parse(StatusCode::BAD_REQUEST, old);
         assert_eq!(e.error_type.as_deref(), Some("BadRequestError"));
         let fastapi = br#"{"detail":"Not Found"}"#;
-        assert_eq!(
-            UpstreamError::parse(StatusCode::NOT_FOUND, fastapi).message,
-            "Not Found"
-        );
+        let e = UpstreamError::parse(StatusCode::NOT_FOUND, fastapi);
+        assert_eq!(e.message, "Not Found");
+        assert!(e.is_missing_route());
     }
 
     #[test]
