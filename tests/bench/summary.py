@@ -2,9 +2,10 @@
 """Summarises a tests/bench/run.sh results file (JSON lines) into one line.
 
 For each path (standalone, remote) and each round: throughput as a fraction
-of the direct run of the same round (loadgen at each concurrency, and wrk), added latency at the
-fixed rate (p50/p99, scheduled and service time, minus the direct run of
-the same round), and CPU microseconds per request of each process. Prints
+of the direct run of the same round (loadgen at each concurrency, and wrk),
+added latency at the fixed rate (p50/p99, scheduled and service time, minus
+the direct run of the same round), and CPU microseconds per request of each
+process at each concurrency. Prints
 the median over rounds, plus the min and max of each ratio, as one JSON
 object labelled "summary".
 
@@ -12,9 +13,9 @@ Usage: summary.py RESULTS.jsonl
 """
 
 import json
+import re
 import statistics
 import sys
-import re
 from collections import defaultdict
 
 # "<path>-<kind>", e.g. "remote-throughput-c64", "direct-latency-r500".
