@@ -288,6 +288,14 @@ mod tests {
         let e = UpstreamError::parse(StatusCode::NOT_FOUND, fastapi);
         assert_eq!(e.message, "Not Found");
         assert!(e.is_missing_route());
+        // llama.cpp's unknown route, and a bare 404.
+        let llama =
+            br#"{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}"#;
+        assert!(UpstreamError::parse(StatusCode::NOT_FOUND, llama).is_missing_route());
+        assert!(UpstreamError::parse(StatusCode::NOT_FOUND, b"").is_missing_route());
+        // Ollama's missing model is named: not a missing route.
+        let ollama = br#"{"error":"model 'llama3' not found"}"#;
+        assert!(!UpstreamError::parse(StatusCode::NOT_FOUND, ollama).is_missing_route());
     }
 
     #[test]
