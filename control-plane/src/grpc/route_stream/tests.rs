@@ -415,15 +415,21 @@ async fn take_leases(client: &RouteClient, session: u64, n: usize) -> Vec<u64> {
     leases
 }
 
+/// A client whose coalesced releases wait for a request to ride on: its
+/// linger outlasts any test.
+async fn parked_client(s: &Served) -> RouteClient {
+    RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn coalesced_releases_apply_before_the_choose_they_ride_on() {
     let s = served().await;
     let session = s.session().await;
     // A linger far longer than the test: releases can only leave with a
     // choose.
-    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let client = parked_client(&s).await;
     let leases = take_leases(&client, session, 3).await;
     assert_eq!(s.cp.stats().leases_active, 3);
     let acks: Vec<_> = leases
@@ -476,9 +482,7 @@ async fn coalesced_releases_leave_alone_after_the_linger() {
 async fn coalesced_releases_fail_when_the_stream_ends_never_silently() {
     let s = served().await;
     let session = s.session().await;
-    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let client = parked_client(&s).await;
     let leases = take_leases(&client, session, 2).await;
     let acks: Vec<_> = leases
         .iter()
@@ -569,6 +573,15 @@ fn recorder() -> (Arc<Recorder>, mpsc::UnboundedReceiver<Heard>) {
     (Arc::new(Recorder(tx)), rx)
 }
 
+/// Queues a release of each of `leases` for `listener`, all with `tag`.
+fn queue_all(client: &RouteClient, leases: &[u64], listener: &Arc<Recorder>, tag: u64) {
+    for &lease in leases {
+        client
+            .queue_release_to(release(lease), listener, tag)
+            .unwrap();
+    }
+}
+
 /// The next `n` reports, sorted by lease.
 async fn heard(rx: &mut mpsc::UnboundedReceiver<Heard>, n: usize) -> Vec<Heard> {
     let mut out = Vec::new();
@@ -606,12 +619,8 @@ async fn listener_releases_are_applied_and_reported_once() {
 
     // Riding on a choose: applied before it, reported with its answer.
     let more = take_leases(&client, session, 2).await;
-    let slow = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
-        .await
-        .unwrap();
-    for &lease in &more {
-        slow.queue_release_to(release(lease), &listener, 7).unwrap();
-    }
+    let slow = parked_client(&s).await;
+    queue_all(&slow, &more, &listener, 7);
     tokio::task::yield_now().await;
     assert_eq!(s.cp.stats().leases_active, 2, "nothing written yet");
     slow.start_choose(choose(session, "m")).await.unwrap();
@@ -629,16 +638,10 @@ async fn listener_releases_are_applied_and_reported_once() {
 async fn listener_hears_unavailable_when_the_stream_dies() {
     let s = served().await;
     let session = s.session().await;
-    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let client = parked_client(&s).await;
     let (listener, mut rx) = recorder();
     let leases = take_leases(&client, session, 2).await;
-    for &lease in &leases {
-        client
-            .queue_release_to(release(lease), &listener, 1)
-            .unwrap();
-    }
+    queue_all(&client, &leases, &listener, 1);
     // The server goes away before anything carried them.
     s.shutdown.cancel();
     for report in heard(&mut rx, 2).await {
@@ -659,16 +662,10 @@ async fn listener_hears_unavailable_when_the_stream_dies() {
 async fn listener_releases_fail_over_to_a_new_stream_exactly_once() {
     let s = served().await;
     let session = s.session().await;
-    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let client = parked_client(&s).await;
     let (listener, mut rx) = recorder();
     let leases = take_leases(&client, session, 3).await;
-    for &lease in &leases {
-        client
-            .queue_release_to(release(lease), &listener, 2)
-            .unwrap();
-    }
+    queue_all(&client, &leases, &listener, 2);
     // The client goes away with the releases unsent: each is reported
     // UNAVAILABLE (to be sent again), none is applied.
     drop(client);
@@ -682,11 +679,8 @@ async fn listener_releases_fail_over_to_a_new_stream_exactly_once() {
     let fresh = RouteClient::open_with_linger(s.routing(), Duration::from_millis(5))
         .await
         .unwrap();
-    for (lease, _, _) in failed {
-        fresh
-            .queue_release_to(release(lease), &listener, 3)
-            .unwrap();
-    }
+    let failed: Vec<u64> = failed.iter().map(|&(lease, _, _)| lease).collect();
+    queue_all(&fresh, &failed, &listener, 3);
     let applied = heard(&mut rx, 3).await;
     assert!(
         applied.iter().all(|r| r.1 == 3 && r.2 == Ok(())),
@@ -701,15 +695,11 @@ async fn listener_releases_fail_over_to_a_new_stream_exactly_once() {
 async fn listener_hears_invalid_argument_for_a_message_with_malformed_entries() {
     let s = served().await;
     let session = s.session().await;
-    let client = RouteClient::open_with_linger(s.routing(), Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let client = parked_client(&s).await;
     let (listener, mut rx) = recorder();
     let lease = take_leases(&client, session, 1).await[0];
-    client
-        .queue_release_to(release(lease), &listener, 4)
-        .unwrap();
-    client.queue_release_to(release(0), &listener, 5).unwrap();
+    queue_all(&client, &[lease], &listener, 4);
+    queue_all(&client, &[0], &listener, 5);
     client.choose(choose(0, "m")).await.unwrap();
     let reports = heard(&mut rx, 2).await;
     assert_eq!(
