@@ -358,6 +358,46 @@ async fn wait_no_leases(handle: &SidecarHandle) {
     panic!("leases still held: {}", handle.router().local_in_flight());
 }
 
+/// The sidecar's `/metrics` page.
+async fn metrics_text(handle: &SidecarHandle) -> String {
+    client()
+        .get(format!("http://{}/metrics", handle.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Three chats through a sidecar whose first endpoint answers with
+/// `failing` and whose second serves: each must end on the second. Returns
+/// the metrics once every lease is back.
+async fn three_chats_fail_over(failing: Behaviour) -> String {
+    let bad = Fake::start("ollama", &["llama3:latest"], failing).await;
+    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    // priority_routing: config order breaks ties, so the failing endpoint
+    // is tried first.
+    let yaml = format!("{}priority_routing: true\n", endpoints_yaml(&[&bad, &good]));
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 2).await;
+    for _ in 0..3 {
+        let r = client()
+            .post(format!("http://{}/api/chat", sc.addr))
+            .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(good.inference_count(), 3);
+    assert!(bad.inference_count() >= 1);
+    wait_no_leases(&sc).await;
+    let metrics = metrics_text(&sc).await;
+    sc.shutdown().await;
+    metrics
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
@@ -530,39 +570,12 @@ async fn bad_requests_are_400_and_413() {
 
 #[tokio::test]
 async fn retries_on_another_endpoint_after_a_5xx() {
-    let bad = Fake::start("ollama", &["llama3:latest"], Behaviour::Fail(503)).await;
-    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
-    // priority_routing: config order breaks ties, so the failing endpoint
-    // is tried first.
-    let yaml = format!("{}priority_routing: true\n", endpoints_yaml(&[&bad, &good]));
-    let sc = sidecar(&yaml).await;
-    wait_routable(&sc, 2).await;
-    for _ in 0..3 {
-        let r = client()
-            .post(format!("http://{}/api/chat", sc.addr))
-            .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
-    assert_eq!(good.inference_count(), 3);
-    assert!(bad.inference_count() >= 1);
-    wait_no_leases(&sc).await;
-    let metrics = client()
-        .get(format!("http://{}/metrics", sc.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = three_chats_fail_over(Behaviour::Fail(503)).await;
     assert!(
         !metrics.contains("switchyard_sidecar_retries_total 0"),
         "{metrics}"
     );
     assert!(metrics.contains("outcome=\"backend_error\""), "{metrics}");
-    sc.shutdown().await;
 }
 
 #[tokio::test]
@@ -589,14 +602,7 @@ async fn retries_on_another_endpoint_after_a_refused_connection() {
     assert_eq!(lines.last().unwrap()["done"], true);
     assert_eq!(good.inference_count(), 1);
     wait_no_leases(&sc).await;
-    let metrics = client()
-        .get(format!("http://{}/metrics", sc.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&sc).await;
     assert!(metrics.contains("outcome=\"connect_error\""), "{metrics}");
     sc.shutdown().await;
 }
@@ -711,14 +717,7 @@ async fn idle_timeout_ends_the_stream_with_an_error_line() {
         "{lines:?}"
     );
     wait_no_leases(&sc).await;
-    let metrics = client()
-        .get(format!("http://{}/metrics", sc.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&sc).await;
     assert!(metrics.contains("outcome=\"idle_timeout\""), "{metrics}");
     sc.shutdown().await;
 }
@@ -1217,35 +1216,8 @@ async fn a_request_future_stays_small() {
 
 #[tokio::test]
 async fn a_model_missing_on_one_endpoint_is_tried_on_another() {
-    // Both advertised the model when probed; `gone` has lost it since.
-    let gone = Fake::start("ollama", &["llama3:latest"], Behaviour::ModelGone).await;
-    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
-    let yaml = format!(
-        "{}priority_routing: true\n",
-        endpoints_yaml(&[&gone, &good])
-    );
-    let sc = sidecar(&yaml).await;
-    wait_routable(&sc, 2).await;
-    for _ in 0..3 {
-        let r = client()
-            .post(format!("http://{}/api/chat", sc.addr))
-            .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
-    assert_eq!(good.inference_count(), 3);
-    assert!(gone.inference_count() >= 1);
-    wait_no_leases(&sc).await;
-    let metrics = client()
-        .get(format!("http://{}/metrics", sc.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // Both advertised the model when probed; the first has lost it since.
+    let metrics = three_chats_fail_over(Behaviour::ModelGone).await;
     // A healthy backend without the model: released as a client error,
     // never counted against the backend.
     let failures: Vec<&str> = metrics
@@ -1258,7 +1230,6 @@ async fn a_model_missing_on_one_endpoint_is_tried_on_another() {
         "{metrics}"
     );
     assert!(failures[0].ends_with(" 3"), "{metrics}");
-    sc.shutdown().await;
 }
 
 #[tokio::test]
