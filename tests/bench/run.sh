@@ -8,7 +8,9 @@
 #      batches chooses, so the routed paths gain from concurrency while the
 #      backend alone is already saturated at 10) and open-loop latency at a
 #      fixed rate (added p50/p99 vs direct), CPU time per request of each
-#      process, and throughput again with wrk (concurrency 10) if present.
+#      process, wake-ups (voluntary context switches) per request of each
+#      process at the fixed rate, hypervisor steal during each run, and
+#      throughput again with wrk (concurrency 10) if present.
 #      Client, sidecar, control plane and backend share the machine's cores,
 #      and single runs of the same path differ by up to ±25 % here, so the
 #      three paths run in ROUNDS interleaved rounds (direct, standalone,
@@ -81,6 +83,14 @@ record "{\"label\":\"sidecar_rss_idle_kb\",\"standalone\":$(rss_kb $SA_PID),\"re
 
 FAKE_PID=${PIDS[0]}
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# Hypervisor steal (all CPUs, 10 ms ticks): time this VM's vCPUs were ready
+# to run but the host ran something else. Recorded per run as steal_ms, so
+# a slow round can be told apart from a slow path.
+steal() { awk '/^cpu /{print $9}' /proc/stat; }
+# Voluntary context switches of all a process's threads: each is a sleep,
+# so the count per request at the fixed rate is the wake-ups it costs.
+wakes() { [ "$1" = 0 ] && { echo 0; return; }; cat /proc/$1/task/*/status | awk '/^voluntary_ctxt_switches/{n+=$2} END{print n}'; }
+per_req() { python3 -c "print(round(($2 - $1) / max(1, $3), 2))"; }
 # CPU time each process spent per request during a run (utime+stime ticks
 # of 10 ms, read before and after), so the cost of each hop is visible
 # independently of how the 2 cores were shared.
@@ -91,10 +101,10 @@ for round in $(seq 1 "$ROUNDS"); do
     for target in "${PATHS[@]}"; do
       set -- $target
       SC_PID=$3
-      f0=$(ticks $FAKE_PID); c0=$(ticks $CP_PID); s0=0; [ "$SC_PID" != 0 ] && s0=$(ticks $SC_PID)
+      f0=$(ticks $FAKE_PID); c0=$(ticks $CP_PID); s0=0; [ "$SC_PID" != 0 ] && s0=$(ticks $SC_PID); st0=$(steal)
       line=$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --concurrency "$c" --duration "$SECS" --warmup 0 --label "$1-throughput-c$c")
       f1=$(ticks $FAKE_PID); c1=$(ticks $CP_PID); s1=0; [ "$SC_PID" != 0 ] && s1=$(ticks $SC_PID)
-      record "${line%\}},\"round\":$round}"
+      record "${line%\}},\"round\":$round,\"steal_ms\":$(( ($(steal) - st0) * 10 ))}"
       n=$(echo "$line" | python3 -c 'import json,sys; print(max(1, json.load(sys.stdin)["requests"]))')
       record "{\"label\":\"$1-cpu-us-per-request-c$c\",\"round\":$round,\"sidecar\":$(us_per_req $s0 $s1 $n),\"fake_backend\":$(us_per_req $f0 $f1 $n),\"control_plane\":$(us_per_req $c0 $c1 $n)}"
     done
@@ -103,8 +113,13 @@ done
 for round in $(seq 1 "$ROUNDS"); do
   for target in "${PATHS[@]}"; do
     set -- $target
+    SC_PID=$3
+    st0=$(steal); w0=$(wakes $SC_PID); wc0=$(wakes $CP_PID); wf0=$(wakes $FAKE_PID)
     line=$("$BIN/loadgen" --url "$2/api/chat" --body "$BODY" --rate "$RATE" --duration "$SECS" --label "$1-latency-r$RATE")
-    record "${line%\}},\"round\":$round}"
+    w1=$(wakes $SC_PID); wc1=$(wakes $CP_PID); wf1=$(wakes $FAKE_PID)
+    record "${line%\}},\"round\":$round,\"steal_ms\":$(( ($(steal) - st0) * 10 ))}"
+    n=$(echo "$line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+    record "{\"label\":\"$1-wakeups-per-request-r$RATE\",\"round\":$round,\"sidecar\":$(per_req $w0 $w1 $n),\"control_plane\":$(per_req $wc0 $wc1 $n),\"fake_backend\":$(per_req $wf0 $wf1 $n)}"
   done
 done
 

@@ -4,8 +4,9 @@
 For each path (standalone, remote) and each round: throughput as a fraction
 of the direct run of the same round (loadgen at each concurrency, and wrk),
 added latency at the fixed rate (p50/p99, scheduled and service time, minus
-the direct run of the same round), and CPU microseconds per request of each
-process at each concurrency. Prints
+the direct run of the same round), CPU microseconds per request of each
+process at each concurrency, wake-ups per request of each process at the
+fixed rate, and the hypervisor steal during the runs. Prints
 the median over rounds, plus the min and max of each ratio, as one JSON
 object labelled "summary".
 
@@ -21,7 +22,8 @@ from collections import defaultdict
 # "<path>-<kind>", e.g. "remote-throughput-c64", "direct-latency-r500".
 LABEL = re.compile(
     r"^(?P<path>direct|standalone|remote)-"
-    r"(?P<kind>throughput-c\d+|throughput-wrk-c\d+|cpu-us-per-request-c\d+|latency-r\d+)$"
+    r"(?P<kind>throughput-c\d+|throughput-wrk-c\d+|cpu-us-per-request-c\d+"
+    r"|latency-r\d+|wakeups-per-request-r\d+)$"
 )
 
 
@@ -33,7 +35,10 @@ def main(path):
         m = LABEL.match(label)
         if rnd is None or not m:
             continue
-        kind = "latency" if m["kind"].startswith("latency-") else m["kind"]
+        kind = m["kind"]
+        for fixed_rate in ("latency", "wakeups-per-request"):
+            if kind.startswith(fixed_rate + "-r"):
+                kind = fixed_rate
         by[(kind, m["path"])][rnd] = r
     levels = sorted(
         {int(k[len("throughput-c") :]) for k, _ in by if k.startswith("throughput-c")}
@@ -74,7 +79,18 @@ def main(path):
                 xs = [r[proc] for r in cpu.values() if r.get(proc)]
                 if xs:
                     s[f"cpu_us_per_request_c{c}_{proc}"] = statistics.median(xs)
+        wakes = by.get(("wakeups-per-request", path), {})
+        for proc in ("sidecar", "control_plane"):
+            xs = [r[proc] for r in wakes.values() if proc in r]
+            if xs and (proc == "sidecar" or path == "remote"):
+                s[f"wakeups_per_request_{proc}"] = statistics.median(xs)
         out[path] = s
+    # Hypervisor steal per run (ms, all vCPUs), median over rounds.
+    for path in ("direct", "standalone", "remote"):
+        for kind in ["latency"] + [f"throughput-c{c}" for c in levels]:
+            xs = [r["steal_ms"] for r in by.get((kind, path), {}).values() if "steal_ms" in r]
+            if xs:
+                out.setdefault("steal_ms_median", {})[f"{path}-{kind}"] = statistics.median(xs)
     for c in levels:
         direct = [r["rps"] for r in by.get((f"throughput-c{c}", "direct"), {}).values()]
         if direct:

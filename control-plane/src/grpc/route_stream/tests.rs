@@ -455,6 +455,32 @@ async fn coalesced_releases_apply_before_the_choose_they_ride_on() {
 }
 
 #[tokio::test]
+async fn a_release_reporting_a_backend_failure_leaves_at_once_with_those_queued() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = parked_client(&s).await;
+    let leases = take_leases(&client, session, 2).await;
+    let ok = tokio::spawn(client.queue_release(release(leases[0])));
+    // An ordinary release waits for a ride (the linger outlasts the test).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(s.cp.stats().leases_active, 2);
+    let failed = v1::ReleaseRequest {
+        outcome: v1::Outcome::BackendError as i32,
+        ..release(leases[1])
+    };
+    // A health signal does not wait, and takes the queued one along.
+    let acks = async {
+        client.queue_release(failed).await.unwrap();
+        ok.await.unwrap().unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(10), acks)
+        .await
+        .expect("sent without waiting for the linger");
+    assert_eq!(s.cp.stats().leases_active, 0);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn coalesced_releases_leave_alone_after_the_linger() {
     let s = served().await;
     let session = s.session().await;
