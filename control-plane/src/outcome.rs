@@ -24,11 +24,15 @@ pub enum Outcome {
     IdleTimeout,
     /// Backend answered 4xx: the request's fault, not the backend's.
     ClientError,
+    /// Backend answered that it does not have the model (404 "model not
+    /// found"): healthy, but its advertised models are stale. On the wire a
+    /// client error with `model_missing` set.
+    ModelMissing,
 }
 
 impl Outcome {
     /// All outcomes, in a stable order.
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Self::Ok,
         Self::ConnectError,
         Self::BackendError,
@@ -37,6 +41,7 @@ impl Outcome {
         Self::FirstByteTimeout,
         Self::IdleTimeout,
         Self::ClientError,
+        Self::ModelMissing,
     ];
 
     /// Canonical name for logs and metrics labels.
@@ -50,6 +55,7 @@ impl Outcome {
             Self::FirstByteTimeout => "first_byte_timeout",
             Self::IdleTimeout => "idle_timeout",
             Self::ClientError => "client_error",
+            Self::ModelMissing => "model_missing",
         }
     }
 
@@ -62,8 +68,15 @@ impl Outcome {
             | Self::ConnectTimeout
             | Self::FirstByteTimeout
             | Self::IdleTimeout => true,
-            Self::Ok | Self::Cancelled | Self::ClientError => false,
+            Self::Ok | Self::Cancelled | Self::ClientError | Self::ModelMissing => false,
         }
+    }
+
+    /// True when the control plane stops choosing the endpoint for the
+    /// request's model for a while (`completion_failure_ttl`): every
+    /// backend failure, and a model the endpoint turned out not to have.
+    pub fn excludes_endpoint(self) -> bool {
+        self.is_backend_failure() || self == Self::ModelMissing
     }
 }
 

@@ -459,6 +459,7 @@ mod tests {
             outcome: v1::Outcome::Ok as i32,
             prompt_tokens: 3,
             completion_tokens: 4,
+            model_missing: false,
         };
         assert!(
             routing

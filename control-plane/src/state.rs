@@ -51,7 +51,7 @@ pub struct Counters {
     /// Choices refused because every candidate was excluded or draining.
     pub no_endpoint: u64,
     /// `release` calls that ended a lease, by outcome in [`Outcome::ALL`] order.
-    pub releases: [u64; 8],
+    pub releases: [u64; Outcome::ALL.len()],
     /// Leases granted by choices (not re-registrations).
     pub leases_granted: u64,
     /// Leases re-registered that were not yet known.

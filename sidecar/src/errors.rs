@@ -227,7 +227,8 @@ impl ProxyError {
                     Outcome::Ok
                     | Outcome::BackendError
                     | Outcome::Cancelled
-                    | Outcome::ClientError => StatusCode::BAD_GATEWAY,
+                    | Outcome::ClientError
+                    | Outcome::ModelMissing => StatusCode::BAD_GATEWAY,
                 },
                 AttemptFailure::Upstream { error, .. } => error.ollama_status(),
             },

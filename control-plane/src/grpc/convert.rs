@@ -150,7 +150,8 @@ pub fn decision_reason_from_proto(value: i32) -> Result<DecisionReason, ConvertE
     }
 }
 
-/// Domain outcome → proto enum value.
+/// Domain outcome → proto enum value ([`Outcome::ModelMissing`] is a client
+/// error on the wire, with `ReleaseRequest.model_missing` set).
 pub fn outcome_to_proto(outcome: Outcome) -> i32 {
     let p = match outcome {
         Outcome::Ok => v1::Outcome::Ok,
@@ -160,7 +161,7 @@ pub fn outcome_to_proto(outcome: Outcome) -> i32 {
         Outcome::ConnectTimeout => v1::Outcome::ConnectTimeout,
         Outcome::FirstByteTimeout => v1::Outcome::FirstByteTimeout,
         Outcome::IdleTimeout => v1::Outcome::IdleTimeout,
-        Outcome::ClientError => v1::Outcome::ClientError,
+        Outcome::ClientError | Outcome::ModelMissing => v1::Outcome::ClientError,
     };
     p as i32
 }
@@ -179,6 +180,15 @@ pub fn outcome_from_proto(value: i32) -> Result<Outcome, ConvertError> {
         Ok(v1::Outcome::ClientError) => Ok(Outcome::ClientError),
         Ok(v1::Outcome::Unspecified) => Err(ConvertError::new(FIELD, "must be set")),
         Err(_) => Err(ConvertError::new(FIELD, format!("unknown value {value}"))),
+    }
+}
+
+/// The outcome a release reports: its `outcome`, refined by
+/// `model_missing`.
+pub fn release_outcome_from_proto(m: &v1::ReleaseRequest) -> Result<Outcome, ConvertError> {
+    match outcome_from_proto(m.outcome)? {
+        Outcome::ClientError if m.model_missing => Ok(Outcome::ModelMissing),
+        outcome => Ok(outcome),
     }
 }
 
@@ -307,7 +317,7 @@ impl TryFrom<v1::ReleaseRequest> for ReleaseCall {
     fn try_from(m: v1::ReleaseRequest) -> Result<Self, Self::Error> {
         Ok(Self {
             lease: lease_id_from_proto(m.lease_id)?,
-            outcome: outcome_from_proto(m.outcome)?,
+            outcome: release_outcome_from_proto(&m)?,
             tokens: TokenCounts {
                 prompt: m.prompt_tokens,
                 completion: m.completion_tokens,
@@ -323,6 +333,7 @@ impl From<&ReleaseCall> for v1::ReleaseRequest {
             outcome: outcome_to_proto(r.outcome),
             prompt_tokens: r.tokens.prompt,
             completion_tokens: r.tokens.completion,
+            model_missing: r.outcome == Outcome::ModelMissing,
         }
     }
 }
@@ -736,7 +747,22 @@ mod tests {
             );
         }
         for o in Outcome::ALL {
-            assert_eq!(outcome_from_proto(outcome_to_proto(o)), Ok(o));
+            let call = ReleaseCall {
+                lease: LeaseId(1),
+                outcome: o,
+                tokens: TokenCounts::default(),
+            };
+            let wire = v1::ReleaseRequest::from(&call);
+            assert_eq!(ReleaseCall::try_from(wire), Ok(call));
+            // A control plane that predates `model_missing` reads the
+            // outcome alone: a client error.
+            let old = outcome_from_proto(wire.outcome).unwrap();
+            let expected = if o == Outcome::ModelMissing {
+                Outcome::ClientError
+            } else {
+                o
+            };
+            assert_eq!(old, expected);
         }
         for r in DecisionReason::ALL {
             assert_eq!(

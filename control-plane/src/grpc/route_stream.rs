@@ -67,7 +67,7 @@ use tonic::{Code, Status, transport::Channel};
 
 use super::{
     GrpcError, RoutingService,
-    convert::{ConvertError, outcome_from_proto},
+    convert::{ConvertError, release_outcome_from_proto},
     status_from_error,
 };
 use crate::outcome::Outcome;
@@ -217,8 +217,9 @@ const CLIENT_QUEUE: usize = 1024;
 /// fifth, against 1 ms. Short against what it delays: a finished request
 /// stays counted in flight a few milliseconds longer, where inference
 /// requests last hundreds of milliseconds or more and `WatchUsage`
-/// publishes every 20 ms. Releases that report a backend failure do not
-/// wait at all (see [`RouteClient::queue_release`]).
+/// publishes every 20 ms. Releases that make the control plane avoid an
+/// endpoint ([`Outcome::excludes_endpoint`]: a backend failure, a missing
+/// model) do not wait at all (see [`RouteClient::queue_release`]).
 pub const DEFAULT_RELEASE_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Hears how the coalesced releases queued with
@@ -364,7 +365,8 @@ struct Pending {
     /// The writer is parked with nothing queued and no traffic: the first
     /// release wakes it (later ones wait for its linger).
     idle: bool,
-    /// A queued release reports a backend failure: the writer sends what is
+    /// A queued release excludes its endpoint (a backend failure, a missing
+    /// model): the writer sends what is
     /// queued at once, so the control plane's health view never waits for
     /// a linger.
     urgent: bool,
@@ -475,7 +477,9 @@ impl RouteClient {
     }
 
     /// Queues a coalesced release: it goes out with the next request
-    /// written on the stream, or alone after the linger. The returned
+    /// written on the stream, or alone after the linger; at once (with
+    /// those queued) when its outcome makes the control plane avoid the
+    /// endpoint ([`Outcome::excludes_endpoint`]). The returned
     /// future resolves when the control plane applied it (`Ok`, whether or
     /// not the lease was still held: releases are idempotent), or fails
     /// with `UNAVAILABLE` (stream gone, or the server does not apply
@@ -549,7 +553,7 @@ impl RouteClient {
         if let Some(status) = &pending.closed {
             return Err(status.clone());
         }
-        let urgent = outcome_from_proto(request.outcome).is_ok_and(Outcome::is_backend_failure);
+        let urgent = release_outcome_from_proto(&request).is_ok_and(Outcome::excludes_endpoint);
         pending.queued.push((request, done()));
         pending.urgent |= urgent;
         if (urgent || (pending.idle && pending.queued.len() == 1))
@@ -720,8 +724,8 @@ impl Future for ChooseInFlight {
 /// The request stream tonic writes: callers' requests, each carrying the
 /// releases queued by then, and releases-only requests when releases waited
 /// the linger with nothing to ride on, or at once when one of them reports
-/// a backend failure. Polled by the connection's writer, so coalescing
-/// costs no extra task.
+/// a backend failure or a missing model. Polled by the connection's writer,
+/// so coalescing costs no extra task.
 struct Outbound {
     rx: mpsc::Receiver<v1::RouteRequest>,
     shared: Arc<ClientShared>,
@@ -796,7 +800,7 @@ impl Stream for Outbound {
         }
         let mut pending = this.shared.pending.lock();
         if pending.urgent && !pending.queued.is_empty() {
-            // A backend failure to report: no waiting for a ride.
+            // An endpoint to avoid: no waiting for a ride.
             return Poll::Ready(Some(this.releases_only(&mut pending)));
         }
         pending.urgent = false;

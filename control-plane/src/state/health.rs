@@ -256,9 +256,13 @@ impl Health {
         let (Some(b), Some(failing)) = (self.breakers.get_mut(ep), self.failing.get_mut(ep)) else {
             return false;
         };
-        if outcome.is_backend_failure() {
+        if outcome.excludes_endpoint() {
+            // Avoided for this model until the TTL, a success, or (for a
+            // missing model) the advertised model lists catch up.
             failing.retain(|&(s, until)| s != slot && until > now);
             failing.push((slot, now + ttl));
+        }
+        if outcome.is_backend_failure() {
             b.consecutive = b.consecutive.saturating_add(1);
             match b.state {
                 BreakerState::Closed if b.consecutive >= threshold => {
@@ -284,6 +288,11 @@ impl Health {
                 changed = true;
             }
             changed
+        } else if outcome == Outcome::ModelMissing {
+            // The backend is healthy: its breaker is untouched, but a trial
+            // it held is over.
+            self.on_lease_dropped(ep, lease);
+            true
         } else {
             self.on_lease_dropped(ep, lease)
         }
@@ -398,6 +407,26 @@ mod tests {
         assert!(h.circuit_open(1, t0), "neutral outcomes do not reset");
         assert!(h.maintain(t0 + Duration::from_secs(60)));
         assert!(h.failing_slots(1, t0).next().is_none());
+    }
+
+    #[test]
+    fn a_missing_model_avoids_the_endpoint_for_that_model_only() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut h = health();
+        for lease in 1..=3 {
+            assert!(h.on_release(0, 1, LeaseId(lease), Outcome::ModelMissing, t0));
+        }
+        assert!(h.is_failing(0, 1, t0) && !h.is_failing(0, 0, t0));
+        assert!(h.avoid(0, 1, t0) && !h.avoid(0, 0, t0));
+        // Healthy all the same: no failure counted, the breaker stays shut.
+        assert_eq!(*h.breaker(0).unwrap(), Breaker::default());
+        assert!(!h.circuit_open(0, t0));
+        assert!(!h.is_failing(0, 1, t0 + s(30)), "TTL");
+        // A success on that model ends it early.
+        h.on_release(0, 1, LeaseId(4), Outcome::ModelMissing, t0);
+        h.on_release(0, 1, LeaseId(5), Outcome::Ok, t0 + s(1));
+        assert!(!h.is_failing(0, 1, t0 + s(1)));
     }
 
     #[test]

@@ -194,8 +194,10 @@ pub(crate) async fn exchange(
                 // The model left this endpoint since it was last probed
                 // (deleted, or never pulled there): another endpoint may
                 // still have it. The backend is healthy, the request is
-                // fine: released as a client error, tried elsewhere.
-                return retry_upstream(lease, Outcome::ClientError, error);
+                // fine: tried elsewhere, and the control plane avoids this
+                // endpoint for this model for a while (not counted against
+                // its health).
+                return retry_upstream(lease, Outcome::ModelMissing, error);
             }
             lease.finish(Outcome::ClientError, TokenCounts::default());
             return Attempt::Failed(ProxyError::Upstream(error));

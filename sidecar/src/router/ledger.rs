@@ -31,8 +31,8 @@
 //!   its [`ReleaseListener`] (tag: the generation). No channel hop, no task
 //!   wake-up, no future or allocation per release: it rides on the next
 //!   choose written (or goes out after the ~5 ms linger; at once when it
-//!   reports a backend failure), and the stream's reader reports the
-//!   acknowledgement here;
+//!   reports a backend failure or a missing model), and the stream's
+//!   reader reports the acknowledgement here;
 //! - **retry path**: otherwise — and whenever the stream reports a
 //!   transport failure (it ended, or the client went away, before the ack;
 //!   or the control plane turned out not to apply coalesced releases) — the

@@ -20,7 +20,7 @@
 //!   lease). See [`super::ledger`] for the exactly-once rules and the fast
 //!   path. On the `Route` stream releases are coalesced: they ride on the
 //!   next choose written (or go out together after ~5 ms; at once with
-//!   one that reports a backend failure, a health signal), each still
+//!   one that makes the control plane avoid an endpoint), each still
 //!   acknowledged by the answer of the message that carried it; a control
 //!   plane that predates coalescing is detected and gets them one by one.
 //!

@@ -372,8 +372,9 @@ async fn metrics_text(handle: &SidecarHandle) -> String {
 
 /// Three chats through a sidecar whose first endpoint answers with
 /// `failing` and whose second serves: each must end on the second. Returns
-/// the metrics once every lease is back.
-async fn three_chats_fail_over(failing: Behaviour) -> String {
+/// the metrics once every lease is back, and how many chats the failing
+/// endpoint saw.
+async fn three_chats_fail_over(failing: Behaviour) -> (String, usize) {
     let bad = Fake::start("ollama", &["llama3:latest"], failing).await;
     let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
     // priority_routing: config order breaks ties, so the failing endpoint
@@ -395,7 +396,7 @@ async fn three_chats_fail_over(failing: Behaviour) -> String {
     wait_no_leases(&sc).await;
     let metrics = metrics_text(&sc).await;
     sc.shutdown().await;
-    metrics
+    (metrics, bad.inference_count())
 }
 
 fn client() -> reqwest::Client {
@@ -570,7 +571,7 @@ async fn bad_requests_are_400_and_413() {
 
 #[tokio::test]
 async fn retries_on_another_endpoint_after_a_5xx() {
-    let metrics = three_chats_fail_over(Behaviour::Fail(503)).await;
+    let (metrics, _) = three_chats_fail_over(Behaviour::Fail(503)).await;
     assert!(
         !metrics.contains("switchyard_sidecar_retries_total 0"),
         "{metrics}"
@@ -1217,19 +1218,22 @@ async fn a_request_future_stays_small() {
 #[tokio::test]
 async fn a_model_missing_on_one_endpoint_is_tried_on_another() {
     // Both advertised the model when probed; the first has lost it since.
-    let metrics = three_chats_fail_over(Behaviour::ModelGone).await;
-    // A healthy backend without the model: released as a client error,
-    // never counted against the backend.
+    let (metrics, tried_on_the_first) = three_chats_fail_over(Behaviour::ModelGone).await;
+    // A healthy backend without the model: released as `model_missing`,
+    // never counted against the backend's health...
     let failures: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("switchyard_sidecar_upstream_errors_total{"))
         .collect();
     assert_eq!(failures.len(), 1, "{metrics}");
     assert!(
-        failures[0].contains("outcome=\"client_error\""),
+        failures[0].contains("outcome=\"model_missing\""),
         "{metrics}"
     );
-    assert!(failures[0].ends_with(" 3"), "{metrics}");
+    // ...but avoided for that model afterwards, although its probes still
+    // list it: only the first chat went there.
+    assert!(failures[0].ends_with(" 1"), "{metrics}");
+    assert_eq!(tried_on_the_first, 1);
 }
 
 #[tokio::test]

@@ -108,6 +108,7 @@ fn release_request(lease_id: u64) -> ReleaseRequest {
         outcome: Outcome::Ok as i32,
         prompt_tokens: 1,
         completion_tokens: 1,
+        model_missing: false,
     }
 }
 

@@ -271,6 +271,7 @@ async fn releasing_twice_never_goes_negative() {
         outcome: Outcome::Ok as i32,
         prompt_tokens: 5,
         completion_tokens: 7,
+        model_missing: false,
     };
     assert!(
         routing

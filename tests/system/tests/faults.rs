@@ -383,9 +383,11 @@ async fn sidecar_killed_with_request_in_flight_frees_its_slot_within_the_ttl() {
 
 // ---------------------------------------------- 3. failing backends
 
-/// Two backends, two in-process sidecars, sequential load.
-async fn two_backend_cluster() -> Cluster {
-    Cluster::builder()
+/// Two backends (`a`, `b`), two in-process sidecars, the config keys
+/// `settings` on top of the test defaults; warmed up with 40 sequential
+/// chats, which both backends must have answered.
+async fn two_backend_cluster(settings: &[(&str, &str)]) -> Cluster {
+    let mut builder = Cluster::builder()
         .backend_with(
             ollama_fake(&["m:latest"]).label("a").record_capacity(0),
             BackendOptions::max_concurrent(8),
@@ -394,9 +396,17 @@ async fn two_backend_cluster() -> Cluster {
             ollama_fake(&["m:latest"]).label("b").record_capacity(0),
             BackendOptions::max_concurrent(8),
         )
-        .sidecars(2)
-        .start()
-        .await
+        .sidecars(2);
+    for (key, value) in settings {
+        builder = builder.set(key, value);
+    }
+    let c = builder.start().await;
+    let warm = sequential(&c, 40, "warm-up").await;
+    assert!(
+        warm.iter().any(|l| l == "a") && warm.iter().any(|l| l == "b"),
+        "{warm:?}"
+    );
+    c
 }
 
 /// Sends `n` sequential chats alternating sidecars; panics on any failure.
@@ -417,12 +427,7 @@ async fn sequential(c: &Cluster, n: usize, what: &str) -> Vec<String> {
 /// every one succeeds and `a` sees at most 5 % of them; then heals it and
 /// checks it gets traffic again.
 async fn failing_backend_scenario(mode: FailureMode) {
-    let c = two_backend_cluster().await;
-    let warm = sequential(&c, 40, "warm-up").await;
-    assert!(
-        warm.iter().any(|l| l == "a") && warm.iter().any(|l| l == "b"),
-        "{warm:?}"
-    );
+    let c = two_backend_cluster(&[]).await;
     let a = c.backend(0);
     let before = a.request_count("/api/chat");
     a.set_failure(mode);
@@ -474,6 +479,35 @@ async fn back_in_rotation(c: &Cluster, label: &str) -> Duration {
     }
 }
 
+/// A backend loses a model between two probes (`ollama rm`): the first
+/// request sent there gets "model not found", is retried on the other
+/// backend, and the control plane then avoids that backend for that model
+/// (every sidecar, at once), without counting it as unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backend_that_lost_the_model_gets_one_request_then_none_and_stays_healthy() {
+    // Probes far apart: discovery keeps advertising m on a for the whole
+    // test; the exclusion outlasts it too.
+    let c =
+        two_backend_cluster(&[("probe_interval", "60"), ("completion_failure_ttl", "60")]).await;
+    let a = c.backend(0);
+    let before = a.request_count("/api/chat");
+    a.set_models(&[] as &[&str]);
+    let labels = sequential(&c, 40, "after the model left a").await;
+    assert!(labels.iter().all(|l| l == "b"), "{labels:?}");
+    assert_eq!(
+        a.request_count("/api/chat") - before,
+        1,
+        "only the first request after the model left should reach a"
+    );
+    assert_eq!(cp_releases(&c, Outcome::ModelMissing), 1);
+    assert_eq!(
+        cp_failure_releases(&c),
+        0,
+        "a healthy backend is no failure"
+    );
+    c.wait_usage(0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn backend_switched_to_fast_503s_gets_little_traffic_and_no_client_fails() {
     failing_backend_scenario(FailureMode::Status(503)).await;
@@ -488,8 +522,7 @@ async fn backend_switched_to_connection_resets_gets_little_traffic_and_no_client
 /// kill, and after a restart the probes bring it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_backend_stops_receiving_traffic_within_2s_and_probes_bring_it_back() {
-    let c = two_backend_cluster().await;
-    sequential(&c, 40, "warm-up").await;
+    let c = two_backend_cluster(&[]).await;
     let a = c.backend(0);
     let failures_before = cp_failure_releases(&c);
     a.shutdown().await;

@@ -107,6 +107,7 @@ fn release(lease_id: u64) -> v1::ReleaseRequest {
         outcome: v1::Outcome::Ok as i32,
         prompt_tokens: 1,
         completion_tokens: 2,
+        model_missing: false,
     }
 }
 
