@@ -257,8 +257,9 @@ impl Health {
             return false;
         };
         if outcome.excludes_endpoint() {
-            // Avoided for this model until the TTL, a success, or (for a
-            // missing model) the advertised model lists catch up.
+            // Avoided for this model until the TTL or a success on it (a
+            // missing model also stops being a candidate there once a probe
+            // no longer lists it).
             failing.retain(|&(s, until)| s != slot && until > now);
             failing.push((slot, now + ttl));
         }
