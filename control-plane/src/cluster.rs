@@ -48,7 +48,8 @@ pub struct EndpointState {
     pub usage: Vec<ModelUsage>,
     /// In-flight requests over all models.
     pub in_flight: u32,
-    /// Tracking models whose completions failed here recently.
+    /// Tracking models whose completions failed here recently, or which
+    /// the endpoint recently answered it does not have.
     pub failing_models: Vec<Arc<str>>,
     /// Circuit breaker open: recent consecutive failures.
     pub circuit_open: bool,
