@@ -15,7 +15,6 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use switchyard_proto::v1::{cluster_server::ClusterServer, routing_server::RoutingServer};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -25,6 +24,8 @@ use crate::{
     grpc::{ClusterService, RoutingService},
     metrics,
 };
+
+mod threads;
 
 /// Longest time in-flight gRPC calls get to finish after shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -71,6 +72,9 @@ pub enum ServeError {
     /// A server task panicked.
     #[error("server task failed: {0}")]
     Task(String),
+    /// A gRPC server thread (or its runtime) could not start.
+    #[error("cannot start a gRPC server thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
@@ -120,9 +124,9 @@ pub async fn serve(
     //   adaptive (BDP) window would only add PINGs (one per round trip);
     // - per-call cost is HTTP/2 stream setup and one write per answer, which
     //   no setting removes: high-rate clients use the `Route` stream, where
-    //   answers ready together leave in one write.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
+    //   answers ready together leave in one write;
+    // - one single-threaded runtime per core ([`threads`]).
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE * 2))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
@@ -133,11 +137,19 @@ pub async fn serve(
         .add_service(ClusterServer::new(ClusterService::new(cp)))
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, signal);
+        .add_service(reflection_v1alpha);
+    let served = threads::serve(listener, router, shutdown.clone());
+    let server = async {
+        tokio::pin!(served);
+        tokio::select! {
+            // Failed before any shutdown.
+            result = &mut served => result,
+            () = signal => served.await,
+        }
+    };
 
     tokio::select! {
-        result = server => result.map_err(ServeError::Grpc),
+        result = server => result,
         () = async {
             shutdown.cancelled().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
