@@ -114,15 +114,12 @@ fn bad_gateway(message: String) -> UpstreamError {
 /// backend has no such route, not no such model. The client would see only
 /// `Not Found`, so name the route the request was sent to (a generate on an
 /// OpenAI-API backend needs `/v1/completions`, which chat-only servers
-/// lack). The status stays 404, and the request is still tried on another
-/// endpoint.
+/// lack). The status stays 404.
 fn name_missing_route(mut error: UpstreamError, url: &str) -> UpstreamError {
-    if error.is_missing_route() {
-        let path = url
-            .parse::<http::Uri>()
-            .map_or_else(|_| url.to_owned(), |u| u.path().to_owned());
-        error.message = format!("the backend does not serve POST {path} (404 Not Found)");
-    }
+    let path = url
+        .parse::<http::Uri>()
+        .map_or_else(|_| url.to_owned(), |u| u.path().to_owned());
+    error.message = format!("the backend does not serve POST {path} (404 Not Found)");
     error
 }
 
@@ -189,7 +186,14 @@ pub(crate) async fn exchange(
             let waited = Instant::now();
             let body = read_error_body(response, timeouts.idle).await;
             progress.backend_wait += waited.elapsed();
-            let error = name_missing_route(UpstreamError::parse(status, &body), &url);
+            let error = UpstreamError::parse(status, &body);
+            if error.is_missing_route() {
+                // Another endpoint may serve the route. Nothing is said
+                // about the model: released as a client error, so the
+                // endpoint stays in the model's other requests' choices.
+                let error = name_missing_route(error, &url);
+                return retry_upstream(lease, Outcome::ClientError, error);
+            }
             if error.is_model_not_found() {
                 // The model left this endpoint since it was last probed
                 // (deleted, or never pulled there): another endpoint may

@@ -1302,5 +1302,18 @@ async fn a_missing_backend_route_is_named_in_the_error() {
         );
     }
     wait_no_leases(&sc).await;
+    // A missing route says nothing about the model: released as a client
+    // error, never as `model_missing` (which would keep the endpoint out
+    // of that model's chats too).
+    let metrics = metrics_text(&sc).await;
+    assert!(metrics.contains("outcome=\"client_error\""), "{metrics}");
+    assert!(
+        !metrics.contains("outcome=\"model_missing\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_cp_releases_total{outcome=\"model_missing\"} 0\n"),
+        "{metrics}"
+    );
     sc.shutdown().await;
 }

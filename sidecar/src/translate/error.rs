@@ -197,13 +197,16 @@ impl UpstreamError {
     }
 
     /// A missing model: 404 with `not found` / `does not exist`, or code
-    /// `model_not_found` (Ollama, vLLM and OpenAI texts). The proxy tries
-    /// such a request on another endpoint; other 4xx (a prompt over the
-    /// context size among them) are the request's and go back as they are.
+    /// `model_not_found` (Ollama, vLLM and OpenAI texts); never a bare
+    /// missing route ([`UpstreamError::is_missing_route`]), whose text says
+    /// `Not Found` too. The proxy tries such a request on another endpoint;
+    /// other 4xx (a prompt over the context size among them) are the
+    /// request's and go back as they are.
     pub fn is_model_not_found(&self) -> bool {
         let msg = self.message.to_ascii_lowercase();
         self.code.as_deref() == Some("model_not_found")
             || (self.status == StatusCode::NOT_FOUND
+                && !self.is_missing_route()
                 && (msg.contains("not found") || msg.contains("does not exist")))
     }
 }
@@ -288,6 +291,7 @@ mod tests {
         let e = UpstreamError::parse(StatusCode::NOT_FOUND, fastapi);
         assert_eq!(e.message, "Not Found");
         assert!(e.is_missing_route());
+        assert!(!e.is_model_not_found());
         // llama.cpp's unknown route, and a bare 404.
         let llama =
             br#"{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}"#;
