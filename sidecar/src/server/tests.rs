@@ -375,21 +375,9 @@ async fn metrics_text(handle: &SidecarHandle) -> String {
 /// the metrics once every lease is back, and how many chats the failing
 /// endpoint saw.
 async fn three_chats_fail_over(failing: Behaviour) -> (String, usize) {
-    let bad = Fake::start("ollama", &["llama3:latest"], failing).await;
-    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
-    // priority_routing: config order breaks ties, so the failing endpoint
-    // is tried first.
-    let yaml = format!("{}priority_routing: true\n", endpoints_yaml(&[&bad, &good]));
-    let sc = sidecar(&yaml).await;
-    wait_routable(&sc, 2).await;
+    let (bad, good, sc) = failing_then_serving(failing).await;
     for _ in 0..3 {
-        let r = client()
-            .post(format!("http://{}/api/chat", sc.addr))
-            .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(chat_llama3(&sc).await.status(), 200);
     }
     assert_eq!(good.inference_count(), 3);
     assert!(bad.inference_count() >= 1);
@@ -397,6 +385,28 @@ async fn three_chats_fail_over(failing: Behaviour) -> (String, usize) {
     let metrics = metrics_text(&sc).await;
     sc.shutdown().await;
     (metrics, bad.inference_count())
+}
+
+/// Two `llama3` endpoints, the first answering with `failing`, behind a
+/// sidecar with priority routing: config order breaks ties, so the failing
+/// endpoint is tried first. Returns (failing, serving, sidecar), routable.
+async fn failing_then_serving(failing: Behaviour) -> (Fake, Fake, SidecarHandle) {
+    let bad = Fake::start("ollama", &["llama3:latest"], failing).await;
+    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = format!("{}priority_routing: true\n", endpoints_yaml(&[&bad, &good]));
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 2).await;
+    (bad, good, sc)
+}
+
+/// A non-streaming `/api/chat` for `llama3` through `sc`.
+async fn chat_llama3(sc: &SidecarHandle) -> reqwest::Response {
+    client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
+        .send()
+        .await
+        .unwrap()
 }
 
 fn client() -> reqwest::Client {
@@ -1123,20 +1133,10 @@ async fn the_request_span_records_the_decision_and_outcome() {
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
 
-    let bad = Fake::start("ollama", &["llama3:latest"], Behaviour::Fail(503)).await;
-    let good = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
-    // priority_routing: config order breaks ties, so `bad` is tried first.
-    let yaml = format!("{}priority_routing: true\n", endpoints_yaml(&[&bad, &good]));
-    let sc = sidecar(&yaml).await;
-    wait_routable(&sc, 2).await;
+    // The failing endpoint is tried first (held to the end of the test).
+    let (_failing, good, sc) = failing_then_serving(Behaviour::Fail(503)).await;
 
-    let r = client()
-        .post(format!("http://{}/api/chat", sc.addr))
-        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(chat_llama3(&sc).await.status(), 200);
     let spans = capture.wait_closed("request", 1).await;
     let f = &spans[0].fields;
     assert_eq!(f["route"], "/api/chat", "{f:?}");
@@ -1241,12 +1241,7 @@ async fn a_model_missing_everywhere_is_404_in_the_client_format() {
     let gone = Fake::start("ollama", &["llama3:latest"], Behaviour::ModelGone).await;
     let sc = sidecar(&endpoints_yaml(&[&gone])).await;
     wait_routable(&sc, 1).await;
-    let r = client()
-        .post(format!("http://{}/api/chat", sc.addr))
-        .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
-        .send()
-        .await
-        .unwrap();
+    let r = chat_llama3(&sc).await;
     assert_eq!(r.status(), 404);
     let body = r.json::<Value>().await.unwrap();
     assert!(
