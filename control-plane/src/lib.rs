@@ -18,6 +18,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control_plane;
+pub mod cores;
 pub mod decision;
 pub mod discovery;
 pub mod endpoint;
