@@ -204,6 +204,8 @@ pub struct RawConfig {
     pub max_attempts: Option<u32>,
     /// Sidecar: how long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Option<RawDuration>,
+    /// Sidecar: threads serving client connections (0 = one per core).
+    pub server_threads: Option<usize>,
     /// Sidecar: timeouts by endpoint kind (`ollama`, `openai`, `llama_server`).
     #[serde(default)]
     pub timeouts: BTreeMap<String, RawTimeouts>,
@@ -286,6 +288,9 @@ pub struct SidecarConfig {
     pub max_attempts: u32,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Threads serving client connections, each with its own runtime,
+    /// backend connection pools and `Route` stream; 0 = one per core.
+    pub server_threads: usize,
     /// Timeouts for Ollama endpoints.
     pub ollama_timeouts: Timeouts,
     /// Timeouts for OpenAI-compatible endpoints.
@@ -364,6 +369,8 @@ pub mod defaults {
     pub const MAX_ATTEMPTS: u32 = 3;
     /// Shutdown grace.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// Sidecar server threads.
+    pub const SERVER_THREADS: usize = 1;
     /// Connect timeout.
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
     /// First-byte timeout (covers model loading).
@@ -707,6 +714,7 @@ impl Config {
                 &raw.shutdown_grace,
                 defaults::SHUTDOWN_GRACE,
             )?,
+            server_threads: raw.server_threads.unwrap_or(defaults::SERVER_THREADS),
             ollama_timeouts: timeouts_for(EndpointKind::Ollama),
             openai_timeouts: timeouts_for(EndpointKind::OpenAi),
             llama_server_timeouts: timeouts_for(EndpointKind::LlamaServer),
@@ -862,6 +870,23 @@ endpoint_config:
             .unwrap_err()
             .to_string();
         assert!(err.contains("keepalive_interval"), "{err}");
+    }
+
+    #[test]
+    fn server_threads_default_to_one_and_zero_means_one_per_core() {
+        let threads = |yaml: &str| {
+            Config::from_yaml(yaml, &env)
+                .unwrap()
+                .sidecar
+                .server_threads
+        };
+        assert_eq!(threads(""), 1);
+        assert_eq!(threads("server_threads: 0\n"), 0);
+        assert_eq!(threads("server_threads: 4\n"), 4);
+        let err = Config::from_yaml("server_threads: -1\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server_threads"), "{err}");
     }
 
     #[test]

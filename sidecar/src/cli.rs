@@ -224,7 +224,10 @@ pub fn run_cli_code(
             return EXIT_USAGE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This runtime accepts connections and runs the background tasks
+    // (discovery, the control-plane session, metrics); requests are served
+    // on one runtime per core that `start` adds (see `server`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

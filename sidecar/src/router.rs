@@ -164,7 +164,23 @@ impl Router {
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Router {
-        let remote = RemoteRouter::start(url, name, settings, tasks, cancel).await;
+        Self::remote_on_lanes(url, name, settings, Vec::new(), tasks, cancel).await
+    }
+
+    /// [`Router::remote`] for a server that runs requests on the per-core
+    /// runtimes `lanes` ([`switchyard_control_plane::cores`]): each gets a
+    /// connection and a `Route` stream of its own, driven by that runtime,
+    /// and a request uses its thread's. Empty: one lane on the caller's
+    /// runtime.
+    pub async fn remote_on_lanes(
+        url: String,
+        name: String,
+        settings: RemoteSettings,
+        lanes: Vec<tokio::runtime::Handle>,
+        tasks: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Router {
+        let remote = RemoteRouter::start(url, name, settings, lanes, tasks, cancel).await;
         Router {
             mode: Arc::new(Mode::Remote(remote)),
         }
@@ -250,6 +266,13 @@ impl Router {
             Mode::Embedded(e) => Some(e),
             Mode::Remote(_) => None,
         }
+    }
+
+    /// Remote: how many lanes have an open `Route` stream.
+    #[cfg(test)]
+    pub(crate) fn open_route_streams(&self) -> usize {
+        self.remote_inner()
+            .map_or(0, RemoteRouter::open_route_streams)
     }
 
     #[cfg(test)]

@@ -14,15 +14,25 @@
 //!
 //! Every task is owned by the handle's [`TaskTracker`]; nothing is spawned
 //! fire-and-forget.
+//!
+//! Threads: connections are served on one single-threaded runtime per core
+//! ([`switchyard_control_plane::cores`]), each connection on the thread the
+//! accept loop handed it to, with that thread's own backend connection pools
+//! (and, in remote mode, its own `Route` stream): a request is handled from
+//! its first byte to its release without waking another thread. The
+//! caller's runtime accepts connections and runs the background tasks.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::serve::ListenerExt;
 use switchyard_control_plane::{
     config::{Config, ConfigError, Secret, Timeouts},
+    cores::{self, CoreRuntimes},
     endpoint::EndpointKind,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{metrics::Metrics, proxy::upstream::UpstreamClients, router::Router, routes};
@@ -52,6 +62,9 @@ pub enum StartError {
     /// The built-in default configuration is invalid (a bug).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The per-core server threads could not be started.
+    #[error("cannot start the server threads: {0}")]
+    Threads(#[source] std::io::Error),
 }
 
 struct Shared {
@@ -81,6 +94,23 @@ impl AppState {
                 clients,
                 metrics: Metrics::new(),
                 hard_stop: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// The same state with backend connection pools of its own, for the
+    /// connections of one server thread.
+    fn for_thread(&self) -> Result<Self, StartError> {
+        let shared = &self.shared;
+        let clients =
+            UpstreamClients::new(&shared.config.sidecar).map_err(StartError::HttpClient)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                router: shared.router.clone(),
+                config: shared.config.clone(),
+                clients,
+                metrics: shared.metrics.clone(),
+                hard_stop: shared.hard_stop.clone(),
             }),
         })
     }
@@ -150,6 +180,20 @@ pub enum Mode {
         /// settings. Endpoints listed here are not probed by the sidecar.
         config: Option<Config>,
     },
+}
+
+impl Mode {
+    /// The `server_threads` setting (the default without a configuration).
+    fn server_threads(&self) -> usize {
+        let config = match self {
+            Mode::Standalone { config } => Some(config),
+            Mode::Remote { config, .. } => config.as_ref(),
+        };
+        config.map_or(
+            switchyard_control_plane::config::defaults::SERVER_THREADS,
+            |c| c.sidecar.server_threads,
+        )
+    }
 }
 
 /// Everything [`start`] needs.
@@ -262,11 +306,16 @@ pub async fn start(options: StartOptions) -> Result<SidecarHandle, StartError> {
         addr: options.listen,
         source,
     })?;
+    let cores = match options.mode.server_threads() {
+        0 => CoreRuntimes::per_core("http"),
+        n => CoreRuntimes::start("http", n),
+    }
+    .map_err(StartError::Threads)?;
     let tasks = TaskTracker::new();
     // Background work (control plane, discovery, remote session) stops
     // after the router has closed its session.
     let background = CancellationToken::new();
-    let built = build_state(options.mode, &options.name, &tasks, &background).await;
+    let built = build_state(options.mode, &options.name, &cores, &tasks, &background).await;
     let (router, config, state) = match built {
         Ok(parts) => parts,
         Err(e) => {
@@ -278,9 +327,23 @@ pub async fn start(options: StartOptions) -> Result<SidecarHandle, StartError> {
         }
     };
     let stop = CancellationToken::new();
-    tracing::info!(%addr, name = %options.name, "sidecar listening");
+    let servers = match spawn_servers(&cores, &state, &stop, addr) {
+        Ok(servers) => servers,
+        Err(e) => {
+            router.close().await;
+            background.cancel();
+            tasks.close();
+            tasks.wait().await;
+            return Err(e);
+        }
+    };
+    tracing::info!(%addr, name = %options.name, threads = cores.len(), "sidecar listening");
     tasks.spawn(serve(
-        listener,
+        Serving {
+            listener,
+            cores,
+            servers,
+        },
         state,
         stop.clone(),
         config.sidecar.shutdown_grace,
@@ -296,10 +359,12 @@ pub async fn start(options: StartOptions) -> Result<SidecarHandle, StartError> {
 }
 
 /// The router for `mode` (its background tasks on `tasks`, stopped by
-/// `background`) and the handlers' shared state.
+/// `background`; remote: a lane per thread of `cores`) and the handlers'
+/// shared state.
 async fn build_state(
     mode: Mode,
     name: &str,
+    cores: &CoreRuntimes,
     tasks: &TaskTracker,
     background: &CancellationToken,
 ) -> Result<(Router, Arc<Config>, AppState), StartError> {
@@ -322,6 +387,7 @@ async fn build_state(
                 control_plane_url,
                 name.to_owned(),
                 &config,
+                cores.handles().cloned().collect(),
                 tasks,
                 background,
             )
@@ -333,25 +399,115 @@ async fn build_state(
     Ok((router, config, state))
 }
 
-async fn serve(
+/// The listen socket, the server threads and their HTTP servers.
+struct Serving {
     listener: TcpListener,
+    cores: CoreRuntimes,
+    /// One per thread, with the inbox the accept loop hands it sockets on.
+    servers: Vec<ThreadServer>,
+}
+
+struct ThreadServer {
+    inbox: mpsc::UnboundedSender<std::net::TcpStream>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts an HTTP server on every thread of `cores`, each with its own
+/// state ([`AppState::for_thread`]); they stop accepting when `stop` fires.
+fn spawn_servers(
+    cores: &CoreRuntimes,
+    state: &AppState,
+    stop: &CancellationToken,
+    addr: SocketAddr,
+) -> Result<Vec<ThreadServer>, StartError> {
+    let mut servers = Vec::with_capacity(cores.len());
+    for runtime in cores.handles() {
+        let (inbox, sockets) = mpsc::unbounded_channel();
+        let entry = axum::ServiceExt::<axum::extract::Request>::into_make_service(
+            routes::Entry::new(state.for_thread()?),
+        );
+        let listener = Inbox { sockets, addr };
+        let stop = stop.clone();
+        let done = runtime.spawn(async move {
+            axum::serve(listener, entry)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+        servers.push(ThreadServer { inbox, done });
+    }
+    Ok(servers)
+}
+
+/// A server thread's listener: the sockets the accept loop hands it,
+/// registered with this thread's reactor.
+struct Inbox {
+    sockets: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    addr: SocketAddr,
+}
+
+impl axum::serve::Listener for Inbox {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            let Some(socket) = self.sockets.recv().await else {
+                // The accept loop ended (shutdown): the server stops
+                // accepting on its shutdown signal.
+                return std::future::pending().await;
+            };
+            let registered = TcpStream::from_std(socket).and_then(|tcp| {
+                // Streamed tokens are small writes; don't let Nagle hold them.
+                tcp.set_nodelay(true)?;
+                let peer = tcp.peer_addr()?;
+                Ok((tcp, peer))
+            });
+            match registered {
+                Ok(accepted) => return accepted,
+                // Reset before it got here: nothing to serve.
+                Err(e) => tracing::debug!(error = %e, "dropping an accepted connection"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+async fn serve(
+    serving: Serving,
     state: AppState,
     stop: CancellationToken,
     grace: Duration,
     background: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let Serving {
+        listener,
+        cores,
+        servers,
+    } = serving;
     let router = state.router().clone();
     let hard_stop = state.shutdown_token();
-    let listener = listener.tap_io(|tcp| {
-        // Streamed tokens are small writes; don't let Nagle hold them.
-        let _ = tcp.set_nodelay(true);
-    });
-    let entry =
-        axum::ServiceExt::<axum::extract::Request>::into_make_service(routes::Entry::new(state));
-    let server =
-        axum::serve(listener, entry).with_graceful_shutdown(stop.clone().cancelled_owned());
-    let mut server = std::pin::pin!(server.into_future());
+    let (inboxes, done): (Vec<_>, Vec<_>) = servers.into_iter().map(|s| (s.inbox, s.done)).unzip();
+    let server = async {
+        cores::accept_in_turn(listener, inboxes.len(), &stop, |i, socket| {
+            // A thread whose server ended (it failed) drops its sockets.
+            let _ = inboxes[i].send(socket);
+        })
+        .await;
+        let mut result = Ok(());
+        for server in done {
+            match server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(e) => result = Err(std::io::Error::other(e)),
+            }
+        }
+        result
+    };
+    let mut server = std::pin::pin!(server);
     let ended = tokio::select! {
         r = &mut server => Some(r),
         () = async {
@@ -382,6 +538,10 @@ async fn serve(
     hard_stop.cancel();
     router.close().await;
     background.cancel();
+    // Closes the connections still open (after a timed-out flush) and ends
+    // what runs on the threads (remote mode: the `Route` streams), after
+    // the router has closed its session.
+    cores.stop().await;
     tasks.close();
     tracing::info!("sidecar stopped");
 }

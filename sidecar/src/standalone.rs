@@ -16,6 +16,7 @@ use std::sync::Arc;
 use switchyard_control_plane::{
     config::Config, control_plane::ControlPlane, server::spawn_background,
 };
+use tokio::runtime::Handle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -36,14 +37,16 @@ pub(crate) fn embedded_router(
     Ok(Router::embedded(cp, name))
 }
 
-/// A router over the control plane at `url`.
+/// A router over the control plane at `url`, with a lane for each of the
+/// server threads' runtimes `lanes`.
 pub(crate) async fn remote_router(
     url: String,
     name: String,
     config: &Config,
+    lanes: Vec<Handle>,
     tasks: &TaskTracker,
     cancel: &CancellationToken,
 ) -> Router {
     let settings = RemoteSettings::from_config(config);
-    Router::remote(url, name, settings, tasks, cancel.child_token()).await
+    Router::remote_on_lanes(url, name, settings, lanes, tasks, cancel.child_token()).await
 }

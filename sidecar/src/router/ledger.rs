@@ -70,6 +70,7 @@ use std::{
 use parking_lot::Mutex;
 use switchyard_control_plane::{
     api::LeaseRecord,
+    cores::CoreRuntimes,
     decision::Choice,
     grpc::{
         convert::ReleaseCall,
@@ -85,10 +86,16 @@ use tonic::Status;
 
 use super::{lease::ReleaseSink, remote::is_transport};
 
-/// The remote router's current `Route` stream, shared with the ledger:
-/// the remote router opens and replaces it, the ledger queues releases on
-/// it. `None` (or a closed client) means the retry path.
+/// One lane's current `Route` stream, shared with the ledger: the remote
+/// router opens and replaces it, the ledger queues releases on it. `None`
+/// (or a closed client) means the retry path.
 pub(crate) type RouteSlot = Mutex<Option<Arc<RouteClient>>>;
+
+/// The lane the calling thread uses, out of `lanes`: its server thread's
+/// index ([`CoreRuntimes::current`]), or lane 0 on any other thread.
+pub(crate) fn current_lane(lanes: usize) -> usize {
+    CoreRuntimes::current().map_or(0, |i| i % lanes.max(1))
+}
 
 /// A `Release` owed to the control plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,8 +151,9 @@ pub(crate) struct Registration {
 /// remote lease.
 pub(crate) struct Ledger {
     book: Mutex<Book>,
-    /// The fast path (see the module docs).
-    route: Arc<RouteSlot>,
+    /// The fast path (see the module docs): each lane's stream, used by
+    /// the releases of requests served on that lane's thread.
+    routes: Box<[Arc<RouteSlot>]>,
     /// The retry path: to the remote router's release sender.
     queue: mpsc::UnboundedSender<ReleaseJob>,
     /// Releases owed and not yet done (acknowledged, refused or abandoned),
@@ -158,12 +166,21 @@ pub(crate) struct Ledger {
 }
 
 impl Ledger {
-    /// A ledger whose releases go on the stream in `route` when it is open
-    /// and coalescing, to `queue` otherwise.
-    pub(crate) fn new(queue: mpsc::UnboundedSender<ReleaseJob>, route: Arc<RouteSlot>) -> Self {
+    /// A ledger whose releases go on the stream in the releasing thread's
+    /// lane of `routes` when it is open and coalescing, to `queue`
+    /// otherwise.
+    pub(crate) fn new(
+        queue: mpsc::UnboundedSender<ReleaseJob>,
+        routes: Vec<Arc<RouteSlot>>,
+    ) -> Self {
+        let routes = if routes.is_empty() {
+            vec![Arc::default()]
+        } else {
+            routes
+        };
         Self {
             book: Mutex::new(Book::default()),
-            route,
+            routes: routes.into_boxed_slice(),
             queue,
             pending: AtomicUsize::new(0),
             drained: Notify::new(),
@@ -336,7 +353,7 @@ impl Ledger {
     fn enqueue(self: &Arc<Self>, job: ReleaseJob) {
         self.pending.fetch_add(1, Ordering::AcqRel);
         {
-            let route = self.route.lock();
+            let route = self.routes[current_lane(self.routes.len())].lock();
             if let Some(route) = &*route
                 && route
                     .queue_release_to(job.message(), self, job.generation)
@@ -486,7 +503,7 @@ mod tests {
 
     fn ledger() -> (Arc<Ledger>, mpsc::UnboundedReceiver<ReleaseJob>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Arc::new(Ledger::new(tx, Arc::default())), rx)
+        (Arc::new(Ledger::new(tx, vec![Arc::default()])), rx)
     }
 
     fn drain(rx: &mut mpsc::UnboundedReceiver<ReleaseJob>) -> Vec<ReleaseJob> {

@@ -55,7 +55,10 @@ use switchyard_control_plane::{
     policy::select_from_cluster_state,
 };
 use switchyard_proto::v1::{self, routing_client::RoutingClient};
-use tokio::sync::{Notify, mpsc};
+use tokio::{
+    runtime::Handle,
+    sync::{Notify, mpsc},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Status, transport::Channel};
 
@@ -135,17 +138,29 @@ fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     r
 }
 
-struct Shared {
-    name: String,
-    settings: RemoteSettings,
+/// Where one server thread's choices and releases travel: a connection of
+/// its own to the control plane, driven by that thread's runtime, and the
+/// multiplexed `Route` stream on it (one HTTP/2 stream instead of one call
+/// each: ~10x cheaper for the control plane), reopened when it ends, unary
+/// calls meanwhile. A request is then handled from its first byte to its
+/// release without waking another thread.
+struct Lane {
+    runtime: Handle,
     client: RoutingClient<Channel>,
-    /// The multiplexed `Route` stream choices and releases travel on
-    /// (one HTTP/2 stream instead of one call each: ~10x cheaper for the
-    /// control plane); reopened when it ends, unary calls meanwhile.
     /// Shared with the ledger, which queues releases on it directly.
     route: Arc<RouteSlot>,
     /// Serializes stream (re)opening.
-    route_opening: tokio::sync::Mutex<()>,
+    opening: tokio::sync::Mutex<()>,
+}
+
+struct Shared {
+    name: String,
+    settings: RemoteSettings,
+    /// Session, keep-alive, registration, `WatchUsage`, the release retry
+    /// path and the unary fallback, on the caller's runtime.
+    client: RoutingClient<Channel>,
+    /// One per server thread ([`ledger::current_lane`] picks).
+    lanes: Box<[Lane]>,
     ledger: Arc<Ledger>,
     circuit: Arc<Circuit>,
     snapshot: Arc<Snapshot>,
@@ -167,10 +182,13 @@ pub(crate) struct RemoteRouter {
 }
 
 impl RemoteRouter {
+    /// Starts the router; `lanes` are the runtimes of the server threads
+    /// (empty: one lane on the caller's runtime).
     pub(crate) async fn start(
         url: String,
         name: String,
         settings: RemoteSettings,
+        lanes: Vec<Handle>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -185,24 +203,39 @@ impl RemoteRouter {
                 };
             }
         };
-        let channel = endpoint
+        let endpoint = endpoint
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(settings.http2_keepalive)
             .keep_alive_timeout(settings.http2_keepalive * 2)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        let client = RoutingClient::new(channel);
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect_lazy();
+        let client = RoutingClient::new(channel.clone());
+        let lanes: Box<[Lane]> = if lanes.is_empty() {
+            Box::new([Lane::new(Handle::current(), client.clone())])
+        } else {
+            lanes
+                .into_iter()
+                .map(|runtime| {
+                    // The channel's tasks (its connection) run where it is
+                    // made: on the lane's runtime.
+                    let lane_channel = {
+                        let _on_lane = runtime.enter();
+                        endpoint.connect_lazy()
+                    };
+                    Lane::new(runtime, RoutingClient::new(lane_channel))
+                })
+                .collect()
+        };
         let (queue, jobs) = mpsc::unbounded_channel();
-        let route = Arc::new(RouteSlot::new(None));
+        let routes = lanes.iter().map(|l| l.route.clone()).collect();
         let shared = Arc::new(Shared {
             name,
             affinity: AffinityMemory::new(settings.affinity_ttl, settings.affinity_max_entries),
             settings,
             client: client.clone(),
-            route: route.clone(),
-            route_opening: tokio::sync::Mutex::new(()),
-            ledger: Arc::new(Ledger::new(queue, route)),
+            lanes,
+            ledger: Arc::new(Ledger::new(queue, routes)),
             circuit: Arc::new(Circuit::default()),
             snapshot: Arc::new(Snapshot::default()),
             wake_session: Arc::new(Notify::new()),
@@ -339,8 +372,19 @@ impl RemoteRouter {
     pub(crate) fn route_stream_open(&self) -> bool {
         self.shared
             .as_ref()
-            .and_then(|s| s.route.lock().clone())
+            .and_then(|s| s.lane().route.lock().clone())
             .is_some_and(|c| !c.is_closed())
+    }
+
+    /// How many lanes have an open `Route` stream.
+    #[cfg(test)]
+    pub(crate) fn open_route_streams(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| {
+            s.lanes
+                .iter()
+                .filter(|l| l.route.lock().as_ref().is_some_and(|c| !c.is_closed()))
+                .count()
+        })
     }
 
     #[cfg(test)]
@@ -458,33 +502,56 @@ type UnaryChoose = Pin<Box<dyn Future<Output = ChooseAnswer> + Send>>;
 /// A choose in flight on either transport.
 type AnyChoose = Either<ChooseInFlight, UnaryChoose>;
 
-/// The open `Route` stream, opening one when there is none (bounded by the
-/// choice deadline); `None` means use unary calls this time.
+impl Lane {
+    fn new(runtime: Handle, client: RoutingClient<Channel>) -> Self {
+        Self {
+            runtime,
+            client,
+            route: Arc::new(RouteSlot::new(None)),
+            opening: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl Shared {
+    /// The calling thread's lane.
+    fn lane(&self) -> &Lane {
+        &self.lanes[ledger::current_lane(self.lanes.len())]
+    }
+}
+
+/// The calling thread's open `Route` stream, opening one when there is
+/// none (bounded by the choice deadline); `None` means use unary calls this
+/// time.
 async fn route_client(shared: &Shared) -> Option<Arc<RouteClient>> {
+    let lane = shared.lane();
     let usable =
         |slot: &Option<Arc<RouteClient>>| slot.as_ref().filter(|c| !c.is_closed()).cloned();
-    if let Some(c) = usable(&shared.route.lock()) {
+    if let Some(c) = usable(&lane.route.lock()) {
         return Some(c);
     }
-    let _opening = shared.route_opening.try_lock().ok()?;
-    if let Some(c) = usable(&shared.route.lock()) {
+    let _opening = lane.opening.try_lock().ok()?;
+    if let Some(c) = usable(&lane.route.lock()) {
         return Some(c);
     }
-    let open = RouteClient::open(shared.client.clone());
+    // Opened on the lane's runtime, where the stream's reader then runs
+    // (the release sender may ask from another thread).
+    let open = lane.runtime.spawn(RouteClient::open(lane.client.clone()));
     match tokio::time::timeout(shared.settings.choose_timeout, open).await {
-        Ok(Ok(c)) => {
+        Ok(Ok(Ok(c))) => {
             let c = Arc::new(c);
             // The closed client goes away outside the slot's lock (its
             // drop reports what it still held to the ledger).
-            let closed = shared.route.lock().replace(c.clone());
+            let closed = lane.route.lock().replace(c.clone());
             drop(closed);
             Some(c)
         }
-        Ok(Err(status)) => {
+        Ok(Ok(Err(status))) => {
             tracing::debug!(code = ?status.code(), "cannot open the Route stream; unary calls");
             None
         }
-        Err(_) => None,
+        // Timed out, or the lane's runtime is stopping.
+        Ok(Err(_)) | Err(_) => None,
     }
 }
 

@@ -984,6 +984,49 @@ async fn remote_mode_routes_through_the_control_plane() {
     cp.shutdown().await.unwrap();
 }
 
+/// With two server threads, connections alternate between them, each
+/// thread chooses on a `Route` stream of its own, and every lease taken on
+/// either is released at the control plane.
+#[tokio::test]
+async fn remote_mode_with_two_server_threads_uses_a_route_stream_on_each() {
+    use switchyard_control_plane::server::RunningControlPlane;
+
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = endpoints_yaml(&[&fake]);
+    let cp = RunningControlPlane::start(config(&yaml)).await.unwrap();
+    let sc = start_remote(
+        cp.url(),
+        Some(config(&format!("{yaml}server_threads: 2\n"))),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_routable(&sc, 1).await;
+    for i in 0..6 {
+        // A client of its own: a new connection, handed to the next thread.
+        let r = reqwest::Client::new()
+            .post(format!("http://{}/api/chat", sc.addr))
+            .json(&json!({"model": "llama3", "stream": false, "messages": [{"role":"user","content":format!("hi {i}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap()["done"], true);
+    }
+    assert_eq!(sc.router().open_route_streams(), 2);
+    assert_eq!(sc.router().degraded_decisions(), 0);
+    wait_no_leases(&sc).await;
+    for _ in 0..500 {
+        if cp.cp.state().leases == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cp.cp.state().leases, 0);
+    sc.shutdown().await;
+    cp.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn unreachable_control_plane_without_state_is_503() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1203,7 +1246,8 @@ async fn a_request_future_stays_small() {
     let mode = Mode::Standalone {
         config: config("endpoints: []\n"),
     };
-    let (_, _, state) = build_state(mode, "test", &tasks, &background)
+    let cores = CoreRuntimes::start("test", 1).unwrap();
+    let (_, _, state) = build_state(mode, "test", &cores, &tasks, &background)
         .await
         .unwrap();
     let request = Request::post("/api/chat").body(Body::empty()).unwrap();

@@ -606,7 +606,7 @@ async fn released_leases_go_on_the_open_stream_not_through_the_sender() {
     let session = SessionGrant::try_from(grant).unwrap().id;
     let (queue, mut sender_jobs) = mpsc::unbounded_channel();
     let slot = Arc::new(RouteSlot::new(None));
-    let ledger = Arc::new(Ledger::new(queue, slot.clone()));
+    let ledger = Arc::new(Ledger::new(queue, vec![slot.clone()]));
     let generation = ledger.open_session(session);
     let stream = Arc::new(RouteClient::open(client.clone()).await.unwrap());
     *slot.lock() = Some(stream.clone());
