@@ -29,7 +29,7 @@ export SWITCHYARD_SKIP_BUILD=1
 # faults_soak`); this debug-build suite runs it with fewer to stay quick.
 export SWITCHYARD_SOAK_REQUESTS=${SWITCHYARD_SOAK_REQUESTS:-20000}
 cargo test --workspace --quiet
-# Tests that need a process of their own (a thread-local tracing capture).
+# Tests that need a process of their own (a process-global tracing capture).
 cargo test --quiet -p switchyard-sidecar --lib -- --ignored --exact \
   server::tests::the_request_span_records_the_decision_and_outcome
 

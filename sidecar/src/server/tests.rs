@@ -1162,19 +1162,18 @@ mod span_capture {
 /// retried non-stream request and for a stream (whose outcome is recorded
 /// when the stream ends, after the response head went out).
 ///
-/// Runs on its own (`tests/run.sh` runs it with `--ignored`): in a parallel
-/// run the CLI tests install a process-global subscriber, and this test's
-/// thread-local capture then stops seeing the span.
+/// Runs on its own (`tests/run.sh` runs it with `--ignored`): requests are
+/// served on the sidecar's server threads, so the capture must be the
+/// process-global subscriber, which only one test per process can install
+/// (the CLI tests install theirs).
 #[tokio::test]
 #[ignore = "needs its own process; tests/run.sh runs it alone"]
 async fn the_request_span_records_the_decision_and_outcome() {
     use tracing_subscriber::layer::SubscriberExt as _;
 
     let capture = span_capture::SpanCapture::default();
-    // A current-thread test runtime: the server's tasks run on this
-    // thread, under this default subscriber.
-    let _guard =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(capture.clone()))
+        .expect("run this test alone: another test installed a global subscriber");
 
     // The failing endpoint is tried first (held to the end of the test).
     let (_failing, good, sc) = failing_then_serving(Behaviour::Fail(503)).await;
