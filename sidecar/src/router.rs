@@ -1,13 +1,15 @@
 //! The sidecar's routing handle: how a request gets an endpoint and a lease.
 //!
-//! [`Router`] has two modes behind one API (see `notes/sidecar-router.md`):
+//! [`Router`] has two modes behind one API:
 //! - **embedded** ([`Router::embedded`], standalone mode): the control plane
 //!   is in this process; choices and releases are direct facade calls;
 //! - **remote** ([`Router::remote`]): gRPC to a control-plane process, with a
 //!   session kept alive, the cluster state followed over `WatchUsage`,
 //!   releases sent in the background, and **degraded mode** — local
 //!   decisions from the last cluster state — whenever the control plane does
-//!   not answer within `choose_timeout`.
+//!   not answer within `choose_timeout`. Each server thread chooses and
+//!   releases on a connection and `Route` stream of its own (a *lane*,
+//!   [`Router::remote_on_lanes`]).
 //!
 //! Invariants kept here and in the submodules:
 //! - every [`Lease`] is released exactly once (`finish`, or `Drop` as

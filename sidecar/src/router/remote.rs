@@ -1,5 +1,8 @@
-//! Remote mode: the control plane is another process, reached over one
-//! tonic [`Channel`] (HTTP/2, connected lazily, reconnecting by itself).
+//! Remote mode: the control plane is another process, reached over tonic
+//! [`Channel`]s (HTTP/2, connected lazily, reconnecting by themselves): one
+//! on the caller's runtime for the session, `WatchUsage` and the retry
+//! paths, and one per server thread ([`Lane`]) for that thread's `Route`
+//! stream, driven by its runtime so a choice never wakes another thread.
 //!
 //! Three background tasks, all on the caller's `TaskTracker` and stopped by
 //! its `CancellationToken`:
