@@ -310,6 +310,10 @@ impl SidecarConfig {
     }
 }
 
+/// Most sidecar server threads `server_threads` may ask for (each is an OS
+/// thread with its own runtime and connection pools).
+const MAX_SERVER_THREADS: usize = 1024;
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -714,7 +718,17 @@ impl Config {
                 &raw.shutdown_grace,
                 defaults::SHUTDOWN_GRACE,
             )?,
-            server_threads: raw.server_threads.unwrap_or(defaults::SERVER_THREADS),
+            server_threads: match raw.server_threads {
+                Some(n) if n > MAX_SERVER_THREADS => {
+                    return Err(invalid(
+                        "server_threads",
+                        n,
+                        format!("must be at most {MAX_SERVER_THREADS} (0 = one per core)"),
+                    ));
+                }
+                Some(n) => n,
+                None => defaults::SERVER_THREADS,
+            },
             ollama_timeouts: timeouts_for(EndpointKind::Ollama),
             openai_timeouts: timeouts_for(EndpointKind::OpenAi),
             llama_server_timeouts: timeouts_for(EndpointKind::LlamaServer),
@@ -883,6 +897,13 @@ endpoint_config:
         assert_eq!(threads(""), 1);
         assert_eq!(threads("server_threads: 0\n"), 0);
         assert_eq!(threads("server_threads: 4\n"), 4);
+        let err = Config::from_yaml("server_threads: 5000\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server_threads") && err.contains("5000"),
+            "{err}"
+        );
         let err = Config::from_yaml("server_threads: -1\n", &env)
             .unwrap_err()
             .to_string();
