@@ -51,6 +51,9 @@ pub struct EndpointState {
     /// Tracking models whose completions failed here recently, or which
     /// the endpoint recently answered it does not have.
     pub failing_models: Vec<Arc<str>>,
+    /// The subset of `failing_models` avoided because the endpoint answered
+    /// it does not have them (the others failed completions).
+    pub missing_models: Vec<Arc<str>>,
     /// Circuit breaker open: recent consecutive failures.
     pub circuit_open: bool,
     /// Unix milliseconds of the last successful probe; 0 if never.

@@ -322,6 +322,7 @@ mod tests {
                 }],
                 in_flight: 2,
                 failing_models: vec![],
+                missing_models: vec![],
                 circuit_open: false,
                 last_probe_ok_unix_ms: 0,
             }],

@@ -541,6 +541,11 @@ impl State {
                 .failing_slots(ep, now)
                 .filter_map(|s| self.leases.slot_name(s).cloned())
                 .collect(),
+            missing_models: self
+                .health
+                .missing_slots(ep, now)
+                .filter_map(|s| self.leases.slot_name(s).cloned())
+                .collect(),
             circuit_open: self.health.circuit_open(ep, now),
             last_probe_ok_unix_ms: probe.map_or(0, |p| p.last_ok_unix_ms),
         })

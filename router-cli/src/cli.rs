@@ -21,7 +21,8 @@ JSON output (--output json; field names are stable):
     {version, sessions, leases, affinity_entries, priority_routing,
      conversation_affinity, in_flight, endpoints: [{url, kind, priority,
      healthy, health_detail, draining, circuit_open, in_flight, max_concurrent,
-     advertised_models, loaded_models, failing_models, last_probe_ok_unix_ms,
+     advertised_models, loaded_models, failing_models, missing_models,
+     last_probe_ok_unix_ms,
      usage: [{model, in_flight, requests, prompt_tokens, completion_tokens}]}]}
   models:   {version, models: [{model, in_flight, endpoints: [{url, kind,
              advertised_as, tracking_model, loaded, in_flight, healthy, draining}]}]}

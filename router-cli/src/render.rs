@@ -118,8 +118,17 @@ fn health(e: &EndpointView) -> String {
     } else {
         format!("down: {}", e.health_detail)
     };
-    if !e.failing_models.is_empty() {
-        text.push_str(&format!(" (failing: {})", e.failing_models.join(",")));
+    let failed: Vec<&str> = e
+        .failing_models
+        .iter()
+        .filter(|m| !e.missing_models.contains(m))
+        .map(String::as_str)
+        .collect();
+    if !failed.is_empty() {
+        text.push_str(&format!(" (failing: {})", failed.join(",")));
+    }
+    if !e.missing_models.is_empty() {
+        text.push_str(&format!(" (missing: {})", e.missing_models.join(",")));
     }
     text
 }
@@ -373,6 +382,16 @@ mod tests {
     }
 
     #[test]
+    fn health_tells_failed_completions_from_missing_models() {
+        let mut e = state().endpoints.remove(0);
+        e.failing_models = vec!["llama3".into(), "qwen3".into()];
+        e.missing_models = vec!["qwen3".into()];
+        assert_eq!(health(&e), "ok (failing: llama3) (missing: qwen3)");
+        e.failing_models = vec!["qwen3".into()];
+        assert_eq!(health(&e), "ok (missing: qwen3)");
+    }
+
+    #[test]
     fn endpoints_table_shows_every_column() {
         let out = text(|o| endpoints(o, &state()));
         let lines: Vec<&str> = out.lines().collect();
@@ -555,6 +574,7 @@ mod tests {
                 "last_probe_ok_unix_ms",
                 "loaded_models",
                 "max_concurrent",
+                "missing_models",
                 "priority",
                 "url",
                 "usage"

@@ -65,8 +65,11 @@ pub struct EndpointView {
     pub advertised_models: Vec<String>,
     /// Models loaded, as the endpoint names them.
     pub loaded_models: Vec<String>,
-    /// Tracking models whose completions failed here recently.
+    /// Tracking models avoided here: their completions failed recently, or
+    /// the endpoint answered it does not have them (`missing_models`).
     pub failing_models: Vec<String>,
+    /// The subset of `failing_models` the endpoint answered it does not have.
+    pub missing_models: Vec<String>,
     /// Usage per tracking model.
     pub usage: Vec<ModelUsageView>,
     /// Unix milliseconds of the last successful probe; 0 if never.
@@ -293,6 +296,7 @@ impl EndpointView {
             advertised_models: e.advertised_models,
             loaded_models: e.loaded_models,
             failing_models: e.failing_models,
+            missing_models: e.missing_models,
             usage: e
                 .usage
                 .into_iter()
@@ -530,6 +534,7 @@ pub(crate) mod tests {
                     }],
                     in_flight: 2,
                     failing_models: vec![],
+                    missing_models: vec![],
                     circuit_open: false,
                     last_probe_ok_unix_ms: 1_700_000_000_000,
                 },
@@ -552,6 +557,7 @@ pub(crate) mod tests {
                     }],
                     in_flight: 0,
                     failing_models: vec!["llama3".into()],
+                    missing_models: vec![],
                     circuit_open: true,
                     last_probe_ok_unix_ms: 0,
                 },

@@ -171,6 +171,7 @@ mod tests {
             usage: vec![],
             in_flight: 0,
             failing_models: vec![],
+            missing_models: vec![],
             circuit_open: false,
             last_probe_ok_unix_ms: 0,
         }

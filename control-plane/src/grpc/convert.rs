@@ -534,6 +534,7 @@ impl From<&EndpointState> for v1::EndpointState {
             usage: e.usage.iter().map(v1::ModelUsage::from).collect(),
             in_flight: e.in_flight,
             failing_models: strings(&e.failing_models),
+            missing_models: strings(&e.missing_models),
             circuit_open: e.circuit_open,
             last_probe_ok_unix_ms: e.last_probe_ok_unix_ms,
         }
@@ -568,6 +569,7 @@ impl TryFrom<v1::EndpointState> for EndpointState {
             usage,
             in_flight: m.in_flight,
             failing_models: arcs(m.failing_models),
+            missing_models: arcs(m.missing_models),
             circuit_open: m.circuit_open,
             last_probe_ok_unix_ms: m.last_probe_ok_unix_ms,
         })
@@ -685,7 +687,8 @@ mod tests {
                 requests: 3,
             }],
             in_flight: 2,
-            failing_models: vec![Arc::from("b:7b")],
+            failing_models: vec![Arc::from("b:7b"), Arc::from("c:1b")],
+            missing_models: vec![Arc::from("c:1b")],
             circuit_open: true,
             last_probe_ok_unix_ms: 1_700_000_000_000,
         }

@@ -411,6 +411,7 @@ fn endpoint(url: &str, kind: EndpointKind, priority: u32, advertised: &[&str]) -
         usage: Vec::new(),
         in_flight: 0,
         failing_models: Vec::new(),
+        missing_models: Vec::new(),
         circuit_open: false,
         last_probe_ok_unix_ms: 1,
     }

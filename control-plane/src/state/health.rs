@@ -100,8 +100,18 @@ pub struct Health {
     probes: Vec<ProbeHealth>,
     gate: Vec<u8>,
     breakers: Vec<Breaker>,
-    /// Per endpoint: (slot, expiry) of recent completion failures.
-    failing: Vec<Vec<(u32, Instant)>>,
+    /// Per endpoint: recent completion failures and missing models.
+    failing: Vec<Vec<Failing>>,
+}
+
+/// An (endpoint, slot) avoided until `until`.
+#[derive(Clone, Copy, Debug)]
+struct Failing {
+    slot: u32,
+    until: Instant,
+    /// The endpoint answered it does not have the model (rather than
+    /// failing the completion).
+    missing: bool,
 }
 
 impl Health {
@@ -198,17 +208,28 @@ impl Health {
     pub fn is_failing(&self, ep: usize, slot: u32, now: Instant) -> bool {
         self.failing
             .get(ep)
-            .is_some_and(|f| f.iter().any(|&(s, until)| s == slot && until > now))
+            .is_some_and(|f| f.iter().any(|f| f.slot == slot && f.until > now))
     }
 
-    /// Slots of an endpoint failing now.
+    /// Slots of an endpoint avoided now (failed, or missing there).
     pub fn failing_slots(&self, ep: usize, now: Instant) -> impl Iterator<Item = u32> + '_ {
         self.failing
             .get(ep)
             .into_iter()
             .flatten()
-            .filter(move |(_, until)| *until > now)
-            .map(|(s, _)| *s)
+            .filter(move |f| f.until > now)
+            .map(|f| f.slot)
+    }
+
+    /// The subset of [`Health::failing_slots`] avoided because the endpoint
+    /// answered it does not have the model.
+    pub fn missing_slots(&self, ep: usize, now: Instant) -> impl Iterator<Item = u32> + '_ {
+        self.failing
+            .get(ep)
+            .into_iter()
+            .flatten()
+            .filter(move |f| f.missing && f.until > now)
+            .map(|f| f.slot)
     }
 
     /// True when the breaker keeps new work away now.
@@ -260,8 +281,12 @@ impl Health {
             // Avoided for this model until the TTL or a success on it (a
             // missing model also stops being a candidate there once a probe
             // no longer lists it).
-            failing.retain(|&(s, until)| s != slot && until > now);
-            failing.push((slot, now + ttl));
+            failing.retain(|f| f.slot != slot && f.until > now);
+            failing.push(Failing {
+                slot,
+                until: now + ttl,
+                missing: outcome == Outcome::ModelMissing,
+            });
         }
         if outcome.is_backend_failure() {
             b.consecutive = b.consecutive.saturating_add(1);
@@ -281,7 +306,7 @@ impl Health {
             true
         } else if outcome == Outcome::Ok {
             let before = failing.len();
-            failing.retain(|&(s, until)| s != slot && until > now);
+            failing.retain(|f| f.slot != slot && f.until > now);
             let mut changed = failing.len() != before || b.consecutive != 0;
             b.consecutive = 0;
             if matches!(b.state, BreakerState::HalfOpen { .. }) {
@@ -321,7 +346,7 @@ impl Health {
         }
         for f in &mut self.failing {
             let before = f.len();
-            f.retain(|&(_, until)| until > now);
+            f.retain(|f| f.until > now);
             changed |= f.len() != before;
         }
         for ep in 0..self.gate.len() {
@@ -420,6 +445,7 @@ mod tests {
         }
         assert!(h.is_failing(0, 1, t0) && !h.is_failing(0, 0, t0));
         assert!(h.avoid(0, 1, t0) && !h.avoid(0, 0, t0));
+        assert_eq!(h.missing_slots(0, t0).collect::<Vec<_>>(), [1]);
         // Healthy all the same: no failure counted, the breaker stays shut.
         assert_eq!(*h.breaker(0).unwrap(), Breaker::default());
         assert!(!h.circuit_open(0, t0));
@@ -428,6 +454,11 @@ mod tests {
         h.on_release(0, 1, LeaseId(4), Outcome::ModelMissing, t0);
         h.on_release(0, 1, LeaseId(5), Outcome::Ok, t0 + s(1));
         assert!(!h.is_failing(0, 1, t0 + s(1)));
+        // Reported apart from failed completions.
+        h.on_release(0, 1, LeaseId(6), Outcome::ModelMissing, t0);
+        h.on_release(0, 0, LeaseId(7), Outcome::BackendError, t0);
+        assert_eq!(h.failing_slots(0, t0).count(), 2);
+        assert_eq!(h.missing_slots(0, t0).collect::<Vec<_>>(), [1]);
     }
 
     #[test]

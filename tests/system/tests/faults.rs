@@ -505,6 +505,24 @@ async fn backend_that_lost_the_model_gets_one_request_then_none_and_stays_health
         0,
         "a healthy backend is no failure"
     );
+    // The cluster state (and so the CLI) says why a is avoided for m.
+    let state = c
+        .control_plane
+        .as_ref()
+        .expect("remote-mode cluster")
+        .cp
+        .state();
+    let avoided: Vec<_> = state
+        .endpoints
+        .iter()
+        .map(|e| (e.failing_models.clone(), e.missing_models.clone()))
+        .collect();
+    assert_eq!(avoided[0].0.len(), 1, "{avoided:?}");
+    assert_eq!(avoided[0].1, avoided[0].0, "{avoided:?}");
+    assert!(
+        avoided[1].0.is_empty() && avoided[1].1.is_empty(),
+        "{avoided:?}"
+    );
     c.wait_usage(0).await;
 }
 
