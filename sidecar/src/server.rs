@@ -15,8 +15,9 @@
 //! Every task is owned by the handle's [`TaskTracker`]; nothing is spawned
 //! fire-and-forget.
 //!
-//! Threads: connections are served on one single-threaded runtime per core
-//! ([`switchyard_control_plane::cores`]), each connection on the thread the
+//! Threads: connections are served on `server_threads` single-threaded
+//! runtimes (default 1, 0 = one per core;
+//! [`switchyard_control_plane::cores`]), each connection on the thread the
 //! accept loop handed it to, with that thread's own backend connection pools
 //! (and, in remote mode, its own `Route` stream): a request is handled from
 //! its first byte to its release without waking another thread. The
