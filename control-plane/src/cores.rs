@@ -6,13 +6,17 @@
 //! task runnable also wakes the idle second worker to look for work it then
 //! does not find, and a connection's tasks hop between threads. Measured on
 //! the 2-core benchmark machine (`BENCHMARKS.md`): the control plane slept
-//! 2.9 times per request that way and 1.6 times with one runtime per core,
-//! and the sidecar spent about a fifth less CPU per request.
+//! 2.9 times per request that way and 1.6 times with one runtime per core;
+//! the sidecar, with its default of one server runtime, spends about a fifth
+//! less CPU per proxied request in remote mode and sleeps half as often.
 //!
 //! A connection stays on the thread it was handed to, with everything it
 //! uses there: the sidecar gives each thread its own backend connection
 //! pool and its own `Route` stream to the control plane
 //! ([`CoreRuntimes::current`] tells code which thread it runs on).
+//!
+//! How many: the control plane runs one per core; the sidecar
+//! `server_threads` (default 1).
 //!
 //! Lifetime: the threads run until [`CoreRuntimes::stop`] or until the
 //! value is dropped; then each drops its runtime, which cancels the tasks
