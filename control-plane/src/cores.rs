@@ -24,7 +24,11 @@
 
 use std::{cell::Cell, io, num::NonZeroUsize, time::Duration};
 
-use tokio::{net::TcpListener, runtime::Handle, sync::oneshot};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    runtime::Handle,
+    sync::oneshot,
+};
 use tokio_util::sync::CancellationToken;
 
 thread_local! {
@@ -128,8 +132,18 @@ impl CoreRuntimes {
     }
 }
 
+/// A socket [`accept_in_turn`] handed over, registered with the calling
+/// thread's runtime, with `TCP_NODELAY` set: both servers send small,
+/// latency-bound writes (answers, streamed tokens) that Nagle would hold
+/// back waiting for the peer's ACK.
+pub fn register(socket: std::net::TcpStream) -> io::Result<TcpStream> {
+    let socket = TcpStream::from_std(socket)?;
+    socket.set_nodelay(true)?;
+    Ok(socket)
+}
+
 /// Accepts on `listener` until `shutdown`, handing each socket (as a std
-/// socket, to be registered with the receiving runtime's reactor) to
+/// socket, to be [`register`]ed with the receiving runtime's reactor) to
 /// `hand` with the index of the runtime whose turn it is, out of `count`.
 pub async fn accept_in_turn(
     listener: TcpListener,

@@ -413,8 +413,9 @@ struct ThreadServer {
     done: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-/// Starts an HTTP server on every thread of `cores`, each with its own
-/// state ([`AppState::for_thread`]); they stop accepting when `stop` fires.
+/// Starts an HTTP server on every thread of `cores`, each with backend
+/// pools of its own (the first uses `state`'s, the others
+/// [`AppState::for_thread`]); they stop accepting when `stop` fires.
 fn spawn_servers(
     cores: &CoreRuntimes,
     state: &AppState,
@@ -422,10 +423,15 @@ fn spawn_servers(
     addr: SocketAddr,
 ) -> Result<Vec<ThreadServer>, StartError> {
     let mut servers = Vec::with_capacity(cores.len());
-    for runtime in cores.handles() {
+    for (i, runtime) in cores.handles().enumerate() {
         let (inbox, sockets) = mpsc::unbounded_channel();
+        let state = if i == 0 {
+            state.clone()
+        } else {
+            state.for_thread()?
+        };
         let entry = axum::ServiceExt::<axum::extract::Request>::into_make_service(
-            routes::Entry::new(state.for_thread()?),
+            routes::Entry::new(state),
         );
         let listener = Inbox { sockets, addr };
         let stop = stop.clone();
@@ -457,9 +463,7 @@ impl axum::serve::Listener for Inbox {
                 // accepting on its shutdown signal.
                 return std::future::pending().await;
             };
-            let registered = TcpStream::from_std(socket).and_then(|tcp| {
-                // Streamed tokens are small writes; don't let Nagle hold them.
-                tcp.set_nodelay(true)?;
+            let registered = cores::register(socket).and_then(|tcp| {
                 let peer = tcp.peer_addr()?;
                 Ok((tcp, peer))
             });

@@ -13,13 +13,8 @@
 //! returns or is dropped, whatever is still open is closed (the runtimes
 //! stop).
 
-use std::io;
-
 use futures::StreamExt;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
-};
+use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
@@ -41,7 +36,7 @@ pub(super) async fn serve(
     let mut servers = Vec::with_capacity(cores.len());
     for runtime in cores.handles() {
         let (inbox, sockets) = mpsc::unbounded_channel();
-        let incoming = UnboundedReceiverStream::new(sockets).map(register);
+        let incoming = UnboundedReceiverStream::new(sockets).map(cores::register);
         let (router, stop) = (router.clone(), shutdown.clone());
         servers.push(runtime.spawn(async move {
             router
@@ -68,13 +63,4 @@ pub(super) async fn serve(
     }
     cores.stop().await;
     first_error.map_or(Ok(()), Err)
-}
-
-/// A socket accepted on another runtime, registered with this thread's.
-fn register(socket: std::net::TcpStream) -> io::Result<TcpStream> {
-    let socket = TcpStream::from_std(socket)?;
-    // Answers are small and latency-bound: Nagle would hold each one back
-    // waiting for the client's ACK.
-    socket.set_nodelay(true)?;
-    Ok(socket)
 }

@@ -212,8 +212,7 @@ impl RemoteRouter {
             .http2_keep_alive_interval(settings.http2_keepalive)
             .keep_alive_timeout(settings.http2_keepalive * 2)
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
-        let client = RoutingClient::new(channel.clone());
+        let client = RoutingClient::new(endpoint.connect_lazy());
         let lanes: Box<[Lane]> = if lanes.is_empty() {
             Box::new([Lane::new(Handle::current(), client.clone())])
         } else {
@@ -373,21 +372,15 @@ impl RemoteRouter {
     /// True while choices and releases travel on an open `Route` stream.
     #[cfg(test)]
     pub(crate) fn route_stream_open(&self) -> bool {
-        self.shared
-            .as_ref()
-            .and_then(|s| s.lane().route.lock().clone())
-            .is_some_and(|c| !c.is_closed())
+        self.shared.as_ref().is_some_and(|s| s.lane().stream_open())
     }
 
     /// How many lanes have an open `Route` stream.
     #[cfg(test)]
     pub(crate) fn open_route_streams(&self) -> usize {
-        self.shared.as_ref().map_or(0, |s| {
-            s.lanes
-                .iter()
-                .filter(|l| l.route.lock().as_ref().is_some_and(|c| !c.is_closed()))
-                .count()
-        })
+        self.shared
+            .as_ref()
+            .map_or(0, |s| s.lanes.iter().filter(|l| l.stream_open()).count())
     }
 
     #[cfg(test)]
@@ -513,6 +506,12 @@ impl Lane {
             route: Arc::new(RouteSlot::new(None)),
             opening: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Whether the lane's `Route` stream is open.
+    #[cfg(test)]
+    fn stream_open(&self) -> bool {
+        self.route.lock().as_ref().is_some_and(|c| !c.is_closed())
     }
 }
 
