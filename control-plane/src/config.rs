@@ -775,6 +775,11 @@ mod tests {
         (name == "OPENAI_KEY").then(|| "sk-test".to_owned())
     }
 
+    /// The error `yaml` is refused with, as shown to the operator.
+    fn error(yaml: &str) -> String {
+        Config::from_yaml(yaml, &env).unwrap_err().to_string()
+    }
+
     const NOMYO: &str = r#"
 endpoints:
   - http://192.168.0.50:11434
@@ -826,34 +831,26 @@ endpoint_config:
 
     #[test]
     fn bad_values_are_named_with_their_value() {
-        let err = Config::from_yaml("probe_interval: \"5 parsecs\"\n", &env)
-            .unwrap_err()
-            .to_string();
+        let err = error("probe_interval: \"5 parsecs\"\n");
         assert!(
             err.contains("probe_interval") && err.contains("5 parsecs"),
             "{err}"
         );
-        let err = Config::from_yaml("endpoints: [\"ftp://x\"]\n", &env)
-            .unwrap_err()
-            .to_string();
+        let err = error("endpoints: [\"ftp://x\"]\n");
         assert!(
             err.contains("endpoints[0]") && err.contains("ftp://x"),
             "{err}"
         );
-        let err = Config::from_yaml("max_concurrent_connections: 0\n", &env)
-            .unwrap_err()
-            .to_string();
+        let err = error("max_concurrent_connections: 0\n");
         assert!(err.contains("max_concurrent_connections"), "{err}");
-        let err = Config::from_yaml("timeouts:\n  vllm:\n    connect: 1\n", &env)
-            .unwrap_err()
-            .to_string();
+        let err = error("timeouts:\n  vllm:\n    connect: 1\n");
         assert!(err.contains("timeouts.vllm"), "{err}");
     }
 
     #[test]
     fn missing_env_var_is_named_and_secret_never_printed() {
         let yaml = "endpoints: [\"https://x/v1\"]\napi_keys:\n  \"https://x/v1\": \"${NOPE}\"\n";
-        let err = Config::from_yaml(yaml, &env).unwrap_err().to_string();
+        let err = error(yaml);
         assert!(
             err.contains("NOPE") && err.contains("api_keys.https://x/v1"),
             "{err}"
@@ -866,7 +863,7 @@ endpoint_config:
     #[test]
     fn keys_for_unknown_endpoints_are_errors() {
         let yaml = "endpoints: [\"http://a:1\"]\napi_keys:\n  \"http://b:1\": k\n";
-        let err = Config::from_yaml(yaml, &env).unwrap_err().to_string();
+        let err = error(yaml);
         assert!(err.contains("api_keys.http://b:1"), "{err}");
     }
 
@@ -880,9 +877,7 @@ endpoint_config:
         assert_eq!(c.sessions.ttl, Duration::from_secs(20));
         assert_eq!(c.sessions.keepalive_interval, Duration::from_millis(500));
         assert_eq!(c.probe.interval, Duration::from_millis(250));
-        let err = Config::from_yaml("session_ttl: 2s\nkeepalive_interval: 2s\n", &env)
-            .unwrap_err()
-            .to_string();
+        let err = error("session_ttl: 2s\nkeepalive_interval: 2s\n");
         assert!(err.contains("keepalive_interval"), "{err}");
     }
 
@@ -897,16 +892,12 @@ endpoint_config:
         assert_eq!(threads(""), 1);
         assert_eq!(threads("server_threads: 0\n"), 0);
         assert_eq!(threads("server_threads: 4\n"), 4);
-        let err = Config::from_yaml("server_threads: 5000\n", &env)
-            .unwrap_err()
-            .to_string();
+        let err = error("server_threads: 5000\n");
         assert!(
             err.contains("server_threads") && err.contains("5000"),
             "{err}"
         );
-        let err = Config::from_yaml("server_threads: -1\n", &env)
-            .unwrap_err()
-            .to_string();
+        let err = error("server_threads: -1\n");
         assert!(err.contains("server_threads"), "{err}");
     }
 

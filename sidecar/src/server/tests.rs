@@ -25,7 +25,7 @@ use futures::StreamExt;
 use http::{HeaderMap, StatusCode};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
-use switchyard_control_plane::config::Config;
+use switchyard_control_plane::{config::Config, server::RunningControlPlane};
 use tokio::sync::Notify;
 
 use super::*;
@@ -947,21 +947,37 @@ async fn shutdown_cancels_streams_after_the_grace() {
     assert_eq!(router.local_in_flight(), 0);
 }
 
-#[tokio::test]
-async fn remote_mode_routes_through_the_control_plane() {
-    use switchyard_control_plane::server::RunningControlPlane;
-
+/// A control plane over one llama3 fake and a sidecar routed by it, with
+/// `extra` appended to the sidecar's configuration; routable on return.
+async fn remote_llama3(extra: &str) -> (Fake, RunningControlPlane, SidecarHandle) {
     let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
     let yaml = endpoints_yaml(&[&fake]);
     let cp = RunningControlPlane::start(config(&yaml)).await.unwrap();
     let sc = start_remote(
         cp.url(),
-        Some(config(&yaml)),
+        Some(config(&format!("{yaml}{extra}"))),
         "127.0.0.1:0".parse().unwrap(),
     )
     .await
     .unwrap();
     wait_routable(&sc, 1).await;
+    (fake, cp, sc)
+}
+
+/// Waits (bounded) until the control plane counts no lease, then checks.
+async fn wait_cp_no_leases(cp: &RunningControlPlane) {
+    for _ in 0..500 {
+        if cp.cp.state().leases == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cp.cp.state().leases, 0);
+}
+
+#[tokio::test]
+async fn remote_mode_routes_through_the_control_plane() {
+    let (_fake, cp, sc) = remote_llama3("").await;
     let r = client()
         .post(format!("http://{}/api/chat", sc.addr))
         .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}]}))
@@ -973,13 +989,7 @@ async fn remote_mode_routes_through_the_control_plane() {
     assert_eq!(lines.last().unwrap()["done"], true);
     wait_no_leases(&sc).await;
     // The control plane saw the lease come and go.
-    for _ in 0..500 {
-        if cp.cp.state().leases == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(cp.cp.state().leases, 0);
+    wait_cp_no_leases(&cp).await;
     sc.shutdown().await;
     cp.shutdown().await.unwrap();
 }
@@ -989,19 +999,7 @@ async fn remote_mode_routes_through_the_control_plane() {
 /// either is released at the control plane.
 #[tokio::test]
 async fn remote_mode_with_two_server_threads_uses_a_route_stream_on_each() {
-    use switchyard_control_plane::server::RunningControlPlane;
-
-    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
-    let yaml = endpoints_yaml(&[&fake]);
-    let cp = RunningControlPlane::start(config(&yaml)).await.unwrap();
-    let sc = start_remote(
-        cp.url(),
-        Some(config(&format!("{yaml}server_threads: 2\n"))),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    wait_routable(&sc, 1).await;
+    let (_fake, cp, sc) = remote_llama3("server_threads: 2\n").await;
     for i in 0..6 {
         // A client of its own: a new connection, handed to the next thread.
         let r = reqwest::Client::new()
@@ -1016,13 +1014,7 @@ async fn remote_mode_with_two_server_threads_uses_a_route_stream_on_each() {
     assert_eq!(sc.router().open_route_streams(), 2);
     assert_eq!(sc.router().degraded_decisions(), 0);
     wait_no_leases(&sc).await;
-    for _ in 0..500 {
-        if cp.cp.state().leases == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(cp.cp.state().leases, 0);
+    wait_cp_no_leases(&cp).await;
     sc.shutdown().await;
     cp.shutdown().await.unwrap();
 }
