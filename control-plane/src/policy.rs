@@ -204,7 +204,7 @@ pub fn select<R: Rng + ?Sized>(
 /// `ranks` is scratch space the caller keeps between decisions, so that
 /// nothing is allocated per decision once it has grown.
 ///
-/// `load` is called once per candidate to write its [`rank`]; the rest works
+/// `load` is called once per candidate to write its `rank`; the rest works
 /// on the rank words alone: their minimum is the answer's rank (rules 2–7
 /// at once), the candidates equal to it are the ties, and one random draw
 /// picks among them uniformly.

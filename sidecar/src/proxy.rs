@@ -1,6 +1,6 @@
 //! The proxy for routed inference requests, in explicit phases:
 //!
-//! 1. **accept** — [`handle`]: span, in-flight gauge, panic and shutdown
+//! 1. **accept** — `handle`: span, in-flight gauge, panic and shutdown
 //!    guards (auth already ran as middleware, see [`crate::auth`]);
 //! 2. **parse and validate** — [`request`]: body limit, JSON, model, stream
 //!    default, affinity key → [`request::RequestContext`];

@@ -8,8 +8,8 @@
 //! - Authentication wraps every route except the liveness routes `GET /`
 //!   and `GET /health` (see [`crate::auth`]).
 //! - `GET /metrics` is served on the same listener as the APIs.
-//! - [`Entry`] is what the server runs: inference POSTs without a query
-//!   string go straight to the key check and [`proxy::handle`] (the same
+//! - `Entry` is what the server runs: inference POSTs without a query
+//!   string go straight to the key check and `proxy::handle` (the same
 //!   check and handler the router below would reach, without its per-request
 //!   routing, middleware and boxing: ~10 allocations per request); every
 //!   other request goes through the axum router, so there is one definition

@@ -90,7 +90,7 @@ impl Breaker {
 /// Health of every endpoint.
 ///
 /// The decision loop reads one dense flag byte per candidate, `gate`:
-/// [`UNHEALTHY`] (last probe failed) and [`ATTENTION`] (breaker not closed,
+/// `UNHEALTHY` (last probe failed) and `ATTENTION` (breaker not closed,
 /// or some failure entry present); only flagged endpoints pay for the
 /// detailed checks. `ATTENTION` is recomputed after every change to that
 /// endpoint's breaker or entries.

@@ -7,7 +7,7 @@
 //! decision reads two `u32`s per candidate and never hashes a model name.
 //! Cumulative token counts live beside, in [`SlotCounters`].
 //!
-//! Invariants (checked by [`LeaseTable::check_invariants`] in tests): for
+//! Invariants (checked by `LeaseTable::check_invariants` in tests): for
 //! every slot, `in_flight` equals the number of live leases on it; an
 //! endpoint's total is the sum over its slots. A lease is released at most
 //! once: the second release finds nothing and changes nothing, and counters

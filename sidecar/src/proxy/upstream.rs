@@ -5,13 +5,13 @@
 //!
 //! Two clients behind one call ([`UpstreamClient::post`]):
 //! - `http://` backends (the usual case on a cluster network) go through
-//!   [`h1`]: the request runs in the proxying task itself on a pooled
+//!   `h1`: the request runs in the proxying task itself on a pooled
 //!   keep-alive connection, without a connection task in between;
 //! - `https://` backends go through `hyper-util`'s pooled client (rustls,
 //!   Mozilla roots, HTTP/2 by ALPN).
 //!
 //! Neither re-parses URLs more than once, follows redirects (a POST must not
-//! be replayed elsewhere) or retries beyond [`h1`]'s one resend when writing
+//! be replayed elsewhere) or retries beyond `h1`'s one resend when writing
 //! to a pooled connection the backend had already reset (URL re-parsing and
 //! the redirect/retry layers showed up in the sidecar's CPU profile when it
 //! used a convenience client: BENCHMARKS.md).

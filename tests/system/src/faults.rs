@@ -199,7 +199,7 @@ pub fn http_client() -> reqwest::Client {
         .unwrap_or_else(|e| panic!("cannot build an HTTP client: {e}"))
 }
 
-/// `GET url` as text within [`INSPECT_TIMEOUT`]; `None` on any failure or a
+/// `GET url` as text within `INSPECT_TIMEOUT`; `None` on any failure or a
 /// non-2xx status.
 pub async fn get_text(http: &reqwest::Client, url: &str) -> Option<String> {
     let fut = async {
