@@ -27,7 +27,7 @@ use std::{
 use anyhow::Context as _;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use switchyard_control_plane::{
-    api::ProbeReport,
+    api::{ModelItems, ProbeReport},
     config::Config,
     control_plane::ControlPlane,
     decision::ChooseRequest,
@@ -78,7 +78,15 @@ fn build(n: usize, rng: &mut SmallRng) -> anyhow::Result<ControlPlane> {
         } else {
             vec!["qwen2:7b".to_owned()]
         };
-        cp.apply_probe(i, ProbeReport::Ok { advertised, loaded }, t0);
+        cp.apply_probe(
+            i,
+            ProbeReport::Ok {
+                advertised,
+                loaded,
+                items: ModelItems::default(),
+            },
+            t0,
+        );
         if i % 50 == 7 {
             cp.apply_probe(
                 i,

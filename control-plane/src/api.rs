@@ -11,6 +11,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{LeaseId, SessionId};
 
+/// An Ollama endpoint's own listing items, each the JSON object text of one
+/// `/api/tags` or `/api/ps` item as the backend sent it (size, digest,
+/// modified_at, details, expires_at, size_vram, ... and whatever newer
+/// builds add), so the sidecar's merged listings show them instead of
+/// placeholders. Empty for OpenAI-style endpoints, whose listings carry
+/// none of that.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelItems {
+    /// `/api/tags` items, in the backend's order, one per model name.
+    pub tags: Vec<Arc<str>>,
+    /// `/api/ps` items, in the backend's order, one per model name.
+    pub ps: Vec<Arc<str>>,
+}
+
 /// What one discovery probe round found for one endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeReport {
@@ -20,6 +34,8 @@ pub enum ProbeReport {
         advertised: Vec<String>,
         /// Models it has loaded, as it names them.
         loaded: Vec<String>,
+        /// The listing items themselves (Ollama endpoints only).
+        items: ModelItems,
     },
     /// The endpoint did not answer, or answered an error.
     Failed {

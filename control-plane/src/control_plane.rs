@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::{
-        AffinityEntryInfo, LeaseRecord, ProbeReport, RegisterOutcome, SessionGrant, SessionInfo,
-        UnknownEndpoint,
+        AffinityEntryInfo, LeaseRecord, ModelItems, ProbeReport, RegisterOutcome, SessionGrant,
+        SessionInfo, UnknownEndpoint,
     },
     cluster::{ClusterState, EndpointState},
     config::Config,
@@ -89,6 +89,10 @@ struct Shared {
     version: AtomicU64,
     changed: Notify,
     watch: watch::Sender<Arc<ClusterState>>,
+    /// Each endpoint's latest listing items, replaced on every successful
+    /// probe (not part of the published state: they change rarely, are
+    /// large, and only listings read them).
+    model_items: Mutex<Vec<Arc<ModelItems>>>,
 }
 
 /// The control plane: authoritative routing state and selection. Cheap to
@@ -121,7 +125,8 @@ impl ControlPlane {
 
     fn from_state(state: State) -> Self {
         let config = state.config().clone();
-        let snap = DiscoverySnapshot::empty(config.endpoints.len());
+        let config_len = config.endpoints.len();
+        let snap = DiscoverySnapshot::empty(config_len);
         let initial = Arc::new(state.cluster_state(&snap, 0, Instant::now()));
         let (watch, _) = watch::channel(initial);
         let urls = config
@@ -140,8 +145,16 @@ impl ControlPlane {
                 version: AtomicU64::new(0),
                 changed: Notify::new(),
                 watch,
+                model_items: Mutex::new(vec![Arc::default(); config_len]),
             }),
         }
+    }
+
+    /// Each endpoint's latest listing items from discovery, by position in
+    /// `config.endpoints` (empty until a probe succeeds, and for
+    /// OpenAI-style endpoints).
+    pub fn model_items(&self) -> Vec<Arc<ModelItems>> {
+        self.shared.model_items.lock().clone()
     }
 
     /// The configuration.
@@ -278,7 +291,16 @@ impl ControlPlane {
                     self.bump();
                 }
             }
-            ProbeReport::Ok { advertised, loaded } => {
+            ProbeReport::Ok {
+                advertised,
+                loaded,
+                items,
+            } => {
+                if let Some(slot) = self.shared.model_items.lock().get_mut(endpoint)
+                    && **slot != items
+                {
+                    *slot = Arc::new(items);
+                }
                 let unix_ms = unix_ms_now();
                 let _writer = self.shared.discovery_writer.lock();
                 let snap = self.shared.discovery.load_full();

@@ -33,7 +33,7 @@ use rand::Rng;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    api::ProbeReport,
+    api::{ModelItems, ProbeReport},
     config::{Config, EndpointConfig, ProbeConfig},
     endpoint::{EndpointKind, openai_base},
 };
@@ -53,6 +53,24 @@ pub trait ProbeSink: Send + Sync + 'static {
 impl ProbeSink for crate::control_plane::ControlPlane {
     fn apply_probe(&self, endpoint: usize, report: ProbeReport, now: Instant) {
         crate::control_plane::ControlPlane::apply_probe(self, endpoint, report, now);
+    }
+}
+
+/// What a successful probe found (the fields of [`ProbeReport::Ok`]).
+struct Found {
+    advertised: Vec<String>,
+    loaded: Vec<String>,
+    items: ModelItems,
+}
+
+impl Found {
+    /// An OpenAI-style endpoint: names only.
+    fn names(advertised: Vec<String>, loaded: Vec<String>) -> Self {
+        Self {
+            advertised,
+            loaded,
+            items: ModelItems::default(),
+        }
     }
 }
 
@@ -87,15 +105,16 @@ impl Prober {
     /// [`ProbeReport::Failed`].
     pub async fn probe(&self, endpoint: &EndpointConfig) -> ProbeReport {
         match self.try_probe(endpoint).await {
-            Ok((advertised, loaded)) => ProbeReport::Ok { advertised, loaded },
+            Ok(found) => ProbeReport::Ok {
+                advertised: found.advertised,
+                loaded: found.loaded,
+                items: found.items,
+            },
             Err(detail) => ProbeReport::Failed { detail },
         }
     }
 
-    async fn try_probe(
-        &self,
-        endpoint: &EndpointConfig,
-    ) -> Result<(Vec<String>, Vec<String>), String> {
+    async fn try_probe(&self, endpoint: &EndpointConfig) -> Result<Found, String> {
         match endpoint.kind {
             EndpointKind::Ollama => {
                 let url = endpoint.url.trim_end_matches('/');
@@ -104,11 +123,18 @@ impl Prober {
                     self.get(endpoint, &tags_url, "/api/tags"),
                     self.get(endpoint, &ps_url, "/api/ps"),
                 );
-                let advertised = listing::parse_ollama_tags(&tags?)
+                let tags = listing::parse_ollama_listing(&tags?)
                     .map_err(|e| format!("GET /api/tags: {e}"))?;
-                let loaded =
-                    listing::parse_ollama_ps(&ps?).map_err(|e| format!("GET /api/ps: {e}"))?;
-                Ok((advertised, loaded))
+                let ps =
+                    listing::parse_ollama_listing(&ps?).map_err(|e| format!("GET /api/ps: {e}"))?;
+                Ok(Found {
+                    advertised: tags.names,
+                    loaded: ps.names,
+                    items: ModelItems {
+                        tags: tags.items,
+                        ps: ps.items,
+                    },
+                })
             }
             EndpointKind::OpenAi => {
                 let base = openai_base(&endpoint.url, endpoint.kind);
@@ -119,14 +145,16 @@ impl Prober {
                     listing::parse_openai_models(&body).map_err(|e| format!("GET /models: {e}"))?;
                 // Hosted and vLLM servers do not say what is loaded; like
                 // nomyo-router, report nothing loaded.
-                Ok((advertised, Vec::new()))
+                Ok(Found::names(advertised, Vec::new()))
             }
             EndpointKind::LlamaServer => {
                 let base = openai_base(&endpoint.url, endpoint.kind);
                 let body = self
                     .get(endpoint, &format!("{base}/models"), "/models")
                     .await?;
-                listing::parse_llama_server_models(&body).map_err(|e| format!("GET /models: {e}"))
+                let (advertised, loaded) = listing::parse_llama_server_models(&body)
+                    .map_err(|e| format!("GET /models: {e}"))?;
+                Ok(Found::names(advertised, loaded))
             }
         }
     }
@@ -244,7 +272,9 @@ async fn probe_loop(
         // Log transitions only: a steady state is visible in metrics.
         if was_ok != Some(ok) {
             match &report {
-                ProbeReport::Ok { advertised, loaded } => tracing::info!(
+                ProbeReport::Ok {
+                    advertised, loaded, ..
+                } => tracing::info!(
                     endpoint = %endpoint.url,
                     kind = %endpoint.kind,
                     advertised = advertised.len(),
@@ -348,8 +378,8 @@ mod tests {
     #[tokio::test]
     async fn ollama_probe_reads_tags_and_ps() {
         let fake = Fake::default();
-        *fake.tags.lock() = json!({"models":[{"name":"a:latest"},{"name":"b:7b"}]});
-        *fake.ps.lock() = json!({"models":[{"name":"b:7b"}]});
+        *fake.tags.lock() = json!({"models":[{"name":"a:latest","size":7},{"name":"b:7b"}]});
+        *fake.ps.lock() = json!({"models":[{"name":"b:7b","size_vram":3}]});
         let url = serve_fake(fake).await;
         let report = prober()
             .probe(&endpoint(&url, EndpointKind::Ollama, None))
@@ -359,6 +389,13 @@ mod tests {
             ProbeReport::Ok {
                 advertised: vec!["a:latest".into(), "b:7b".into()],
                 loaded: vec!["b:7b".into()],
+                items: ModelItems {
+                    tags: vec![
+                        r#"{"name":"a:latest","size":7}"#.into(),
+                        r#"{"name":"b:7b"}"#.into()
+                    ],
+                    ps: vec![r#"{"name":"b:7b","size_vram":3}"#.into()],
+                },
             }
         );
     }
@@ -380,6 +417,7 @@ mod tests {
             ProbeReport::Ok {
                 advertised: vec!["gpt-x".into()],
                 loaded: vec![],
+                items: ModelItems::default(),
             }
         );
         assert_eq!(
@@ -411,6 +449,7 @@ mod tests {
             ProbeReport::Ok {
                 advertised: vec!["org/m-GGUF:Q4_K_M".into(), "other".into(), "plain".into()],
                 loaded: vec!["org/m-GGUF:Q4_K_M".into(), "plain".into()],
+                items: ModelItems::default(),
             }
         );
     }

@@ -317,6 +317,26 @@ impl Cluster for ClusterService {
         Ok(Response::new(affinity_listing_to_proto(total, &entries)))
     }
 
+    async fn list_model_items(
+        &self,
+        _request: Request<v1::ListModelItemsRequest>,
+    ) -> Result<Response<v1::ListModelItemsResponse>, Status> {
+        let items = self.cp.model_items();
+        let endpoints = self
+            .cp
+            .config()
+            .endpoints
+            .iter()
+            .zip(items)
+            .map(|(endpoint, items)| v1::EndpointModelItems {
+                url: endpoint.url.to_string(),
+                tags: items.tags.iter().map(|t| t.to_string()).collect(),
+                ps: items.ps.iter().map(|t| t.to_string()).collect(),
+            })
+            .collect();
+        Ok(Response::new(v1::ListModelItemsResponse { endpoints }))
+    }
+
     async fn drain(
         &self,
         request: Request<v1::DrainRequest>,

@@ -19,7 +19,7 @@ use switchyard_cli::view::{
     AffinityView, ChoiceView, DrainView, ModelsView, SessionsView, StateView, UsageView,
 };
 use switchyard_control_plane::{
-    api::ProbeReport,
+    api::{ModelItems, ProbeReport},
     config::Config,
     decision::{ChooseRequest, DecisionReason},
     ids::{LeaseId, SessionId},
@@ -75,6 +75,7 @@ async fn cluster() -> RunningControlPlane {
     let ok = |advertised: &[&str], loaded: &[&str]| ProbeReport::Ok {
         advertised: advertised.iter().map(|s| (*s).to_owned()).collect(),
         loaded: loaded.iter().map(|s| (*s).to_owned()).collect(),
+        items: ModelItems::default(),
     };
     let now = Instant::now();
     cp.apply_probe(

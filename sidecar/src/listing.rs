@@ -12,9 +12,15 @@
 //!   otherwise (nomyo bug 11: it always said ok).
 //! - Names are deduplicated; OpenAI ids appear as `id:latest` in the Ollama
 //!   listings (as nomyo-router shows them) and as-is in `/v1/models`.
+//! - An Ollama endpoint's own `/api/tags` and `/api/ps` items (size,
+//!   digest, modified_at, details, expires_at, size_vram, ...) are shown as
+//!   it sent them, from the control plane's discovery ([`ModelCatalog`]),
+//!   with `name` and `model` set to the listed name; models without one
+//!   (OpenAI-style endpoints, or items not known yet) get the placeholder
+//!   items of [`listing`].
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     time::{Duration, SystemTime},
 };
 
@@ -30,7 +36,7 @@ use switchyard_control_plane::{
     model_name::canonical_request_name,
 };
 
-use crate::{server::AppState, translate::listing};
+use crate::{router::ModelCatalog, server::AppState, translate::listing};
 
 /// The version `/api/version` reports. Clients (ollama-python, Open WebUI,
 /// editors) gate features such as `think`, structured outputs and tool
@@ -47,29 +53,83 @@ fn routable(state: &ClusterState) -> impl Iterator<Item = &EndpointState> {
     state.endpoints.iter().filter(|e| e.healthy && !e.draining)
 }
 
-/// `/api/tags` body for a cluster state.
-pub fn tags_body(state: &ClusterState, now: SystemTime) -> Value {
+/// Which listing of an endpoint's own items to use.
+#[derive(Clone, Copy)]
+enum Listing {
+    Tags,
+    Ps,
+}
+
+/// An endpoint's own items of one listing, by the name the endpoint uses.
+fn own_items(catalog: &ModelCatalog, url: &str, which: Listing) -> HashMap<String, Value> {
+    let Some((_, items)) = catalog.iter().find(|(u, _)| &**u == url) else {
+        return HashMap::new();
+    };
+    let texts = match which {
+        Listing::Tags => &items.tags,
+        Listing::Ps => &items.ps,
+    };
+    texts
+        .iter()
+        .filter_map(|text| {
+            let Ok(Value::Object(item)) = serde_json::from_str::<Value>(text) else {
+                return None;
+            };
+            let name = ["name", "model"]
+                .iter()
+                .find_map(|k| item.get(*k).and_then(Value::as_str))?
+                .to_owned();
+            Some((name, Value::Object(item)))
+        })
+        .collect()
+}
+
+/// The endpoint's own item for `model`, named `name`.
+fn named(mut item: Value, name: &str) -> Value {
+    if let Value::Object(fields) = &mut item {
+        fields.insert("name".into(), name.into());
+        fields.insert("model".into(), name.into());
+    }
+    item
+}
+
+/// `/api/tags` body for a cluster state; `catalog` supplies the endpoints'
+/// own items.
+pub fn tags_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) -> Value {
     let mut items: BTreeMap<String, Value> = BTreeMap::new();
     for endpoint in routable(state) {
+        let mut own = own_items(catalog, &endpoint.url, Listing::Tags);
         for model in &endpoint.advertised_models {
-            items
-                .entry(canonical_request_name(model))
-                .or_insert_with(|| listing::tags_item(model, endpoint.kind, now));
+            let name = canonical_request_name(model);
+            if items.contains_key(&name) {
+                continue;
+            }
+            let item = match own.remove(&**model) {
+                Some(item) => named(item, &name),
+                None => listing::tags_item(model, endpoint.kind, now),
+            };
+            items.insert(name, item);
         }
     }
     json!({ "models": items.into_values().collect::<Vec<_>>() })
 }
 
-/// `/api/ps` body for a cluster state.
-pub fn ps_body(state: &ClusterState, now: SystemTime) -> Value {
+/// `/api/ps` body for a cluster state; `catalog` supplies the endpoints'
+/// own items.
+pub fn ps_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) -> Value {
     let mut items: BTreeMap<String, Value> = BTreeMap::new();
     for endpoint in routable(state) {
+        let mut own = own_items(catalog, &endpoint.url, Listing::Ps);
         for model in &endpoint.loaded_models {
-            items
-                .entry(canonical_request_name(model))
-                .or_insert_with(|| {
-                    listing::ps_item(model, endpoint.kind, now + PS_EXPIRES_IN, None)
-                });
+            let name = canonical_request_name(model);
+            if items.contains_key(&name) {
+                continue;
+            }
+            let item = match own.remove(&**model) {
+                Some(item) => named(item, &name),
+                None => listing::ps_item(model, endpoint.kind, now + PS_EXPIRES_IN, None),
+            };
+            items.insert(name, item);
         }
     }
     json!({ "models": items.into_values().collect::<Vec<_>>() })
@@ -125,15 +185,24 @@ pub(crate) async fn health_handler(State(state): State<AppState>) -> Response {
 
 /// `GET /api/tags`.
 pub(crate) async fn tags(State(state): State<AppState>) -> Json<Value> {
+    let router = state.router();
+    let catalog = router.model_items().await;
     Json(tags_body(
-        &state.router().cluster_state(),
+        &router.cluster_state(),
+        &catalog,
         SystemTime::now(),
     ))
 }
 
 /// `GET /api/ps`.
 pub(crate) async fn ps(State(state): State<AppState>) -> Json<Value> {
-    Json(ps_body(&state.router().cluster_state(), SystemTime::now()))
+    let router = state.router();
+    let catalog = router.model_items().await;
+    Json(ps_body(
+        &router.cluster_state(),
+        &catalog,
+        SystemTime::now(),
+    ))
 }
 
 /// `GET /v1/models`.
@@ -147,7 +216,7 @@ mod tests {
 
     use std::sync::Arc;
 
-    use switchyard_control_plane::endpoint::EndpointKind;
+    use switchyard_control_plane::{api::ModelItems, endpoint::EndpointKind};
 
     use super::*;
 
@@ -216,7 +285,7 @@ mod tests {
 
     #[test]
     fn tags_merge_dedupe_and_show_openai_ids_as_latest() {
-        let body = tags_body(&state(), SystemTime::UNIX_EPOCH);
+        let body = tags_body(&state(), &ModelCatalog::new(), SystemTime::UNIX_EPOCH);
         let names: Vec<&str> = body["models"]
             .as_array()
             .unwrap()
@@ -228,7 +297,7 @@ mod tests {
 
     #[test]
     fn ps_lists_loaded_models_of_healthy_endpoints() {
-        let body = ps_body(&state(), SystemTime::UNIX_EPOCH);
+        let body = ps_body(&state(), &ModelCatalog::new(), SystemTime::UNIX_EPOCH);
         let names: Vec<&str> = body["models"]
             .as_array()
             .unwrap()
@@ -236,6 +305,63 @@ mod tests {
             .map(|m| m["name"].as_str().unwrap())
             .collect();
         assert_eq!(names, ["qwen3:8b"]);
+    }
+
+    /// o1's own items: qwen3 with its metadata in both listings, an item
+    /// for a model it no longer advertises, and one that is not JSON.
+    fn catalog() -> ModelCatalog {
+        let tags = vec![
+            Arc::from(
+                r#"{"name":"qwen3:8b","model":"qwen3:8b","modified_at":"2025-05-10T08:06:48-07:00","size":5225388164,"digest":"d1","details":{"family":"qwen3","parameter_size":"8.2B","quantization_level":"Q4_K_M"},"capabilities":["completion","tools"]}"#,
+            ),
+            Arc::from(r#"{"name":"gone:1b","size":1}"#),
+            Arc::from("not json"),
+        ];
+        let ps = vec![Arc::from(
+            r#"{"model":"qwen3:8b","size":6000000000,"size_vram":5000000000,"digest":"d1","expires_at":"2026-11-27T16:00:00Z","context_length":8192}"#,
+        )];
+        let items = ModelItems { tags, ps };
+        vec![(Arc::from("http://o1:11434"), Arc::new(items))]
+    }
+
+    fn by_name<'a>(body: &'a Value, name: &str) -> &'a Value {
+        body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()
+    }
+
+    #[test]
+    fn listings_show_the_endpoints_own_items() {
+        let tags = tags_body(&state(), &catalog(), SystemTime::UNIX_EPOCH);
+        let names: Vec<&str> = tags["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        // Only advertised models of routable endpoints are listed.
+        assert_eq!(names, ["gpt-4o:latest", "llama3:latest", "qwen3:8b"]);
+        let qwen = by_name(&tags, "qwen3:8b");
+        assert_eq!(qwen["size"], 5_225_388_164_u64);
+        assert_eq!(qwen["digest"], "d1");
+        assert_eq!(qwen["modified_at"], "2025-05-10T08:06:48-07:00");
+        assert_eq!(qwen["details"]["parameter_size"], "8.2B");
+        assert_eq!(qwen["capabilities"][1], "tools");
+        assert_eq!(qwen["model"], "qwen3:8b");
+        // No own item: the placeholder.
+        assert_eq!(by_name(&tags, "llama3:latest")["size"], 0);
+        assert_eq!(by_name(&tags, "gpt-4o:latest")["digest"], "");
+
+        let ps = ps_body(&state(), &catalog(), SystemTime::UNIX_EPOCH);
+        let qwen = by_name(&ps, "qwen3:8b");
+        assert_eq!(qwen["size_vram"], 5_000_000_000_u64);
+        assert_eq!(qwen["expires_at"], "2026-11-27T16:00:00Z");
+        assert_eq!(qwen["context_length"], 8192);
+        // `name` is filled in when the backend sent only `model`.
+        assert_eq!(qwen["name"], "qwen3:8b");
     }
 
     #[test]

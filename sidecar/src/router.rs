@@ -27,6 +27,7 @@ mod embedded;
 mod follower;
 mod lease;
 mod ledger;
+mod model_items;
 mod remote;
 
 use std::{sync::Arc, time::Duration};
@@ -40,6 +41,7 @@ use switchyard_control_plane::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use lease::Lease;
+pub use model_items::ModelCatalog;
 
 use self::{embedded::EmbeddedRouter, remote::RemoteRouter};
 
@@ -206,6 +208,17 @@ impl Router {
         match &*self.mode {
             Mode::Embedded(e) => e.cluster_state(),
             Mode::Remote(r) => r.cluster_state(),
+        }
+    }
+
+    /// Each endpoint's own listing items, for the merged `/api/tags` and
+    /// `/api/ps` (embedded: the control plane's now; remote:
+    /// `ListModelItems`, at most every two seconds, the last answer while the
+    /// control plane is unreachable).
+    pub async fn model_items(&self) -> Arc<ModelCatalog> {
+        match &*self.mode {
+            Mode::Embedded(e) => e.model_items(),
+            Mode::Remote(r) => r.model_items().await,
         }
     }
 

@@ -46,6 +46,7 @@ fn probe(cp: &ControlPlane, ep: usize, advertised: &[&str], loaded: &[&str], now
         ProbeReport::Ok {
             advertised: strings(advertised),
             loaded: strings(loaded),
+            items: ModelItems::default(),
         },
         now,
     );

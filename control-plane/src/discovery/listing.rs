@@ -7,7 +7,10 @@
 //! normalization happens in the state, not here. Duplicates are dropped,
 //! first occurrence kept.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
+use serde_json::{Map, Value};
 
 /// A listing that does not have the expected shape. The message never quotes
 /// the body (it may be large or contain anything).
@@ -27,14 +30,16 @@ pub enum ListingError {
 #[derive(Deserialize)]
 struct OllamaList {
     /// `null` is what some builds send for an empty list.
-    models: Option<Vec<OllamaItem>>,
+    models: Option<Vec<Map<String, Value>>>,
 }
 
-#[derive(Deserialize)]
-struct OllamaItem {
-    name: Option<String>,
-    /// Older and newer builds both send `model` too; used if `name` is absent.
-    model: Option<String>,
+/// An Ollama listing: the model names and, for each, the item's JSON text.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OllamaListing {
+    /// Names, first occurrence kept.
+    pub names: Vec<String>,
+    /// The item of each name, in the same order, as JSON object text.
+    pub items: Vec<Arc<str>>,
 }
 
 #[derive(Deserialize)]
@@ -75,30 +80,39 @@ fn push_unique(names: &mut Vec<String>, name: String) {
     }
 }
 
-fn ollama_names(body: &[u8]) -> Result<Vec<String>, ListingError> {
+/// An Ollama `GET /api/tags` or `/api/ps` body: `models[].name` (or
+/// `model`, which older and newer builds both send) and each item's JSON.
+pub fn parse_ollama_listing(body: &[u8]) -> Result<OllamaListing, ListingError> {
     let list: OllamaList = serde_json::from_slice(body)?;
-    let mut names = Vec::new();
+    let mut listing = OllamaListing::default();
     for (i, item) in list.models.unwrap_or_default().into_iter().enumerate() {
-        let name = item
-            .name
-            .filter(|n| !n.is_empty())
-            .or(item.model.filter(|n| !n.is_empty()))
+        let text = |key: &str| {
+            item.get(key)
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+        };
+        let name = text("name")
+            .or_else(|| text("model"))
             .ok_or_else(|| ListingError::MissingName {
                 field: format!("models[{i}].name"),
-            })?;
-        push_unique(&mut names, name);
+            })?
+            .to_owned();
+        if !listing.names.contains(&name) {
+            listing.names.push(name);
+            listing.items.push(Value::Object(item).to_string().into());
+        }
     }
-    Ok(names)
+    Ok(listing)
 }
 
 /// Advertised models from Ollama `GET /api/tags` (`models[].name`).
 pub fn parse_ollama_tags(body: &[u8]) -> Result<Vec<String>, ListingError> {
-    ollama_names(body)
+    parse_ollama_listing(body).map(|l| l.names)
 }
 
 /// Loaded models from Ollama `GET /api/ps` (`models[].name`).
 pub fn parse_ollama_ps(body: &[u8]) -> Result<Vec<String>, ListingError> {
-    ollama_names(body)
+    parse_ollama_listing(body).map(|l| l.names)
 }
 
 fn openai_items(body: &[u8]) -> Result<Vec<(String, Option<LlamaStatus>)>, ListingError> {
@@ -160,6 +174,17 @@ mod tests {
         let ps = br#"{"models":[{"name":"qwen3:8b","model":"qwen3:8b","size":1,"digest":"d",
             "expires_at":"2025-05-10T08:06:48-07:00","size_vram":1,"context_length":4096}]}"#;
         assert_eq!(parse_ollama_ps(ps).unwrap(), ["qwen3:8b"]);
+        // Each name's item is kept whole, unknown fields included; the
+        // duplicate's item is not.
+        let listing = parse_ollama_listing(tags).unwrap();
+        assert_eq!(listing.items.len(), 2);
+        let first: Value = serde_json::from_str(&listing.items[0]).unwrap();
+        assert_eq!(first["size"], 5_225_388_164_u64);
+        assert_eq!(first["digest"], "abc");
+        assert_eq!(first["details"]["parameter_size"], "8.2B");
+        assert_eq!(first["capabilities"][0], "completion");
+        let second: Value = serde_json::from_str(&listing.items[1]).unwrap();
+        assert_eq!(second, serde_json::json!({"model": "llama3.2:latest"}));
         assert!(parse_ollama_ps(br#"{"models":[]}"#).unwrap().is_empty());
         assert!(parse_ollama_ps(br#"{"models":null}"#).unwrap().is_empty());
     }

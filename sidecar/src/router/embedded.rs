@@ -33,7 +33,7 @@ use switchyard_control_plane::{
 };
 
 use super::{
-    RouteError,
+    ModelCatalog, RouteError,
     lease::{Lease, ReleaseSink},
 };
 
@@ -118,6 +118,12 @@ impl EmbeddedRouter {
         self.sink.cp.state()
     }
 
+    pub(crate) fn model_items(&self) -> Arc<ModelCatalog> {
+        let cp = &self.sink.cp;
+        let urls = cp.config().endpoints.iter().map(|e| e.url.clone());
+        Arc::new(urls.zip(cp.model_items()).collect())
+    }
+
     pub(crate) fn local_in_flight(&self) -> usize {
         self.sink.in_flight.load(Ordering::Acquire)
     }
@@ -151,7 +157,11 @@ pub(crate) mod tests {
 
     use std::sync::Arc;
 
-    use switchyard_control_plane::{api::ProbeReport, config::Config, outcome::RequestKind};
+    use switchyard_control_plane::{
+        api::{ModelItems, ProbeReport},
+        config::Config,
+        outcome::RequestKind,
+    };
 
     use super::*;
     use crate::router::Router;
@@ -170,6 +180,7 @@ pub(crate) mod tests {
                 ProbeReport::Ok {
                     advertised: vec!["llama3:latest".into(), "qwen:7b".into()],
                     loaded: vec!["llama3:latest".into()],
+                    items: ModelItems::default(),
                 },
                 Instant::now(),
             );

@@ -71,6 +71,7 @@ use super::{
     follower::{Follower, Snapshot},
     lease::Lease,
     ledger::{self, Ledger, Registration, ReleaseJob, RouteSlot},
+    model_items::{ItemsCache, ModelCatalog},
 };
 
 /// Exponential backoff with ±20 % jitter, `min` doubling up to `max`.
@@ -162,6 +163,9 @@ struct Shared {
     /// Session, keep-alive, registration, `WatchUsage`, the release retry
     /// path and the unary fallback, on the caller's runtime.
     client: RoutingClient<Channel>,
+    /// The same connection, for `Cluster.ListModelItems`.
+    channel: Channel,
+    model_items: ItemsCache,
     /// One per server thread ([`ledger::current_lane`] picks).
     lanes: Box<[Lane]>,
     ledger: Arc<Ledger>,
@@ -212,7 +216,8 @@ impl RemoteRouter {
             .http2_keep_alive_interval(settings.http2_keepalive)
             .keep_alive_timeout(settings.http2_keepalive * 2)
             .keep_alive_while_idle(true);
-        let client = RoutingClient::new(endpoint.connect_lazy());
+        let channel = endpoint.connect_lazy();
+        let client = RoutingClient::new(channel.clone());
         let lanes: Box<[Lane]> = if lanes.is_empty() {
             Box::new([Lane::new(Handle::current(), client.clone())])
         } else {
@@ -236,6 +241,8 @@ impl RemoteRouter {
             affinity: AffinityMemory::new(settings.affinity_ttl, settings.affinity_max_entries),
             settings,
             client: client.clone(),
+            channel,
+            model_items: ItemsCache::default(),
             lanes,
             ledger: Arc::new(Ledger::new(queue, routes)),
             circuit: Arc::new(Circuit::default()),
@@ -311,6 +318,17 @@ impl RemoteRouter {
             .as_ref()
             .and_then(|s| s.snapshot.get())
             .unwrap_or_else(|| self.empty.clone())
+    }
+
+    pub(crate) async fn model_items(&self) -> Arc<ModelCatalog> {
+        let Some(shared) = &self.shared else {
+            return Arc::default();
+        };
+        let timeout = settings_rpc_timeout(&shared.settings);
+        shared
+            .model_items
+            .get(&shared.channel, shared.circuit.reachable(), timeout)
+            .await
     }
 
     pub(crate) fn uses_affinity_keys(&self) -> bool {

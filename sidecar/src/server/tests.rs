@@ -126,11 +126,17 @@ impl Fake {
     }
 }
 
+/// Ollama `/api/tags` items with the metadata a real server sends (the
+/// sidecar's listings must show it): size and digest derived from the name.
 async fn fake_tags(State(s): State<FakeState>) -> Json<Value> {
     let models: Vec<Value> = s
         .models
         .iter()
-        .map(|m| json!({"name": m, "model": m}))
+        .map(|m| {
+            json!({"name": m, "model": m, "size": m.len() * 1000, "digest": format!("digest-{m}"),
+                   "modified_at": "2025-05-10T08:06:48-07:00",
+                   "details": {"format": "gguf", "family": "fake", "parameter_size": "1B"}})
+        })
         .collect();
     Json(json!({ "models": models }))
 }
@@ -139,7 +145,11 @@ async fn fake_ps(State(s): State<FakeState>) -> Json<Value> {
     let models: Vec<Value> = s
         .models
         .iter()
-        .map(|m| json!({"name": m, "model": m}))
+        .map(|m| {
+            json!({"name": m, "model": m, "size": m.len() * 1000, "size_vram": m.len() * 500,
+                   "digest": format!("digest-{m}"), "expires_at": "2030-01-01T00:00:00Z",
+                   "context_length": 4096})
+        })
         .collect();
     Json(json!({ "models": models }))
 }
@@ -973,6 +983,50 @@ async fn wait_cp_no_leases(cp: &RunningControlPlane) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(cp.cp.state().leases, 0);
+}
+
+/// `/api/tags` and `/api/ps` items of `base`, by name.
+async fn listing_item(base: &str, path: &str, name: &str) -> Value {
+    let body: Value = client()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not in {path}: {body}"))
+}
+
+/// The Ollama backend's own size, digest, details and expiry show through
+/// the merged listings, standalone and remote alike.
+#[tokio::test]
+async fn listings_show_the_backends_own_items_standalone_and_remote() {
+    let (_fake, cp, remote) = remote_llama3("").await;
+    let yaml = endpoints_yaml(&[&_fake]);
+    let standalone = sidecar(&yaml).await;
+    wait_routable(&standalone, 1).await;
+    for sc in [&standalone, &remote] {
+        let base = format!("http://{}", sc.addr);
+        let tags = listing_item(&base, "/api/tags", "llama3:latest").await;
+        assert_eq!(tags["size"], 13_000, "{tags}");
+        assert_eq!(tags["digest"], "digest-llama3:latest", "{tags}");
+        assert_eq!(tags["modified_at"], "2025-05-10T08:06:48-07:00");
+        assert_eq!(tags["details"]["parameter_size"], "1B");
+        let ps = listing_item(&base, "/api/ps", "llama3:latest").await;
+        assert_eq!(ps["size_vram"], 6_500, "{ps}");
+        assert_eq!(ps["expires_at"], "2030-01-01T00:00:00Z");
+        assert_eq!(ps["context_length"], 4096);
+    }
+    standalone.shutdown().await;
+    remote.shutdown().await;
+    cp.shutdown().await.unwrap();
 }
 
 #[tokio::test]

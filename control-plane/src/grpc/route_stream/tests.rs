@@ -11,7 +11,12 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::*;
-use crate::{api::ProbeReport, config::Config, control_plane::ControlPlane, server};
+use crate::{
+    api::{ModelItems, ProbeReport},
+    config::Config,
+    control_plane::ControlPlane,
+    server,
+};
 
 const BACKEND: &str = "http://a:11434";
 
@@ -32,6 +37,7 @@ async fn served() -> Served {
         ProbeReport::Ok {
             advertised: vec!["m:latest".to_owned()],
             loaded: vec!["m:latest".to_owned()],
+            items: ModelItems::default(),
         },
         Instant::now(),
     );
