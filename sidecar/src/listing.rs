@@ -36,7 +36,11 @@ use switchyard_control_plane::{
     model_name::canonical_request_name,
 };
 
-use crate::{router::ModelCatalog, server::AppState, translate::listing};
+use crate::{
+    router::ModelCatalog,
+    server::AppState,
+    translate::{listing, timestamp},
+};
 
 /// The version `/api/version` reports. Clients (ollama-python, Open WebUI,
 /// editors) gate features such as `think`, structured outputs and tool
@@ -115,7 +119,8 @@ pub fn tags_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) 
 }
 
 /// `/api/ps` body for a cluster state; `catalog` supplies the endpoints'
-/// own items.
+/// own items. Sorted as Ollama sorts it: latest `expires_at` first (then by
+/// name).
 pub fn ps_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) -> Value {
     let mut items: BTreeMap<String, Value> = BTreeMap::new();
     for endpoint in routable(state) {
@@ -132,7 +137,15 @@ pub fn ps_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) ->
             items.insert(name, item);
         }
     }
-    json!({ "models": items.into_values().collect::<Vec<_>>() })
+    let mut items: Vec<Value> = items.into_values().collect();
+    items.sort_by_key(|item| {
+        std::cmp::Reverse(
+            item["expires_at"]
+                .as_str()
+                .and_then(timestamp::parse_rfc3339_unix),
+        )
+    });
+    json!({ "models": items })
 }
 
 /// `/v1/models` body for a cluster state.
@@ -362,6 +375,35 @@ mod tests {
         assert_eq!(qwen["context_length"], 8192);
         // `name` is filled in when the backend sent only `model`.
         assert_eq!(qwen["name"], "qwen3:8b");
+    }
+
+    #[test]
+    fn ps_lists_the_latest_expiry_first() {
+        let state = ClusterState {
+            endpoints: vec![endpoint(
+                "http://o1:11434",
+                EndpointKind::Ollama,
+                true,
+                &["a:1b", "b:1b", "c:1b"],
+                &["a:1b", "b:1b", "c:1b"],
+            )],
+            ..ClusterState::default()
+        };
+        let ps = vec![
+            Arc::from(r#"{"name":"a:1b","expires_at":"2026-01-01T00:00:00Z"}"#),
+            Arc::from(r#"{"name":"b:1b","expires_at":"2027-01-01T00:00:00+02:00"}"#),
+            Arc::from(r#"{"name":"c:1b","expires_at":"garbage"}"#),
+        ];
+        let items = ModelItems { tags: vec![], ps };
+        let catalog = vec![(Arc::from("http://o1:11434"), Arc::new(items))];
+        let body = ps_body(&state, &catalog, SystemTime::UNIX_EPOCH);
+        let names: Vec<&str> = body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["b:1b", "a:1b", "c:1b"]);
     }
 
     #[test]
