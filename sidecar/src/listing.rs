@@ -148,13 +148,22 @@ pub fn ps_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) ->
     json!({ "models": items })
 }
 
-/// `/v1/models` body for a cluster state.
-pub fn openai_models_body(state: &ClusterState) -> Value {
+/// `/v1/models` body for a cluster state; an Ollama endpoint's own item
+/// gives `created` (its `modified_at`), as Ollama's own `/v1/models` does.
+pub fn openai_models_body(state: &ClusterState, catalog: &ModelCatalog) -> Value {
     let mut items: BTreeMap<String, Value> = BTreeMap::new();
     for endpoint in routable(state) {
+        let mut own = own_items(catalog, &endpoint.url, Listing::Tags);
         for model in &endpoint.advertised_models {
-            if let Some(item) = listing::openai_model_from_tag(&json!({ "name": &**model })) {
-                items.entry(model.to_string()).or_insert(item);
+            if items.contains_key(&**model) {
+                continue;
+            }
+            let tag = match own.remove(&**model) {
+                Some(item) => named(item, model),
+                None => json!({ "name": &**model }),
+            };
+            if let Some(item) = listing::openai_model_from_tag(&tag) {
+                items.insert(model.to_string(), item);
             }
         }
     }
@@ -220,7 +229,9 @@ pub(crate) async fn ps(State(state): State<AppState>) -> Json<Value> {
 
 /// `GET /v1/models`.
 pub(crate) async fn openai_models(State(state): State<AppState>) -> Json<Value> {
-    Json(openai_models_body(&state.router().cluster_state()))
+    let router = state.router();
+    let catalog = router.model_items().await;
+    Json(openai_models_body(&router.cluster_state(), &catalog))
 }
 
 #[cfg(test)]
@@ -408,7 +419,7 @@ mod tests {
 
     #[test]
     fn openai_models_list_shape() {
-        let body = openai_models_body(&state());
+        let body = openai_models_body(&state(), &catalog());
         assert_eq!(body["object"], "list");
         let ids: Vec<&str> = body["data"]
             .as_array()
@@ -418,6 +429,10 @@ mod tests {
             .collect();
         assert_eq!(ids, ["gpt-4o", "llama3:latest", "qwen3:8b"]);
         assert_eq!(body["data"][0]["object"], "model");
+        // `created` is the Ollama item's `modified_at` (2025-05-10T15:06:48Z);
+        // 0 without one.
+        assert_eq!(body["data"][2]["created"], 1_746_889_608);
+        assert_eq!(body["data"][1]["created"], 0);
     }
 
     #[test]
