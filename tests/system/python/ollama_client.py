@@ -5,6 +5,8 @@ Environment:
   EXPECT_TEXT        the full reply text the fake backend produces
   EXPECT_EMBEDDINGS  JSON list of the vectors expected for EMBED_INPUTS, in order
   EMBED_INPUTS       JSON list of strings to embed
+  EXPECT_BACKEND_ITEMS  set when the backend is Ollama: list must show its
+                     own size, digest and details for CHAT_MODEL
 
 Checks chat (streamed and not; the stream ends with done=True), generate
 (both), embed with a list input (every vector, in order), list (tags) and
@@ -69,9 +71,16 @@ def main():
         for a, b in zip(got, expect_vecs))
     check(same, f"embed: vectors differ from the expected ones in order: {got}")
 
-    names = [m.model for m in client.list().models]
+    listed = client.list().models
+    names = [m.model for m in listed]
     check(any(n.split(":")[0] == chat_model.split(":")[0] for n in names),
           f"list: {chat_model} not in {names}")
+    if os.environ.get("EXPECT_BACKEND_ITEMS"):
+        item = next((m for m in listed
+                     if m.model.split(":")[0] == chat_model.split(":")[0]), None)
+        check(item is not None and (item.size or 0) > 0 and bool(item.digest)
+              and item.details is not None and bool(item.details.quantization_level),
+              f"list items: the backend's own size, digest and details, got {item!r}")
 
     s = client.show(chat_model)
     check(s is not None and (s.details is not None or s.modelinfo is not None),

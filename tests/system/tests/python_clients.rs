@@ -28,8 +28,14 @@ fn env_for(dims: usize) -> Vec<(&'static str, String)> {
 }
 
 async fn run(script: &str, base: &str, model: &str, dims: usize) {
+    run_with(script, base, model, dims, &[]).await;
+}
+
+/// [`run`] with more environment for the script.
+async fn run_with(script: &str, base: &str, model: &str, dims: usize, extra: &[(&str, &str)]) {
     let env = env_for(dims);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.extend_from_slice(extra);
     let out = run_script_ok(script, &[base, model, model], &env).await;
     assert!(out.stdout.contains("checks passed"), "{}", out.stdout);
 }
@@ -37,11 +43,12 @@ async fn run(script: &str, base: &str, model: &str, dims: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_pass_against_the_fakes_directly() {
     let ollama = FakeBackend::start(ollama_fake(&["m:latest"])).await;
-    run(
+    run_with(
         "ollama_client.py",
         &ollama.url(),
         "m",
         ollama.embedding_dims(),
+        &[("EXPECT_BACKEND_ITEMS", "1")],
     )
     .await;
     run(
@@ -91,11 +98,14 @@ async fn ollama_client_through_a_sidecar_to_an_ollama_backend() {
         .backend(ollama_fake(&["m:latest"]))
         .start()
         .await;
-    run(
+    // The listing shows the backend's own items (through the control
+    // plane's `ListModelItems`).
+    run_with(
         "ollama_client.py",
         &c.url(0),
         "m",
         c.backend(0).embedding_dims(),
+        &[("EXPECT_BACKEND_ITEMS", "1")],
     )
     .await;
     c.wait_usage(0).await;
