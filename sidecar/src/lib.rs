@@ -14,7 +14,7 @@
 //!   choose → forward → stream → release); [`errors`]: every error's status
 //!   and body in the client's format.
 //! - [`auth`]: router key; [`affinity_key`]: conversation keys;
-//!   [`listing`]: `/api/tags`, `/api/ps`, `/v1/models`, `/health`;
+//!   [`listing`]: `/api/tags`, `/api/ps`, `/v1/models` (and one model), `/health`;
 //!   [`metrics`]: `/metrics`.
 //! - [`router`]: the routing handle (`Router`, `Lease`) over the control
 //!   plane; [`translate`] and [`framing`]: Ollama ⇄ OpenAI translation and

@@ -1,6 +1,7 @@
 //! Listings and liveness, answered from the router's latest cluster state
 //! (never by fanning out to backends per request): `GET /api/tags`,
-//! `/api/ps`, `/v1/models`, `/api/version`, `/` and `/health`.
+//! `/api/ps`, `/v1/models`, `/v1/models/{id}`, `/api/version`, `/` and
+//! `/health`.
 //!
 //! Invariants:
 //! - Only endpoints that are healthy and not draining contribute models:
@@ -26,7 +27,7 @@ use std::{
 
 use axum::{
     Json,
-    extract::State,
+    extract::{Path, State},
     response::{IntoResponse, Response},
 };
 use http::StatusCode;
@@ -37,7 +38,9 @@ use switchyard_control_plane::{
 };
 
 use crate::{
+    errors::ProxyError,
     router::ModelCatalog,
+    routes::ApiFormat,
     server::AppState,
     translate::{listing, timestamp},
 };
@@ -170,6 +173,25 @@ pub fn openai_models_body(state: &ClusterState, catalog: &ModelCatalog) -> Value
     json!({ "object": "list", "data": items.into_values().collect::<Vec<_>>() })
 }
 
+/// The `/v1/models` item for `model` in `models` (a [`openai_models_body`]):
+/// the same id, or the same model by name (`llama3` is `llama3:latest`).
+/// `Err` carries the ids there are.
+pub fn openai_model_in(models: &Value, model: &str) -> Result<Value, Vec<String>> {
+    let items = models["data"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let id = |m: &Value| m["id"].as_str().unwrap_or_default().to_owned();
+    let wanted = canonical_request_name(model);
+    items
+        .iter()
+        .find(|m| m["id"] == model)
+        .or_else(|| {
+            items
+                .iter()
+                .find(|m| canonical_request_name(&id(m)) == wanted)
+        })
+        .cloned()
+        .ok_or_else(|| items.iter().map(id).collect())
+}
+
 /// `/health` status and body for a cluster state.
 pub fn health(state: &ClusterState, control_plane_connected: bool) -> (StatusCode, Value) {
     let healthy = state.endpoints.iter().filter(|e| e.healthy).count();
@@ -232,6 +254,23 @@ pub(crate) async fn openai_models(State(state): State<AppState>) -> Json<Value> 
     let router = state.router();
     let catalog = router.model_items().await;
     Json(openai_models_body(&router.cluster_state(), &catalog))
+}
+
+/// `GET /v1/models/{model}` (OpenAI "retrieve model"): the `/v1/models`
+/// item, or 404 `model_not_found` in OpenAI's format.
+pub(crate) async fn openai_model(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Response {
+    let router = state.router();
+    let catalog = router.model_items().await;
+    let models = openai_models_body(&router.cluster_state(), &catalog);
+    match openai_model_in(&models, &model) {
+        Ok(item) => Json(item).into_response(),
+        Err(available) => {
+            ProxyError::ModelNotFound { model, available }.into_response_for(ApiFormat::OpenAi)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -433,6 +472,23 @@ mod tests {
         // 0 without one.
         assert_eq!(body["data"][2]["created"], 1_746_889_608);
         assert_eq!(body["data"][1]["created"], 0);
+    }
+
+    #[test]
+    fn one_openai_model_by_id_or_by_name() {
+        let models = openai_models_body(&state(), &catalog());
+        assert_eq!(
+            openai_model_in(&models, "qwen3:8b").unwrap()["id"],
+            "qwen3:8b"
+        );
+        // An untagged name is the `latest` tag.
+        assert_eq!(
+            openai_model_in(&models, "llama3").unwrap()["id"],
+            "llama3:latest"
+        );
+        assert_eq!(openai_model_in(&models, "gpt-4o").unwrap()["id"], "gpt-4o");
+        let available = openai_model_in(&models, "nope").unwrap_err();
+        assert_eq!(available, ["gpt-4o", "llama3:latest", "qwen3:8b"]);
     }
 
     #[test]

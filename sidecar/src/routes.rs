@@ -184,6 +184,7 @@ pub(crate) fn app(state: AppState) -> Router {
         .route("/api/tags", get(listing::tags))
         .route("/api/ps", get(listing::ps))
         .route("/v1/models", get(listing::openai_models))
+        .route("/v1/models/{*model}", get(listing::openai_model))
         .route("/metrics", get(metrics::handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

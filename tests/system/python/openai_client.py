@@ -6,6 +6,8 @@ Environment:
   EXPECT_EMBEDDINGS  JSON list of the vectors expected for EMBED_INPUTS, in order
   EMBED_INPUTS       JSON list of strings to embed
   API_KEY            key to send (default "unused")
+  EXPECT_RETRIEVE    set when BASE_URL is a sidecar: models.retrieve is
+                     checked too (the fakes do not serve /v1/models/{id})
 
 Checks chat (non-stream and stream, the final chunk carries finish_reason),
 completions, embeddings with a list input (every vector, in order) and the
@@ -77,6 +79,16 @@ def main():
     ids = [m.id for m in client.models.list()]
     check(any(i.split(":")[0] == chat_model.split(":")[0] for i in ids),
           f"models: {chat_model} not in {ids}")
+
+    if os.environ.get("EXPECT_RETRIEVE"):
+        got = client.models.retrieve(chat_model)
+        check(got.id.split(":")[0] == chat_model.split(":")[0] and got.object == "model",
+              f"models.retrieve: {got!r}")
+        try:
+            client.models.retrieve("no-such-model")
+            check(False, "models.retrieve unknown: no error raised")
+        except openai.NotFoundError as err:
+            check("no-such-model" in str(err), f"models.retrieve unknown: message {err}")
 
     # Unknown model: the SDK raises NotFoundError (404) with a message.
     try:

@@ -75,18 +75,22 @@ async fn openai_client_through_a_sidecar() {
         .backend(openai_fake(&["gpt-x"]))
         .start()
         .await;
-    run(
+    // Through a sidecar `models.retrieve` works too (`/v1/models/{id}`).
+    let retrieve = [("EXPECT_RETRIEVE", "1")];
+    run_with(
         "openai_client.py",
         &c.url(0),
         "gpt-x",
         c.backend(1).embedding_dims(),
+        &retrieve,
     )
     .await;
-    run(
+    run_with(
         "openai_client.py",
         &c.url(0),
         "m",
         c.backend(0).embedding_dims(),
+        &retrieve,
     )
     .await;
     c.wait_usage(0).await;
