@@ -206,6 +206,8 @@ pub struct RawConfig {
     pub shutdown_grace: Option<RawDuration>,
     /// Sidecar: threads serving client connections (0 = one per core).
     pub server_threads: Option<usize>,
+    /// Sidecar: browser origins allowed besides Ollama's defaults.
+    pub allowed_origins: Option<Vec<String>>,
     /// Sidecar: timeouts by endpoint kind (`ollama`, `openai`, `llama_server`).
     #[serde(default)]
     pub timeouts: BTreeMap<String, RawTimeouts>,
@@ -291,6 +293,10 @@ pub struct SidecarConfig {
     /// Threads serving client connections, each with its own runtime,
     /// backend connection pools and `Route` stream; 0 = one per core.
     pub server_threads: usize,
+    /// Browser origins (CORS) allowed: Ollama's defaults
+    /// ([`defaults::ALLOWED_ORIGINS`]) plus `allowed_origins`; `*` in a
+    /// pattern matches any text, and `*` alone any origin.
+    pub allowed_origins: Vec<String>,
     /// Timeouts for Ollama endpoints.
     pub ollama_timeouts: Timeouts,
     /// Timeouts for OpenAI-compatible endpoints.
@@ -375,6 +381,27 @@ pub mod defaults {
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     /// Sidecar server threads.
     pub const SERVER_THREADS: usize = 1;
+    /// Browser origins allowed without configuration: Ollama's defaults
+    /// (local pages on any port, desktop and editor web views).
+    pub const ALLOWED_ORIGINS: [&str; 17] = [
+        "http://localhost",
+        "https://localhost",
+        "http://localhost:*",
+        "https://localhost:*",
+        "http://127.0.0.1",
+        "https://127.0.0.1",
+        "http://127.0.0.1:*",
+        "https://127.0.0.1:*",
+        "http://0.0.0.0",
+        "https://0.0.0.0",
+        "http://0.0.0.0:*",
+        "https://0.0.0.0:*",
+        "app://*",
+        "file://*",
+        "tauri://*",
+        "vscode-webview://*",
+        "vscode-file://*",
+    ];
     /// Connect timeout.
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
     /// First-byte timeout (covers model loading).
@@ -729,6 +756,28 @@ impl Config {
                 Some(n) => n,
                 None => defaults::SERVER_THREADS,
             },
+            allowed_origins: {
+                let mut origins: Vec<String> = defaults::ALLOWED_ORIGINS
+                    .iter()
+                    .map(|o| (*o).to_owned())
+                    .collect();
+                for (i, origin) in raw
+                    .allowed_origins
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                {
+                    if origin.is_empty() || origin.chars().any(char::is_whitespace) {
+                        return Err(invalid(
+                            format!("allowed_origins[{i}]"),
+                            format!("{origin:?}"),
+                            "must be an origin such as https://chat.example.com (`*` matches any text)",
+                        ));
+                    }
+                    origins.push(origin);
+                }
+                origins
+            },
             ollama_timeouts: timeouts_for(EndpointKind::Ollama),
             openai_timeouts: timeouts_for(EndpointKind::OpenAi),
             llama_server_timeouts: timeouts_for(EndpointKind::LlamaServer),
@@ -879,6 +928,28 @@ endpoint_config:
         assert_eq!(c.probe.interval, Duration::from_millis(250));
         let err = error("session_ttl: 2s\nkeepalive_interval: 2s\n");
         assert!(err.contains("keepalive_interval"), "{err}");
+    }
+
+    #[test]
+    fn allowed_origins_add_to_ollamas_defaults() {
+        let origins = |extra: &str| {
+            Config::from_yaml(&format!("endpoints: [\"http://a:1\"]\n{extra}"), &|_| None)
+                .unwrap()
+                .sidecar
+                .allowed_origins
+        };
+        let default = origins("");
+        assert_eq!(default.len(), defaults::ALLOWED_ORIGINS.len());
+        assert!(default.iter().any(|o| o == "http://localhost:*"));
+        let more =
+            origins("allowed_origins: [\"https://chat.example.com\", \"chrome-extension://*\"]\n");
+        assert_eq!(more.len(), defaults::ALLOWED_ORIGINS.len() + 2);
+        assert_eq!(more.last().unwrap(), "chrome-extension://*");
+        let err = error("allowed_origins: [\"ok://x\", \"bad one\"]\n");
+        assert!(
+            err.contains("allowed_origins[1]") && err.contains("bad one"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -159,6 +159,12 @@ pub enum ProxyError {
     /// The route exists with another method.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A browser request from an origin `allowed_origins` does not list.
+    #[error("origin '{origin}' is not allowed (add it to allowed_origins)")]
+    OriginNotAllowed {
+        /// The request's `Origin` header.
+        origin: String,
+    },
     /// A bug: a panic in a handler, an impossible state.
     #[error("internal error: {0}")]
     Internal(String),
@@ -211,6 +217,7 @@ impl ProxyError {
             | Self::InvalidField { .. } => StatusCode::BAD_REQUEST,
             Self::ModelNotFound { .. } | Self::UnknownRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::OriginNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::NoEndpointAvailable { .. }
             | Self::NoClusterState
             | Self::ControlPlane(_)
@@ -263,6 +270,7 @@ impl ProxyError {
             | Self::ShuttingDown
             | Self::UnknownRoute
             | Self::MethodNotAllowed
+            | Self::OriginNotAllowed { .. }
             | Self::Internal(_) => (openai_error_type(self.status()), None, None),
         }
     }

@@ -37,6 +37,7 @@
 pub mod affinity_key;
 pub mod auth;
 pub mod cli;
+pub mod cors;
 pub mod errors;
 pub mod framing;
 pub mod listing;

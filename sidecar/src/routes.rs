@@ -8,6 +8,9 @@
 //! - Authentication wraps every route except the liveness routes `GET /`
 //!   and `GET /health` (see [`crate::auth`]).
 //! - `GET /metrics` is served on the same listener as the APIs.
+//! - Browser requests (`Origin` header) pass [`crate::cors`] first, on every
+//!   path: preflights are answered there, refused origins get 403, and
+//!   allowed ones get `Access-Control-Allow-Origin` on their answer.
 //! - `Entry` is what the server runs: inference POSTs without a query
 //!   string go straight to the key check and `proxy::handle` (the same
 //!   check and handler the router below would reach, without its per-request
@@ -33,7 +36,7 @@ use http::Method;
 use switchyard_control_plane::outcome::RequestKind;
 use tower_service::Service;
 
-use crate::{auth, errors::ProxyError, listing, metrics, proxy, server::AppState};
+use crate::{auth, cors, errors::ProxyError, listing, metrics, proxy, server::AppState};
 
 /// The API family a client speaks; decides the shape of every error it gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -222,6 +225,24 @@ impl Service<Request> for Entry {
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
+        match cors::admit(self.state.allowed_origins(), &req) {
+            cors::Admission::Plain => self.serve(req),
+            cors::Admission::Answered(response) => Box::pin(async move { Ok(response) }),
+            cors::Admission::Allowed(origin) => {
+                let served = self.serve(req);
+                Box::pin(async move {
+                    let mut response = served.await?;
+                    cors::decorate(&mut response, origin);
+                    Ok(response)
+                })
+            }
+        }
+    }
+}
+
+impl Entry {
+    /// Serves one request: the fast path or the router.
+    fn serve(&mut self, req: Request) -> <Self as Service<Request>>::Future {
         // A query string may carry `api_key` (stripped by the middleware):
         // the router path handles those.
         let fast = if req.method() == Method::POST && req.uri().query().is_none() {

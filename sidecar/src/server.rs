@@ -154,6 +154,11 @@ impl AppState {
         self.shared.config.sidecar.max_attempts
     }
 
+    /// Browser origins allowed (CORS).
+    pub(crate) fn allowed_origins(&self) -> &[String] {
+        &self.shared.config.sidecar.allowed_origins
+    }
+
     /// Largest request body.
     pub(crate) fn max_body_bytes(&self) -> usize {
         self.shared.config.sidecar.max_body_bytes

@@ -898,6 +898,131 @@ async fn ollama_chat_is_translated_for_llama_server() {
     sc.shutdown().await;
 }
 
+/// Browsers get Ollama's CORS behaviour: allowed origins (defaults plus
+/// `allowed_origins`) are served with `Access-Control-Allow-Origin`,
+/// preflights are answered without the router key, other origins get 403
+/// in the client's format, and requests without `Origin` are unchanged.
+#[tokio::test]
+async fn browser_origins_get_ollamas_cors_behaviour() {
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = format!(
+        "{}router_api_key: sekret\nallowed_origins: [\"chrome-extension://*\"]\n",
+        endpoints_yaml(&[&fake])
+    );
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 1).await;
+    let base = format!("http://{}", sc.addr);
+    let chat =
+        json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false});
+
+    // Preflight: answered before the key check.
+    let r = client()
+        .request(reqwest::Method::OPTIONS, format!("{base}/api/chat"))
+        .header("origin", "http://localhost:3000")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "http://localhost:3000");
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "authorization, content-type"
+    );
+
+    // The request itself, on the fast path and through the router.
+    for (origin, path) in [
+        ("app://obsidian.md", "/api/chat"),
+        ("chrome-extension://abcdef", "/api/chat"),
+        ("http://127.0.0.1:8080", "/api/tags"),
+    ] {
+        let req = if path == "/api/chat" {
+            client().post(format!("{base}{path}")).json(&chat)
+        } else {
+            client().get(format!("{base}{path}"))
+        };
+        let r = req
+            .header("origin", origin)
+            .bearer_auth("sekret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{origin} {path}");
+        assert_eq!(r.headers()["access-control-allow-origin"], origin);
+        assert_eq!(r.headers()["vary"], "Origin");
+        r.bytes().await.unwrap();
+    }
+
+    // Another origin: 403 in each API's format, the backend never asked.
+    let before = fake.inference_count();
+    let r = client()
+        .post(format!("{base}/api/chat"))
+        .header("origin", "https://evil.example")
+        .bearer_auth("sekret")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("https://evil.example"),
+        "{v}"
+    );
+    let r = client()
+        .get(format!("{base}/v1/models"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allowed_origins"),
+        "{v}"
+    );
+    assert_eq!(fake.inference_count(), before);
+
+    // No Origin: no CORS headers; the key is still required.
+    let r = client()
+        .post(format!("{base}/api/chat"))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .post(format!("{base}/api/chat"))
+        .bearer_auth("sekret")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    r.bytes().await.unwrap();
+    wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
 #[tokio::test]
 async fn health_is_503_when_every_backend_is_down() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
