@@ -29,6 +29,9 @@ pub(crate) const MAX_AGE: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub(crate) struct ItemsCache {
     last: Mutex<Option<(Instant, Arc<ModelCatalog>)>>,
+    /// One refresh at a time: listings that find the answer stale while
+    /// another is asking wait for that answer instead of asking too.
+    refresh: tokio::sync::Mutex<()>,
 }
 
 impl ItemsCache {
@@ -42,15 +45,18 @@ impl ItemsCache {
         reachable: bool,
         timeout: Duration,
     ) -> Arc<ModelCatalog> {
-        let cached = self.last.lock().clone();
-        if let Some((at, catalog)) = &cached
-            && (at.elapsed() < MAX_AGE || !reachable)
-        {
-            return catalog.clone();
+        if let Some(catalog) = self.usable(reachable) {
+            return catalog;
         }
         if !reachable {
             return Arc::default();
         }
+        let _turn = self.refresh.lock().await;
+        // Refreshed by the listing that held the turn before this one?
+        if let Some(catalog) = self.usable(reachable) {
+            return catalog;
+        }
+        let cached = self.last.lock().clone();
         let mut client = ClusterClient::new(channel.clone());
         let mut request = tonic::Request::new(v1::ListModelItemsRequest {});
         request.set_timeout(timeout);
@@ -68,6 +74,14 @@ impl ItemsCache {
         *self.last.lock() = Some((Instant::now(), catalog.clone()));
         catalog
     }
+
+    /// The cached catalog if it is fresh, or if the control plane is
+    /// unreachable (then nothing better can be had).
+    fn usable(&self, reachable: bool) -> Option<Arc<ModelCatalog>> {
+        let last = self.last.lock();
+        let (at, catalog) = last.as_ref()?;
+        (at.elapsed() < MAX_AGE || !reachable).then(|| catalog.clone())
+    }
 }
 
 /// A `ListModelItemsResponse` as a catalog.
@@ -83,4 +97,118 @@ pub(crate) fn catalog_from_proto(answer: v1::ListModelItemsResponse) -> ModelCat
             (Arc::from(e.url), Arc::new(items))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use switchyard_proto::v1::cluster_server::{Cluster, ClusterServer};
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// A control plane that only answers `ListModelItems`, slowly, and
+    /// counts the calls.
+    #[derive(Clone, Default)]
+    struct Counting {
+        calls: Arc<AtomicUsize>,
+    }
+
+    fn unused<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    #[tonic::async_trait]
+    impl Cluster for Counting {
+        async fn get_state(
+            &self,
+            _: Request<v1::GetStateRequest>,
+        ) -> Result<Response<v1::ClusterState>, Status> {
+            unused()
+        }
+        async fn list_sessions(
+            &self,
+            _: Request<v1::ListSessionsRequest>,
+        ) -> Result<Response<v1::ListSessionsResponse>, Status> {
+            unused()
+        }
+        async fn list_affinity(
+            &self,
+            _: Request<v1::ListAffinityRequest>,
+        ) -> Result<Response<v1::ListAffinityResponse>, Status> {
+            unused()
+        }
+        async fn drain(
+            &self,
+            _: Request<v1::DrainRequest>,
+        ) -> Result<Response<v1::DrainResponse>, Status> {
+            unused()
+        }
+        async fn undrain(
+            &self,
+            _: Request<v1::DrainRequest>,
+        ) -> Result<Response<v1::DrainResponse>, Status> {
+            unused()
+        }
+        async fn list_model_items(
+            &self,
+            _: Request<v1::ListModelItemsRequest>,
+        ) -> Result<Response<v1::ListModelItemsResponse>, Status> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(Response::new(v1::ListModelItemsResponse {
+                endpoints: vec![v1::EndpointModelItems {
+                    url: "http://o:1".into(),
+                    tags: vec![format!(r#"{{"name":"m","call":{n}}}"#)],
+                    ps: vec![],
+                }],
+            }))
+        }
+    }
+
+    async fn serve(fake: Counting) -> Channel {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ClusterServer::new(fake))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect_lazy()
+    }
+
+    #[tokio::test]
+    async fn concurrent_listings_share_one_call_and_the_answer_is_kept() {
+        let fake = Counting::default();
+        let channel = serve(fake.clone()).await;
+        let cache = Arc::new(ItemsCache::default());
+        let timeout = Duration::from_secs(5);
+        let listings: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, channel) = (cache.clone(), channel.clone());
+                tokio::spawn(async move { cache.get(&channel, true, timeout).await })
+            })
+            .collect();
+        for listing in listings {
+            let catalog = listing.await.unwrap();
+            assert_eq!(&*catalog[0].0, "http://o:1");
+            assert_eq!(&*catalog[0].1.tags[0], r#"{"name":"m","call":0}"#);
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+        // Fresh: no call. Unreachable: the last answer, no call.
+        cache.get(&channel, true, timeout).await;
+        let kept = cache.get(&channel, false, timeout).await;
+        assert_eq!(kept.len(), 1);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+        // Nothing cached and unreachable: names only, no call.
+        let empty = ItemsCache::default().get(&channel, false, timeout).await;
+        assert!(empty.is_empty());
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
 }
