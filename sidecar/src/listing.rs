@@ -100,48 +100,74 @@ fn named(mut item: Value, name: &str) -> Value {
     item
 }
 
+/// One listing merged over the routable endpoints, in configuration order:
+/// each model of the endpoints' `which` list once, under `key(model)` (the
+/// first endpoint to list it wins), made by `item` from the endpoint, the
+/// model as the endpoint names it, its key, and the endpoint's own item for
+/// it if the catalog has one (`None` from `item` leaves the key to a later
+/// endpoint). Sorted by key.
+fn merged(
+    state: &ClusterState,
+    catalog: &ModelCatalog,
+    which: Listing,
+    key: impl Fn(&str) -> String,
+    item: impl Fn(&EndpointState, &str, &str, Option<Value>) -> Option<Value>,
+) -> Vec<Value> {
+    let mut items: BTreeMap<String, Value> = BTreeMap::new();
+    for endpoint in routable(state) {
+        let mut own = own_items(catalog, &endpoint.url, which);
+        let models = match which {
+            Listing::Tags => &endpoint.advertised_models,
+            Listing::Ps => &endpoint.loaded_models,
+        };
+        for model in models {
+            let key = key(model);
+            if items.contains_key(&key) {
+                continue;
+            }
+            if let Some(made) = item(endpoint, model, &key, own.remove(&**model)) {
+                items.insert(key, made);
+            }
+        }
+    }
+    items.into_values().collect()
+}
+
 /// `/api/tags` body for a cluster state; `catalog` supplies the endpoints'
 /// own items.
 pub fn tags_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) -> Value {
-    let mut items: BTreeMap<String, Value> = BTreeMap::new();
-    for endpoint in routable(state) {
-        let mut own = own_items(catalog, &endpoint.url, Listing::Tags);
-        for model in &endpoint.advertised_models {
-            let name = canonical_request_name(model);
-            if items.contains_key(&name) {
-                continue;
-            }
-            let item = match own.remove(&**model) {
-                Some(item) => named(item, &name),
+    let items = merged(
+        state,
+        catalog,
+        Listing::Tags,
+        canonical_request_name,
+        |endpoint, model, name, own| {
+            Some(match own {
+                Some(item) => named(item, name),
                 None => listing::tags_item(model, endpoint.kind, now),
-            };
-            items.insert(name, item);
-        }
-    }
-    json!({ "models": items.into_values().collect::<Vec<_>>() })
+            })
+        },
+    );
+    json!({ "models": items })
 }
 
 /// `/api/ps` body for a cluster state; `catalog` supplies the endpoints'
 /// own items. Sorted as Ollama sorts it: latest `expires_at` first (then by
 /// name).
 pub fn ps_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) -> Value {
-    let mut items: BTreeMap<String, Value> = BTreeMap::new();
-    for endpoint in routable(state) {
-        let mut own = own_items(catalog, &endpoint.url, Listing::Ps);
-        for model in &endpoint.loaded_models {
-            let name = canonical_request_name(model);
-            if items.contains_key(&name) {
-                continue;
-            }
-            let item = match own.remove(&**model) {
-                Some(item) => named(item, &name),
+    let mut items = merged(
+        state,
+        catalog,
+        Listing::Ps,
+        canonical_request_name,
+        |endpoint, model, name, own| {
+            Some(match own {
+                Some(item) => named(item, name),
                 None => listing::ps_item(model, endpoint.kind, now + PS_EXPIRES_IN, None),
-            };
-            items.insert(name, item);
-        }
-    }
-    let mut items: Vec<Value> = items.into_values().collect();
-    items.sort_by_key(|item| {
+            })
+        },
+    );
+    items.sort_by_cached_key(|item| {
         std::cmp::Reverse(
             item["expires_at"]
                 .as_str()
@@ -154,23 +180,20 @@ pub fn ps_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) ->
 /// `/v1/models` body for a cluster state; an Ollama endpoint's own item
 /// gives `created` (its `modified_at`), as Ollama's own `/v1/models` does.
 pub fn openai_models_body(state: &ClusterState, catalog: &ModelCatalog) -> Value {
-    let mut items: BTreeMap<String, Value> = BTreeMap::new();
-    for endpoint in routable(state) {
-        let mut own = own_items(catalog, &endpoint.url, Listing::Tags);
-        for model in &endpoint.advertised_models {
-            if items.contains_key(&**model) {
-                continue;
-            }
-            let tag = match own.remove(&**model) {
+    let items = merged(
+        state,
+        catalog,
+        Listing::Tags,
+        str::to_owned,
+        |_, model, _, own| {
+            let tag = match own {
                 Some(item) => named(item, model),
-                None => json!({ "name": &**model }),
+                None => json!({ "name": model }),
             };
-            if let Some(item) = listing::openai_model_from_tag(&tag) {
-                items.insert(model.to_string(), item);
-            }
-        }
-    }
-    json!({ "object": "list", "data": items.into_values().collect::<Vec<_>>() })
+            listing::openai_model_from_tag(&tag)
+        },
+    );
+    json!({ "object": "list", "data": items })
 }
 
 /// The `/v1/models` item for `model` in `models` (a [`openai_models_body`]):
