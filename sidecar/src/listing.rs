@@ -372,24 +372,14 @@ mod tests {
     #[test]
     fn tags_merge_dedupe_and_show_openai_ids_as_latest() {
         let body = tags_body(&state(), &ModelCatalog::new(), SystemTime::UNIX_EPOCH);
-        let names: Vec<&str> = body["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["name"].as_str().unwrap())
-            .collect();
+        let names = names(&body);
         assert_eq!(names, ["gpt-4o:latest", "llama3:latest", "qwen3:8b"]);
     }
 
     #[test]
     fn ps_lists_loaded_models_of_healthy_endpoints() {
         let body = ps_body(&state(), &ModelCatalog::new(), SystemTime::UNIX_EPOCH);
-        let names: Vec<&str> = body["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["name"].as_str().unwrap())
-            .collect();
+        let names = names(&body);
         assert_eq!(names, ["qwen3:8b"]);
     }
 
@@ -410,6 +400,16 @@ mod tests {
         vec![(Arc::from("http://o1:11434"), Arc::new(items))]
     }
 
+    /// The `name` of each item of a listing body, in order.
+    fn names(body: &Value) -> Vec<&str> {
+        body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect()
+    }
+
     fn by_name<'a>(body: &'a Value, name: &str) -> &'a Value {
         body["models"]
             .as_array()
@@ -422,12 +422,7 @@ mod tests {
     #[test]
     fn listings_show_the_endpoints_own_items() {
         let tags = tags_body(&state(), &catalog(), SystemTime::UNIX_EPOCH);
-        let names: Vec<&str> = tags["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["name"].as_str().unwrap())
-            .collect();
+        let names = names(&tags);
         // Only advertised models of routable endpoints are listed.
         assert_eq!(names, ["gpt-4o:latest", "llama3:latest", "qwen3:8b"]);
         let qwen = by_name(&tags, "qwen3:8b");
@@ -470,12 +465,7 @@ mod tests {
         let items = ModelItems { tags: vec![], ps };
         let catalog = vec![(Arc::from("http://o1:11434"), Arc::new(items))];
         let body = ps_body(&state, &catalog, SystemTime::UNIX_EPOCH);
-        let names: Vec<&str> = body["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["name"].as_str().unwrap())
-            .collect();
+        let names = names(&body);
         assert_eq!(names, ["b:1b", "a:1b", "c:1b"]);
     }
 
