@@ -17,6 +17,8 @@ use switchyard_control_plane::api::ModelItems;
 use switchyard_proto::v1::{self, cluster_client::ClusterClient};
 use tonic::transport::Channel;
 
+use super::remote::{request, with_deadline};
+
 /// Each endpoint's listing items: (configured URL, items).
 pub type ModelCatalog = Vec<(Arc<str>, Arc<ModelItems>)>;
 
@@ -56,18 +58,13 @@ impl ItemsCache {
         if let Some(catalog) = self.usable(reachable) {
             return catalog;
         }
-        let cached = self.last.lock().clone();
         let mut client = ClusterClient::new(channel.clone());
-        let mut request = tonic::Request::new(v1::ListModelItemsRequest {});
-        request.set_timeout(timeout);
-        let catalog = match tokio::time::timeout(timeout, client.list_model_items(request)).await {
-            Ok(Ok(answer)) => Arc::new(catalog_from_proto(answer.into_inner())),
-            Ok(Err(status)) => {
+        let call = client.list_model_items(request(v1::ListModelItemsRequest {}, timeout));
+        let catalog = match with_deadline(timeout, call).await {
+            Ok(answer) => Arc::new(catalog_from_proto(answer)),
+            Err(status) => {
                 tracing::debug!(code = ?status.code(), message = status.message(), "ListModelItems failed; listings use the last items");
-                cached.map(|(_, c)| c).unwrap_or_default()
-            }
-            Err(_) => {
-                tracing::debug!("ListModelItems timed out; listings use the last items");
+                let cached = self.last.lock().clone();
                 cached.map(|(_, c)| c).unwrap_or_default()
             }
         };

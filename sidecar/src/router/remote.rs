@@ -116,7 +116,7 @@ pub(crate) fn is_transport(code: Code) -> bool {
 
 /// Runs `call` with a local deadline (the tonic `grpc-timeout` header is set
 /// too, so the server stops waiting as well).
-async fn with_deadline<T>(
+pub(super) async fn with_deadline<T>(
     deadline: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<T, Status> {
@@ -136,7 +136,7 @@ async fn within<T>(
     }
 }
 
-fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+pub(super) fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.set_timeout(timeout);
     r
