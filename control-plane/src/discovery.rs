@@ -56,21 +56,12 @@ impl ProbeSink for crate::control_plane::ControlPlane {
     }
 }
 
-/// What a successful probe found (the fields of [`ProbeReport::Ok`]).
-struct Found {
-    advertised: Vec<String>,
-    loaded: Vec<String>,
-    items: ModelItems,
-}
-
-impl Found {
-    /// An OpenAI-style endpoint: names only.
-    fn names(advertised: Vec<String>, loaded: Vec<String>) -> Self {
-        Self {
-            advertised,
-            loaded,
-            items: ModelItems::default(),
-        }
+/// What an OpenAI-style endpoint's probe found: names only.
+fn names_only(advertised: Vec<String>, loaded: Vec<String>) -> ProbeReport {
+    ProbeReport::Ok {
+        advertised,
+        loaded,
+        items: ModelItems::default(),
     }
 }
 
@@ -104,17 +95,13 @@ impl Prober {
     /// One probe round for one endpoint. Never fails: problems become
     /// [`ProbeReport::Failed`].
     pub async fn probe(&self, endpoint: &EndpointConfig) -> ProbeReport {
-        match self.try_probe(endpoint).await {
-            Ok(found) => ProbeReport::Ok {
-                advertised: found.advertised,
-                loaded: found.loaded,
-                items: found.items,
-            },
-            Err(detail) => ProbeReport::Failed { detail },
-        }
+        self.try_probe(endpoint)
+            .await
+            .unwrap_or_else(|detail| ProbeReport::Failed { detail })
     }
 
-    async fn try_probe(&self, endpoint: &EndpointConfig) -> Result<Found, String> {
+    /// The probe's [`ProbeReport::Ok`], or what failed.
+    async fn try_probe(&self, endpoint: &EndpointConfig) -> Result<ProbeReport, String> {
         match endpoint.kind {
             EndpointKind::Ollama => {
                 let url = endpoint.url.trim_end_matches('/');
@@ -127,7 +114,7 @@ impl Prober {
                     .map_err(|e| format!("GET /api/tags: {e}"))?;
                 let ps =
                     listing::parse_ollama_listing(&ps?).map_err(|e| format!("GET /api/ps: {e}"))?;
-                Ok(Found {
+                Ok(ProbeReport::Ok {
                     advertised: tags.names,
                     loaded: ps.names,
                     items: ModelItems {
@@ -145,7 +132,7 @@ impl Prober {
                     listing::parse_openai_models(&body).map_err(|e| format!("GET /models: {e}"))?;
                 // Hosted and vLLM servers do not say what is loaded; like
                 // nomyo-router, report nothing loaded.
-                Ok(Found::names(advertised, Vec::new()))
+                Ok(names_only(advertised, Vec::new()))
             }
             EndpointKind::LlamaServer => {
                 let base = openai_base(&endpoint.url, endpoint.kind);
@@ -154,7 +141,7 @@ impl Prober {
                     .await?;
                 let (advertised, loaded) = listing::parse_llama_server_models(&body)
                     .map_err(|e| format!("GET /models: {e}"))?;
-                Ok(Found::names(advertised, loaded))
+                Ok(names_only(advertised, loaded))
             }
         }
     }
