@@ -105,16 +105,6 @@ pub fn parse_ollama_listing(body: &[u8]) -> Result<OllamaListing, ListingError> 
     Ok(listing)
 }
 
-/// Advertised models from Ollama `GET /api/tags` (`models[].name`).
-pub fn parse_ollama_tags(body: &[u8]) -> Result<Vec<String>, ListingError> {
-    parse_ollama_listing(body).map(|l| l.names)
-}
-
-/// Loaded models from Ollama `GET /api/ps` (`models[].name`).
-pub fn parse_ollama_ps(body: &[u8]) -> Result<Vec<String>, ListingError> {
-    parse_ollama_listing(body).map(|l| l.names)
-}
-
 fn openai_items(body: &[u8]) -> Result<Vec<(String, Option<LlamaStatus>)>, ListingError> {
     let list: OpenAiList = serde_json::from_slice(body)?;
     list.data
@@ -168,12 +158,12 @@ mod tests {
             {"model":"llama3.2:latest"},
             {"name":"qwen3:8b"}]}"#;
         assert_eq!(
-            parse_ollama_tags(tags).unwrap(),
+            parse_ollama_listing(tags).unwrap().names,
             ["qwen3:8b", "llama3.2:latest"]
         );
         let ps = br#"{"models":[{"name":"qwen3:8b","model":"qwen3:8b","size":1,"digest":"d",
             "expires_at":"2025-05-10T08:06:48-07:00","size_vram":1,"context_length":4096}]}"#;
-        assert_eq!(parse_ollama_ps(ps).unwrap(), ["qwen3:8b"]);
+        assert_eq!(parse_ollama_listing(ps).unwrap().names, ["qwen3:8b"]);
         // Each name's item is kept whole, unknown fields included; the
         // duplicate's item is not.
         let listing = parse_ollama_listing(tags).unwrap();
@@ -185,19 +175,29 @@ mod tests {
         assert_eq!(first["capabilities"][0], "completion");
         let second: Value = serde_json::from_str(&listing.items[1]).unwrap();
         assert_eq!(second, serde_json::json!({"model": "llama3.2:latest"}));
-        assert!(parse_ollama_ps(br#"{"models":[]}"#).unwrap().is_empty());
-        assert!(parse_ollama_ps(br#"{"models":null}"#).unwrap().is_empty());
+        assert!(
+            parse_ollama_listing(br#"{"models":[]}"#)
+                .unwrap()
+                .names
+                .is_empty()
+        );
+        assert!(
+            parse_ollama_listing(br#"{"models":null}"#)
+                .unwrap()
+                .names
+                .is_empty()
+        );
     }
 
     #[test]
     fn ollama_errors_name_the_field() {
-        let err = parse_ollama_tags(br#"{"models":[{"name":"a"},{"size":3}]}"#).unwrap_err();
+        let err = parse_ollama_listing(br#"{"models":[{"name":"a"},{"size":3}]}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid listing: models[1].name: missing or empty"
         );
         assert!(matches!(
-            parse_ollama_tags(b"<html>oops</html>").unwrap_err(),
+            parse_ollama_listing(b"<html>oops</html>").unwrap_err(),
             ListingError::Json(_)
         ));
     }
