@@ -211,8 +211,8 @@ impl Router {
         }
     }
 
-    /// Each endpoint's own listing items, for the merged `/api/tags` and
-    /// `/api/ps` (embedded: the control plane's now; remote:
+    /// Each endpoint's own listing items, for the merged `/api/tags`,
+    /// `/api/ps` and `/v1/models` (embedded: the control plane's now; remote:
     /// `ListModelItems`, at most every two seconds, the last answer while the
     /// control plane is unreachable).
     pub async fn model_items(&self) -> Arc<ModelCatalog> {
