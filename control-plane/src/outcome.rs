@@ -123,6 +123,8 @@ pub enum RequestKind {
     Embed,
     /// Model metadata (`/api/show`).
     Show,
+    /// Reranking documents against a query (`/v1/rerank`, `/rerank`).
+    Rerank,
 }
 
 impl RequestKind {
@@ -133,6 +135,7 @@ impl RequestKind {
             Self::Generate => "generate",
             Self::Embed => "embed",
             Self::Show => "show",
+            Self::Rerank => "rerank",
         }
     }
 }

@@ -82,7 +82,9 @@ pub fn affinity_key(
         ApiRoute::OllamaEmbed
         | ApiRoute::OllamaEmbeddings
         | ApiRoute::OllamaShow
-        | ApiRoute::OpenAiEmbeddings => {
+        | ApiRoute::OpenAiEmbeddings
+        | ApiRoute::Rerank
+        | ApiRoute::RerankAlias => {
             return None;
         }
     };

@@ -47,7 +47,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:12434";
         Without --control-plane the sidecar runs standalone.\n\n\
         HTTP routes: Ollama /api/chat /api/generate /api/embed /api/embeddings /api/show\n\
         /api/tags /api/ps /api/version, OpenAI /v1/chat/completions /v1/completions\n\
-        /v1/embeddings /v1/models /v1/models/{id}, plus GET / (liveness), /health and /metrics.\n\n\
+        /v1/embeddings /v1/models /v1/models/{id}, reranking /v1/rerank /rerank, plus GET /\n\
+        (liveness), /health and /metrics.\n\n\
         Exit codes: 0 clean shutdown, 2 bad usage or configuration, 1 runtime failure."
 )]
 pub struct Args {

@@ -48,9 +48,10 @@ pub enum ApiFormat {
 }
 
 impl ApiFormat {
-    /// The format of a request path: `/v1` and below is OpenAI, the rest Ollama.
+    /// The format of a request path: `/v1` and below, and `/rerank`, are
+    /// OpenAI; the rest Ollama.
     pub fn for_path(path: &str) -> Self {
-        if path == "/v1" || path.starts_with("/v1/") {
+        if path == "/v1" || path.starts_with("/v1/") || path == "/rerank" {
             Self::OpenAi
         } else {
             Self::Ollama
@@ -77,11 +78,17 @@ pub enum ApiRoute {
     OpenAiCompletions,
     /// OpenAI `POST /v1/embeddings`.
     OpenAiEmbeddings,
+    /// OpenAI-style `POST /v1/rerank` (llama-server, vLLM, Jina/Cohere
+    /// shape: `{model, query, documents, top_n?}`).
+    Rerank,
+    /// `POST /rerank`: the unversioned alias llama-server and vLLM serve
+    /// (and nomyo-router routes).
+    RerankAlias,
 }
 
 impl ApiRoute {
     /// Every routed inference route.
-    pub const ALL: [ApiRoute; 8] = [
+    pub const ALL: [ApiRoute; 10] = [
         Self::OllamaChat,
         Self::OllamaGenerate,
         Self::OllamaEmbed,
@@ -90,6 +97,8 @@ impl ApiRoute {
         Self::OpenAiChat,
         Self::OpenAiCompletions,
         Self::OpenAiEmbeddings,
+        Self::Rerank,
+        Self::RerankAlias,
     ];
 
     /// The route served at `path`, if any.
@@ -108,6 +117,8 @@ impl ApiRoute {
             Self::OpenAiChat => "/v1/chat/completions",
             Self::OpenAiCompletions => "/v1/completions",
             Self::OpenAiEmbeddings => "/v1/embeddings",
+            Self::Rerank => "/v1/rerank",
+            Self::RerankAlias => "/rerank",
         }
     }
 
@@ -119,9 +130,11 @@ impl ApiRoute {
             | Self::OllamaEmbed
             | Self::OllamaEmbeddings
             | Self::OllamaShow => ApiFormat::Ollama,
-            Self::OpenAiChat | Self::OpenAiCompletions | Self::OpenAiEmbeddings => {
-                ApiFormat::OpenAi
-            }
+            Self::OpenAiChat
+            | Self::OpenAiCompletions
+            | Self::OpenAiEmbeddings
+            | Self::Rerank
+            | Self::RerankAlias => ApiFormat::OpenAi,
         }
     }
 
@@ -134,6 +147,7 @@ impl ApiRoute {
                 RequestKind::Embed
             }
             Self::OllamaShow => RequestKind::Show,
+            Self::Rerank | Self::RerankAlias => RequestKind::Rerank,
         }
     }
 
@@ -147,7 +161,9 @@ impl ApiRoute {
             Self::OllamaEmbed
             | Self::OllamaEmbeddings
             | Self::OllamaShow
-            | Self::OpenAiEmbeddings => false,
+            | Self::OpenAiEmbeddings
+            | Self::Rerank
+            | Self::RerankAlias => false,
         }
     }
 

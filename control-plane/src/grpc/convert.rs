@@ -106,6 +106,7 @@ pub fn request_kind_to_proto(kind: RequestKind) -> i32 {
         RequestKind::Generate => v1::RequestKind::Generate,
         RequestKind::Embed => v1::RequestKind::Embed,
         RequestKind::Show => v1::RequestKind::Show,
+        RequestKind::Rerank => v1::RequestKind::Rerank,
     };
     p as i32
 }
@@ -118,9 +119,10 @@ pub fn request_kind_from_proto(value: i32) -> Result<RequestKind, ConvertError> 
         Ok(v1::RequestKind::Generate) => Ok(RequestKind::Generate),
         Ok(v1::RequestKind::Embed) => Ok(RequestKind::Embed),
         Ok(v1::RequestKind::Show) => Ok(RequestKind::Show),
+        Ok(v1::RequestKind::Rerank) => Ok(RequestKind::Rerank),
         Ok(v1::RequestKind::Unspecified) => Err(ConvertError::new(
             FIELD,
-            "must be set (chat, generate, embed or show)",
+            "must be set (chat, generate, embed, show or rerank)",
         )),
         Err(_) => Err(ConvertError::new(FIELD, format!("unknown value {value}"))),
     }
@@ -778,6 +780,7 @@ mod tests {
             RequestKind::Generate,
             RequestKind::Embed,
             RequestKind::Show,
+            RequestKind::Rerank,
         ] {
             assert_eq!(request_kind_from_proto(request_kind_to_proto(k)), Ok(k));
         }

@@ -64,6 +64,7 @@ fn openai_path(route: ApiRoute) -> Option<&'static str> {
         ApiRoute::OpenAiChat => Some("/chat/completions"),
         ApiRoute::OpenAiCompletions => Some("/completions"),
         ApiRoute::OpenAiEmbeddings => Some("/embeddings"),
+        ApiRoute::Rerank | ApiRoute::RerankAlias => Some("/rerank"),
         ApiRoute::OllamaChat
         | ApiRoute::OllamaGenerate
         | ApiRoute::OllamaEmbed
@@ -197,7 +198,11 @@ pub fn plan(
                 SystemTime::now(),
             )));
         }
-        ApiRoute::OpenAiChat | ApiRoute::OpenAiCompletions | ApiRoute::OpenAiEmbeddings => {
+        ApiRoute::OpenAiChat
+        | ApiRoute::OpenAiCompletions
+        | ApiRoute::OpenAiEmbeddings
+        | ApiRoute::Rerank
+        | ApiRoute::RerankAlias => {
             return Err(ProxyError::Internal(format!(
                 "no upstream URL for {} on a {kind} endpoint",
                 ctx.route.path()

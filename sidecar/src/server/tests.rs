@@ -94,6 +94,7 @@ impl Fake {
             .route("/api/show", post(fake_infer))
             .route("/v1/chat/completions", post(fake_infer))
             .route("/v1/embeddings", post(fake_infer))
+            .route("/v1/rerank", post(fake_infer))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -228,6 +229,21 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
     if path == "/api/show" {
         return Json(json!({"modelfile": format!("FROM {}", body["name"].as_str().unwrap_or(&model)), "details": {}}))
             .into_response();
+    }
+    if path == "/v1/rerank" {
+        // llama-server's answer (vLLM's has the same `results` and `usage`).
+        let results: Vec<Value> = body["documents"]
+            .as_array()
+            .map(|docs| {
+                (0..docs.len())
+                    .rev()
+                    .map(|i| json!({"index": i, "relevance_score": i as f64 / 10.0}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Json(json!({"model": model, "object": "list", "results": results,
+                           "usage": {"prompt_tokens": 7, "total_tokens": 7}}))
+        .into_response();
     }
     let openai = path.starts_with("/v1/");
     let stream = body["stream"].as_bool().unwrap_or(!openai);
@@ -895,6 +911,96 @@ async fn ollama_chat_is_translated_for_llama_server() {
         .unwrap();
     assert_eq!(tags["models"][0]["name"], "qwen:latest");
     wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+/// `/v1/rerank` and its alias `/rerank` are routed by model to the chosen
+/// backend's `/v1/rerank` (llama-server and vLLM serve it there), answer as
+/// the backend did, release their lease, and refuse in OpenAI's format.
+#[tokio::test]
+async fn rerank_is_routed_by_model_to_the_backends_v1_rerank() {
+    let reranker = Fake::start("llama_server", &["bge-reranker"], Behaviour::Serve).await;
+    let ollama = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = format!(
+        "{}router_api_key: rk\n",
+        endpoints_yaml(&[&reranker, &ollama])
+    );
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 2).await;
+    let base = format!("http://{}", sc.addr);
+    let rerank = |path: &str, body: Value| {
+        client()
+            .post(format!("{base}{path}"))
+            .bearer_auth("rk")
+            .json(&body)
+            .send()
+    };
+    for path in ["/v1/rerank", "/rerank"] {
+        let r = rerank(
+            path,
+            json!({"model": "bge-reranker", "query": "q", "documents": ["a", "b", "c"], "top_n": 3}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["results"].as_array().unwrap().len(), 3, "{path}: {v}");
+        assert_eq!(v["results"][0]["index"], 2, "{path}: {v}");
+    }
+    let seen = reranker.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(s.path, "/v1/rerank");
+        assert_eq!(s.body["query"], "q");
+        assert_eq!(s.body["documents"][2], "c");
+        // The router key is the client's credential, never the backend's.
+        assert!(s.headers.get("authorization").is_none(), "{:?}", s.headers);
+    }
+    assert_eq!(ollama.inference_count(), 0);
+    wait_no_leases(&sc).await;
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .bearer_auth("rk")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("route=\"/rerank\"") && metrics.contains("route=\"/v1/rerank\""),
+        "{metrics}"
+    );
+
+    // Refusals are in OpenAI's format on both paths.
+    let r = rerank(
+        "/rerank",
+        json!({"model": "nope", "query": "q", "documents": ["a"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    let r = rerank("/rerank", json!({"query": "q", "documents": ["a"]}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("model"),
+        "{v}"
+    );
+    let r = client()
+        .post(format!("{base}/rerank"))
+        .json(&json!({"model": "bge-reranker", "query": "q", "documents": ["a"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].is_string(), "{v}");
+    assert_eq!(reranker.inference_count(), 2);
     sc.shutdown().await;
 }
 
