@@ -95,7 +95,7 @@ impl From<Exit> for ExitCode {
 }
 
 /// Drops credentials (`user:pass@`) from a URL for display.
-fn display_url(url: &str) -> String {
+pub fn display_url(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {
             let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));

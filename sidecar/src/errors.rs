@@ -9,6 +9,10 @@
 //!   never a 200.
 //! - Messages never carry backend URLs or secrets: the client sees model
 //!   names and what went wrong; operators find the endpoint in the logs.
+//!   The one exception is model management ([`crate::manage`]), an
+//!   operator's action on every backend at once: its errors name each
+//!   failed endpoint by URL without credentials (as `switchyard endpoints`
+//!   shows it), since "failed somewhere" would not tell what to fix.
 
 use axum::{
     Json,
@@ -101,6 +105,12 @@ pub enum ProxyError {
     /// No `model` in the body.
     #[error("missing `model` in request body")]
     MissingModel,
+    /// A required body field other than `model` is missing.
+    #[error("missing `{field}` in request body")]
+    MissingField {
+        /// The field.
+        field: &'static str,
+    },
     /// A field has the wrong type or value.
     #[error("invalid `{field}`: {problem}")]
     InvalidField {
@@ -127,6 +137,28 @@ pub enum ProxyError {
         model: String,
         /// Why (no URLs).
         detail: String,
+    },
+    /// Model management: no Ollama endpoint advertises the model.
+    #[error("model '{model}' not found")]
+    ManagedModelNotFound {
+        /// The model asked for.
+        model: String,
+    },
+    /// Model management: no Ollama endpoint to pull or create on (none
+    /// configured, or every one failing its probes: `detail` names them).
+    #[error("{detail}")]
+    NoOllamaEndpoint {
+        /// What is missing, naming the down endpoints.
+        detail: String,
+    },
+    /// Model management: the operation failed on some endpoints; `status`
+    /// is the first failure's (the backend's own, or 502 when unreachable).
+    #[error("{message}")]
+    FanOutFailed {
+        /// The status to answer.
+        status: StatusCode,
+        /// Every failed endpoint and why.
+        message: String,
     },
     /// The control plane is unreachable and no cluster state is known yet.
     #[error("control plane unreachable and no cluster state known yet")]
@@ -214,8 +246,13 @@ impl ProxyError {
             | Self::InvalidJson(_)
             | Self::NotAnObject
             | Self::MissingModel
+            | Self::MissingField { .. }
             | Self::InvalidField { .. } => StatusCode::BAD_REQUEST,
-            Self::ModelNotFound { .. } | Self::UnknownRoute => StatusCode::NOT_FOUND,
+            Self::ModelNotFound { .. } | Self::ManagedModelNotFound { .. } | Self::UnknownRoute => {
+                StatusCode::NOT_FOUND
+            }
+            Self::NoOllamaEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::FanOutFailed { status, .. } => *status,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::OriginNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::NoEndpointAvailable { .. }
@@ -261,6 +298,10 @@ impl ProxyError {
             | Self::BodyRead(_)
             | Self::InvalidJson(_)
             | Self::NotAnObject
+            | Self::MissingField { .. }
+            | Self::ManagedModelNotFound { .. }
+            | Self::NoOllamaEndpoint { .. }
+            | Self::FanOutFailed { .. }
             | Self::NoEndpointAvailable { .. }
             | Self::NoClusterState
             | Self::ControlPlane(_)

@@ -15,7 +15,9 @@
 //!   and body in the client's format.
 //! - [`auth`]: router key; [`affinity_key`]: conversation keys;
 //!   [`listing`]: `/api/tags`, `/api/ps`, `/v1/models` (and one model), `/health`;
-//!   [`metrics`]: `/metrics`.
+//!   [`metrics`]: `/metrics`; [`manage`]: model management (`/api/pull`,
+//!   `/api/push`, `/api/create`, `/api/copy`, `/api/delete`) fanned out to
+//!   the Ollama endpoints.
 //! - [`router`]: the routing handle (`Router`, `Lease`) over the control
 //!   plane; [`translate`] and [`framing`]: Ollama ⇄ OpenAI translation and
 //!   stream decoders.
@@ -41,6 +43,7 @@ pub mod cors;
 pub mod errors;
 pub mod framing;
 pub mod listing;
+pub mod manage;
 pub mod metrics;
 pub mod proxy;
 

@@ -216,8 +216,40 @@ impl UpstreamClient {
                 Err(e) => Err(SendError::Inline(e)),
             };
         }
+        self.via_hyper(Method::POST, uri, headers, body).await
+    }
+
+    /// Sends a request with any method: POSTs as [`Self::post`] does;
+    /// other methods (model management's `DELETE /api/delete`) go through
+    /// hyper's pooled client, which speaks plain HTTP as well (the inline
+    /// client writes POSTs only, the one method of the hot path).
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, SendError> {
+        if method == Method::POST {
+            return self.post(url, headers, body).await;
+        }
+        let uri = Uri::try_from(url).map_err(|source| SendError::BadUrl {
+            url: url.to_owned(),
+            source,
+        })?;
+        self.via_hyper(method, uri, headers, body).await
+    }
+
+    /// One request through hyper's client.
+    async fn via_hyper(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, SendError> {
         let mut request = Request::new(Full::new(body));
-        *request.method_mut() = Method::POST;
+        *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
         match self.tls.request(request).await {

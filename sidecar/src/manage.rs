@@ -1,0 +1,377 @@
+//! Model management fanned out to the Ollama endpoints, as nomyo-router
+//! does, so `ollama pull llama3` against a sidecar installs the model on
+//! the fleet: `POST /api/pull`, `/api/push`, `/api/create`, `/api/copy`,
+//! `DELETE /api/delete` (Ollama API shapes; OpenAI-style and llama-server
+//! endpoints are never targets).
+//!
+//! Phases (one per module): [`request`] validates the body (400 for bad
+//! JSON or a missing model, 413 over `max_body_bytes`, before any endpoint
+//! is chosen); [`targets`] picks the endpoints from the current cluster
+//! state; [`fanout`] sends to all of them concurrently with each endpoint's
+//! backend key (the client's `Authorization` is never forwarded:
+//! [`upstream_headers`]); [`progress`] merges the answers.
+//!
+//! Targets:
+//! - pull, create: every Ollama endpoint passing its probes (draining ones
+//!   too: draining stops inference, and a drained node should not miss a
+//!   model). Ollama endpoints failing their probes are not contacted but
+//!   count as failed, named in the error; none reachable (or none
+//!   configured) is a 503.
+//! - push: the first endpoint in configuration order that advertises the
+//!   model (a reachable one if any): pushing the same model twice is
+//!   pointless.
+//! - copy: the endpoints that advertise `source`; delete: those that
+//!   advertise `model` (or the older `name`). `x` means `x:latest`, as
+//!   everywhere ([`canonical_request_name`]).
+//! - push, copy, delete with no target: 404 `model 'x' not found`.
+//!
+//! Answers:
+//! - pull, push, create stream by default (no `stream` field means stream,
+//!   as Ollama). Backends are always asked to stream, so a slow pull shows
+//!   life and each backend's progress can be merged. Streamed: one NDJSON
+//!   stream, each line sent as soon as it is produced, `digest` lines
+//!   summed per digest over the endpoints, status-only lines once, and last
+//!   either `{"status":"success"}` (every endpoint succeeded) or one
+//!   `{"error":..}` naming each failed endpoint. Not streamed: 200
+//!   `{"status":"success"}`, or the first failure's status (the backend's
+//!   own; 500 for an error line in its stream; 502 unreachable) with
+//!   `{"error":..}` naming each failed endpoint.
+//! - copy, delete: 200 with an empty body when every target succeeded,
+//!   otherwise as a non-streamed failure above.
+//!
+//! Errors name endpoints by URL without credentials ([`display_name`]):
+//! these are operator actions on many backends, and the operator must know
+//! which one to fix (the one exception to [`crate::errors`]' rule).
+//!
+//! A client that goes away cancels every upstream request (the response
+//! body owns them). Listings change at the next discovery probe
+//! (`probe_interval`), not at once: the sidecar answers listings from the
+//! control plane's discovery.
+
+mod fanout;
+mod progress;
+mod request;
+mod targets;
+
+use std::{convert::Infallible, time::Instant};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    response::{IntoResponse, Response},
+    routing::{delete, post},
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header::CONTENT_TYPE};
+use serde_json::{Value, json};
+use switchyard_control_plane::{cli::display_url, endpoint::EndpointKind};
+
+pub use progress::{EndpointFailure, Final, ProgressMerge, summarize};
+
+#[cfg(doc)]
+use {
+    crate::proxy::forward::upstream_headers,
+    switchyard_control_plane::model_name::canonical_request_name,
+};
+
+use self::{
+    fanout::{Call, Event},
+    request::ManageRequest,
+};
+use crate::{errors::ProxyError, proxy::request::read_body, routes::ApiFormat, server::AppState};
+
+/// One model-management operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// `POST /api/pull`.
+    Pull,
+    /// `POST /api/push`.
+    Push,
+    /// `POST /api/create`.
+    Create,
+    /// `POST /api/copy`.
+    Copy,
+    /// `DELETE /api/delete`.
+    Delete,
+}
+
+impl Operation {
+    /// Every operation.
+    pub const ALL: [Operation; 5] = [
+        Self::Pull,
+        Self::Push,
+        Self::Create,
+        Self::Copy,
+        Self::Delete,
+    ];
+
+    /// The path, on the sidecar and on each backend.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Pull => "/api/pull",
+            Self::Push => "/api/push",
+            Self::Create => "/api/create",
+            Self::Copy => "/api/copy",
+            Self::Delete => "/api/delete",
+        }
+    }
+
+    /// The HTTP method.
+    pub fn method(self) -> Method {
+        match self {
+            Self::Delete => Method::DELETE,
+            Self::Pull | Self::Push | Self::Create | Self::Copy => Method::POST,
+        }
+    }
+
+    /// Whether the backend answers with progress lines (and the client may
+    /// ask for them streamed).
+    pub fn reports_progress(self) -> bool {
+        match self {
+            Self::Pull | Self::Push | Self::Create => true,
+            Self::Copy | Self::Delete => false,
+        }
+    }
+
+    /// The verb used in messages.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Self::Pull => "pull",
+            Self::Push => "push",
+            Self::Create => "create",
+            Self::Copy => "copy",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// The management routes, for [`crate::routes::app`] (behind the router key
+/// like every non-liveness route).
+pub(crate) fn routes() -> Router<AppState> {
+    let mut router = Router::new();
+    for op in Operation::ALL {
+        let handler = move |State(state): State<AppState>, req: Request| handle(state, op, req);
+        router = router.route(
+            op.path(),
+            match op.method() {
+                Method::DELETE => delete(handler),
+                _ => post(handler),
+            },
+        );
+    }
+    router
+}
+
+/// An endpoint as errors name it: its URL without credentials.
+pub fn display_name(url: &str) -> String {
+    display_url(url)
+}
+
+async fn handle(state: AppState, op: Operation, req: Request) -> Response {
+    let started = Instant::now();
+    let shutdown = state.shutdown_token();
+    let result = tokio::select! {
+        r = run(&state, op, req, started) => r,
+        () = shutdown.cancelled() => Err(ProxyError::ShuttingDown),
+    };
+    result.unwrap_or_else(|error| {
+        if error.status().is_server_error() {
+            tracing::warn!(route = op.path(), error = %error, "model management failed");
+        } else {
+            tracing::info!(route = op.path(), error = %error, "model management refused");
+        }
+        error.into_response_for(ApiFormat::Ollama)
+    })
+}
+
+async fn run(
+    state: &AppState,
+    op: Operation,
+    req: Request,
+    started: Instant,
+) -> Result<Response, ProxyError> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(body, &parts.headers, state.max_body_bytes()).await?;
+    let request = request::parse(op, &bytes)?;
+    let targets = targets::targets(&state.router().cluster_state(), op, &request.model)?;
+    let what = format!("{} '{}'", op.verb(), request.model);
+    tracing::info!(
+        route = op.path(),
+        model = %request.model,
+        endpoints = targets.send_to.len(),
+        down = targets.down.len(),
+        "model management started"
+    );
+    let calls = calls(state, op, &parts.headers, &request, &targets.send_to);
+    let client = state.clients().get(EndpointKind::Ollama);
+    if !op.reports_progress() {
+        let results = fanout::unary(client, calls).await;
+        let names: Vec<String> = targets.send_to.iter().map(|u| display_name(u)).collect();
+        let outcome = summarize(
+            &what,
+            names
+                .iter()
+                .map(String::as_str)
+                .zip(results.iter().map(Option::as_ref)),
+        );
+        log_outcome(op, &what, &outcome, started);
+        return match outcome {
+            Final::Success => Ok(StatusCode::OK.into_response()),
+            Final::Failed { status, message } => Err(ProxyError::FanOutFailed { status, message }),
+        };
+    }
+    // Targets first, then the down endpoints (failed from the start).
+    let names = targets
+        .send_to
+        .iter()
+        .chain(targets.down.iter().map(|(url, _)| url))
+        .map(|u| display_name(u))
+        .collect();
+    let mut merge = ProgressMerge::new(names);
+    for (i, (_, detail)) in targets.down.iter().enumerate() {
+        let detail = if detail.is_empty() {
+            "probe failing"
+        } else {
+            detail
+        };
+        merge.fail(
+            targets.send_to.len() + i,
+            EndpointFailure::new(
+                StatusCode::BAD_GATEWAY,
+                format!("endpoint is down ({detail})"),
+            ),
+        );
+    }
+    let events = fanout::events(client, calls);
+    if request.stream {
+        return Ok(streamed(op, what, merge, events, state, started));
+    }
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        apply(&mut merge, event);
+    }
+    let outcome = merge.finish(&what);
+    log_outcome(op, &what, &outcome, started);
+    match outcome {
+        Final::Success => Ok(json_response(&outcome.to_line())),
+        Final::Failed { status, message } => Err(ProxyError::FanOutFailed { status, message }),
+    }
+}
+
+/// One call per target: the endpoint's URL for the route, its backend key.
+fn calls(
+    state: &AppState,
+    op: Operation,
+    client_headers: &HeaderMap,
+    request: &ManageRequest,
+    send_to: &[std::sync::Arc<str>],
+) -> Vec<Call> {
+    send_to
+        .iter()
+        .enumerate()
+        .map(|(index, url)| Call {
+            index,
+            method: op.method(),
+            url: format!("{}{}", url.trim_end_matches('/'), op.path()),
+            headers: crate::proxy::forward::upstream_headers(
+                client_headers,
+                state.backend_key(url),
+            ),
+            body: request.forward.clone(),
+        })
+        .collect()
+}
+
+/// Applies one endpoint event to the merge; returns the line to emit.
+fn apply(merge: &mut ProgressMerge, event: Event) -> Option<Value> {
+    match event {
+        Event::Line(i, line) => merge.observe(i, &line),
+        Event::Failed(i, failure) => {
+            merge.fail(i, failure);
+            None
+        }
+        Event::Ended(i) => {
+            merge.end(i);
+            None
+        }
+    }
+}
+
+/// The merged NDJSON stream. The body owns the upstream requests: a client
+/// that goes away drops them. Past the shutdown grace the stream ends with
+/// an error line.
+fn streamed(
+    op: Operation,
+    what: String,
+    mut merge: ProgressMerge,
+    events: impl futures::Stream<Item = Event> + Send + 'static,
+    state: &AppState,
+    started: Instant,
+) -> Response {
+    let shutdown = state.shutdown_token();
+    let body = async_stream::stream! {
+        let mut events = std::pin::pin!(events);
+        loop {
+            let event = tokio::select! {
+                event = events.next() => event,
+                () = shutdown.cancelled() => {
+                    let error = ProxyError::ShuttingDown.to_string();
+                    tracing::warn!(route = op.path(), what, error, "model management cut off");
+                    yield Ok::<Bytes, Infallible>(ndjson(&json!({ "error": error })));
+                    return;
+                }
+            };
+            let Some(event) = event else { break };
+            if let Some(line) = apply(&mut merge, event) {
+                yield Ok(ndjson(&line));
+            }
+        }
+        let outcome = merge.finish(&what);
+        log_outcome(op, &what, &outcome, started);
+        yield Ok(ndjson(&outcome.to_line()));
+    };
+    let mut response = Response::new(Body::from_stream(body));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+fn ndjson(line: &Value) -> Bytes {
+    let mut text = line.to_string();
+    text.push('\n');
+    Bytes::from(text)
+}
+
+fn json_response(body: &Value) -> Response {
+    let mut response = Response::new(Body::from(body.to_string()));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
+}
+
+fn log_outcome(op: Operation, what: &str, outcome: &Final, started: Instant) {
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match outcome {
+        Final::Success => {
+            tracing::info!(
+                route = op.path(),
+                what,
+                elapsed_ms,
+                "model management succeeded"
+            );
+        }
+        Final::Failed { status, message } => tracing::warn!(
+            route = op.path(),
+            status = status.as_u16(),
+            error = %message,
+            elapsed_ms,
+            "model management failed"
+        ),
+    }
+}

@@ -1,0 +1,256 @@
+//! Which endpoints a model-management request goes to: a pure function of
+//! the cluster state (see [`crate::manage`] for the rules).
+
+use std::sync::Arc;
+
+use switchyard_control_plane::{
+    cluster::{ClusterState, EndpointState},
+    endpoint::EndpointKind,
+    model_name::canonical_request_name,
+};
+
+use super::Operation;
+use crate::errors::ProxyError;
+
+/// The endpoints one request runs on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Targets {
+    /// Endpoint URLs to send the request to, in configuration order.
+    pub send_to: Vec<Arc<str>>,
+    /// Ollama endpoints a pull or create should reach but that fail their
+    /// probes: not contacted, reported as failed (URL, probe detail).
+    pub down: Vec<(Arc<str>, String)>,
+}
+
+/// The targets of `op` for `model` in `state`.
+///
+/// Errors: [`ProxyError::ManagedModelNotFound`] when no Ollama endpoint
+/// advertises the model (push, copy, delete); [`ProxyError::NoOllamaEndpoint`]
+/// when there is no Ollama endpoint to pull or create on.
+pub fn targets(state: &ClusterState, op: Operation, model: &str) -> Result<Targets, ProxyError> {
+    let ollama = || {
+        state
+            .endpoints
+            .iter()
+            .filter(|e| e.kind == EndpointKind::Ollama)
+    };
+    match op {
+        Operation::Pull | Operation::Create => {
+            let (up, down): (Vec<_>, Vec<_>) = ollama().partition(|e| e.healthy);
+            if up.is_empty() {
+                return Err(no_ollama_endpoint(&down));
+            }
+            Ok(Targets {
+                send_to: up.iter().map(|e| e.url.clone()).collect(),
+                down: down
+                    .iter()
+                    .map(|e| (e.url.clone(), e.health_detail.clone()))
+                    .collect(),
+            })
+        }
+        Operation::Push => {
+            // Pushing the same model twice is pointless: one endpoint, a
+            // reachable one if any.
+            let having: Vec<_> = ollama().filter(|e| advertises(e, model)).collect();
+            let first = having
+                .iter()
+                .find(|e| e.healthy)
+                .or_else(|| having.first())
+                .ok_or_else(|| not_found(model))?;
+            Ok(Targets {
+                send_to: vec![first.url.clone()],
+                down: Vec::new(),
+            })
+        }
+        Operation::Copy | Operation::Delete => {
+            let send_to: Vec<_> = ollama()
+                .filter(|e| advertises(e, model))
+                .map(|e| e.url.clone())
+                .collect();
+            if send_to.is_empty() {
+                return Err(not_found(model));
+            }
+            Ok(Targets {
+                send_to,
+                down: Vec::new(),
+            })
+        }
+    }
+}
+
+/// Whether `endpoint` advertises `model` (`x` is `x:latest`).
+fn advertises(endpoint: &EndpointState, model: &str) -> bool {
+    let wanted = canonical_request_name(model);
+    endpoint
+        .advertised_models
+        .iter()
+        .any(|m| canonical_request_name(m) == wanted)
+}
+
+fn not_found(model: &str) -> ProxyError {
+    ProxyError::ManagedModelNotFound {
+        model: model.to_owned(),
+    }
+}
+
+fn no_ollama_endpoint(down: &[&EndpointState]) -> ProxyError {
+    let detail = if down.is_empty() {
+        "no Ollama endpoint is configured".to_owned()
+    } else {
+        let named = down
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} ({})",
+                    super::display_name(&e.url),
+                    if e.health_detail.is_empty() {
+                        "probe failing"
+                    } else {
+                        &e.health_detail
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("no Ollama endpoint is reachable: {named}")
+    };
+    ProxyError::NoOllamaEndpoint { detail }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn endpoint(url: &str, kind: EndpointKind, healthy: bool, models: &[&str]) -> EndpointState {
+        EndpointState {
+            url: Arc::from(url),
+            kind,
+            healthy,
+            health_detail: if healthy {
+                String::new()
+            } else {
+                "GET /api/tags: connection refused".into()
+            },
+            advertised_models: models.iter().map(|m| Arc::from(*m)).collect(),
+            priority: 0,
+            max_concurrent: 1,
+            draining: false,
+            loaded_models: Vec::new(),
+            usage: Vec::new(),
+            in_flight: 0,
+            failing_models: Vec::new(),
+            missing_models: Vec::new(),
+            circuit_open: false,
+            last_probe_ok_unix_ms: 0,
+        }
+    }
+
+    fn state(endpoints: Vec<EndpointState>) -> ClusterState {
+        ClusterState {
+            endpoints,
+            ..ClusterState::default()
+        }
+    }
+
+    fn urls(t: &Targets) -> Vec<&str> {
+        t.send_to.iter().map(|u| &**u).collect()
+    }
+
+    fn cluster() -> ClusterState {
+        state(vec![
+            endpoint("http://a", EndpointKind::Ollama, true, &["llama3:latest"]),
+            endpoint("http://oai/v1", EndpointKind::OpenAi, true, &["llama3"]),
+            endpoint(
+                "http://b",
+                EndpointKind::Ollama,
+                false,
+                &["llama3:latest", "qwen:8b"],
+            ),
+            endpoint(
+                "http://c",
+                EndpointKind::Ollama,
+                true,
+                &["llama3", "qwen:8b"],
+            ),
+            endpoint("http://l/v1", EndpointKind::LlamaServer, true, &["qwen:8b"]),
+        ])
+    }
+
+    #[test]
+    fn pull_and_create_go_to_every_reachable_ollama_endpoint() {
+        for op in [Operation::Pull, Operation::Create] {
+            let t = targets(&cluster(), op, "anything").unwrap();
+            assert_eq!(urls(&t), ["http://a", "http://c"], "{op:?}");
+            assert_eq!(t.down.len(), 1);
+            assert_eq!(&*t.down[0].0, "http://b");
+        }
+    }
+
+    #[test]
+    fn pull_without_a_reachable_ollama_endpoint_is_unavailable() {
+        let down = state(vec![endpoint(
+            "http://u:pw@b",
+            EndpointKind::Ollama,
+            false,
+            &[],
+        )]);
+        let e = targets(&down, Operation::Pull, "m").unwrap_err();
+        assert_eq!(e.status(), 503);
+        let text = e.to_string();
+        assert!(
+            text.contains("no Ollama endpoint is reachable: http://b ("),
+            "{text}"
+        );
+        assert!(!text.contains("pw"), "{text}");
+        let none = state(vec![endpoint(
+            "http://oai/v1",
+            EndpointKind::OpenAi,
+            true,
+            &[],
+        )]);
+        let e = targets(&none, Operation::Create, "m").unwrap_err();
+        assert_eq!(e.status(), 503);
+        assert!(
+            e.to_string().contains("no Ollama endpoint is configured"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn copy_and_delete_go_to_ollama_endpoints_with_the_model() {
+        for op in [Operation::Copy, Operation::Delete] {
+            // `llama3` is `llama3:latest`; the OpenAI endpoint never counts.
+            let t = targets(&cluster(), op, "llama3").unwrap();
+            assert_eq!(urls(&t), ["http://a", "http://b", "http://c"], "{op:?}");
+            let t = targets(&cluster(), op, "qwen:8b").unwrap();
+            assert_eq!(urls(&t), ["http://b", "http://c"], "{op:?}");
+            let e = targets(&cluster(), op, "nope").unwrap_err();
+            assert_eq!(e.status(), 404);
+            assert_eq!(e.to_string(), "model 'nope' not found");
+        }
+    }
+
+    #[test]
+    fn push_goes_to_the_first_reachable_endpoint_with_the_model() {
+        let t = targets(&cluster(), Operation::Push, "qwen:8b").unwrap();
+        assert_eq!(urls(&t), ["http://c"], "b is down");
+        let t = targets(&cluster(), Operation::Push, "llama3:latest").unwrap();
+        assert_eq!(urls(&t), ["http://a"]);
+        let only_down = state(vec![endpoint(
+            "http://b",
+            EndpointKind::Ollama,
+            false,
+            &["m:latest"],
+        )]);
+        let t = targets(&only_down, Operation::Push, "m").unwrap();
+        assert_eq!(urls(&t), ["http://b"], "tried, so the failure is reported");
+        assert_eq!(
+            targets(&cluster(), Operation::Push, "gpt")
+                .unwrap_err()
+                .status(),
+            404
+        );
+    }
+}
