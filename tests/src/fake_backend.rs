@@ -7,7 +7,9 @@
 //! exact shapes of `shared/reference/api-shapes.md`, and a control handle
 //! ([`FakeControl`]) that tests drive while the server runs: advertised and
 //! loaded models, delays, scripted replies, a gate that holds requests, failure
-//! injection, and records of what the server saw.
+//! injection, and records of what the server saw. In Ollama mode it also
+//! imitates model management (pull, push, create, copy, delete: see
+//! `manage.rs`), changing its advertised models.
 //!
 //! Invariants it keeps:
 //! - every inference request is counted in flight from the moment its body is
@@ -23,6 +25,7 @@
 //!   (capacity 0) so the benchmark binary pays only for what it serves.
 
 mod handlers;
+mod manage;
 mod render;
 mod server;
 mod state;
@@ -43,6 +46,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use state::Shared;
+
+pub use manage::{layer_digest, layer_total};
 
 /// Which kind of model server the fake imitates; decides its routes, reply
 /// fields and error shapes.

@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -46,10 +46,15 @@ pub(super) enum Route {
     V1Embeddings,
     V1Models,
     Health,
+    Pull,
+    Push,
+    Create,
+    Copy,
+    Delete,
 }
 
 impl Route {
-    pub(super) const COUNT: usize = 14;
+    pub(super) const COUNT: usize = 19;
     const ALL: [Route; Route::COUNT] = [
         Route::Root,
         Route::Tags,
@@ -65,6 +70,11 @@ impl Route {
         Route::V1Embeddings,
         Route::V1Models,
         Route::Health,
+        Route::Pull,
+        Route::Push,
+        Route::Create,
+        Route::Copy,
+        Route::Delete,
     ];
 
     pub(super) fn index(self) -> usize {
@@ -87,6 +97,11 @@ impl Route {
             Route::V1Embeddings => "/v1/embeddings",
             Route::V1Models => "/v1/models",
             Route::Health => "/health",
+            Route::Pull => "/api/pull",
+            Route::Push => "/api/push",
+            Route::Create => "/api/create",
+            Route::Copy => "/api/copy",
+            Route::Delete => "/api/delete",
         }
     }
 
@@ -103,6 +118,14 @@ impl Route {
                 | Route::Version
                 | Route::V1Models
                 | Route::Health
+        )
+    }
+
+    /// Model management (see [`super::manage`]); served in Ollama mode.
+    fn is_management(self) -> bool {
+        matches!(
+            self,
+            Route::Pull | Route::Push | Route::Create | Route::Copy | Route::Delete
         )
     }
 
@@ -149,6 +172,8 @@ pub(super) fn router(shared: Arc<Shared>, mode: FakeMode, no_completions: bool) 
         let handler = move |req: Request| dispatch(s.clone(), route, req);
         router = if route.is_get() {
             router.route(route.path(), get(handler))
+        } else if route == Route::Delete {
+            router.route(route.path(), delete(handler))
         } else {
             router.route(route.path(), post(handler))
         };
@@ -169,6 +194,8 @@ async fn not_found(shared: Arc<Shared>, req: Request) -> Response {
 async fn dispatch(shared: Arc<Shared>, route: Route, req: Request) -> Response {
     let mut resp = if route.is_probe() {
         probe(&shared, route, req).await
+    } else if route.is_management() {
+        super::manage::serve(&shared, route, req).await
     } else {
         inference(&shared, route, req).await
     };
@@ -366,7 +393,7 @@ async fn probe(shared: &Arc<Shared>, route: Route, req: Request) -> Response {
     }
 }
 
-async fn abort(parts: &axum::http::request::Parts) -> Response {
+pub(super) async fn abort(parts: &axum::http::request::Parts) -> Response {
     match parts.extensions.get::<ConnCtx>() {
         Some(conn) => match conn.abort().await {},
         // Not reachable: the accept loop puts a ConnCtx on every request.
@@ -374,7 +401,7 @@ async fn abort(parts: &axum::http::request::Parts) -> Response {
     }
 }
 
-async fn hang() -> Response {
+pub(super) async fn hang() -> Response {
     std::future::pending::<Infallible>().await;
     // Unreachable: `pending` never completes.
     StatusCode::INTERNAL_SERVER_ERROR.into_response()

@@ -132,6 +132,29 @@ impl Shared {
         *models = next;
     }
 
+    /// Advertise `name` (unless a name it resolves to already is).
+    pub(super) fn add_model(&self, name: &str) {
+        let mut models = self.models.write();
+        if resolve_index(self.mode, &models, name).is_none() {
+            models.push(ModelEntry {
+                name: name.to_owned(),
+                loaded: false,
+            });
+        }
+    }
+
+    /// Stop advertising the model `name` refers to; whether there was one.
+    pub(super) fn remove_model(&self, name: &str) -> bool {
+        let mut models = self.models.write();
+        match resolve_index(self.mode, &models, name) {
+            Some(i) => {
+                models.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub(super) fn set_loaded(&self, name: &str, loaded: bool) -> bool {
         let mut models = self.models.write();
         match resolve_index(self.mode, &models, name) {

@@ -1,0 +1,78 @@
+"""Drive model management through a Switchyard sidecar with the official
+`ollama` Python client.
+
+Usage: ollama_manage.py HOST EXISTING_MODEL
+Environment:
+  EXPECT_TOTAL   the total of a pulled model's layer the client must see at
+                 the end of the streamed pull (summed over the backends)
+
+Checks pull streamed (progress lines, a digest whose completed never goes
+down and ends at EXPECT_TOTAL, success last) and not streamed, copy of
+EXISTING_MODEL, delete of the copy, and delete of an unknown model (404).
+Prints every failure and exits 1 if there was any.
+"""
+import os
+import sys
+
+import ollama
+
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+        print("FAIL:", what, flush=True)
+    else:
+        print("ok:", what.split(":")[0], flush=True)
+
+
+def main():
+    host, existing = sys.argv[1], sys.argv[2]
+    expect_total = int(os.environ["EXPECT_TOTAL"])
+    client = ollama.Client(host=host, timeout=20)
+
+    statuses, completed, totals = [], [], []
+    for part in client.pull("pulled-streamed", stream=True):
+        statuses.append(part.status)
+        if part.digest:
+            totals.append(part.total or 0)
+            completed.append(part.completed or 0)
+    check(statuses and statuses[-1] == "success",
+          f"streamed pull: ends with success, got {statuses!r}")
+    check(statuses.count("success") == 1, f"streamed pull: one success, got {statuses!r}")
+    check("pulling manifest" in statuses, f"streamed pull: manifest line, got {statuses!r}")
+    check(completed == sorted(completed),
+          f"streamed pull: completed never goes down, got {completed!r}")
+    check(totals and totals[-1] == expect_total and completed[-1] == expect_total,
+          f"streamed pull: last digest line {expect_total}/{expect_total}, "
+          f"got totals {totals!r} completed {completed!r}")
+
+    r = client.pull("pulled-plain", stream=False)
+    check(r.status == "success", f"plain pull: status success, got {r!r}")
+
+    r = client.copy(existing, "copied")
+    check(r.status == "success", f"copy: status success, got {r!r}")
+
+    r = client.delete(existing)
+    check(r.status == "success", f"delete: status success, got {r!r}")
+
+    try:
+        client.delete("no-such-model")
+        check(False, "delete unknown: no error raised")
+    except ollama.ResponseError as err:
+        check(err.status_code == 404 and "no-such-model" in str(err.error),
+              f"delete unknown: status {err.status_code}, error {err.error!r}")
+
+    if failures:
+        print(f"{len(failures)} failure(s)", flush=True)
+        sys.exit(1)
+    print("all model management checks passed", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:
+        print(f"FAIL: unexpected {type(exc).__name__}: {exc}", flush=True)
+        sys.exit(1)
