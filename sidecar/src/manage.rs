@@ -43,15 +43,19 @@
 //! these are operator actions on many backends, and the operator must know
 //! which one to fix (the one exception to [`crate::errors`]' rule).
 //!
+//! Blob uploads (`HEAD`/`POST /api/blobs/{digest}`, for `ollama create`
+//! from local files) go to create's targets: see [`blobs`].
+//!
 //! A client that goes away cancels every upstream request (the response
 //! body owns them). Listings change at the next discovery probe
 //! (`probe_interval`), not at once: the sidecar answers listings from the
 //! control plane's discovery.
 
-mod fanout;
-mod progress;
-mod request;
-mod targets;
+pub mod blobs;
+pub mod fanout;
+pub mod progress;
+pub mod request;
+pub mod targets;
 
 use std::{convert::Infallible, time::Instant};
 
@@ -161,7 +165,10 @@ pub(crate) fn routes() -> Router<AppState> {
             },
         );
     }
-    router
+    router.route(
+        "/api/blobs/{digest}",
+        axum::routing::head(blobs::head).post(blobs::post),
+    )
 }
 
 /// An endpoint as errors name it: its URL without credentials.
@@ -231,11 +238,6 @@ async fn run(
         .collect();
     let mut merge = ProgressMerge::new(names);
     for (i, (_, detail)) in targets.down.iter().enumerate() {
-        let detail = if detail.is_empty() {
-            "probe failing"
-        } else {
-            detail
-        };
         merge.fail(
             targets.send_to.len() + i,
             EndpointFailure::new(

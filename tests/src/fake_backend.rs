@@ -554,6 +554,13 @@ impl FakeControl {
             .collect()
     }
 
+    /// The bytes of a blob stored by `POST /api/blobs/{digest}`
+    /// (`sha256:<hex>` or `sha256-<hex>`), if any.
+    pub fn blob(&self, digest: &str) -> Option<Bytes> {
+        let key = digest.replacen("sha256-", "sha256:", 1);
+        self.shared.blobs.lock().get(&key).cloned()
+    }
+
     /// Models currently loaded, in order.
     pub fn loaded_models(&self) -> Vec<String> {
         self.shared

@@ -185,7 +185,7 @@ async fn send(
 
 /// A non-2xx answer as a failure with the backend's status and message
 /// (`{"error":..}`'s text, else the body's first line).
-async fn refusal(response: http::Response<UpstreamBody>) -> EndpointFailure {
+pub(super) async fn refusal(response: http::Response<UpstreamBody>) -> EndpointFailure {
     let status = response.status();
     let limited = http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY);
     let body = match tokio::time::timeout(ERROR_BODY_WAIT, limited.collect()).await {

@@ -18,7 +18,8 @@ pub struct Targets {
     /// Endpoint URLs to send the request to, in configuration order.
     pub send_to: Vec<Arc<str>>,
     /// Ollama endpoints a pull or create should reach but that fail their
-    /// probes: not contacted, reported as failed (URL, probe detail).
+    /// probes: not contacted, reported as failed (URL, probe error, never
+    /// empty).
     pub down: Vec<(Arc<str>, String)>,
 }
 
@@ -44,7 +45,7 @@ pub fn targets(state: &ClusterState, op: Operation, model: &str) -> Result<Targe
                 send_to: up.iter().map(|e| e.url.clone()).collect(),
                 down: down
                     .iter()
-                    .map(|e| (e.url.clone(), e.health_detail.clone()))
+                    .map(|e| (e.url.clone(), down_detail(e)))
                     .collect(),
             })
         }
@@ -87,6 +88,15 @@ fn advertises(endpoint: &EndpointState, model: &str) -> bool {
         .any(|m| canonical_request_name(m) == wanted)
 }
 
+/// Why an endpoint is down: its probe's error.
+fn down_detail(endpoint: &EndpointState) -> String {
+    if endpoint.health_detail.is_empty() {
+        "probe failing".to_owned()
+    } else {
+        endpoint.health_detail.clone()
+    }
+}
+
 fn not_found(model: &str) -> ProxyError {
     ProxyError::ManagedModelNotFound {
         model: model.to_owned(),
@@ -99,17 +109,7 @@ fn no_ollama_endpoint(down: &[&EndpointState]) -> ProxyError {
     } else {
         let named = down
             .iter()
-            .map(|e| {
-                format!(
-                    "{} ({})",
-                    super::display_name(&e.url),
-                    if e.health_detail.is_empty() {
-                        "probe failing"
-                    } else {
-                        &e.health_detail
-                    }
-                )
-            })
+            .map(|e| format!("{} ({})", super::display_name(&e.url), down_detail(e)))
             .collect::<Vec<_>>()
             .join(", ");
         format!("no Ollama endpoint is reachable: {named}")

@@ -10,13 +10,20 @@
 //! - `https://` backends go through `hyper-util`'s pooled client (rustls,
 //!   Mozilla roots, HTTP/2 by ALPN).
 //!
+//! Model management ([`crate::manage`]) also sends other methods
+//! ([`UpstreamClient::send`]: `DELETE`, `HEAD`, through hyper for either
+//! scheme) and streamed bodies of unknown length
+//! ([`UpstreamClient::send_streaming`]: blob uploads, through a hyper
+//! client of their own, so the hot path keeps its `Full` body type).
+//!
 //! Neither re-parses URLs more than once, follows redirects (a POST must not
 //! be replayed elsewhere) or retries beyond `h1`'s one resend when writing
 //! to a pooled connection the backend had already reset (URL re-parsing and
 //! the redirect/retry layers showed up in the sidecar's CPU profile when it
 //! used a convenience client: BENCHMARKS.md).
 //!
-//! Invariants: the body is sent as given (length known up front); the
+//! Invariants: the body is sent as given (length known up front, except
+//! for [`UpstreamClient::send_streaming`]); the
 //! `Host` header is set by the client from the URL; send failures are
 //! classified once, here ([`SendError`]), into connect / connect-timeout /
 //! other, so the outcome rules in [`super::release`] never look at error
@@ -152,11 +159,19 @@ impl SendError {
     }
 }
 
+/// A request body streamed as it arrives, of unknown length (model blob
+/// uploads, tee'd from the client to several backends); an `Err` frame
+/// aborts the request.
+pub type StreamingBody = http_body_util::combinators::UnsyncBoxBody<Bytes, io::Error>;
+
 /// One pooled client for one endpoint kind.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
     plain: Arc<h1::H1Pool>,
     tls: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// hyper's client for streamed request bodies (blob uploads); apart
+    /// from `tls` so the hot path's body type stays `Full`.
+    streaming: Client<HttpsConnector<HttpConnector>, StreamingBody>,
 }
 
 impl UpstreamClient {
@@ -177,10 +192,15 @@ impl UpstreamClient {
         let tls = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(TokioTimer::new())
+            .build(https.clone());
+        let streaming = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(TokioTimer::new())
             .build(https);
         Ok(Self {
             plain: Arc::new(h1::H1Pool::new(connect_timeout, POOL_IDLE)),
             tls,
+            streaming,
         })
     }
 
@@ -238,6 +258,30 @@ impl UpstreamClient {
             source,
         })?;
         self.via_hyper(method, uri, headers, body).await
+    }
+
+    /// Sends a request whose body streams while it is sent (a blob upload),
+    /// through hyper's client; `Content-Length` is sent when `headers` has
+    /// it, otherwise the body is chunked.
+    pub async fn send_streaming(
+        &self,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        body: StreamingBody,
+    ) -> Result<UpstreamResponse, SendError> {
+        let uri = Uri::try_from(url).map_err(|source| SendError::BadUrl {
+            url: url.to_owned(),
+            source,
+        })?;
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        match self.streaming.request(request).await {
+            Ok(response) => Ok(response.map(UpstreamBody::Hyper)),
+            Err(e) => Err(SendError::Transport(e)),
+        }
     }
 
     /// One request through hyper's client.

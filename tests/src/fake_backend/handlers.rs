@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, head, post};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -177,6 +177,14 @@ pub(super) fn router(shared: Arc<Shared>, mode: FakeMode, no_completions: bool) 
         } else {
             router.route(route.path(), post(handler))
         };
+    }
+    if mode == FakeMode::Ollama {
+        let (h, p) = (shared.clone(), shared.clone());
+        router = router.route(
+            "/api/blobs/{digest}",
+            head(move |req: Request| super::manage::blob_head(h.clone(), req))
+                .post(move |req: Request| super::manage::blob_post(p.clone(), req)),
+        );
     }
     let s = shared.clone();
     router.fallback(move |req: Request| not_found(s.clone(), req))

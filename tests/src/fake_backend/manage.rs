@@ -15,6 +15,10 @@
 //!   hang, and mid-stream an `{"error":..}` line (the model is then not
 //!   added) or a reset. The request gate holds these requests too, and each
 //!   is counted in flight (so a test sees a cancelled pull).
+//! - Blobs: `POST /api/blobs/{digest}` stores the body under the digest
+//!   (not verified: the tests send what they check) and answers 201;
+//!   `HEAD` answers 200 if stored, else 404. Injected statuses and resets
+//!   apply.
 //! - Every request is recorded with its headers (see
 //!   [`super::FakeControl::requests_to`]).
 
@@ -35,6 +39,8 @@ use super::state::{RequestGuard, Shared};
 
 /// Largest management body read.
 const MAX_BODY: usize = 1024 * 1024;
+/// Largest blob stored.
+const MAX_BLOB: usize = 256 * 1024 * 1024;
 
 /// The size the fake reports for a model's one layer.
 pub fn layer_total(model: &str) -> u64 {
@@ -237,5 +243,74 @@ fn progress_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-ndjson"),
     );
+    resp
+}
+
+/// The digest in a blob path, in `sha256:` form.
+fn blob_digest(path: &str) -> String {
+    path.rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .replacen("sha256-", "sha256:", 1)
+}
+
+/// Injected failures and auth for blob routes; `Some` answers at once.
+async fn blob_refusal(shared: &Shared, parts: &axum::http::request::Parts) -> Option<Response> {
+    match shared.take_failure() {
+        FailureMode::Status(code) => {
+            return Some(error_response(
+                ErrorStyle::Ollama,
+                &ApiError::Injected(code),
+            ));
+        }
+        FailureMode::Reset => return Some(abort(parts).await),
+        FailureMode::Hang => return Some(hang().await),
+        FailureMode::None | FailureMode::MidStreamError | FailureMode::MidStreamDrop => {}
+    }
+    if !shared.authorized(parts) {
+        return Some(error_response(ErrorStyle::Ollama, &ApiError::Unauthorized));
+    }
+    None
+}
+
+/// `HEAD /api/blobs/{digest}`.
+pub(super) async fn blob_head(shared: Arc<Shared>, req: Request) -> Response {
+    let (parts, _body) = req.into_parts();
+    shared.note_request(None, &parts, &Bytes::new());
+    if let Some(refused) = blob_refusal(&shared, &parts).await {
+        return refused;
+    }
+    let digest = blob_digest(parts.uri.path());
+    let status = if shared.blobs.lock().contains_key(&digest) {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    };
+    with_label(&shared, status.into_response())
+}
+
+/// `POST /api/blobs/{digest}`.
+pub(super) async fn blob_post(shared: Arc<Shared>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BLOB).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            shared.note_request(None, &parts, &Bytes::new());
+            let error = ApiError::BadRequest(format!("cannot read blob: {e}"));
+            return error_response(ErrorStyle::Ollama, &error);
+        }
+    };
+    shared.note_request(None, &parts, &bytes);
+    if let Some(refused) = blob_refusal(&shared, &parts).await {
+        return refused;
+    }
+    let digest = blob_digest(parts.uri.path());
+    shared.blobs.lock().insert(digest, bytes);
+    with_label(&shared, StatusCode::CREATED.into_response())
+}
+
+fn with_label(shared: &Shared, mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert("x-fake-backend", shared.label.clone());
     resp
 }

@@ -76,6 +76,9 @@ pub(super) struct Shared {
     pub(super) prompt_tokens: u64,
     pub(super) context_length: u64,
     load_on_request: AtomicBool,
+    /// Blobs stored by `POST /api/blobs/{digest}`: digest (`sha256:` form)
+    /// → the bytes received.
+    pub(super) blobs: Mutex<HashMap<String, Bytes>>,
 }
 
 impl Shared {
@@ -116,6 +119,7 @@ impl Shared {
             prompt_tokens: config.prompt_tokens,
             context_length: config.context_length,
             load_on_request: AtomicBool::new(config.load_on_request),
+            blobs: Mutex::new(HashMap::new()),
         })
     }
 

@@ -8,15 +8,20 @@ Environment:
 
 Checks pull streamed (progress lines, a digest whose completed never goes
 down and ends at EXPECT_TOTAL, success last) and not streamed, copy of
-EXISTING_MODEL, delete of the copy, and delete of an unknown model (404).
-Prints every failure and exits 1 if there was any.
+EXISTING_MODEL, its delete, delete of an unknown model (404), and a blob
+upload (`create_blob` of BLOB_SIZE bytes, printed as `BLOB_DIGEST=<digest>`)
+followed by a create from it. Prints every failure and exits 1 if there was
+any.
 """
+import hashlib
 import os
 import sys
+import tempfile
 
 import ollama
 
 failures = []
+BLOB_SIZE = 256 * 1024
 
 
 def check(cond, what):
@@ -63,6 +68,20 @@ def main():
     except ollama.ResponseError as err:
         check(err.status_code == 404 and "no-such-model" in str(err.error),
               f"delete unknown: status {err.status_code}, error {err.error!r}")
+
+    data = bytes(range(256)) * (BLOB_SIZE // 256)
+    with tempfile.NamedTemporaryFile(suffix=".gguf", delete=False) as f:
+        f.write(data)
+        path = f.name
+    try:
+        digest = client.create_blob(path)
+    finally:
+        os.unlink(path)
+    expected = "sha256:" + hashlib.sha256(data).hexdigest()
+    check(digest == expected, f"create_blob: digest {digest!r}, expected {expected!r}")
+    print(f"BLOB_DIGEST={digest}", flush=True)
+    r = client.create(model="from-blob", files={"model.gguf": digest}, stream=False)
+    check(r.status == "success", f"create from blob: status success, got {r!r}")
 
     if failures:
         print(f"{len(failures)} failure(s)", flush=True)

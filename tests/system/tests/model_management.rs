@@ -491,7 +491,17 @@ async fn the_python_ollama_client_pulls_copies_and_deletes() {
     )
     .await;
     assert!(out.stdout.contains("checks passed"), "{}", out.stdout);
+    let digest = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("BLOB_DIGEST="))
+        .expect("the script prints the blob's digest")
+        .to_owned();
     for b in &c.backends {
+        let blob = b.blob(&digest).expect("the blob reached every backend");
+        assert_eq!(blob.len(), 256 * 1024);
+        assert!(blob.iter().enumerate().all(|(i, x)| *x == (i % 256) as u8));
+        assert!(b.models().contains(&"from-blob:latest".to_owned()));
         assert_eq!(b.requests_to("/api/pull").len(), 2);
         assert_eq!(b.requests_to("/api/copy").len(), 1);
         assert_eq!(b.requests_to("/api/delete").len(), 1);
@@ -507,4 +517,84 @@ async fn the_python_ollama_client_pulls_copies_and_deletes() {
     }
     let r = get(c.http(), &c.at("/api/version")).await;
     assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_are_checked_on_and_teed_to_every_ollama_backend() {
+    // max_body_bytes does not apply to blobs (model weights).
+    let c = Cluster::builder()
+        .backend_with(
+            ollama_fake(&["m:latest"]).api_key(KEY_A),
+            BackendOptions::api_key(KEY_A),
+        )
+        .backend(openai_fake(&["m"]))
+        .backend_with(
+            ollama_fake(&["m:latest"]).api_key(KEY_C),
+            BackendOptions::api_key(KEY_C),
+        )
+        .router_api_key(ROUTER_KEY)
+        .set("max_body_bytes", "2048")
+        .start()
+        .await;
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let path = format!("/api/blobs/{digest}");
+    let head = |c: &Cluster, path: &str| c.http().head(c.at(path)).bearer_auth(ROUTER_KEY);
+    assert_eq!(send(head(&c, &path)).await.status, 404);
+
+    // Streamed in pieces (chunked, no length): every Ollama backend gets
+    // all of it, with its own key.
+    let blob: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+        blob.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let body = reqwest::Body::wrap_stream(futures::stream::iter(pieces));
+    let r = send(
+        c.http()
+            .post(c.at(&path))
+            .bearer_auth(ROUTER_KEY)
+            .body(body),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    for (i, key) in [(0, Some(KEY_A)), (2, Some(KEY_C))] {
+        let got = c.backends[i].blob(&digest).expect("blob stored");
+        assert!(
+            got == blob,
+            "backend {i} got {} bytes, not the blob",
+            got.len()
+        );
+        assert_got(&c, i, key, &path, 2);
+    }
+    assert_eq!(c.backends[1].requests_to(&path).len(), 0);
+    assert_eq!(send(head(&c, &path)).await.status, 200);
+
+    // On one backend only: missing for the cluster.
+    let other = format!("/api/blobs/sha256:{}", "cd".repeat(32));
+    let direct = c.http().post(format!("{}{other}", c.backends[0].url()));
+    let r = send(direct.bearer_auth(KEY_A).body("x")).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(send(head(&c, &other)).await.status, 404);
+
+    // A backend refusing the upload is named; bad digests are 400.
+    c.backends[2].fail_next(1, FailureMode::Status(500));
+    let r = send(
+        c.http()
+            .post(c.at(&other))
+            .bearer_auth(ROUTER_KEY)
+            .body("y"),
+    )
+    .await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    let error = ollama_error_text(&r);
+    assert!(error.contains(&c.endpoint_url(2)), "{error}");
+    assert!(!error.contains(&c.endpoint_url(0)), "{error}");
+    let r = send(
+        c.http()
+            .post(c.at("/api/blobs/sha256:nothex"))
+            .bearer_auth(ROUTER_KEY)
+            .body("z"),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let r = send(c.http().post(c.at(&path)).body("no key")).await;
+    assert_eq!(r.status, 401, "{}", r.text);
 }
