@@ -22,7 +22,9 @@
 //!   pointless.
 //! - copy: the endpoints that advertise `source`; delete: those that
 //!   advertise `model` (or the older `name`). `x` means `x:latest`, as
-//!   everywhere ([`canonical_request_name`]).
+//!   everywhere ([`canonical_request_name`]). Those failing their probes
+//!   (discovery keeps their last list) are not contacted and count as
+//!   failed, as for pull.
 //! - push, copy, delete with no target: 404 `model 'x' not found`.
 //!
 //! Answers:
@@ -213,9 +215,25 @@ async fn run(
     );
     let calls = calls(state, op, &parts.headers, &request, &targets.send_to);
     let client = state.clients().get(EndpointKind::Ollama);
+    // Targets first, then the down endpoints (failed from the start).
+    let names: Vec<String> = targets
+        .send_to
+        .iter()
+        .chain(targets.down.iter().map(|(url, _)| url))
+        .map(|u| display_name(u))
+        .collect();
+    let down = targets.down.iter().map(|(_, detail)| {
+        EndpointFailure::new(
+            StatusCode::BAD_GATEWAY,
+            format!("endpoint is down ({detail})"),
+        )
+    });
     if !op.reports_progress() {
-        let results = fanout::unary(client, calls).await;
-        let names: Vec<String> = targets.send_to.iter().map(|u| display_name(u)).collect();
+        let results: Vec<Option<EndpointFailure>> = fanout::unary(client, calls)
+            .await
+            .into_iter()
+            .chain(down.map(Some))
+            .collect();
         let outcome = summarize(
             &what,
             names
@@ -229,22 +247,9 @@ async fn run(
             Final::Failed { status, message } => Err(ProxyError::FanOutFailed { status, message }),
         };
     }
-    // Targets first, then the down endpoints (failed from the start).
-    let names = targets
-        .send_to
-        .iter()
-        .chain(targets.down.iter().map(|(url, _)| url))
-        .map(|u| display_name(u))
-        .collect();
     let mut merge = ProgressMerge::new(names);
-    for (i, (_, detail)) in targets.down.iter().enumerate() {
-        merge.fail(
-            targets.send_to.len() + i,
-            EndpointFailure::new(
-                StatusCode::BAD_GATEWAY,
-                format!("endpoint is down ({detail})"),
-            ),
-        );
+    for (i, failure) in down.enumerate() {
+        merge.fail(targets.send_to.len() + i, failure);
     }
     let events = fanout::events(client, calls);
     if request.stream {

@@ -17,9 +17,10 @@ use crate::errors::ProxyError;
 pub struct Targets {
     /// Endpoint URLs to send the request to, in configuration order.
     pub send_to: Vec<Arc<str>>,
-    /// Ollama endpoints a pull or create should reach but that fail their
-    /// probes: not contacted, reported as failed (URL, probe error, never
-    /// empty).
+    /// Ollama endpoints the request should reach but that fail their
+    /// probes (pull, create: any; copy, delete: those that last advertised
+    /// the model): not contacted, reported as failed (URL, probe error,
+    /// never empty).
     pub down: Vec<(Arc<str>, String)>,
 }
 
@@ -64,16 +65,18 @@ pub fn targets(state: &ClusterState, op: Operation, model: &str) -> Result<Targe
             })
         }
         Operation::Copy | Operation::Delete => {
-            let send_to: Vec<_> = ollama()
+            let (up, down): (Vec<_>, Vec<_>) = ollama()
                 .filter(|e| advertises(e, model))
-                .map(|e| e.url.clone())
-                .collect();
-            if send_to.is_empty() {
+                .partition(|e| e.healthy);
+            if up.is_empty() && down.is_empty() {
                 return Err(not_found(model));
             }
             Ok(Targets {
-                send_to,
-                down: Vec::new(),
+                send_to: up.iter().map(|e| e.url.clone()).collect(),
+                down: down
+                    .iter()
+                    .map(|e| (e.url.clone(), down_detail(e)))
+                    .collect(),
             })
         }
     }
@@ -222,10 +225,13 @@ mod tests {
     fn copy_and_delete_go_to_ollama_endpoints_with_the_model() {
         for op in [Operation::Copy, Operation::Delete] {
             // `llama3` is `llama3:latest`; the OpenAI endpoint never counts.
+            // b is down: not contacted, reported.
             let t = targets(&cluster(), op, "llama3").unwrap();
-            assert_eq!(urls(&t), ["http://a", "http://b", "http://c"], "{op:?}");
+            assert_eq!(urls(&t), ["http://a", "http://c"], "{op:?}");
+            assert_eq!(&*t.down[0].0, "http://b");
             let t = targets(&cluster(), op, "qwen:8b").unwrap();
-            assert_eq!(urls(&t), ["http://b", "http://c"], "{op:?}");
+            assert_eq!(urls(&t), ["http://c"], "{op:?}");
+            assert_eq!(t.down.len(), 1);
             let e = targets(&cluster(), op, "nope").unwrap_err();
             assert_eq!(e.status(), 404);
             assert_eq!(e.to_string(), "model 'nope' not found");

@@ -348,6 +348,30 @@ async fn copy_and_delete_go_only_where_the_model_is() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_backend_with_the_model_is_named_not_contacted() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .backend(ollama_fake(&["m:latest"]))
+        .start()
+        .await;
+    c.backends[1].set_probe_failure(FailureMode::Status(500));
+    c.wait_healthy(1, false).await;
+    let r = send(
+        c.http()
+            .delete(c.at("/api/delete"))
+            .json(&json!({"model": "m"})),
+    )
+    .await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    let error = ollama_error_text(&r);
+    let down = format!("{}: endpoint is down", c.endpoint_url(1));
+    assert!(error.contains(&down), "{error}");
+    assert!(error.contains("failed on 1 of 2"), "{error}");
+    assert_eq!(c.backends[0].requests_to("/api/delete").len(), 1);
+    assert_eq!(c.backends[1].requests_to("/api/delete").len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_and_the_router_key() {
     let c = Cluster::builder()
         .backend(ollama_fake(&["m:latest"]))
