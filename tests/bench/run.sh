@@ -17,6 +17,12 @@
 #      remote, direct, ...): each round's ratio compares runs seconds apart,
 #      and the summary reports the median over rounds;
 #   4. sidecar RSS idle and after load.
+# When nginx is installed (apt install nginx-light), a fourth path runs in
+# every round of 3: nginx as a plain reverse proxy in front of the same
+# backend (one worker, like the sidecar's one server thread; upstream
+# keep-alive; no buffering, so streams pass through as the sidecar's do).
+# It reads no body and asks no one where to send it, so it shows what
+# forwarding alone costs on this machine; its CPU is reported as "sidecar".
 # Results (JSON lines) go to stdout and to $OUT (default target/bench-results.jsonl);
 # the last line is the summary (medians).
 # Usage: tests/bench/run.sh [seconds-per-run (default 10)] [fixed rate (default 500)]
@@ -81,6 +87,47 @@ wait_http "http://127.0.0.1:$SA_PORT/health"; wait_http "http://127.0.0.1:$RM_PO
 sleep 2
 record "{\"label\":\"sidecar_rss_idle_kb\",\"standalone\":$(rss_kb $SA_PID),\"remote\":$(rss_kb $RM_PID)}"
 
+NGINX_PATH=()
+if command -v nginx > /dev/null; then
+  NG_PORT=$(free_port)
+  mkdir -p "$WORK/nginx"
+  cat > "$WORK/nginx/nginx.conf" <<NGINX
+daemon off;
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/proxy;
+  fastcgi_temp_path $WORK/nginx/fastcgi;
+  uwsgi_temp_path $WORK/nginx/uwsgi;
+  scgi_temp_path $WORK/nginx/scgi;
+  upstream backend { server ${FAKE#http://}; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NG_PORT;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }
+  }
+}
+NGINX
+  nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2> "$WORK/nginx/stderr.log" &
+  NG_MASTER=$!; PIDS+=($NG_MASTER)
+  wait_http "http://127.0.0.1:$NG_PORT/api/tags"
+  NG_WORKER=$(pgrep -P "$NG_MASTER" | head -1)
+  NGINX_PATH=("nginx http://127.0.0.1:$NG_PORT $NG_WORKER")
+  echo "# reference proxy: $(nginx -v 2>&1), one worker"
+else
+  echo "# nginx not installed: skipping the reference-proxy path"
+fi
+
 FAKE_PID=${PIDS[0]}
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 # Hypervisor steal (all CPUs, 10 ms ticks): time this VM's vCPUs were ready
@@ -95,7 +142,7 @@ per_req() { python3 -c "print(round(($2 - $1) / max(1, $3), 2))"; }
 # of 10 ms, read before and after), so the cost of each hop is visible
 # independently of how the 2 cores were shared.
 us_per_req() { echo $(( ($2 - $1) * 10000 / $3 )); }
-PATHS=("direct $FAKE 0" "standalone http://127.0.0.1:$SA_PORT $SA_PID" "remote http://127.0.0.1:$RM_PORT $RM_PID")
+PATHS=("direct $FAKE 0" "standalone http://127.0.0.1:$SA_PORT $SA_PID" "remote http://127.0.0.1:$RM_PORT $RM_PID" "${NGINX_PATH[@]}")
 for round in $(seq 1 "$ROUNDS"); do
   for c in $CONCURRENCY; do
     for target in "${PATHS[@]}"; do

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Summarises a tests/bench/run.sh results file (JSON lines) into one line.
 
-For each path (standalone, remote) and each round: throughput as a fraction
+For each path (standalone, remote, and nginx when the run had it) and each
+round: throughput as a fraction
 of the direct run of the same round (loadgen at each concurrency, and wrk),
 added latency at the fixed rate (p50/p99, scheduled and service time, minus
 the direct run of the same round), CPU microseconds per request of each
@@ -21,7 +22,7 @@ from collections import defaultdict
 
 # "<path>-<kind>", e.g. "remote-throughput-c64", "direct-latency-r500".
 LABEL = re.compile(
-    r"^(?P<path>direct|standalone|remote)-"
+    r"^(?P<path>direct|standalone|remote|nginx)-"
     r"(?P<kind>throughput-c\d+|throughput-wrk-c\d+|cpu-us-per-request-c\d+"
     r"|latency-r\d+|wakeups-per-request-r\d+)$"
 )
@@ -60,7 +61,8 @@ def main(path):
         }
 
     out = {"label": "summary"}
-    for path in ("standalone", "remote"):
+    paths = [p for p in ("standalone", "remote", "nginx") if any(q == p for _, q in by)]
+    for path in paths:
         s = {}
         for c in levels:
             s[f"throughput_ratio_loadgen_c{c}"] = stats(
@@ -86,7 +88,7 @@ def main(path):
                 s[f"wakeups_per_request_{proc}"] = statistics.median(xs)
         out[path] = s
     # Hypervisor steal per run (ms, all vCPUs), median over rounds.
-    for path in ("direct", "standalone", "remote"):
+    for path in ["direct"] + paths:
         for kind in ["latency"] + [f"throughput-c{c}" for c in levels]:
             xs = [r["steal_ms"] for r in by.get((kind, path), {}).values() if "steal_ms" in r]
             if xs:
