@@ -103,6 +103,18 @@ pub struct AffinityEntryInfo {
     pub expires_in: Duration,
 }
 
+/// Why [`crate::control_plane::ControlPlane::reprobe`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReprobeError {
+    /// An endpoint given is not configured.
+    #[error(transparent)]
+    UnknownEndpoint(#[from] UnknownEndpoint),
+    /// No fresh probe was applied in time (the endpoint hangs past its
+    /// probe timeout, or no discovery runs).
+    #[error("no fresh probe applied within {0:?}")]
+    TimedOut(std::time::Duration),
+}
+
 /// An admin call named an endpoint that is not configured.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("unknown endpoint {url:?}; configured endpoints: {}", configured.join(", "))]

@@ -33,12 +33,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::{
-        AffinityEntryInfo, LeaseRecord, ModelItems, ProbeReport, RegisterOutcome, SessionGrant,
-        SessionInfo, UnknownEndpoint,
+        AffinityEntryInfo, LeaseRecord, ModelItems, ProbeReport, RegisterOutcome, ReprobeError,
+        SessionGrant, SessionInfo, UnknownEndpoint,
     },
     cluster::{ClusterState, EndpointState},
     config::Config,
     decision::{Choice, ChooseError, ChooseRequest, DecisionReason},
+    discovery::ProbeRounds,
     ids::{LeaseId, SessionId},
     outcome::{Outcome, TokenCounts},
     state::{
@@ -93,6 +94,8 @@ struct Shared {
     /// probe (not part of the published state: they change rarely, are
     /// large, and only listings read them).
     model_items: Mutex<Vec<Arc<ModelItems>>>,
+    /// The probe loops' progress, and their wake-up for a probe on demand.
+    probe_rounds: Arc<ProbeRounds>,
 }
 
 /// The control plane: authoritative routing state and selection. Cheap to
@@ -146,6 +149,7 @@ impl ControlPlane {
                 changed: Notify::new(),
                 watch,
                 model_items: Mutex::new(vec![Arc::default(); config_len]),
+                probe_rounds: Arc::new(ProbeRounds::new(config_len)),
             }),
         }
     }
@@ -160,6 +164,11 @@ impl ControlPlane {
     /// The configuration.
     pub fn config(&self) -> &Arc<Config> {
         &self.shared.config
+    }
+
+    /// The probe rounds discovery runs (see [`crate::discovery::spawn`]).
+    pub fn probe_rounds(&self) -> &Arc<ProbeRounds> {
+        &self.shared.probe_rounds
     }
 
     fn endpoint_index(&self, url: &str) -> Option<u32> {
@@ -330,13 +339,8 @@ impl ControlPlane {
 
     // ---- admin / inspection ----
 
-    /// Drains (or undrains) an endpoint; returns its state afterwards.
-    pub fn set_draining(
-        &self,
-        url: &str,
-        draining: bool,
-    ) -> Result<EndpointState, UnknownEndpoint> {
-        let unknown = || UnknownEndpoint {
+    fn unknown_endpoint(&self, url: &str) -> UnknownEndpoint {
+        UnknownEndpoint {
             url: url.to_owned(),
             configured: self
                 .shared
@@ -345,7 +349,44 @@ impl ControlPlane {
                 .iter()
                 .map(|e| e.url.to_string())
                 .collect(),
+        }
+    }
+
+    /// Probes `urls` (every endpoint when empty) now, and returns once each
+    /// has applied a probe that started after this call: with the state
+    /// version that includes them. A sidecar calls it after pulling,
+    /// copying or deleting a model, so the change is routable at once
+    /// instead of at the next `probe_interval`. Bounded by twice the probe
+    /// timeout plus a second (a round already in flight, then the fresh
+    /// one).
+    pub async fn reprobe(&self, urls: &[&str]) -> Result<u64, ReprobeError> {
+        let indices: Vec<usize> = if urls.is_empty() {
+            (0..self.shared.config.endpoints.len()).collect()
+        } else {
+            urls.iter()
+                .map(|url| {
+                    self.endpoint_index(url)
+                        .map(|i| i as usize)
+                        .ok_or_else(|| self.unknown_endpoint(url))
+                })
+                .collect::<Result<_, _>>()?
         };
+        let limit = self.shared.config.probe.timeout * 2 + Duration::from_secs(1);
+        let rounds = &self.shared.probe_rounds;
+        let fresh = futures::future::join_all(indices.into_iter().map(|i| rounds.fresh(i)));
+        tokio::time::timeout(limit, fresh)
+            .await
+            .map_err(|_| ReprobeError::TimedOut(limit))?;
+        Ok(self.shared.version.load(Ordering::Acquire))
+    }
+
+    /// Drains (or undrains) an endpoint; returns its state afterwards.
+    pub fn set_draining(
+        &self,
+        url: &str,
+        draining: bool,
+    ) -> Result<EndpointState, UnknownEndpoint> {
+        let unknown = || self.unknown_endpoint(url);
         let ep = self.endpoint_index(url).ok_or_else(unknown)? as usize;
         let snap = self.shared.discovery.load();
         let (changed, state) = {

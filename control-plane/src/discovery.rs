@@ -3,7 +3,8 @@
 //!
 //! One task per endpoint probes immediately at start and then every
 //! `probe.interval`, spread by ±`probe.jitter` so a fleet of endpoints is not
-//! probed in lock-step. Each round ends in exactly one
+//! probed in lock-step, or at once when asked through [`ProbeRounds`]
+//! (after a model was pulled or deleted through a sidecar). Each round ends in exactly one
 //! [`ProbeReport`] handed to a [`ProbeSink`] (the [`ControlPlane`]).
 //! A choice never waits on a probe: it reads the last report's snapshot.
 //!
@@ -23,6 +24,7 @@
 //! [`ControlPlane`]: crate::control_plane::ControlPlane
 
 pub mod listing;
+pub mod rounds;
 
 use std::{
     sync::Arc,
@@ -37,6 +39,8 @@ use crate::{
     config::{Config, EndpointConfig, ProbeConfig},
     endpoint::{EndpointKind, openai_base},
 };
+
+pub use rounds::ProbeRounds;
 
 /// Largest listing body accepted (a big Ollama host lists a few hundred
 /// models in well under 1 MiB).
@@ -220,10 +224,12 @@ fn next_delay(probe: &ProbeConfig, rng: &mut impl Rng) -> Duration {
 }
 
 /// Starts one probe task per configured endpoint on `tracker`. Each task
-/// probes at once, then periodically, until `cancel` fires.
+/// probes at once, then periodically or when asked through `rounds`, until
+/// `cancel` fires.
 pub fn spawn(
     config: &Config,
     sink: Arc<dyn ProbeSink>,
+    rounds: Arc<ProbeRounds>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<(), DiscoveryError> {
@@ -235,6 +241,7 @@ pub fn spawn(
             endpoint.clone(),
             config.probe.clone(),
             Arc::clone(&sink),
+            Arc::clone(&rounds),
             cancel.clone(),
         ));
     }
@@ -247,10 +254,12 @@ async fn probe_loop(
     endpoint: EndpointConfig,
     probe: ProbeConfig,
     sink: Arc<dyn ProbeSink>,
+    rounds: Arc<ProbeRounds>,
     cancel: CancellationToken,
 ) {
     let mut was_ok: Option<bool> = None;
     loop {
+        let round = rounds.start(index);
         let report = tokio::select! {
             () = cancel.cancelled() => return,
             report = prober.probe(&endpoint) => report,
@@ -278,10 +287,12 @@ async fn probe_loop(
             was_ok = Some(ok);
         }
         sink.apply_probe(index, report, Instant::now());
+        rounds.applied(index, round);
         let delay = next_delay(&probe, &mut rand::rng());
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
+            () = rounds.requested(index) => {}
         }
     }
 }
@@ -525,7 +536,14 @@ mod tests {
         let recorder = Arc::new(Recorder::default());
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        spawn(&config, recorder.clone(), &tracker, cancel.clone()).unwrap();
+        spawn(
+            &config,
+            recorder.clone(),
+            Arc::new(ProbeRounds::new(1)),
+            &tracker,
+            cancel.clone(),
+        )
+        .unwrap();
 
         let first = recorder.wait_for(0, |_| true).await;
         assert!(
@@ -565,7 +583,14 @@ mod tests {
         let cp = ControlPlane::new(Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap()));
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        spawn(cp.config(), Arc::new(cp.clone()), &tracker, cancel.clone()).unwrap();
+        spawn(
+            cp.config(),
+            Arc::new(cp.clone()),
+            cp.probe_rounds().clone(),
+            &tracker,
+            cancel.clone(),
+        )
+        .unwrap();
 
         let wait = |pred: fn(&crate::cluster::EndpointState) -> bool| {
             let cp = cp.clone();
@@ -598,6 +623,58 @@ mod tests {
             stats.probes_ok >= 1 && stats.probes_failed >= 1,
             "{stats:?}"
         );
+
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// With an hour between probes, a model pulled on the endpoint is in
+    /// the state as soon as `reprobe` returns; unknown endpoints are named.
+    #[tokio::test]
+    async fn reprobe_applies_a_fresh_probe_before_returning() {
+        use crate::{api::ReprobeError, control_plane::ControlPlane};
+
+        let fake = Fake::default();
+        *fake.tags.lock() = json!({"models":[{"name":"a:latest"}]});
+        *fake.ps.lock() = json!({"models":[]});
+        let url = serve_fake(fake.clone()).await;
+        let yaml = format!("endpoints: [\"{url}\"]\nprobe_interval: 1h\nprobe_timeout: 1s\n");
+        let cp = ControlPlane::new(Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap()));
+        // Without discovery running, no probe comes: the wait is bounded.
+        assert!(matches!(
+            cp.reprobe(&[url.as_str()]).await,
+            Err(ReprobeError::TimedOut(_))
+        ));
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        spawn(
+            cp.config(),
+            Arc::new(cp.clone()),
+            cp.probe_rounds().clone(),
+            &tracker,
+            cancel.clone(),
+        )
+        .unwrap();
+        cp.reprobe(&[]).await.unwrap();
+        assert_eq!(cp.state().endpoints[0].advertised_models.len(), 1);
+
+        *fake.tags.lock() = json!({"models":[{"name":"a:latest"},{"name":"new:1b"}]});
+        let before = cp.state().version;
+        let version = cp.reprobe(&[url.as_str()]).await.unwrap();
+        assert!(version > before, "{version} > {before}");
+        let state = cp.state();
+        assert!(
+            state.endpoints[0]
+                .advertised_models
+                .iter()
+                .any(|m| &**m == "new:1b"),
+            "{:?}",
+            state.endpoints[0]
+        );
+
+        let err = cp.reprobe(&["http://nowhere:1"]).await.unwrap_err();
+        assert!(err.to_string().contains("http://nowhere:1"), "{err}");
 
         cancel.cancel();
         tracker.close();

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    api::UnknownEndpoint,
+    api::{ReprobeError, UnknownEndpoint},
     cluster::ClusterState,
     control_plane::ControlPlane,
     decision::ChooseError,
@@ -335,6 +335,19 @@ impl Cluster for ClusterService {
             })
             .collect();
         Ok(Response::new(v1::ListModelItemsResponse { endpoints }))
+    }
+
+    async fn reprobe(
+        &self,
+        request: Request<v1::ReprobeRequest>,
+    ) -> Result<Response<v1::ReprobeResponse>, Status> {
+        let endpoints = request.into_inner().endpoints;
+        let urls: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+        match self.cp.reprobe(&urls).await {
+            Ok(version) => Ok(Response::new(v1::ReprobeResponse { version })),
+            Err(ReprobeError::UnknownEndpoint(e)) => Err(GrpcError::from(e).into()),
+            Err(e @ ReprobeError::TimedOut(_)) => Err(Status::deadline_exceeded(e.to_string())),
+        }
     }
 
     async fn drain(

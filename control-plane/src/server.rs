@@ -168,7 +168,13 @@ pub fn spawn_background(
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<(), DiscoveryError> {
-    discovery::spawn(cp.config(), Arc::new(cp.clone()), tracker, cancel.clone())?;
+    discovery::spawn(
+        cp.config(),
+        Arc::new(cp.clone()),
+        cp.probe_rounds().clone(),
+        tracker,
+        cancel.clone(),
+    )?;
     tracker.spawn(cp.clone().run_background(cancel));
     Ok(())
 }

@@ -49,9 +49,13 @@
 //! from local files) go to create's targets: see [`blobs`].
 //!
 //! A client that goes away cancels every upstream request (the response
-//! body owns them). Listings change at the next discovery probe
-//! (`probe_interval`), not at once: the sidecar answers listings from the
-//! control plane's discovery.
+//! body owns them).
+//!
+//! Routing and listings come from the control plane's discovery, so before
+//! the outcome of pull, create, copy or delete is sent (the last line of a
+//! stream), the targets are re-probed ([`crate::router::Router::reprobe`]):
+//! a client that pulls and then asks for the model at once (`ollama run`)
+//! finds it. A failed re-probe only delays the change to the next probe.
 
 pub mod blobs;
 pub mod fanout;
@@ -59,7 +63,7 @@ pub mod progress;
 pub mod request;
 pub mod targets;
 
-use std::{convert::Infallible, time::Instant};
+use std::{convert::Infallible, sync::Arc, time::Instant};
 
 use axum::{
     Router,
@@ -139,6 +143,12 @@ impl Operation {
             Self::Pull | Self::Push | Self::Create => true,
             Self::Copy | Self::Delete => false,
         }
+    }
+
+    /// Whether the operation changes which models the endpoints list (all
+    /// but push).
+    pub fn changes_models(self) -> bool {
+        !matches!(self, Self::Push)
     }
 
     /// The verb used in messages.
@@ -234,6 +244,7 @@ async fn run(
             .into_iter()
             .chain(down.map(Some))
             .collect();
+        refresh(state, op, &targets.send_to).await;
         let outcome = summarize(
             &what,
             names
@@ -253,12 +264,21 @@ async fn run(
     }
     let events = fanout::events(client, calls);
     if request.stream {
-        return Ok(streamed(op, what, merge, events, state, started));
+        return Ok(streamed(
+            op,
+            what,
+            merge,
+            events,
+            state,
+            targets.send_to,
+            started,
+        ));
     }
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
         apply(&mut merge, event);
     }
+    refresh(state, op, &targets.send_to).await;
     let outcome = merge.finish(&what);
     log_outcome(op, &what, &outcome, started);
     match outcome {
@@ -291,6 +311,24 @@ fn calls(
         .collect()
 }
 
+/// After an operation that changes the endpoints' models, has the control
+/// plane probe them now, so the change is routable (and listed) by the time
+/// the client hears the outcome: `ollama run` pulls a missing model and
+/// then asks for it at once. A failure only delays the change to the next
+/// probe.
+async fn refresh(state: &AppState, op: Operation, endpoints: &[Arc<str>]) {
+    if !op.changes_models() || endpoints.is_empty() {
+        return;
+    }
+    if let Err(error) = state.router().reprobe(endpoints).await {
+        tracing::warn!(
+            route = op.path(),
+            %error,
+            "endpoints not re-probed; the change shows at the next probe"
+        );
+    }
+}
+
 /// Applies one endpoint event to the merge; returns the line to emit.
 fn apply(merge: &mut ProgressMerge, event: Event) -> Option<Value> {
     match event {
@@ -315,9 +353,11 @@ fn streamed(
     mut merge: ProgressMerge,
     events: impl futures::Stream<Item = Event> + Send + 'static,
     state: &AppState,
+    endpoints: Vec<Arc<str>>,
     started: Instant,
 ) -> Response {
     let shutdown = state.shutdown_token();
+    let state = state.clone();
     let body = async_stream::stream! {
         let mut events = std::pin::pin!(events);
         loop {
@@ -335,6 +375,7 @@ fn streamed(
                 yield Ok(ndjson(&line));
             }
         }
+        refresh(&state, op, &endpoints).await;
         let outcome = merge.finish(&what);
         log_outcome(op, &what, &outcome, started);
         yield Ok(ndjson(&outcome.to_line()));

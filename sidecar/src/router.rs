@@ -222,6 +222,28 @@ impl Router {
         }
     }
 
+    /// Has the control plane probe `urls` now, after a model was pulled,
+    /// created, copied or deleted on them, and returns once this sidecar's
+    /// cluster state includes the result: the change is routable and listed
+    /// at once instead of at the next `probe_interval`. The error says why
+    /// not (the change then shows at the next probe).
+    pub async fn reprobe(&self, urls: &[Arc<str>]) -> Result<(), String> {
+        match &*self.mode {
+            Mode::Embedded(e) => {
+                let urls: Vec<&str> = urls.iter().map(|u| &**u).collect();
+                e.control_plane()
+                    .reprobe(&urls)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            Mode::Remote(r) => r
+                .reprobe(urls)
+                .await
+                .map_err(|s| format!("Reprobe failed ({:?}): {}", s.code(), s.message())),
+        }
+    }
+
     /// Whether choices use affinity keys (`conversation_affinity` on; remote:
     /// as the last cluster state said, and yes before the first one). When
     /// off, the proxy does not derive them.

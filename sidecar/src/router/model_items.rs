@@ -8,7 +8,10 @@
 //! then fall back to names only once nothing was ever received).
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -34,6 +37,9 @@ pub(crate) struct ItemsCache {
     /// One refresh at a time: listings that find the answer stale while
     /// another is asking wait for that answer instead of asking too.
     refresh: tokio::sync::Mutex<()>,
+    /// Set when the endpoints' listings just changed (a model was pulled
+    /// or deleted through this sidecar): the next listing asks again.
+    expired: AtomicBool,
 }
 
 impl ItemsCache {
@@ -69,7 +75,14 @@ impl ItemsCache {
             }
         };
         *self.last.lock() = Some((Instant::now(), catalog.clone()));
+        self.expired.store(false, Ordering::Release);
         catalog
+    }
+
+    /// Makes the next listing ask the control plane again (the previous
+    /// answer is still served while it is unreachable).
+    pub(crate) fn expire(&self) {
+        self.expired.store(true, Ordering::Release);
     }
 
     /// The cached catalog if it is fresh, or if the control plane is
@@ -77,7 +90,8 @@ impl ItemsCache {
     fn usable(&self, reachable: bool) -> Option<Arc<ModelCatalog>> {
         let last = self.last.lock();
         let (at, catalog) = last.as_ref()?;
-        (at.elapsed() < MAX_AGE || !reachable).then(|| catalog.clone())
+        let fresh = at.elapsed() < MAX_AGE && !self.expired.load(Ordering::Acquire);
+        (fresh || !reachable).then(|| catalog.clone())
     }
 }
 
@@ -149,6 +163,12 @@ mod tests {
             &self,
             _: Request<v1::DrainRequest>,
         ) -> Result<Response<v1::DrainResponse>, Status> {
+            unused()
+        }
+        async fn reprobe(
+            &self,
+            _: Request<v1::ReprobeRequest>,
+        ) -> Result<Response<v1::ReprobeResponse>, Status> {
             unused()
         }
         async fn list_model_items(

@@ -57,7 +57,7 @@ use switchyard_control_plane::{
     ids::{LeaseId, SessionId},
     policy::select_from_cluster_state,
 };
-use switchyard_proto::v1::{self, routing_client::RoutingClient};
+use switchyard_proto::v1::{self, cluster_client::ClusterClient, routing_client::RoutingClient};
 use tokio::{
     runtime::Handle,
     sync::{Notify, mpsc},
@@ -331,6 +331,34 @@ impl RemoteRouter {
             .await
     }
 
+    /// Has the control plane probe `urls` now (`Cluster.Reprobe`), then
+    /// waits until this sidecar's `WatchUsage` state includes the result
+    /// and makes the next listing fetch the endpoints' items again.
+    pub(crate) async fn reprobe(&self, urls: &[Arc<str>]) -> Result<(), Status> {
+        let Some(shared) = &self.shared else {
+            return Err(Status::unavailable("no control plane configured"));
+        };
+        let mut client = ClusterClient::new(shared.channel.clone());
+        let message = v1::ReprobeRequest {
+            endpoints: urls.iter().map(|u| u.to_string()).collect(),
+        };
+        let call = client.reprobe(request(message, REPROBE_TIMEOUT));
+        let version = with_deadline(REPROBE_TIMEOUT, call).await?.version;
+        shared.model_items.expire();
+        let followed = async {
+            while self.cluster_state().version < version {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(FOLLOW_TIMEOUT, followed)
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "the WatchUsage stream did not reach state version {version} within {FOLLOW_TIMEOUT:?}"
+                ))
+            })
+    }
+
     pub(crate) fn uses_affinity_keys(&self) -> bool {
         self.shared
             .as_ref()
@@ -601,6 +629,13 @@ impl Drop for PendingChoose<'_> {
         }
     }
 }
+
+/// Longest wait for `Cluster.Reprobe`: the control plane bounds it by
+/// twice its probe timeout plus a second.
+const REPROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for the `WatchUsage` stream to carry a reprobe's version
+/// (the control plane publishes every `watch_interval`, 20 ms by default).
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn settings_rpc_timeout(settings: &RemoteSettings) -> Duration {
     settings.rpc_timeout.max(settings.choose_timeout)

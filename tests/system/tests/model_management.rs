@@ -149,7 +149,7 @@ async fn streamed_pull_merges_progress_of_every_ollama_backend() {
         assert_eq!(body, json!({"model": "fresh", "stream": true}));
     }
     assert_eq!(c.backends[1].requests_to("/api/pull").len(), 0);
-    // The listing shows it after the next discovery probe.
+    // The listing shows it (re-probed before the answer).
     wait_for_async(
         "pulled model listed",
         SOON,
@@ -621,4 +621,67 @@ async fn blobs_are_checked_on_and_teed_to_every_ollama_backend() {
     assert_eq!(r.status, 400, "{}", r.text);
     let r = send(c.http().post(c.at(&path)).body("no key")).await;
     assert_eq!(r.status, 401, "{}", r.text);
+}
+
+/// `ollama run` pulls a missing model and then asks for it at once. With an
+/// hour between discovery probes, the sidecar has the control plane re-probe
+/// the endpoints before it answers, so a pulled or copied model is routable
+/// and listed right away, and a deleted one is gone. Standalone and through
+/// a control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_routable_as_soon_as_they_are_answered() {
+    for standalone in [true, false] {
+        let builder = Cluster::builder()
+            .backend(ollama_fake(&["m:latest"]))
+            .backend(ollama_fake(&["m:latest"]))
+            .set("probe_interval", "1h")
+            .router_api_key(ROUTER_KEY);
+        let c = if standalone {
+            builder.standalone()
+        } else {
+            builder
+        }
+        .start()
+        .await;
+        let chat = |model: &str| {
+            post(
+                &c,
+                "/api/chat",
+                &json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": false}),
+            )
+        };
+        assert_eq!(send(chat("fresh")).await.status, 404);
+
+        let r = stream(
+            post(&c, "/api/pull", &json!({"model": "fresh"})),
+            Framing::Ndjson,
+        )
+        .await;
+        assert_eq!(
+            r.ndjson().last(),
+            Some(&json!({"status": "success"})),
+            "{}",
+            r.dump()
+        );
+        let r = send(chat("fresh")).await;
+        assert_eq!(r.status, 200, "standalone={standalone}: {}", r.text);
+        assert!(tags(&c).await.contains(&"fresh:latest".to_owned()));
+
+        let r = send(post(
+            &c,
+            "/api/copy",
+            &json!({"source": "fresh", "destination": "fresh-copy"}),
+        ))
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = send(chat("fresh-copy")).await;
+        assert_eq!(r.status, 200, "standalone={standalone}: {}", r.text);
+
+        let r = send(delete(&c, &json!({"model": "fresh"}))).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = send(chat("fresh")).await;
+        assert_eq!(r.status, 404, "standalone={standalone}: {}", r.text);
+        assert!(!tags(&c).await.contains(&"fresh:latest".to_owned()));
+        c.shutdown().await;
+    }
 }
