@@ -83,6 +83,9 @@ pub fn affinity_key(
         | ApiRoute::OllamaEmbeddings
         | ApiRoute::OllamaShow
         | ApiRoute::OpenAiEmbeddings
+        // Responses: `input` items, not `messages`; an explicit session
+        // header still gives affinity.
+        | ApiRoute::OpenAiResponses
         | ApiRoute::Rerank
         | ApiRoute::RerankAlias => {
             return None;

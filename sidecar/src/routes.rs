@@ -78,6 +78,9 @@ pub enum ApiRoute {
     OpenAiCompletions,
     /// OpenAI `POST /v1/embeddings`.
     OpenAiEmbeddings,
+    /// OpenAI `POST /v1/responses` (the Responses API, stateless: Ollama,
+    /// vLLM and recent llama-server builds serve it).
+    OpenAiResponses,
     /// OpenAI-style `POST /v1/rerank` (llama-server, vLLM, Jina/Cohere
     /// shape: `{model, query, documents, top_n?}`).
     Rerank,
@@ -88,7 +91,7 @@ pub enum ApiRoute {
 
 impl ApiRoute {
     /// Every routed inference route.
-    pub const ALL: [ApiRoute; 10] = [
+    pub const ALL: [ApiRoute; 11] = [
         Self::OllamaChat,
         Self::OllamaGenerate,
         Self::OllamaEmbed,
@@ -97,6 +100,7 @@ impl ApiRoute {
         Self::OpenAiChat,
         Self::OpenAiCompletions,
         Self::OpenAiEmbeddings,
+        Self::OpenAiResponses,
         Self::Rerank,
         Self::RerankAlias,
     ];
@@ -117,6 +121,7 @@ impl ApiRoute {
             Self::OpenAiChat => "/v1/chat/completions",
             Self::OpenAiCompletions => "/v1/completions",
             Self::OpenAiEmbeddings => "/v1/embeddings",
+            Self::OpenAiResponses => "/v1/responses",
             Self::Rerank => "/v1/rerank",
             Self::RerankAlias => "/rerank",
         }
@@ -133,6 +138,7 @@ impl ApiRoute {
             Self::OpenAiChat
             | Self::OpenAiCompletions
             | Self::OpenAiEmbeddings
+            | Self::OpenAiResponses
             | Self::Rerank
             | Self::RerankAlias => ApiFormat::OpenAi,
         }
@@ -141,7 +147,7 @@ impl ApiRoute {
     /// What the request does, for the control plane.
     pub fn kind(self) -> RequestKind {
         match self {
-            Self::OllamaChat | Self::OpenAiChat => RequestKind::Chat,
+            Self::OllamaChat | Self::OpenAiChat | Self::OpenAiResponses => RequestKind::Chat,
             Self::OllamaGenerate | Self::OpenAiCompletions => RequestKind::Generate,
             Self::OllamaEmbed | Self::OllamaEmbeddings | Self::OpenAiEmbeddings => {
                 RequestKind::Embed
@@ -157,7 +163,8 @@ impl ApiRoute {
             Self::OllamaChat
             | Self::OllamaGenerate
             | Self::OpenAiChat
-            | Self::OpenAiCompletions => true,
+            | Self::OpenAiCompletions
+            | Self::OpenAiResponses => true,
             Self::OllamaEmbed
             | Self::OllamaEmbeddings
             | Self::OllamaShow

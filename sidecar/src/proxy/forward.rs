@@ -64,6 +64,7 @@ fn openai_path(route: ApiRoute) -> Option<&'static str> {
         ApiRoute::OpenAiChat => Some("/chat/completions"),
         ApiRoute::OpenAiCompletions => Some("/completions"),
         ApiRoute::OpenAiEmbeddings => Some("/embeddings"),
+        ApiRoute::OpenAiResponses => Some("/responses"),
         ApiRoute::Rerank | ApiRoute::RerankAlias => Some("/rerank"),
         ApiRoute::OllamaChat
         | ApiRoute::OllamaGenerate
@@ -201,6 +202,7 @@ pub fn plan(
         ApiRoute::OpenAiChat
         | ApiRoute::OpenAiCompletions
         | ApiRoute::OpenAiEmbeddings
+        | ApiRoute::OpenAiResponses
         | ApiRoute::Rerank
         | ApiRoute::RerankAlias => {
             return Err(ProxyError::Internal(format!(

@@ -95,6 +95,7 @@ impl Fake {
             .route("/v1/chat/completions", post(fake_infer))
             .route("/v1/embeddings", post(fake_infer))
             .route("/v1/rerank", post(fake_infer))
+            .route("/v1/responses", post(fake_infer))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -230,6 +231,9 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
         return Json(json!({"modelfile": format!("FROM {}", body["name"].as_str().unwrap_or(&model)), "details": {}}))
             .into_response();
     }
+    if path == "/v1/responses" {
+        return responses_answer(&model, body["stream"].as_bool().unwrap_or(false));
+    }
     if path == "/v1/rerank" {
         // llama-server's answer (vLLM's has the same `results` and `usage`).
         let results: Vec<Value> = body["documents"]
@@ -325,6 +329,43 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
     (
         [(http::header::CONTENT_TYPE, content_type)],
         Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// The Responses API stream a fake sends (typed events, no `[DONE]`).
+fn responses_events(model: &str) -> Vec<String> {
+    let created = json!({"type": "response.created", "sequence_number": 0,
+        "response": {"id": "resp_1", "object": "response", "model": model, "status": "in_progress", "error": null, "usage": null}});
+    let delta = json!({"type": "response.output_text.delta", "sequence_number": 1,
+        "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "Hello"});
+    let completed = json!({"type": "response.completed", "sequence_number": 2,
+        "response": {"id": "resp_1", "object": "response", "model": model, "status": "completed", "error": null,
+                     "usage": {"input_tokens": 12, "output_tokens": 5, "total_tokens": 17}}});
+    [
+        ("response.created", created),
+        ("response.output_text.delta", delta),
+        ("response.completed", completed),
+    ]
+    .into_iter()
+    .map(|(event, data)| format!("event: {event}\ndata: {data}\n\n"))
+    .collect()
+}
+
+fn responses_answer(model: &str, stream: bool) -> Response {
+    if !stream {
+        return Json(json!({"id": "resp_1", "object": "response", "model": model, "status": "completed",
+            "error": null, "output_text": "Hello",
+            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]}],
+            "usage": {"input_tokens": 12, "output_tokens": 5, "total_tokens": 17}}))
+        .into_response();
+    }
+    let chunks = responses_events(model)
+        .into_iter()
+        .map(|e| Ok::<Bytes, Infallible>(Bytes::from(e)));
+    (
+        [(http::header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(futures::stream::iter(chunks)),
     )
         .into_response()
 }
@@ -911,6 +952,51 @@ async fn ollama_chat_is_translated_for_llama_server() {
         .unwrap();
     assert_eq!(tags["models"][0]["name"], "qwen:latest");
     wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+/// `POST /v1/responses` (the Responses API) is routed by model to the
+/// backend's `/v1/responses`: a stream passes through whole and ends at
+/// `response.completed` without an error appended (it has no `[DONE]`), and
+/// both forms release their lease.
+#[tokio::test]
+async fn responses_api_passes_through_streamed_and_not() {
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let url = format!("http://{}/v1/responses", sc.addr);
+    let r = client()
+        .post(&url)
+        .json(&json!({"model": "llama3", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["output_text"], "Hello", "{v}");
+    assert_eq!(v["usage"]["output_tokens"], 5, "{v}");
+
+    let r = client()
+        .post(&url)
+        .json(&json!({"model": "llama3", "input": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = r.text().await.unwrap();
+    assert_eq!(text, responses_events("llama3:latest").concat());
+
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|s| s.path == "/v1/responses"), "{seen:?}");
+    assert_eq!(seen[1].body["stream"], true);
+    wait_no_leases(&sc).await;
+    let metrics = metrics_text(&sc).await;
+    assert!(
+        metrics.contains("route=\"/v1/responses\"") && !metrics.contains("status=\"502\""),
+        "{metrics}"
+    );
     sc.shutdown().await;
 }
 

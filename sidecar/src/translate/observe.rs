@@ -63,6 +63,9 @@ impl OpenAiStreamObserver {
             self.error.get_or_insert(e.message);
             return;
         }
+        if self.observe_responses_event(&v) {
+            return;
+        }
         if let Some(u) = Usage::of(&v) {
             self.usage = Some(u);
         }
@@ -80,6 +83,39 @@ impl OpenAiStreamObserver {
                 })
             });
         self.finish_seen |= finished;
+    }
+
+    /// A Responses API event (`/v1/responses`: typed events, no `[DONE]`):
+    /// `response.completed` or `response.incomplete` ends the stream and
+    /// carries the usage; `response.failed` and `error` are in-band errors.
+    /// False for anything else (chat and completions chunks have no
+    /// `type`).
+    fn observe_responses_event(&mut self, v: &Value) -> bool {
+        let Some(kind) = v.get("type").and_then(Value::as_str) else {
+            return false;
+        };
+        match kind {
+            "response.completed" | "response.incomplete" => {
+                self.finish_seen = true;
+                if let Some(u) = v.get("response").and_then(Usage::of) {
+                    self.usage = Some(u);
+                }
+                true
+            }
+            "response.failed" | "error" => {
+                let error = match kind {
+                    "error" => v.get("message"),
+                    _ => v.pointer("/response/error/message"),
+                };
+                let message = error
+                    .and_then(Value::as_str)
+                    .filter(|m| !m.trim().is_empty())
+                    .unwrap_or("the backend reported the response failed");
+                self.error.get_or_insert_with(|| message.to_owned());
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Latest usage seen (`usage` first, llama.cpp `timings` as fallback).
@@ -374,6 +410,72 @@ mod tests {
         );
         assert_eq!(o.finish(), StreamEnd::Truncated);
         assert_eq!(o.tokens(), TokenCounts::default());
+    }
+
+    /// A Responses API stream (typed events, no `[DONE]`), as Ollama and
+    /// vLLM send it.
+    const RESPONSES_STREAM: &str = concat!(
+        "event: response.created\n",
+        "data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"error\":null,\"usage\":null}}\n\n",
+        "event: response.output_text.delta\n",
+        "data: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi\"}\n\n",
+        "event: response.completed\n",
+        "data: {\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"error\":null,\"usage\":{\"input_tokens\":12,\"output_tokens\":5,\"total_tokens\":17}}}\n\n"
+    );
+
+    #[test]
+    fn responses_stream_ends_at_completed_with_its_usage() {
+        for step in [1, 7, RESPONSES_STREAM.len()] {
+            let mut o = OpenAiStreamObserver::new();
+            for piece in RESPONSES_STREAM.as_bytes().chunks(step) {
+                o.push(piece);
+            }
+            assert_eq!(o.finish(), StreamEnd::Complete);
+            assert_eq!(
+                o.tokens(),
+                TokenCounts {
+                    prompt: 12,
+                    completion: 5
+                }
+            );
+        }
+        // Cut before `response.completed`: truncated.
+        let cut = RESPONSES_STREAM.find("event: response.completed").unwrap();
+        let mut o = OpenAiStreamObserver::new();
+        o.push(&RESPONSES_STREAM.as_bytes()[..cut]);
+        assert_eq!(o.finish(), StreamEnd::Truncated);
+    }
+
+    #[test]
+    fn responses_stream_failures_are_in_band_errors() {
+        let mut o = OpenAiStreamObserver::new();
+        o.push(b"event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"status\":\"failed\",\"error\":{\"code\":\"server_error\",\"message\":\"model crashed\"}}}\n\n");
+        assert_eq!(
+            o.finish(),
+            StreamEnd::Failed {
+                message: "model crashed".into()
+            }
+        );
+        let mut o = OpenAiStreamObserver::new();
+        o.push(b"event: error\ndata: {\"type\":\"error\",\"code\":\"rate_limit\",\"message\":\"slow down\",\"param\":null}\n\n");
+        assert_eq!(
+            o.finish(),
+            StreamEnd::Failed {
+                message: "slow down".into()
+            }
+        );
+    }
+
+    #[test]
+    fn responses_answer_counts_input_and_output_tokens() {
+        let body = br#"{"id":"resp_1","object":"response","status":"completed","error":null,"output":[],"usage":{"input_tokens":12,"output_tokens":5,"total_tokens":17}}"#;
+        assert_eq!(
+            observe_answer(body, ApiFormat::OpenAi),
+            Ok(TokenCounts {
+                prompt: 12,
+                completion: 5
+            })
+        );
     }
 
     #[test]

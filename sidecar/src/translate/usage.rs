@@ -30,12 +30,16 @@ pub(crate) struct Usage {
 }
 
 impl Usage {
-    /// The `usage` object of a body or chunk, when it is an object.
+    /// The `usage` object of a body or chunk, when it is an object
+    /// (chat and completions name the counts `prompt_tokens` and
+    /// `completion_tokens`; the Responses API `input_tokens` and
+    /// `output_tokens`).
     pub(crate) fn of(body: &Value) -> Option<Self> {
         let u = body.get("usage")?.as_object()?;
         Some(Self {
-            prompt: num_u64(u.get("prompt_tokens")),
-            completion: num_u64(u.get("completion_tokens")),
+            prompt: num_u64(u.get("prompt_tokens")).or_else(|| num_u64(u.get("input_tokens"))),
+            completion: num_u64(u.get("completion_tokens"))
+                .or_else(|| num_u64(u.get("output_tokens"))),
         })
     }
 }
