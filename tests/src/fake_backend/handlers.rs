@@ -45,6 +45,7 @@ pub(super) enum Route {
     V1Completions,
     V1Embeddings,
     V1Models,
+    V1Responses,
     Health,
     Pull,
     Push,
@@ -54,7 +55,7 @@ pub(super) enum Route {
 }
 
 impl Route {
-    pub(super) const COUNT: usize = 19;
+    pub(super) const COUNT: usize = 20;
     const ALL: [Route; Route::COUNT] = [
         Route::Root,
         Route::Tags,
@@ -69,6 +70,7 @@ impl Route {
         Route::V1Completions,
         Route::V1Embeddings,
         Route::V1Models,
+        Route::V1Responses,
         Route::Health,
         Route::Pull,
         Route::Push,
@@ -96,6 +98,7 @@ impl Route {
             Route::V1Completions => "/v1/completions",
             Route::V1Embeddings => "/v1/embeddings",
             Route::V1Models => "/v1/models",
+            Route::V1Responses => "/v1/responses",
             Route::Health => "/health",
             Route::Pull => "/api/pull",
             Route::Push => "/api/push",
@@ -140,7 +143,11 @@ impl Route {
     fn is_v1(self) -> bool {
         matches!(
             self,
-            Route::V1Chat | Route::V1Completions | Route::V1Embeddings | Route::V1Models
+            Route::V1Chat
+                | Route::V1Completions
+                | Route::V1Embeddings
+                | Route::V1Models
+                | Route::V1Responses
         )
     }
 
@@ -536,6 +543,7 @@ async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response
         }
         Route::V1Chat => render::openai_chat(&ctx, stream, include_usage),
         Route::V1Completions => render::openai_completion(&ctx, stream, include_usage),
+        Route::V1Responses => render::openai_responses(&ctx, stream),
         Route::Embed | Route::EmbeddingsLegacy | Route::V1Embeddings => {
             match render::embeddings(&ctx, route, &body) {
                 Ok(v) => Reply::Json(v),

@@ -452,6 +452,61 @@ pub(super) fn openai_chat(ctx: &ReplyCtx<'_>, stream: bool, include_usage: bool)
     })
 }
 
+/// `/v1/responses` reply (the Responses API, content only): one `message`
+/// output item; streamed as typed events (`event:` and `data:` lines)
+/// ending with `response.completed`, which carries the usage, and no
+/// `[DONE]`.
+pub(super) fn openai_responses(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
+    let script = ctx.script;
+    let id = format!("resp_{}", ctx.id);
+    let p = ctx.prompt_tokens();
+    let c = ctx.completion_tokens();
+    let usage = json!({"input_tokens": p, "output_tokens": c, "total_tokens": p + c});
+    let text = script.text();
+    let message = json!({"id": format!("msg_{}", ctx.id), "type": "message", "status": "completed",
+        "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]});
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": id, "object": "response", "created_at": ctx.created, "model": ctx.model,
+               "status": status, "error": null, "incomplete_details": null, "output": output,
+               "usage": usage})
+    };
+    if !stream {
+        return Reply::Json(response("completed", json!([message]), usage));
+    }
+    let mut seq = 0u64;
+    let mut event = |kind: &str, mut data: Value| {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(seq);
+        seq += 1;
+        Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+    };
+    let item = format!("msg_{}", ctx.id);
+    let mut frames = vec![event(
+        "response.created",
+        json!({"response": response("in_progress", json!([]), Value::Null)}),
+    )];
+    for piece in &script.content {
+        frames.push(event(
+            "response.output_text.delta",
+            json!({"item_id": item, "output_index": 0, "content_index": 0, "delta": piece}),
+        ));
+    }
+    let middle = frames.len();
+    frames.push(event(
+        "response.output_text.done",
+        json!({"item_id": item, "output_index": 0, "content_index": 0, "text": text}),
+    ));
+    frames.push(event(
+        "response.completed",
+        json!({"response": response("completed", json!([message]), usage)}),
+    ));
+    Reply::Stream(StreamReply {
+        content_type: SSE,
+        frames,
+        fail_at: fail_index(1, middle),
+    })
+}
+
 /// `/v1/completions` reply (content only; reasoning and tool calls are not
 /// part of text completions).
 pub(super) fn openai_completion(ctx: &ReplyCtx<'_>, stream: bool, include_usage: bool) -> Reply {

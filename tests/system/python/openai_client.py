@@ -75,6 +75,23 @@ def main():
         for a, b in zip(got, expect_vecs))
     check(same, f"embeddings: vectors differ from the expected ones in order: {got}")
 
+    # Responses API, not streamed and streamed (typed events ending with
+    # response.completed, no [DONE]).
+    r = client.responses.create(model=chat_model, input="hi")
+    check(r.output_text == expect_text,
+          f"responses non-stream: output_text {r.output_text!r} != {expect_text!r}")
+    text, completed, kinds = "", None, []
+    for event in client.responses.create(model=chat_model, input="hi", stream=True):
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        elif event.type == "response.completed":
+            completed = event.response
+    check(text == expect_text, f"responses stream: text {text!r} != {expect_text!r}")
+    check(completed is not None and completed.usage is not None
+          and completed.usage.output_tokens > 0,
+          f"responses stream: no response.completed with usage (events: {kinds})")
+
     # Model list.
     ids = [m.id for m in client.models.list()]
     check(any(i.split(":")[0] == chat_model.split(":")[0] for i in ids),
