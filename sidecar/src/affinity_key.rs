@@ -75,7 +75,9 @@ pub fn affinity_key(
         return Some(key(model, "|session:", &session));
     }
     let digest = match route {
-        ApiRoute::OllamaChat | ApiRoute::OpenAiChat => chat_opening(body.messages?)?,
+        ApiRoute::OllamaChat | ApiRoute::OpenAiChat | ApiRoute::AnthropicMessages => {
+            chat_opening(body.messages?)?
+        }
         ApiRoute::OllamaGenerate | ApiRoute::OpenAiCompletions => {
             prompt_opening(body.system, body.prompt)?
         }

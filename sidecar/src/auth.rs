@@ -3,15 +3,15 @@
 //!
 //! Invariants:
 //! - When a key is configured, every route except the liveness routes
-//!   (`GET /`, `HEAD /`, `GET /health`) requires `Authorization: Bearer <key>`
-//!   or `?api_key=<key>`; none → 401, a wrong one → 403, in the client's API
-//!   format.
+//!   (`GET /`, `HEAD /`, `GET /health`) requires `Authorization: Bearer <key>`,
+//!   `x-api-key: <key>` (how Anthropic clients send it) or `?api_key=<key>`;
+//!   none → 401, a wrong one → 403, in the client's API format.
 //! - The comparison is constant-time over SHA-256 digests of both sides, so
 //!   neither the content nor the length of the key leaks through timing.
 //! - `api_key` is removed from the query string before the request goes
 //!   further, so nothing downstream (logs, spans) can see it. The client's
-//!   `Authorization` header is never forwarded to a backend
-//!   (see `proxy::forward`).
+//!   `Authorization` and `x-api-key` headers are never forwarded to a
+//!   backend (see `proxy::forward`).
 
 use axum::{
     extract::{Request, State},
@@ -27,6 +27,10 @@ use crate::{errors::ProxyError, routes::ApiFormat, server::AppState};
 
 /// Query parameter that may carry the router key.
 pub const API_KEY_PARAM: &str = "api_key";
+
+/// The header Anthropic clients send their key in; accepted as the router
+/// key like `Authorization: Bearer`, and never forwarded to a backend.
+pub const X_API_KEY: &str = "x-api-key";
 
 /// Why a request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +72,12 @@ pub fn check(
         if let Some(token) = bearer_token(value.as_bytes()) {
             matched |= matches(token);
         }
+    }
+    // Anthropic clients (the SDKs, Claude Code with `ANTHROPIC_API_KEY`)
+    // send their key as `x-api-key`.
+    for value in headers.get_all(X_API_KEY) {
+        presented = true;
+        matched |= matches(value.as_bytes().trim_ascii());
     }
     if let Some(query) = query {
         for (name, value) in query_pairs(query) {

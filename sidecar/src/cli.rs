@@ -47,10 +47,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:12434";
         Without --control-plane the sidecar runs standalone.\n\n\
         HTTP routes: Ollama /api/chat /api/generate /api/embed /api/embeddings /api/show\n\
         /api/tags /api/ps /api/version, OpenAI /v1/chat/completions /v1/completions\n\
-        /v1/embeddings /v1/responses /v1/models /v1/models/{id}, reranking /v1/rerank /rerank,\n\
-        plus GET / (liveness), /health and /metrics. Model management fanned out to the\n\
-        Ollama endpoints: POST /api/pull /api/push /api/create /api/copy, DELETE /api/delete,\n\
-        HEAD/POST /api/blobs/{digest}.\n\n\
+        /v1/embeddings /v1/responses /v1/models /v1/models/{id}, Anthropic /v1/messages,\n\
+        reranking /v1/rerank /rerank, plus GET / (liveness), /health and /metrics.\n\
+        Model management fanned out to the Ollama endpoints: POST /api/pull /api/push\n\
+        /api/create /api/copy, DELETE /api/delete, HEAD/POST /api/blobs/{digest}.\n\n\
         Exit codes: 0 clean shutdown, 2 bad usage or configuration, 1 runtime failure."
 )]
 pub struct Args {

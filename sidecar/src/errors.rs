@@ -27,7 +27,9 @@ use crate::{
     router::RouteError,
     routes::ApiFormat,
     translate::{
-        TranslateError, UpstreamError, error::openai_error_type, ollama_error, openai_error,
+        TranslateError, UpstreamError,
+        error::{anthropic_error, openai_error_type},
+        ollama_error, openai_error,
     },
 };
 
@@ -332,6 +334,7 @@ impl ProxyError {
             return match format {
                 ApiFormat::Ollama => e.to_ollama(),
                 ApiFormat::OpenAi => e.to_openai(),
+                ApiFormat::Anthropic => e.to_anthropic(),
             };
         }
         let status = self.status();
@@ -346,6 +349,7 @@ impl ProxyError {
                 }
                 body
             }
+            ApiFormat::Anthropic => anthropic_error(&message, status),
         };
         (status, body)
     }
@@ -378,6 +382,10 @@ pub fn stream_error_chunk(format: ApiFormat, message: &str) -> Bytes {
         ApiFormat::OpenAi => {
             let body = openai_error(message, "server_error", None);
             Bytes::from(format!("data: {body}\n\n"))
+        }
+        ApiFormat::Anthropic => {
+            let body = anthropic_error(message, StatusCode::INTERNAL_SERVER_ERROR);
+            Bytes::from(format!("event: error\ndata: {body}\n\n"))
         }
     }
 }
@@ -478,12 +486,17 @@ mod tests {
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");
-            for format in [ApiFormat::Ollama, ApiFormat::OpenAi] {
+            for format in [ApiFormat::Ollama, ApiFormat::OpenAi, ApiFormat::Anthropic] {
                 let (s, body) = e.to_body(format);
                 assert_eq!(s.as_u16(), status);
                 match format {
                     ApiFormat::Ollama => assert!(body["error"].is_string(), "{body}"),
                     ApiFormat::OpenAi => {
+                        assert!(body["error"]["message"].is_string(), "{body}");
+                        assert!(body["error"]["type"].is_string(), "{body}");
+                    }
+                    ApiFormat::Anthropic => {
+                        assert_eq!(body["type"], "error", "{body}");
                         assert!(body["error"]["message"].is_string(), "{body}");
                         assert!(body["error"]["type"].is_string(), "{body}");
                     }

@@ -45,13 +45,18 @@ pub enum ApiFormat {
     Ollama,
     /// OpenAI (`/v1/*`): errors are `{"error":{message,type,param,code}}`.
     OpenAi,
+    /// Anthropic Messages (`/v1/messages`): errors are
+    /// `{"type":"error","error":{type,message}}`.
+    Anthropic,
 }
 
 impl ApiFormat {
-    /// The format of a request path: `/v1` and below, and `/rerank`, are
-    /// OpenAI; the rest Ollama.
+    /// The format of a request path: `/v1/messages` is Anthropic; `/v1` and
+    /// below, and `/rerank`, are OpenAI; the rest Ollama.
     pub fn for_path(path: &str) -> Self {
-        if path == "/v1" || path.starts_with("/v1/") || path == "/rerank" {
+        if path == "/v1/messages" {
+            Self::Anthropic
+        } else if path == "/v1" || path.starts_with("/v1/") || path == "/rerank" {
             Self::OpenAi
         } else {
             Self::Ollama
@@ -78,6 +83,10 @@ pub enum ApiRoute {
     OpenAiCompletions,
     /// OpenAI `POST /v1/embeddings`.
     OpenAiEmbeddings,
+    /// Anthropic `POST /v1/messages` (the Messages API: Ollama, vLLM and
+    /// recent llama-server builds serve it, for Claude Code and the
+    /// Anthropic SDKs).
+    AnthropicMessages,
     /// OpenAI `POST /v1/responses` (the Responses API, stateless: Ollama,
     /// vLLM and recent llama-server builds serve it).
     OpenAiResponses,
@@ -91,7 +100,7 @@ pub enum ApiRoute {
 
 impl ApiRoute {
     /// Every routed inference route.
-    pub const ALL: [ApiRoute; 11] = [
+    pub const ALL: [ApiRoute; 12] = [
         Self::OllamaChat,
         Self::OllamaGenerate,
         Self::OllamaEmbed,
@@ -101,6 +110,7 @@ impl ApiRoute {
         Self::OpenAiCompletions,
         Self::OpenAiEmbeddings,
         Self::OpenAiResponses,
+        Self::AnthropicMessages,
         Self::Rerank,
         Self::RerankAlias,
     ];
@@ -122,6 +132,7 @@ impl ApiRoute {
             Self::OpenAiCompletions => "/v1/completions",
             Self::OpenAiEmbeddings => "/v1/embeddings",
             Self::OpenAiResponses => "/v1/responses",
+            Self::AnthropicMessages => "/v1/messages",
             Self::Rerank => "/v1/rerank",
             Self::RerankAlias => "/rerank",
         }
@@ -141,13 +152,17 @@ impl ApiRoute {
             | Self::OpenAiResponses
             | Self::Rerank
             | Self::RerankAlias => ApiFormat::OpenAi,
+            Self::AnthropicMessages => ApiFormat::Anthropic,
         }
     }
 
     /// What the request does, for the control plane.
     pub fn kind(self) -> RequestKind {
         match self {
-            Self::OllamaChat | Self::OpenAiChat | Self::OpenAiResponses => RequestKind::Chat,
+            Self::OllamaChat
+            | Self::OpenAiChat
+            | Self::OpenAiResponses
+            | Self::AnthropicMessages => RequestKind::Chat,
             Self::OllamaGenerate | Self::OpenAiCompletions => RequestKind::Generate,
             Self::OllamaEmbed | Self::OllamaEmbeddings | Self::OpenAiEmbeddings => {
                 RequestKind::Embed
@@ -164,7 +179,8 @@ impl ApiRoute {
             | Self::OllamaGenerate
             | Self::OpenAiChat
             | Self::OpenAiCompletions
-            | Self::OpenAiResponses => true,
+            | Self::OpenAiResponses
+            | Self::AnthropicMessages => true,
             Self::OllamaEmbed
             | Self::OllamaEmbeddings
             | Self::OllamaShow

@@ -65,6 +65,7 @@ fn openai_path(route: ApiRoute) -> Option<&'static str> {
         ApiRoute::OpenAiCompletions => Some("/completions"),
         ApiRoute::OpenAiEmbeddings => Some("/embeddings"),
         ApiRoute::OpenAiResponses => Some("/responses"),
+        ApiRoute::AnthropicMessages => Some("/messages"),
         ApiRoute::Rerank | ApiRoute::RerankAlias => Some("/rerank"),
         ApiRoute::OllamaChat
         | ApiRoute::OllamaGenerate
@@ -203,6 +204,7 @@ pub fn plan(
         | ApiRoute::OpenAiCompletions
         | ApiRoute::OpenAiEmbeddings
         | ApiRoute::OpenAiResponses
+        | ApiRoute::AnthropicMessages
         | ApiRoute::Rerank
         | ApiRoute::RerankAlias => {
             return Err(ProxyError::Internal(format!(
@@ -249,6 +251,7 @@ fn is_dropped_request_header(name: &HeaderName) -> bool {
         || name == ACCEPT_ENCODING
         || name == CONTENT_TYPE
         || SESSION_HEADERS.contains(&n)
+        || n == crate::auth::X_API_KEY
 }
 
 /// Headers named in the client's `Connection` header are hop-by-hop too.

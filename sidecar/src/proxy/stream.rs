@@ -252,14 +252,16 @@ pub(crate) async fn exchange(
             let mut headers = forward::response_headers(&upstream_headers);
             let default_type = match format {
                 ApiFormat::Ollama => NDJSON,
-                ApiFormat::OpenAi => EVENT_STREAM,
+                ApiFormat::OpenAi | ApiFormat::Anthropic => EVENT_STREAM,
             };
             headers
                 .entry(CONTENT_TYPE)
                 .or_insert(HeaderValue::from_static(default_type));
             let transform = match format {
                 ApiFormat::Ollama => Transform::Ollama(OllamaStreamObserver::new()),
-                ApiFormat::OpenAi => Transform::OpenAi(OpenAiStreamObserver::new()),
+                ApiFormat::OpenAi | ApiFormat::Anthropic => {
+                    Transform::OpenAi(OpenAiStreamObserver::new())
+                }
             };
             (transform, headers)
         }

@@ -96,6 +96,7 @@ impl Fake {
             .route("/v1/embeddings", post(fake_infer))
             .route("/v1/rerank", post(fake_infer))
             .route("/v1/responses", post(fake_infer))
+            .route("/v1/messages", post(fake_infer))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -231,6 +232,9 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
         return Json(json!({"modelfile": format!("FROM {}", body["name"].as_str().unwrap_or(&model)), "details": {}}))
             .into_response();
     }
+    if path == "/v1/messages" {
+        return messages_answer(&model, body["stream"].as_bool().unwrap_or(false));
+    }
     if path == "/v1/responses" {
         return responses_answer(&model, body["stream"].as_bool().unwrap_or(false));
     }
@@ -361,6 +365,66 @@ fn responses_answer(model: &str, stream: bool) -> Response {
         .into_response();
     }
     let chunks = responses_events(model)
+        .into_iter()
+        .map(|e| Ok::<Bytes, Infallible>(Bytes::from(e)));
+    (
+        [(http::header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(futures::stream::iter(chunks)),
+    )
+        .into_response()
+}
+
+/// The Anthropic Messages stream a fake sends (typed events, ending with
+/// `message_stop`).
+fn messages_events(model: &str) -> Vec<String> {
+    [
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
+            "role": "assistant", "model": model, "content": [], "stop_reason": null,
+            "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": "Hel"}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": "lo"}}),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 5}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ]
+    .into_iter()
+    .map(|(event, data)| format!("event: {event}\ndata: {data}\n\n"))
+    .collect()
+}
+
+fn messages_answer(model: &str, stream: bool) -> Response {
+    if !stream {
+        return Json(
+            json!({"id": "msg_1", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 12, "output_tokens": 5}}),
+        )
+        .into_response();
+    }
+    let chunks = messages_events(model)
         .into_iter()
         .map(|e| Ok::<Bytes, Infallible>(Bytes::from(e)));
     (
@@ -952,6 +1016,90 @@ async fn ollama_chat_is_translated_for_llama_server() {
         .unwrap();
     assert_eq!(tags["models"][0]["name"], "qwen:latest");
     wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+/// `POST /v1/messages` (Anthropic Messages, what Claude Code speaks) is
+/// routed by model to the backend's `/v1/messages`: the router key may come
+/// as `x-api-key` (and is never forwarded), a stream passes through whole and
+/// ends at `message_stop` without an error appended, and refusals are in
+/// Anthropic's error format.
+#[tokio::test]
+async fn anthropic_messages_pass_through_with_anthropic_errors() {
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = format!("{}router_api_key: rk\n", endpoints_yaml(&[&fake]));
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 1).await;
+    let url = format!("http://{}/v1/messages", sc.addr);
+    let messages = |body: Value| {
+        client()
+            .post(&url)
+            .header("x-api-key", "rk")
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+    };
+    let ask = json!({"model": "llama3", "max_tokens": 64,
+                     "messages": [{"role": "user", "content": "hi"}]});
+    let r = messages(ask.clone()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["content"][0]["text"], "Hello", "{v}");
+
+    let mut streamed = ask.clone();
+    streamed["stream"] = json!(true);
+    let r = messages(streamed).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    assert_eq!(
+        r.text().await.unwrap(),
+        messages_events("llama3:latest").concat()
+    );
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(s.path, "/v1/messages");
+        assert!(s.headers.get("x-api-key").is_none(), "{:?}", s.headers);
+        assert!(s.headers.get("authorization").is_none(), "{:?}", s.headers);
+        assert_eq!(s.headers["anthropic-version"], "2023-06-01");
+    }
+    wait_no_leases(&sc).await;
+
+    // Refusals in Anthropic's format: unknown model, bad body, no key.
+    let mut unknown = ask.clone();
+    unknown["model"] = json!("nope");
+    let r = messages(unknown).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "not_found_error", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("nope"),
+        "{v}"
+    );
+    let r = client()
+        .post(&url)
+        .header("x-api-key", "rk")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    let r = client().post(&url).json(&ask).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+    let r = client()
+        .post(&url)
+        .header("x-api-key", "wrong")
+        .json(&ask)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(fake.inference_count(), 2);
     sc.shutdown().await;
 }
 

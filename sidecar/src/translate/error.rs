@@ -31,6 +31,24 @@ pub fn openai_error(msg: &str, error_type: &str, code: Option<&str>) -> Value {
     })
 }
 
+/// An Anthropic Messages API error body:
+/// `{"type":"error","error":{"type","message"}}`, typed by status as the
+/// Anthropic API does.
+pub fn anthropic_error(msg: &str, status: StatusCode) -> Value {
+    let error_type = match status.as_u16() {
+        400 | 405 | 415 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    };
+    json!({"type": "error", "error": {"type": error_type, "message": msg}})
+}
+
 /// The OpenAI error `type` conventionally used for a status.
 pub fn openai_error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
@@ -183,6 +201,12 @@ impl UpstreamError {
             status,
             openai_error(&self.client_message(), error_type, self.code.as_deref()),
         )
+    }
+
+    /// Status and Anthropic error body for an Anthropic Messages client.
+    pub fn to_anthropic(&self) -> (StatusCode, Value) {
+        let status = self.ollama_status();
+        (status, anthropic_error(&self.client_message(), status))
     }
 
     /// A 404 that names nothing: FastAPI's `Not Found` (vLLM,

@@ -85,9 +85,13 @@ impl OpenAiStreamObserver {
         self.finish_seen |= finished;
     }
 
-    /// A Responses API event (`/v1/responses`: typed events, no `[DONE]`):
-    /// `response.completed` or `response.incomplete` ends the stream and
-    /// carries the usage; `response.failed` and `error` are in-band errors.
+    /// A typed event of the Responses API (`/v1/responses`) or the
+    /// Anthropic Messages API (`/v1/messages`); neither sends `[DONE]`.
+    /// Responses: `response.completed` or `response.incomplete` ends the
+    /// stream and carries the usage; `response.failed` and `error` are
+    /// in-band errors. Messages: `message_start` carries the input tokens,
+    /// `message_delta` the output tokens so far, `message_stop` ends the
+    /// stream (its `error` events carry an `error` object, caught before).
     /// False for anything else (chat and completions chunks have no
     /// `type`).
     fn observe_responses_event(&mut self, v: &Value) -> bool {
@@ -95,6 +99,26 @@ impl OpenAiStreamObserver {
             return false;
         };
         match kind {
+            "message_start" => {
+                if let Some(u) = v.get("message").and_then(Usage::of) {
+                    self.usage = Some(u);
+                }
+                true
+            }
+            "message_delta" => {
+                if let Some(u) = Usage::of(v) {
+                    let before = self.usage.unwrap_or_default();
+                    self.usage = Some(Usage {
+                        prompt: u.prompt.or(before.prompt),
+                        completion: u.completion.or(before.completion),
+                    });
+                }
+                true
+            }
+            "message_stop" => {
+                self.finish_seen = true;
+                true
+            }
             "response.completed" | "response.incomplete" => {
                 self.finish_seen = true;
                 if let Some(u) = v.get("response").and_then(Usage::of) {
@@ -254,7 +278,7 @@ pub fn observe_answer(body: &[u8], format: ApiFormat) -> Result<TokenCounts, Ups
         }
         Ok(match format {
             ApiFormat::Ollama => tokens_from_ollama_body(&v),
-            ApiFormat::OpenAi => tokens_from_openai_body(&v),
+            ApiFormat::OpenAi | ApiFormat::Anthropic => tokens_from_openai_body(&v),
         })
     };
     // Not an object, not JSON, or a key given twice: the general path.
@@ -270,7 +294,7 @@ pub fn observe_answer(body: &[u8], format: ApiFormat) -> Result<TokenCounts, Ups
             prompt: num_u64(raw_value(fields.prompt_eval_count).as_ref()).unwrap_or(0),
             completion: num_u64(raw_value(fields.eval_count).as_ref()).unwrap_or(0),
         },
-        ApiFormat::OpenAi => {
+        ApiFormat::OpenAi | ApiFormat::Anthropic => {
             let mut top = Map::new();
             for (key, raw) in [("usage", fields.usage), ("timings", fields.timings)] {
                 if let Some(v) = raw_value(raw) {
@@ -321,14 +345,14 @@ mod tests {
             "",
         ];
         for body in bodies {
-            for format in [ApiFormat::Ollama, ApiFormat::OpenAi] {
+            for format in [ApiFormat::Ollama, ApiFormat::OpenAi, ApiFormat::Anthropic] {
                 let expected = match serde_json::from_str::<Value>(body) {
                     Err(_) => Ok(TokenCounts::default()),
                     Ok(v) => match UpstreamError::from_stream_value(&v) {
                         Some(e) => Err(e.message),
                         None => Ok(match format {
                             ApiFormat::Ollama => tokens_from_ollama_body(&v),
-                            ApiFormat::OpenAi => tokens_from_openai_body(&v),
+                            ApiFormat::OpenAi | ApiFormat::Anthropic => tokens_from_openai_body(&v),
                         }),
                     },
                 };
@@ -462,6 +486,39 @@ mod tests {
             o.finish(),
             StreamEnd::Failed {
                 message: "slow down".into()
+            }
+        );
+    }
+
+    #[test]
+    fn anthropic_stream_ends_at_message_stop_with_both_counts() {
+        let body = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+        );
+        let mut o = OpenAiStreamObserver::new();
+        o.push(body.as_bytes());
+        assert_eq!(o.finish(), StreamEnd::Complete);
+        assert_eq!(
+            o.tokens(),
+            TokenCounts {
+                prompt: 12,
+                completion: 5
+            }
+        );
+        let cut = body.find("event: message_stop").unwrap();
+        let mut o = OpenAiStreamObserver::new();
+        o.push(&body.as_bytes()[..cut]);
+        assert_eq!(o.finish(), StreamEnd::Truncated);
+        let mut o = OpenAiStreamObserver::new();
+        o.push(b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n");
+        assert_eq!(
+            o.finish(),
+            StreamEnd::Failed {
+                message: "Overloaded".into()
             }
         );
     }
