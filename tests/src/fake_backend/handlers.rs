@@ -46,6 +46,7 @@ pub(super) enum Route {
     V1Embeddings,
     V1Models,
     V1Responses,
+    V1Messages,
     Health,
     Pull,
     Push,
@@ -55,7 +56,7 @@ pub(super) enum Route {
 }
 
 impl Route {
-    pub(super) const COUNT: usize = 20;
+    pub(super) const COUNT: usize = 21;
     const ALL: [Route; Route::COUNT] = [
         Route::Root,
         Route::Tags,
@@ -71,6 +72,7 @@ impl Route {
         Route::V1Embeddings,
         Route::V1Models,
         Route::V1Responses,
+        Route::V1Messages,
         Route::Health,
         Route::Pull,
         Route::Push,
@@ -99,6 +101,7 @@ impl Route {
             Route::V1Embeddings => "/v1/embeddings",
             Route::V1Models => "/v1/models",
             Route::V1Responses => "/v1/responses",
+            Route::V1Messages => "/v1/messages",
             Route::Health => "/health",
             Route::Pull => "/api/pull",
             Route::Push => "/api/push",
@@ -148,6 +151,7 @@ impl Route {
                 | Route::V1Embeddings
                 | Route::V1Models
                 | Route::V1Responses
+                | Route::V1Messages
         )
     }
 
@@ -544,6 +548,7 @@ async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response
         Route::V1Chat => render::openai_chat(&ctx, stream, include_usage),
         Route::V1Completions => render::openai_completion(&ctx, stream, include_usage),
         Route::V1Responses => render::openai_responses(&ctx, stream),
+        Route::V1Messages => render::anthropic_messages(&ctx, stream),
         Route::Embed | Route::EmbeddingsLegacy | Route::V1Embeddings => {
             match render::embeddings(&ctx, route, &body) {
                 Ok(v) => Reply::Json(v),

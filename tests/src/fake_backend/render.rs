@@ -491,7 +491,7 @@ pub(super) fn openai_responses(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
             json!({"item_id": item, "output_index": 0, "content_index": 0, "delta": piece}),
         ));
     }
-    let middle = frames.len();
+    let middle = script.content.len();
     frames.push(event(
         "response.output_text.done",
         json!({"item_id": item, "output_index": 0, "content_index": 0, "text": text}),
@@ -504,6 +504,62 @@ pub(super) fn openai_responses(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
         content_type: SSE,
         frames,
         fail_at: fail_index(1, middle),
+    })
+}
+
+/// `/v1/messages` reply (Anthropic Messages, content only): one text
+/// block; streamed as typed events from `message_start` (input tokens) to
+/// `message_stop`, the output tokens on `message_delta`.
+pub(super) fn anthropic_messages(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
+    let script = ctx.script;
+    let id = format!("msg_{}", ctx.id);
+    let stop_reason = match finish_str(script) {
+        "length" => "max_tokens",
+        _ => "end_turn",
+    };
+    let (p, c) = (ctx.prompt_tokens(), ctx.completion_tokens());
+    if !stream {
+        return Reply::Json(json!({"id": id, "type": "message", "role": "assistant",
+            "model": ctx.model, "content": [{"type": "text", "text": script.text()}],
+            "stop_reason": stop_reason, "stop_sequence": null,
+            "usage": {"input_tokens": p, "output_tokens": c}}));
+    }
+    let event = |kind: &str, data: Value| Bytes::from(format!("event: {kind}\ndata: {data}\n\n"));
+    let mut frames = vec![
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": id, "type": "message",
+                "role": "assistant", "model": ctx.model, "content": [], "stop_reason": null,
+                "stop_sequence": null, "usage": {"input_tokens": p, "output_tokens": 1}}}),
+        ),
+        event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "text", "text": ""}}),
+        ),
+    ];
+    for piece in &script.content {
+        frames.push(event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "text_delta", "text": piece}}),
+        ));
+    }
+    let middle = script.content.len();
+    frames.push(event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    frames.push(event(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+               "usage": {"output_tokens": c}}),
+    ));
+    frames.push(event("message_stop", json!({"type": "message_stop"})));
+    Reply::Stream(StreamReply {
+        content_type: SSE,
+        frames,
+        fail_at: fail_index(2, middle),
     })
 }
 

@@ -92,7 +92,7 @@ pub async fn run_script_ok(script: &str, args: &[&str], env: &[(&str, &str)]) ->
     let out = run_script(script, args, env).await;
     if out.code != Some(0) {
         let hint = if out.stderr.contains("ModuleNotFoundError") {
-            "\nThe venv lacks a package: run tests/run.sh (installs `openai` and `ollama`)."
+            "\nThe venv lacks a package: run tests/run.sh (installs `openai`, `ollama` and `anthropic`)."
         } else {
             ""
         };

@@ -1,5 +1,7 @@
 //! The official Python clients end to end through a sidecar: `openai`
-//! (chat, streamed chat, completions, embeddings, models) and `ollama`
+//! (chat, streamed chat, completions, embeddings, responses, models),
+//! `anthropic` (messages, streamed and not, behind a router key sent as
+//! `x-api-key`) and `ollama`
 //! (chat and generate both ways, embed with a list, list, show), against an
 //! Ollama-mode fake and an OpenAI-mode fake (so the ollama client also
 //! exercises translation). The scripts are first run straight against the
@@ -66,6 +68,30 @@ async fn scripts_pass_against_the_fakes_directly() {
         openai.embedding_dims(),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_client_directly_and_through_a_sidecar() {
+    let ollama = FakeBackend::start(ollama_fake(&["m:latest"])).await;
+    let direct = [("EXPECT_TEXT", TEXT)];
+    let out = run_script_ok("anthropic_client.py", &[&ollama.url(), "m"], &direct).await;
+    assert!(out.stdout.contains("checks passed"), "{}", out.stdout);
+
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .router_api_key("router-secret")
+        .start()
+        .await;
+    let through = [("EXPECT_TEXT", TEXT), ("API_KEY", "router-secret")];
+    let out = run_script_ok("anthropic_client.py", &[&c.url(0), "m"], &through).await;
+    assert!(out.stdout.contains("checks passed"), "{}", out.stdout);
+    // The router key (sent as `x-api-key`) never reached the backend.
+    let seen = c.backend(0).requests_to("/v1/messages");
+    assert_eq!(seen.len(), 2, "the unknown model never reaches it");
+    for r in seen {
+        assert!(r.headers.get("x-api-key").is_none(), "{:?}", r.headers);
+    }
+    c.wait_usage(0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
