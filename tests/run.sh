@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole Switchyard test suite, as README.md documents it and .ci/run runs it.
 #
-# 1. Python venv (.venv) with the official `openai` and `ollama` clients the
+# 1. Python venv (.venv) with the official `openai`, `anthropic` and `ollama` clients the
 #    end-to-end tests drive, and `kubernetes-validate` for deploy/.
 # 2. Every Rust test in the workspace (unit, property, integration, fault
 #    injection, client end-to-end).
