@@ -32,7 +32,8 @@
 //!   as Ollama). Backends are always asked to stream, so a slow pull shows
 //!   life and each backend's progress can be merged. Streamed: one NDJSON
 //!   stream, each line sent as soon as it is produced, `digest` lines
-//!   summed per digest over the endpoints, status-only lines once, and last
+//!   merged per digest (the layer's size, the endpoints' average progress:
+//!   [`progress`]), status-only lines once, and last
 //!   either `{"status":"success"}` (every endpoint succeeded) or one
 //!   `{"error":..}` naming each failed endpoint. Not streamed: 200
 //!   `{"status":"success"}`, or the first failure's status (the backend's

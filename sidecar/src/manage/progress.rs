@@ -2,10 +2,16 @@
 //! summary of a fan-out's failures: pure types, no I/O.
 //!
 //! Rules (see [`crate::manage`] for why):
-//! - A line with a `digest` is aggregated per digest: `total` and
-//!   `completed` are sums over the endpoints that reported that digest. Each
-//!   endpoint's `completed` counts at its highest value so far, so the sum
-//!   never goes down (a client's progress bar stays monotonic).
+//! - A line with a `digest` is aggregated per digest. A digest names the
+//!   same bytes on every endpoint, so `total` is the layer's size as the
+//!   endpoints report it: the Ollama CLI fixes a bar's total at the first
+//!   line it sees for a digest, so the total must not grow as more
+//!   endpoints start. `completed` is the average over the endpoints taking
+//!   part (failed ones are left out; one that has not reported the digest
+//!   yet counts 0, one that succeeded counts the whole layer, so a layer it
+//!   already had does not hold the bar back), each at its highest value so
+//!   far, and the emitted value never goes down: the bar reaches the total
+//!   when every endpoint has the layer.
 //! - A status-only line (`pulling manifest`, `writing manifest`, ...) is
 //!   emitted the first time any endpoint sends it.
 //! - `{"status":"success"}` from an endpoint marks it succeeded and is not
@@ -122,6 +128,9 @@ pub struct ProgressMerge {
     seen: HashSet<String>,
     /// Per digest, each endpoint's part (indexed like `names`).
     digests: BTreeMap<String, Vec<Option<Part>>>,
+    /// Per digest, the `completed` last emitted (emitted values never go
+    /// down).
+    emitted: BTreeMap<String, u64>,
 }
 
 impl ProgressMerge {
@@ -133,6 +142,7 @@ impl ProgressMerge {
             states,
             seen: HashSet::new(),
             digests: BTreeMap::new(),
+            emitted: BTreeMap::new(),
         }
     }
 
@@ -214,7 +224,9 @@ impl ProgressMerge {
         }
     }
 
-    /// Records `endpoint`'s numbers for `digest` and returns the summed line.
+    /// Records `endpoint`'s numbers for `digest` and returns the merged
+    /// line: the layer's size, and the average progress over the endpoints
+    /// taking part (see the module docs).
     fn digest_line(
         &mut self,
         endpoint: usize,
@@ -236,15 +248,28 @@ impl ProgressMerge {
                 part.completed = Some(part.completed.unwrap_or(0).max(completed));
             }
         }
-        let reported = parts.iter().flatten();
-        let total: u64 = reported.clone().map(|p| p.total).sum();
-        let completed = reported
-            .clone()
-            .any(|p| p.completed.is_some())
-            .then(|| reported.map(|p| p.completed.unwrap_or(0)).sum::<u64>());
+        let total = parts.iter().flatten().map(|p| p.total).max().unwrap_or(0);
+        let any_completed = parts.iter().flatten().any(|p| p.completed.is_some());
         let mut out = json!({ "status": status, "digest": digest, "total": total });
-        if let (Some(completed), Value::Object(out)) = (completed, &mut out) {
-            out.insert("completed".into(), completed.into());
+        if !any_completed {
+            return out;
+        }
+        let mut sum = 0u64;
+        let mut taking_part = 0u64;
+        for (state, part) in self.states.iter().zip(parts.iter()) {
+            let done = match state {
+                State::Failed(_) => continue,
+                State::Succeeded => total,
+                State::Running => part.and_then(|p| p.completed).unwrap_or(0),
+            };
+            sum = sum.saturating_add(done.min(total));
+            taking_part += 1;
+        }
+        let average = sum.checked_div(taking_part).unwrap_or(0);
+        let emitted = self.emitted.entry(digest.to_owned()).or_insert(0);
+        *emitted = (*emitted).max(average).min(total);
+        if let Value::Object(out) = &mut out {
+            out.insert("completed".into(), (*emitted).into());
         }
         out
     }
@@ -280,28 +305,53 @@ mod tests {
     }
 
     #[test]
-    fn digests_sum_over_the_endpoints_that_reported_them() {
+    fn a_digest_is_the_layers_size_and_the_average_progress() {
         let mut m = merge(3);
         let line = m.observe(0, &digest("sha256:a", 100, None)).unwrap();
         assert_eq!(line["total"], 100);
         assert!(line.get("completed").is_none(), "{line}");
         assert_eq!(line["status"], "pulling sha256:a");
-        let line = m.observe(1, &digest("sha256:a", 100, Some(40))).unwrap();
+        // The total stays the layer's size as more endpoints start.
+        let line = m.observe(1, &digest("sha256:a", 100, Some(60))).unwrap();
         assert_eq!(
             (line["total"].as_u64(), line["completed"].as_u64()),
-            (Some(200), Some(40))
+            (Some(100), Some(20))
         );
         let line = m.observe(0, &digest("sha256:a", 100, Some(30))).unwrap();
         assert_eq!(
             (line["total"].as_u64(), line["completed"].as_u64()),
-            (Some(200), Some(70))
+            (Some(100), Some(30))
         );
+        // An endpoint that already had the layer succeeds without
+        // reporting it: it counts as complete, not as 0.
+        m.observe(2, &json!({"status": "success"}));
+        let line = m.observe(1, &digest("sha256:a", 100, Some(90))).unwrap();
+        assert_eq!(line["completed"], 73, "{line}");
+        let line = m.observe(0, &digest("sha256:a", 100, Some(100))).unwrap();
+        assert_eq!(line["completed"], 96, "{line}");
+        let line = m.observe(1, &digest("sha256:a", 100, Some(100))).unwrap();
+        assert_eq!(line["completed"], 100, "{line}");
         // Another digest is counted on its own.
-        let line = m.observe(2, &digest("sha256:b", 5, Some(5))).unwrap();
+        let line = m.observe(0, &digest("sha256:b", 5, Some(5))).unwrap();
         assert_eq!(
             (line["total"].as_u64(), line["completed"].as_u64()),
-            (Some(5), Some(5))
+            (Some(5), Some(3))
         );
+    }
+
+    #[test]
+    fn a_failed_endpoint_leaves_the_average_without_lowering_it() {
+        let mut m = merge(2);
+        m.observe(0, &digest("sha256:a", 100, Some(80)));
+        m.fail(
+            0,
+            EndpointFailure::new(StatusCode::BAD_GATEWAY, "connection reset"),
+        );
+        // Now only endpoint 1 takes part: 10 %, but 40 % was already shown.
+        let line = m.observe(1, &digest("sha256:a", 100, Some(10))).unwrap();
+        assert_eq!(line["completed"], 40, "{line}");
+        let line = m.observe(1, &digest("sha256:a", 100, Some(70))).unwrap();
+        assert_eq!(line["completed"], 70, "{line}");
     }
 
     #[test]
@@ -323,10 +373,11 @@ mod tests {
                 .unwrap();
             let now = line["completed"].as_u64().unwrap();
             assert!(now >= last, "went from {last} to {now}");
-            assert!(now <= line["total"].as_u64().unwrap(), "{line}");
+            assert_eq!(line["total"], 100, "{line}");
+            assert!(now <= 100, "{line}");
             last = now;
         }
-        assert_eq!(last, 200);
+        assert_eq!(last, 100);
     }
 
     #[test]
