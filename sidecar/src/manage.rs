@@ -91,7 +91,10 @@ use self::{
     fanout::{Call, Event},
     request::ManageRequest,
 };
-use crate::{errors::ProxyError, proxy::request::read_body, routes::ApiFormat, server::AppState};
+use crate::{
+    errors::ProxyError, metrics::ManagementLabels, proxy::request::read_body, routes::ApiFormat,
+    server::AppState,
+};
 
 /// One model-management operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -197,6 +200,10 @@ async fn handle(state: AppState, op: Operation, req: Request) -> Response {
         () = shutdown.cancelled() => Err(ProxyError::ShuttingDown),
     };
     result.unwrap_or_else(|error| {
+        // A failed fan-out was counted when its outcome was logged.
+        if !matches!(error, ProxyError::FanOutFailed { .. }) {
+            count(&state, op, "refused");
+        }
         if error.status().is_server_error() {
             tracing::warn!(route = op.path(), error = %error, "model management failed");
         } else {
@@ -253,7 +260,7 @@ async fn run(
                 .map(String::as_str)
                 .zip(results.iter().map(Option::as_ref)),
         );
-        log_outcome(op, &what, &outcome, started);
+        record_outcome(state, op, &what, &outcome, started);
         return match outcome {
             Final::Success => Ok(StatusCode::OK.into_response()),
             Final::Failed { status, message } => Err(ProxyError::FanOutFailed { status, message }),
@@ -281,7 +288,7 @@ async fn run(
     }
     refresh(state, op, &targets.send_to).await;
     let outcome = merge.finish(&what);
-    log_outcome(op, &what, &outcome, started);
+    record_outcome(state, op, &what, &outcome, started);
     match outcome {
         Final::Success => Ok(json_response(&outcome.to_line())),
         Final::Failed { status, message } => Err(ProxyError::FanOutFailed { status, message }),
@@ -378,7 +385,7 @@ fn streamed(
         }
         refresh(&state, op, &endpoints).await;
         let outcome = merge.finish(&what);
-        log_outcome(op, &what, &outcome, started);
+        record_outcome(&state, op, &what, &outcome, started);
         yield Ok(ndjson(&outcome.to_line()));
     };
     let mut response = Response::new(Body::from_stream(body));
@@ -404,8 +411,25 @@ fn json_response(body: &Value) -> Response {
     response
 }
 
-fn log_outcome(op: Operation, what: &str, outcome: &Final, started: Instant) {
+/// Counts one operation in `switchyard_sidecar_model_management_total`.
+fn count(state: &AppState, op: Operation, outcome: &'static str) {
+    state.metrics().management(ManagementLabels {
+        operation: op.verb(),
+        outcome,
+    });
+}
+
+/// Logs and counts how a fan-out ended.
+fn record_outcome(state: &AppState, op: Operation, what: &str, outcome: &Final, started: Instant) {
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    count(
+        state,
+        op,
+        match outcome {
+            Final::Success => "success",
+            Final::Failed { .. } => "failed",
+        },
+    );
     match outcome {
         Final::Success => {
             tracing::info!(

@@ -14,6 +14,7 @@
 //! | `switchyard_sidecar_upstream_errors_total` | counter | `endpoint`, `outcome` |
 //! | `switchyard_sidecar_control_plane_connected` | gauge | — (1 when the last contact succeeded) |
 //! | `switchyard_sidecar_leases_held` | gauge | — (this sidecar's unreleased leases) |
+//! | `switchyard_sidecar_model_management_total` | counter | `operation` (`pull`, `push`, `create`, `copy`, `delete`), `outcome` (`success`; `failed`: some endpoint failed; `refused`: answered before any endpoint was asked) |
 //!
 //! A standalone sidecar also exposes its embedded control plane's families
 //! (`switchyard_cp_*`: decisions by reason, leases, probes, endpoint health;
@@ -59,6 +60,15 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// Labels of `switchyard_sidecar_model_management_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ManagementLabels {
+    /// `pull`, `push`, `create`, `copy` or `delete`.
+    pub operation: &'static str,
+    /// `success`, `failed` or `refused`.
+    pub outcome: &'static str,
+}
+
 /// Labels of `switchyard_sidecar_upstream_errors_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
@@ -78,6 +88,7 @@ struct Inner {
     upstream_errors: Family<UpstreamLabels, Counter>,
     control_plane_connected: Gauge,
     leases_held: Gauge,
+    management: Family<ManagementLabels, Counter>,
 }
 
 /// The sidecar's metrics. Cheap to clone.
@@ -112,6 +123,12 @@ impl Metrics {
         let upstream_errors = Family::<UpstreamLabels, Counter>::default();
         let control_plane_connected = Gauge::default();
         let leases_held = Gauge::default();
+        let management = Family::<ManagementLabels, Counter>::default();
+        registry.register(
+            "switchyard_sidecar_model_management",
+            "Model-management operations fanned out to the Ollama endpoints, by operation and outcome",
+            management.clone(),
+        );
         registry.register(
             "switchyard_sidecar_requests",
             "Requests answered, by route, model, endpoint and status",
@@ -163,8 +180,14 @@ impl Metrics {
                 upstream_errors,
                 control_plane_connected,
                 leases_held,
+                management,
             }),
         }
+    }
+
+    /// Counts one model-management operation.
+    pub fn management(&self, labels: ManagementLabels) {
+        self.inner.management.get_or_create(&labels).inc();
     }
 
     /// Counts one answered request.

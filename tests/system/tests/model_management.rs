@@ -687,3 +687,63 @@ async fn changes_are_routable_as_soon_as_they_are_answered() {
         c.shutdown().await;
     }
 }
+
+/// Every operation is counted by outcome in
+/// `switchyard_sidecar_model_management_total`: success, failed (some
+/// endpoint failed, streamed or not) and refused (answered before any
+/// endpoint was asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_are_counted_by_outcome() {
+    let c = cluster().await;
+    let r = send(post(
+        &c,
+        "/api/pull",
+        &json!({"model": "p", "stream": false}),
+    ))
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    c.backends[2].fail_next(1, FailureMode::MidStreamError);
+    let r = stream(
+        post(&c, "/api/pull", &json!({"model": "q"})),
+        Framing::Ndjson,
+    )
+    .await;
+    assert!(
+        r.ndjson().last().unwrap().get("error").is_some(),
+        "{}",
+        r.dump()
+    );
+    c.backends[0].fail_next(1, FailureMode::Status(500));
+    let r = send(post(
+        &c,
+        "/api/copy",
+        &json!({"source": "m", "destination": "n"}),
+    ))
+    .await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    let r = send(delete(&c, &json!({"model": "nope"}))).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+
+    let metrics = send(c.http().get(c.at("/metrics")).bearer_auth(ROUTER_KEY))
+        .await
+        .text;
+    for (operation, outcome, n) in [
+        ("pull", "success", 1),
+        ("pull", "failed", 1),
+        ("copy", "failed", 1),
+        ("delete", "refused", 1),
+    ] {
+        let line = format!(
+            "switchyard_sidecar_model_management_total{{operation=\"{operation}\",outcome=\"{outcome}\"}} {n}"
+        );
+        assert!(metrics.contains(&line), "{line} missing in:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("operation=\"delete\",outcome=\"failed\""),
+        "a refusal is not also a failure:\n{metrics}"
+    );
+    assert!(
+        !metrics.contains("operation=\"copy\",outcome=\"refused\""),
+        "a failure is not also a refusal:\n{metrics}"
+    );
+}
