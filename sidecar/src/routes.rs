@@ -51,12 +51,13 @@ pub enum ApiFormat {
 }
 
 impl ApiFormat {
-    /// The format of a request path: `/v1/messages` is Anthropic; `/v1` and
-    /// below, and `/rerank`, are OpenAI; the rest Ollama.
+    /// The format of a request path: a routed path's own format
+    /// ([`ApiRoute::format`]); otherwise `/v1` and below are OpenAI, the rest
+    /// Ollama.
     pub fn for_path(path: &str) -> Self {
-        if path == "/v1/messages" {
-            Self::Anthropic
-        } else if path == "/v1" || path.starts_with("/v1/") || path == "/rerank" {
+        if let Some(route) = ApiRoute::for_path(path) {
+            route.format()
+        } else if path == "/v1" || path.starts_with("/v1/") {
             Self::OpenAi
         } else {
             Self::Ollama
