@@ -63,7 +63,7 @@ impl OpenAiStreamObserver {
             self.error.get_or_insert(e.message);
             return;
         }
-        if self.observe_responses_event(&v) {
+        if self.observe_typed_event(&v) {
             return;
         }
         if let Some(u) = Usage::of(&v) {
@@ -94,7 +94,7 @@ impl OpenAiStreamObserver {
     /// stream (its `error` events carry an `error` object, caught before).
     /// False for anything else (chat and completions chunks have no
     /// `type`).
-    fn observe_responses_event(&mut self, v: &Value) -> bool {
+    fn observe_typed_event(&mut self, v: &Value) -> bool {
         let Some(kind) = v.get("type").and_then(Value::as_str) else {
             return false;
         };
