@@ -346,14 +346,33 @@ fn responses_events(model: &str) -> Vec<String> {
     let completed = json!({"type": "response.completed", "sequence_number": 2,
         "response": {"id": "resp_1", "object": "response", "model": model, "status": "completed", "error": null,
                      "usage": {"input_tokens": 12, "output_tokens": 5, "total_tokens": 17}}});
-    [
-        ("response.created", created),
-        ("response.output_text.delta", delta),
-        ("response.completed", completed),
-    ]
-    .into_iter()
-    .map(|(event, data)| format!("event: {event}\ndata: {data}\n\n"))
-    .collect()
+    typed_events([created, delta, completed])
+}
+
+/// SSE events named by their data's `type` (`event: <type>`, `data:`), as
+/// the Responses and Anthropic Messages APIs send them.
+fn typed_events(events: impl IntoIterator<Item = Value>) -> Vec<String> {
+    events
+        .into_iter()
+        .map(|data| {
+            format!(
+                "event: {}\ndata: {data}\n\n",
+                data["type"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// An SSE response sending `events` one by one.
+fn event_stream(events: Vec<String>) -> Response {
+    let chunks = events
+        .into_iter()
+        .map(|e| Ok::<Bytes, Infallible>(Bytes::from(e)));
+    (
+        [(http::header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(futures::stream::iter(chunks)),
+    )
+        .into_response()
 }
 
 fn responses_answer(model: &str, stream: bool) -> Response {
@@ -364,55 +383,27 @@ fn responses_answer(model: &str, stream: bool) -> Response {
             "usage": {"input_tokens": 12, "output_tokens": 5, "total_tokens": 17}}))
         .into_response();
     }
-    let chunks = responses_events(model)
-        .into_iter()
-        .map(|e| Ok::<Bytes, Infallible>(Bytes::from(e)));
-    (
-        [(http::header::CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(futures::stream::iter(chunks)),
-    )
-        .into_response()
+    event_stream(responses_events(model))
 }
 
 /// The Anthropic Messages stream a fake sends (typed events, ending with
 /// `message_stop`).
 fn messages_events(model: &str) -> Vec<String> {
-    [
-        (
-            "message_start",
-            json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
+    typed_events([
+        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
             "role": "assistant", "model": model, "content": [], "stop_reason": null,
             "usage": {"input_tokens": 12, "output_tokens": 1}}}),
-        ),
-        (
-            "content_block_start",
-            json!({"type": "content_block_start", "index": 0,
+        json!({"type": "content_block_start", "index": 0,
             "content_block": {"type": "text", "text": ""}}),
-        ),
-        (
-            "content_block_delta",
-            json!({"type": "content_block_delta", "index": 0,
+        json!({"type": "content_block_delta", "index": 0,
             "delta": {"type": "text_delta", "text": "Hel"}}),
-        ),
-        (
-            "content_block_delta",
-            json!({"type": "content_block_delta", "index": 0,
+        json!({"type": "content_block_delta", "index": 0,
             "delta": {"type": "text_delta", "text": "lo"}}),
-        ),
-        (
-            "content_block_stop",
-            json!({"type": "content_block_stop", "index": 0}),
-        ),
-        (
-            "message_delta",
-            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
             "usage": {"output_tokens": 5}}),
-        ),
-        ("message_stop", json!({"type": "message_stop"})),
-    ]
-    .into_iter()
-    .map(|(event, data)| format!("event: {event}\ndata: {data}\n\n"))
-    .collect()
+        json!({"type": "message_stop"}),
+    ])
 }
 
 fn messages_answer(model: &str, stream: bool) -> Response {
@@ -424,14 +415,7 @@ fn messages_answer(model: &str, stream: bool) -> Response {
         )
         .into_response();
     }
-    let chunks = messages_events(model)
-        .into_iter()
-        .map(|e| Ok::<Bytes, Infallible>(Bytes::from(e)));
-    (
-        [(http::header::CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(futures::stream::iter(chunks)),
-    )
-        .into_response()
+    event_stream(messages_events(model))
 }
 
 fn config(yaml: &str) -> Config {

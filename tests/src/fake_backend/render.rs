@@ -121,6 +121,12 @@ fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
+/// A typed SSE event (`event: <kind>` then `data:`), as the Responses and
+/// Anthropic Messages APIs send them.
+fn sse_event(kind: &str, value: &Value) -> Bytes {
+    Bytes::from(format!("event: {kind}\ndata: {value}\n\n"))
+}
+
 const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 
 /// The frame carrying an injected error inside a stream.
@@ -478,7 +484,7 @@ pub(super) fn openai_responses(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
         data["type"] = json!(kind);
         data["sequence_number"] = json!(seq);
         seq += 1;
-        Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+        sse_event(kind, &data)
     };
     let item = format!("msg_{}", ctx.id);
     let mut frames = vec![event(
@@ -524,7 +530,7 @@ pub(super) fn anthropic_messages(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
             "stop_reason": stop_reason, "stop_sequence": null,
             "usage": {"input_tokens": p, "output_tokens": c}}));
     }
-    let event = |kind: &str, data: Value| Bytes::from(format!("event: {kind}\ndata: {data}\n\n"));
+    let event = |kind: &str, data: Value| sse_event(kind, &data);
     let mut frames = vec![
         event(
             "message_start",
