@@ -412,6 +412,35 @@ async fn probe(shared: &Arc<Shared>, route: Route, req: Request) -> Response {
     }
 }
 
+/// The answer of an injected failure that ends a request before its reply
+/// (a status, a reset, a hang), completing the request's `guard` if it has
+/// one; `None` when the request goes on (no failure, or one that strikes
+/// mid-stream).
+pub(super) async fn injected_refusal(
+    failure: FailureMode,
+    style: ErrorStyle,
+    guard: Option<&mut RequestGuard>,
+    parts: &axum::http::request::Parts,
+) -> Option<Response> {
+    let complete = || {
+        if let Some(guard) = guard {
+            guard.complete();
+        }
+    };
+    match failure {
+        FailureMode::None | FailureMode::MidStreamError | FailureMode::MidStreamDrop => None,
+        FailureMode::Status(code) => {
+            complete();
+            Some(error_response(style, &ApiError::Injected(code)))
+        }
+        FailureMode::Reset => {
+            complete();
+            Some(abort(parts).await)
+        }
+        FailureMode::Hang => Some(hang().await),
+    }
+}
+
 pub(super) async fn abort(parts: &axum::http::request::Parts) -> Response {
     match parts.extensions.get::<ConnCtx>() {
         Some(conn) => match conn.abort().await {},
@@ -470,17 +499,8 @@ async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response
     let mut guard = RequestGuard::new(shared.clone(), key);
 
     let failure = shared.take_failure();
-    match failure {
-        FailureMode::None | FailureMode::MidStreamError | FailureMode::MidStreamDrop => {}
-        FailureMode::Status(code) => {
-            guard.complete();
-            return error_response(style, &ApiError::Injected(code));
-        }
-        FailureMode::Reset => {
-            guard.complete();
-            return abort(&parts).await;
-        }
-        FailureMode::Hang => return hang().await,
+    if let Some(refused) = injected_refusal(failure, style, Some(&mut guard), &parts).await {
+        return refused;
     }
 
     if route.needs_auth() && !shared.authorized(&parts) {

@@ -33,7 +33,9 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::FailureMode;
-use super::handlers::{ApiError, ErrorStyle, Route, abort, error_response, hang, json_response};
+use super::handlers::{
+    ApiError, ErrorStyle, Route, error_response, injected_refusal, json_response,
+};
 use super::server::ConnCtx;
 use super::state::{RequestGuard, Shared};
 
@@ -96,17 +98,8 @@ pub(super) async fn serve(shared: &Arc<Shared>, route: Route, req: Request) -> R
     let mut guard = RequestGuard::new(shared.clone(), model.clone());
 
     let failure = shared.take_failure();
-    match failure {
-        FailureMode::None | FailureMode::MidStreamError | FailureMode::MidStreamDrop => {}
-        FailureMode::Status(code) => {
-            guard.complete();
-            return error_response(style, &ApiError::Injected(code));
-        }
-        FailureMode::Reset => {
-            guard.complete();
-            return abort(&parts).await;
-        }
-        FailureMode::Hang => return hang().await,
+    if let Some(refused) = injected_refusal(failure, style, Some(&mut guard), &parts).await {
+        return refused;
     }
     if !shared.authorized(&parts) {
         guard.complete();
@@ -256,16 +249,9 @@ fn blob_digest(path: &str) -> String {
 
 /// Injected failures and auth for blob routes; `Some` answers at once.
 async fn blob_refusal(shared: &Shared, parts: &axum::http::request::Parts) -> Option<Response> {
-    match shared.take_failure() {
-        FailureMode::Status(code) => {
-            return Some(error_response(
-                ErrorStyle::Ollama,
-                &ApiError::Injected(code),
-            ));
-        }
-        FailureMode::Reset => return Some(abort(parts).await),
-        FailureMode::Hang => return Some(hang().await),
-        FailureMode::None | FailureMode::MidStreamError | FailureMode::MidStreamDrop => {}
+    let refused = injected_refusal(shared.take_failure(), ErrorStyle::Ollama, None, parts).await;
+    if refused.is_some() {
+        return refused;
     }
     if !shared.authorized(parts) {
         return Some(error_response(ErrorStyle::Ollama, &ApiError::Unauthorized));
