@@ -49,6 +49,10 @@
 //! Blob uploads (`HEAD`/`POST /api/blobs/{digest}`, for `ollama create`
 //! from local files) go to create's targets: see [`blobs`].
 //!
+//! Unloads (`ollama stop`, an empty chat or generate with `keep_alive` 0)
+//! arrive on the inference routes and go to every endpoint holding the
+//! model: see [`unload`].
+//!
 //! A client that goes away cancels every upstream request (the response
 //! body owns them).
 //!
@@ -63,6 +67,7 @@ pub mod fanout;
 pub mod progress;
 pub mod request;
 pub mod targets;
+pub mod unload;
 
 use std::{convert::Infallible, sync::Arc, time::Instant};
 
@@ -202,7 +207,7 @@ async fn handle(state: AppState, op: Operation, req: Request) -> Response {
     result.unwrap_or_else(|error| {
         // A failed fan-out was counted when its outcome was logged.
         if !matches!(error, ProxyError::FanOutFailed { .. }) {
-            count(&state, op, "refused");
+            count(&state, op.verb(), "refused");
         }
         if error.status().is_server_error() {
             tracing::warn!(route = op.path(), error = %error, "model management failed");
@@ -247,11 +252,12 @@ async fn run(
         )
     });
     if !op.reports_progress() {
-        let results: Vec<Option<EndpointFailure>> = fanout::unary(client, calls)
-            .await
-            .into_iter()
-            .chain(down.map(Some))
-            .collect();
+        let results: Vec<Option<EndpointFailure>> =
+            fanout::unary(client, calls, fanout::FIRST_BYTE)
+                .await
+                .into_iter()
+                .chain(down.map(Some))
+                .collect();
         refresh(state, op, &targets.send_to).await;
         let outcome = summarize(
             &what,
@@ -325,12 +331,20 @@ fn calls(
 /// then asks for it at once. A failure only delays the change to the next
 /// probe.
 async fn refresh(state: &AppState, op: Operation, endpoints: &[Arc<str>]) {
-    if !op.changes_models() || endpoints.is_empty() {
+    if op.changes_models() {
+        reprobe(state, op.path(), endpoints).await;
+    }
+}
+
+/// Has the control plane probe `endpoints` now (see [`refresh`]); `route`
+/// names the request in the warning when that fails.
+async fn reprobe(state: &AppState, route: &'static str, endpoints: &[Arc<str>]) {
+    if endpoints.is_empty() {
         return;
     }
     if let Err(error) = state.router().reprobe(endpoints).await {
         tracing::warn!(
-            route = op.path(),
+            route,
             %error,
             "endpoints not re-probed; the change shows at the next probe"
         );
@@ -411,20 +425,33 @@ fn json_response(body: &Value) -> Response {
     response
 }
 
-/// Counts one operation in `switchyard_sidecar_model_management_total`.
-fn count(state: &AppState, op: Operation, outcome: &'static str) {
+/// Counts one operation (`verb`) in
+/// `switchyard_sidecar_model_management_total`.
+fn count(state: &AppState, verb: &'static str, outcome: &'static str) {
     state.metrics().management(ManagementLabels {
-        operation: op.verb(),
+        operation: verb,
         outcome,
     });
 }
 
-/// Logs and counts how a fan-out ended.
+/// Logs and counts how a fan-out of `op` ended.
 fn record_outcome(state: &AppState, op: Operation, what: &str, outcome: &Final, started: Instant) {
+    record(state, op.verb(), op.path(), what, outcome, started);
+}
+
+/// Logs and counts how a fan-out ended: operation `verb`, asked on `route`.
+fn record(
+    state: &AppState,
+    verb: &'static str,
+    route: &'static str,
+    what: &str,
+    outcome: &Final,
+    started: Instant,
+) {
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     count(
         state,
-        op,
+        verb,
         match outcome {
             Final::Success => "success",
             Final::Failed { .. } => "failed",
@@ -432,15 +459,10 @@ fn record_outcome(state: &AppState, op: Operation, what: &str, outcome: &Final, 
     );
     match outcome {
         Final::Success => {
-            tracing::info!(
-                route = op.path(),
-                what,
-                elapsed_ms,
-                "model management succeeded"
-            );
+            tracing::info!(route, what, elapsed_ms, "model management succeeded");
         }
         Final::Failed { status, message } => tracing::warn!(
-            route = op.path(),
+            route,
             status = status.as_u16(),
             error = %message,
             elapsed_ms,

@@ -171,6 +171,11 @@ async fn run(
     )?;
     span.record("model", ctx.model.as_str());
     *model = Some(ctx.model.clone());
+    if ctx.unload
+        && let Some(response) = crate::manage::unload::unload(state, &ctx).await?
+    {
+        return Ok(response);
+    }
     choose::route(state, &ctx, progress, span).await
 }
 

@@ -32,7 +32,7 @@ pub mod error;
 pub mod generate;
 pub mod listing;
 pub mod observe;
-mod options;
+pub(crate) mod options;
 pub mod stream;
 pub mod timestamp;
 mod usage;

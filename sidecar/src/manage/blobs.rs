@@ -131,7 +131,12 @@ async fn check(state: &AppState, digest: &str, req: Request) -> Result<StatusCod
             body: Bytes::new(),
         })
         .collect();
-    let results = fanout::unary(state.clients().get(EndpointKind::Ollama), calls).await;
+    let results = fanout::unary(
+        state.clients().get(EndpointKind::Ollama),
+        calls,
+        fanout::FIRST_BYTE,
+    )
+    .await;
     let failures: Vec<&EndpointFailure> = results.iter().flatten().collect();
     if failures.is_empty() && targets.down.is_empty() {
         return Ok(StatusCode::OK);

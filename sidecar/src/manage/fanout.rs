@@ -74,10 +74,15 @@ pub fn events(client: &UpstreamClient, calls: Vec<Call>) -> impl Stream<Item = E
     futures::stream::select_all(streams)
 }
 
-/// Each call's result, in call order; `None` for a 2xx.
-pub async fn unary(client: &UpstreamClient, calls: Vec<Call>) -> Vec<Option<EndpointFailure>> {
+/// Each call's result, in call order; `None` for a 2xx. Each endpoint
+/// must answer within `first_byte` ([`FIRST_BYTE`] for copy and delete).
+pub async fn unary(
+    client: &UpstreamClient,
+    calls: Vec<Call>,
+    first_byte: Duration,
+) -> Vec<Option<EndpointFailure>> {
     futures::future::join_all(calls.into_iter().map(|call| async move {
-        match send(client, call).await {
+        match send(client, call, first_byte).await {
             Ok(response) if response.status().is_success() => {
                 // Drain the (empty) body so the connection goes back to the pool.
                 let _ = tokio::time::timeout(ERROR_BODY_WAIT, response.into_body().collect()).await;
@@ -93,7 +98,7 @@ pub async fn unary(client: &UpstreamClient, calls: Vec<Call>) -> Vec<Option<Endp
 fn endpoint_events(client: UpstreamClient, call: Call) -> impl Stream<Item = Event> {
     async_stream::stream! {
         let index = call.index;
-        let response = match send(&client, call).await {
+        let response = match send(&client, call, FIRST_BYTE).await {
             Ok(response) => response,
             Err(failure) => {
                 yield Event::Failed(index, failure);
@@ -163,14 +168,15 @@ fn line_event(index: usize, line: &str) -> Event {
     }
 }
 
-/// Sends `call`; a failure before the response head is a 502 (504 when it
-/// timed out).
+/// Sends `call`; a failure before the response head is a 502 (504 when no
+/// head came within `first_byte`).
 async fn send(
     client: &UpstreamClient,
     call: Call,
+    first_byte: Duration,
 ) -> Result<http::Response<UpstreamBody>, EndpointFailure> {
     let sent = client.send(call.method, &call.url, call.headers, call.body);
-    match tokio::time::timeout(FIRST_BYTE, sent).await {
+    match tokio::time::timeout(first_byte, sent).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) => Err(EndpointFailure::new(
             StatusCode::BAD_GATEWAY,
@@ -178,7 +184,7 @@ async fn send(
         )),
         Err(_) => Err(EndpointFailure::new(
             StatusCode::GATEWAY_TIMEOUT,
-            format!("no response within {} s", FIRST_BYTE.as_secs()),
+            format!("no response within {} s", first_byte.as_secs()),
         )),
     }
 }

@@ -7,7 +7,8 @@
 //! needs only a handful of top-level fields, so one pass over the body
 //! checks that it is well-formed JSON and borrows the raw text of the
 //! fields the sidecar reads (`model`, `name`, `stream`, `messages`,
-//! `prompt`, `system`); every other value is skipped without being built. The affinity key parses only the
+//! `prompt`, `system`, `images`, `keep_alive`); every other value is
+//! skipped without being built. The affinity key parses only the
 //! opening of `messages` (see [`crate::affinity_key`]). The full object is
 //! parsed on demand, by [`RequestContext::json_object`], only where a
 //! request must be rebuilt (translation for an OpenAI-only backend).
@@ -49,6 +50,7 @@ use crate::{
     affinity_key::{ConversationFields, affinity_key},
     errors::ProxyError,
     routes::ApiRoute,
+    translate::options::is_zero_keep_alive,
 };
 
 /// Everything later phases need to know about one client request.
@@ -70,6 +72,11 @@ pub struct RequestContext {
     pub body: Bytes,
     /// Conversation-affinity key, if any.
     pub affinity_key: Option<String>,
+    /// An Ollama unload (`ollama stop`): `/api/chat` with no messages or
+    /// `/api/generate` with an empty prompt and no images, with
+    /// `keep_alive` 0. Sent to every Ollama endpoint holding the model
+    /// ([`crate::manage::unload`]), not to one chosen endpoint.
+    pub unload: bool,
     /// The client's request headers (forwarded minus hop-by-hop and auth).
     pub headers: HeaderMap,
     /// When the request arrived.
@@ -187,6 +194,7 @@ pub fn parse_for(
     } else {
         None
     };
+    let unload = is_unload(route, &envelope);
     Ok(RequestContext {
         route,
         model,
@@ -195,6 +203,7 @@ pub fn parse_for(
         stream_explicit,
         body,
         affinity_key,
+        unload,
         headers,
         received,
         received_wall: SystemTime::now(),
@@ -246,6 +255,40 @@ fn stream_mode(route: ApiRoute, raw: Option<&RawValue>) -> Result<(bool, bool), 
     }
 }
 
+/// Whether the body asks Ollama to unload the model: nothing to run (chat:
+/// no messages; generate: an empty prompt and no images, the rule the
+/// translation for OpenAI backends uses too) and `keep_alive` 0.
+fn is_unload(route: ApiRoute, envelope: &Envelope<'_>) -> bool {
+    let nothing_to_run = match route {
+        ApiRoute::OllamaChat => is_empty_array(envelope.get("messages")),
+        ApiRoute::OllamaGenerate => {
+            is_empty_string(envelope.get("prompt")) && is_empty_array(envelope.get("images"))
+        }
+        _ => return false,
+    };
+    nothing_to_run
+        && envelope
+            .get("keep_alive")
+            .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+            .is_some_and(|value| is_zero_keep_alive(&value))
+}
+
+/// Absent, `null` or `[]` (any spacing inside).
+fn is_empty_array(raw: Option<&RawValue>) -> bool {
+    match raw.map(RawValue::get) {
+        None | Some("null") => true,
+        Some(text) => text
+            .strip_prefix('[')
+            .and_then(|t| t.strip_suffix(']'))
+            .is_some_and(|inside| inside.trim().is_empty()),
+    }
+}
+
+/// Absent, `null` or `""`.
+fn is_empty_string(raw: Option<&RawValue>) -> bool {
+    matches!(raw.map(RawValue::get), None | Some("null" | "\"\""))
+}
+
 /// Where `raw` (borrowed from `text` by the parser) lies in `text`.
 fn span_in(text: &str, raw: &RawValue) -> Option<Range<usize>> {
     let raw = raw.get();
@@ -257,7 +300,16 @@ fn span_in(text: &str, raw: &RawValue) -> Option<Range<usize>> {
 
 /// The top-level fields the sidecar reads; every other value in the body
 /// is skipped (syntax-checked, never built).
-const READ_FIELDS: [&str; 6] = ["model", "name", "stream", "messages", "prompt", "system"];
+const READ_FIELDS: [&str; 8] = [
+    "model",
+    "name",
+    "stream",
+    "messages",
+    "prompt",
+    "system",
+    "images",
+    "keep_alive",
+];
 
 /// The top level of a body: the raw text of the [`READ_FIELDS`] present.
 #[derive(Debug, Default)]
@@ -451,6 +503,58 @@ mod tests {
     }
 
     #[test]
+    fn unloads_are_empty_ollama_requests_with_keep_alive_zero() {
+        let unload = |route, body| p(route, body).unwrap().unload;
+        assert!(unload(
+            ApiRoute::OllamaChat,
+            r#"{"model":"m","keep_alive":0}"#
+        ));
+        assert!(unload(
+            ApiRoute::OllamaChat,
+            r#"{"model":"m","messages":[ ],"keep_alive":"0s"}"#
+        ));
+        assert!(unload(
+            ApiRoute::OllamaGenerate,
+            r#"{"model":"m","prompt":"","keep_alive":"0m"}"#
+        ));
+        assert!(unload(
+            ApiRoute::OllamaGenerate,
+            r#"{"model":"m","images":null,"keep_alive":0.0}"#
+        ));
+        // Something to run, or a keep_alive other than 0: an ordinary request.
+        assert!(!unload(
+            ApiRoute::OllamaChat,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"keep_alive":0}"#
+        ));
+        assert!(!unload(
+            ApiRoute::OllamaGenerate,
+            r#"{"model":"m","prompt":"hi","keep_alive":0}"#
+        ));
+        assert!(!unload(
+            ApiRoute::OllamaGenerate,
+            r#"{"model":"m","images":["aGk="],"keep_alive":0}"#
+        ));
+        assert!(!unload(ApiRoute::OllamaGenerate, r#"{"model":"m"}"#));
+        assert!(!unload(
+            ApiRoute::OllamaGenerate,
+            r#"{"model":"m","keep_alive":"5m"}"#
+        ));
+        assert!(!unload(
+            ApiRoute::OllamaChat,
+            r#"{"model":"m","keep_alive":-1}"#
+        ));
+        // Other routes never unload.
+        assert!(!unload(
+            ApiRoute::OpenAiChat,
+            r#"{"model":"m","keep_alive":0}"#
+        ));
+        assert!(!unload(
+            ApiRoute::OllamaEmbed,
+            r#"{"model":"m","keep_alive":0}"#
+        ));
+    }
+
+    #[test]
     fn body_is_kept_verbatim() {
         let raw = r#"{ "model" : "m",   "messages":[] }"#;
         let c = p(ApiRoute::OllamaChat, raw).unwrap();
@@ -613,10 +717,18 @@ mod tests {
             dup(ApiRoute::OllamaShow, r#"{"name":"a","name":"b"}"#),
             Some("name")
         );
+        // keep_alive decides whether the request is an unload.
+        assert_eq!(
+            dup(
+                ApiRoute::OllamaGenerate,
+                r#"{"model":"a","keep_alive":0,"keep_alive":"5m"}"#
+            ),
+            Some("keep_alive")
+        );
         // Fields the sidecar does not read are the backend's business.
         let c = p(
             ApiRoute::OllamaChat,
-            r#"{"model":"a","keep_alive":1,"keep_alive":2}"#,
+            r#"{"model":"a","think":true,"think":false}"#,
         )
         .unwrap();
         assert_eq!(c.model, "a");

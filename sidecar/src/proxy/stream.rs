@@ -306,7 +306,7 @@ pub(crate) async fn exchange(
 
 /// A local answer: one JSON object, or one NDJSON line for a streaming
 /// Ollama request (as Ollama itself answers load/unload requests).
-fn local_response(stream: bool, body: Value) -> Response {
+pub(crate) fn local_response(stream: bool, body: Value) -> Response {
     if stream {
         let mut line = body.to_string();
         line.push('\n');

@@ -165,9 +165,14 @@ pub(crate) fn apply_stream(out: &mut Map<String, Value>, stream: bool) {
 /// `keep_alive` of 0 (number or duration string such as `"0"`, `"0s"`,
 /// `"0m"`): an empty request then means "unload".
 pub(crate) fn keep_alive_is_zero(body: &Map<String, Value>) -> bool {
-    match body.get("keep_alive") {
-        Some(Value::Number(n)) => n.as_f64() == Some(0.0),
-        Some(Value::String(s)) => s
+    body.get("keep_alive").is_some_and(is_zero_keep_alive)
+}
+
+/// Whether a `keep_alive` value is 0 (see [`keep_alive_is_zero`]).
+pub(crate) fn is_zero_keep_alive(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s
             .trim()
             .trim_end_matches(|c: char| c.is_ascii_alphabetic())
             .parse::<f64>()
