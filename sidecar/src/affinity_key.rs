@@ -6,6 +6,11 @@
 //! conversation's opening — the system messages before the first user
 //! message and that first user message (chat), or the system prompt and the
 //! first [`PROMPT_PREFIX_BYTES`] of the prompt (generate / completions).
+//! Anthropic Messages add the top-level `system` to the chat opening; the
+//! Responses API hashes `instructions` with the opening of `input` (an item
+//! list like chat messages, or a string like a prompt). A Responses chain
+//! continued by `previous_response_id` alone (server-side state) has no
+//! stable opening to hash: it gets affinity only from a session header.
 //! Every turn of one chat therefore maps to the same key, and two chats that
 //! open differently map to different keys.
 //!
@@ -54,8 +59,12 @@ pub struct ConversationFields<'a> {
     pub messages: Option<&'a RawValue>,
     /// `prompt` (generate and completions routes).
     pub prompt: Option<&'a RawValue>,
-    /// `system` (Ollama generate).
+    /// `system` (Ollama generate, Anthropic Messages).
     pub system: Option<&'a RawValue>,
+    /// `input` (Responses API).
+    pub input: Option<&'a RawValue>,
+    /// `instructions` (Responses API).
+    pub instructions: Option<&'a RawValue>,
 }
 
 /// The affinity key for a request, if any.
@@ -75,19 +84,19 @@ pub fn affinity_key(
         return Some(key(model, "|session:", &session));
     }
     let digest = match route {
-        ApiRoute::OllamaChat | ApiRoute::OpenAiChat | ApiRoute::AnthropicMessages => {
-            chat_opening(body.messages?)?
-        }
+        ApiRoute::OllamaChat | ApiRoute::OpenAiChat => chat_opening(None, body.messages?)?,
+        ApiRoute::AnthropicMessages => chat_opening(body.system, body.messages?)?,
         ApiRoute::OllamaGenerate | ApiRoute::OpenAiCompletions => {
             prompt_opening(body.system, body.prompt)?
         }
+        ApiRoute::OpenAiResponses => match body.input {
+            Some(input) if input.get().starts_with('[') => chat_opening(body.instructions, input)?,
+            input => prompt_opening(body.instructions, input)?,
+        },
         ApiRoute::OllamaEmbed
         | ApiRoute::OllamaEmbeddings
         | ApiRoute::OllamaShow
         | ApiRoute::OpenAiEmbeddings
-        // Responses: `input` items, not `messages`; an explicit session
-        // header still gives affinity.
-        | ApiRoute::OpenAiResponses
         | ApiRoute::Rerank
         | ApiRoute::RerankAlias => {
             return None;
@@ -144,10 +153,19 @@ fn value_text(raw: &RawValue) -> Cow<'_, str> {
         .map_or(Cow::Borrowed(raw.get()), |v| Cow::Owned(v.to_string()))
 }
 
-/// Hash of the system messages up to and including the first user message.
-fn chat_opening(messages: &RawValue) -> Option<[u8; 32]> {
+/// Hash of the system messages up to and including the first user message,
+/// after a top-level system prompt (`system`: Anthropic's `system`, the
+/// Responses API's `instructions`) when there is one.
+fn chat_opening(system: Option<&RawValue>, messages: &RawValue) -> Option<[u8; 32]> {
     let mut hasher = Sha256::new();
     let mut any = false;
+    let system = content_bytes(system);
+    if !system.is_empty() {
+        // A label no message role can collide with (roles are fed as
+        // length-prefixed fields too).
+        feed(&mut hasher, b"\0system-field");
+        feed(&mut hasher, &system);
+    }
     for_each_element(messages, |message| {
         let message = MessageFields::of(message);
         let role = message
@@ -319,6 +337,8 @@ mod tests {
             messages: map.get("messages").copied(),
             prompt: map.get("prompt").copied(),
             system: map.get("system").copied(),
+            input: map.get("input").copied(),
+            instructions: map.get("instructions").copied(),
         }
     }
 
@@ -412,6 +432,66 @@ mod tests {
         h.insert("x-session-id", HeaderValue::from_str(&long).unwrap());
         let k = affinity_key(ApiRoute::OllamaChat, "m", &h, &body).unwrap();
         assert!(k.len() < 100, "{k}");
+    }
+
+    #[test]
+    fn anthropic_messages_hash_the_system_prompt_too() {
+        let open = |system: Value| {
+            let mut body = json!({"messages":[{"role":"user","content":"hi"}]});
+            if !system.is_null() {
+                body["system"] = system;
+            }
+            key(ApiRoute::AnthropicMessages, "m", body).unwrap()
+        };
+        let plain = open(Value::Null);
+        let brief = open(json!("be brief"));
+        assert_ne!(plain, brief);
+        assert_ne!(brief, open(json!("be verbose")));
+        assert_ne!(brief, open(json!([{"type":"text","text":"be brief"}])));
+        // Later turns keep the key.
+        let later = json!({"system":"be brief","messages":[
+            {"role":"user","content":"hi"},
+            {"role":"assistant","content":"hello"},
+            {"role":"user","content":"more"}]});
+        assert_eq!(key(ApiRoute::AnthropicMessages, "m", later).unwrap(), brief);
+        // Chat routes keep their keys: a stray top-level `system` is not read.
+        let chat = json!({"messages":[{"role":"user","content":"hi"}]});
+        let mut with_system = chat.clone();
+        with_system["system"] = json!("x");
+        assert_eq!(
+            key(ApiRoute::OpenAiChat, "m", chat),
+            key(ApiRoute::OpenAiChat, "m", with_system)
+        );
+    }
+
+    #[test]
+    fn responses_hash_instructions_and_the_opening_of_input() {
+        let turn1 = json!({"instructions":"be brief","input":[
+            {"role":"user","content":"hi"}]});
+        let turn2 = json!({"instructions":"be brief","input":[
+            {"role":"user","content":"hi"},
+            {"type":"message","role":"assistant","content":[{"type":"output_text","text":"hello"}]},
+            {"type":"function_call_output","call_id":"c1","output":"42"},
+            {"role":"user","content":"more"}]});
+        let k1 = key(ApiRoute::OpenAiResponses, "m", turn1).unwrap();
+        assert_eq!(k1, key(ApiRoute::OpenAiResponses, "m", turn2).unwrap());
+        let other = json!({"instructions":"be verbose","input":[{"role":"user","content":"hi"}]});
+        assert_ne!(k1, key(ApiRoute::OpenAiResponses, "m", other).unwrap());
+        // A string input is a prompt.
+        let a = key(ApiRoute::OpenAiResponses, "m", json!({"input":"hi"})).unwrap();
+        assert_ne!(
+            a,
+            key(ApiRoute::OpenAiResponses, "m", json!({"input":"ho"})).unwrap()
+        );
+        // Only a previous_response_id: nothing to hash.
+        assert!(
+            key(
+                ApiRoute::OpenAiResponses,
+                "m",
+                json!({"previous_response_id":"resp_1"})
+            )
+            .is_none()
+        );
     }
 
     #[test]

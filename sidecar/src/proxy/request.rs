@@ -7,8 +7,8 @@
 //! needs only a handful of top-level fields, so one pass over the body
 //! checks that it is well-formed JSON and borrows the raw text of the
 //! fields the sidecar reads (`model`, `name`, `stream`, `messages`,
-//! `prompt`, `system`, `images`, `keep_alive`); every other value is
-//! skipped without being built. The affinity key parses only the
+//! `prompt`, `system`, `images`, `keep_alive`, `input`, `instructions`);
+//! every other value is skipped without being built. The affinity key parses only the
 //! opening of `messages` (see [`crate::affinity_key`]). The full object is
 //! parsed on demand, by [`RequestContext::json_object`], only where a
 //! request must be rebuilt (translation for an OpenAI-only backend).
@@ -300,7 +300,7 @@ fn span_in(text: &str, raw: &RawValue) -> Option<Range<usize>> {
 
 /// The top-level fields the sidecar reads; every other value in the body
 /// is skipped (syntax-checked, never built).
-const READ_FIELDS: [&str; 8] = [
+const READ_FIELDS: [&str; 10] = [
     "model",
     "name",
     "stream",
@@ -309,6 +309,8 @@ const READ_FIELDS: [&str; 8] = [
     "system",
     "images",
     "keep_alive",
+    "input",
+    "instructions",
 ];
 
 /// The top level of a body: the raw text of the [`READ_FIELDS`] present.
@@ -331,6 +333,8 @@ impl<'a> Envelope<'a> {
             messages: self.get("messages"),
             prompt: self.get("prompt"),
             system: self.get("system"),
+            input: self.get("input"),
+            instructions: self.get("instructions"),
         }
     }
 }

@@ -103,3 +103,46 @@ async fn a_session_header_pins_requests_to_one_backend() {
     }
     c.wait_usage(0).await;
 }
+
+/// The Responses API (`instructions` + `input` items, resent whole each
+/// turn, as stateless clients such as Codex do) and Anthropic Messages
+/// (top-level `system` + `messages`) keep their conversations on one
+/// backend too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_and_anthropic_conversations_stay_on_one_backend() {
+    let c = affinity_cluster().await;
+    for conv in 0..3 {
+        for anthropic in [false, true] {
+            let mut turns: Vec<Value> =
+                vec![json!({"role": "user", "content": format!("conversation {conv} starts")})];
+            let mut first = None;
+            for turn in 0..5 {
+                let (path, body) = if anthropic {
+                    (
+                        "/v1/messages",
+                        json!({"model": "m", "max_tokens": 16, "system": format!("assistant {conv}"), "messages": turns}),
+                    )
+                } else {
+                    (
+                        "/v1/responses",
+                        json!({"model": "m", "instructions": format!("assistant {conv}"), "input": turns}),
+                    )
+                };
+                let before = counts(&c);
+                let r = send(c.http().post(c.at(path)).json(&body)).await;
+                assert_eq!(r.status, 200, "{path}: {}", r.text);
+                let backend = served_by(&c, &before);
+                match first {
+                    None => first = Some(backend),
+                    Some(f) => assert_eq!(
+                        backend, f,
+                        "{path} conversation {conv} turn {turn} moved from backend {f} to {backend}"
+                    ),
+                }
+                turns.push(json!({"role": "assistant", "content": "tok0 tok1"}));
+                turns.push(json!({"role": "user", "content": format!("turn {turn}")}));
+            }
+        }
+    }
+    c.wait_usage(0).await;
+}
