@@ -14,7 +14,7 @@
 //! | `switchyard_sidecar_upstream_errors_total` | counter | `endpoint`, `outcome` |
 //! | `switchyard_sidecar_control_plane_connected` | gauge | — (1 when the last contact succeeded) |
 //! | `switchyard_sidecar_leases_held` | gauge | — (this sidecar's unreleased leases) |
-//! | `switchyard_sidecar_model_management_total` | counter | `operation` (`pull`, `push`, `create`, `copy`, `delete`, `unload`), `outcome` (`success`; `failed`: some endpoint failed; `refused`: answered before any endpoint was asked) |
+//! | `switchyard_sidecar_model_management_total` | counter | `operation` (`pull`, `push`, `create`, `copy`, `delete`, `unload`, `blob_upload`), `outcome` (`success`; `failed`: some endpoint failed; `refused`: answered before any endpoint was asked) |
 //!
 //! A standalone sidecar also exposes its embedded control plane's families
 //! (`switchyard_cp_*`: decisions by reason, leases, probes, endpoint health;
@@ -63,7 +63,8 @@ pub struct RequestLabels {
 /// Labels of `switchyard_sidecar_model_management_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ManagementLabels {
-    /// `pull`, `push`, `create`, `copy`, `delete` or `unload`.
+    /// `pull`, `push`, `create`, `copy`, `delete`, `unload` or
+    /// `blob_upload`.
     pub operation: &'static str,
     /// `success`, `failed` or `refused`.
     pub outcome: &'static str,

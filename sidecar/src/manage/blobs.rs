@@ -81,6 +81,12 @@ pub(super) async fn post(
         r = upload(&state, &digest, req) => r,
         () = shutdown.cancelled() => Err(ProxyError::ShuttingDown),
     };
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(ProxyError::FanOutFailed { .. }) => "failed",
+        Err(_) => "refused",
+    };
+    super::count(&state, "blob_upload", outcome);
     match result {
         Ok(response) => response,
         Err(e) => {

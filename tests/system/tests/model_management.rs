@@ -623,6 +623,18 @@ async fn blobs_are_checked_on_and_teed_to_every_ollama_backend() {
     assert_eq!(r.status, 400, "{}", r.text);
     let r = send(c.http().post(c.at(&path)).body("no key")).await;
     assert_eq!(r.status, 401, "{}", r.text);
+
+    // Counted by outcome, like the other operations (the 401 never reached
+    // the route).
+    let metrics = send(c.http().get(c.at("/metrics")).bearer_auth(ROUTER_KEY))
+        .await
+        .text;
+    for outcome in ["success", "failed", "refused"] {
+        let line = format!(
+            "switchyard_sidecar_model_management_total{{operation=\"blob_upload\",outcome=\"{outcome}\"}} 1"
+        );
+        assert!(metrics.contains(&line), "{line} missing in:\n{metrics}");
+    }
 }
 
 /// `ollama run` pulls a missing model and then asks for it at once. With an
