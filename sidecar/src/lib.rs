@@ -52,6 +52,7 @@ pub mod routes;
 pub mod server;
 pub mod standalone;
 pub mod translate;
+pub mod usage;
 
 pub use server::{
     Mode, SidecarHandle, StartError, StartOptions, start, start_remote, start_standalone,

@@ -226,6 +226,8 @@ pub(crate) fn app(state: AppState) -> Router {
         .route("/api/version", get(listing::version))
         .route("/api/tags", get(listing::tags))
         .route("/api/ps", get(listing::ps))
+        .route("/api/usage", get(crate::usage::usage))
+        .route("/api/usage-stream", get(crate::usage::usage_stream))
         .route("/v1/models", get(listing::openai_models))
         .route("/v1/models/{*model}", get(listing::openai_model))
         .route("/metrics", get(metrics::handler))
