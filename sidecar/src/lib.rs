@@ -16,8 +16,9 @@
 //! - [`auth`]: router key; [`affinity_key`]: conversation keys;
 //!   [`listing`]: `/api/tags`, `/api/ps`, `/v1/models` (and one model), `/health`;
 //!   [`metrics`]: `/metrics`; [`manage`]: model management (`/api/pull`,
-//!   `/api/push`, `/api/create`, `/api/copy`, `/api/delete`) fanned out to
-//!   the Ollama endpoints.
+//!   `/api/push`, `/api/create`, `/api/copy`, `/api/delete`, blobs, and
+//!   `ollama stop`'s unload) fanned out to the Ollama endpoints;
+//!   [`usage`]: nomyo-router's `/api/usage` and `/api/usage-stream`.
 //! - [`router`]: the routing handle (`Router`, `Lease`) over the control
 //!   plane; [`translate`] and [`framing`]: Ollama ⇄ OpenAI translation and
 //!   stream decoders.

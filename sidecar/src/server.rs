@@ -75,6 +75,8 @@ struct Shared {
     metrics: Metrics,
     /// Cancelled when the shutdown grace is over: in-flight work stops.
     hard_stop: CancellationToken,
+    /// Cancelled when graceful shutdown starts (no new connections).
+    stopping: CancellationToken,
 }
 
 /// State shared by every handler. Cheap to clone.
@@ -95,6 +97,7 @@ impl AppState {
                 clients,
                 metrics: Metrics::new(),
                 hard_stop: CancellationToken::new(),
+                stopping: CancellationToken::new(),
             }),
         })
     }
@@ -112,6 +115,7 @@ impl AppState {
                 clients,
                 metrics: shared.metrics.clone(),
                 hard_stop: shared.hard_stop.clone(),
+                stopping: shared.stopping.clone(),
             }),
         })
     }
@@ -167,6 +171,14 @@ impl AppState {
     /// Cancelled when in-flight work must stop (end of shutdown grace).
     pub(crate) fn shutdown_token(&self) -> CancellationToken {
         self.shared.hard_stop.clone()
+    }
+
+    /// Cancelled when graceful shutdown starts. Requests and model streams
+    /// run on (until [`Self::shutdown_token`]); streams that never end by
+    /// themselves (`/api/usage-stream`) end here, so an open dashboard does
+    /// not hold the sidecar's shutdown for the whole grace.
+    pub(crate) fn stopping_token(&self) -> CancellationToken {
+        self.shared.stopping.clone()
     }
 }
 
@@ -332,7 +344,7 @@ pub async fn start(options: StartOptions) -> Result<SidecarHandle, StartError> {
             return Err(e);
         }
     };
-    let stop = CancellationToken::new();
+    let stop = state.stopping_token();
     let servers = match spawn_servers(&cores, &state, &stop, addr) {
         Ok(servers) => servers,
         Err(e) => {

@@ -19,9 +19,9 @@
 //!   250 ms: the router has no change notification), and a `: keep-alive`
 //!   comment every 15 s so proxies do not cut an idle stream. The body
 //!   stream owns everything (no task is spawned): a client that goes away
-//!   drops it, and it ends cleanly when the sidecar cancels its in-flight
-//!   work at shutdown (`AppState::shutdown_token`, at the end of
-//!   `shutdown_grace`: like any open stream, it holds shutdown until then).
+//!   drops it, and it ends cleanly as soon as the sidecar's graceful
+//!   shutdown starts (`AppState::stopping_token`): a stream that never ends
+//!   by itself must not hold the shutdown for the whole `shutdown_grace`.
 
 use std::{collections::BTreeMap, convert::Infallible, time::Duration};
 
@@ -151,7 +151,7 @@ pub(crate) async fn usage(State(state): State<AppState>) -> Json<Value> {
 
 /// `GET /api/usage-stream`.
 pub(crate) async fn usage_stream(State(state): State<AppState>) -> Response {
-    let shutdown = state.shutdown_token();
+    let shutdown = state.stopping_token();
     let snapshot = move || usage_body(&state.router().cluster_state());
     let body = Body::from_stream(events(snapshot, shutdown, Timing::DEFAULT));
     let mut response = body.into_response();

@@ -317,17 +317,23 @@ async fn usage_stream_sends_the_snapshot_at_once_and_an_event_per_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_stream_ends_cleanly_at_sidecar_shutdown() {
-    let (c, _) = cluster().await;
+    // A long grace: the stream must end when shutdown starts, not hold it
+    // for the grace like a request still running.
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .set("shutdown_grace", "60s")
+        .router_api_key(ROUTER_KEY)
+        .start()
+        .await;
     let mut events = open_stream(&c).await;
     assert!(matches!(
         events.next(Duration::from_secs(2)).await,
         Read::Event(_)
     ));
-    // The test config's shutdown grace is 1 s; then the stream must end
-    // cleanly (a complete body), not be cut by the server closing the
+    // It ends cleanly (a complete body), not cut by the server closing the
     // connection.
     let reader = tokio::spawn(async move { events.next(Duration::from_secs(5)).await });
-    within("sidecar shutdown", Duration::from_secs(15), c.shutdown()).await;
+    within("sidecar shutdown", Duration::from_secs(10), c.shutdown()).await;
     let end = within("the stream's end", Duration::from_secs(5), reader)
         .await
         .unwrap();
