@@ -84,7 +84,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header::CONTENT_TYPE};
 use serde_json::{Value, json};
 use switchyard_control_plane::{cli::display_url, endpoint::EndpointKind};
 
-pub use progress::{EndpointFailure, Final, ProgressMerge, summarize};
+pub use progress::{EndpointFailure, Final, ProgressMerge, summarize, summarize_results};
 
 #[cfg(doc)]
 use {
@@ -259,13 +259,7 @@ async fn run(
                 .chain(down.map(Some))
                 .collect();
         refresh(state, op, &targets.send_to).await;
-        let outcome = summarize(
-            &what,
-            names
-                .iter()
-                .map(String::as_str)
-                .zip(results.iter().map(Option::as_ref)),
-        );
+        let outcome = summarize_results(&what, &names, &results);
         record_outcome(state, op, &what, &outcome, started);
         return match outcome {
             Final::Success => Ok(StatusCode::OK.into_response()),

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Final, Operation, display_name,
     fanout::{self, Call, FIRST_BYTE},
-    progress::{EndpointFailure, summarize},
+    progress::{EndpointFailure, summarize_results},
     targets::{Targets, targets},
 };
 use crate::{
@@ -222,13 +222,7 @@ async fn upload(state: &AppState, digest: &str, req: Request) -> Result<Response
         .chain(down)
         .collect();
     let what = format!("blob upload {digest}");
-    match summarize(
-        &what,
-        names
-            .iter()
-            .map(String::as_str)
-            .zip(failures.iter().map(Option::as_ref)),
-    ) {
+    match summarize_results(&what, &names, &failures) {
         Final::Success => {
             tracing::info!(digest, endpoints = names.len(), "blob uploaded");
             Ok(StatusCode::CREATED.into_response())

@@ -69,6 +69,22 @@ impl Final {
     }
 }
 
+/// [`summarize`] of endpoint `names` and each one's result (`None`: it
+/// succeeded), in the same order.
+pub fn summarize_results(
+    what: &str,
+    names: &[String],
+    results: &[Option<EndpointFailure>],
+) -> Final {
+    summarize(
+        what,
+        names
+            .iter()
+            .map(String::as_str)
+            .zip(results.iter().map(Option::as_ref)),
+    )
+}
+
 /// The result of a fan-out from each endpoint's result, in endpoint order:
 /// success when all succeeded, otherwise the first failure's status and a
 /// message naming every failed endpoint. `what` says what ran

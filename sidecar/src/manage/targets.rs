@@ -1,5 +1,5 @@
-//! Which endpoints a model-management request goes to: a pure function of
-//! the cluster state (see [`crate::manage`] for the rules).
+//! Which endpoints a model-management request (or an unload) goes to: a
+//! pure function of the cluster state (see [`crate::manage`] for the rules).
 
 use std::sync::Arc;
 
@@ -82,13 +82,29 @@ pub fn targets(state: &ClusterState, op: Operation, model: &str) -> Result<Targe
     }
 }
 
+/// The targets of an unload (`ollama stop`, see [`super::unload`]): the
+/// Ollama endpoints passing their probes whose last `/api/ps` lists
+/// `model`, draining ones included, in configuration order.
+pub fn unload_targets(state: &ClusterState, model: &str) -> Vec<Arc<str>> {
+    state
+        .endpoints
+        .iter()
+        .filter(|e| e.kind == EndpointKind::Ollama && e.healthy)
+        .filter(|e| lists(&e.loaded_models, model))
+        .map(|e| e.url.clone())
+        .collect()
+}
+
 /// Whether `endpoint` advertises `model` (`x` is `x:latest`).
 fn advertises(endpoint: &EndpointState, model: &str) -> bool {
+    lists(&endpoint.advertised_models, model)
+}
+
+/// Whether `models` (as an endpoint names them) holds `model` (`x` is
+/// `x:latest`).
+fn lists(models: &[Arc<str>], model: &str) -> bool {
     let wanted = canonical_request_name(model);
-    endpoint
-        .advertised_models
-        .iter()
-        .any(|m| canonical_request_name(m) == wanted)
+    models.iter().any(|m| canonical_request_name(m) == wanted)
 }
 
 /// Why an endpoint is down: its probe's error.
@@ -236,6 +252,48 @@ mod tests {
             assert_eq!(e.status(), 404);
             assert_eq!(e.to_string(), "model 'nope' not found");
         }
+    }
+
+    #[test]
+    fn unloads_go_to_the_reachable_ollama_endpoints_with_the_model_loaded() {
+        let loaded = |mut e: EndpointState, models: &[&str]| {
+            e.loaded_models = models.iter().map(|m| Arc::from(*m)).collect();
+            e
+        };
+        let mut draining = loaded(
+            endpoint("http://d", EndpointKind::Ollama, true, &["m:latest"]),
+            &["m:latest"],
+        );
+        draining.draining = true;
+        let state = state(vec![
+            loaded(
+                endpoint("http://a", EndpointKind::Ollama, true, &["m:latest"]),
+                &["m:latest"],
+            ),
+            loaded(
+                endpoint("http://b", EndpointKind::Ollama, true, &["m:latest"]),
+                &["other:latest"],
+            ),
+            loaded(
+                endpoint("http://c", EndpointKind::Ollama, false, &["m:latest"]),
+                &["m:latest"],
+            ),
+            loaded(
+                endpoint("http://o", EndpointKind::OpenAi, true, &["m"]),
+                &["m"],
+            ),
+            draining,
+        ]);
+        let urls = |model| {
+            unload_targets(&state, model)
+                .iter()
+                .map(|u| u.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(urls("m"), ["http://a", "http://d"]);
+        assert_eq!(urls("m:latest"), ["http://a", "http://d"]);
+        assert_eq!(urls("other"), ["http://b"]);
+        assert!(urls("absent").is_empty());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! request it would reach the least-loaded endpoint, most often one where
 //! the model is not loaded at all, and leave it loaded everywhere else.
 //!
-//! - Targets ([`targets`]): the Ollama endpoints passing their probes whose
-//!   last `/api/ps` lists the model (`x` is `x:latest`), draining ones
+//! - Targets ([`unload_targets`]): the Ollama endpoints passing their probes
+//!   whose last `/api/ps` lists the model (`x` is `x:latest`), draining ones
 //!   included (unloading is what a drained node should do).
 //! - None: the request takes the ordinary path ([`crate::proxy::choose`]),
 //!   which answers 404 for a model no endpoint has, answers OpenAI-style
@@ -23,15 +23,16 @@
 //! - Counted as operation `unload` in
 //!   `switchyard_sidecar_model_management_total`.
 
-use std::{sync::Arc, time::Instant};
+use std::time::Instant;
 
 use axum::response::Response;
 use http::Method;
-use switchyard_control_plane::{
-    cluster::ClusterState, endpoint::EndpointKind, model_name::canonical_request_name,
-};
+use switchyard_control_plane::endpoint::EndpointKind;
 
-use super::{display_name, fanout, fanout::Call, progress::summarize, record, reprobe};
+use super::{
+    display_name, fanout, fanout::Call, progress::summarize_results, record, reprobe,
+    targets::unload_targets,
+};
 use crate::{
     errors::ProxyError,
     manage::Final,
@@ -50,7 +51,7 @@ pub(crate) async fn unload(
     state: &AppState,
     ctx: &RequestContext,
 ) -> Result<Option<Response>, ProxyError> {
-    let send_to = targets(&state.router().cluster_state(), &ctx.model);
+    let send_to = unload_targets(&state.router().cluster_state(), &ctx.model);
     if send_to.is_empty() {
         return Ok(None);
     }
@@ -73,13 +74,7 @@ pub(crate) async fn unload(
     reprobe(state, route, &send_to).await;
     let what = format!("{VERB} '{}'", ctx.model);
     let names: Vec<String> = send_to.iter().map(|u| display_name(u)).collect();
-    let outcome = summarize(
-        &what,
-        names
-            .iter()
-            .map(String::as_str)
-            .zip(results.iter().map(Option::as_ref)),
-    );
+    let outcome = summarize_results(&what, &names, &results);
     record(state, VERB, route, &what, &outcome, started);
     match outcome {
         Final::Success => {
@@ -91,77 +86,5 @@ pub(crate) async fn unload(
             Ok(Some(local_response(ctx.stream, body)))
         }
         Final::Failed { status, message } => Err(ProxyError::FanOutFailed { status, message }),
-    }
-}
-
-/// The Ollama endpoints passing their probes that list `model` as loaded,
-/// in configuration order.
-pub fn targets(state: &ClusterState, model: &str) -> Vec<Arc<str>> {
-    let wanted = canonical_request_name(model);
-    state
-        .endpoints
-        .iter()
-        .filter(|e| e.kind == EndpointKind::Ollama && e.healthy)
-        .filter(|e| {
-            e.loaded_models
-                .iter()
-                .any(|m| canonical_request_name(m) == wanted)
-        })
-        .map(|e| e.url.clone())
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-    use switchyard_control_plane::cluster::EndpointState;
-
-    use super::*;
-
-    fn endpoint(url: &str, kind: EndpointKind, healthy: bool, loaded: &[&str]) -> EndpointState {
-        EndpointState {
-            url: url.into(),
-            kind,
-            priority: 0,
-            max_concurrent: 2,
-            healthy,
-            health_detail: String::new(),
-            draining: false,
-            advertised_models: loaded.iter().map(|m| Arc::from(*m)).collect(),
-            loaded_models: loaded.iter().map(|m| Arc::from(*m)).collect(),
-            usage: Vec::new(),
-            in_flight: 0,
-            failing_models: Vec::new(),
-            missing_models: Vec::new(),
-            circuit_open: false,
-            last_probe_ok_unix_ms: 0,
-        }
-    }
-
-    #[test]
-    fn targets_are_the_reachable_ollama_endpoints_with_the_model_loaded() {
-        let mut draining = endpoint("http://d", EndpointKind::Ollama, true, &["m:latest"]);
-        draining.draining = true;
-        let state = ClusterState {
-            endpoints: vec![
-                endpoint("http://a", EndpointKind::Ollama, true, &["m:latest"]),
-                endpoint("http://b", EndpointKind::Ollama, true, &["other:latest"]),
-                endpoint("http://c", EndpointKind::Ollama, false, &["m:latest"]),
-                endpoint("http://o", EndpointKind::OpenAi, true, &["m"]),
-                draining,
-            ],
-            ..ClusterState::default()
-        };
-        let urls = |model| {
-            targets(&state, model)
-                .iter()
-                .map(|u| u.to_string())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(urls("m"), ["http://a", "http://d"]);
-        assert_eq!(urls("m:latest"), ["http://a", "http://d"]);
-        assert_eq!(urls("other"), ["http://b"]);
-        assert!(urls("absent").is_empty());
     }
 }
