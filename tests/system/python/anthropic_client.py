@@ -16,15 +16,7 @@ import sys
 
 import anthropic
 
-failures = []
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
-    else:
-        print("ok:", what.split(":")[0], flush=True)
+from checks import check, run
 
 
 def main():
@@ -53,15 +45,6 @@ def main():
     except anthropic.NotFoundError as err:
         check("no-such-model" in str(err), f"unknown model: message {err}")
 
-    if failures:
-        print(f"{len(failures)} failure(s)", flush=True)
-        sys.exit(1)
-    print("all anthropic checks passed", flush=True)
-
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as err:  # a crash is a failure with its reason
-        print(f"FAIL: unexpected {type(err).__name__}: {err}", flush=True)
-        sys.exit(1)
+    run(main, "all anthropic checks passed")

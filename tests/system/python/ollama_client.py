@@ -18,15 +18,7 @@ import sys
 
 import ollama
 
-failures = []
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
-    else:
-        print("ok:", what.split(":")[0], flush=True)
+from checks import check, run
 
 
 def main():
@@ -93,15 +85,6 @@ def main():
         check(err.status_code == 404 and "no-such-model" in str(err.error),
               f"unknown model: status {err.status_code}, error {err.error!r}")
 
-    if failures:
-        print(f"{len(failures)} failure(s)", flush=True)
-        sys.exit(1)
-    print("all ollama checks passed", flush=True)
-
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:
-        print(f"FAIL: unexpected {type(exc).__name__}: {exc}", flush=True)
-        sys.exit(1)
+    run(main, "all ollama checks passed")

@@ -21,16 +21,9 @@ import tempfile
 
 import ollama
 
-failures = []
+from checks import check, run
+
 BLOB_SIZE = 256 * 1024
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
-    else:
-        print("ok:", what.split(":")[0], flush=True)
 
 
 def main():
@@ -84,15 +77,6 @@ def main():
     r = client.create(model="from-blob", files={"model.gguf": digest}, stream=False)
     check(r.status == "success", f"create from blob: status success, got {r!r}")
 
-    if failures:
-        print(f"{len(failures)} failure(s)", flush=True)
-        sys.exit(1)
-    print("all model management checks passed", flush=True)
-
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:
-        print(f"FAIL: unexpected {type(exc).__name__}: {exc}", flush=True)
-        sys.exit(1)
+    run(main, "all model management checks passed")

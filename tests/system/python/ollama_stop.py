@@ -11,15 +11,7 @@ import sys
 
 import ollama
 
-failures = []
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
-    else:
-        print("ok:", what.split(":")[0], flush=True)
+from checks import check, run
 
 
 def main():
@@ -35,11 +27,6 @@ def main():
     after = [m.model for m in client.ps().models]
     check(not any(m.startswith(model) for m in after), f"ps after: {model} gone, got {after!r}")
 
-    if failures:
-        print(f"{len(failures)} check(s) failed", flush=True)
-        sys.exit(1)
-    print("all checks passed", flush=True)
-
 
 if __name__ == "__main__":
-    main()
+    run(main, "all checks passed")

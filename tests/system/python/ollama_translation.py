@@ -26,7 +26,8 @@ import sys
 
 import ollama
 
-failures = []
+from checks import check, run
+
 
 TOOLS = [{
     "type": "function",
@@ -40,14 +41,6 @@ TOOLS = [{
         },
     },
 }]
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
-    else:
-        print("ok:", what.split(":")[0], flush=True)
 
 
 def close(a, b):
@@ -176,15 +169,6 @@ def main():
     ps = client.ps()
     check(isinstance(list(ps.models), list), f"ps: {ps!r}")
 
-    if failures:
-        print(f"{len(failures)} failure(s)", flush=True)
-        sys.exit(1)
-    print("all translation checks passed", flush=True)
-
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:
-        print(f"FAIL: unexpected {type(exc).__name__}: {exc!r}", flush=True)
-        sys.exit(1)
+    run(main, "all translation checks passed")

@@ -19,15 +19,7 @@ import sys
 
 import openai
 
-failures = []
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL:", what, flush=True)
-    else:
-        print("ok:", what.split(":")[0], flush=True)
+from checks import check, run
 
 
 def main():
@@ -115,15 +107,6 @@ def main():
     except openai.NotFoundError as err:
         check("no-such-model" in str(err), f"unknown model: message {err}")
 
-    if failures:
-        print(f"{len(failures)} failure(s)", flush=True)
-        sys.exit(1)
-    print("all openai checks passed", flush=True)
-
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # any SDK error is a failure, with its text
-        print(f"FAIL: unexpected {type(exc).__name__}: {exc}", flush=True)
-        sys.exit(1)
+    run(main, "all openai checks passed")
