@@ -9,7 +9,9 @@
 //!   decisions from the last cluster state — whenever the control plane does
 //!   not answer within `choose_timeout`. Each server thread chooses and
 //!   releases on a connection and `Route` stream of its own (a *lane*,
-//!   [`Router::remote_on_lanes`]).
+//!   [`Router::remote_on_lanes`]). A sidecar that starts while the control
+//!   plane is unreachable probes the endpoints of its own config instead,
+//!   until the control plane's first state arrives (`bootstrap`).
 //!
 //! Invariants kept here and in the submodules:
 //! - every [`Lease`] is released exactly once (`finish`, or `Drop` as
@@ -22,6 +24,7 @@
 //! - every background task runs on the caller's `TaskTracker` and stops on
 //!   the caller's `CancellationToken`.
 
+mod bootstrap;
 mod degraded;
 mod embedded;
 mod follower;
@@ -168,7 +171,7 @@ impl Router {
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Router {
-        Self::remote_on_lanes(url, name, settings, Vec::new(), tasks, cancel).await
+        Self::remote_on_lanes(url, name, settings, None, Vec::new(), tasks, cancel).await
     }
 
     /// [`Router::remote`] for a server that runs requests on the per-core
@@ -176,15 +179,23 @@ impl Router {
     /// connection and a `Route` stream of its own, driven by that runtime,
     /// and a request uses its thread's. Empty: one lane on the caller's
     /// runtime.
+    ///
+    /// `bootstrap`: a configuration whose endpoints the sidecar probes
+    /// itself when the control plane gives it no cluster state within
+    /// `startup_wait`, to route on (degraded) until the control plane's
+    /// first state arrives (see `router/bootstrap.rs`). `None`, or no
+    /// endpoints in it: requests are refused until then.
     pub async fn remote_on_lanes(
         url: String,
         name: String,
         settings: RemoteSettings,
+        bootstrap: Option<Arc<Config>>,
         lanes: Vec<tokio::runtime::Handle>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Router {
-        let remote = RemoteRouter::start(url, name, settings, lanes, tasks, cancel).await;
+        let remote =
+            RemoteRouter::start(url, name, settings, bootstrap, lanes, tasks, cancel).await;
         Router {
             mode: Arc::new(Mode::Remote(remote)),
         }

@@ -38,15 +38,27 @@ pub(crate) fn embedded_router(
 }
 
 /// A router over the control plane at `url`, with a lane for each of the
-/// server threads' runtimes `lanes`.
+/// server threads' runtimes `lanes`. The endpoints in `config`, if any, are
+/// what it probes and routes on itself when the control plane is
+/// unreachable at start (`router/bootstrap.rs`).
 pub(crate) async fn remote_router(
     url: String,
     name: String,
-    config: &Config,
+    config: &Arc<Config>,
     lanes: Vec<Handle>,
     tasks: &TaskTracker,
     cancel: &CancellationToken,
 ) -> Router {
     let settings = RemoteSettings::from_config(config);
-    Router::remote_on_lanes(url, name, settings, lanes, tasks, cancel.child_token()).await
+    let bootstrap = (!config.endpoints.is_empty()).then(|| config.clone());
+    Router::remote_on_lanes(
+        url,
+        name,
+        settings,
+        bootstrap,
+        lanes,
+        tasks,
+        cancel.child_token(),
+    )
+    .await
 }

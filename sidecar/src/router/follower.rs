@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
 use switchyard_control_plane::cluster::ClusterState;
 use switchyard_proto::v1::{self, routing_client::RoutingClient};
 use tokio::sync::Notify;
@@ -25,7 +26,12 @@ use super::{degraded::Circuit, remote::Backoff};
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
     state: ArcSwapOption<ClusterState>,
-    /// Notified whenever a state arrives.
+    /// Whether a state from the control plane has been stored: from then on
+    /// the cold-start [`bootstrap`](super::bootstrap) probes' states are
+    /// refused. Held while either stores, so a bootstrap state can never
+    /// overwrite the control plane's.
+    from_control_plane: Mutex<bool>,
+    /// Notified whenever a state from the control plane arrives.
     pub(crate) arrived: Notify,
 }
 
@@ -35,9 +41,30 @@ impl Snapshot {
         self.state.load_full()
     }
 
-    fn set(&self, state: ClusterState) {
-        self.state.store(Some(Arc::new(state)));
+    /// Whether the control plane has delivered a state yet.
+    pub(crate) fn has_control_plane_state(&self) -> bool {
+        *self.from_control_plane.lock()
+    }
+
+    /// Stores a state the control plane published.
+    pub(crate) fn set(&self, state: ClusterState) {
+        {
+            let mut from_control_plane = self.from_control_plane.lock();
+            *from_control_plane = true;
+            self.state.store(Some(Arc::new(state)));
+        }
         self.arrived.notify_waiters();
+    }
+
+    /// Stores a state of the sidecar's own cold-start probes, unless the
+    /// control plane's has arrived (then false, and nothing changes).
+    pub(crate) fn set_bootstrap(&self, state: Arc<ClusterState>) -> bool {
+        let from_control_plane = self.from_control_plane.lock();
+        if *from_control_plane {
+            return false;
+        }
+        self.state.store(Some(state));
+        true
     }
 }
 

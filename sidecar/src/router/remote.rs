@@ -52,6 +52,7 @@ use switchyard_control_plane::grpc::route_stream::{ChooseInFlight, RouteClient};
 use switchyard_control_plane::{
     api::SessionGrant,
     cluster::ClusterState,
+    config::Config,
     decision::{Choice, ChooseError, ChooseRequest},
     grpc::convert::{ReleaseCall, choose_error_from_status, choose_request_to_proto},
     ids::{LeaseId, SessionId},
@@ -66,7 +67,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Status, transport::Channel};
 
 use super::{
-    RemoteSettings, RouteError,
+    RemoteSettings, RouteError, bootstrap,
     degraded::{AffinityMemory, Circuit, DegradeCause},
     follower::{Follower, Snapshot},
     lease::Lease,
@@ -195,6 +196,7 @@ impl RemoteRouter {
         url: String,
         name: String,
         settings: RemoteSettings,
+        bootstrap: Option<Arc<Config>>,
         lanes: Vec<Handle>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
@@ -289,6 +291,20 @@ impl RemoteRouter {
             () = ready => {}
             () = tokio::time::sleep(shared.settings.startup_wait) => {
                 tracing::warn!("control plane not ready yet; starting anyway (degraded until it is)");
+                match bootstrap {
+                    Some(config) if !config.endpoints.is_empty() && !shared.snapshot.has_control_plane_state() => {
+                        tasks.spawn(bootstrap::run(
+                            config,
+                            shared.snapshot.clone(),
+                            tasks.clone(),
+                            cancel.clone(),
+                        ));
+                    }
+                    _ if shared.snapshot.get().is_none() => {
+                        tracing::warn!("no endpoints configured in this sidecar: requests are refused until the control plane answers");
+                    }
+                    _ => {}
+                }
             }
             () = cancel.cancelled() => {}
         }

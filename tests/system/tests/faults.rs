@@ -298,6 +298,128 @@ async fn control_plane_killed_under_load_no_client_fails_and_usage_recovers() {
     );
 }
 
+/// A sidecar started while the control plane is down has no cluster state
+/// to route on. Given the cluster's config, it probes the endpoints itself
+/// and serves (degraded, counting its own requests against each
+/// endpoint's limit); when the control plane comes up, the lease it holds is registered there
+/// and its choices go through the control plane again. Without endpoints
+/// in its config it refuses with 503, naming the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
+    let a = FakeBackend::start(ollama_fake(&["m:latest"]).label("a")).await;
+    let mut config = process_config();
+    config.endpoint(entry(&a, 1));
+    let mut cp = CpProcess::start(&config).await;
+    cp.kill();
+    let s1 = sidecar_process(&cp.url(), &config, "s1").await;
+    let bare = sidecar_process(&cp.url(), &process_config(), "bare").await;
+    let http = http_client();
+    let degraded = |base: String| {
+        let http = http.clone();
+        async move {
+            sidecar_metric(
+                &http,
+                &base,
+                "switchyard_sidecar_degraded_decisions_total",
+                &[],
+            )
+            .await
+        }
+    };
+
+    // Healthy as soon as its own first probe is in: it lists and serves.
+    let started = Instant::now();
+    let mut health = 0;
+    while health != 200 {
+        health = http
+            .get(format!("{}/health", s1.url()))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16());
+        assert!(
+            started.elapsed() < SOON,
+            "/health never 200 without the control plane (last {health}); log:\n{}",
+            tail(&s1.logs(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tags = get_text(&http, &format!("{}/api/tags", s1.url()))
+        .await
+        .unwrap_or_default();
+    assert!(tags.contains("m:latest"), "/api/tags: {tags}");
+    let answer = chat_once(&http, &format!("{}/api/chat", s1.url()), &chat("m", "hi")).await;
+    assert!(
+        answer.is_ok(),
+        "request without the control plane: {answer:?}"
+    );
+    let first_answer = started.elapsed();
+    assert!(degraded(s1.url()).await >= 1.0, "not counted as degraded");
+
+    // A request held at the backend: the lease it holds was granted
+    // locally, and must be counted by the control plane once it is up.
+    a.hold_requests(true);
+    let held = {
+        let http = http.clone();
+        let url = format!("{}/api/chat", s1.url());
+        tokio::spawn(async move { chat_once(&http, &url, &chat("m", "held")).await })
+    };
+    assert!(
+        a.wait_for_waiting(1, SOON).await,
+        "held request never reached a"
+    );
+
+    // The same without endpoints of its own: a 503 that says why.
+    let refused = http
+        .post(format!("{}/api/chat", bare.url()))
+        .json(&chat("m", "hi"))
+        .send()
+        .await
+        .expect("bare sidecar answers");
+    let status = refused.status().as_u16();
+    let body = refused.text().await.unwrap_or_default();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no cluster state"), "{body}");
+
+    // The control plane comes up: the held lease is registered there, and
+    // the next request is decided by it, not locally.
+    cp.restart().await;
+    let deadline = Instant::now() + SOON;
+    loop {
+        let in_flight = cp.state().await.map(|s| (s.sessions, s.total_in_flight()));
+        if in_flight.is_some_and(|(sessions, n)| sessions >= 1 && n == 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "held lease not registered (sessions, in flight) {in_flight:?}; s1 log:\n{}",
+            tail(&s1.logs(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.hold_requests(false);
+    let held = within("the held request", SOON, held).await.unwrap();
+    assert!(held.is_ok(), "held request: {held:?}");
+    cp.wait_usage(0, 0, SOON).await;
+    let before = degraded(s1.url()).await;
+    let answer = chat_once(&http, &format!("{}/api/chat", s1.url()), &chat("m", "back")).await;
+    assert!(
+        answer.is_ok(),
+        "request after the control plane came up: {answer:?}"
+    );
+    assert_eq!(
+        degraded(s1.url()).await,
+        before,
+        "decided locally although the control plane is up"
+    );
+    // Its own probes stop once it follows the control plane's state again
+    // (the follower reconnects within its backoff, at most 2 s).
+    wait_until("the sidecar's own probes to stop", SOON, || {
+        s1.logs().contains("stopped probing the endpoints")
+    })
+    .await;
+    println!("bootstrap: first answer {first_answer:?} after the sidecar started");
+}
+
 // ------------------------------------------------------ 2. sidecar killed
 
 /// SIGKILL of a sidecar holding a request: its lease ends with its session
