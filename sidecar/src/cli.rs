@@ -42,7 +42,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:12434";
         route through a shared control plane (the config, if given, supplies\n      \
         backend API keys, the router key and sidecar settings, and the\n      \
         endpoints this sidecar probes and routes on itself if it starts\n      \
-        while the control plane is unreachable)\n  \
+        while the control plane is unreachable, or loses it for longer\n      \
+        than session_ttl)\n  \
         switchyard-sidecar --standalone [--config FILE]\n      \
         single machine: control plane embedded; without --config, one local\n      \
         Ollama at http://127.0.0.1:11434\n\n\

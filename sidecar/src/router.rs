@@ -10,8 +10,9 @@
 //!   not answer within `choose_timeout`. Each server thread chooses and
 //!   releases on a connection and `Route` stream of its own (a *lane*,
 //!   [`Router::remote_on_lanes`]). A sidecar that starts while the control
-//!   plane is unreachable probes the endpoints of its own config instead,
-//!   until the control plane's first state arrives (`bootstrap`).
+//!   plane is unreachable, or has lost it for longer than a session TTL,
+//!   probes the endpoints of its own config and routes on those results
+//!   until the control plane's state arrives (`local_discovery`).
 //!
 //! Invariants kept here and in the submodules:
 //! - every [`Lease`] is released exactly once (`finish`, or `Drop` as
@@ -24,12 +25,12 @@
 //! - every background task runs on the caller's `TaskTracker` and stops on
 //!   the caller's `CancellationToken`.
 
-mod bootstrap;
 mod degraded;
 mod embedded;
 mod follower;
 mod lease;
 mod ledger;
+mod local_discovery;
 mod model_items;
 mod remote;
 
@@ -180,22 +181,24 @@ impl Router {
     /// and a request uses its thread's. Empty: one lane on the caller's
     /// runtime.
     ///
-    /// `bootstrap`: a configuration whose endpoints the sidecar probes
-    /// itself when the control plane gives it no cluster state within
-    /// `startup_wait`, to route on (degraded) until the control plane's
-    /// first state arrives (see `router/bootstrap.rs`). `None`, or no
-    /// endpoints in it: requests are refused until then.
+    /// `local_discovery`: a configuration whose endpoints the sidecar
+    /// probes itself when the control plane gives it no cluster state
+    /// within `startup_wait`, or has been gone for the config's session
+    /// TTL, to route on (degraded) until the control plane's state arrives
+    /// (see `router/local_discovery.rs`). `None`: a sidecar that starts
+    /// without the control plane refuses requests until it answers, and
+    /// one that loses it routes on its last state.
     pub async fn remote_on_lanes(
         url: String,
         name: String,
         settings: RemoteSettings,
-        bootstrap: Option<Arc<Config>>,
+        local_discovery: Option<Arc<Config>>,
         lanes: Vec<tokio::runtime::Handle>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Router {
         let remote =
-            RemoteRouter::start(url, name, settings, bootstrap, lanes, tasks, cancel).await;
+            RemoteRouter::start(url, name, settings, local_discovery, lanes, tasks, cancel).await;
         Router {
             mode: Arc::new(Mode::Remote(remote)),
         }

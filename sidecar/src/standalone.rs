@@ -40,7 +40,8 @@ pub(crate) fn embedded_router(
 /// A router over the control plane at `url`, with a lane for each of the
 /// server threads' runtimes `lanes`. The endpoints in `config`, if any, are
 /// what it probes and routes on itself when the control plane is
-/// unreachable at start (`router/bootstrap.rs`).
+/// unreachable at start or gone for a session TTL
+/// (`router/local_discovery.rs`).
 pub(crate) async fn remote_router(
     url: String,
     name: String,
@@ -50,12 +51,12 @@ pub(crate) async fn remote_router(
     cancel: &CancellationToken,
 ) -> Router {
     let settings = RemoteSettings::from_config(config);
-    let bootstrap = (!config.endpoints.is_empty()).then(|| config.clone());
+    let local_discovery = (!config.endpoints.is_empty()).then(|| config.clone());
     Router::remote_on_lanes(
         url,
         name,
         settings,
-        bootstrap,
+        local_discovery,
         lanes,
         tasks,
         cancel.child_token(),

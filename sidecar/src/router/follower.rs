@@ -3,14 +3,19 @@
 //!
 //! Invariant: the stored state only moves forward to whatever the stream
 //! delivered last (the server already skips slow watchers ahead); it is
-//! never cleared, so degraded mode always routes on the last known cluster.
+//! never cleared, so degraded mode always routes on the last known cluster
+//! (or, once the control plane has been gone longer than a session TTL, on
+//! the sidecar's own probes: [`local_discovery`](super::local_discovery)).
 //! A broken or ended stream opens the [`Circuit`] and wakes the session
 //! task (the control plane is probably gone); a (re)established stream
 //! closes it and wakes the session task too, so a restarted control plane
 //! gets this sidecar's session and leases back without waiting for the next
 //! keep-alive tick.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
@@ -22,45 +27,95 @@ use tonic::transport::Channel;
 
 use super::{degraded::Circuit, remote::Backoff};
 
-/// The last published cluster state.
-#[derive(Debug, Default)]
+/// The state degraded decisions, listings and `/health` read: the last one
+/// the control plane published, or, while the control plane has been gone
+/// a while, one from the sidecar's own probes
+/// ([`local_discovery`](super::local_discovery)).
+#[derive(Debug)]
 pub(crate) struct Snapshot {
     state: ArcSwapOption<ClusterState>,
-    /// Whether a state from the control plane has been stored: from then on
-    /// the cold-start [`bootstrap`](super::bootstrap) probes' states are
-    /// refused. Held while either stores, so a bootstrap state can never
-    /// overwrite the control plane's.
-    from_control_plane: Mutex<bool>,
+    /// Whether `WatchUsage` is delivering. Held while a state is stored, so
+    /// a state of the sidecar's own probes never overwrites the control
+    /// plane's.
+    feed: Mutex<Feed>,
     /// Notified whenever a state from the control plane arrives.
     pub(crate) arrived: Notify,
+    /// Notified when the `WatchUsage` stream is lost.
+    pub(crate) went_away: Notify,
+}
+
+#[derive(Debug)]
+struct Feed {
+    /// The stream is open and the stored state is the control plane's.
+    live: bool,
+    /// A state from the control plane was ever stored.
+    ever: bool,
+    /// Since when the stream has been gone (start-up, at first).
+    lost_since: Instant,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            state: ArcSwapOption::empty(),
+            feed: Mutex::new(Feed {
+                live: false,
+                ever: false,
+                lost_since: Instant::now(),
+            }),
+            arrived: Notify::new(),
+            went_away: Notify::new(),
+        }
+    }
 }
 
 impl Snapshot {
-    /// The last state received, if any.
+    /// The last state stored, if any.
     pub(crate) fn get(&self) -> Option<Arc<ClusterState>> {
         self.state.load_full()
     }
 
-    /// Whether the control plane has delivered a state yet.
-    pub(crate) fn has_control_plane_state(&self) -> bool {
-        *self.from_control_plane.lock()
+    /// Whether the control plane's `WatchUsage` stream is delivering.
+    pub(crate) fn live(&self) -> bool {
+        self.feed.lock().live
+    }
+
+    /// How long the control plane's stream has been gone (`None` while it
+    /// delivers), and whether it ever delivered.
+    pub(crate) fn gone_for(&self, now: Instant) -> Option<(Duration, bool)> {
+        let feed = self.feed.lock();
+        (!feed.live).then(|| (now.saturating_duration_since(feed.lost_since), feed.ever))
     }
 
     /// Stores a state the control plane published.
     pub(crate) fn set(&self, state: ClusterState) {
         {
-            let mut from_control_plane = self.from_control_plane.lock();
-            *from_control_plane = true;
+            let mut feed = self.feed.lock();
+            feed.live = true;
+            feed.ever = true;
             self.state.store(Some(Arc::new(state)));
         }
         self.arrived.notify_waiters();
     }
 
-    /// Stores a state of the sidecar's own cold-start probes, unless the
-    /// control plane's has arrived (then false, and nothing changes).
-    pub(crate) fn set_bootstrap(&self, state: Arc<ClusterState>) -> bool {
-        let from_control_plane = self.from_control_plane.lock();
-        if *from_control_plane {
+    /// The control plane's stream ended or could not be opened.
+    pub(crate) fn lost(&self) {
+        {
+            let mut feed = self.feed.lock();
+            if !feed.live {
+                return;
+            }
+            feed.live = false;
+            feed.lost_since = Instant::now();
+        }
+        self.went_away.notify_waiters();
+    }
+
+    /// Stores a state of the sidecar's own probes, unless the control
+    /// plane's stream is delivering (then false, and nothing changes).
+    pub(crate) fn set_local(&self, state: Arc<ClusterState>) -> bool {
+        let feed = self.feed.lock();
+        if feed.live {
             return false;
         }
         self.state.store(Some(state));
@@ -128,10 +183,12 @@ impl Follower {
                         }
                     }
                     self.circuit.down("cluster state stream ended");
+                    self.snapshot.lost();
                     self.wake_session.notify_one();
                 }
                 Err(status) => {
                     self.circuit.down(status.message());
+                    self.snapshot.lost();
                     if !logged_failure {
                         tracing::warn!(code = ?status.code(), message = status.message(), "cannot follow cluster state; retrying");
                         logged_failure = true;

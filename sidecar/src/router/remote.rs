@@ -67,11 +67,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Status, transport::Channel};
 
 use super::{
-    RemoteSettings, RouteError, bootstrap,
+    RemoteSettings, RouteError,
     degraded::{AffinityMemory, Circuit, DegradeCause},
     follower::{Follower, Snapshot},
     lease::Lease,
     ledger::{self, Ledger, Registration, ReleaseJob, RouteSlot},
+    local_discovery,
     model_items::{ItemsCache, ModelCatalog},
 };
 
@@ -196,7 +197,7 @@ impl RemoteRouter {
         url: String,
         name: String,
         settings: RemoteSettings,
-        bootstrap: Option<Arc<Config>>,
+        local_discovery: Option<Arc<Config>>,
         lanes: Vec<Handle>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
@@ -291,22 +292,21 @@ impl RemoteRouter {
             () = ready => {}
             () = tokio::time::sleep(shared.settings.startup_wait) => {
                 tracing::warn!("control plane not ready yet; starting anyway (degraded until it is)");
-                match bootstrap {
-                    Some(config) if !config.endpoints.is_empty() && !shared.snapshot.has_control_plane_state() => {
-                        tasks.spawn(bootstrap::run(
-                            config,
-                            shared.snapshot.clone(),
-                            tasks.clone(),
-                            cancel.clone(),
-                        ));
-                    }
-                    _ if shared.snapshot.get().is_none() => {
-                        tracing::warn!("no endpoints configured in this sidecar: requests are refused until the control plane answers");
-                    }
-                    _ => {}
+                if local_discovery.is_none() && shared.snapshot.get().is_none() {
+                    tracing::warn!("no endpoints configured in this sidecar: requests are refused until the control plane answers");
                 }
             }
             () = cancel.cancelled() => {}
+        }
+        if let Some(config) = local_discovery {
+            let outage = config.sessions.ttl;
+            tasks.spawn(local_discovery::supervise(
+                config,
+                shared.snapshot.clone(),
+                outage,
+                tasks.clone(),
+                cancel.clone(),
+            ));
         }
         router
     }

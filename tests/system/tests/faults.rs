@@ -420,6 +420,76 @@ async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
     println!("bootstrap: first answer {first_answer:?} after the sidecar started");
 }
 
+/// In a long control-plane outage the last cluster state goes stale: a
+/// backend that died since still looks healthy in it, and every request
+/// sent there pays a failed attempt before its retry. Once the control
+/// plane has been gone for a session TTL, the sidecar probes the endpoints
+/// itself, stops trying the dead one, and hands back to the control plane
+/// when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_control_plane_outage_sidecar_probes_itself_and_avoids_a_backend_that_died() {
+    let a = FakeBackend::start(ollama_fake(&["m:latest"]).label("a")).await;
+    let b = FakeBackend::start(ollama_fake(&["m:latest"]).label("b")).await;
+    let mut config = process_config();
+    config
+        .set("session_ttl", "2")
+        .set("keepalive_interval", "0.5");
+    config.endpoint(entry(&a, 64)).endpoint(entry(&b, 64));
+    let mut cp = CpProcess::start(&config).await;
+    let s1 = sidecar_process(&cp.url(), &config, "s1").await;
+    wait_cp_ready(&cp, &[&a, &b], 1, &[s1.url()], &["m:latest"]).await;
+    let http = http_client();
+    let base = s1.url();
+    let url = format!("{base}/api/chat");
+    let retries = || sidecar_metric(&http, &base, "switchyard_sidecar_retries_total", &[]);
+    let send = |n: usize, what: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            for i in 0..n {
+                let answer = chat_once(&http, &url, &chat("m", what)).await;
+                assert!(answer.is_ok(), "{what} request {i}: {answer:?}");
+            }
+        }
+    };
+
+    cp.kill();
+    b.shutdown().await;
+    // On the stale state `b` is still a candidate: requests reach it, fail
+    // to connect and are retried on `a` (no client sees it).
+    let before = retries().await;
+    send(20, "stale").await;
+    let on_stale_state = retries().await - before;
+
+    wait_until("the sidecar to start probing on its own", SOON, || {
+        s1.logs()
+            .contains("control plane gone longer than a session TTL")
+    })
+    .await;
+    // Its first probe round is in within the probe timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = retries().await;
+    send(40, "own probes").await;
+    let on_own_probes = retries().await - before;
+    println!(
+        "long outage: {on_stale_state} of 20 requests retried on the stale state, {on_own_probes} of 40 on the sidecar's own probes"
+    );
+    assert!(
+        on_stale_state > 0.0,
+        "the dead backend was never tried on the stale state"
+    );
+    assert_eq!(on_own_probes, 0.0, "the dead backend was still tried");
+
+    cp.restart().await;
+    wait_until(
+        "the sidecar to hand back to the control plane",
+        SOON,
+        || s1.logs().contains("stopped probing the endpoints"),
+    )
+    .await;
+    send(5, "after").await;
+    cp.wait_usage(0, 0, SOON).await;
+}
+
 // ------------------------------------------------------ 2. sidecar killed
 
 /// SIGKILL of a sidecar holding a request: its lease ends with its session
