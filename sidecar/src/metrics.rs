@@ -13,6 +13,7 @@
 //! | `switchyard_sidecar_overhead_seconds` | histogram | — (time in Switchyard excluding backend waits) |
 //! | `switchyard_sidecar_upstream_errors_total` | counter | `endpoint`, `outcome` |
 //! | `switchyard_sidecar_control_plane_connected` | gauge | — (1 when the last contact succeeded) |
+//! | `switchyard_sidecar_own_probes` | gauge | — (1 while the sidecar routes on its own probes of the endpoints, the control plane gone: `router/local_discovery.rs`) |
 //! | `switchyard_sidecar_leases_held` | gauge | — (this sidecar's unreleased leases) |
 //! | `switchyard_sidecar_model_management_total` | counter | `operation` (`pull`, `push`, `create`, `copy`, `delete`, `unload`, `blob_upload`), `outcome` (`success`; `failed`: some endpoint failed; `refused`: answered before any endpoint was asked) |
 //!
@@ -88,6 +89,7 @@ struct Inner {
     overhead: Histogram,
     upstream_errors: Family<UpstreamLabels, Counter>,
     control_plane_connected: Gauge,
+    own_probes: Gauge,
     leases_held: Gauge,
     management: Family<ManagementLabels, Counter>,
 }
@@ -123,6 +125,7 @@ impl Metrics {
         let overhead = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         let upstream_errors = Family::<UpstreamLabels, Counter>::default();
         let control_plane_connected = Gauge::default();
+        let own_probes = Gauge::default();
         let leases_held = Gauge::default();
         let management = Family::<ManagementLabels, Counter>::default();
         registry.register(
@@ -166,6 +169,11 @@ impl Metrics {
             control_plane_connected.clone(),
         );
         registry.register(
+            "switchyard_sidecar_own_probes",
+            "1 while the sidecar routes on its own probes of the endpoints (control plane unreachable at start, or gone longer than session_ttl)",
+            own_probes.clone(),
+        );
+        registry.register(
             "switchyard_sidecar_leases_held",
             "Leases this sidecar holds and has not released",
             leases_held.clone(),
@@ -180,6 +188,7 @@ impl Metrics {
                 overhead,
                 upstream_errors,
                 control_plane_connected,
+                own_probes,
                 leases_held,
                 management,
             }),
@@ -238,11 +247,13 @@ impl Metrics {
     pub fn render(
         &self,
         control_plane_connected: bool,
+        own_probes: bool,
         leases_held: usize,
     ) -> Result<String, std::fmt::Error> {
         self.inner
             .control_plane_connected
             .set(i64::from(control_plane_connected));
+        self.inner.own_probes.set(i64::from(own_probes));
         self.inner
             .leases_held
             .set(i64::try_from(leases_held).unwrap_or(i64::MAX));
@@ -268,10 +279,11 @@ impl Drop for InFlightGuard {
 /// `GET /metrics`.
 pub(crate) async fn handler(State(state): State<AppState>) -> Response {
     let router = state.router();
-    match state
-        .metrics()
-        .render(router.control_plane_connected(), router.local_in_flight())
-    {
+    match state.metrics().render(
+        router.control_plane_connected(),
+        router.routing_on_own_probes(),
+        router.local_in_flight(),
+    ) {
         Ok(mut text) => {
             if let Some(cp) = router.embedded_control_plane() {
                 let families =
@@ -318,7 +330,7 @@ mod tests {
         m.overhead(Duration::from_micros(300));
         m.upstream_outcome("http://e", Outcome::ConnectError);
         m.upstream_outcome("http://e", Outcome::Ok);
-        let text = m.render(true, 2).unwrap();
+        let text = m.render(true, true, 2).unwrap();
         for needle in [
             "switchyard_sidecar_requests_total{route=\"/api/chat\",model=\"m\",endpoint=\"http://e\",status=\"200\"} 1",
             "switchyard_sidecar_in_flight 1",
@@ -327,6 +339,7 @@ mod tests {
             "switchyard_sidecar_overhead_seconds_count 1",
             "switchyard_sidecar_upstream_errors_total{endpoint=\"http://e\",outcome=\"connect_error\"} 1",
             "switchyard_sidecar_control_plane_connected 1",
+            "switchyard_sidecar_own_probes 1",
             "switchyard_sidecar_leases_held 2",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
@@ -334,7 +347,7 @@ mod tests {
         assert!(!text.contains("outcome=\"ok\""));
         drop(g);
         assert!(
-            m.render(true, 0)
+            m.render(true, false, 0)
                 .unwrap()
                 .contains("switchyard_sidecar_in_flight 0")
         );

@@ -285,6 +285,15 @@ impl Router {
         }
     }
 
+    /// Whether degraded decisions, listings and `/health` read the state of
+    /// the sidecar's own probes (`router/local_discovery.rs`); for metrics.
+    pub fn routing_on_own_probes(&self) -> bool {
+        match &*self.mode {
+            Mode::Embedded(_) => false,
+            Mode::Remote(r) => r.routing_on_own_probes(),
+        }
+    }
+
     /// Leases granted locally (degraded mode) since start; for metrics.
     pub fn degraded_decisions(&self) -> u64 {
         match &*self.mode {

@@ -50,6 +50,8 @@ struct Feed {
     live: bool,
     /// A state from the control plane was ever stored.
     ever: bool,
+    /// The stored state is from the sidecar's own probes.
+    local: bool,
     /// Since when the stream has been gone (start-up, at first).
     lost_since: Instant,
 }
@@ -61,6 +63,7 @@ impl Default for Snapshot {
             feed: Mutex::new(Feed {
                 live: false,
                 ever: false,
+                local: false,
                 lost_since: Instant::now(),
             }),
             arrived: Notify::new(),
@@ -93,6 +96,7 @@ impl Snapshot {
             let mut feed = self.feed.lock();
             feed.live = true;
             feed.ever = true;
+            feed.local = false;
             self.state.store(Some(Arc::new(state)));
         }
         self.arrived.notify_waiters();
@@ -114,12 +118,18 @@ impl Snapshot {
     /// Stores a state of the sidecar's own probes, unless the control
     /// plane's stream is delivering (then false, and nothing changes).
     pub(crate) fn set_local(&self, state: Arc<ClusterState>) -> bool {
-        let feed = self.feed.lock();
+        let mut feed = self.feed.lock();
         if feed.live {
             return false;
         }
+        feed.local = true;
         self.state.store(Some(state));
         true
+    }
+
+    /// Whether the stored state is from the sidecar's own probes.
+    pub(crate) fn local(&self) -> bool {
+        self.feed.lock().local
     }
 }
 

@@ -390,6 +390,10 @@ impl RemoteRouter {
         self.shared.as_ref().map_or(0, |s| s.ledger.held())
     }
 
+    pub(crate) fn routing_on_own_probes(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.snapshot.local())
+    }
+
     pub(crate) fn degraded_decisions(&self) -> u64 {
         self.shared
             .as_ref()

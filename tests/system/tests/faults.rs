@@ -353,6 +353,16 @@ async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
         "request without the control plane: {answer:?}"
     );
     let first_answer = started.elapsed();
+    let own_probes = |base: String| {
+        let http = http.clone();
+        async move { sidecar_metric(&http, &base, "switchyard_sidecar_own_probes", &[]).await }
+    };
+    assert_eq!(own_probes(s1.url()).await, 1.0, "own-probes gauge");
+    assert_eq!(
+        own_probes(bare.url()).await,
+        0.0,
+        "own-probes gauge, no endpoints"
+    );
     assert!(degraded(s1.url()).await >= 1.0, "not counted as degraded");
 
     // A request held at the backend: the lease it holds was granted
@@ -417,6 +427,7 @@ async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
         s1.logs().contains("stopped probing the endpoints")
     })
     .await;
+    assert_eq!(own_probes(s1.url()).await, 0.0, "own-probes gauge after");
     println!("bootstrap: first answer {first_answer:?} after the sidecar started");
 }
 
