@@ -65,14 +65,15 @@ pub(crate) async fn supervise(
                 () = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
             }
         }
-        run(
+        let probed = run(
             config.clone(),
             snapshot.clone(),
             tasks.clone(),
             cancel.clone(),
         )
         .await;
-        if cancel.is_cancelled() {
+        // A failure to probe at all would fail the same way again.
+        if !probed || cancel.is_cancelled() {
             return;
         }
     }
@@ -80,14 +81,15 @@ pub(crate) async fn supervise(
 
 /// Probes `config`'s endpoints and publishes the results into `snapshot`
 /// until the control plane's stream delivers again or `cancel` fires.
+/// False when the probes could not be started at all.
 pub(crate) async fn run(
     config: Arc<Config>,
     snapshot: Arc<Snapshot>,
     tasks: TaskTracker,
     cancel: CancellationToken,
-) {
+) -> bool {
     let Some((gone, ever)) = snapshot.gone_for(Instant::now().into_std()) else {
-        return;
+        return true;
     };
     let endpoints = config.endpoints.len();
     let cp = ControlPlane::new(config);
@@ -96,7 +98,7 @@ pub(crate) async fn run(
     let _stop_probes = probes.clone().drop_guard();
     if let Err(e) = spawn_background(&cp, &tasks, probes) {
         tracing::error!(error = %e, "cannot probe the configured endpoints; routing on the last cluster state, if any");
-        return;
+        return false;
     }
     if ever {
         tracing::warn!(
@@ -114,7 +116,7 @@ pub(crate) async fn run(
     // A first probe of every endpoint (bounded by the probe timeout); a
     // timeout leaves the slow ones unhealthy, as the control plane would.
     tokio::select! {
-        () = cancel.cancelled() => return,
+        () = cancel.cancelled() => return true,
         () = control_plane_back(&snapshot) => return stopped(),
         _ = cp.reprobe(&[]) => {}
     }
@@ -126,13 +128,10 @@ pub(crate) async fn run(
             return stopped();
         }
         tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => return true,
             () = control_plane_back(&snapshot) => return stopped(),
-            changed = published.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
+            // The sender lives in `cp`, held here: never closed.
+            _ = published.changed() => {}
         }
     }
 }
@@ -148,8 +147,9 @@ async fn control_plane_back(snapshot: &Snapshot) {
     }
 }
 
-fn stopped() {
+fn stopped() -> bool {
     tracing::info!("cluster state from the control plane arrived; stopped probing the endpoints");
+    true
 }
 
 #[cfg(test)]
@@ -348,13 +348,15 @@ mod tests {
         let snapshot = Arc::new(Snapshot::default());
         snapshot.set(ClusterState::default());
         let tasks = TaskTracker::new();
-        run(
-            config_for(std::slice::from_ref(&fake.url)),
-            snapshot.clone(),
-            tasks.clone(),
-            CancellationToken::new(),
-        )
-        .await;
+        assert!(
+            run(
+                config_for(std::slice::from_ref(&fake.url)),
+                snapshot.clone(),
+                tasks.clone(),
+                CancellationToken::new(),
+            )
+            .await
+        );
         tasks.close();
         tasks.wait().await;
         assert_eq!(fake.request_count(), 0);
