@@ -127,6 +127,13 @@ impl Snapshot {
         true
     }
 
+    /// The stored state, if any, and whether it is from the sidecar's own
+    /// probes.
+    pub(crate) fn current(&self) -> Option<(Arc<ClusterState>, bool)> {
+        let feed = self.feed.lock();
+        self.state.load_full().map(|state| (state, feed.local))
+    }
+
     /// Whether the stored state is from the sidecar's own probes.
     pub(crate) fn local(&self) -> bool {
         self.feed.lock().local

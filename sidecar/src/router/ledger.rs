@@ -246,13 +246,26 @@ impl Ledger {
     }
 
     /// Decides locally and records the lease in one critical section, so
-    /// concurrent degraded decisions see each other's leases.
+    /// concurrent degraded decisions see each other's leases. `decide` gets
+    /// the leases the state it decides on does not count: those granted
+    /// locally and not registered (a control-plane state), or every lease
+    /// held (`count_all`: a state of the sidecar's own probes, which counts
+    /// none).
     pub(crate) fn grant_local<E>(
         &self,
+        count_all: bool,
         decide: impl FnOnce(&LocalUsage) -> Result<Choice, E>,
     ) -> Result<(Choice, LeaseId), E> {
         let mut book = self.book.lock();
-        let choice = decide(&book.local)?;
+        let choice = if count_all {
+            let mut all = LocalUsage::default();
+            for held in book.held.values() {
+                all.add(&held.record.endpoint, &held.record.tracking_model, 1);
+            }
+            decide(&all)?
+        } else {
+            decide(&book.local)?
+        };
         let id = LeaseId(self.local_ids.next());
         book.local.add(&choice.endpoint, &choice.tracking_model, 1);
         book.held.insert(
@@ -515,7 +528,7 @@ mod tests {
     }
 
     fn local_lease(l: &Arc<Ledger>, ep: &str) -> Lease {
-        let (c, id) = l.grant_local(|_| Ok::<_, ()>(choice(ep))).unwrap();
+        let (c, id) = l.grant_local(false, |_| Ok::<_, ()>(choice(ep))).unwrap();
         Lease::new(c, id, true, sink(l))
     }
 
@@ -531,6 +544,30 @@ mod tests {
         assert_eq!(jobs.len(), 1);
         assert_eq!((jobs[0].lease, jobs[0].generation), (LeaseId(5), g));
         assert_eq!(l.held(), 0);
+    }
+
+    #[test]
+    fn decisions_on_own_probes_count_every_held_lease() {
+        let (l, _rx) = ledger();
+        let g = l.open_session(SessionId(1));
+        // Granted by the control plane, so counted in its states.
+        l.insert_granted(LeaseId(5), &choice("http://a:1"), g);
+        let _local = local_lease(&l, "http://a:1");
+        let seen = |count_all: bool| {
+            let mut n = 0;
+            let (c, id) = l
+                .grant_local(count_all, |usage| {
+                    n = usage.get("http://a:1", "m:latest");
+                    Ok::<_, ()>(choice("http://b:1"))
+                })
+                .unwrap();
+            drop(Lease::new(c, id, true, sink(&l)));
+            n
+        };
+        // On a control-plane state only the local lease is extra; on the
+        // sidecar's own probes (which count nothing) both are.
+        assert_eq!(seen(false), 1);
+        assert_eq!(seen(true), 2);
     }
 
     #[test]

@@ -690,12 +690,12 @@ fn choose_locally(
     req: &ChooseRequest,
     cause: DegradeCause,
 ) -> Result<Lease, RouteError> {
-    let Some(state) = shared.snapshot.get() else {
+    let Some((state, own_probes)) = shared.snapshot.current() else {
         return Err(RouteError::NoState);
     };
     let now = Instant::now();
     let affinity = shared.affinity.lookup(req, now);
-    let (choice, id) = shared.ledger.grant_local(|local| {
+    let (choice, id) = shared.ledger.grant_local(own_probes, |local| {
         select_from_cluster_state(&state, local, req, affinity.as_deref(), &mut rand::rng())
     })?;
     shared.circuit.degraded_decision(cause);
