@@ -428,7 +428,9 @@ async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
     })
     .await;
     assert_eq!(own_probes(s1.url()).await, 0.0, "own-probes gauge after");
-    println!("bootstrap: first answer {first_answer:?} after the sidecar started");
+    println!(
+        "started without the control plane: first answer {first_answer:?} after the sidecar started"
+    );
 }
 
 /// In a long control-plane outage the last cluster state goes stale: a
@@ -471,13 +473,21 @@ async fn long_control_plane_outage_sidecar_probes_itself_and_avoids_a_backend_th
     send(20, "stale").await;
     let on_stale_state = retries().await - before;
 
-    wait_until("the sidecar to start probing on its own", SOON, || {
+    // Routing on its own probes once their first round is in.
+    let deadline = Instant::now() + SOON;
+    while sidecar_metric(&http, &base, "switchyard_sidecar_own_probes", &[]).await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar never routed on its own probes; log:\n{}",
+            tail(&s1.logs(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
         s1.logs()
-            .contains("control plane gone longer than a session TTL")
-    })
-    .await;
-    // Its first probe round is in within the probe timeout.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+            .contains("control plane gone longer than a session TTL"),
+        "why it probes is not logged"
+    );
     let before = retries().await;
     send(40, "own probes").await;
     let on_own_probes = retries().await - before;
