@@ -39,7 +39,7 @@ use switchyard_control_plane::{
 
 use crate::{
     errors::ProxyError,
-    router::ModelCatalog,
+    router::{ModelCatalog, StateSource},
     routes::ApiFormat,
     server::AppState,
     translate::{listing, timestamp},
@@ -215,8 +215,13 @@ pub fn openai_model_in(models: &Value, model: &str) -> Result<Value, Vec<String>
         .ok_or_else(|| items.iter().map(id).collect())
 }
 
-/// `/health` status and body for a cluster state.
-pub fn health(state: &ClusterState, control_plane_connected: bool) -> (StatusCode, Value) {
+/// `/health` status and body for a cluster state; `source` says where the
+/// state comes from (`control_plane`, `last_known`, `own_probes`, `none`).
+pub fn health(
+    state: &ClusterState,
+    control_plane_connected: bool,
+    source: StateSource,
+) -> (StatusCode, Value) {
     let healthy = state.endpoints.iter().filter(|e| e.healthy).count();
     let ok = healthy > 0;
     let body = json!({
@@ -224,6 +229,7 @@ pub fn health(state: &ClusterState, control_plane_connected: bool) -> (StatusCod
         "healthy_endpoints": healthy,
         "endpoints": state.endpoints.len(),
         "control_plane_connected": control_plane_connected,
+        "cluster_state": source.as_str(),
     });
     let status = if ok {
         StatusCode::OK
@@ -246,7 +252,11 @@ pub(crate) async fn version() -> Json<Value> {
 /// `GET /health`.
 pub(crate) async fn health_handler(State(state): State<AppState>) -> Response {
     let router = state.router();
-    let (status, body) = health(&router.cluster_state(), router.control_plane_connected());
+    let (status, body) = health(
+        &router.cluster_state(),
+        router.control_plane_connected(),
+        router.state_source(),
+    );
     (status, Json(body)).into_response()
 }
 
@@ -506,18 +516,20 @@ mod tests {
 
     #[test]
     fn health_reflects_backends() {
-        let (s, body) = health(&state(), true);
+        let (s, body) = health(&state(), true, StateSource::ControlPlane);
         assert_eq!(s, StatusCode::OK);
         assert_eq!(body["status"], "ok");
         assert_eq!(body["healthy_endpoints"], 3);
+        assert_eq!(body["cluster_state"], "control_plane");
         let mut all_down = state();
         for e in &mut all_down.endpoints {
             e.healthy = false;
         }
-        let (s, body) = health(&all_down, false);
+        let (s, body) = health(&all_down, false, StateSource::OwnProbes);
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["status"], "unavailable");
-        let (s, _) = health(&ClusterState::default(), true);
+        assert_eq!(body["cluster_state"], "own_probes");
+        let (s, _) = health(&ClusterState::default(), true, StateSource::None);
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -281,7 +281,7 @@ pub(crate) async fn handler(State(state): State<AppState>) -> Response {
     let router = state.router();
     match state.metrics().render(
         router.control_plane_connected(),
-        router.routing_on_own_probes(),
+        router.state_source() == crate::router::StateSource::OwnProbes,
         router.local_in_flight(),
     ) {
         Ok(mut text) => {

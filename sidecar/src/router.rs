@@ -49,6 +49,33 @@ pub use model_items::ModelCatalog;
 
 use self::{embedded::EmbeddedRouter, remote::RemoteRouter};
 
+/// Where the cluster state a sidecar routes on (when the control plane does
+/// not answer), lists and reports health from comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateSource {
+    /// The control plane: embedded, or followed over `WatchUsage`.
+    ControlPlane,
+    /// The last state the control plane published before it went away.
+    LastKnown,
+    /// The sidecar's own probes of the endpoints in its config
+    /// (`router/local_discovery.rs`).
+    OwnProbes,
+    /// Nothing yet: no state ever arrived and no probes of its own.
+    None,
+}
+
+impl StateSource {
+    /// The name `/health` reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ControlPlane => "control_plane",
+            Self::LastKnown => "last_known",
+            Self::OwnProbes => "own_probes",
+            Self::None => "none",
+        }
+    }
+}
+
 /// Why no lease could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -285,12 +312,11 @@ impl Router {
         }
     }
 
-    /// Whether degraded decisions, listings and `/health` read the state of
-    /// the sidecar's own probes (`router/local_discovery.rs`); for metrics.
-    pub fn routing_on_own_probes(&self) -> bool {
+    /// Where the cluster state comes from; for `/health` and metrics.
+    pub fn state_source(&self) -> StateSource {
         match &*self.mode {
-            Mode::Embedded(_) => false,
-            Mode::Remote(r) => r.routing_on_own_probes(),
+            Mode::Embedded(_) => StateSource::ControlPlane,
+            Mode::Remote(r) => r.state_source(),
         }
     }
 

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::{degraded::Circuit, remote::Backoff};
+use super::{StateSource, degraded::Circuit, remote::Backoff};
 
 /// The state degraded decisions, listings and `/health` read: the last one
 /// the control plane published, or, while the control plane has been gone
@@ -134,9 +134,18 @@ impl Snapshot {
         self.state.load_full().map(|state| (state, feed.local))
     }
 
-    /// Whether the stored state is from the sidecar's own probes.
-    pub(crate) fn local(&self) -> bool {
-        self.feed.lock().local
+    /// Where the stored state comes from.
+    pub(crate) fn source(&self) -> StateSource {
+        let feed = self.feed.lock();
+        if feed.live {
+            StateSource::ControlPlane
+        } else if feed.local {
+            StateSource::OwnProbes
+        } else if feed.ever {
+            StateSource::LastKnown
+        } else {
+            StateSource::None
+        }
     }
 }
 

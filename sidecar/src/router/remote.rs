@@ -67,7 +67,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Status, transport::Channel};
 
 use super::{
-    RemoteSettings, RouteError,
+    RemoteSettings, RouteError, StateSource,
     degraded::{AffinityMemory, Circuit, DegradeCause},
     follower::{Follower, Snapshot},
     lease::Lease,
@@ -390,8 +390,10 @@ impl RemoteRouter {
         self.shared.as_ref().map_or(0, |s| s.ledger.held())
     }
 
-    pub(crate) fn routing_on_own_probes(&self) -> bool {
-        self.shared.as_ref().is_some_and(|s| s.snapshot.local())
+    pub(crate) fn state_source(&self) -> StateSource {
+        self.shared
+            .as_ref()
+            .map_or(StateSource::None, |s| s.snapshot.source())
     }
 
     pub(crate) fn degraded_decisions(&self) -> u64 {

@@ -74,6 +74,21 @@ async fn sidecar_metric(
     metric_sum(&text, name, labels)
 }
 
+/// Where a sidecar's cluster state comes from, as `/health` reports it.
+async fn state_source(http: &reqwest::Client, base: &str) -> String {
+    // 503 when no backend is healthy: the body says why either way.
+    let body = http
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{base}/health did not answer: {e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health: {e}: {body}"));
+    v["cluster_state"].as_str().unwrap_or_default().to_owned()
+}
+
 /// A config entry for an in-process fake.
 fn entry(fake: &FakeBackend, max_concurrent: u32) -> EndpointEntry {
     EndpointEntry {
@@ -363,6 +378,8 @@ async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
         0.0,
         "own-probes gauge, no endpoints"
     );
+    assert_eq!(state_source(&http, &s1.url()).await, "own_probes");
+    assert_eq!(state_source(&http, &bare.url()).await, "none");
     assert!(degraded(s1.url()).await >= 1.0, "not counted as degraded");
 
     // A request held at the backend: the lease it holds was granted
@@ -428,6 +445,7 @@ async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
     })
     .await;
     assert_eq!(own_probes(s1.url()).await, 0.0, "own-probes gauge after");
+    assert_eq!(state_source(&http, &s1.url()).await, "control_plane");
     println!(
         "started without the control plane: first answer {first_answer:?} after the sidecar started"
     );
@@ -465,6 +483,7 @@ async fn long_control_plane_outage_sidecar_probes_itself_and_avoids_a_backend_th
         }
     };
 
+    assert_eq!(state_source(&http, &base).await, "control_plane");
     cp.kill();
     b.shutdown().await;
     // On the stale state `b` is still a candidate: requests reach it, fail
@@ -472,6 +491,7 @@ async fn long_control_plane_outage_sidecar_probes_itself_and_avoids_a_backend_th
     let before = retries().await;
     send(20, "stale").await;
     let on_stale_state = retries().await - before;
+    assert_eq!(state_source(&http, &base).await, "last_known");
 
     // Routing on its own probes once their first round is in.
     let deadline = Instant::now() + SOON;
@@ -488,6 +508,7 @@ async fn long_control_plane_outage_sidecar_probes_itself_and_avoids_a_backend_th
             .contains("control plane gone longer than a session TTL"),
         "why it probes is not logged"
     );
+    assert_eq!(state_source(&http, &base).await, "own_probes");
     let before = retries().await;
     send(40, "own probes").await;
     let on_own_probes = retries().await - before;
