@@ -35,6 +35,7 @@ use switchyard_control_plane::{
 use super::{
     ModelCatalog, RouteError,
     lease::{Lease, ReleaseSink},
+    model_items,
 };
 
 /// How far in the future the embedded session's keep-alive is dated.
@@ -119,9 +120,7 @@ impl EmbeddedRouter {
     }
 
     pub(crate) fn model_items(&self) -> Arc<ModelCatalog> {
-        let cp = &self.sink.cp;
-        let urls = cp.config().endpoints.iter().map(|e| e.url.clone());
-        Arc::new(urls.zip(cp.model_items()).collect())
+        Arc::new(model_items::catalog_of(&self.sink.cp))
     }
 
     pub(crate) fn local_in_flight(&self) -> usize {

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::{StateSource, degraded::Circuit, remote::Backoff};
+use super::{StateSource, degraded::Circuit, model_items::ModelCatalog, remote::Backoff};
 
 /// The state degraded decisions, listings and `/health` read: the last one
 /// the control plane published, or, while the control plane has been gone
@@ -34,6 +34,8 @@ use super::{StateSource, degraded::Circuit, remote::Backoff};
 #[derive(Debug)]
 pub(crate) struct Snapshot {
     state: ArcSwapOption<ClusterState>,
+    /// With a state of the sidecar's own probes: their listing items.
+    local_items: ArcSwapOption<ModelCatalog>,
     /// Whether `WatchUsage` is delivering. Held while a state is stored, so
     /// a state of the sidecar's own probes never overwrites the control
     /// plane's.
@@ -60,6 +62,7 @@ impl Default for Snapshot {
     fn default() -> Self {
         Self {
             state: ArcSwapOption::empty(),
+            local_items: ArcSwapOption::empty(),
             feed: Mutex::new(Feed {
                 live: false,
                 ever: false,
@@ -98,6 +101,7 @@ impl Snapshot {
             feed.ever = true;
             feed.local = false;
             self.state.store(Some(Arc::new(state)));
+            self.local_items.store(None);
         }
         self.arrived.notify_waiters();
     }
@@ -117,14 +121,26 @@ impl Snapshot {
 
     /// Stores a state of the sidecar's own probes, unless the control
     /// plane's stream is delivering (then false, and nothing changes).
-    pub(crate) fn set_local(&self, state: Arc<ClusterState>) -> bool {
+    pub(crate) fn set_local(&self, state: Arc<ClusterState>, items: Arc<ModelCatalog>) -> bool {
         let mut feed = self.feed.lock();
         if feed.live {
             return false;
         }
         feed.local = true;
         self.state.store(Some(state));
+        self.local_items.store(Some(items));
         true
+    }
+
+    /// The listing items of the sidecar's own probes, while their state is
+    /// the one stored.
+    pub(crate) fn local_items(&self) -> Option<Arc<ModelCatalog>> {
+        let feed = self.feed.lock();
+        if feed.local {
+            self.local_items.load_full()
+        } else {
+            None
+        }
     }
 
     /// The stored state, if any, and whether it is from the sidecar's own

@@ -34,7 +34,7 @@ use switchyard_control_plane::{
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::follower::Snapshot;
+use super::{follower::Snapshot, model_items};
 
 /// Runs the sidecar's own probes whenever the control plane's state is
 /// missing (never arrived) or has been gone for `outage`, until `cancel`.
@@ -124,7 +124,8 @@ pub(crate) async fn run(
         // Built now: the publications only say when something changed (one
         // may lag behind a probe that `reprobe` already saw applied).
         published.borrow_and_update();
-        if !snapshot.set_local(cp.state()) {
+        let items = Arc::new(model_items::catalog_of(&cp));
+        if !snapshot.set_local(cp.state(), items) {
             return stopped();
         }
         tokio::select! {
@@ -251,6 +252,10 @@ mod tests {
             "{first:?}"
         );
         assert!(!snapshot.live());
+        // Listings get the endpoints' own items from the same probes.
+        let items = snapshot.local_items().expect("listing items of the probes");
+        assert_eq!(&*items[0].0, fake.url.as_str());
+        assert_eq!(items.len(), 2);
 
         // The control plane's state replaces it for good, and the probes stop.
         let probes_before = fake.request_count();
@@ -263,7 +268,8 @@ mod tests {
             .expect("the probes stop once the control plane's state arrives")
             .unwrap();
         assert_eq!(snapshot.get().unwrap().version, 7);
-        assert!(!snapshot.set_local(first));
+        assert!(snapshot.local_items().is_none());
+        assert!(!snapshot.set_local(first, Arc::default()));
         assert_eq!(snapshot.get().unwrap().version, 7);
         tasks.close();
         tokio::time::timeout(Duration::from_secs(5), tasks.wait())

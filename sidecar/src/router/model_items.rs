@@ -16,7 +16,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use switchyard_control_plane::api::ModelItems;
+use switchyard_control_plane::{api::ModelItems, control_plane::ControlPlane};
 use switchyard_proto::v1::{self, cluster_client::ClusterClient};
 use tonic::transport::Channel;
 
@@ -24,6 +24,13 @@ use super::remote::{request, with_deadline};
 
 /// Each endpoint's listing items: (configured URL, items).
 pub type ModelCatalog = Vec<(Arc<str>, Arc<ModelItems>)>;
+
+/// The listing items of a control plane in this process (standalone, or
+/// the sidecar's own probes), by configured endpoint.
+pub(crate) fn catalog_of(cp: &ControlPlane) -> ModelCatalog {
+    let urls = cp.config().endpoints.iter().map(|e| e.url.clone());
+    urls.zip(cp.model_items()).collect()
+}
 
 /// How old a remote answer may be before the next listing asks again.
 /// Listings are rare (a UI's page load) and the items change when a model

@@ -340,6 +340,9 @@ impl RemoteRouter {
         let Some(shared) = &self.shared else {
             return Arc::default();
         };
+        if let Some(items) = shared.snapshot.local_items() {
+            return items;
+        }
         let timeout = settings_rpc_timeout(&shared.settings);
         shared
             .model_items

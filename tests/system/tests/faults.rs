@@ -361,7 +361,16 @@ async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
     let tags = get_text(&http, &format!("{}/api/tags", s1.url()))
         .await
         .unwrap_or_default();
-    assert!(tags.contains("m:latest"), "/api/tags: {tags}");
+    // The backend's own item (size, digest), from the sidecar's probes.
+    let tags: Value = serde_json::from_str(&tags).unwrap_or_else(|e| panic!("{e}: {tags}"));
+    let item = &tags["models"][0];
+    assert_eq!(item["name"], "m:latest", "/api/tags: {tags}");
+    assert!(item["size"].as_u64().unwrap_or(0) > 0, "/api/tags: {tags}");
+    assert_eq!(
+        item["digest"].as_str().unwrap_or("").len(),
+        64,
+        "/api/tags: {tags}"
+    );
     let answer = chat_once(&http, &format!("{}/api/chat", s1.url()), &chat("m", "hi")).await;
     assert!(
         answer.is_ok(),
