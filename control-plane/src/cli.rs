@@ -114,11 +114,12 @@ pub fn config_summary(config: &Config) -> String {
         .iter()
         .map(|e| {
             format!(
-                "{} ({}, max {}{})",
+                "{} ({}, max {}{}{})",
                 display_url(&e.url),
                 e.kind,
                 e.max_concurrent,
-                if e.api_key.is_some() { ", api key" } else { "" }
+                if e.api_key.is_some() { ", api key" } else { "" },
+                if e.draining { ", draining" } else { "" }
             )
         })
         .collect();
@@ -381,13 +382,18 @@ mod tests {
             "endpoints:\n  - http://10.0.0.5:11434\n  - https://api.example.com/v1\n\
              llama_server_endpoints: [\"http://10.0.0.6:8080\"]\n\
              api_keys:\n  \"https://api.example.com/v1\": sk-very-secret\n\
-             router_api_key: router-secret\n",
+             router_api_key: router-secret\n\
+             endpoint_config:\n  \"http://10.0.0.6:8080\":\n    draining: true\n",
         );
         let (exit, out, err) = run(&["--config", f.path().to_str().unwrap(), "--check-config"]);
         assert_eq!(exit, Exit::Ok, "{err}");
         assert_eq!(out.lines().count(), 1, "{out}");
         assert!(out.contains("3 endpoints"), "{out}");
-        assert!(out.contains("http://10.0.0.5:11434 (ollama"), "{out}");
+        assert!(
+            out.contains("http://10.0.0.5:11434 (ollama, max 1)"),
+            "{out}"
+        );
+        assert!(out.contains("(llama_server, max 1, draining)"), "{out}");
         assert!(
             out.contains("https://api.example.com/v1 (openai, max 1, api key)"),
             "{out}"

@@ -130,6 +130,9 @@ fn parse_duration_text(text: &str) -> Option<Duration> {
 pub struct RawEndpointConfig {
     /// Concurrent-request limit for this endpoint.
     pub max_concurrent_connections: Option<u32>,
+    /// Start drained: no new requests until `switchyard undrain` (or until
+    /// the key is removed and the control plane restarted).
+    pub draining: Option<bool>,
 }
 
 /// Timeouts for one endpoint kind, under `timeouts.<kind>`.
@@ -224,6 +227,9 @@ pub struct EndpointConfig {
     pub api_key: Option<Secret>,
     /// Concurrent-request limit.
     pub max_concurrent: u32,
+    /// Drained from the start (`endpoint_config.<url>.draining`); the
+    /// runtime flag (`Drain` / `Undrain`) starts from this.
+    pub draining: bool,
 }
 
 /// Conversation affinity.
@@ -519,6 +525,7 @@ impl Config {
                 kind,
                 api_key: None,
                 max_concurrent: default_limit,
+                draining: false,
             });
         }
 
@@ -557,6 +564,9 @@ impl Config {
                 if let Some(ep) = endpoints.get_mut(idx) {
                     ep.max_concurrent = limit;
                 }
+            }
+            if let (Some(draining), Some(ep)) = (over.draining, endpoints.get_mut(idx)) {
+                ep.draining = draining;
             }
         }
 
@@ -870,6 +880,18 @@ endpoint_config:
         assert!(c.priority_routing);
         assert!(c.affinity.enabled);
         assert_eq!(c.affinity.ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn endpoint_can_start_drained() {
+        let yaml = "endpoints:\n  - http://a:1\n  - http://b:1\nendpoint_config:\n  \"http://b:1/\":\n    draining: true\n";
+        let c = Config::from_yaml(yaml, &env).unwrap();
+        assert!(!c.endpoints[0].draining);
+        assert!(c.endpoints[1].draining);
+        let err = error(
+            "endpoints:\n  - http://a:1\nendpoint_config:\n  \"http://a:1\":\n    draining: maybe\n",
+        );
+        assert!(err.contains("draining") || err.contains("maybe"), "{err}");
     }
 
     #[test]

@@ -366,6 +366,7 @@ mod tests {
             kind,
             api_key: key.map(Secret::new),
             max_concurrent: 1,
+            draining: false,
         }
     }
 

@@ -127,7 +127,7 @@ impl State {
                 .iter()
                 .map(|e| Admission {
                     max_concurrent: e.max_concurrent,
-                    draining: false,
+                    draining: e.draining,
                 })
                 .collect(),
             lease_ids: IdAllocator::new(false),

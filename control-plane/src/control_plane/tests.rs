@@ -168,6 +168,27 @@ fn excluded_and_draining_endpoints_never_get_the_request() {
 }
 
 #[test]
+fn endpoint_drained_in_the_config_starts_drained_until_undrained() {
+    let t0 = Instant::now();
+    let cp = plane(&format!("endpoint_config:\n  {B}:\n    draining: true\n"));
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let state = cp.state();
+    assert!(!state.endpoints[0].draining);
+    assert!(state.endpoints[1].draining, "{:?}", state.endpoints[1]);
+    for _ in 0..20 {
+        assert_eq!(&*cp.choose(&req("m"), None, t0).unwrap().endpoint, A);
+    }
+    // The runtime flag starts from the config and overrides it.
+    assert!(!cp.set_draining(B, false).unwrap().draining);
+    let mut seen_b = false;
+    for _ in 0..40 {
+        seen_b |= &*cp.choose(&req("m"), None, t0).unwrap().endpoint == B;
+    }
+    assert!(seen_b, "undrained endpoint never chosen");
+}
+
+#[test]
 fn unknown_session_is_refused_and_dry_runs_take_nothing() {
     let t0 = Instant::now();
     let cp = plane("conversation_affinity: true\n");

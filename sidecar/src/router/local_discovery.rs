@@ -93,6 +93,19 @@ pub(crate) async fn run(
     };
     let endpoints = config.endpoints.len();
     let cp = ControlPlane::new(config);
+    // Endpoints an operator drained stay drained: the last state the
+    // control plane published says which (the config's own drains are
+    // applied by `ControlPlane::new`).
+    if let Some(last) = snapshot.get() {
+        for e in last.endpoints.iter().filter(|e| e.draining) {
+            if cp.set_draining(&e.url, true).is_err() {
+                tracing::debug!(
+                    endpoint = &*e.url,
+                    "drained endpoint not in this sidecar's config"
+                );
+            }
+        }
+    }
     let probes = cancel.child_token();
     // Stops the probe loops and upkeep on every way out.
     let _stop_probes = probes.clone().drop_guard();
@@ -163,7 +176,7 @@ mod tests {
     };
 
     use axum::{Json, Router, routing::get};
-    use switchyard_control_plane::cluster::ClusterState;
+    use switchyard_control_plane::cluster::{ClusterState, EndpointState};
 
     use super::*;
 
@@ -346,6 +359,53 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), tasks.wait())
             .await
             .expect("the probes end on cancel");
+    }
+
+    #[tokio::test]
+    async fn endpoints_drained_in_the_last_state_stay_drained() {
+        let fake = Ollama::start().await;
+        let other = Ollama::start().await;
+        let endpoint = |url: &str, draining: bool| EndpointState {
+            url: Arc::from(url),
+            kind: switchyard_control_plane::endpoint::EndpointKind::Ollama,
+            priority: 0,
+            max_concurrent: 1,
+            healthy: true,
+            health_detail: String::new(),
+            draining,
+            advertised_models: vec![Arc::from("m:latest")],
+            loaded_models: Vec::new(),
+            usage: Vec::new(),
+            in_flight: 0,
+            failing_models: Vec::new(),
+            missing_models: Vec::new(),
+            circuit_open: false,
+            last_probe_ok_unix_ms: 1,
+        };
+        let snapshot = Arc::new(Snapshot::default());
+        snapshot.set(ClusterState {
+            endpoints: vec![endpoint(&fake.url, true), endpoint(&other.url, false)],
+            ..ClusterState::default()
+        });
+        snapshot.lost();
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        tokio::spawn(run(
+            config_for(&[fake.url.clone(), other.url.clone()]),
+            snapshot.clone(),
+            tasks.clone(),
+            cancel.clone(),
+        ));
+        wait_for("a state of its own probes", || {
+            snapshot
+                .get()
+                .is_some_and(|s| s.endpoints[1].last_probe_ok_unix_ms > 1)
+        })
+        .await;
+        let own = snapshot.get().unwrap();
+        assert!(own.endpoints[0].draining, "{own:?}");
+        assert!(!own.endpoints[1].draining, "{own:?}");
+        cancel.cancel();
     }
 
     #[tokio::test]
