@@ -197,7 +197,7 @@ impl RemoteRouter {
         url: String,
         name: String,
         settings: RemoteSettings,
-        local_discovery: Option<Arc<Config>>,
+        probe_config: Option<Arc<Config>>,
         lanes: Vec<Handle>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
@@ -292,13 +292,13 @@ impl RemoteRouter {
             () = ready => {}
             () = tokio::time::sleep(shared.settings.startup_wait) => {
                 tracing::warn!("control plane not ready yet; starting anyway (degraded until it is)");
-                if local_discovery.is_none() && shared.snapshot.get().is_none() {
+                if probe_config.is_none() && shared.snapshot.get().is_none() {
                     tracing::warn!("no endpoints configured in this sidecar: requests are refused until the control plane answers");
                 }
             }
             () = cancel.cancelled() => {}
         }
-        if let Some(config) = local_discovery {
+        if let Some(config) = probe_config {
             let outage = config.sessions.ttl;
             tasks.spawn(local_discovery::supervise(
                 config,
