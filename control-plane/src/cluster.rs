@@ -60,6 +60,31 @@ pub struct EndpointState {
     pub last_probe_ok_unix_ms: u64,
 }
 
+impl EndpointState {
+    /// An endpoint that nothing is known of yet: not probed (so not
+    /// healthy), no models, nothing in flight, limit 1. Fixtures fill in
+    /// what they need with struct update syntax.
+    pub fn new(url: &str, kind: EndpointKind) -> Self {
+        Self {
+            url: Arc::from(url),
+            kind,
+            priority: 0,
+            max_concurrent: 1,
+            healthy: false,
+            health_detail: "not probed yet".to_owned(),
+            draining: false,
+            advertised_models: Vec::new(),
+            loaded_models: Vec::new(),
+            usage: Vec::new(),
+            in_flight: 0,
+            failing_models: Vec::new(),
+            missing_models: Vec::new(),
+            circuit_open: false,
+            last_probe_ok_unix_ms: 0,
+        }
+    }
+}
+
 /// The whole cluster at one version.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {

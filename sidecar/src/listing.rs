@@ -324,21 +324,11 @@ mod tests {
         loaded: &[&str],
     ) -> EndpointState {
         EndpointState {
-            url: Arc::from(url),
-            kind,
-            priority: 0,
-            max_concurrent: 1,
             healthy,
             health_detail: String::new(),
-            draining: false,
             advertised_models: advertised.iter().map(|m| Arc::from(*m)).collect(),
             loaded_models: loaded.iter().map(|m| Arc::from(*m)).collect(),
-            usage: vec![],
-            in_flight: 0,
-            failing_models: vec![],
-            missing_models: vec![],
-            circuit_open: false,
-            last_probe_ok_unix_ms: 0,
+            ..EndpointState::new(url, kind)
         }
     }
 

@@ -180,21 +180,11 @@ mod tests {
 
     fn endpoint(url: &str, usage: Vec<ModelUsage>) -> EndpointState {
         EndpointState {
-            url: url.into(),
-            kind: EndpointKind::Ollama,
-            priority: 0,
             max_concurrent: 4,
             healthy: true,
             health_detail: String::new(),
-            draining: false,
-            advertised_models: Vec::new(),
-            loaded_models: Vec::new(),
             usage,
-            in_flight: 0,
-            failing_models: Vec::new(),
-            missing_models: Vec::new(),
-            circuit_open: false,
-            last_probe_ok_unix_ms: 0,
+            ..EndpointState::new(url, EndpointKind::Ollama)
         }
     }
 

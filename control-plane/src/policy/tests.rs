@@ -399,21 +399,13 @@ proptest! {
 
 fn endpoint(url: &str, kind: EndpointKind, priority: u32, advertised: &[&str]) -> EndpointState {
     EndpointState {
-        url: Arc::from(url),
-        kind,
         priority,
         max_concurrent: 2,
         healthy: true,
         health_detail: String::new(),
-        draining: false,
         advertised_models: advertised.iter().map(|m| Arc::from(*m)).collect(),
-        loaded_models: Vec::new(),
-        usage: Vec::new(),
-        in_flight: 0,
-        failing_models: Vec::new(),
-        missing_models: Vec::new(),
-        circuit_open: false,
         last_probe_ok_unix_ms: 1,
+        ..EndpointState::new(url, kind)
     }
 }
 

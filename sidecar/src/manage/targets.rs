@@ -144,8 +144,6 @@ mod tests {
 
     fn endpoint(url: &str, kind: EndpointKind, healthy: bool, models: &[&str]) -> EndpointState {
         EndpointState {
-            url: Arc::from(url),
-            kind,
             healthy,
             health_detail: if healthy {
                 String::new()
@@ -153,16 +151,7 @@ mod tests {
                 "GET /api/tags: connection refused".into()
             },
             advertised_models: models.iter().map(|m| Arc::from(*m)).collect(),
-            priority: 0,
-            max_concurrent: 1,
-            draining: false,
-            loaded_models: Vec::new(),
-            usage: Vec::new(),
-            in_flight: 0,
-            failing_models: Vec::new(),
-            missing_models: Vec::new(),
-            circuit_open: false,
-            last_probe_ok_unix_ms: 0,
+            ..EndpointState::new(url, kind)
         }
     }
 

@@ -176,7 +176,10 @@ mod tests {
     };
 
     use axum::{Json, Router, routing::get};
-    use switchyard_control_plane::cluster::{ClusterState, EndpointState};
+    use switchyard_control_plane::{
+        cluster::{ClusterState, EndpointState},
+        endpoint::EndpointKind,
+    };
 
     use super::*;
 
@@ -366,21 +369,12 @@ mod tests {
         let fake = Ollama::start().await;
         let other = Ollama::start().await;
         let endpoint = |url: &str, draining: bool| EndpointState {
-            url: Arc::from(url),
-            kind: switchyard_control_plane::endpoint::EndpointKind::Ollama,
-            priority: 0,
-            max_concurrent: 1,
             healthy: true,
             health_detail: String::new(),
             draining,
             advertised_models: vec![Arc::from("m:latest")],
-            loaded_models: Vec::new(),
-            usage: Vec::new(),
-            in_flight: 0,
-            failing_models: Vec::new(),
-            missing_models: Vec::new(),
-            circuit_open: false,
             last_probe_ok_unix_ms: 1,
+            ..EndpointState::new(url, EndpointKind::Ollama)
         };
         let snapshot = Arc::new(Snapshot::default());
         snapshot.set(ClusterState {
