@@ -34,8 +34,6 @@ use super::{StateSource, degraded::Circuit, model_items::ModelCatalog, remote::B
 #[derive(Debug)]
 pub(crate) struct Snapshot {
     state: ArcSwapOption<ClusterState>,
-    /// With a state of the sidecar's own probes: their listing items.
-    local_items: ArcSwapOption<ModelCatalog>,
     /// Whether `WatchUsage` is delivering. Held while a state is stored, so
     /// a state of the sidecar's own probes never overwrites the control
     /// plane's.
@@ -52,8 +50,9 @@ struct Feed {
     live: bool,
     /// A state from the control plane was ever stored.
     ever: bool,
-    /// The stored state is from the sidecar's own probes.
-    local: bool,
+    /// Set while the stored state is from the sidecar's own probes: their
+    /// listing items.
+    local_items: Option<Arc<ModelCatalog>>,
     /// Since when the stream has been gone (start-up, at first).
     lost_since: Instant,
 }
@@ -62,11 +61,10 @@ impl Default for Snapshot {
     fn default() -> Self {
         Self {
             state: ArcSwapOption::empty(),
-            local_items: ArcSwapOption::empty(),
             feed: Mutex::new(Feed {
                 live: false,
                 ever: false,
-                local: false,
+                local_items: None,
                 lost_since: Instant::now(),
             }),
             arrived: Notify::new(),
@@ -99,9 +97,8 @@ impl Snapshot {
             let mut feed = self.feed.lock();
             feed.live = true;
             feed.ever = true;
-            feed.local = false;
+            feed.local_items = None;
             self.state.store(Some(Arc::new(state)));
-            self.local_items.store(None);
         }
         self.arrived.notify_waiters();
     }
@@ -126,28 +123,24 @@ impl Snapshot {
         if feed.live {
             return false;
         }
-        feed.local = true;
+        feed.local_items = Some(items);
         self.state.store(Some(state));
-        self.local_items.store(Some(items));
         true
     }
 
     /// The listing items of the sidecar's own probes, while their state is
     /// the one stored.
     pub(crate) fn local_items(&self) -> Option<Arc<ModelCatalog>> {
-        let feed = self.feed.lock();
-        if feed.local {
-            self.local_items.load_full()
-        } else {
-            None
-        }
+        self.feed.lock().local_items.clone()
     }
 
     /// The stored state, if any, and whether it is from the sidecar's own
     /// probes.
     pub(crate) fn current(&self) -> Option<(Arc<ClusterState>, bool)> {
         let feed = self.feed.lock();
-        self.state.load_full().map(|state| (state, feed.local))
+        self.state
+            .load_full()
+            .map(|state| (state, feed.local_items.is_some()))
     }
 
     /// Where the stored state comes from.
@@ -155,7 +148,7 @@ impl Snapshot {
         let feed = self.feed.lock();
         if feed.live {
             StateSource::ControlPlane
-        } else if feed.local {
+        } else if feed.local_items.is_some() {
             StateSource::OwnProbes
         } else if feed.ever {
             StateSource::LastKnown
