@@ -26,12 +26,14 @@
 //! later one). The leases granted meanwhile are registered with the control
 //! plane like every degraded lease.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use switchyard_control_plane::{
     config::Config, control_plane::ControlPlane, server::spawn_background,
 };
-use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{follower::Snapshot, model_items};
@@ -51,7 +53,7 @@ pub(crate) async fn supervise(
         loop {
             let went_away = snapshot.went_away.notified();
             let arrived = snapshot.arrived.notified();
-            let wait = match snapshot.gone_for(Instant::now().into_std()) {
+            let wait = match snapshot.gone_for(Instant::now()) {
                 None => None,
                 // Never delivered: start at once (the start-up wait is over).
                 Some((_, false)) => break,
@@ -82,13 +84,13 @@ pub(crate) async fn supervise(
 /// Probes `config`'s endpoints and publishes the results into `snapshot`
 /// until the control plane's stream delivers again or `cancel` fires.
 /// False when the probes could not be started at all.
-pub(crate) async fn run(
+async fn run(
     config: Arc<Config>,
     snapshot: Arc<Snapshot>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 ) -> bool {
-    let Some((gone, ever)) = snapshot.gone_for(Instant::now().into_std()) else {
+    let Some((gone, ever)) = snapshot.gone_for(Instant::now()) else {
         return true;
     };
     let endpoints = config.endpoints.len();
