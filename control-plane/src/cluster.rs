@@ -60,6 +60,9 @@ pub struct EndpointState {
     pub last_probe_ok_unix_ms: u64,
 }
 
+/// An endpoint's `health_detail` before its first probe.
+pub const NOT_PROBED: &str = "not probed yet";
+
 impl EndpointState {
     /// An endpoint that nothing is known of yet: not probed (so not
     /// healthy), no models, nothing in flight, limit 1. Fixtures fill in
@@ -71,7 +74,7 @@ impl EndpointState {
             priority: 0,
             max_concurrent: 1,
             healthy: false,
-            health_detail: "not probed yet".to_owned(),
+            health_detail: NOT_PROBED.to_owned(),
             draining: false,
             advertised_models: Vec::new(),
             loaded_models: Vec::new(),

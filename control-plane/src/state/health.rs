@@ -121,7 +121,7 @@ impl Health {
             config,
             probes: vec![
                 ProbeHealth {
-                    detail: "not probed yet".to_owned(),
+                    detail: crate::cluster::NOT_PROBED.to_owned(),
                     last_ok_unix_ms: 0,
                 };
                 endpoints
