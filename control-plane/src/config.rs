@@ -891,7 +891,7 @@ endpoint_config:
         let err = error(
             "endpoints:\n  - http://a:1\nendpoint_config:\n  \"http://a:1\":\n    draining: maybe\n",
         );
-        assert!(err.contains("draining") || err.contains("maybe"), "{err}");
+        assert!(err.contains("draining") && err.contains("maybe"), "{err}");
     }
 
     #[test]
