@@ -33,7 +33,7 @@ use switchyard_system_tests::{
         measure_until, metric_sum, sidecar_process, tail,
     },
     ollama_fake,
-    wait::{wait_for, wait_until, within},
+    wait::{wait_for, wait_for_async, wait_until, within},
 };
 use tokio::time::Instant;
 
@@ -344,20 +344,18 @@ async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
 
     // Healthy as soon as its own first probe is in: it lists and serves.
     let started = Instant::now();
-    let mut health = 0;
-    while health != 200 {
-        health = http
-            .get(format!("{}/health", s1.url()))
-            .send()
-            .await
-            .map_or(0, |r| r.status().as_u16());
-        assert!(
-            started.elapsed() < SOON,
-            "/health never 200 without the control plane (last {health}); log:\n{}",
-            tail(&s1.logs(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_async(
+        "/health 200 without the control plane",
+        SOON,
+        || async {
+            http.get(format!("{}/health", s1.url()))
+                .send()
+                .await
+                .map_or(0, |r| r.status().as_u16())
+        },
+        |status| *status == 200,
+    )
+    .await;
     let tags = get_text(&http, &format!("{}/api/tags", s1.url()))
         .await
         .unwrap_or_default();
@@ -419,19 +417,13 @@ async fn sidecar_started_without_the_control_plane_routes_on_its_own_probes() {
     // The control plane comes up: the held lease is registered there, and
     // the next request is decided by it, not locally.
     cp.restart().await;
-    let deadline = Instant::now() + SOON;
-    loop {
-        let in_flight = cp.state().await.map(|s| (s.sessions, s.total_in_flight()));
-        if in_flight.is_some_and(|(sessions, n)| sessions >= 1 && n == 1) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "held lease not registered (sessions, in flight) {in_flight:?}; s1 log:\n{}",
-            tail(&s1.logs(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_async(
+        "the held lease to be registered: (sessions, in flight)",
+        SOON,
+        || async { cp.state().await.map(|s| (s.sessions, s.total_in_flight())) },
+        |in_flight| in_flight.is_some_and(|(sessions, n)| sessions >= 1 && n == 1),
+    )
+    .await;
     a.hold_requests(false);
     let held = within("the held request", SOON, held).await.unwrap();
     assert!(held.is_ok(), "held request: {held:?}");
@@ -503,15 +495,13 @@ async fn long_control_plane_outage_sidecar_probes_itself_and_avoids_a_backend_th
     assert_eq!(state_source(&http, &base).await, "last_known");
 
     // Routing on its own probes once their first round is in.
-    let deadline = Instant::now() + SOON;
-    while sidecar_metric(&http, &base, "switchyard_sidecar_own_probes", &[]).await != 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the sidecar never routed on its own probes; log:\n{}",
-            tail(&s1.logs(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_async(
+        "the sidecar to route on its own probes (gauge)",
+        SOON,
+        || sidecar_metric(&http, &base, "switchyard_sidecar_own_probes", &[]),
+        |gauge| *gauge == 1.0,
+    )
+    .await;
     assert!(
         s1.logs()
             .contains("control plane gone longer than a session TTL"),
