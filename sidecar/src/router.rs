@@ -208,7 +208,7 @@ impl Router {
     /// and a request uses its thread's. Empty: one lane on the caller's
     /// runtime.
     ///
-    /// `local_discovery`: a configuration whose endpoints the sidecar
+    /// `probe_config`: a configuration whose endpoints the sidecar
     /// probes itself when the control plane gives it no cluster state
     /// within `startup_wait`, or has been gone for the config's session
     /// TTL, to route on (degraded) until the control plane's state arrives
@@ -219,13 +219,13 @@ impl Router {
         url: String,
         name: String,
         settings: RemoteSettings,
-        local_discovery: Option<Arc<Config>>,
+        probe_config: Option<Arc<Config>>,
         lanes: Vec<tokio::runtime::Handle>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Router {
         let remote =
-            RemoteRouter::start(url, name, settings, local_discovery, lanes, tasks, cancel).await;
+            RemoteRouter::start(url, name, settings, probe_config, lanes, tasks, cancel).await;
         Router {
             mode: Arc::new(Mode::Remote(remote)),
         }

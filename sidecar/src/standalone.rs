@@ -51,12 +51,12 @@ pub(crate) async fn remote_router(
     cancel: &CancellationToken,
 ) -> Router {
     let settings = RemoteSettings::from_config(config);
-    let local_discovery = (!config.endpoints.is_empty()).then(|| config.clone());
+    let probe_config = (!config.endpoints.is_empty()).then(|| config.clone());
     Router::remote_on_lanes(
         url,
         name,
         settings,
-        local_discovery,
+        probe_config,
         lanes,
         tasks,
         cancel.child_token(),
