@@ -55,6 +55,20 @@ pub struct LeaseRecord {
     pub tracking_model: Arc<str>,
 }
 
+/// A conversation-affinity entry a sidecar remembers from its own choices,
+/// offered to a control plane that may have lost its table (restart).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinityRecord {
+    /// The conversation key.
+    pub key: Arc<str>,
+    /// Endpoint base URL the conversation last went to.
+    pub endpoint: Arc<str>,
+    /// Tracking model name.
+    pub tracking_model: Arc<str>,
+    /// Remaining lifetime as the sidecar sees it.
+    pub expires_in: Duration,
+}
+
 /// What opening a session grants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionGrant {
@@ -73,6 +87,8 @@ pub struct RegisterOutcome {
     pub registered: usize,
     /// Leases refused: endpoint not configured.
     pub rejected: usize,
+    /// Affinity entries taken into the table.
+    pub affinity_restored: usize,
 }
 
 /// One session, for listings.

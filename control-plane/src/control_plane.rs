@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::{
-        AffinityEntryInfo, LeaseRecord, ModelItems, ProbeReport, RegisterOutcome, ReprobeError,
-        SessionGrant, SessionInfo, UnknownEndpoint,
+        AffinityEntryInfo, AffinityRecord, LeaseRecord, ModelItems, ProbeReport, RegisterOutcome,
+        ReprobeError, SessionGrant, SessionInfo, UnknownEndpoint,
     },
     cluster::{ClusterState, EndpointState},
     config::Config,
@@ -221,6 +221,25 @@ impl ControlPlane {
             })?;
         self.bump();
         Ok(out)
+    }
+
+    /// Takes affinity entries a sidecar remembers into the table (see
+    /// [`State::restore_affinity`]); returns how many were taken.
+    pub fn restore_affinity(&self, records: &[AffinityRecord], now: Instant) -> usize {
+        if records.is_empty() {
+            return 0;
+        }
+        let n = self
+            .shared
+            .state
+            .lock()
+            .restore_affinity(records, now, |url| {
+                self.endpoint_index(url).map(|i| i as usize)
+            });
+        if n > 0 {
+            self.bump();
+        }
+        n
     }
 
     /// Removes sessions whose deadline passed and releases their leases.

@@ -41,8 +41,8 @@ use crate::{
     control_plane::ControlPlane,
     decision::ChooseError,
     grpc::convert::{
-        ChooseCall, ConvertError, ReleaseCall, affinity_listing_to_proto, lease_records_from_proto,
-        session_id_from_proto,
+        ChooseCall, ConvertError, ReleaseCall, affinity_listing_to_proto,
+        affinity_records_from_proto, lease_records_from_proto, session_id_from_proto,
     },
     grpc::route_stream::{RouteResponseStream, RouteStream},
 };
@@ -167,10 +167,21 @@ impl Routing for RoutingService {
         let m = request.into_inner();
         let id = session_id_from_proto(m.session_id).map_err(invalid)?;
         let leases = lease_records_from_proto(m.leases).map_err(invalid)?;
-        let out = self
+        let affinity = affinity_records_from_proto(m.affinity).map_err(invalid)?;
+        let now = Instant::now();
+        let mut out = self
             .cp
-            .register_leases(id, &leases, Instant::now())
+            .register_leases(id, &leases, now)
             .map_err(GrpcError::from)?;
+        out.affinity_restored = self.cp.restore_affinity(&affinity, now);
+        if !affinity.is_empty() {
+            tracing::info!(
+                session = id.0,
+                offered = affinity.len(),
+                restored = out.affinity_restored,
+                "affinity entries restored from a sidecar"
+            );
+        }
         Ok(Response::new((&out).into()))
     }
 

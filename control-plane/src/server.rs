@@ -527,11 +527,26 @@ mod tests {
         let e = routing
             .register_leases(v1::RegisterLeasesRequest {
                 session_id: 999,
-                leases: vec![],
+                ..Default::default()
             })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition);
+        let e = routing
+            .register_leases(v1::RegisterLeasesRequest {
+                session_id: 999,
+                affinity: vec![v1::AffinityRecord {
+                    endpoint: backend.clone(),
+                    tracking_model: "m:latest".into(),
+                    expires_in_ms: 1_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(e.message(), "affinity[0].key: must not be empty");
 
         // Admin.
         let e = cluster

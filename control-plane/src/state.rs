@@ -24,7 +24,9 @@ use std::{sync::Arc, time::Instant};
 use rand::{SeedableRng, rngs::SmallRng};
 
 use crate::{
-    api::{AffinityEntryInfo, LeaseRecord, RegisterOutcome, SessionGrant, SessionInfo},
+    api::{
+        AffinityEntryInfo, AffinityRecord, LeaseRecord, RegisterOutcome, SessionGrant, SessionInfo,
+    },
     cluster::{ClusterState, EndpointState, ModelUsage},
     config::Config,
     decision::{Choice, ChooseError, ChooseRequest, DecisionReason},
@@ -271,6 +273,51 @@ impl State {
             }
         }
         Ok(out)
+    }
+
+    /// Takes affinity entries a sidecar remembers into the table (after a
+    /// restart it is empty): each conversation stays on its endpoint. An
+    /// entry loses to one the table holds with a later expiry (a more
+    /// recent choice), lives at most `conversation_affinity_ttl`, and is
+    /// dropped when its endpoint is not configured. Nothing is taken while
+    /// `conversation_affinity` is off. Returns how many were taken.
+    pub fn restore_affinity(
+        &mut self,
+        records: &[AffinityRecord],
+        now: Instant,
+        endpoint_index: impl Fn(&str) -> Option<usize>,
+    ) -> usize {
+        if !self.config.affinity.enabled {
+            return 0;
+        }
+        let mut restored = 0;
+        for r in records {
+            let expires = now + r.expires_in.min(self.config.affinity.ttl);
+            if expires <= now
+                || self
+                    .affinity
+                    .get(&r.key, now)
+                    .is_some_and(|e| e.expires >= expires)
+            {
+                continue;
+            }
+            let Some(ep) = endpoint_index(&r.endpoint) else {
+                continue;
+            };
+            let (Ok(endpoint), Some(slot)) = (
+                u32::try_from(ep),
+                self.leases.slot(ep, r.tracking_model.trim()),
+            ) else {
+                continue;
+            };
+            let Some(model) = self.leases.slot_name(slot).cloned() else {
+                continue;
+            };
+            self.affinity
+                .record(&r.key, endpoint, slot, &model, expires, now);
+            restored += 1;
+        }
+        restored
     }
 
     // ---- routing ----

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use rand::{SeedableRng, rngs::SmallRng};
 
 use super::*;
-use crate::{endpoint::EndpointKind, outcome::RequestKind};
+use crate::{api::AffinityRecord, endpoint::EndpointKind, outcome::RequestKind};
 
 const A: &str = "http://a:11434";
 const B: &str = "http://b:11434";
@@ -316,6 +316,66 @@ fn affinity_is_honoured_only_when_loaded_and_free() {
     // Entries expire after the TTL.
     let later = t0 + config("").affinity.ttl + secs(1);
     assert_eq!(cp.affinity_sample(10, later).0, 0);
+}
+
+fn remembered(key: &str, endpoint: &str, expires_in: Duration) -> AffinityRecord {
+    AffinityRecord {
+        key: Arc::from(key),
+        endpoint: Arc::from(endpoint),
+        tracking_model: Arc::from("m:latest"),
+        expires_in,
+    }
+}
+
+#[test]
+fn a_restarted_control_plane_takes_affinity_from_sidecars() {
+    let t0 = Instant::now();
+    let ttl = config("").affinity.ttl;
+    // Priority routing sends every unpinned choice to a: a conversation
+    // pinned to b is visibly kept there.
+    let cp = plane("priority_routing: true\nconversation_affinity: true\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    // A conversation the new control plane has already seen: chosen on a
+    // now, so its entry is newer than a sidecar's memory of b.
+    let fresh = cp.choose(&keyed("m", "fresh"), Some(s), t0).unwrap();
+    assert_eq!(&*fresh.endpoint, A);
+    assert!(cp.release(
+        fresh.lease.unwrap(),
+        Outcome::Ok,
+        TokenCounts::default(),
+        t0
+    ));
+    let records = vec![
+        remembered("k", &format!("{B}/"), secs(60)),
+        remembered("gone", B, Duration::ZERO),
+        remembered("elsewhere", "http://unknown:1", secs(60)),
+        remembered("fresh", B, ttl - secs(1)),
+        remembered("long", B, ttl * 10),
+    ];
+    assert_eq!(cp.restore_affinity(&records, t0), 2, "k and long");
+
+    let ch = cp.choose(&keyed("m", "k"), None, t0).unwrap();
+    assert_eq!((&*ch.endpoint, ch.reason), (B, DecisionReason::Affinity));
+    let ch = cp.choose(&keyed("m", "fresh"), None, t0).unwrap();
+    assert_eq!((&*ch.endpoint, ch.reason), (A, DecisionReason::Affinity));
+    let ch = cp.choose(&keyed("m", "gone"), None, t0).unwrap();
+    assert_eq!(&*ch.endpoint, A, "an expired entry is not restored");
+    // Lifetimes: "k" as the sidecar said, "long" capped at the TTL.
+    let (n, _) = cp.affinity_sample(10, t0 + secs(61));
+    assert_eq!(n, 2, "fresh and long outlive k");
+    let (n, sample) = cp.affinity_sample(10, t0 + ttl - secs(1));
+    assert_eq!(n, 2);
+    assert!(sample.iter().any(|e| e.key == "long"));
+    assert_eq!(cp.affinity_sample(10, t0 + ttl + secs(1)).0, 0);
+    check(&cp);
+
+    // With conversation affinity off nothing is taken.
+    let off = plane("");
+    probe(&off, 1, &["m"], &["m"], t0);
+    assert_eq!(off.restore_affinity(&records, t0), 0);
+    assert_eq!(off.stats().affinity_entries, 0);
 }
 
 #[test]
@@ -629,7 +689,8 @@ fn register_leases_after_restart_is_idempotent() {
         out,
         RegisterOutcome {
             registered: 2,
-            rejected: 1
+            rejected: 1,
+            affinity_restored: 0,
         }
     );
     assert_eq!(cp.stats().leases_active, 2);

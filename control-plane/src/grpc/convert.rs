@@ -17,7 +17,9 @@ use std::{sync::Arc, time::Duration};
 use switchyard_proto::v1;
 
 use crate::{
-    api::{AffinityEntryInfo, LeaseRecord, RegisterOutcome, SessionGrant, SessionInfo},
+    api::{
+        AffinityEntryInfo, AffinityRecord, LeaseRecord, RegisterOutcome, SessionGrant, SessionInfo,
+    },
     cluster::{ClusterState, EndpointState, ModelUsage},
     decision::{Choice, ChooseError, ChooseRequest, DecisionReason},
     endpoint::EndpointKind,
@@ -410,11 +412,51 @@ pub fn lease_records_from_proto(
         .collect()
 }
 
+impl From<&AffinityRecord> for v1::AffinityRecord {
+    fn from(a: &AffinityRecord) -> Self {
+        Self {
+            key: a.key.to_string(),
+            endpoint: a.endpoint.to_string(),
+            tracking_model: a.tracking_model.to_string(),
+            expires_in_ms: millis(a.expires_in),
+        }
+    }
+}
+
+impl TryFrom<v1::AffinityRecord> for AffinityRecord {
+    type Error = ConvertError;
+
+    fn try_from(m: v1::AffinityRecord) -> Result<Self, Self::Error> {
+        must_not_be_empty("key", &m.key)?;
+        must_not_be_empty("endpoint", &m.endpoint)?;
+        must_not_be_empty("tracking_model", &m.tracking_model)?;
+        Ok(Self {
+            key: Arc::from(m.key),
+            endpoint: Arc::from(m.endpoint),
+            tracking_model: Arc::from(m.tracking_model),
+            expires_in: Duration::from_millis(m.expires_in_ms),
+        })
+    }
+}
+
+/// Converts the `affinity` of a `RegisterLeases` call, naming
+/// `affinity[i].field`.
+pub fn affinity_records_from_proto(
+    records: Vec<v1::AffinityRecord>,
+) -> Result<Vec<AffinityRecord>, ConvertError> {
+    records
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| AffinityRecord::try_from(a).map_err(|e| e.within(format!("affinity[{i}]"))))
+        .collect()
+}
+
 impl From<&RegisterOutcome> for v1::RegisterLeasesResponse {
     fn from(r: &RegisterOutcome) -> Self {
         Self {
             registered: r.registered as u64,
             rejected: r.rejected as u64,
+            affinity_restored: r.affinity_restored as u64,
         }
     }
 }
@@ -424,6 +466,7 @@ impl From<v1::RegisterLeasesResponse> for RegisterOutcome {
         Self {
             registered: usize::try_from(m.registered).unwrap_or(usize::MAX),
             rejected: usize::try_from(m.rejected).unwrap_or(usize::MAX),
+            affinity_restored: usize::try_from(m.affinity_restored).unwrap_or(usize::MAX),
         }
     }
 }

@@ -7,7 +7,9 @@
 //!   the first successful contact. Also counts degraded decisions and logs
 //!   once per transition into and out of degraded mode (not per request).
 //! - [`AffinityMemory`]: conversation key → endpoint, learned from every
-//!   choice, so degraded decisions keep conversations where they were.
+//!   choice, so degraded decisions keep conversations where they were, and
+//!   offered to the control plane whenever a session opens, so a restarted
+//!   control plane keeps them there too.
 //!
 //! The decision itself is [`policy::select_from_cluster_state`] over the last
 //! `WatchUsage` snapshot plus the ledger's [`LocalUsage`] (leases this
@@ -31,6 +33,7 @@ use std::{
 
 use parking_lot::Mutex;
 use switchyard_control_plane::{
+    api::AffinityRecord,
     decision::{Choice, ChooseRequest},
     policy::index_key,
 };
@@ -144,6 +147,7 @@ impl Circuit {
 #[derive(Debug)]
 struct Remembered {
     model: String,
+    tracking_model: Arc<str>,
     endpoint: Arc<str>,
     expires: Instant,
 }
@@ -190,6 +194,7 @@ impl AffinityMemory {
             key.to_owned(),
             Remembered {
                 model: index_key(&req.model).to_owned(),
+                tracking_model: choice.tracking_model.clone(),
                 endpoint: choice.endpoint.clone(),
                 expires: now + self.ttl,
             },
@@ -203,6 +208,22 @@ impl AffinityMemory {
         let entries = self.entries.lock();
         let e = entries.get(key)?;
         (e.expires > now && e.model == index_key(&req.model)).then(|| e.endpoint.clone())
+    }
+
+    /// Every live entry, as the control plane takes them back
+    /// (`RegisterLeases.affinity`).
+    pub(crate) fn records(&self, now: Instant) -> Vec<AffinityRecord> {
+        self.entries
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.expires > now)
+            .map(|(key, e)| AffinityRecord {
+                key: Arc::from(key.as_str()),
+                endpoint: e.endpoint.clone(),
+                tracking_model: e.tracking_model.clone(),
+                expires_in: e.expires - now,
+            })
+            .collect()
     }
 
     #[cfg(test)]
@@ -267,6 +288,41 @@ mod tests {
             m.lookup(&req("llama3", Some("k")), now + Duration::from_secs(11)),
             None
         );
+    }
+
+    #[test]
+    fn affinity_memory_offers_its_live_entries_with_their_remaining_time() {
+        let m = AffinityMemory::new(Duration::from_secs(10), 100);
+        let now = Instant::now();
+        m.remember(&req("m", Some("old")), &choice("http://a:1"), now);
+        let later = now + Duration::from_secs(4);
+        m.remember(&req("m", Some("new")), &choice("http://b:1"), later);
+        let mut records = m.records(later);
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        let tracking = choice("http://a:1").tracking_model;
+        assert_eq!(
+            records,
+            [
+                AffinityRecord {
+                    key: Arc::from("new"),
+                    endpoint: Arc::from("http://b:1"),
+                    tracking_model: tracking.clone(),
+                    expires_in: Duration::from_secs(10),
+                },
+                AffinityRecord {
+                    key: Arc::from("old"),
+                    endpoint: Arc::from("http://a:1"),
+                    tracking_model: tracking,
+                    expires_in: Duration::from_secs(6),
+                },
+            ]
+        );
+        let keys: Vec<_> = m
+            .records(now + Duration::from_secs(12))
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(keys, [Arc::<str>::from("new")], "expired entries stay home");
     }
 
     #[test]

@@ -763,6 +763,7 @@ async fn register(shared: &Shared, round: &Registration) -> Registered {
         v1::RegisterLeasesRequest {
             session_id: round.session.0,
             leases: round.leases.iter().map(v1::LeaseRecord::from).collect(),
+            affinity: Vec::new(),
         },
         timeout,
     ));
@@ -793,6 +794,50 @@ async fn register(shared: &Shared, round: &Registration) -> Registered {
             }
         }
     }
+}
+
+/// Affinity entries per `RegisterLeases` call when offering them: ~150
+/// bytes each, so a call stays far below gRPC's 4 MB message limit.
+const AFFINITY_CHUNK: usize = 2_000;
+
+/// Offers the conversations this sidecar remembers to the control plane
+/// of `session`, so one that restarted (and lost its affinity table) keeps
+/// each on its endpoint instead of spreading them anew.
+async fn offer_affinity(shared: &Shared, session: SessionId) -> Registered {
+    let records = shared.affinity.records(Instant::now());
+    if records.is_empty() {
+        return Registered::Done;
+    }
+    let timeout = shared.settings.rpc_timeout;
+    let mut restored = 0;
+    for chunk in records.chunks(AFFINITY_CHUNK) {
+        let mut client = shared.client.clone();
+        let call = client.register_leases(request(
+            v1::RegisterLeasesRequest {
+                session_id: session.0,
+                leases: Vec::new(),
+                affinity: chunk.iter().map(v1::AffinityRecord::from).collect(),
+            },
+            timeout,
+        ));
+        match with_deadline(timeout, call).await {
+            Ok(r) => restored += r.affinity_restored,
+            Err(status) => {
+                return match choose_error_from_status(&status, "") {
+                    Some(ChooseError::UnknownSession(_)) => Registered::SessionUnknown,
+                    _ => {
+                        if is_transport(status.code()) {
+                            shared.circuit.down(status.message());
+                        }
+                        tracing::warn!(code = ?status.code(), message = status.message(), "offering affinity entries failed; will retry");
+                        Registered::Failed
+                    }
+                };
+            }
+        }
+    }
+    tracing::info!(session = %session, offered = records.len(), restored, "conversation affinity offered to the control plane");
+    Registered::Done
 }
 
 /// Opens, keeps alive, re-opens the session and registers leases, until
@@ -842,6 +887,7 @@ async fn session_task(shared: Arc<Shared>, cancel: CancellationToken) {
         tracing::info!(session = %grant.id, generation, ttl = ?grant.ttl, "control-plane session opened");
 
         let mut wait = Duration::ZERO;
+        let mut affinity_offered = false;
         loop {
             // Register what the session does not count yet: everything after
             // a re-open, leases granted locally meanwhile, late answers.
@@ -851,6 +897,18 @@ async fn session_task(shared: Arc<Shared>, cancel: CancellationToken) {
             {
                 shared.ledger.drop_session(grant.id);
                 continue 'session;
+            }
+            // Then the conversations, once per session (a restarted control
+            // plane knows none of them).
+            if !affinity_offered && shared.circuit.reachable() {
+                match offer_affinity(&shared, grant.id).await {
+                    Registered::Done => affinity_offered = true,
+                    Registered::SessionUnknown => {
+                        shared.ledger.drop_session(grant.id);
+                        continue 'session;
+                    }
+                    Registered::Failed => {}
+                }
             }
             if !pause(&shared, wait, &cancel).await {
                 return;

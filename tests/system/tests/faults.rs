@@ -531,6 +531,92 @@ async fn long_control_plane_outage_sidecar_probes_itself_and_avoids_a_backend_th
     cp.wait_usage(0, 0, SOON).await;
 }
 
+/// A restarted control plane starts with an empty affinity table. Each
+/// sidecar offers the conversations it remembers when its new session
+/// opens, so a conversation opened through one sidecar before the restart
+/// continues on the same backend after it, even through another sidecar.
+/// Without the offer each second turn would be placed anew (two equal
+/// backends, random tie-break: all eight kept by chance 1 in 256).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_keep_their_backend_across_a_control_plane_restart() {
+    let a = FakeBackend::start(ollama_fake(&["m:latest"]).label("a")).await;
+    let b = FakeBackend::start(ollama_fake(&["m:latest"]).label("b")).await;
+    let mut config = process_config();
+    config.set("conversation_affinity", "true");
+    for f in [&a, &b] {
+        config.endpoint(entry(f, 64));
+    }
+    let mut cp = CpProcess::start(&config).await;
+    let s1 = sidecar_process(&cp.url(), &config, "s1").await;
+    let s2 = sidecar_process(&cp.url(), &config, "s2").await;
+    wait_cp_ready(&cp, &[&a, &b], 2, &[s1.url(), s2.url()], &["m:latest"]).await;
+    let http = http_client();
+    let served = || [a.model_requests("m"), b.model_requests("m")];
+    let turn = |conversation: usize, second: bool| {
+        let mut messages = vec![
+            json!({"role": "system", "content": format!("assistant {conversation}")}),
+            json!({"role": "user", "content": format!("conversation {conversation} opens")}),
+        ];
+        if second {
+            messages.push(json!({"role": "assistant", "content": "tok0 tok1"}));
+            messages.push(json!({"role": "user", "content": "and then?"}));
+        }
+        json!({"model": "m", "stream": false, "messages": messages})
+    };
+    let send = |sidecar: String, body: Value| {
+        let http = http.clone();
+        async move {
+            let before = served();
+            let r = chat_once(&http, &format!("{sidecar}/api/chat"), &body).await;
+            assert!(r.is_ok(), "{r:?}");
+            let after = served();
+            assert_eq!(
+                after.iter().sum::<u64>(),
+                before.iter().sum::<u64>() + 1,
+                "one backend serves each turn"
+            );
+            usize::from(after[1] > before[1])
+        }
+    };
+
+    let mut first = Vec::new();
+    for c in 0..8 {
+        first.push(send(s1.url(), turn(c, false)).await);
+    }
+    cp.kill();
+    cp.restart().await;
+    let restarted = Instant::now();
+    wait_for_async(
+        "the restarted control plane to hold the eight conversations",
+        Duration::from_secs(20),
+        || cp.state(),
+        |s| {
+            s.as_ref()
+                .is_some_and(|s| s.affinity_entries == 8 && s.sessions == 2)
+        },
+    )
+    .await;
+    println!(
+        "affinity back {:?} after the control plane restarted",
+        restarted.elapsed()
+    );
+    for (c, backend) in first.iter().enumerate() {
+        assert_eq!(
+            send(s2.url(), turn(c, true)).await,
+            *backend,
+            "conversation {c} moved after the restart; s1 log:\n{}",
+            tail(&s1.logs(), 20)
+        );
+    }
+    assert!(
+        s1.logs()
+            .contains("conversation affinity offered to the control plane"),
+        "s1 log:\n{}",
+        tail(&s1.logs(), 20)
+    );
+    cp.wait_usage(0, 0, SOON).await;
+}
+
 // ------------------------------------------------------ 2. sidecar killed
 
 /// SIGKILL of a sidecar holding a request: its lease ends with its session

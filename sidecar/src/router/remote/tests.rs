@@ -16,7 +16,7 @@ use switchyard_control_plane::{
     api::SessionGrant,
     config::Config,
     control_plane::ControlPlane,
-    decision::{Choice, ChooseError},
+    decision::{Choice, ChooseError, ChooseRequest, DecisionReason},
     grpc::{
         RoutingService, WatchUsageStream,
         convert::choose_request_to_proto,
@@ -73,6 +73,10 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 async fn start_cp(addr: Option<SocketAddr>) -> RunningControlPlane {
+    start_cp_with(config, addr).await
+}
+
+async fn start_cp_with(config: fn() -> Config, addr: Option<SocketAddr>) -> RunningControlPlane {
     let rcp = match addr {
         None => RunningControlPlane::start(config()).await.unwrap(),
         Some(a) => {
@@ -283,6 +287,69 @@ async fn degraded_while_down_then_reregistered_on_restart() {
     let stats = rcp2.cp.stats();
     assert_eq!(stats.leases_released, 3, "each lease released exactly once");
     assert_eq!(stats.leases_active, 0);
+
+    router.close().await;
+    h.stop().await;
+    rcp2.shutdown().await.unwrap();
+}
+
+fn affinity_config() -> Config {
+    let mut c = config();
+    c.affinity.enabled = true;
+    c
+}
+
+/// A restarted control plane starts with an empty affinity table: the
+/// sidecar offers the conversations it remembers when its new session
+/// opens, so each stays on its endpoint (reason `affinity`), instead of
+/// being spread anew.
+#[tokio::test]
+async fn a_restarted_control_plane_gets_the_conversations_back() {
+    let rcp = start_cp_with(affinity_config, None).await;
+    let addr = rcp.addr;
+    let h = Harness::new();
+    let router = h.router(rcp.url(), settings()).await;
+    wait_until("cluster state with models", || has_models(&router)).await;
+    let old_session = router.remote_inner().and_then(|r| r.session()).unwrap();
+    let keyed = |i: usize| ChooseRequest {
+        affinity_key: Some(format!("conversation-{i}")),
+        ..request("llama3")
+    };
+    // Eight conversations, each on the endpoint it happened to get (one
+    // request at a time: nothing in flight, so the choice is random).
+    let mut placed = Vec::new();
+    for i in 0..8 {
+        let lease = router.choose(&keyed(i)).await.unwrap();
+        assert!(!lease.degraded());
+        placed.push(lease.choice().endpoint.clone());
+        lease.finish(Outcome::Ok, TokenCounts::default());
+    }
+    wait_until("released", || rcp.cp.state().leases == 0).await;
+    rcp.shutdown().await.unwrap();
+
+    let rcp2 = start_cp_with(affinity_config, Some(addr)).await;
+    wait_until("new session", || {
+        router
+            .remote_inner()
+            .and_then(|r| r.session())
+            .is_some_and(|s| s != old_session)
+    })
+    .await;
+    wait_until("affinity restored", || {
+        rcp2.cp.affinity_sample(0, Instant::now()).0 == 8
+    })
+    .await;
+    wait_until("reconnected", || router.control_plane_connected()).await;
+    for (i, endpoint) in placed.iter().enumerate() {
+        let lease = router.choose(&keyed(i)).await.unwrap();
+        assert!(!lease.degraded());
+        assert_eq!(
+            (&lease.choice().endpoint, lease.choice().reason),
+            (endpoint, DecisionReason::Affinity),
+            "conversation {i}"
+        );
+        lease.finish(Outcome::Ok, TokenCounts::default());
+    }
 
     router.close().await;
     h.stop().await;
