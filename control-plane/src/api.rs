@@ -131,6 +131,30 @@ pub enum ReprobeError {
     TimedOut(std::time::Duration),
 }
 
+/// Why a drain or undrain failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The endpoint is not configured.
+    #[error(transparent)]
+    UnknownEndpoint(#[from] UnknownEndpoint),
+    /// The change took effect, but the state file could not be written:
+    /// it will not survive a restart.
+    #[error(
+        "endpoint {url} is {} now, but the change was not saved and will not survive a \
+         control-plane restart: {source}",
+        if *.draining { "draining" } else { "in service" }
+    )]
+    NotSaved {
+        /// The endpoint.
+        url: String,
+        /// Its admin state now.
+        draining: bool,
+        /// Why saving failed.
+        #[source]
+        source: crate::admin_file::AdminFileError,
+    },
+}
+
 /// An admin call named an endpoint that is not configured.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("unknown endpoint {url:?}; configured endpoints: {}", configured.join(", "))]

@@ -8,12 +8,15 @@
 //!
 //! `main.rs` only calls [`run_cli`]; everything here is testable.
 
-use std::{ffi::OsString, io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    ffi::OsString, fmt::Write as _, io::Write, net::SocketAddr, path::PathBuf, process::ExitCode,
+};
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admin_file::AdminFile,
     config::Config,
     server::{self, ServeError},
     telemetry::{self, LogFormat, TelemetryOptions},
@@ -179,7 +182,29 @@ where
         }
     };
     if args.check_config {
-        let _ = writeln!(out, "{}", config_summary(&config));
+        let mut summary = config_summary(&config);
+        if let Some(path) = &config.state_file {
+            match AdminFile::new(path.clone()).load() {
+                Ok(drained) => {
+                    let _ = write!(
+                        summary,
+                        "; drains saved in {} ({} now: {})",
+                        path.display(),
+                        drained.len(),
+                        if drained.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            drained.join(", ")
+                        }
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(err, "switchyard-control-plane: {e}");
+                    return Exit::Usage;
+                }
+            }
+        }
+        let _ = writeln!(out, "{summary}");
         return Exit::Ok;
     }
 
@@ -402,6 +427,31 @@ mod tests {
         assert!(
             !out.contains("sk-very-secret") && !out.contains("router-secret"),
             "{out}"
+        );
+    }
+
+    #[test]
+    fn check_config_reads_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.json");
+        let f = write_config(&format!(
+            "endpoints: [\"http://a:1\"]\nstate_file: {}\n",
+            state.display()
+        ));
+        let path = f.path().to_str().unwrap();
+        let (exit, out, err) = run(&["--config", path, "--check-config"]);
+        assert_eq!(exit, Exit::Ok, "{err}");
+        assert!(out.contains("(0 now: none)"), "{out}");
+        std::fs::write(&state, "{\"version\": 1, \"drained\": [\"http://a:1\"]}").unwrap();
+        let (exit, out, _) = run(&["--config", path, "--check-config"]);
+        assert_eq!(exit, Exit::Ok);
+        assert!(out.contains("(1 now: http://a:1)"), "{out}");
+        std::fs::write(&state, "not json").unwrap();
+        let (exit, _, err) = run(&["--config", path, "--check-config"]);
+        assert_eq!(exit, Exit::Usage);
+        assert!(
+            err.contains("state.json") && err.contains("fix or delete it"),
+            "{err}"
         );
     }
 

@@ -4,7 +4,13 @@
 //! [`Config::from_yaml`] into a typed [`Config`] that needs no further checks.
 //! Every error names the key and the bad value.
 
-use std::{collections::BTreeMap, fmt, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -199,6 +205,9 @@ pub struct RawConfig {
     pub breaker_open_for: Option<RawDuration>,
     /// Least time between two `WatchUsage` publications.
     pub watch_interval: Option<RawDuration>,
+    /// Where the control-plane process keeps drains made at run time, so
+    /// they survive a restart (sidecars ignore it).
+    pub state_file: Option<String>,
     /// Sidecar: deadline for a control-plane choice before deciding locally.
     pub choose_timeout: Option<RawDuration>,
     /// Sidecar: largest request body accepted, in bytes.
@@ -345,6 +354,9 @@ pub struct Config {
     pub health: HealthConfig,
     /// Least time between two `WatchUsage` publications.
     pub watch_interval: Duration,
+    /// Where drains made at run time are kept (`state_file`); `None`: in
+    /// memory only.
+    pub state_file: Option<PathBuf>,
     /// Sidecar behaviour.
     pub sidecar: SidecarConfig,
 }
@@ -806,6 +818,11 @@ impl Config {
                 &raw.watch_interval,
                 defaults::WATCH_INTERVAL,
             )?,
+            state_file: match raw.state_file.as_deref().map(str::trim) {
+                None => None,
+                Some("") => return Err(invalid("state_file", "\"\"", "must be a file path")),
+                Some(p) => Some(PathBuf::from(p)),
+            },
             sidecar,
         })
     }

@@ -20,7 +20,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -32,9 +32,10 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admin_file::{AdminFile, AdminFileError},
     api::{
-        AffinityEntryInfo, AffinityRecord, LeaseRecord, ModelItems, ProbeReport, RegisterOutcome,
-        ReprobeError, SessionGrant, SessionInfo, UnknownEndpoint,
+        AdminError, AffinityEntryInfo, AffinityRecord, LeaseRecord, ModelItems, ProbeReport,
+        RegisterOutcome, ReprobeError, SessionGrant, SessionInfo, UnknownEndpoint,
     },
     cluster::{ClusterState, EndpointState},
     config::Config,
@@ -96,6 +97,8 @@ struct Shared {
     model_items: Mutex<Vec<Arc<ModelItems>>>,
     /// The probe loops' progress, and their wake-up for a probe on demand.
     probe_rounds: Arc<ProbeRounds>,
+    /// Where drains are saved; set by [`ControlPlane::with_state_file`].
+    admin_file: OnceLock<AdminFile>,
 }
 
 /// The control plane: authoritative routing state and selection. Cheap to
@@ -150,8 +153,47 @@ impl ControlPlane {
                 watch,
                 model_items: Mutex::new(vec![Arc::default(); config_len]),
                 probe_rounds: Arc::new(ProbeRounds::new(config_len)),
+                admin_file: OnceLock::new(),
             }),
         }
+    }
+
+    /// A control plane for `config` that keeps its drains in the config's
+    /// `state_file`, when one is set: the endpoints saved there are drained
+    /// now, and every drain or undrain is saved (see [`crate::admin_file`]).
+    /// The control-plane binary starts this way. A standalone sidecar (no
+    /// admin API) and a sidecar probing on its own use [`ControlPlane::new`]
+    /// and read or write no file.
+    pub fn with_state_file(config: Arc<Config>) -> Result<Self, AdminFileError> {
+        let cp = Self::new(config);
+        let Some(path) = cp.shared.config.state_file.clone() else {
+            return Ok(cp);
+        };
+        let file = AdminFile::new(path);
+        let saved = file.load()?;
+        let mut drained = Vec::new();
+        {
+            let mut st = cp.shared.state.lock();
+            for url in &saved {
+                match cp.endpoint_index(url) {
+                    Some(ep) => {
+                        st.set_draining(ep as usize, true);
+                        drained.push(url.as_str());
+                    }
+                    None => tracing::warn!(
+                        endpoint = %url,
+                        file = %file.path().display(),
+                        "the state file drains an endpoint that is no longer configured; ignored"
+                    ),
+                }
+            }
+        }
+        if !drained.is_empty() {
+            tracing::info!(?drained, file = %file.path().display(), "drains restored from the state file");
+            cp.bump();
+        }
+        let _ = cp.shared.admin_file.set(file);
+        Ok(cp)
     }
 
     /// Each endpoint's latest listing items from discovery, by position in
@@ -400,11 +442,7 @@ impl ControlPlane {
     }
 
     /// Drains (or undrains) an endpoint; returns its state afterwards.
-    pub fn set_draining(
-        &self,
-        url: &str,
-        draining: bool,
-    ) -> Result<EndpointState, UnknownEndpoint> {
+    pub fn set_draining(&self, url: &str, draining: bool) -> Result<EndpointState, AdminError> {
         let unknown = || self.unknown_endpoint(url);
         let ep = self.endpoint_index(url).ok_or_else(unknown)? as usize;
         let snap = self.shared.discovery.load();
@@ -416,7 +454,23 @@ impl ControlPlane {
         if changed {
             self.bump();
         }
-        state.ok_or_else(unknown)
+        let state = state.ok_or_else(unknown)?;
+        if let Some(file) = self.shared.admin_file.get() {
+            let config = &self.shared.config;
+            file.save(|| {
+                let draining = self.shared.state.lock().draining();
+                draining
+                    .into_iter()
+                    .filter_map(|i| config.endpoints.get(i).map(|e| e.url.to_string()))
+                    .collect()
+            })
+            .map_err(|source| AdminError::NotSaved {
+                url: state.url.to_string(),
+                draining,
+                source,
+            })?;
+        }
+        Ok(state)
     }
 
     /// Live sessions.

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    api::{ReprobeError, UnknownEndpoint},
+    api::{AdminError, ReprobeError, UnknownEndpoint},
     cluster::ClusterState,
     control_plane::ControlPlane,
     decision::ChooseError,
@@ -62,6 +62,18 @@ pub enum GrpcError {
     /// An admin call named an endpoint that is not configured.
     #[error(transparent)]
     UnknownEndpoint(#[from] UnknownEndpoint),
+    /// An admin change took effect but could not be saved.
+    #[error(transparent)]
+    NotSaved(AdminError),
+}
+
+impl From<AdminError> for GrpcError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::UnknownEndpoint(u) => Self::UnknownEndpoint(u),
+            not_saved @ AdminError::NotSaved { .. } => Self::NotSaved(not_saved),
+        }
+    }
 }
 
 /// The one mapping from domain errors to gRPC statuses.
@@ -75,6 +87,7 @@ pub fn status_from_error(err: GrpcError) -> Status {
             ChooseError::UnknownSession(_) => Status::failed_precondition(message),
         },
         GrpcError::UnknownEndpoint(_) => Status::not_found(message),
+        GrpcError::NotSaved(_) => Status::internal(message),
     }
 }
 

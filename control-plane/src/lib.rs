@@ -13,6 +13,7 @@
 //!   reflection); [`metrics`]: Prometheus text; [`telemetry`]: logging.
 //! - [`cli`]: the `switchyard-control-plane` command line.
 
+pub mod admin_file;
 pub mod api;
 pub mod cli;
 pub mod cluster;

@@ -54,6 +54,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Grpc(#[source] tonic::transport::Error),
+    /// The `state_file` could not be read.
+    #[error(transparent)]
+    StateFile(#[from] crate::admin_file::AdminFileError),
     /// The reflection service could not be built from the descriptors.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[source] tonic_reflection::server::Error),
@@ -189,7 +192,7 @@ pub async fn run(
     metrics: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let cp = ControlPlane::new(Arc::new(config));
+    let cp = ControlPlane::with_state_file(Arc::new(config))?;
     run_control_plane(cp, grpc, metrics, shutdown).await
 }
 
@@ -278,7 +281,7 @@ impl RunningControlPlane {
             }
             None => (None, None),
         };
-        let cp = ControlPlane::new(Arc::new(config));
+        let cp = ControlPlane::with_state_file(Arc::new(config))?;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run_control_plane(
             cp.clone(),

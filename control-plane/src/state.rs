@@ -511,6 +511,13 @@ impl State {
         }
     }
 
+    /// Indexes of the endpoints draining now.
+    pub fn draining(&self) -> Vec<usize> {
+        (0..self.admission.len())
+            .filter(|&i| self.admission[i].draining)
+            .collect()
+    }
+
     // ---- inspection ----
 
     /// Sessions, by name then id.

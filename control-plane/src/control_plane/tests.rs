@@ -8,7 +8,11 @@ use proptest::prelude::*;
 use rand::{SeedableRng, rngs::SmallRng};
 
 use super::*;
-use crate::{api::AffinityRecord, endpoint::EndpointKind, outcome::RequestKind};
+use crate::{
+    api::{AdminError, AffinityRecord},
+    endpoint::EndpointKind,
+    outcome::RequestKind,
+};
 
 const A: &str = "http://a:11434";
 const B: &str = "http://b:11434";
@@ -164,7 +168,96 @@ fn excluded_and_draining_endpoints_never_get_the_request() {
     }
     assert!(!cp.set_draining(B, false).unwrap().draining);
     let err = cp.set_draining("http://nope:1", true).unwrap_err();
+    let AdminError::UnknownEndpoint(err) = err else {
+        panic!("{err:?}");
+    };
     assert_eq!(err.configured, strings(&[A, B, O, L]));
+}
+
+fn with_state_file(path: &std::path::Path, extra: &str) -> ControlPlane {
+    let cfg = config(&format!("state_file: {}\n{extra}", path.display()));
+    ControlPlane::with_state_file(cfg).unwrap()
+}
+
+#[test]
+fn drains_survive_a_restart_through_the_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let cp = with_state_file(&path, "");
+    assert!(
+        cp.state().endpoints.iter().all(|e| !e.draining),
+        "no file yet"
+    );
+    cp.set_draining(B, true).unwrap();
+    cp.set_draining(&format!("{O}/"), true).unwrap();
+    cp.set_draining(O, false).unwrap();
+
+    // A new control plane on the same file: b is drained again, o is not.
+    let restarted = with_state_file(&path, "");
+    let drained: Vec<bool> = restarted
+        .state()
+        .endpoints
+        .iter()
+        .map(|e| e.draining)
+        .collect();
+    assert_eq!(drained, [false, true, false, false]);
+    // Drains in the config add to the saved ones.
+    let both = with_state_file(
+        &path,
+        &format!("endpoint_config:\n  {A}:\n    draining: true\n"),
+    );
+    let drained: Vec<bool> = both.state().endpoints.iter().map(|e| e.draining).collect();
+    assert_eq!(drained, [true, true, false, false]);
+    // An endpoint saved but since removed from the config is ignored.
+    std::fs::write(
+        &path,
+        format!("{{\"version\": 1, \"drained\": [\"http://gone:1\", \"{L}\"]}}"),
+    )
+    .unwrap();
+    let drained: Vec<bool> = with_state_file(&path, "")
+        .state()
+        .endpoints
+        .iter()
+        .map(|e| e.draining)
+        .collect();
+    assert_eq!(drained, [false, false, false, true]);
+    // A control plane without `state_file`, and one made with `new`, save
+    // nothing (a sidecar probing on its own must not write the file).
+    let before = std::fs::read_to_string(&path).unwrap();
+    plane("").set_draining(A, true).unwrap();
+    ControlPlane::new(config(&format!("state_file: {}\n", path.display())))
+        .set_draining(A, true)
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+}
+
+#[test]
+fn a_drain_that_cannot_be_saved_takes_effect_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let cp = with_state_file(&sub.join("state.json"), "");
+    std::fs::remove_dir(&sub).unwrap();
+    let err = cp.set_draining(B, true).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, AdminError::NotSaved { draining: true, .. }),
+        "{err:?}"
+    );
+    assert!(
+        message.contains(B) && message.contains("will not survive a control-plane restart"),
+        "{message}"
+    );
+    assert!(cp.state().endpoints[1].draining, "the drain took effect");
+    // A file that cannot be parsed stops the start.
+    let path = dir.path().join("bad.json");
+    std::fs::write(&path, "drained: everything").unwrap();
+    let cfg = config(&format!("state_file: {}\n", path.display()));
+    let err = ControlPlane::with_state_file(cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.json") && err.contains("fix or delete it"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -138,6 +138,22 @@ impl CpProcess {
         )
     }
 
+    /// `Cluster.Drain` (or `Undrain`) of `endpoint`; panics on failure.
+    pub async fn set_draining(&self, endpoint: &str, draining: bool) {
+        let mut client = ClusterClient::new(self.channel.clone());
+        let request = v1::DrainRequest {
+            endpoint: endpoint.to_owned(),
+        };
+        let answer = if draining {
+            client.drain(request).await
+        } else {
+            client.undrain(request).await
+        };
+        if let Err(e) = answer {
+            panic!("drain {endpoint} = {draining} failed: {e}");
+        }
+    }
+
     /// The `/metrics` text, or `None` when unreachable.
     pub async fn metrics(&self) -> Option<String> {
         get_text(&self.http, &format!("http://{}/metrics", self.metrics_addr)).await

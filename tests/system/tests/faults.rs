@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use switchyard_control_plane::outcome::Outcome;
+use switchyard_control_plane::{cluster::ClusterState, outcome::Outcome};
 use switchyard_system_tests::{
     BackendOptions, Cluster, FailureMode, FakeBackend, FakeConfig, FakeMode, Framing, SOON,
     TestConfig,
@@ -615,6 +615,82 @@ async fn conversations_keep_their_backend_across_a_control_plane_restart() {
         tail(&s1.logs(), 20)
     );
     cp.wait_usage(0, 0, SOON).await;
+}
+
+/// With `state_file` set, a drain made at run time survives a control-plane
+/// crash: the restarted control plane drains the endpoint again at once,
+/// and the sidecar keeps sending nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_survives_a_control_plane_restart_with_a_state_file() {
+    let a = FakeBackend::start(ollama_fake(&["m:latest"]).label("a")).await;
+    let b = FakeBackend::start(ollama_fake(&["m:latest"]).label("b")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = process_config();
+    config.set(
+        "state_file",
+        &format!("\"{}\"", dir.path().join("state.json").display()),
+    );
+    for f in [&a, &b] {
+        config.endpoint(entry(f, 64));
+    }
+    let mut cp = CpProcess::start(&config).await;
+    let s1 = sidecar_process(&cp.url(), &config, "s1").await;
+    wait_cp_ready(&cp, &[&a, &b], 1, &[s1.url()], &["m:latest"]).await;
+    let b_url = endpoint_url(&b);
+    cp.set_draining(&b_url, true).await;
+    cp.kill();
+    cp.restart().await;
+    let drained = |s: &Option<ClusterState>| {
+        s.as_ref()
+            .is_some_and(|s| s.endpoints.iter().any(|e| *e.url == *b_url && e.draining))
+    };
+    wait_for_async(
+        "the restarted control plane to answer",
+        SOON,
+        || cp.state(),
+        |s| s.is_some(),
+    )
+    .await;
+    assert!(
+        drained(&cp.state().await),
+        "b is not drained after the restart: {:?}",
+        cp.state().await
+    );
+    wait_for_async(
+        "the sidecar's session on the restarted control plane",
+        Duration::from_secs(20),
+        || cp.state(),
+        |s| s.as_ref().is_some_and(|s| s.sessions == 1),
+    )
+    .await;
+    let http = http_client();
+    let before = b.model_requests("m");
+    for i in 0..10 {
+        let r = chat_once(
+            &http,
+            &format!("{}/api/chat", s1.url()),
+            &chat("m", &format!("{i}")),
+        )
+        .await;
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(
+        b.model_requests("m"),
+        before,
+        "a drained endpoint got requests"
+    );
+    // Undrained, saved too.
+    cp.set_draining(&b_url, false).await;
+    cp.kill();
+    cp.restart().await;
+    wait_for_async(
+        "the restarted control plane to answer",
+        SOON,
+        || cp.state(),
+        |s| s.is_some(),
+    )
+    .await;
+    assert!(!drained(&cp.state().await), "b still drained after undrain");
 }
 
 // ------------------------------------------------------ 2. sidecar killed
