@@ -5,8 +5,10 @@
 //! switchyard-sidecar --standalone [--config FILE] [--listen ADDR]
 //! ```
 //!
-//! plus `--log-format text|json` and `--otlp-endpoint URL` (span export,
-//! only in builds with the cargo feature `otlp`; otherwise exit 2).
+//! plus `--log-format text|json`, `--otlp-endpoint URL` (span export,
+//! only in builds with the cargo feature `otlp`; otherwise exit 2) and,
+//! standalone, `--control-plane-listen ADDR` (the embedded control plane's
+//! gRPC API, for the `switchyard` CLI).
 //!
 //! Every flag also reads an environment variable. Without
 //! `--control-plane` the sidecar runs standalone (the single-machine
@@ -46,7 +48,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:12434";
         than session_ttl)\n  \
         switchyard-sidecar --standalone [--config FILE]\n      \
         single machine: control plane embedded; without --config, one local\n      \
-        Ollama at http://127.0.0.1:11434\n\n\
+        Ollama at http://127.0.0.1:11434; with --control-plane-listen ADDR the\n      \
+        switchyard CLI inspects and drains it (switchyard --control-plane http://ADDR)\n\n\
         Without --control-plane the sidecar runs standalone.\n\n\
         HTTP routes: Ollama /api/chat /api/generate /api/embed /api/embeddings /api/show\n\
         /api/tags /api/ps /api/version, OpenAI /v1/chat/completions /v1/completions\n\
@@ -72,6 +75,17 @@ pub struct Args {
     /// HTTP listen address.
     #[arg(long, env = "SWITCHYARD_LISTEN", value_name = "ADDR", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+
+    /// Standalone: also serve the embedded control plane's gRPC API on
+    /// this address, so the `switchyard` CLI can inspect and operate this
+    /// machine (endpoints, usage, drain, ...), e.g. 127.0.0.1:50051.
+    #[arg(
+        long,
+        env = "SWITCHYARD_CONTROL_PLANE_LISTEN",
+        value_name = "ADDR",
+        conflicts_with = "control_plane"
+    )]
+    pub control_plane_listen: Option<SocketAddr>,
 
     /// Session name shown by the control plane [default: host name].
     #[arg(long, env = "SWITCHYARD_NAME", value_name = "NAME")]
@@ -154,7 +168,10 @@ impl Args {
                             .into(),
                     ));
                 }
-                Mode::Standalone { config }
+                Mode::Standalone {
+                    config,
+                    control_plane_listen: self.control_plane_listen,
+                }
             }
         };
         Ok(Plan {
@@ -312,7 +329,7 @@ mod tests {
         let plan = parse(&[]).unwrap().plan().unwrap();
         assert_eq!(plan.options.listen.to_string(), DEFAULT_LISTEN);
         match plan.options.mode {
-            Mode::Standalone { config } => {
+            Mode::Standalone { config, .. } => {
                 assert_eq!(&*config.endpoints[0].url, "http://127.0.0.1:11434");
             }
             Mode::Remote { .. } => panic!("expected standalone"),
@@ -342,6 +359,27 @@ mod tests {
         }
         assert!(parse(&["--control-plane", "cp:50051"]).is_err());
         assert!(parse(&["--standalone", "--control-plane", "http://cp:1"]).is_err());
+        // The embedded control plane's gRPC API is for standalone only.
+        assert!(
+            parse(&[
+                "--control-plane",
+                "http://cp:1",
+                "--control-plane-listen",
+                "127.0.0.1:50051"
+            ])
+            .is_err()
+        );
+        let plan = parse(&["--control-plane-listen", "127.0.0.1:50051"])
+            .unwrap()
+            .plan()
+            .unwrap();
+        assert!(matches!(
+            plan.options.mode,
+            Mode::Standalone {
+                control_plane_listen: Some(a),
+                ..
+            } if a.to_string() == "127.0.0.1:50051"
+        ));
         assert!(parse(&["--listen", "nope"]).is_err());
     }
 

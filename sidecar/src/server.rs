@@ -57,6 +57,18 @@ pub enum StartError {
     /// The backend HTTP clients could not be built (TLS setup).
     #[error(transparent)]
     HttpClient(#[from] crate::proxy::upstream::ClientError),
+    /// The embedded control plane's gRPC address could not be bound.
+    #[error("cannot serve the control plane's gRPC API on {addr}: {source}")]
+    ControlPlaneListen {
+        /// Address tried.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The embedded control plane's `state_file` could not be read.
+    #[error(transparent)]
+    StateFile(#[from] switchyard_control_plane::admin_file::AdminFileError),
     /// The embedded control plane's discovery could not start.
     #[error("cannot start discovery: {0}")]
     Discovery(#[source] switchyard_control_plane::discovery::DiscoveryError),
@@ -189,13 +201,17 @@ pub enum Mode {
     Standalone {
         /// Full configuration (endpoints required).
         config: Config,
+        /// Also serve the embedded control plane's gRPC API here (for the
+        /// `switchyard` CLI).
+        control_plane_listen: Option<SocketAddr>,
     },
     /// Control plane reached over gRPC.
     Remote {
         /// gRPC URL, e.g. `http://127.0.0.1:50051`.
         control_plane_url: String,
         /// Optional configuration: backend API keys, router key, sidecar
-        /// settings. Endpoints listed here are not probed by the sidecar.
+        /// settings, and the endpoints the sidecar probes and routes on
+        /// itself while the control plane cannot tell it.
         config: Option<Config>,
     },
 }
@@ -204,7 +220,7 @@ impl Mode {
     /// The `server_threads` setting (the default without a configuration).
     fn server_threads(&self) -> usize {
         let config = match self {
-            Mode::Standalone { config } => Some(config),
+            Mode::Standalone { config, .. } => Some(config),
             Mode::Remote { config, .. } => config.as_ref(),
         };
         config.map_or(
@@ -287,7 +303,10 @@ pub async fn start_standalone(
     listen: SocketAddr,
 ) -> Result<SidecarHandle, StartError> {
     start(StartOptions {
-        mode: Mode::Standalone { config },
+        mode: Mode::Standalone {
+            config,
+            control_plane_listen: None,
+        },
         listen,
         name: default_name(),
     })
@@ -387,10 +406,21 @@ async fn build_state(
     background: &CancellationToken,
 ) -> Result<(Router, Arc<Config>, AppState), StartError> {
     let (router, config) = match mode {
-        Mode::Standalone { config } => {
+        Mode::Standalone {
+            config,
+            control_plane_listen,
+        } => {
             let config = Arc::new(config);
+            let grpc = match control_plane_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| StartError::ControlPlaneListen { addr, source })?,
+                ),
+                None => None,
+            };
             let router =
-                crate::standalone::embedded_router(config.clone(), name, tasks, background)?;
+                crate::standalone::embedded_router(config.clone(), name, grpc, tasks, background)?;
             (router, config)
         }
         Mode::Remote {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use switchyard_control_plane::{
     config::Config, control_plane::ControlPlane, server::spawn_background,
 };
-use tokio::runtime::Handle;
+use tokio::{net::TcpListener, runtime::Handle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -25,15 +25,31 @@ use crate::{
 };
 
 /// A router over an embedded control plane for `config`, with discovery
-/// and upkeep running on `tasks` until `cancel`.
+/// and upkeep running on `tasks` until `cancel`; with `grpc`, the control
+/// plane's gRPC API is served there too (for the `switchyard` CLI). Drains
+/// are kept in the config's `state_file`, as by the control-plane binary.
 pub(crate) fn embedded_router(
     config: Arc<Config>,
     name: &str,
+    grpc: Option<TcpListener>,
     tasks: &TaskTracker,
     cancel: &CancellationToken,
 ) -> Result<Router, StartError> {
-    let cp = ControlPlane::new(config);
+    let cp = ControlPlane::with_state_file(config)?;
     spawn_background(&cp, tasks, cancel.child_token()).map_err(StartError::Discovery)?;
+    if let Some(listener) = grpc {
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        tracing::info!(%addr, "serving the embedded control plane's gRPC API");
+        let serve =
+            switchyard_control_plane::server::serve(cp.clone(), listener, cancel.child_token());
+        tasks.spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "the embedded control plane's gRPC API failed");
+            }
+        });
+    }
     Ok(Router::embedded(cp, name))
 }
 

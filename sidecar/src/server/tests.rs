@@ -442,6 +442,7 @@ async fn sidecar(yaml: &str) -> SidecarHandle {
     start(StartOptions {
         mode: Mode::Standalone {
             config: config(yaml),
+            control_plane_listen: None,
         },
         listen: "127.0.0.1:0".parse().unwrap(),
         name: "test".into(),
@@ -1739,6 +1740,7 @@ async fn a_request_future_stays_small() {
     let background = CancellationToken::new();
     let mode = Mode::Standalone {
         config: config("endpoints: []\n"),
+        control_plane_listen: None,
     };
     let cores = CoreRuntimes::start("test", 1).unwrap();
     let (_, _, state) = build_state(mode, "test", &cores, &tasks, &background)

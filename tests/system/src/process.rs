@@ -344,16 +344,32 @@ impl ChildProcess {
 
     /// `switchyard-sidecar --standalone --config FILE --listen ADDR`.
     pub async fn sidecar_standalone(config: &TestConfig) -> Self {
+        Self::sidecar_standalone_with(config, Vec::new()).await
+    }
+
+    /// [`ChildProcess::sidecar_standalone`] plus
+    /// `--control-plane-listen GRPC`; returns the gRPC URL too.
+    pub async fn sidecar_standalone_serving_control_plane(config: &TestConfig) -> (Self, String) {
+        let grpc = free_addr();
+        let extra = vec!["--control-plane-listen".to_owned(), grpc.to_string()];
+        (
+            Self::sidecar_standalone_with(config, extra).await,
+            format!("http://{grpc}"),
+        )
+    }
+
+    async fn sidecar_standalone_with(config: &TestConfig, extra: Vec<String>) -> Self {
         let addr = free_addr();
         let dir = temp_dir();
         let file = write_config(dir.path(), config);
-        let args = vec![
+        let mut args = vec![
             "--standalone".to_owned(),
             "--config".to_owned(),
             file.display().to_string(),
             "--listen".to_owned(),
             addr.to_string(),
         ];
+        args.extend(extra);
         Self::spawn_in(Binary::Sidecar, args, Vec::new(), addr, dir).await
     }
 

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use serde_json::json;
-use switchyard_control_plane::endpoint::EndpointKind;
+use switchyard_control_plane::{cluster::ClusterState, endpoint::EndpointKind};
+use switchyard_proto::v1::{DrainRequest, cluster_client::ClusterClient};
 use switchyard_system_tests::{
     Framing, SOON, TestConfig,
     client::{get, stream},
@@ -83,4 +84,67 @@ async fn real_binaries_route_a_chat_remote_and_standalone() {
     chat_ok(&http, &standalone.url(), || standalone.logs()).await;
     let health = get(&http, &format!("{}/health", standalone.url())).await;
     assert_eq!(health.status, 200, "{}", health.text);
+}
+
+/// `--control-plane-listen` serves a standalone sidecar's embedded control
+/// plane over gRPC, so the `switchyard` CLI works on one machine too: the
+/// cluster view, and drains, which the `state_file` keeps across a
+/// restart of the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_sidecar_serves_its_control_plane_to_the_cli() {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let a = ChildProcess::fake_model_server("ollama", &["m:latest"], &[]).await;
+    let b = ChildProcess::fake_model_server("ollama", &["m:latest"], &[]).await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(&a);
+    config.endpoint(EndpointEntry {
+        url: b.url(),
+        kind: EndpointKind::Ollama,
+        max_concurrent: Some(2),
+        api_key: None,
+    });
+    config.set(
+        "state_file",
+        &format!("\"{}\"", state_dir.path().join("state.json").display()),
+    );
+    let (mut sidecar, grpc) = ChildProcess::sidecar_standalone_serving_control_plane(&config).await;
+    chat_ok(&http, &sidecar.url(), || sidecar.logs()).await;
+    let state = grpc_cluster_state(&grpc).await.unwrap();
+    assert_eq!(state.endpoints.len(), 2, "{state:?}");
+
+    let mut cluster = ClusterClient::connect(grpc.clone()).await.unwrap();
+    cluster
+        .drain(DrainRequest { endpoint: b.url() })
+        .await
+        .unwrap();
+    let served_by_b = |s: &ClusterState| -> u64 {
+        s.endpoints
+            .iter()
+            .find(|e| *e.url == *b.url())
+            .map_or(0, |e| e.usage.iter().map(|u| u.requests).sum())
+    };
+    let before = served_by_b(&grpc_cluster_state(&grpc).await.unwrap());
+    for _ in 0..6 {
+        chat_ok(&http, &sidecar.url(), || sidecar.logs()).await;
+    }
+    wait_grpc_usage(&grpc, 0).await;
+    let state = grpc_cluster_state(&grpc).await.unwrap();
+    assert_eq!(
+        served_by_b(&state),
+        before,
+        "the drained endpoint got requests"
+    );
+
+    // Restarted, the sidecar drains b again from the state file.
+    sidecar.restart().await;
+    let state = wait_for_async(
+        "the restarted sidecar's control plane to answer",
+        SOON,
+        || grpc_cluster_state(&grpc),
+        Result::is_ok,
+    )
+    .await
+    .unwrap();
+    let drained: Vec<bool> = state.endpoints.iter().map(|e| e.draining).collect();
+    assert_eq!(drained, [false, true], "{state:?}\n{}", sidecar.logs());
 }
