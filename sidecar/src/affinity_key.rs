@@ -8,9 +8,11 @@
 //! first [`PROMPT_PREFIX_BYTES`] of the prompt (generate / completions).
 //! Anthropic Messages add the top-level `system` to the chat opening; the
 //! Responses API hashes `instructions` with the opening of `input` (an item
-//! list like chat messages, or a string like a prompt). A Responses chain
-//! continued by `previous_response_id` alone (server-side state) has no
-//! stable opening to hash: it gets affinity only from a session header.
+//! list like chat messages, or a string like a prompt). A Responses request
+//! continuing a chain by `previous_response_id` gets the key
+//! [`response_key`] of that response, before any header: the response is
+//! stored on the backend that produced it, and the proxy pins each new
+//! response id to its backend (`Router::pin_response`) when it sees it.
 //! Every turn of one chat therefore maps to the same key, and two chats that
 //! open differently map to different keys.
 //!
@@ -65,6 +67,14 @@ pub struct ConversationFields<'a> {
     pub input: Option<&'a RawValue>,
     /// `instructions` (Responses API).
     pub instructions: Option<&'a RawValue>,
+    /// `previous_response_id` (Responses API).
+    pub previous_response_id: Option<&'a RawValue>,
+}
+
+/// The key a Responses chain continued from response `id` routes by (the
+/// one a new response id is pinned under).
+pub fn response_key(model: &str, id: &str) -> String {
+    key(canonical_request_name(model), "|response:", id)
 }
 
 /// The affinity key for a request, if any.
@@ -74,6 +84,15 @@ pub fn affinity_key(
     headers: &HeaderMap,
     body: &ConversationFields<'_>,
 ) -> Option<String> {
+    if route == ApiRoute::OpenAiResponses
+        && let Some(previous) = body
+            .previous_response_id
+            .and_then(raw_str)
+            .map(|id| id.trim().to_owned())
+            .filter(|id| !id.is_empty())
+    {
+        return Some(response_key(model, &previous));
+    }
     let model = canonical_request_name(model);
     if let Some(session) = explicit_session(headers) {
         let session = if session.len() > MAX_SESSION_ID {
@@ -339,6 +358,7 @@ mod tests {
             system: map.get("system").copied(),
             input: map.get("input").copied(),
             instructions: map.get("instructions").copied(),
+            previous_response_id: map.get("previous_response_id").copied(),
         }
     }
 
@@ -483,12 +503,28 @@ mod tests {
             a,
             key(ApiRoute::OpenAiResponses, "m", json!({"input":"ho"})).unwrap()
         );
-        // Only a previous_response_id: nothing to hash.
+        // A continued chain routes by the response it continues, whatever
+        // else the request holds, and before a session header.
+        let continued = key(
+            ApiRoute::OpenAiResponses,
+            "m",
+            json!({"previous_response_id":"resp_1","input":"hi"}),
+        );
+        assert_eq!(continued.as_deref(), Some("m:latest|response:resp_1"));
+        assert_eq!(continued.unwrap(), response_key("m", "resp_1"));
+        let mut h = HeaderMap::new();
+        h.insert("x-session-id", "s1".parse().unwrap());
+        let text = json!({"previous_response_id":"resp_2"}).to_string();
+        assert_eq!(
+            affinity_key(ApiRoute::OpenAiResponses, "m", &h, &fields(&text)).as_deref(),
+            Some("m:latest|response:resp_2")
+        );
+        // Elsewhere the field means nothing.
         assert!(
             key(
-                ApiRoute::OpenAiResponses,
+                ApiRoute::OpenAiChat,
                 "m",
-                json!({"previous_response_id":"resp_1"})
+                json!({"previous_response_id":"r"})
             )
             .is_none()
         );

@@ -34,13 +34,17 @@ mod local_discovery;
 mod model_items;
 mod remote;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use switchyard_control_plane::{
+    api::AffinityRecord,
     cluster::ClusterState,
     config::Config,
     control_plane::ControlPlane,
-    decision::{ChooseError, ChooseRequest},
+    decision::{Choice, ChooseError, ChooseRequest},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -282,6 +286,28 @@ impl Router {
                 .reprobe(urls)
                 .await
                 .map_err(|s| format!("Reprobe failed ({:?}): {}", s.code(), s.message())),
+        }
+    }
+
+    /// Pins the Responses chain continued from response `id` to the
+    /// endpoint that produced (and stored) it, so a request with
+    /// `previous_response_id: id` — keyed by
+    /// [`crate::affinity_key::response_key`] — goes there, through any
+    /// sidecar. `model` is the model as the client named it.
+    pub fn pin_response(&self, model: &str, id: &str, choice: &Choice) {
+        let key = crate::affinity_key::response_key(model, id);
+        match &*self.mode {
+            Mode::Embedded(e) => {
+                let cp = e.control_plane();
+                let record = AffinityRecord {
+                    key: Arc::from(key),
+                    endpoint: choice.endpoint.clone(),
+                    tracking_model: choice.tracking_model.clone(),
+                    expires_in: cp.config().affinity.ttl,
+                };
+                cp.restore_affinity(&[record], Instant::now());
+            }
+            Mode::Remote(r) => r.pin(key, model, choice),
         }
     }
 

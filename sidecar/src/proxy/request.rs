@@ -7,7 +7,8 @@
 //! needs only a handful of top-level fields, so one pass over the body
 //! checks that it is well-formed JSON and borrows the raw text of the
 //! fields the sidecar reads (`model`, `name`, `stream`, `messages`,
-//! `prompt`, `system`, `images`, `keep_alive`, `input`, `instructions`);
+//! `prompt`, `system`, `images`, `keep_alive`, `input`, `instructions`,
+//! `previous_response_id`);
 //! every other value is skipped without being built. The affinity key parses only the
 //! opening of `messages` (see [`crate::affinity_key`]). The full object is
 //! parsed on demand, by [`RequestContext::json_object`], only where a
@@ -300,7 +301,7 @@ fn span_in(text: &str, raw: &RawValue) -> Option<Range<usize>> {
 
 /// The top-level fields the sidecar reads; every other value in the body
 /// is skipped (syntax-checked, never built).
-const READ_FIELDS: [&str; 10] = [
+const READ_FIELDS: [&str; 11] = [
     "model",
     "name",
     "stream",
@@ -311,6 +312,7 @@ const READ_FIELDS: [&str; 10] = [
     "keep_alive",
     "input",
     "instructions",
+    "previous_response_id",
 ];
 
 /// The top level of a body: the raw text of the [`READ_FIELDS`] present.
@@ -335,6 +337,7 @@ impl<'a> Envelope<'a> {
             system: self.get("system"),
             input: self.get("input"),
             instructions: self.get("instructions"),
+            previous_response_id: self.get("previous_response_id"),
         }
     }
 }

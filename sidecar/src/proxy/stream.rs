@@ -55,11 +55,12 @@ use super::{
 use crate::{
     errors::{AttemptFailure, ProxyError, stream_error_chunk},
     metrics::InFlightGuard,
-    routes::ApiFormat,
+    router::Router,
+    routes::{ApiFormat, ApiRoute},
     server::AppState,
     translate::{
         ResponseMeta, TranslateError, UpstreamError, chat, embed, generate,
-        observe::{OllamaStreamObserver, OpenAiStreamObserver, observe_answer},
+        observe::{OllamaStreamObserver, OpenAiStreamObserver, observe_answer, response_id_of},
         stream::{SseToNdjson, StreamEnd, StreamMode, StreamTranslator},
     },
 };
@@ -121,6 +122,43 @@ fn name_missing_route(mut error: UpstreamError, url: &str) -> UpstreamError {
         .map_or_else(|_| url.to_owned(), |u| u.path().to_owned());
     error.message = format!("the backend does not serve POST {path} (404 Not Found)");
     error
+}
+
+/// Where a Responses API answer's id is pinned: with conversation affinity
+/// on, a request continuing the chain (`previous_response_id`) must reach
+/// the backend that stored the response.
+struct ResponsePin {
+    router: Router,
+    model: String,
+}
+
+impl ResponsePin {
+    fn for_request(state: &AppState, ctx: &RequestContext) -> Option<Self> {
+        (ctx.route == ApiRoute::OpenAiResponses && state.router().uses_affinity_keys()).then(|| {
+            Self {
+                router: state.router().clone(),
+                model: ctx.model.clone(),
+            }
+        })
+    }
+
+    /// Pins `id` (when the answer had one) to the lease's endpoint.
+    fn pin(&self, id: Option<&str>, lease: &TrackedLease) {
+        if let Some(id) = id {
+            self.router.pin_response(&self.model, id, lease.choice());
+        }
+    }
+
+    /// Pins a stream's response id as soon as it shows (`response.created`
+    /// opens the stream): long before the client, having read the end,
+    /// can send the turn that continues it.
+    fn pin_once(pin: &mut Option<Self>, transform: &Transform, lease: &TrackedLease) {
+        if let Some(id) = transform.response_id()
+            && let Some(p) = pin.take()
+        {
+            p.pin(Some(id), lease);
+        }
+    }
 }
 
 /// Runs one attempt on the endpoint `lease` was taken for.
@@ -216,7 +254,10 @@ pub(crate) async fn exchange(
         let read = read_whole(&mut upstream, deadline, timeouts.idle).await;
         progress.backend_wait += waited.elapsed();
         return match read {
-            Ok(body) => whole_answer(ctx, lease, handling, status, &upstream_headers, body),
+            Ok(body) => {
+                let pin = ResponsePin::for_request(state, ctx);
+                whole_answer(ctx, lease, handling, status, &upstream_headers, body, pin)
+            }
             Err((outcome, detail)) => retry_transport(lease, outcome, detail),
         };
     }
@@ -297,6 +338,7 @@ pub(crate) async fn exchange(
         format,
         shutdown: state.shutdown_token(),
         in_flight: progress.in_flight.take(),
+        pin: ResponsePin::for_request(state, ctx),
     };
     let mut response = Response::new(live.into_body());
     *response.status_mut() = status;
@@ -324,6 +366,7 @@ fn whole_answer(
     status: StatusCode,
     upstream_headers: &HeaderMap,
     body: Bytes,
+    pin: Option<ResponsePin>,
 ) -> Attempt {
     if handling == Handling::PassThrough {
         let tokens = match observe_answer(&body, ctx.route.format()) {
@@ -331,6 +374,9 @@ fn whole_answer(
             // A 2xx carrying an error object: the backend failed.
             Err(error) => return retry_upstream(lease, Outcome::BackendError, error),
         };
+        if let Some(pin) = pin {
+            pin.pin(response_id_of(&body).as_deref(), &lease);
+        }
         lease.finish(Outcome::Ok, tokens);
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
@@ -510,6 +556,14 @@ impl Transform {
             Self::Translate(t) => t.tokens(),
         }
     }
+
+    /// The Responses API's response id, when the stream carried one.
+    fn response_id(&self) -> Option<&str> {
+        match self {
+            Self::OpenAi(o) => o.response_id(),
+            Self::Ollama(_) | Self::Translate(_) => None,
+        }
+    }
 }
 
 /// A streamed answer in progress; owns everything that must be released
@@ -523,6 +577,7 @@ struct LiveStream {
     format: ApiFormat,
     shutdown: CancellationToken,
     in_flight: Option<InFlightGuard>,
+    pin: Option<ResponsePin>,
 }
 
 enum Next {
@@ -537,10 +592,11 @@ impl LiveStream {
     fn into_body(self) -> Body {
         let format = self.format;
         let body = async_stream::stream! {
-            let LiveStream { lease, mut upstream, first, mut transform, idle, format, shutdown, in_flight } = self;
+            let LiveStream { lease, mut upstream, first, mut transform, idle, format, shutdown, in_flight, mut pin } = self;
             // Held until the stream ends or is dropped.
             let _in_flight = in_flight;
             let out = transform.push(first, Instant::now());
+            ResponsePin::pin_once(&mut pin, &transform, &lease);
             if !out.is_empty() {
                 yield Ok::<Bytes, Infallible>(out);
             }
@@ -558,6 +614,7 @@ impl LiveStream {
                 match next {
                     Next::Chunk(chunk) => {
                         let out = transform.push(chunk, Instant::now());
+                        ResponsePin::pin_once(&mut pin, &transform, &lease);
                         if !out.is_empty() {
                             yield Ok(out);
                         }

@@ -172,9 +172,14 @@ impl AffinityMemory {
 
     /// Remembers where a request with an affinity key went.
     pub(crate) fn remember(&self, req: &ChooseRequest, choice: &Choice, now: Instant) {
-        let Some(key) = req.affinity_key.as_deref() else {
-            return;
-        };
+        if let Some(key) = req.affinity_key.as_deref() {
+            self.remember_key(key, &req.model, choice, now);
+        }
+    }
+
+    /// Remembers that conversation `key` (for `model` as the client names
+    /// it) is on `choice`'s endpoint.
+    pub(crate) fn remember_key(&self, key: &str, model: &str, choice: &Choice, now: Instant) {
         let mut entries = self.entries.lock();
         if entries.len() >= self.max_entries && !entries.contains_key(key) {
             entries.retain(|_, e| e.expires > now);
@@ -193,7 +198,7 @@ impl AffinityMemory {
         entries.insert(
             key.to_owned(),
             Remembered {
-                model: index_key(&req.model).to_owned(),
+                model: index_key(model).to_owned(),
                 tracking_model: choice.tracking_model.clone(),
                 endpoint: choice.endpoint.clone(),
                 expires: now + self.ttl,

@@ -50,7 +50,7 @@ use std::{
 use futures::{StreamExt, future::Either};
 use switchyard_control_plane::grpc::route_stream::{ChooseInFlight, RouteClient};
 use switchyard_control_plane::{
-    api::SessionGrant,
+    api::{AffinityRecord, SessionGrant},
     cluster::ClusterState,
     config::Config,
     decision::{Choice, ChooseError, ChooseRequest},
@@ -175,6 +175,8 @@ struct Shared {
     snapshot: Arc<Snapshot>,
     affinity: AffinityMemory,
     wake_session: Arc<Notify>,
+    /// Responses pinned to their endpoint, for the pin sender.
+    pins: mpsc::UnboundedSender<AffinityRecord>,
     /// Notified when a session opens (start-up wait).
     session_opened: Notify,
     closed: AtomicBool,
@@ -238,6 +240,7 @@ impl RemoteRouter {
                 .collect()
         };
         let (queue, jobs) = mpsc::unbounded_channel();
+        let (pins, pinned) = mpsc::unbounded_channel();
         let routes = lanes.iter().map(|l| l.route.clone()).collect();
         let shared = Arc::new(Shared {
             name,
@@ -251,6 +254,7 @@ impl RemoteRouter {
             circuit: Arc::new(Circuit::default()),
             snapshot: Arc::new(Snapshot::default()),
             wake_session: Arc::new(Notify::new()),
+            pins,
             session_opened: Notify::new(),
             closed: AtomicBool::new(false),
             tasks: tasks.clone(),
@@ -260,6 +264,7 @@ impl RemoteRouter {
 
         tasks.spawn(session_task(shared.clone(), cancel.clone()));
         tasks.spawn(release_sender(shared.clone(), jobs, cancel.clone()));
+        tasks.spawn(pin_sender(shared.clone(), pinned, cancel.clone()));
         let follower = Follower {
             client,
             snapshot: shared.snapshot.clone(),
@@ -452,6 +457,25 @@ impl RemoteRouter {
         self.shared
             .as_ref()
             .map_or(0, |s| s.lanes.iter().filter(|l| l.stream_open()).count())
+    }
+
+    /// Pins conversation `key` (a Responses chain's next turn) to
+    /// `choice`'s endpoint: remembered here (degraded decisions, and the
+    /// offer to a restarted control plane) and sent to the control plane
+    /// in the background.
+    pub(crate) fn pin(&self, key: String, model: &str, choice: &Choice) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        shared
+            .affinity
+            .remember_key(&key, model, choice, Instant::now());
+        let _ = shared.pins.send(AffinityRecord {
+            key: Arc::from(key),
+            endpoint: choice.endpoint.clone(),
+            tracking_model: choice.tracking_model.clone(),
+            expires_in: shared.settings.affinity_ttl,
+        });
     }
 
     #[cfg(test)]
@@ -953,6 +977,55 @@ async fn session_task(shared: Arc<Shared>, cancel: CancellationToken) {
                     wait = backoff.next_delay().min(grant.keepalive_interval);
                 }
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- pins
+
+/// Sends pinned responses to the control plane (`RegisterLeases.affinity`),
+/// whatever is queued in one call, until `cancel`. A pin that cannot be
+/// sent (no session, control plane unreachable) is not retried here: the
+/// affinity memory holds it, and the whole memory is offered when the next
+/// session opens.
+async fn pin_sender(
+    shared: Arc<Shared>,
+    mut pinned: mpsc::UnboundedReceiver<AffinityRecord>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            () = cancel.cancelled() => return,
+            p = pinned.recv() => match p {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut batch = vec![v1::AffinityRecord::from(&first)];
+        while batch.len() < AFFINITY_CHUNK
+            && let Ok(more) = pinned.try_recv()
+        {
+            batch.push(v1::AffinityRecord::from(&more));
+        }
+        let Some((session, _)) = shared.ledger.session() else {
+            tracing::debug!(
+                pins = batch.len(),
+                "no control-plane session; pins offered when one opens"
+            );
+            continue;
+        };
+        let timeout = shared.settings.rpc_timeout;
+        let mut client = shared.client.clone();
+        let call = client.register_leases(request(
+            v1::RegisterLeasesRequest {
+                session_id: session.0,
+                leases: Vec::new(),
+                affinity: batch,
+            },
+            timeout,
+        ));
+        if let Err(status) = with_deadline(timeout, call).await {
+            tracing::debug!(code = ?status.code(), message = status.message(), "pins not delivered; offered when the next session opens");
         }
     }
 }

@@ -27,6 +27,8 @@ pub struct OpenAiStreamObserver {
     finish_seen: bool,
     done_seen: bool,
     error: Option<String>,
+    /// The Responses API's `response.id` (from `response.created` on).
+    response_id: Option<String>,
 }
 
 impl OpenAiStreamObserver {
@@ -119,8 +121,13 @@ impl OpenAiStreamObserver {
                 self.finish_seen = true;
                 true
             }
+            "response.created" | "response.in_progress" => {
+                self.note_response_id(v);
+                true
+            }
             "response.completed" | "response.incomplete" => {
                 self.finish_seen = true;
+                self.note_response_id(v);
                 if let Some(u) = v.get("response").and_then(Usage::of) {
                     self.usage = Some(u);
                 }
@@ -142,9 +149,25 @@ impl OpenAiStreamObserver {
         }
     }
 
+    fn note_response_id(&mut self, event: &Value) {
+        if self.response_id.is_none()
+            && let Some(id) = event
+                .pointer("/response/id")
+                .and_then(Value::as_str)
+                .filter(|id| !id.is_empty())
+        {
+            self.response_id = Some(id.to_owned());
+        }
+    }
+
     /// Latest usage seen (`usage` first, llama.cpp `timings` as fallback).
     pub fn tokens(&self) -> TokenCounts {
         token_counts(self.usage, self.timings)
+    }
+
+    /// The id of the response a Responses API stream carried, if any.
+    pub fn response_id(&self) -> Option<&str> {
+        self.response_id.as_deref()
     }
 
     /// Whether `data: [DONE]` was seen.
@@ -259,6 +282,21 @@ struct AnswerFields<'a> {
 
 fn raw_value(raw: Option<&RawValue>) -> Option<Value> {
     raw.and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+/// The `id` of a whole Responses API answer (`{"id": "resp_…", "object":
+/// "response", …}`), if it has one.
+pub fn response_id_of(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Id<'_>>(body)
+        .ok()?
+        .id
+        .filter(|id| !id.is_empty())
+        .map(std::borrow::Cow::into_owned)
 }
 
 /// Watches a non-stream pass-through answer in `format`: its token counts,
@@ -600,5 +638,25 @@ mod tests {
                 completion: 0
             }
         );
+    }
+
+    #[test]
+    fn the_responses_api_answer_id_is_learned_whole_and_streamed() {
+        assert_eq!(
+            response_id_of(br#"{"id":"resp_1","object":"response","output":[]}"#).as_deref(),
+            Some("resp_1")
+        );
+        assert_eq!(response_id_of(br#"{"object":"response"}"#), None);
+        assert_eq!(response_id_of(b"not json"), None);
+        let mut o = OpenAiStreamObserver::new();
+        o.push(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_2\",\"status\":\"in_progress\"}}\n\n");
+        assert_eq!(o.response_id(), Some("resp_2"));
+        o.push(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_2\",\"usage\":{\"input_tokens\":1,\"output_tokens\":2}}}\n\n");
+        assert_eq!(o.finish(), StreamEnd::Complete);
+        assert_eq!(o.response_id(), Some("resp_2"));
+        // Chat chunks carry ids too, but they are not responses.
+        let mut chat = OpenAiStreamObserver::new();
+        chat.push(b"data: {\"id\":\"chatcmpl-1\",\"choices\":[]}\n\n");
+        assert_eq!(chat.response_id(), None);
     }
 }

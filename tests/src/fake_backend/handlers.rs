@@ -473,6 +473,7 @@ pub(super) struct InferBody {
     pub(super) prompt: Option<Value>,
     pub(super) input: Option<Value>,
     pub(super) keep_alive: Option<Value>,
+    pub(super) previous_response_id: Option<String>,
 }
 
 async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response {
@@ -522,6 +523,16 @@ async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response
         guard.complete();
         return error_response(style, &ApiError::ModelNotFound(model));
     };
+    if route == Route::V1Responses
+        && let Some(previous) = body.previous_response_id.as_deref()
+        && !shared.has_response(previous)
+    {
+        guard.complete();
+        return error_response(
+            style,
+            &ApiError::BadRequest(format!("Previous response with id '{previous}' not found.")),
+        );
+    }
 
     shared.gate.pass().await;
     let delay = shared.delay();

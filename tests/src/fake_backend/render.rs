@@ -464,7 +464,7 @@ pub(super) fn openai_chat(ctx: &ReplyCtx<'_>, stream: bool, include_usage: bool)
 /// `[DONE]`.
 pub(super) fn openai_responses(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
     let script = ctx.script;
-    let id = format!("resp_{}", ctx.id);
+    let id = ctx.shared.store_response(ctx.id);
     let p = ctx.prompt_tokens();
     let c = ctx.completion_tokens();
     let usage = json!({"input_tokens": p, "output_tokens": c, "total_tokens": p + c});

@@ -7,7 +7,7 @@
 //! lock is released, so [`super::FakeControl::wait_until`] re-checks without
 //! polling.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -79,6 +79,12 @@ pub(super) struct Shared {
     /// Blobs stored by `POST /api/blobs/{digest}`: digest (`sha256:` form)
     /// → the bytes received.
     pub(super) blobs: Mutex<HashMap<String, Bytes>>,
+    /// Ids of the Responses API answers given, as a backend that stores
+    /// responses keeps them: a request continuing one that is not here
+    /// (`previous_response_id`) is refused, as OpenAI and vLLM do.
+    responses: Mutex<HashSet<String>>,
+    /// Makes response ids unique across fakes, as real ones are.
+    instance: u64,
 }
 
 impl Shared {
@@ -120,6 +126,13 @@ impl Shared {
             context_length: config.context_length,
             load_on_request: AtomicBool::new(config.load_on_request),
             blobs: Mutex::new(HashMap::new()),
+            responses: Mutex::new(HashSet::new()),
+            instance: {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u64(u64::from(std::process::id()));
+                h.finish()
+            },
         })
     }
 
@@ -227,6 +240,18 @@ impl Shared {
 
     pub(super) fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The id of Responses API answer `n`, now stored.
+    pub(super) fn store_response(&self, n: u64) -> String {
+        let id = format!("resp_{:016x}{n}", self.instance);
+        self.responses.lock().insert(id.clone());
+        id
+    }
+
+    /// Whether this fake gave the answer with id `id`.
+    pub(super) fn has_response(&self, id: &str) -> bool {
+        self.responses.lock().contains(id)
     }
 
     /// `true` when the request carries the configured key (or none is needed).

@@ -146,3 +146,69 @@ async fn responses_and_anthropic_conversations_stay_on_one_backend() {
     }
     c.wait_usage(0).await;
 }
+
+/// A Responses chain continued by `previous_response_id` alone (no
+/// opening to hash) must reach the backend that stored the response: the
+/// fakes, like OpenAI and vLLM, refuse a previous id they did not give
+/// (400). Each answer's id (whole or streamed) is pinned to its backend,
+/// through any sidecar, remote and standalone. Without the pin each turn
+/// lands on either backend (chance of a false pass 2^-24).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responses_chain_stays_on_the_backend_that_stored_it() {
+    for standalone in [false, true] {
+        let builder = Cluster::builder()
+            .backend(ollama_fake(&["m:latest"]))
+            .backend(ollama_fake(&["m:latest"]))
+            .set("conversation_affinity", "true");
+        let c = if standalone {
+            builder.standalone().start().await
+        } else {
+            builder.sidecars(2).start().await
+        };
+        let sidecars = if standalone { 1 } else { 2 };
+        for chain in 0..3 {
+            let mut previous: Option<String> = None;
+            let mut first = None;
+            for turn in 0..5 {
+                let stream = turn % 2 == 1;
+                let mut body = json!({"model": "m", "input": format!("chain {chain} turn {turn}"), "stream": stream});
+                if let Some(id) = &previous {
+                    body["previous_response_id"] = json!(id);
+                }
+                let url = format!("{}/v1/responses", c.url(turn % sidecars));
+                let before = counts(&c);
+                let id = if stream {
+                    let r = switchyard_system_tests::client::stream(
+                        c.http().post(&url).json(&body),
+                        switchyard_system_tests::Framing::Sse,
+                    )
+                    .await;
+                    assert_eq!(r.status, 200, "chain {chain} turn {turn}: {}", r.dump());
+                    r.sse()
+                        .iter()
+                        .find_map(|e| match e {
+                            switchyard_system_tests::client::SseEvent::Json(v)
+                                if v["type"] == "response.completed" =>
+                            {
+                                v["response"]["id"].as_str().map(str::to_owned)
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_else(|| panic!("no response.completed: {}", r.dump()))
+                } else {
+                    let r = send(c.http().post(&url).json(&body)).await;
+                    assert_eq!(r.status, 200, "chain {chain} turn {turn}: {}", r.text);
+                    let v: Value = serde_json::from_str(&r.text).unwrap();
+                    v["id"].as_str().unwrap().to_owned()
+                };
+                let backend = served_by(&c, &before);
+                match first {
+                    None => first = Some(backend),
+                    Some(f) => assert_eq!(backend, f, "chain {chain} turn {turn} moved"),
+                }
+                previous = Some(id);
+            }
+        }
+        c.wait_usage(0).await;
+    }
+}
