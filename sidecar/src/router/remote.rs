@@ -4,7 +4,7 @@
 //! paths, and one per server thread ([`Lane`]) for that thread's `Route`
 //! stream, driven by its runtime so a choice never wakes another thread.
 //!
-//! Three background tasks, all on the caller's `TaskTracker` and stopped by
+//! Four background tasks, all on the caller's `TaskTracker` and stopped by
 //! its `CancellationToken`:
 //! - the **session task** opens the session (retrying with backoff while the
 //!   control plane is unreachable), keeps it alive every
@@ -14,6 +14,11 @@
 //!   expired) opens a new one and re-registers every lease still held —
 //!   including those granted locally in degraded mode — with
 //!   `RegisterLeases`, so cluster usage is exact again within one interval;
+//!   after every session opens it offers the conversations it remembers
+//!   ([`AffinityMemory`], `RegisterLeases.affinity`), so a restarted
+//!   control plane keeps them on their endpoints;
+//! - the **pin sender** sends the Responses API answer ids the proxy pins
+//!   to their endpoints ([`RemoteRouter::pin`]), batched;
 //! - the **follower** ([`super::follower`]) keeps the last `WatchUsage` state;
 //! - the **release sender** is the retry path of releases: it sends the
 //!   ones the ledger could not put on an open `Route` stream, and the ones
