@@ -637,24 +637,12 @@ async fn a_drain_survives_a_control_plane_restart_with_a_state_file() {
     let s1 = sidecar_process(&cp.url(), &config, "s1").await;
     wait_cp_ready(&cp, &[&a, &b], 1, &[s1.url()], &["m:latest"]).await;
     let b_url = endpoint_url(&b);
+    let drained = |s: &ClusterState| s.endpoints.iter().any(|e| *e.url == *b_url && e.draining);
     cp.set_draining(&b_url, true).await;
-    cp.kill();
-    cp.restart().await;
-    let drained = |s: &Option<ClusterState>| {
-        s.as_ref()
-            .is_some_and(|s| s.endpoints.iter().any(|e| *e.url == *b_url && e.draining))
-    };
-    wait_for_async(
-        "the restarted control plane to answer",
-        SOON,
-        || cp.state(),
-        |s| s.is_some(),
-    )
-    .await;
+    let state = crash_and_restart(&mut cp).await;
     assert!(
-        drained(&cp.state().await),
-        "b is not drained after the restart: {:?}",
-        cp.state().await
+        drained(&state),
+        "b is not drained after the restart: {state:?}"
     );
     wait_for_async(
         "the sidecar's session on the restarted control plane",
@@ -681,16 +669,22 @@ async fn a_drain_survives_a_control_plane_restart_with_a_state_file() {
     );
     // Undrained, saved too.
     cp.set_draining(&b_url, false).await;
+    let state = crash_and_restart(&mut cp).await;
+    assert!(!drained(&state), "b still drained after undrain: {state:?}");
+}
+
+/// SIGKILL, restart on the same address, and its first cluster state.
+async fn crash_and_restart(cp: &mut CpProcess) -> ClusterState {
     cp.kill();
     cp.restart().await;
     wait_for_async(
         "the restarted control plane to answer",
         SOON,
         || cp.state(),
-        |s| s.is_some(),
+        Option::is_some,
     )
-    .await;
-    assert!(!drained(&cp.state().await), "b still drained after undrain");
+    .await
+    .expect("answered")
 }
 
 // ------------------------------------------------------ 2. sidecar killed

@@ -22,6 +22,7 @@ use switchyard_control_plane::{
         convert::choose_request_to_proto,
         route_stream::{RouteClient, RouteResponseStream, RouteStream},
     },
+    ids::SessionId,
     outcome::{Outcome, TokenCounts},
     server::RunningControlPlane,
 };
@@ -129,6 +130,17 @@ impl Harness {
             .await
             .expect("router tasks did not stop on cancel");
     }
+}
+
+/// Waits until `router` holds a session other than `old`.
+async fn wait_new_session(router: &Router, old: SessionId) {
+    wait_until("new session", || {
+        router
+            .remote_inner()
+            .and_then(|r| r.session())
+            .is_some_and(|s| s != old)
+    })
+    .await;
 }
 
 fn has_models(router: &Router) -> bool {
@@ -252,13 +264,7 @@ async fn degraded_while_down_then_reregistered_on_restart() {
 
     // A new control plane on the same address.
     let rcp2 = start_cp(Some(addr)).await;
-    wait_until("new session", || {
-        router
-            .remote_inner()
-            .and_then(|r| r.session())
-            .is_some_and(|s| s != old_session)
-    })
-    .await;
+    wait_new_session(&router, old_session).await;
     // Usage exact again: both held leases (one granted by the old control
     // plane, one granted locally) and nothing else.
     wait_until("leases re-registered", || rcp2.cp.state().leases == 2).await;
@@ -328,13 +334,7 @@ async fn a_restarted_control_plane_gets_the_conversations_back() {
     rcp.shutdown().await.unwrap();
 
     let rcp2 = start_cp_with(affinity_config, Some(addr)).await;
-    wait_until("new session", || {
-        router
-            .remote_inner()
-            .and_then(|r| r.session())
-            .is_some_and(|s| s != old_session)
-    })
-    .await;
+    wait_new_session(&router, old_session).await;
     wait_until("affinity restored", || {
         rcp2.cp.affinity_sample(0, Instant::now()).0 == 8
     })
