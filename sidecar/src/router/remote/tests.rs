@@ -356,6 +356,59 @@ async fn a_restarted_control_plane_gets_the_conversations_back() {
     rcp2.shutdown().await.unwrap();
 }
 
+/// A pinned Responses answer id reaches the control plane, whose next
+/// choice for the chain is an affinity choice, and is remembered here:
+/// with the control plane gone, degraded choices follow it too. Without
+/// the pin each choice is a coin toss between two idle endpoints.
+#[tokio::test]
+async fn a_pinned_response_is_followed_by_the_control_plane_and_when_degraded() {
+    let rcp = start_cp_with(affinity_config, None).await;
+    let h = Harness::new();
+    let router = h.router(rcp.url(), settings()).await;
+    wait_until("cluster state with models", || has_models(&router)).await;
+    let first = router.choose(&request("llama3")).await.unwrap();
+    let endpoint = first.choice().endpoint.clone();
+    // Chains answered there: one continued through the control plane, ten
+    // only once it is gone (each once: a local choice teaches the memory
+    // too, so only a chain's first continuation shows the pin).
+    router.pin_response("llama3", "resp_cp", first.choice());
+    for i in 0..10 {
+        router.pin_response("llama3", &format!("resp_{i}"), first.choice());
+    }
+    first.finish(Outcome::Ok, TokenCounts::default());
+    let continuing = |id: &str| ChooseRequest {
+        affinity_key: Some(crate::affinity_key::response_key("llama3", id)),
+        ..request("llama3")
+    };
+    wait_until("the pins at the control plane", || {
+        rcp.cp.affinity_sample(0, Instant::now()).0 == 11
+    })
+    .await;
+    for _ in 0..10 {
+        let lease = router.choose(&continuing("resp_cp")).await.unwrap();
+        assert!(!lease.degraded());
+        assert_eq!(
+            (&lease.choice().endpoint, lease.choice().reason),
+            (&endpoint, DecisionReason::Affinity)
+        );
+        lease.finish(Outcome::Ok, TokenCounts::default());
+    }
+
+    rcp.shutdown().await.unwrap();
+    wait_until("circuit open", || !router.control_plane_connected()).await;
+    for i in 0..10 {
+        let lease = router
+            .choose(&continuing(&format!("resp_{i}")))
+            .await
+            .unwrap();
+        assert!(lease.degraded());
+        assert_eq!(lease.choice().endpoint, endpoint);
+        lease.finish(Outcome::Ok, TokenCounts::default());
+    }
+    router.close().await;
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn starts_with_the_control_plane_down_and_connects_later() {
     // Learn a free port, then free it.
