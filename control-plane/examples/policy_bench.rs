@@ -116,6 +116,7 @@ fn request(model: &str) -> ChooseRequest {
     ChooseRequest {
         model: model.to_owned(),
         affinity_key: None,
+        affinity_required: false,
         kind: RequestKind::Chat,
         exclude: Vec::new(),
     }

@@ -53,6 +53,9 @@ pub struct ChooseRequest {
     pub model: String,
     /// Conversation-affinity key, if any.
     pub affinity_key: Option<String>,
+    /// The endpoint remembered for the key must be followed (see
+    /// [`crate::policy::Remembered::required`]).
+    pub affinity_required: bool,
     /// What the request does.
     pub kind: RequestKind,
     /// Endpoint URLs to leave out (already failed for this request).

@@ -179,12 +179,23 @@ fn tier_reason(rank: u128) -> DecisionReason {
         .unwrap_or(DecisionReason::Saturated)
 }
 
-/// Selects one candidate. `affinity` is the index of the conversation's
-/// previous endpoint among `candidates` (the caller has checked the key is
-/// for the same model).
+/// The endpoint a request's conversation went to, among the candidates
+/// (the caller has checked the key is for the same model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Remembered {
+    /// Its index among the candidates.
+    pub index: usize,
+    /// Follow it whenever it is neither excluded nor draining, even when it
+    /// is full, has the model unloaded or is failing: the request continues
+    /// state stored there (a Responses API `previous_response_id`) that no
+    /// other endpoint can serve.
+    pub required: bool,
+}
+
+/// Selects one candidate; `affinity` is where the conversation went.
 pub fn select<R: Rng + ?Sized>(
     candidates: &[CandidateLoad],
-    affinity: Option<usize>,
+    affinity: Option<Remembered>,
     priority_routing: bool,
     rng: &mut R,
 ) -> Result<Selection, Rejection> {
@@ -211,7 +222,7 @@ pub fn select<R: Rng + ?Sized>(
 pub fn select_with<R: Rng + ?Sized>(
     len: usize,
     load: impl Fn(usize) -> CandidateLoad,
-    affinity: Option<usize>,
+    affinity: Option<Remembered>,
     priority_routing: bool,
     ranks: &mut Vec<u128>,
     rng: &mut R,
@@ -235,15 +246,18 @@ pub fn select_with<R: Rng + ?Sized>(
 
     // Affinity: the remembered endpoint, if it is in the pool the minimum
     // came from (not avoided, unless everything eligible is), loaded and
-    // free (tier 0).
+    // free (tier 0); a required one whenever it is not hard-excluded.
     let pool_flags = best >> AVOID_BIT;
-    if let Some(i) = affinity
-        && let Some(&r) = ranks.get(i)
-        && r >> AVOID_BIT <= pool_flags
-        && (r >> TIER_SHIFT) & 3 == 0
+    if let Some(Remembered { index, required }) = affinity
+        && let Some(&r) = ranks.get(index)
+        && if required {
+            r >> HARD_BIT == 0
+        } else {
+            r >> AVOID_BIT <= pool_flags && (r >> TIER_SHIFT) & 3 == 0
+        }
     {
         return Ok(Selection {
-            index: i,
+            index,
             reason: DecisionReason::Affinity,
         });
     }
@@ -395,7 +409,10 @@ pub fn select_from_cluster_state(
         let avoid =
             !ep.healthy || ep.circuit_open || ep.failing_models.iter().any(|m| **m == *tracking);
         if affinity_endpoint == Some(&*ep.url) {
-            affinity = Some(loads.len());
+            affinity = Some(Remembered {
+                index: loads.len(),
+                required: req.affinity_required,
+            });
         }
         loads.push(CandidateLoad {
             priority: ep.priority,

@@ -352,7 +352,10 @@ impl State {
             let i = candidates
                 .binary_search_by_key(&endpoint, |c| c.endpoint)
                 .ok()?;
-            (candidates.get(i)?.slot == slot).then_some(i)
+            (candidates.get(i)?.slot == slot).then_some(policy::Remembered {
+                index: i,
+                required: req.affinity_required,
+            })
         });
 
         // The policy reads each candidate's load straight from the dense

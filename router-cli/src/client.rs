@@ -142,6 +142,7 @@ impl ControlPlaneClient {
             session_id: 0,
             request_kind: v1::RequestKind::Chat as i32,
             exclude_endpoints: Vec::new(),
+            affinity_required: false,
         });
         match self.routing.choose_endpoint(req).await {
             Ok(resp) => Ok(resp.into_inner()),

@@ -93,6 +93,7 @@ fn request(model: &str, affinity_key: Option<&str>) -> ChooseRequest {
     ChooseRequest {
         model: model.to_owned(),
         affinity_key: affinity_key.map(str::to_owned),
+        affinity_required: false,
         kind: RequestKind::Chat,
         exclude: Vec::new(),
     }

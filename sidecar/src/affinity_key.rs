@@ -77,6 +77,24 @@ pub fn response_key(model: &str, id: &str) -> String {
     key(canonical_request_name(model), "|response:", id)
 }
 
+/// The response a Responses API request continues (`previous_response_id`),
+/// if any.
+fn continued_response(route: ApiRoute, body: &ConversationFields<'_>) -> Option<String> {
+    if route != ApiRoute::OpenAiResponses {
+        return None;
+    }
+    body.previous_response_id
+        .and_then(raw_str)
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+}
+
+/// Whether the request's key must be followed: it continues a response
+/// stored on one backend, which no other can serve.
+pub fn affinity_required(route: ApiRoute, body: &ConversationFields<'_>) -> bool {
+    continued_response(route, body).is_some()
+}
+
 /// The affinity key for a request, if any.
 pub fn affinity_key(
     route: ApiRoute,
@@ -84,13 +102,7 @@ pub fn affinity_key(
     headers: &HeaderMap,
     body: &ConversationFields<'_>,
 ) -> Option<String> {
-    if route == ApiRoute::OpenAiResponses
-        && let Some(previous) = body
-            .previous_response_id
-            .and_then(raw_str)
-            .map(|id| id.trim().to_owned())
-            .filter(|id| !id.is_empty())
-    {
+    if let Some(previous) = continued_response(route, body) {
         return Some(response_key(model, &previous));
     }
     let model = canonical_request_name(model);
@@ -519,6 +531,15 @@ mod tests {
             affinity_key(ApiRoute::OpenAiResponses, "m", &h, &fields(&text)).as_deref(),
             Some("m:latest|response:resp_2")
         );
+        // Such a key must be followed; no other is.
+        let text = json!({"previous_response_id":"resp_1","input":"hi"}).to_string();
+        assert!(affinity_required(ApiRoute::OpenAiResponses, &fields(&text)));
+        assert!(!affinity_required(ApiRoute::OpenAiChat, &fields(&text)));
+        let opening = json!({"input":"hi"}).to_string();
+        assert!(!affinity_required(
+            ApiRoute::OpenAiResponses,
+            &fields(&opening)
+        ));
         // Elsewhere the field means nothing.
         assert!(
             key(

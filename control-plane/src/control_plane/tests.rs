@@ -60,6 +60,7 @@ fn req(model: &str) -> ChooseRequest {
     ChooseRequest {
         model: model.to_owned(),
         affinity_key: None,
+        affinity_required: false,
         kind: RequestKind::Chat,
         exclude: Vec::new(),
     }
@@ -469,6 +470,36 @@ fn a_restarted_control_plane_takes_affinity_from_sidecars() {
     probe(&off, 1, &["m"], &["m"], t0);
     assert_eq!(off.restore_affinity(&records, t0), 0);
     assert_eq!(off.stats().affinity_entries, 0);
+}
+
+/// A request continuing a response stored on b follows its pin to b even
+/// when b is full (it queues there); an optional key does not.
+#[test]
+fn a_required_affinity_is_followed_to_a_full_endpoint() {
+    let t0 = Instant::now();
+    let cp = plane("conversation_affinity: true\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    assert_eq!(
+        cp.restore_affinity(&[remembered("pin", B, secs(60))], t0),
+        1
+    );
+    let required = ChooseRequest {
+        affinity_required: true,
+        ..keyed("m", "pin")
+    };
+    // b (limit 2) takes three: the third queues there.
+    for _ in 0..3 {
+        let ch = cp.choose(&required, Some(s), t0).unwrap();
+        assert_eq!((&*ch.endpoint, ch.reason), (B, DecisionReason::Affinity));
+    }
+    let ch = cp.choose(&keyed("m", "pin"), None, t0).unwrap();
+    assert_eq!(
+        &*ch.endpoint, A,
+        "an optional key yields to the free endpoint"
+    );
+    check(&cp);
 }
 
 #[test]

@@ -246,6 +246,7 @@ impl TryFrom<v1::ChooseRequest> for ChooseCall {
         Ok(Self {
             request: ChooseRequest {
                 model: m.model,
+                affinity_required: m.affinity_required && !m.affinity_key.is_empty(),
                 affinity_key: (!m.affinity_key.is_empty()).then_some(m.affinity_key),
                 kind,
                 exclude: m.exclude_endpoints,
@@ -264,6 +265,7 @@ pub fn choose_request_to_proto(
     v1::ChooseRequest {
         model: req.model.clone(),
         affinity_key: req.affinity_key.clone().unwrap_or_default(),
+        affinity_required: req.affinity_required,
         reserve: reserve.is_some(),
         session_id: reserve.map_or(0, |s| s.0),
         request_kind: request_kind_to_proto(req.kind),
@@ -844,6 +846,7 @@ mod tests {
         let req = ChooseRequest {
             model: "qwen3:8b".to_owned(),
             affinity_key: Some("k".to_owned()),
+            affinity_required: true,
             kind: RequestKind::Embed,
             exclude: vec!["http://a:11434".to_owned()],
         };
@@ -852,6 +855,16 @@ mod tests {
         assert_eq!(call.reserve, Some(SessionId(9)));
         assert_eq!(call.request.model, req.model);
         assert_eq!(call.request.affinity_key, req.affinity_key);
+        assert!(call.request.affinity_required);
+        // Required without a key means nothing.
+        let mut keyless = m.clone();
+        keyless.affinity_key.clear();
+        assert!(
+            !ChooseCall::try_from(keyless)
+                .unwrap()
+                .request
+                .affinity_required
+        );
         assert_eq!(call.request.kind, req.kind);
         assert_eq!(call.request.exclude, req.exclude);
 

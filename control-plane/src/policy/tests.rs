@@ -37,7 +37,11 @@ fn c(priority: u32, model: u32, total: u32, max: u32, loaded: bool) -> Candidate
 }
 
 fn pick(cands: &[CandidateLoad], affinity: Option<usize>, priority: bool) -> Selection {
-    select(cands, affinity, priority, &mut rng()).unwrap()
+    select(cands, remembered(affinity, false), priority, &mut rng()).unwrap()
+}
+
+fn remembered(index: Option<usize>, required: bool) -> Option<Remembered> {
+    index.map(|index| Remembered { index, required })
 }
 
 fn sel(index: usize, reason: DecisionReason) -> Selection {
@@ -58,6 +62,42 @@ fn no_candidates_is_not_found() {
             available: vec!["a".into(), "b".into()]
         }
     );
+}
+
+/// A required affinity (a request continuing a response stored on that
+/// endpoint) is followed when the endpoint is full, has the model unloaded
+/// or is failing; only a hard exclusion (excluded, draining) overrides it,
+/// and then the request goes elsewhere as usual.
+#[test]
+fn a_required_affinity_is_followed_unless_hard_excluded() {
+    let free = c(0, 0, 0, 4, true);
+    let full = c(1, 4, 4, 4, true);
+    let unloaded = c(2, 0, 0, 4, false);
+    let mut failing = c(3, 0, 0, 4, true);
+    failing.avoid = true;
+    let cands = [free, full, unloaded, failing];
+    for i in 1..=3 {
+        for prio in [false, true] {
+            assert_ne!(
+                pick(&cands, Some(i), prio).index,
+                i,
+                "optional affinity yields"
+            );
+            assert_eq!(
+                select(&cands, remembered(Some(i), true), prio, &mut rng()),
+                Ok(sel(i, DecisionReason::Affinity)),
+                "required affinity to candidate {i}"
+            );
+        }
+    }
+    for hard in [HardExclusion::Excluded, HardExclusion::Draining] {
+        let mut out = full;
+        out.hard = Some(hard);
+        assert_eq!(
+            select(&[free, out], remembered(Some(1), true), false, &mut rng()),
+            Ok(sel(0, DecisionReason::LoadedFree))
+        );
+    }
 }
 
 #[test]
@@ -323,7 +363,7 @@ proptest! {
         for (i, cand) in cands.iter_mut().enumerate() {
             cand.priority = i as u32;
         }
-        let result = select(&cands, affinity, priority, &mut SmallRng::seed_from_u64(seed));
+        let result = select(&cands, remembered(affinity, false), priority, &mut SmallRng::seed_from_u64(seed));
         let eligible: Vec<&CandidateLoad> = cands.iter().filter(|c| c.hard.is_none()).collect();
         if cands.is_empty() {
             prop_assert_eq!(result, Err(Rejection::NoCandidates));
@@ -389,7 +429,7 @@ proptest! {
         }
         if priority && s.reason != DecisionReason::Affinity {
             // With priority routing the answer is deterministic.
-            let again = select(&cands, affinity, priority, &mut SmallRng::seed_from_u64(seed ^ 1));
+            let again = select(&cands, remembered(affinity, false), priority, &mut SmallRng::seed_from_u64(seed ^ 1));
             prop_assert_eq!(again, Ok(s));
         }
     }
@@ -413,6 +453,7 @@ fn request(model: &str) -> ChooseRequest {
     ChooseRequest {
         model: model.to_owned(),
         affinity_key: None,
+        affinity_required: false,
         kind: RequestKind::Chat,
         exclude: Vec::new(),
     }

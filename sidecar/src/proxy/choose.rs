@@ -36,6 +36,7 @@ pub(crate) async fn route(
         let request = ChooseRequest {
             model: ctx.model.clone(),
             affinity_key: ctx.affinity_key.clone(),
+            affinity_required: ctx.affinity_required,
             kind: ctx.route.kind(),
             exclude: exclude.clone(),
         };

@@ -48,7 +48,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde_json::{Map, Value, value::RawValue};
 
 use crate::{
-    affinity_key::{ConversationFields, affinity_key},
+    affinity_key::{ConversationFields, affinity_key, affinity_required},
     errors::ProxyError,
     routes::ApiRoute,
     translate::options::is_zero_keep_alive,
@@ -73,6 +73,9 @@ pub struct RequestContext {
     pub body: Bytes,
     /// Conversation-affinity key, if any.
     pub affinity_key: Option<String>,
+    /// The key's endpoint must be followed (a Responses request continuing
+    /// a stored response).
+    pub affinity_required: bool,
     /// An Ollama unload (`ollama stop`): `/api/chat` with no messages or
     /// `/api/generate` with an empty prompt and no images, with
     /// `keep_alive` 0. Sent to every Ollama endpoint holding the model
@@ -190,10 +193,14 @@ pub fn parse_for(
         ProxyError::Internal("parsed model value does not point into the body".into())
     })?;
     let (stream, stream_explicit) = stream_mode(route, envelope.get("stream"))?;
-    let affinity_key = if derive_affinity {
-        affinity_key(route, &model, &headers, &envelope.conversation())
+    let (affinity_key, affinity_required) = if derive_affinity {
+        let conversation = envelope.conversation();
+        (
+            affinity_key(route, &model, &headers, &conversation),
+            affinity_required(route, &conversation),
+        )
     } else {
-        None
+        (None, false)
     };
     let unload = is_unload(route, &envelope);
     Ok(RequestContext {
@@ -204,6 +211,7 @@ pub fn parse_for(
         stream_explicit,
         body,
         affinity_key,
+        affinity_required,
         unload,
         headers,
         received,

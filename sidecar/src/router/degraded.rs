@@ -250,6 +250,7 @@ mod tests {
         ChooseRequest {
             model: model.into(),
             affinity_key: key.map(str::to_owned),
+            affinity_required: false,
             kind: RequestKind::Chat,
             exclude: vec![],
         }

@@ -191,6 +191,7 @@ pub(crate) mod tests {
         ChooseRequest {
             model: model.into(),
             affinity_key: None,
+            affinity_required: false,
             kind: RequestKind::Chat,
             exclude: vec![],
         }

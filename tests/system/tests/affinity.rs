@@ -212,3 +212,52 @@ async fn a_responses_chain_stays_on_the_backend_that_stored_it() {
         c.wait_usage(0).await;
     }
 }
+
+/// Two branches continuing the same stored response at once, with one
+/// request per backend allowed: both go to the backend holding the
+/// response, the second queueing there, instead of the second being
+/// sent to the free backend, which does not have the response (400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continued_response_queues_on_its_full_backend() {
+    let slow = || ollama_fake(&["m:latest"]).delay(std::time::Duration::from_millis(300));
+    let c = Cluster::builder()
+        .backend(slow())
+        .backend(slow())
+        .set("conversation_affinity", "true")
+        .set("max_concurrent_connections", "1")
+        .start()
+        .await;
+    let url = c.at("/v1/responses");
+    let before = counts(&c);
+    let r = send(
+        c.http()
+            .post(&url)
+            .json(&json!({"model": "m", "input": "opens"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let holder = served_by(&c, &before);
+    let id = serde_json::from_str::<Value>(&r.text).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = counts(&c);
+    let branch = |n: usize| {
+        let request = c.http().post(&url).json(
+            &json!({"model": "m", "previous_response_id": id, "input": format!("branch {n}")}),
+        );
+        async move { send(request).await }
+    };
+    let (a, b) = tokio::join!(branch(1), branch(2));
+    for r in [a, b] {
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let after = counts(&c);
+    assert_eq!(after[holder], before[holder] + 2, "{before:?} -> {after:?}");
+    assert_eq!(
+        after[1 - holder],
+        before[1 - holder],
+        "{before:?} -> {after:?}"
+    );
+    c.wait_usage(0).await;
+}
