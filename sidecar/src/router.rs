@@ -293,8 +293,10 @@ impl Router {
     /// endpoint that produced (and stored) it, so a request with
     /// `previous_response_id: id` — keyed by
     /// [`crate::affinity_key::response_key`] — goes there, through any
-    /// sidecar. `model` is the model as the client named it.
-    pub fn pin_response(&self, model: &str, id: &str, choice: &Choice) {
+    /// sidecar. `model` is the model as the client named it. Remote: waits
+    /// for the control plane to take the pin (at most `choose_timeout`),
+    /// so the answer reaches the client only after the pin is in place.
+    pub async fn pin_response(&self, model: &str, id: &str, choice: &Choice) {
         let key = crate::affinity_key::response_key(model, id);
         match &*self.mode {
             Mode::Embedded(e) => {
@@ -307,7 +309,7 @@ impl Router {
                 };
                 cp.restore_affinity(&[record], Instant::now());
             }
-            Mode::Remote(r) => r.pin(key, model, choice),
+            Mode::Remote(r) => r.pin(key, model, choice).await,
         }
     }
 

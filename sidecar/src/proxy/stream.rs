@@ -142,21 +142,21 @@ impl ResponsePin {
         })
     }
 
-    /// Pins `id` (when the answer had one) to the lease's endpoint.
-    fn pin(&self, id: Option<&str>, lease: &TrackedLease) {
-        if let Some(id) = id {
-            self.router.pin_response(&self.model, id, lease.choice());
-        }
+    /// Pins `id` to the lease's endpoint; returns once the pin is in place
+    /// (see [`Router::pin_response`]), before the client sees the answer.
+    async fn pin(&self, id: &str, lease: &TrackedLease) {
+        self.router
+            .pin_response(&self.model, id, lease.choice())
+            .await;
     }
 
     /// Pins a stream's response id as soon as it shows (`response.created`
-    /// opens the stream): long before the client, having read the end,
-    /// can send the turn that continues it.
-    fn pin_once(pin: &mut Option<Self>, transform: &Transform, lease: &TrackedLease) {
+    /// opens the stream), before the chunk carrying it is sent on.
+    async fn pin_once(pin: &mut Option<Self>, transform: &Transform, lease: &TrackedLease) {
         if let Some(id) = transform.response_id()
             && let Some(p) = pin.take()
         {
-            p.pin(Some(id), lease);
+            p.pin(id, lease).await;
         }
     }
 }
@@ -255,8 +255,12 @@ pub(crate) async fn exchange(
         progress.backend_wait += waited.elapsed();
         return match read {
             Ok(body) => {
-                let pin = ResponsePin::for_request(state, ctx);
-                whole_answer(ctx, lease, handling, status, &upstream_headers, body, pin)
+                if let Some(pin) = ResponsePin::for_request(state, ctx)
+                    && let Some(id) = response_id_of(&body)
+                {
+                    pin.pin(&id, &lease).await;
+                }
+                whole_answer(ctx, lease, handling, status, &upstream_headers, body)
             }
             Err((outcome, detail)) => retry_transport(lease, outcome, detail),
         };
@@ -366,7 +370,6 @@ fn whole_answer(
     status: StatusCode,
     upstream_headers: &HeaderMap,
     body: Bytes,
-    pin: Option<ResponsePin>,
 ) -> Attempt {
     if handling == Handling::PassThrough {
         let tokens = match observe_answer(&body, ctx.route.format()) {
@@ -374,9 +377,6 @@ fn whole_answer(
             // A 2xx carrying an error object: the backend failed.
             Err(error) => return retry_upstream(lease, Outcome::BackendError, error),
         };
-        if let Some(pin) = pin {
-            pin.pin(response_id_of(&body).as_deref(), &lease);
-        }
         lease.finish(Outcome::Ok, tokens);
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
@@ -596,7 +596,7 @@ impl LiveStream {
             // Held until the stream ends or is dropped.
             let _in_flight = in_flight;
             let out = transform.push(first, Instant::now());
-            ResponsePin::pin_once(&mut pin, &transform, &lease);
+            ResponsePin::pin_once(&mut pin, &transform, &lease).await;
             if !out.is_empty() {
                 yield Ok::<Bytes, Infallible>(out);
             }
@@ -614,7 +614,7 @@ impl LiveStream {
                 match next {
                     Next::Chunk(chunk) => {
                         let out = transform.push(chunk, Instant::now());
-                        ResponsePin::pin_once(&mut pin, &transform, &lease);
+                        ResponsePin::pin_once(&mut pin, &transform, &lease).await;
                         if !out.is_empty() {
                             yield Ok(out);
                         }

@@ -4,7 +4,7 @@
 //! paths, and one per server thread ([`Lane`]) for that thread's `Route`
 //! stream, driven by its runtime so a choice never wakes another thread.
 //!
-//! Four background tasks, all on the caller's `TaskTracker` and stopped by
+//! Three background tasks, all on the caller's `TaskTracker` and stopped by
 //! its `CancellationToken`:
 //! - the **session task** opens the session (retrying with backoff while the
 //!   control plane is unreachable), keeps it alive every
@@ -17,8 +17,6 @@
 //!   after every session opens it offers the conversations it remembers
 //!   ([`AffinityMemory`], `RegisterLeases.affinity`), so a restarted
 //!   control plane keeps them on their endpoints;
-//! - the **pin sender** sends the Responses API answer ids the proxy pins
-//!   to their endpoints ([`RemoteRouter::pin`]), batched;
 //! - the **follower** ([`super::follower`]) keeps the last `WatchUsage` state;
 //! - the **release sender** is the retry path of releases: it sends the
 //!   ones the ledger could not put on an open `Route` stream, and the ones
@@ -180,8 +178,6 @@ struct Shared {
     snapshot: Arc<Snapshot>,
     affinity: AffinityMemory,
     wake_session: Arc<Notify>,
-    /// Responses pinned to their endpoint, for the pin sender.
-    pins: mpsc::UnboundedSender<AffinityRecord>,
     /// Notified when a session opens (start-up wait).
     session_opened: Notify,
     closed: AtomicBool,
@@ -245,7 +241,6 @@ impl RemoteRouter {
                 .collect()
         };
         let (queue, jobs) = mpsc::unbounded_channel();
-        let (pins, pinned) = mpsc::unbounded_channel();
         let routes = lanes.iter().map(|l| l.route.clone()).collect();
         let shared = Arc::new(Shared {
             name,
@@ -259,7 +254,6 @@ impl RemoteRouter {
             circuit: Arc::new(Circuit::default()),
             snapshot: Arc::new(Snapshot::default()),
             wake_session: Arc::new(Notify::new()),
-            pins,
             session_opened: Notify::new(),
             closed: AtomicBool::new(false),
             tasks: tasks.clone(),
@@ -269,7 +263,6 @@ impl RemoteRouter {
 
         tasks.spawn(session_task(shared.clone(), cancel.clone()));
         tasks.spawn(release_sender(shared.clone(), jobs, cancel.clone()));
-        tasks.spawn(pin_sender(shared.clone(), pinned, cancel.clone()));
         let follower = Follower {
             client,
             snapshot: shared.snapshot.clone(),
@@ -466,21 +459,44 @@ impl RemoteRouter {
 
     /// Pins conversation `key` (a Responses chain's next turn) to
     /// `choice`'s endpoint: remembered here (degraded decisions, and the
-    /// offer to a restarted control plane) and sent to the control plane
-    /// in the background.
-    pub(crate) fn pin(&self, key: String, model: &str, choice: &Choice) {
+    /// offer to a restarted control plane) and registered with the control
+    /// plane (`RegisterLeases.affinity`) before this returns, so the turn
+    /// that continues the chain, sent once the client has this answer,
+    /// finds the pin through any sidecar. Waits at most `choose_timeout`
+    /// (as long as a choice would); a pin not delivered by then stays in
+    /// the memory, offered again when the next session opens.
+    pub(crate) async fn pin(&self, key: String, model: &str, choice: &Choice) {
         let Some(shared) = &self.shared else {
             return;
         };
         shared
             .affinity
             .remember_key(&key, model, choice, Instant::now());
-        let _ = shared.pins.send(AffinityRecord {
+        let Some((session, _)) = shared.ledger.session() else {
+            return;
+        };
+        if !shared.circuit.reachable() {
+            return;
+        }
+        let record = AffinityRecord {
             key: Arc::from(key),
             endpoint: choice.endpoint.clone(),
             tracking_model: choice.tracking_model.clone(),
             expires_in: shared.settings.affinity_ttl,
-        });
+        };
+        let timeout = shared.settings.choose_timeout;
+        let mut client = shared.client.clone();
+        let call = client.register_leases(request(
+            v1::RegisterLeasesRequest {
+                session_id: session.0,
+                leases: Vec::new(),
+                affinity: vec![v1::AffinityRecord::from(&record)],
+            },
+            timeout,
+        ));
+        if let Err(status) = with_deadline(timeout, call).await {
+            tracing::debug!(code = ?status.code(), message = status.message(), "response pin not delivered; offered when the next session opens");
+        }
     }
 
     #[cfg(test)]
@@ -982,55 +998,6 @@ async fn session_task(shared: Arc<Shared>, cancel: CancellationToken) {
                     wait = backoff.next_delay().min(grant.keepalive_interval);
                 }
             }
-        }
-    }
-}
-
-// ---------------------------------------------------------------- pins
-
-/// Sends pinned responses to the control plane (`RegisterLeases.affinity`),
-/// whatever is queued in one call, until `cancel`. A pin that cannot be
-/// sent (no session, control plane unreachable) is not retried here: the
-/// affinity memory holds it, and the whole memory is offered when the next
-/// session opens.
-async fn pin_sender(
-    shared: Arc<Shared>,
-    mut pinned: mpsc::UnboundedReceiver<AffinityRecord>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let first = tokio::select! {
-            () = cancel.cancelled() => return,
-            p = pinned.recv() => match p {
-                Some(p) => p,
-                None => return,
-            },
-        };
-        let mut batch = vec![v1::AffinityRecord::from(&first)];
-        while batch.len() < AFFINITY_CHUNK
-            && let Ok(more) = pinned.try_recv()
-        {
-            batch.push(v1::AffinityRecord::from(&more));
-        }
-        let Some((session, _)) = shared.ledger.session() else {
-            tracing::debug!(
-                pins = batch.len(),
-                "no control-plane session; pins offered when one opens"
-            );
-            continue;
-        };
-        let timeout = shared.settings.rpc_timeout;
-        let mut client = shared.client.clone();
-        let call = client.register_leases(request(
-            v1::RegisterLeasesRequest {
-                session_id: session.0,
-                leases: Vec::new(),
-                affinity: batch,
-            },
-            timeout,
-        ));
-        if let Err(status) = with_deadline(timeout, call).await {
-            tracing::debug!(code = ?status.code(), message = status.message(), "pins not delivered; offered when the next session opens");
         }
     }
 }

@@ -371,9 +371,13 @@ async fn a_pinned_response_is_followed_by_the_control_plane_and_when_degraded() 
     // Chains answered there: one continued through the control plane, ten
     // only once it is gone (each once: a local choice teaches the memory
     // too, so only a chain's first continuation shows the pin).
-    router.pin_response("llama3", "resp_cp", first.choice());
+    router
+        .pin_response("llama3", "resp_cp", first.choice())
+        .await;
     for i in 0..10 {
-        router.pin_response("llama3", &format!("resp_{i}"), first.choice());
+        router
+            .pin_response("llama3", &format!("resp_{i}"), first.choice())
+            .await;
     }
     first.finish(Outcome::Ok, TokenCounts::default());
     let continuing = |id: &str| ChooseRequest {
