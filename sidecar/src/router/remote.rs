@@ -484,17 +484,15 @@ impl RemoteRouter {
             tracking_model: choice.tracking_model.clone(),
             expires_in: shared.settings.affinity_ttl,
         };
-        let timeout = shared.settings.choose_timeout;
-        let mut client = shared.client.clone();
-        let call = client.register_leases(request(
-            v1::RegisterLeasesRequest {
-                session_id: session.0,
-                leases: Vec::new(),
-                affinity: vec![v1::AffinityRecord::from(&record)],
-            },
-            timeout,
-        ));
-        if let Err(status) = with_deadline(timeout, call).await {
+        let affinity = vec![v1::AffinityRecord::from(&record)];
+        let call = register_leases(
+            shared,
+            session,
+            Vec::new(),
+            affinity,
+            shared.settings.choose_timeout,
+        );
+        if let Err(status) = call.await {
             tracing::debug!(code = ?status.code(), message = status.message(), "response pin not delivered; offered when the next session opens");
         }
     }
@@ -801,18 +799,50 @@ enum Registered {
     Failed,
 }
 
-async fn register(shared: &Shared, round: &Registration) -> Registered {
-    let timeout = shared.settings.rpc_timeout;
+/// One `RegisterLeases` call for `session`, answered within `timeout`.
+async fn register_leases(
+    shared: &Shared,
+    session: SessionId,
+    leases: Vec<v1::LeaseRecord>,
+    affinity: Vec<v1::AffinityRecord>,
+    timeout: Duration,
+) -> Result<v1::RegisterLeasesResponse, Status> {
     let mut client = shared.client.clone();
     let call = client.register_leases(request(
         v1::RegisterLeasesRequest {
-            session_id: round.session.0,
-            leases: round.leases.iter().map(v1::LeaseRecord::from).collect(),
-            affinity: Vec::new(),
+            session_id: session.0,
+            leases,
+            affinity,
         },
         timeout,
     ));
-    match with_deadline(timeout, call).await {
+    with_deadline(timeout, call).await
+}
+
+/// What a failed `RegisterLeases` call of the session task means: the
+/// session is gone (re-open it), or try again at the next round (a
+/// transport failure also marks the control plane unreachable).
+fn registration_failed(shared: &Shared, status: &Status, what: &str) -> Registered {
+    if let Some(ChooseError::UnknownSession(_)) = choose_error_from_status(status, "") {
+        return Registered::SessionUnknown;
+    }
+    if is_transport(status.code()) {
+        shared.circuit.down(status.message());
+    }
+    tracing::warn!(code = ?status.code(), message = status.message(), "{what} failed; will retry");
+    Registered::Failed
+}
+
+async fn register(shared: &Shared, round: &Registration) -> Registered {
+    let leases = round.leases.iter().map(v1::LeaseRecord::from).collect();
+    let call = register_leases(
+        shared,
+        round.session,
+        leases,
+        Vec::new(),
+        shared.settings.rpc_timeout,
+    );
+    match call.await {
         Ok(r) => {
             shared.circuit.up();
             shared.ledger.finish_registration(round, true);
@@ -827,16 +857,7 @@ async fn register(shared: &Shared, round: &Registration) -> Registered {
         }
         Err(status) => {
             shared.ledger.finish_registration(round, false);
-            match choose_error_from_status(&status, "") {
-                Some(ChooseError::UnknownSession(_)) => Registered::SessionUnknown,
-                _ => {
-                    if is_transport(status.code()) {
-                        shared.circuit.down(status.message());
-                    }
-                    tracing::warn!(code = ?status.code(), message = status.message(), "lease registration failed; will retry");
-                    Registered::Failed
-                }
-            }
+            registration_failed(shared, &status, "lease registration")
         }
     }
 }
@@ -853,31 +874,20 @@ async fn offer_affinity(shared: &Shared, session: SessionId) -> Registered {
     if records.is_empty() {
         return Registered::Done;
     }
-    let timeout = shared.settings.rpc_timeout;
     let mut restored = 0;
     for chunk in records.chunks(AFFINITY_CHUNK) {
-        let mut client = shared.client.clone();
-        let call = client.register_leases(request(
-            v1::RegisterLeasesRequest {
-                session_id: session.0,
-                leases: Vec::new(),
-                affinity: chunk.iter().map(v1::AffinityRecord::from).collect(),
-            },
-            timeout,
-        ));
-        match with_deadline(timeout, call).await {
+        let affinity = chunk.iter().map(v1::AffinityRecord::from).collect();
+        let call = register_leases(
+            shared,
+            session,
+            Vec::new(),
+            affinity,
+            shared.settings.rpc_timeout,
+        );
+        match call.await {
             Ok(r) => restored += r.affinity_restored,
             Err(status) => {
-                return match choose_error_from_status(&status, "") {
-                    Some(ChooseError::UnknownSession(_)) => Registered::SessionUnknown,
-                    _ => {
-                        if is_transport(status.code()) {
-                            shared.circuit.down(status.message());
-                        }
-                        tracing::warn!(code = ?status.code(), message = status.message(), "offering affinity entries failed; will retry");
-                        Registered::Failed
-                    }
-                };
+                return registration_failed(shared, &status, "offering affinity entries");
             }
         }
     }
