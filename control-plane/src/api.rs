@@ -69,6 +69,18 @@ pub struct AffinityRecord {
     pub expires_in: Duration,
 }
 
+impl AffinityRecord {
+    /// Conversation `key` on `choice`'s endpoint and model, for `expires_in`.
+    pub fn for_choice(key: String, choice: &crate::decision::Choice, expires_in: Duration) -> Self {
+        Self {
+            key: Arc::from(key),
+            endpoint: choice.endpoint.clone(),
+            tracking_model: choice.tracking_model.clone(),
+            expires_in,
+        }
+    }
+}
+
 /// What opening a session grants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionGrant {

@@ -301,12 +301,7 @@ impl Router {
         match &*self.mode {
             Mode::Embedded(e) => {
                 let cp = e.control_plane();
-                let record = AffinityRecord {
-                    key: Arc::from(key),
-                    endpoint: choice.endpoint.clone(),
-                    tracking_model: choice.tracking_model.clone(),
-                    expires_in: cp.config().affinity.ttl,
-                };
+                let record = AffinityRecord::for_choice(key, choice, cp.config().affinity.ttl);
                 cp.restore_affinity(&[record], Instant::now());
             }
             Mode::Remote(r) => r.pin(key, model, choice).await,

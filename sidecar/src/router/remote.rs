@@ -478,12 +478,7 @@ impl RemoteRouter {
         if !shared.circuit.reachable() {
             return;
         }
-        let record = AffinityRecord {
-            key: Arc::from(key),
-            endpoint: choice.endpoint.clone(),
-            tracking_model: choice.tracking_model.clone(),
-            expires_in: shared.settings.affinity_ttl,
-        };
+        let record = AffinityRecord::for_choice(key, choice, shared.settings.affinity_ttl);
         let affinity = vec![v1::AffinityRecord::from(&record)];
         let call = register_leases(
             shared,
