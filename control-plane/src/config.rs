@@ -205,8 +205,9 @@ pub struct RawConfig {
     pub breaker_open_for: Option<RawDuration>,
     /// Least time between two `WatchUsage` publications.
     pub watch_interval: Option<RawDuration>,
-    /// Where the control-plane process keeps drains made at run time, so
-    /// they survive a restart (sidecars ignore it).
+    /// Where the control plane keeps drains made at run time, so they
+    /// survive a restart (the control-plane process and a standalone
+    /// sidecar; a remote sidecar ignores it).
     pub state_file: Option<String>,
     /// Sidecar: deadline for a control-plane choice before deciding locally.
     pub choose_timeout: Option<RawDuration>,

@@ -161,9 +161,10 @@ impl ControlPlane {
     /// A control plane for `config` that keeps its drains in the config's
     /// `state_file`, when one is set: the endpoints saved there are drained
     /// now, and every drain or undrain is saved (see [`crate::admin_file`]).
-    /// The control-plane binary starts this way. A standalone sidecar (no
-    /// admin API) and a sidecar probing on its own use [`ControlPlane::new`]
-    /// and read or write no file.
+    /// The control-plane binary and the standalone sidecar (whose drains
+    /// come through `--control-plane-listen`) start this way. A remote
+    /// sidecar probing on its own uses [`ControlPlane::new`] and reads or
+    /// writes no file.
     pub fn with_state_file(config: Arc<Config>) -> Result<Self, AdminFileError> {
         let cp = Self::new(config);
         let Some(path) = cp.shared.config.state_file.clone() else {
