@@ -143,14 +143,53 @@ pub async fn binary(bin: Binary) -> PathBuf {
         })
 }
 
-/// A free loopback address: binds port 0 and releases it for a child to
-/// bind (the small race is the price of real processes on free ports).
+/// A free loopback address for a child process to listen on.
+///
+/// The port comes from *below* the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), never from it: a killed
+/// process's port in the ephemeral range can be taken within milliseconds
+/// as the source port of any outgoing connection on the machine (the
+/// suite makes thousands), and then the restarted process cannot bind it
+/// again (`a_drain_survives_a_control_plane_restart_with_a_state_file`
+/// failed in CI that way). Ports below the range are only ever bound
+/// explicitly. Each port is handed out once per test process, and is
+/// checked free by binding it (the small race with other programs is the
+/// price of real processes on free ports).
 pub fn free_addr() -> SocketAddr {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("no local address: {e}"))
+    use std::{
+        collections::HashSet,
+        sync::{Mutex, OnceLock},
+    };
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = 10_000u16.min(ephemeral_start / 2);
+    let span = u32::from(ephemeral_start - low);
+    let mut given = GIVEN
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Start at a spot that differs between test processes and runs.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    for i in 0..span {
+        let offset = seed.wrapping_add(i) % span;
+        let port = low + u16::try_from(offset).unwrap_or_default();
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            given.insert(port);
+            return listener
+                .local_addr()
+                .unwrap_or_else(|e| panic!("no local address: {e}"));
+        }
+    }
+    panic!("no free loopback port in {low}..{ephemeral_start}")
 }
 
 /// A running child process listening on `addr`.
@@ -223,19 +262,35 @@ impl ChildProcess {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.path.display()));
-        self.child = Some(child);
+        let child = self.child.insert(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.path.display())),
+        );
         let addr = self.addr;
         let name = self.bin.name();
-        wait_for_async(
+        // Ok(true): listening; Err(status): the process exited instead.
+        let listening = wait_for_async(
             &format!("{name} to listen on {addr}"),
             SOON,
-            || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
-            |ok| *ok,
+            || {
+                let exited = child.try_wait().ok().flatten();
+                async move {
+                    match exited {
+                        Some(status) => Err(status),
+                        None => Ok(tokio::net::TcpStream::connect(addr).await.is_ok()),
+                    }
+                }
+            },
+            |state| !matches!(state, Ok(false)),
         )
         .await;
+        if let Err(status) = listening {
+            self.child = None;
+            panic!(
+                "{name} exited ({status}) instead of listening on {addr}; its log:\n{}",
+                self.logs()
+            );
+        }
     }
 
     /// A file in this process's temp dir (for configs).
