@@ -12,11 +12,11 @@ use std::{
     ffi::OsString, fmt::Write as _, io::Write, net::SocketAddr, path::PathBuf, process::ExitCode,
 };
 
-use clap::Parser;
+use clap::{Parser, builder::BoolishValueParser};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    admin_file::AdminFile,
+    admin_file::{AdminFile, AdminFileError},
     config::Config,
     server::{self, ServeError},
     telemetry::{self, LogFormat, TelemetryOptions},
@@ -49,7 +49,7 @@ pub struct Args {
     pub metrics_listen: Option<SocketAddr>,
 
     /// Validate the configuration, print a one-line summary and exit.
-    #[arg(long, env = "SWITCHYARD_CHECK_CONFIG")]
+    #[arg(long, env = "SWITCHYARD_CHECK_CONFIG", value_parser = BoolishValueParser::new())]
     pub check_config: bool,
 
     /// Log format on stderr (level filter from RUST_LOG, default info).
@@ -107,6 +107,28 @@ pub fn display_url(url: &str) -> String {
         }
         None => url.to_owned(),
     }
+}
+
+/// What `--check-config` prints for a valid configuration: the
+/// [`config_summary`] and, with `state_file`, the drains saved there (read
+/// now, so a file the control plane could not start with fails the check).
+pub fn check_report(config: &Config) -> Result<String, AdminFileError> {
+    let mut summary = config_summary(config);
+    if let Some(path) = &config.state_file {
+        let drained = AdminFile::new(path.clone()).load()?;
+        let _ = write!(
+            summary,
+            "; drains saved in {} ({} now: {})",
+            path.display(),
+            drained.len(),
+            if drained.is_empty() {
+                "none".to_owned()
+            } else {
+                drained.join(", ")
+            }
+        );
+    }
+    Ok(summary)
 }
 
 /// The one-line `--check-config` summary: endpoints with kinds and limits;
@@ -182,30 +204,19 @@ where
         }
     };
     if args.check_config {
-        let mut summary = config_summary(&config);
-        if let Some(path) = &config.state_file {
-            match AdminFile::new(path.clone()).load() {
-                Ok(drained) => {
-                    let _ = write!(
-                        summary,
-                        "; drains saved in {} ({} now: {})",
-                        path.display(),
-                        drained.len(),
-                        if drained.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            drained.join(", ")
-                        }
-                    );
-                }
-                Err(e) => {
-                    let _ = writeln!(err, "switchyard-control-plane: {e}");
-                    return Exit::Usage;
-                }
-            }
+        for warning in &config.warnings {
+            let _ = writeln!(err, "switchyard-control-plane: warning: {warning}");
         }
-        let _ = writeln!(out, "{summary}");
-        return Exit::Ok;
+        return match check_report(&config) {
+            Ok(report) => {
+                let _ = writeln!(out, "{report}");
+                Exit::Ok
+            }
+            Err(e) => {
+                let _ = writeln!(err, "switchyard-control-plane: {e}");
+                Exit::Usage
+            }
+        };
     }
 
     // Dropped after the runtime (declared before it): flushes spans
@@ -221,6 +232,7 @@ where
             return Exit::Usage;
         }
     };
+    config.log_warnings();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -360,6 +360,11 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// Sidecar behaviour.
     pub sidecar: SidecarConfig,
+    /// What the configuration asks for that is accepted, as nomyo-router
+    /// accepts it, but is probably not meant (an API key for a URL that is
+    /// not an endpoint, an unset `${VAR}` in a backend key). Each names the
+    /// key; the binaries log them at start and `--check-config` prints them.
+    pub warnings: Vec<String>,
 }
 
 /// Defaults, in one place.
@@ -427,6 +432,23 @@ pub mod defaults {
     pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(300);
     /// Idle-between-chunks timeout.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+}
+
+/// [`expand_env`] that does not fail on unset variables: they expand to
+/// nothing and are returned by name.
+fn expand_env_lenient(
+    key: &str,
+    value: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(String, Vec<String>), ConfigError> {
+    let unset = std::cell::RefCell::new(Vec::new());
+    let expanded = expand_env(key, value, &|name| {
+        Some(lookup(name).unwrap_or_else(|| {
+            unset.borrow_mut().push(name.to_owned());
+            String::new()
+        }))
+    })?;
+    Ok((expanded, unset.into_inner()))
 }
 
 /// Expands `${NAME}` from the environment via `lookup`.
@@ -553,10 +575,34 @@ impl Config {
                 .ok_or_else(|| invalid(key, url, "not a configured endpoint"))
         };
 
+        // Backend keys are forgiving where nomyo-router is (its own sample
+        // config has both cases): a key for a URL that is not an endpoint is
+        // ignored, and an unset `${VAR}` means no key. Both are warnings, so
+        // a typo does not go unnoticed; a backend that needs the key answers
+        // 401, which the probes and the request log show. (An unset
+        // `${VAR}` in the *router* key stays an error: it would silently
+        // open the router to everyone.)
+        let mut warnings = Vec::new();
         for (url, value) in &raw.api_keys {
             let key = format!("api_keys.{url}");
-            let idx = find(&mut endpoints, &key, url)?;
-            let secret = expand_env(&key, value, env)?;
+            let norm = normalize_url(&key, url)?;
+            let Some(idx) = endpoints.iter().position(|e| *e.url == *norm) else {
+                warnings.push(format!(
+                    "{key}: not a configured endpoint (not in `endpoints` or \
+                     `llama_server_endpoints`); the key is ignored"
+                ));
+                continue;
+            };
+            let secret = match expand_env_lenient(&key, value, env)? {
+                (secret, unset) if unset.is_empty() => secret,
+                (_, unset) => {
+                    warnings.push(format!(
+                        "{key}: environment variable {} not set; no API key is sent to {url}",
+                        unset.join(", ")
+                    ));
+                    continue;
+                }
+            };
             if let Some(ep) = endpoints.get_mut(idx)
                 && !secret.is_empty()
             {
@@ -825,7 +871,15 @@ impl Config {
                 Some(p) => Some(PathBuf::from(p)),
             },
             sidecar,
+            warnings,
         })
+    }
+
+    /// Logs each of [`Config::warnings`] at `warn` level.
+    pub fn log_warnings(&self) {
+        for warning in &self.warnings {
+            tracing::warn!("configuration: {warning}");
+        }
     }
 
     /// The configuration used when none is given: one local Ollama at
@@ -937,23 +991,103 @@ endpoint_config:
     }
 
     #[test]
-    fn missing_env_var_is_named_and_secret_never_printed() {
+    fn an_unset_backend_key_variable_is_a_warning_naming_it_and_secrets_are_never_printed() {
         let yaml = "endpoints: [\"https://x/v1\"]\napi_keys:\n  \"https://x/v1\": \"${NOPE}\"\n";
-        let err = error(yaml);
+        let c = Config::from_yaml(yaml, &env).unwrap();
+        assert!(c.endpoints[0].api_key.is_none());
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        let w = &c.warnings[0];
         assert!(
-            err.contains("NOPE") && err.contains("api_keys.https://x/v1"),
-            "{err}"
+            w.contains("NOPE") && w.contains("api_keys.https://x/v1") && w.contains("no API key"),
+            "{w}"
         );
         let c = Config::from_yaml(NOMYO, &env).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert!(!format!("{c:?}").contains("sk-test"));
         assert!(!format!("{c:?}").contains("router-secret"));
     }
 
     #[test]
-    fn keys_for_unknown_endpoints_are_errors() {
-        let yaml = "endpoints: [\"http://a:1\"]\napi_keys:\n  \"http://b:1\": k\n";
-        let err = error(yaml);
-        assert!(err.contains("api_keys.http://b:1"), "{err}");
+    fn an_unset_router_key_variable_is_an_error_since_it_would_open_the_router() {
+        let err = error("router_api_key: \"${NOPE}\"\n");
+        assert!(
+            err.contains("NOPE") && err.contains("router_api_key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_backend_key_for_an_unknown_url_is_ignored_with_a_warning() {
+        let yaml =
+            "endpoints: [\"http://a:1\"]\napi_keys:\n  \"http://b:1\": k\n  \"http://a:1/\": ka\n";
+        let c = Config::from_yaml(yaml, &env).unwrap();
+        assert_eq!(c.endpoints[0].api_key.as_ref().unwrap().expose(), "ka");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("api_keys.http://b:1")
+                && c.warnings[0].contains("not a configured endpoint"),
+            "{:?}",
+            c.warnings
+        );
+        // A malformed URL is still an error, and so is a limit for an
+        // unknown endpoint (a lost override would go unnoticed).
+        let err = error("endpoints: [\"http://a:1\"]\napi_keys:\n  \"ftp://b\": k\n");
+        assert!(err.contains("api_keys.ftp://b"), "{err}");
+        let err = error(
+            "endpoints: [\"http://a:1\"]\nendpoint_config:\n  \"http://b:1\":\n    max_concurrent_connections: 4\n",
+        );
+        assert!(err.contains("endpoint_config.http://b:1"), "{err}");
+    }
+
+    /// nomyo-router's own `doc/examples/sample-config.yaml`, verbatim: a
+    /// key for an endpoint it does not list, `${OPENAI_KEY}` unset.
+    #[test]
+    fn nomyo_routers_sample_config_loads_as_it_is() {
+        let yaml = r#"# config.yaml
+# Ollama endpoints local + remote
+endpoints:
+  - http://localhost:11434
+  - http://192.168.0.51:11434
+  - http://192.168.0.52:11434
+  # External OpenAI-compatible endpoints (will NOT be queried for /api/ps /api/ps_details)
+  - https://api.openai.com/v1
+
+# llama-server endpoints (OpenAI-compatible with /v1/models status info)
+# These endpoints will be queried for /api/tags, /api/ps, /api/ps_details
+# and included in the model selection pool for inference routing
+llama_server_endpoints:
+  - http://localhost:8080/v1
+  - http://192.168.0.33:8081/v1
+
+# Maximum concurrent connections *per endpoint‑model pair* (equals to OLLAMA_NUM_PARALLEL)
+max_concurrent_connections: 2
+
+# Optional router-level API key that gates router/API/web UI access (leave empty to disable)
+nomyo-router-api-key: ""
+
+# API keys for remote endpoints
+# Set an environment variable like OPENAI_KEY
+# Confirm endpoints are exactly as in endpoints block
+api_keys:
+  "http://192.168.0.50:11434": "ollama"
+  "http://192.168.0.51:11434": "ollama"
+  "http://192.168.0.52:11434": "ollama"
+  "https://api.openai.com/v1": "${OPENAI_KEY}"
+  "http://localhost:8080/v1": "llama-server"  # Optional API key for llama-server - depends on llama_server config
+  "http://192.168.0.33:8081/v1": "llama-server"
+"#;
+        let c = Config::from_yaml(yaml, &|_| None).unwrap();
+        assert_eq!(c.endpoints.len(), 6);
+        assert!(c.router_api_key.is_none());
+        assert_eq!(c.endpoints[1].api_key.as_ref().unwrap().expose(), "ollama");
+        assert!(c.endpoints[3].api_key.is_none(), "OPENAI_KEY is unset");
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("http://192.168.0.50:11434"))
+        );
+        assert!(c.warnings.iter().any(|w| w.contains("OPENAI_KEY")));
     }
 
     #[test]

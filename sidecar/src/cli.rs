@@ -21,8 +21,9 @@
 
 use std::{ffi::OsString, io::Write, net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use clap::Parser;
+use clap::{Parser, builder::BoolishValueParser};
 use switchyard_control_plane::{
+    cli::{check_report, config_summary},
     config::Config,
     telemetry::{self, LogFormat, TelemetryOptions},
 };
@@ -61,7 +62,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:12434";
 )]
 pub struct Args {
     /// Embed the control plane in this process (single machine).
-    #[arg(long, env = "SWITCHYARD_STANDALONE", conflicts_with = "control_plane")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_STANDALONE",
+        value_parser = BoolishValueParser::new(),
+        conflicts_with = "control_plane"
+    )]
     pub standalone: bool,
 
     /// gRPC URL of the control plane, e.g. http://127.0.0.1:50051.
@@ -95,8 +101,9 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Validate the configuration and exit (0 valid, 2 invalid).
-    #[arg(long)]
+    /// Validate the configuration, print a summary and exit (0 valid, 2
+    /// invalid); warnings go to stderr.
+    #[arg(long, env = "SWITCHYARD_CHECK_CONFIG", value_parser = BoolishValueParser::new())]
     pub check_config: bool,
 
     /// Export tracing spans over OTLP/HTTP to this collector URL (e.g.
@@ -231,8 +238,7 @@ pub fn run_cli_code(
         }
     };
     if plan.check_only {
-        let _ = writeln!(stdout, "configuration is valid");
-        return EXIT_OK;
+        return check_config(&plan.options.mode, stdout, stderr);
     }
     // Dropped after the runtime (declared before it): flushes spans
     // still waiting for export.
@@ -247,6 +253,9 @@ pub fn run_cli_code(
             return EXIT_USAGE;
         }
     };
+    if let Some(config) = plan.options.mode.config() {
+        config.log_warnings();
+    }
     // This runtime accepts connections and runs the background tasks
     // (discovery, the control-plane session, metrics); requests are served
     // on one runtime per core that `start` adds (see `server`).
@@ -269,6 +278,37 @@ pub fn run_cli_code(
             tracing::error!(error = %e, "sidecar failed");
             let _ = writeln!(stderr, "switchyard-sidecar: {e}");
             EXIT_RUNTIME
+        }
+    }
+}
+
+/// `--check-config`: the configuration's warnings on stderr, then what the
+/// control plane's `--check-config` reports (with the drains saved in
+/// `state_file`, which a standalone sidecar reads at start: a file it could
+/// not start with fails the check).
+fn check_config(mode: &Mode, stdout: &mut dyn Write, stderr: &mut dyn Write) -> u8 {
+    let Some(config) = mode.config() else {
+        let _ = writeln!(
+            stdout,
+            "config ok: no --config (the control plane supplies the endpoints and settings)"
+        );
+        return EXIT_OK;
+    };
+    for warning in &config.warnings {
+        let _ = writeln!(stderr, "switchyard-sidecar: warning: {warning}");
+    }
+    let report = match mode {
+        Mode::Standalone { .. } => check_report(config),
+        Mode::Remote { .. } => Ok(config_summary(config)),
+    };
+    match report {
+        Ok(report) => {
+            let _ = writeln!(stdout, "{report}");
+            EXIT_OK
+        }
+        Err(e) => {
+            let _ = writeln!(stderr, "switchyard-sidecar: {e}");
+            EXIT_USAGE
         }
     }
 }
@@ -454,6 +494,71 @@ mod tests {
             &mut err,
         );
         assert_eq!(code, EXIT_USAGE);
+    }
+
+    /// `run_cli_code` with `args`: (exit code, stdout, stderr).
+    fn run(args: &[&str]) -> (u8, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = run_cli_code(
+            std::iter::once("switchyard-sidecar")
+                .chain(args.iter().copied())
+                .map(OsString::from),
+            &mut out,
+            &mut err,
+        );
+        (
+            code,
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        )
+    }
+
+    /// A standalone sidecar starts with the drains saved in `state_file`,
+    /// so its `--check-config` reads the file: one it could not start with
+    /// fails the check. Warnings go to stderr and do not fail it.
+    #[test]
+    fn check_config_reads_the_state_file_and_prints_warnings() {
+        let state = std::env::temp_dir().join(format!(
+            "switchyard-sidecar-cli-{}-state.json",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&state);
+        let config = TempConfig::new(
+            "state-file",
+            &format!(
+                "endpoints: [\"http://a:1\"]\nstate_file: {}\n\
+                 api_keys:\n  \"http://elsewhere:1\": k\n",
+                state.display()
+            ),
+        );
+        let (code, out, err) = run(&["--config", config.path(), "--check-config"]);
+        assert_eq!(code, EXIT_OK, "{err}");
+        assert!(
+            out.contains("http://a:1") && out.contains("(0 now: none)"),
+            "{out}"
+        );
+        assert!(
+            err.contains("warning: api_keys.http://elsewhere:1: not a configured endpoint"),
+            "{err}"
+        );
+        std::fs::write(&state, "not json").unwrap();
+        let (code, _, err) = run(&["--config", config.path(), "--check-config"]);
+        assert_eq!(code, EXIT_USAGE);
+        assert!(
+            err.contains("state.json") && err.contains("fix or delete it"),
+            "{err}"
+        );
+        // A remote sidecar never reads the file.
+        let (code, out, err) = run(&[
+            "--control-plane",
+            "http://cp:1",
+            "--config",
+            config.path(),
+            "--check-config",
+        ]);
+        assert_eq!(code, EXIT_OK, "{err}");
+        assert!(!out.contains("drains saved"), "{out}");
+        let _ = std::fs::remove_file(&state);
     }
 
     #[test]

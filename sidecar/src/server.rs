@@ -217,13 +217,17 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The `server_threads` setting (the default without a configuration).
-    fn server_threads(&self) -> usize {
-        let config = match self {
+    /// The configuration, if there is one.
+    pub fn config(&self) -> Option<&Config> {
+        match self {
             Mode::Standalone { config, .. } => Some(config),
             Mode::Remote { config, .. } => config.as_ref(),
-        };
-        config.map_or(
+        }
+    }
+
+    /// The `server_threads` setting (the default without a configuration).
+    fn server_threads(&self) -> usize {
+        self.config().map_or(
             switchyard_control_plane::config::defaults::SERVER_THREADS,
             |c| c.sidecar.server_threads,
         )

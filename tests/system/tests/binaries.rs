@@ -148,3 +148,49 @@ async fn a_standalone_sidecar_serves_its_control_plane_to_the_cli() {
     let drained: Vec<bool> = state.endpoints.iter().map(|e| e.draining).collect();
     assert_eq!(drained, [false, true], "{state:?}\n{}", sidecar.logs());
 }
+
+/// Every flag also reads an environment variable (DESIGN.md), boolean ones
+/// in the usual spellings: `SWITCHYARD_STANDALONE=1` and
+/// `SWITCHYARD_CHECK_CONFIG=yes` check a standalone configuration, and the
+/// control plane takes `SWITCHYARD_CHECK_CONFIG=on`.
+#[tokio::test]
+async fn boolean_flags_read_their_environment_variables() {
+    use switchyard_system_tests::process::{Binary, binary};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, "endpoints: [\"http://127.0.0.1:9\"]\n").unwrap();
+    for (bin, vars) in [
+        (
+            Binary::Sidecar,
+            [
+                ("SWITCHYARD_STANDALONE", "1"),
+                ("SWITCHYARD_CHECK_CONFIG", "yes"),
+            ],
+        ),
+        (
+            Binary::ControlPlane,
+            [
+                ("SWITCHYARD_CHECK_CONFIG", "on"),
+                ("SWITCHYARD_LOG_FORMAT", "json"),
+            ],
+        ),
+    ] {
+        let output = tokio::process::Command::new(binary(bin).await)
+            .env("SWITCHYARD_CONFIG", &config)
+            .envs(vars)
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(SOON, output)
+            .await
+            .unwrap_or_else(|_| panic!("{} --check-config did not exit", bin.name()))
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && out.contains("config ok: 1 endpoint: http://127.0.0.1:9"),
+            "{}: {:?}\nstdout: {out}\nstderr: {}",
+            bin.name(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
