@@ -17,9 +17,18 @@
 //!    flight, recent completion failure) apply unless they drop everything;
 //! 4. affinity: the conversation's endpoint if still in the pool, loaded and free;
 //! 5. loaded and free: least in-flight for the model (priority routing:
-//!    utilization ratio, then config order);
-//! 6. any free slot: least total in-flight (priority: ratio, then order);
-//! 7. all saturated: least utilization ratio (priority: then config order).
+//!    its utilization `model_in_flight / limit`, then config order);
+//! 6. any free slot, model not loaded: least total in-flight on the endpoint
+//!    (priority routing: the endpoint's load `total_in_flight / limit`, then
+//!    config order);
+//! 7. all saturated: least utilization `model_in_flight / limit`, then least
+//!    total in-flight on the endpoint (priority routing: utilization, then
+//!    config order).
+//!
+//! The limit (`max_concurrent_connections`) is per endpoint **and model**, like
+//! Ollama's `OLLAMA_NUM_PARALLEL` and nomyo-router's meaning of the key: a
+//! candidate has a free slot while its in-flight for the requested (tracking)
+//! model is below the limit, whatever the endpoint serves for other models.
 //!
 //! Ties are broken uniformly at random among equal keys.
 
@@ -51,7 +60,8 @@ pub struct CandidateLoad {
     pub model_in_flight: u32,
     /// In-flight requests over all models on the endpoint.
     pub total_in_flight: u32,
-    /// Concurrent-request limit of the endpoint (0 is treated as 1).
+    /// Concurrent-request limit of the endpoint per model, i.e. for
+    /// `model_in_flight` (0 is treated as 1).
     pub max_concurrent: u32,
     /// The model is loaded there now.
     pub loaded: bool,
@@ -68,10 +78,13 @@ impl CandidateLoad {
         self.max_concurrent.max(1)
     }
 
-    /// True while the endpoint has a free slot.
+    /// True while the endpoint has a free slot for the model: its in-flight
+    /// for this (tracking) model is below the limit. Requests for other
+    /// models on the endpoint do not count (the limit is per endpoint and
+    /// model, like `OLLAMA_NUM_PARALLEL`).
     #[inline]
     pub fn has_free_slot(&self) -> bool {
-        self.total_in_flight < self.limit()
+        self.model_in_flight < self.limit()
     }
 }
 
@@ -139,10 +152,16 @@ const TIER_SHIFT: u32 = 124;
 /// the hard-exclusion bit (such candidates lose to everything and are
 /// never picked), the avoid bit (soft exclusions lose to every candidate
 /// without one, which is exactly "soft exclusions hold only while
-/// something else is left"), the tier, then the tier's key (rule 5:
-/// in-flight for the model; rule 6: total in-flight; rule 7: utilization
-/// ratio; with priority routing: ratio then config order).
+/// something else is left"), the tier (free means `model_in_flight <
+/// limit`), then the tier's key:
 ///
+/// | tier | key | key with priority routing |
+/// |---|---|---|
+/// | 0 loaded and free (rule 5) | `model_in_flight` | `model_in_flight / limit`, config order |
+/// | 1 free, not loaded (rule 6) | `total_in_flight` | `total_in_flight / limit`, config order |
+/// | 2 saturated (rule 7) | `model_in_flight / limit`, `total_in_flight` | `model_in_flight / limit`, config order |
+///
+/// A ratio takes the key's upper bits and its second component the low 32.
 /// So the whole rule cascade is one minimum over integers, and ties are
 /// the candidates equal to it. The ratio is an `f64` whose bit pattern
 /// orders like the value (it is never negative); IEEE division is
@@ -154,12 +173,20 @@ const TIER_SHIFT: u32 = 124;
 fn rank(c: &CandidateLoad, priority_routing: bool) -> u128 {
     let limit = c.limit();
     let free = c.has_free_slot();
-    let tier = 2 * u128::from(!free) + u128::from(free & !c.loaded);
-    let ratio = || u128::from((f64::from(c.total_in_flight) / f64::from(limit)).to_bits());
+    let free_unloaded = free & !c.loaded;
+    let tier = 2 * u128::from(!free) + u128::from(free_unloaded);
+    let ratio = |n: u32| u128::from((f64::from(n) / f64::from(limit)).to_bits()) << 32;
     let key = if priority_routing {
-        (ratio() << 32) | u128::from(c.priority)
+        // The model's utilization, except where the model is not loaded
+        // yet and a free slot is the endpoint's (rule 6): its load.
+        let n = if free_unloaded {
+            c.total_in_flight
+        } else {
+            c.model_in_flight
+        };
+        ratio(n) | u128::from(c.priority)
     } else if !free {
-        ratio()
+        ratio(c.model_in_flight) | u128::from(c.total_in_flight)
     } else if c.loaded {
         u128::from(c.model_in_flight)
     } else {

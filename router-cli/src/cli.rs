@@ -34,6 +34,7 @@ JSON output (--output json; field names are stable):
   choose:   {model, endpoint, endpoint_kind, backend_model, tracking_model, reason}
   drain, undrain: {endpoint: {...as in endpoints...}}
   kind: ollama | openai | llama_server
+  max_concurrent: in-flight limit per endpoint and model (not endpoint total)
   reason: affinity | loaded_free | free_slot | saturated";
 
 /// Inspect and operate a Switchyard cluster through its control plane's gRPC API.
@@ -77,8 +78,10 @@ pub enum Command {
     /// One row per configured endpoint, in configuration (priority) order.
     /// HEALTH is `ok` or `down` followed by the last probe error; CIRCUIT is
     /// `open` while the circuit breaker keeps the endpoint out after
-    /// consecutive failures; IN-FLIGHT is requests in flight / concurrency
-    /// limit. JSON: `{"version", "endpoints": [...]}`.
+    /// consecutive failures; IN-FLIGHT is requests in flight over all
+    /// models; LIMIT/MODEL is `max_concurrent_connections`, the limit per
+    /// endpoint and model (like OLLAMA_NUM_PARALLEL; nomyo-router's meaning)
+    /// that the router fills before queueing. JSON: `{"version", "endpoints": [...]}`.
     Endpoints,
     /// List models: which endpoints serve each one, where it is loaded, in-flight.
     ///

@@ -157,6 +157,7 @@ pub fn endpoints(out: &mut dyn Write, state: &StateView) -> io::Result<()> {
         "DRAIN",
         "CIRCUIT",
         "IN-FLIGHT",
+        "LIMIT/MODEL",
         "ADVERTISED",
         "LOADED",
     ]);
@@ -167,7 +168,8 @@ pub fn endpoints(out: &mut dyn Write, state: &StateView) -> io::Result<()> {
             health(e),
             drain_state(e.draining).to_owned(),
             circuit(e.circuit_open).to_owned(),
-            format!("{}/{}", e.in_flight, e.max_concurrent),
+            e.in_flight.to_string(),
+            e.max_concurrent.to_string(),
             list_or_dash(&e.advertised_models),
             list_or_dash(&e.loaded_models),
         ]);
@@ -324,13 +326,13 @@ pub fn drain(out: &mut dyn Write, d: &DrainView) -> io::Result<()> {
     if e.draining {
         writeln!(
             out,
-            "{} is draining: no new requests; {} in flight (limit {})",
+            "{} is draining: no new requests; {} in flight (limit {} per model)",
             e.url, e.in_flight, e.max_concurrent
         )
     } else {
         writeln!(
             out,
-            "{} is active: receiving requests; {} in flight (limit {})",
+            "{} is active: receiving requests; {} in flight (limit {} per model)",
             e.url, e.in_flight, e.max_concurrent
         )
     }
@@ -404,21 +406,32 @@ mod tests {
             " ok ",
             "active",
             "closed",
-            "2/4",
             "llama3:latest,qwen3:8b",
         ] {
             assert!(ollama.contains(want), "{want:?} missing in {ollama:?}");
         }
+        // In flight over all models, and the limit, which is per model.
+        let cell = |line: &str, header: &str| -> String {
+            let at = lines[0].find(header).unwrap();
+            line[at..].split_whitespace().next().unwrap().to_owned()
+        };
+        assert_eq!(
+            (cell(ollama, "IN-FLIGHT"), cell(ollama, "LIMIT/MODEL")),
+            ("2".to_owned(), "4".to_owned())
+        );
         let vllm = lines[2];
         for want in [
             "openai",
             "down: connection refused (failing: llama3)",
             "draining",
             "open",
-            "0/8",
         ] {
             assert!(vllm.contains(want), "{want:?} missing in {vllm:?}");
         }
+        assert_eq!(
+            (cell(vllm, "IN-FLIGHT"), cell(vllm, "LIMIT/MODEL")),
+            ("0".to_owned(), "8".to_owned())
+        );
         // No loaded models: a dash, not an empty cell.
         assert!(vllm.trim_end().ends_with('-'), "{vllm:?}");
     }
@@ -522,6 +535,7 @@ mod tests {
             out.starts_with("http://10.0.0.5:11434 is draining"),
             "{out}"
         );
+        assert!(out.contains("in flight (limit 4 per model)"), "{out}");
         e.draining = false;
         let out = text(|o| drain(o, &DrainView { endpoint: e }));
         assert!(out.contains("is active"), "{out}");

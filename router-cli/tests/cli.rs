@@ -195,7 +195,17 @@ async fn endpoints_in_both_formats() {
         row.contains(" ok ") && row.contains("active") && row.contains("closed"),
         "{row}"
     );
-    assert!(row.contains("1/2"), "{row}");
+    // IN-FLIGHT (over all models) then LIMIT/MODEL (the per-model limit).
+    let header = table.lines().next().unwrap();
+    let cell = |name: &str| {
+        let at = header.find(name).unwrap();
+        row[at..].split_whitespace().next().unwrap()
+    };
+    assert_eq!(
+        (cell("IN-FLIGHT"), cell("LIMIT/MODEL")),
+        ("1", "2"),
+        "{row}"
+    );
     let gemma = row_of(&table, LLAMA);
     assert!(
         gemma.contains("llama_server") && gemma.contains(GEMMA),

@@ -353,6 +353,37 @@ fn loaded_free_counts_in_flight_for_the_model_only() {
     );
 }
 
+/// `max_concurrent_connections` is per endpoint and model (like
+/// `OLLAMA_NUM_PARALLEL`): with limit 2, endpoint a serving m and n takes
+/// two of each before either is saturated there, and n at its limit on a
+/// leaves a free for m.
+#[test]
+fn the_limit_is_per_endpoint_and_model() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    probe(&cp, 0, &["m", "n"], &["m", "n"], t0);
+    probe(&cp, 1, &["m", "n"], &[], t0);
+    let s = cp.open_session("sc", t0).id;
+    for model in ["n", "n", "m", "m"] {
+        let ch = cp.choose(&req(model), Some(s), t0).unwrap();
+        assert_eq!(
+            (&*ch.endpoint, ch.reason),
+            (A, DecisionReason::LoadedFree),
+            "{model}"
+        );
+    }
+    assert_eq!(in_flight(&cp, A), 4, "2 of each model on a");
+    for model in ["m", "n"] {
+        let ch = cp.choose(&req(model), None, t0).unwrap();
+        assert_eq!(
+            (&*ch.endpoint, ch.reason),
+            (B, DecisionReason::FreeSlot),
+            "{model} is full on a, b is free"
+        );
+    }
+    check(&cp);
+}
+
 #[test]
 fn priority_routing_uses_ratio_then_config_order() {
     let t0 = Instant::now();
@@ -1021,7 +1052,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     /// Any sequence of operations keeps usage equal to live leases, never
-    /// negative, never above a limit while capacity was available.
+    /// negative, never above a (per endpoint and model) limit while capacity
+    /// was available.
     #[test]
     fn usage_always_equals_live_leases(ops in prop::collection::vec(arb_op(), 1..80)) {
         let t0 = Instant::now();
@@ -1055,7 +1087,13 @@ proptest! {
                         prop_assert!(advertises, "chose an endpoint not advertising the model");
                         prop_assert!(!ep.draining);
                         if ch.reason != DecisionReason::Saturated {
-                            prop_assert!(ep.in_flight < ep.max_concurrent, "free slot used");
+                            // The limit is per (endpoint, model).
+                            let model_in_flight = ep
+                                .usage
+                                .iter()
+                                .find(|u| u.model == ch.tracking_model)
+                                .map_or(0, |u| u.in_flight);
+                            prop_assert!(model_in_flight < ep.max_concurrent, "free slot used");
                         }
                         if let Some(l) = ch.lease {
                             live.push(l);

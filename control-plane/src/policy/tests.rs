@@ -12,11 +12,17 @@ use crate::{
     outcome::RequestKind,
 };
 
-/// Exact utilization-ratio order (`total / limit`), by cross-multiplication.
-fn ratio_cmp(a: &CandidateLoad, b: &CandidateLoad) -> std::cmp::Ordering {
-    let lhs = u64::from(a.total_in_flight) * u64::from(b.max_concurrent.max(1));
-    let rhs = u64::from(b.total_in_flight) * u64::from(a.max_concurrent.max(1));
+/// Exact order of `a_n / a.limit` and `b_n / b.limit`, by cross-multiplication.
+fn ratio_cmp(a: &CandidateLoad, a_n: u32, b: &CandidateLoad, b_n: u32) -> std::cmp::Ordering {
+    let lhs = u64::from(a_n) * u64::from(b.max_concurrent.max(1));
+    let rhs = u64::from(b_n) * u64::from(a.max_concurrent.max(1));
     lhs.cmp(&rhs)
+}
+
+/// Exact utilization order (`model_in_flight / limit`, the limit being per
+/// endpoint and model).
+fn utilization_cmp(a: &CandidateLoad, b: &CandidateLoad) -> std::cmp::Ordering {
+    ratio_cmp(a, a.model_in_flight, b, b.model_in_flight)
 }
 
 fn rng() -> SmallRng {
@@ -206,14 +212,26 @@ fn loaded_free_prefers_least_in_flight_for_the_model() {
         pick(&[a, b, unloaded], None, false),
         sel(0, DecisionReason::LoadedFree)
     );
-    // Priority routing: utilization ratio first (1/4 < 3/4).
+    // Priority routing: the model's utilization ratio first (0/4 < 1/4),
+    // whatever the endpoint serves for other models.
     assert_eq!(
         pick(&[a, b, unloaded], None, true),
+        sel(0, DecisionReason::LoadedFree)
+    );
+    // Priority routing: ratio 2/8 < 1/2, though 1 < 2 in flight.
+    let big = c(1, 2, 2, 8, true);
+    let small = c(0, 1, 1, 2, true);
+    assert_eq!(
+        pick(&[big, small], None, false),
         sel(1, DecisionReason::LoadedFree)
     );
+    assert_eq!(
+        pick(&[big, small], None, true),
+        sel(0, DecisionReason::LoadedFree)
+    );
     // Priority routing: equal ratio → config order.
-    let x = c(5, 0, 1, 2, true);
-    let y = c(3, 0, 2, 4, true);
+    let x = c(5, 1, 1, 2, true);
+    let y = c(3, 2, 5, 4, true);
     assert_eq!(
         pick(&[x, y], None, true),
         sel(1, DecisionReason::LoadedFree)
@@ -241,24 +259,129 @@ fn free_slot_prefers_least_total_in_flight() {
 
 #[test]
 fn saturated_prefers_least_utilization() {
-    let a = c(0, 3, 6, 2, true); // ratio 3
-    let b = c(1, 1, 4, 2, false); // ratio 2
-    let d = c(2, 5, 5, 1, true); // ratio 5
+    let a = c(0, 6, 6, 2, true); // utilization 3
+    let b = c(1, 4, 5, 2, false); // utilization 2
+    let d = c(2, 5, 5, 1, true); // utilization 5
     for prio in [false, true] {
         assert_eq!(
             pick(&[a, b, d], None, prio),
             sel(1, DecisionReason::Saturated)
         );
     }
-    let e = c(4, 0, 2, 1, false);
-    let f = c(3, 0, 4, 2, false);
+    // Equal utilization 2: priority routing → config order; otherwise the
+    // endpoint with less in flight in total.
+    let e = c(4, 2, 2, 1, false);
+    let f = c(3, 4, 4, 2, false);
     assert_eq!(pick(&[e, f], None, true), sel(1, DecisionReason::Saturated));
+    assert_eq!(
+        pick(&[e, f], None, false),
+        sel(0, DecisionReason::Saturated)
+    );
     // Zero limit (malformed published state) counts as one.
-    let z = c(0, 0, 1, 0, true);
+    let z = c(0, 1, 1, 0, true);
     assert_eq!(
         pick(&[z, e], None, false),
         sel(0, DecisionReason::Saturated)
     );
+}
+
+/// The limit is per (endpoint, model), like `OLLAMA_NUM_PARALLEL`: other
+/// models' requests on the endpoint do not take this model's slots.
+#[test]
+fn a_model_at_its_limit_leaves_the_endpoint_free_for_another_model() {
+    // Limit 2; model A holds both slots, so for model B the same endpoint
+    // has 0 of 2 in flight (2 in total).
+    let for_a = c(0, 2, 2, 2, true);
+    let for_b = c(0, 0, 2, 2, true);
+    assert!(!for_a.has_free_slot());
+    assert!(for_b.has_free_slot());
+    for prio in [false, true] {
+        assert_eq!(
+            pick(&[for_b], None, prio),
+            sel(0, DecisionReason::LoadedFree)
+        );
+        // Not loaded there yet: still a free slot (rule 6), not saturated.
+        let unloaded_b = c(0, 0, 2, 2, false);
+        assert_eq!(
+            pick(&[unloaded_b], None, prio),
+            sel(0, DecisionReason::FreeSlot)
+        );
+        // It beats a saturated endpoint that is idle for everything else.
+        let other_full = c(1, 2, 2, 2, true);
+        assert_eq!(
+            pick(&[other_full, unloaded_b], None, prio),
+            sel(1, DecisionReason::FreeSlot)
+        );
+    }
+    // Affinity follows it too: loaded and free for B.
+    let idle = c(1, 0, 0, 2, true);
+    assert_eq!(
+        pick(&[idle, for_b], Some(1), false),
+        sel(1, DecisionReason::Affinity)
+    );
+}
+
+/// Two models on one endpoint each reach the limit: with limit 2, an
+/// endpoint takes 2 requests of each model (4 in all) before either is
+/// saturated there.
+#[test]
+fn two_models_on_one_endpoint_each_reach_the_limit() {
+    let limit = 2;
+    let (mut a, mut b) = (0u32, 0u32);
+    let mut reasons = Vec::new();
+    for model_is_a in [true, false, true, false, true, false] {
+        let n = if model_is_a { a } else { b };
+        let cand = c(0, n, a + b, limit, true);
+        let s = pick(&[cand], None, false);
+        reasons.push(s.reason);
+        if model_is_a {
+            a += 1;
+        } else {
+            b += 1;
+        }
+    }
+    use DecisionReason::*;
+    assert_eq!(
+        reasons,
+        [
+            LoadedFree, LoadedFree, LoadedFree, LoadedFree, Saturated, Saturated
+        ]
+    );
+    // At 2 + 2 the endpoint is saturated for both models, and a second
+    // endpoint holding 1 request of the model is still free for it.
+    let full = c(0, 2, 4, 2, true);
+    let other = c(1, 1, 1, 2, true);
+    for prio in [false, true] {
+        assert_eq!(
+            pick(&[full, other], None, prio),
+            sel(1, DecisionReason::LoadedFree)
+        );
+    }
+}
+
+/// Saturation and utilization count the requested model only: a saturated
+/// endpoint busy with other models is as good as one that is not.
+#[test]
+fn saturation_ratio_is_per_model() {
+    // Both saturated for the model; x has utilization 2/2 = 1 (9 in total),
+    // y 3/2 (3 in total): x, though its endpoint is much busier.
+    let x = c(0, 2, 9, 2, true);
+    let y = c(1, 3, 3, 2, true);
+    for prio in [false, true] {
+        assert_eq!(pick(&[x, y], None, prio), sel(0, DecisionReason::Saturated));
+        assert_eq!(pick(&[y, x], None, prio), sel(1, DecisionReason::Saturated));
+    }
+    // Equal utilization (2/1 == 4/2): without priority routing the endpoint
+    // with fewer requests in total wins, every time.
+    let p = c(0, 2, 2, 1, true);
+    let q = c(1, 4, 4, 2, true);
+    let mut r = rng();
+    for _ in 0..64 {
+        assert_eq!(
+            select(&[q, p], None, false, &mut r),
+            Ok(sel(1, DecisionReason::Saturated))
+        );
+    }
 }
 
 /// Each of `k` equal candidates gets within ±6% of n/k of `n` draws.
@@ -297,8 +420,9 @@ fn ties_are_broken_uniformly() {
     assert_eq!(seen[1], 0, "a worse candidate never wins a tie");
     assert_even(&[eq, eq, eq, eq], DecisionReason::LoadedFree);
     assert_even(&[c(0, 0, 1, 4, false); 5], DecisionReason::FreeSlot);
+    // Equal utilization (4/2 == 2/1) and equal total in flight.
     assert_even(
-        &[c(0, 0, 4, 2, false), c(1, 0, 2, 1, true)],
+        &[c(0, 4, 4, 2, false), c(1, 2, 4, 1, true)],
         DecisionReason::Saturated,
     );
 }
@@ -415,9 +539,36 @@ proptest! {
             DecisionReason::Saturated => {
                 prop_assert!(!any_free);
                 for other in &pool {
-                    prop_assert!(ratio_cmp(&chosen, other) != std::cmp::Ordering::Greater);
+                    let order = utilization_cmp(&chosen, other);
+                    prop_assert!(order != std::cmp::Ordering::Greater);
+                    if !priority && order == std::cmp::Ordering::Equal {
+                        prop_assert!(chosen.total_in_flight <= other.total_in_flight);
+                    }
                 }
             }
+        }
+        if priority && s.reason != DecisionReason::Affinity {
+            // Priority routing: least ratio within the tier (utilization of
+            // the model; the endpoint's load in the free-slot tier), then
+            // config order.
+            let tier = |x: &CandidateLoad| match (x.has_free_slot(), x.loaded) {
+                (true, true) => 0,
+                (true, false) => 1,
+                (false, _) => 2,
+            };
+            let n = |x: &CandidateLoad| {
+                if tier(x) == 1 { x.total_in_flight } else { x.model_in_flight }
+            };
+            for other in pool.iter().filter(|o| tier(o) == tier(&chosen)) {
+                let order = ratio_cmp(&chosen, n(&chosen), other, n(other))
+                    .then(chosen.priority.cmp(&other.priority));
+                prop_assert!(order != std::cmp::Ordering::Greater);
+            }
+        }
+        // The limit is per (endpoint, model): other models' requests never
+        // make a candidate saturated.
+        for x in &cands {
+            prop_assert_eq!(x.has_free_slot(), x.model_in_flight < x.max_concurrent.max(1));
         }
         if let Some(a) = affinity
             && let Some(ac) = cands.get(a)
@@ -624,12 +775,17 @@ fn cluster_state_affinity_needs_key_loaded_and_free() {
 fn rank_orders_ratios_exactly_for_realistic_limits() {
     // Saturated tier, keyed by ratio: 87380/65535 == 4/3 exactly;
     // 87381/65535 is just above.
+    // The low 32 bits of the key are the total in flight (tie-break).
     let r = |x: &CandidateLoad| rank(x, false);
-    let sat = c(1, 0, 4, 3, false);
-    let sat_same = c(0, 0, 87380, 65535, false);
-    let sat_above = c(2, 0, 87381, 65535, false);
-    assert_eq!(r(&sat), r(&sat_same), "equal ratios tie");
-    assert!(r(&sat_above) > r(&sat), "distinct ratios stay distinct");
+    let sat = c(1, 4, 4, 3, false);
+    let sat_same = c(0, 87380, 87380, 65535, false);
+    let sat_above = c(2, 87381, 87381, 65535, false);
+    assert_eq!(r(&sat) >> 32, r(&sat_same) >> 32, "equal ratios tie");
+    assert!(r(&sat) < r(&sat_same), "then fewer in flight in total");
+    assert!(
+        r(&sat_above) > r(&sat_same),
+        "distinct ratios stay distinct"
+    );
     // Priority routing ranks every tier by ratio, then config order:
     // 21845/65535 == 1/3 exactly.
     let p = |x: &CandidateLoad| rank(x, true);
@@ -639,5 +795,45 @@ fn rank_orders_ratios_exactly_for_realistic_limits() {
     assert!(p(&same) < p(&third) && p(&third) < p(&above));
     // Tiers dominate keys: loaded-free < free < saturated.
     assert!(r(&c(0, 9, 9, 10, true)) < r(&c(0, 0, 0, 10, false)));
-    assert!(r(&c(0, 0, 9, 10, false)) < r(&c(0, 0, 1, 1, true)));
+    assert!(r(&c(0, 0, 9, 10, false)) < r(&c(0, 1, 1, 1, true)));
+    // Free or saturated by the model's count alone.
+    assert!(r(&c(0, 0, 50, 1, false)) < r(&c(0, 1, 1, 1, true)));
+}
+
+/// Degraded mode counts the limit per (endpoint, model) too: another model
+/// holding every slot of endpoint a (published and local) leaves a free for
+/// llama3, which is loaded there.
+#[test]
+fn cluster_state_limit_is_per_endpoint_and_model() {
+    let mut state = cluster();
+    state.priority_routing = true;
+    state.endpoints[0]
+        .loaded_models
+        .extend([Arc::from("llama3:latest"), Arc::from("qwen:7b")]);
+    state.endpoints[0].usage.push(ModelUsage {
+        model: Arc::from("qwen:7b"),
+        in_flight: 1,
+        ..ModelUsage::default()
+    });
+    state.endpoints[0].in_flight = 1;
+    let mut local = LocalUsage::default();
+    local.add("http://a:11434", "qwen:7b", 1);
+    let req = request("llama3");
+    let ch = select_from_cluster_state(&state, &local, &req, None, &mut rng()).unwrap();
+    assert_eq!(
+        (&*ch.endpoint, ch.reason),
+        ("http://a:11434", DecisionReason::LoadedFree)
+    );
+    // qwen itself is saturated on a (1 published + 1 local of 2).
+    let ch =
+        select_from_cluster_state(&state, &local, &request("qwen:7b"), None, &mut rng()).unwrap();
+    assert_eq!(ch.reason, DecisionReason::Saturated);
+    // Two llama3 in flight on a (local): now saturated for llama3 as well,
+    // and the free slot on b wins.
+    local.add("http://a:11434", "llama3:latest", 2);
+    let ch = select_from_cluster_state(&state, &local, &req, None, &mut rng()).unwrap();
+    assert_eq!(
+        (&*ch.endpoint, ch.reason),
+        ("http://b/v1", DecisionReason::FreeSlot)
+    );
 }
