@@ -164,7 +164,7 @@ pub struct RawConfig {
     /// llama.cpp `llama-server` endpoints.
     #[serde(default)]
     pub llama_server_endpoints: Vec<String>,
-    /// Default concurrent-request limit per endpoint.
+    /// Default concurrent-request limit per endpoint and model.
     pub max_concurrent_connections: Option<u32>,
     /// Backend API keys by endpoint URL; values may use `${ENV}`.
     #[serde(default)]
@@ -235,7 +235,7 @@ pub struct EndpointConfig {
     pub kind: EndpointKind,
     /// Sent as `Authorization: Bearer` to OpenAI-style routes.
     pub api_key: Option<Secret>,
-    /// Concurrent-request limit.
+    /// Concurrent-request limit per model on this endpoint.
     pub max_concurrent: u32,
     /// Drained from the start (`endpoint_config.<url>.draining`); the
     /// runtime flag (`Drain` / `Undrain`) starts from this.

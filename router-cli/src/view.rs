@@ -59,7 +59,7 @@ pub struct EndpointView {
     pub circuit_open: bool,
     /// Requests in flight over all models.
     pub in_flight: u32,
-    /// Concurrency limit.
+    /// Concurrency limit per model on the endpoint.
     pub max_concurrent: u32,
     /// Models advertised, as the endpoint names them.
     pub advertised_models: Vec<String>,
@@ -537,6 +537,7 @@ pub(crate) mod tests {
                     missing_models: vec![],
                     circuit_open: false,
                     last_probe_ok_unix_ms: 1_700_000_000_000,
+                    version: "0.5.7".into(),
                 },
                 v1::EndpointState {
                     url: "https://vllm.internal/v1".into(),
@@ -560,6 +561,7 @@ pub(crate) mod tests {
                     missing_models: vec![],
                     circuit_open: true,
                     last_probe_ok_unix_ms: 0,
+                    version: String::new(),
                 },
             ],
             sessions: 1,
