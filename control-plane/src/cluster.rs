@@ -58,6 +58,11 @@ pub struct EndpointState {
     pub circuit_open: bool,
     /// Unix milliseconds of the last successful probe; 0 if never.
     pub last_probe_ok_unix_ms: u64,
+    /// The server version the endpoint reported, as it sent it (an Ollama
+    /// endpoint's `GET /api/version`, asked in every probe round; the last
+    /// answer is kept when that call fails). Empty when unknown: not an
+    /// Ollama endpoint, not probed yet, or it never answered that call.
+    pub version: String,
 }
 
 /// An endpoint's `health_detail` before its first probe.
@@ -65,7 +70,7 @@ pub const NOT_PROBED: &str = "not probed yet";
 
 impl EndpointState {
     /// An endpoint that nothing is known of yet: not probed (so not
-    /// healthy), no models, nothing in flight, limit 1. Fixtures fill in
+    /// healthy), no models, nothing in flight, limit 1, version unknown. Fixtures fill in
     /// what they need with struct update syntax.
     pub fn new(url: &str, kind: EndpointKind) -> Self {
         Self {
@@ -84,6 +89,7 @@ impl EndpointState {
             missing_models: Vec::new(),
             circuit_open: false,
             last_probe_ok_unix_ms: 0,
+            version: String::new(),
         }
     }
 }

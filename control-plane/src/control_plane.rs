@@ -399,6 +399,19 @@ impl ControlPlane {
         }
     }
 
+    /// Records the server version endpoint `endpoint` reported in a probe
+    /// round (an Ollama endpoint's `GET /api/version`), published as its
+    /// [`EndpointState::version`]. Discovery calls it before the round's
+    /// [`ControlPlane::apply_probe`], so a state that shows the endpoint
+    /// healthy after that round shows its version too. Out-of-range indexes
+    /// are ignored.
+    pub fn apply_version(&self, endpoint: usize, version: &str) {
+        let changed = self.shared.state.lock().set_version(endpoint, version);
+        if changed {
+            self.bump();
+        }
+    }
+
     // ---- admin / inspection ----
 
     fn unknown_endpoint(&self, url: &str) -> UnknownEndpoint {

@@ -10,7 +10,9 @@
 //!
 //! What is probed, by kind (see `shared/reference/nomyo-routing.md`):
 //! - Ollama: `GET {url}/api/tags` (advertised) and `GET {url}/api/ps`
-//!   (loaded), concurrently;
+//!   (loaded), and `GET {url}/api/version` (the server version), all three
+//!   concurrently; the version call never fails the round (see
+//!   [`Prober::version`]);
 //! - OpenAI-compatible: `GET {base}/models` with the endpoint's API key as
 //!   `Authorization: Bearer`; nothing is reported loaded (as nomyo-router
 //!   does), so these endpoints are chosen by free slot, not by "loaded";
@@ -46,17 +48,31 @@ pub use rounds::ProbeRounds;
 /// models in well under 1 MiB).
 const MAX_LISTING_BYTES: usize = 8 * 1024 * 1024;
 
+/// Longest server version kept (Ollama's are like `0.12.3` or
+/// `0.6.0-rc1`); a longer one is not a version and is ignored, so that
+/// nothing large rides in every published state.
+const MAX_VERSION_LEN: usize = 64;
+
 /// Receives probe results. Implemented by the control plane; tests use their
 /// own sinks.
 pub trait ProbeSink: Send + Sync + 'static {
     /// Records the result of one probe round of endpoint `endpoint` (its
     /// position in `config.endpoints`).
     fn apply_probe(&self, endpoint: usize, report: ProbeReport, now: Instant);
+
+    /// Records the server version endpoint `endpoint` reported in a probe
+    /// round ([`Prober::version`]); called before that round's
+    /// [`ProbeSink::apply_probe`], and only when the version call succeeded.
+    fn apply_version(&self, endpoint: usize, version: &str);
 }
 
 impl ProbeSink for crate::control_plane::ControlPlane {
     fn apply_probe(&self, endpoint: usize, report: ProbeReport, now: Instant) {
         crate::control_plane::ControlPlane::apply_probe(self, endpoint, report, now);
+    }
+
+    fn apply_version(&self, endpoint: usize, version: &str) {
+        crate::control_plane::ControlPlane::apply_version(self, endpoint, version);
     }
 }
 
@@ -102,6 +118,39 @@ impl Prober {
         self.try_probe(endpoint)
             .await
             .unwrap_or_else(|detail| ProbeReport::Failed { detail })
+    }
+
+    /// One probe round with the server version: [`Prober::probe`] and
+    /// [`Prober::version`] concurrently (one more small request for an
+    /// Ollama endpoint, none for the others).
+    pub async fn probe_with_version(
+        &self,
+        endpoint: &EndpointConfig,
+    ) -> (ProbeReport, Option<String>) {
+        tokio::join!(self.probe(endpoint), self.version(endpoint))
+    }
+
+    /// The server version an Ollama endpoint reports on `GET /api/version`
+    /// (`{"version":"0.5.7"}`), trimmed, as it sent it otherwise. `None`
+    /// for other kinds (they have no Ollama version; nothing is asked) and
+    /// when the call fails or answers no version: an Ollama build without
+    /// that route is still a healthy endpoint, so this never fails a round.
+    pub async fn version(&self, endpoint: &EndpointConfig) -> Option<String> {
+        if endpoint.kind != EndpointKind::Ollama {
+            return None;
+        }
+        let url = format!("{}/api/version", endpoint.url.trim_end_matches('/'));
+        let found = self
+            .get(endpoint, &url, "/api/version")
+            .await
+            .and_then(|body| parse_version_body(&body));
+        match found {
+            Ok(version) => Some(version),
+            Err(detail) => {
+                tracing::debug!(endpoint = %endpoint.url, %detail, "no server version");
+                None
+            }
+        }
     }
 
     /// The probe's [`ProbeReport::Ok`], or what failed.
@@ -188,6 +237,23 @@ impl Prober {
     }
 }
 
+/// The `version` of an Ollama `GET /api/version` body.
+fn parse_version_body(body: &[u8]) -> Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        version: String,
+    }
+    let body: Body = serde_json::from_slice(body).map_err(|e| format!("GET /api/version: {e}"))?;
+    let version = body.version.trim();
+    if version.is_empty() || version.len() > MAX_VERSION_LEN {
+        return Err(format!(
+            "GET /api/version: not a version ({} bytes)",
+            version.len()
+        ));
+    }
+    Ok(version.to_owned())
+}
+
 /// A short description of a request error without the URL (which could hold
 /// credentials in its userinfo).
 fn describe(err: &reqwest::Error, timeout: Duration) -> String {
@@ -260,9 +326,9 @@ async fn probe_loop(
     let mut was_ok: Option<bool> = None;
     loop {
         let round = rounds.start(index);
-        let report = tokio::select! {
+        let (report, version) = tokio::select! {
             () = cancel.cancelled() => return,
-            report = prober.probe(&endpoint) => report,
+            found = prober.probe_with_version(&endpoint) => found,
         };
         let ok = matches!(report, ProbeReport::Ok { .. });
         // Log transitions only: a steady state is visible in metrics.
@@ -285,6 +351,11 @@ async fn probe_loop(
                 ),
             }
             was_ok = Some(ok);
+        }
+        // The version first: a state showing the endpoint healthy after this
+        // round shows its version too.
+        if let Some(version) = &version {
+            sink.apply_version(index, version);
         }
         sink.apply_probe(index, report, Instant::now());
         rounds.applied(index, round);
@@ -321,6 +392,10 @@ mod tests {
         auth: Arc<Mutex<Vec<Option<String>>>>,
         /// Answer 500 to everything.
         broken: Arc<Mutex<bool>>,
+        /// The `/api/version` body; `None` answers 404 (no such route).
+        version: Arc<Mutex<Option<Value>>>,
+        /// `/api/version` requests seen.
+        version_calls: Arc<Mutex<usize>>,
     }
 
     async fn serve_fake(fake: Fake) -> String {
@@ -349,9 +424,21 @@ mod tests {
             }
             Ok(Json(f.models.lock().clone()))
         }
+        async fn version(State(f): State<Fake>) -> Result<Json<Value>, StatusCode> {
+            *f.version_calls.lock() += 1;
+            if *f.broken.lock() {
+                return Err(StatusCode::INTERNAL_SERVER_ERROR);
+            }
+            f.version
+                .lock()
+                .clone()
+                .map(Json)
+                .ok_or(StatusCode::NOT_FOUND)
+        }
         let app = Router::new()
             .route("/api/tags", get(tags))
             .route("/api/ps", get(ps))
+            .route("/api/version", get(version))
             .route("/v1/models", get(models))
             .with_state(fake);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -503,6 +590,8 @@ mod tests {
             self.reports.lock().push((endpoint, report));
             self.notify.notify_waiters();
         }
+
+        fn apply_version(&self, _endpoint: usize, _version: &str) {}
     }
 
     impl Recorder {
@@ -676,6 +765,98 @@ mod tests {
 
         let err = cp.reprobe(&["http://nowhere:1"]).await.unwrap_err();
         assert!(err.to_string().contains("http://nowhere:1"), "{err}");
+
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test]
+    async fn ollama_version_is_read_and_never_fails_the_round() {
+        let fake = Fake::default();
+        *fake.tags.lock() = json!({"models":[{"name":"a:latest"}]});
+        *fake.ps.lock() = json!({"models":[]});
+        *fake.version.lock() = Some(json!({"version":" 0.5.7 "}));
+        let url = serve_fake(fake.clone()).await;
+        let ollama = endpoint(&url, EndpointKind::Ollama, None);
+        let (report, version) = prober().probe_with_version(&ollama).await;
+        assert!(matches!(report, ProbeReport::Ok { .. }), "{report:?}");
+        assert_eq!(version.as_deref(), Some("0.5.7"));
+
+        // No such route (an old or unusual build), a body without a
+        // version, or one too long to be a version: the version is unknown
+        // and the round is still ok.
+        for body in [
+            None,
+            Some(json!({"status":"ok"})),
+            Some(json!({"version":""})),
+            Some(json!({"version":"9".repeat(MAX_VERSION_LEN + 1)})),
+        ] {
+            *fake.version.lock() = body.clone();
+            let (report, version) = prober().probe_with_version(&ollama).await;
+            assert!(
+                matches!(report, ProbeReport::Ok { .. }),
+                "{body:?}: {report:?}"
+            );
+            assert_eq!(version, None, "{body:?}");
+        }
+
+        // OpenAI-style endpoints have no Ollama version: nothing is asked.
+        *fake.models.lock() = json!({"data":[{"id":"gpt-x"}]});
+        *fake.version.lock() = Some(json!({"version":"0.1.0"}));
+        let calls = *fake.version_calls.lock();
+        for kind in [EndpointKind::OpenAi, EndpointKind::LlamaServer] {
+            let (report, version) = prober()
+                .probe_with_version(&endpoint(&format!("{url}/v1"), kind, None))
+                .await;
+            assert!(matches!(report, ProbeReport::Ok { .. }), "{report:?}");
+            assert_eq!(version, None);
+        }
+        assert_eq!(*fake.version_calls.lock(), calls);
+    }
+
+    /// The control plane publishes each Ollama endpoint's version, follows
+    /// an upgrade, and keeps the last one (and the endpoint healthy) when
+    /// the version call starts failing.
+    #[tokio::test]
+    async fn control_plane_records_the_endpoint_version() {
+        use crate::control_plane::ControlPlane;
+
+        let fake = Fake::default();
+        *fake.tags.lock() = json!({"models":[{"name":"a:latest"}]});
+        *fake.ps.lock() = json!({"models":[]});
+        *fake.version.lock() = Some(json!({"version":"0.5.7"}));
+        let url = serve_fake(fake.clone()).await;
+        let yaml = format!("endpoints: [\"{url}\"]\nprobe_interval: 50ms\nprobe_timeout: 1s\n");
+        let cp = ControlPlane::new(Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap()));
+        assert_eq!(cp.state().endpoints[0].version, "");
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        spawn(
+            cp.config(),
+            Arc::new(cp.clone()),
+            cp.probe_rounds().clone(),
+            &tracker,
+            cancel.clone(),
+        )
+        .unwrap();
+
+        cp.reprobe(&[]).await.unwrap();
+        let state = cp.state();
+        assert!(state.endpoints[0].healthy, "{:?}", state.endpoints[0]);
+        assert_eq!(state.endpoints[0].version, "0.5.7");
+
+        *fake.version.lock() = Some(json!({"version":"0.9.0"}));
+        cp.reprobe(&[]).await.unwrap();
+        assert_eq!(cp.state().endpoints[0].version, "0.9.0");
+
+        *fake.version.lock() = None;
+        let calls = *fake.version_calls.lock();
+        cp.reprobe(&[]).await.unwrap();
+        assert!(*fake.version_calls.lock() > calls);
+        let state = cp.state();
+        assert!(state.endpoints[0].healthy, "{:?}", state.endpoints[0]);
+        assert_eq!(state.endpoints[0].version, "0.9.0");
 
         cancel.cancel();
         tracker.close();

@@ -325,6 +325,7 @@ mod tests {
                 missing_models: vec![],
                 circuit_open: false,
                 last_probe_ok_unix_ms: 0,
+                version: String::new(),
             }],
             ..ClusterState::default()
         }

@@ -108,6 +108,9 @@ pub struct State {
     /// that decisions allocate nothing once it has grown.
     ranks: Vec<u128>,
     counters: Counters,
+    /// Per endpoint, the server version it last reported (Ollama
+    /// `GET /api/version`); empty when unknown.
+    versions: Vec<String>,
 }
 
 impl State {
@@ -136,6 +139,7 @@ impl State {
             rng,
             ranks: Vec::with_capacity(n),
             counters: Counters::default(),
+            versions: vec![String::new(); n],
             config,
         }
     }
@@ -497,6 +501,19 @@ impl State {
         self.health.probe_ok(ep, unix_ms)
     }
 
+    /// Records the server version endpoint `ep` reported; true if it
+    /// changed. Kept until another is reported (a failed probe does not
+    /// clear it: an unhealthy endpoint's version is not consulted anyway).
+    pub fn set_version(&mut self, ep: usize, version: &str) -> bool {
+        match self.versions.get_mut(ep) {
+            Some(v) if v != version => {
+                version.clone_into(v);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Records a failed probe; true if health visibly changed.
     pub fn probe_failed(&mut self, ep: usize, detail: &str) -> bool {
         self.counters.probes_failed += 1;
@@ -605,6 +622,7 @@ impl State {
                 .collect(),
             circuit_open: self.health.circuit_open(ep, now),
             last_probe_ok_unix_ms: probe.map_or(0, |p| p.last_ok_unix_ms),
+            version: self.versions.get(ep).cloned().unwrap_or_default(),
         })
     }
 

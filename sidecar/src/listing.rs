@@ -19,6 +19,8 @@
 //!   with `name` and `model` set to the listed name; models without one
 //!   (OpenAI-style endpoints, or items not known yet) get the placeholder
 //!   items of [`listing`].
+//! - `/api/version` is the lowest version among the routable Ollama
+//!   endpoints, capped at [`OLLAMA_COMPAT_VERSION`] ([`api_version`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -34,6 +36,7 @@ use http::StatusCode;
 use serde_json::{Value, json};
 use switchyard_control_plane::{
     cluster::{ClusterState, EndpointState},
+    endpoint::EndpointKind,
     model_name::canonical_request_name,
 };
 
@@ -45,11 +48,18 @@ use crate::{
     translate::{listing, timestamp},
 };
 
-/// The version `/api/version` reports. Clients (ollama-python, Open WebUI,
-/// editors) gate features such as `think`, structured outputs and tool
-/// calling on the server version, so the sidecar claims a recent Ollama
-/// release whose API it serves; it is fixed, not the lowest backend version
-/// (nomyo-router's behaviour), so it never changes with backend churn.
+/// The Ollama API level the sidecar serves (translation to OpenAI-style
+/// backends included), and the most `/api/version` answers. Clients
+/// (ollama-python, Open WebUI, editors) gate features such as `think`,
+/// structured outputs and tool calling on that version, so `/api/version`
+/// answers the lowest version among the healthy, non-draining Ollama
+/// endpoints whose version discovery knows (as nomyo-router does: a client
+/// then sends nothing an older backend rejects), or this when that is
+/// higher or no such version is known. Versions compare numerically by
+/// major.minor.patch; a leading `v` and a suffix such as `-rc1` are
+/// tolerated (a pre-release sorts below its release); an unparseable
+/// version is ignored. OpenAI-style endpoints have no Ollama version and
+/// never lower the answer. See [`api_version`].
 pub const OLLAMA_COMPAT_VERSION: &str = "0.12.3";
 
 /// How long `/api/ps` says a loaded model stays loaded (Ollama's default
@@ -239,14 +249,64 @@ pub fn health(
     (status, body)
 }
 
+/// A version without surrounding blanks and a leading `v`.
+fn bare_version(version: &str) -> &str {
+    let version = version.trim();
+    version.strip_prefix(['v', 'V']).unwrap_or(version)
+}
+
+/// How a version sorts: major, minor and patch numerically (missing ones
+/// are 0), then a pre-release (`0.6.0-rc1`; any suffix but `+build`)
+/// below its release. `None` when it is not a version: no leading number,
+/// an empty or non-numeric component, or more than three.
+fn version_key(version: &str) -> Option<([u64; 3], bool)> {
+    let version = bare_version(version);
+    let end = version
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(version.len());
+    let (numbers, suffix) = version.split_at(end);
+    let mut key = [0; 3];
+    let mut parts = numbers.split('.');
+    for slot in &mut key {
+        match parts.next() {
+            Some(part) => *slot = part.parse().ok()?,
+            None => break,
+        }
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    let release = suffix.is_empty() || suffix.starts_with('+');
+    Some((key, release))
+}
+
+/// The `/api/version` answer for a cluster state: the lowest version among
+/// the routable Ollama endpoints, capped at [`OLLAMA_COMPAT_VERSION`] (see
+/// there), as the endpoint reported it without a leading `v`.
+pub fn api_version(state: &ClusterState) -> &str {
+    let mut lowest = OLLAMA_COMPAT_VERSION;
+    let mut lowest_key = version_key(lowest);
+    for endpoint in routable(state).filter(|e| e.kind == EndpointKind::Ollama) {
+        let Some(key) = version_key(&endpoint.version) else {
+            continue;
+        };
+        if lowest_key.is_none_or(|lowest| key < lowest) {
+            lowest = bare_version(&endpoint.version);
+            lowest_key = Some(key);
+        }
+    }
+    lowest
+}
+
 /// `GET /` and `HEAD /`: Ollama's liveness text.
 pub(crate) async fn root() -> &'static str {
     "Ollama is running"
 }
 
-/// `GET /api/version`.
-pub(crate) async fn version() -> Json<Value> {
-    Json(json!({ "version": OLLAMA_COMPAT_VERSION }))
+/// `GET /api/version`: [`api_version`] of the router's latest cluster
+/// state (no backend is asked).
+pub(crate) async fn version(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "version": api_version(&state.router().cluster_state()) }))
 }
 
 /// `GET /health`.
@@ -502,6 +562,86 @@ mod tests {
         assert_eq!(openai_model_in(&models, "gpt-4o").unwrap()["id"], "gpt-4o");
         let available = openai_model_in(&models, "nope").unwrap_err();
         assert_eq!(available, ["gpt-4o", "llama3:latest", "qwen3:8b"]);
+    }
+
+    #[test]
+    fn versions_compare_numerically_and_tolerate_v_and_suffixes() {
+        let key = |v: &str| version_key(v).unwrap();
+        assert_eq!(key("0.5.7"), ([0, 5, 7], true));
+        assert_eq!(key(" v0.6.0-rc1 "), ([0, 6, 0], false));
+        assert_eq!(key("1.2"), ([1, 2, 0], true));
+        assert_eq!(key("0.5.7+build.3"), ([0, 5, 7], true));
+        // Numerically, not as text.
+        assert!(key("0.9.0") < key("0.10.0"));
+        assert!(key("0.12.3") < key("0.99.0"));
+        assert!(key("0.6.0-rc1") < key("0.6.0"));
+        assert!(key("0.5.7") < key("0.6.0-rc1"));
+        for bad in [
+            "", "v", "dev", "latest", "1..2", "1.2.3.4", "x1.2.3", "-1.2",
+        ] {
+            assert_eq!(version_key(bad), None, "{bad:?}");
+        }
+        assert!(version_key(OLLAMA_COMPAT_VERSION).is_some());
+    }
+
+    #[test]
+    fn api_version_is_the_lowest_routable_ollama_version_capped() {
+        let versioned = |url, kind, version: &str| EndpointState {
+            version: version.to_owned(),
+            ..endpoint(url, kind, true, &["m:latest"], &[])
+        };
+        let answer = |endpoints: Vec<EndpointState>| {
+            let state = ClusterState {
+                endpoints,
+                ..ClusterState::default()
+            };
+            api_version(&state).to_owned()
+        };
+        // No version known: the ceiling.
+        assert_eq!(answer(vec![]), OLLAMA_COMPAT_VERSION);
+        assert_eq!(
+            answer(vec![versioned("http://o1", EndpointKind::Ollama, "")]),
+            OLLAMA_COMPAT_VERSION
+        );
+        // The lowest, numerically (0.10.0 > 0.9.0 although "1" < "9").
+        assert_eq!(
+            answer(vec![
+                versioned("http://o1", EndpointKind::Ollama, "0.10.0"),
+                versioned("http://o2", EndpointKind::Ollama, "0.9.0"),
+                versioned("http://o3", EndpointKind::Ollama, "0.9.1"),
+            ]),
+            "0.9.0"
+        );
+        // Newer than the ceiling: the ceiling.
+        assert_eq!(
+            answer(vec![versioned("http://o1", EndpointKind::Ollama, "0.99.0")]),
+            OLLAMA_COMPAT_VERSION
+        );
+        // A pre-release below its release; a leading `v` is dropped.
+        assert_eq!(
+            answer(vec![
+                versioned("http://o1", EndpointKind::Ollama, "0.6.0"),
+                versioned("http://o2", EndpointKind::Ollama, "v0.6.0-rc1"),
+            ]),
+            "0.6.0-rc1"
+        );
+        // Unparseable versions, OpenAI-style endpoints, unhealthy and
+        // draining endpoints do not count.
+        let mut down = versioned("http://o3", EndpointKind::Ollama, "0.1.0");
+        down.healthy = false;
+        let mut draining = versioned("http://o4", EndpointKind::Ollama, "0.1.0");
+        draining.draining = true;
+        assert_eq!(
+            answer(vec![
+                versioned("http://o1", EndpointKind::Ollama, "dev"),
+                versioned("https://x/v1", EndpointKind::OpenAi, "0.1.0"),
+                versioned("http://l/v1", EndpointKind::LlamaServer, "0.1.0"),
+                down,
+                draining,
+                versioned("http://o2", EndpointKind::Ollama, "0.5.7"),
+            ]),
+            "0.5.7"
+        );
     }
 
     #[test]

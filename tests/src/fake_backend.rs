@@ -314,12 +314,19 @@ pub struct FakeConfig {
     /// Sent as the `x-fake-backend` response header on every reply, so a test
     /// can tell which fake answered.
     pub label: String,
+    /// What `GET /api/version` answers in Ollama mode (`{"version": ..}`);
+    /// `None` serves no such route (404, like a server without it).
+    pub version: Option<String>,
 }
 
 impl FakeConfig {
+    /// The version `/api/version` answers unless told otherwise.
+    pub const DEFAULT_VERSION: &'static str = "0.12.3";
+
     /// Defaults: bind `127.0.0.1:0`, no models, no key, no delay, 3 chunks,
     /// recording of the last 256 requests, 8-dimensional embeddings,
-    /// 10 prompt tokens, context 4096, label `"fake"`.
+    /// 10 prompt tokens, context 4096, label `"fake"`, version
+    /// [`FakeConfig::DEFAULT_VERSION`].
     pub fn new(mode: FakeMode) -> Self {
         FakeConfig {
             mode,
@@ -339,6 +346,7 @@ impl FakeConfig {
             load_on_request: false,
             reasoning_field: None,
             label: "fake".to_owned(),
+            version: Some(Self::DEFAULT_VERSION.to_owned()),
         }
     }
 
@@ -430,6 +438,18 @@ impl FakeConfig {
     /// Override the reasoning field name.
     pub fn reasoning_field(mut self, field: ReasoningField) -> Self {
         self.reasoning_field = Some(field);
+        self
+    }
+
+    /// Set the version `/api/version` answers (Ollama mode), e.g. `"0.5.7"`.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
+
+    /// Serve no `/api/version` (404), like a server without that route.
+    pub fn no_version(mut self) -> Self {
+        self.version = None;
         self
     }
 }
@@ -841,7 +861,7 @@ impl FakeBackend {
     /// Start a fake server, returning bind errors.
     pub async fn try_start(config: FakeConfig) -> Result<FakeBackend, FakeError> {
         let shared = Arc::new(Shared::new(&config)?);
-        let router = handlers::router(shared.clone(), config.mode, config.no_completions);
+        let router = handlers::router(shared.clone(), &config);
         let listener = server::bind(config.listen)?;
         let addr = listener.local_addr().map_err(|source| FakeError::Bind {
             addr: config.listen,

@@ -584,6 +584,7 @@ impl From<&EndpointState> for v1::EndpointState {
             missing_models: strings(&e.missing_models),
             circuit_open: e.circuit_open,
             last_probe_ok_unix_ms: e.last_probe_ok_unix_ms,
+            version: e.version.clone(),
         }
     }
 }
@@ -619,6 +620,7 @@ impl TryFrom<v1::EndpointState> for EndpointState {
             missing_models: arcs(m.missing_models),
             circuit_open: m.circuit_open,
             last_probe_ok_unix_ms: m.last_probe_ok_unix_ms,
+            version: m.version,
         })
     }
 }
@@ -738,6 +740,7 @@ mod tests {
             missing_models: vec![Arc::from("c:1b")],
             circuit_open: true,
             last_probe_ok_unix_ms: 1_700_000_000_000,
+            version: "0.5.7".to_owned(),
         }
     }
 

@@ -1852,3 +1852,137 @@ async fn a_missing_backend_route_is_named_in_the_error() {
     );
     sc.shutdown().await;
 }
+
+// ---- `/api/version`: the lowest Ollama backend version, capped ----
+
+/// A serving fake like [`Fake::start`]'s, with `GET /api/version` answering
+/// `version` (a plain [`Fake`] has no such route: 404).
+async fn versioned_fake(
+    kind: &'static str,
+    models: &[&'static str],
+    version: &'static str,
+) -> Fake {
+    let state = FakeState {
+        kind,
+        models: models.to_vec(),
+        behaviour: Behaviour::Serve,
+        seen: Arc::default(),
+        dropped: Arc::default(),
+        dropped_signal: Arc::default(),
+    };
+    let app = AxumRouter::new()
+        .route("/api/tags", get(fake_tags))
+        .route("/api/ps", get(fake_ps))
+        .route("/v1/models", get(fake_models))
+        .route("/api/chat", post(fake_infer))
+        .route("/v1/chat/completions", post(fake_infer))
+        .route(
+            "/api/version",
+            get(move || async move { Json(json!({ "version": version })) }),
+        )
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Fake {
+        addr,
+        state,
+        _server: server,
+    }
+}
+
+/// The sidecar's `/api/version` answer.
+async fn api_version_of(handle: &SidecarHandle) -> String {
+    let r = client()
+        .get(format!("http://{}/api/version", handle.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    body["version"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn api_version_is_the_lowest_ollama_backend_version() {
+    let old = versioned_fake("ollama", &["a:latest"], "0.5.7").await;
+    let new = versioned_fake("ollama", &["b:latest"], "0.9.0").await;
+    let sc = sidecar(&endpoints_yaml(&[&new, &old])).await;
+    wait_routable(&sc, 2).await;
+    assert_eq!(api_version_of(&sc).await, "0.5.7");
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn api_version_is_capped_at_the_api_level_the_sidecar_serves() {
+    let newer = versioned_fake("ollama", &["a:latest"], "0.99.0").await;
+    let sc = sidecar(&endpoints_yaml(&[&newer])).await;
+    wait_routable(&sc, 1).await;
+    // Known, and higher than what the sidecar serves: the sidecar's level.
+    assert_eq!(sc.router().cluster_state().endpoints[0].version, "0.99.0");
+    assert_eq!(
+        api_version_of(&sc).await,
+        crate::listing::OLLAMA_COMPAT_VERSION
+    );
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn api_version_ignores_openai_backends() {
+    // An OpenAI-style server that happens to answer `/api/version` (with a
+    // low version): it is not asked, it has no Ollama version.
+    let openai = versioned_fake("openai", &["gpt-x"], "0.1.0").await;
+    let openai_yaml = format!(
+        "endpoints: [\"{}/v1\"]\nprobe_interval: 0.1\n",
+        openai.url()
+    );
+    let sc = sidecar(&openai_yaml).await;
+    wait_routable(&sc, 1).await;
+    assert_eq!(sc.router().cluster_state().endpoints[0].version, "");
+    assert_eq!(
+        api_version_of(&sc).await,
+        crate::listing::OLLAMA_COMPAT_VERSION
+    );
+    sc.shutdown().await;
+
+    // Next to an Ollama backend, that backend's version alone counts.
+    let ollama = versioned_fake("ollama", &["a:latest"], "0.9.0").await;
+    let sc = sidecar(&format!(
+        "endpoints: [\"{}/v1\", \"{}\"]\nprobe_interval: 0.1\n",
+        openai.url(),
+        ollama.url()
+    ))
+    .await;
+    wait_routable(&sc, 2).await;
+    assert_eq!(api_version_of(&sc).await, "0.9.0");
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_backend_without_api_version_stays_healthy_and_routable() {
+    // The plain fake answers 404 to `/api/version`.
+    let unversioned = Fake::start("ollama", &["old:latest"], Behaviour::Serve).await;
+    let versioned = versioned_fake("ollama", &["new:latest"], "0.5.7").await;
+    let sc = sidecar(&endpoints_yaml(&[&unversioned, &versioned])).await;
+    wait_routable(&sc, 2).await;
+    let state = sc.router().cluster_state();
+    assert!(state.endpoints[0].healthy, "{:?}", state.endpoints[0]);
+    assert_eq!(state.endpoints[0].version, "");
+    // The one version known is the answer.
+    assert_eq!(api_version_of(&sc).await, "0.5.7");
+    let r = client()
+        .post(format!("http://{}/api/chat", sc.addr))
+        .json(
+            &json!({"model": "old", "messages": [{"role":"user","content":"hi"}], "stream": false}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert_eq!(unversioned.inference_count(), 1);
+    wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}

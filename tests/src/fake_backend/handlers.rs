@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use super::render::{self, Reply, ReplyCtx, StreamReply};
 use super::server::ConnCtx;
 use super::state::{RequestGuard, Shared};
-use super::{FailureMode, FakeMode};
+use super::{FailureMode, FakeConfig, FakeMode};
 
 /// Largest request body the fake reads (images in chat requests can be big).
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -172,14 +172,29 @@ impl Route {
     }
 }
 
-/// Build the router for a mode.
-pub(super) fn router(shared: Arc<Shared>, mode: FakeMode, no_completions: bool) -> Router {
+/// Build the router for a configuration: its mode, `no_completions` and
+/// `version`.
+pub(super) fn router(shared: Arc<Shared>, config: &FakeConfig) -> Router {
+    let mode = config.mode;
     let mut router = Router::new();
     for route in Route::ALL {
-        if !route.served_in(mode, no_completions) {
+        if !route.served_in(mode, config.no_completions) {
             continue;
         }
         let s = shared.clone();
+        if route == Route::Version {
+            // Answers the configured version; without one the route is not
+            // served (404, as from a server that lacks it).
+            let Some(version) = &config.version else {
+                continue;
+            };
+            let body = Arc::new(json!({ "version": version }));
+            router = router.route(
+                route.path(),
+                get(move |req: Request| version_reply(s.clone(), body.clone(), req)),
+            );
+            continue;
+        }
         let handler = move |req: Request| dispatch(s.clone(), route, req);
         router = if route.is_get() {
             router.route(route.path(), get(handler))
@@ -366,7 +381,22 @@ struct ShowBody {
     name: Option<String>,
 }
 
-async fn probe(shared: &Arc<Shared>, route: Route, req: Request) -> Response {
+/// `GET /api/version`: the probe phases, then `body` (the configured
+/// version).
+async fn version_reply(shared: Arc<Shared>, body: Arc<Value>, req: Request) -> Response {
+    let mut resp = match probe_phases(&shared, Route::Version, req).await {
+        Ok(_) => json_response(StatusCode::OK, &body),
+        Err(refused) => refused,
+    };
+    resp.headers_mut()
+        .insert("x-fake-backend", shared.label.clone());
+    resp
+}
+
+/// What every probe request goes through before its answer: the body is
+/// read and the request recorded, then an injected probe failure or a
+/// missing key refuses it (`Err`, the refusal). `Ok` is the body.
+async fn probe_phases(shared: &Shared, route: Route, req: Request) -> Result<Bytes, Response> {
     let style = ErrorStyle::of(shared.mode, route);
     let (parts, body) = req.into_parts();
     let bytes = axum::body::to_bytes(body, MAX_BODY)
@@ -377,22 +407,30 @@ async fn probe(shared: &Arc<Shared>, route: Route, req: Request) -> Response {
     let failure = *shared.probe_failure.lock();
     match failure {
         FailureMode::None => {}
-        FailureMode::Status(code) => return error_response(style, &ApiError::Injected(code)),
+        FailureMode::Status(code) => return Err(error_response(style, &ApiError::Injected(code))),
         FailureMode::MidStreamError | FailureMode::MidStreamDrop => {
-            return error_response(style, &ApiError::Injected(500));
+            return Err(error_response(style, &ApiError::Injected(500)));
         }
-        FailureMode::Reset => return abort(&parts).await,
-        FailureMode::Hang => return hang().await,
+        FailureMode::Reset => return Err(abort(&parts).await),
+        FailureMode::Hang => return Err(hang().await),
     }
     if route.needs_auth() && !shared.authorized(&parts) {
-        return error_response(style, &ApiError::Unauthorized);
+        return Err(error_response(style, &ApiError::Unauthorized));
     }
+    Ok(bytes)
+}
+
+async fn probe(shared: &Arc<Shared>, route: Route, req: Request) -> Response {
+    let style = ErrorStyle::of(shared.mode, route);
+    let bytes = match probe_phases(shared, route, req).await {
+        Ok(bytes) => bytes,
+        Err(refused) => return refused,
+    };
 
     match route {
         Route::Root => "Ollama is running".into_response(),
         Route::Tags => json_response(StatusCode::OK, &render::tags(shared)),
         Route::Ps => json_response(StatusCode::OK, &render::ps(shared)),
-        Route::Version => json_response(StatusCode::OK, &json!({"version": "0.12.3"})),
         Route::V1Models => json_response(StatusCode::OK, &render::v1_models(shared)),
         Route::Health => json_response(StatusCode::OK, &json!({"status": "ok"})),
         Route::Show => {
@@ -693,4 +731,55 @@ fn stream_response(
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::super::{FailureMode, FakeBackend, FakeConfig, FakeMode};
+
+    /// `/api/version`'s status and body text.
+    async fn version(fake: &FakeBackend) -> (u16, String) {
+        let r = reqwest::get(format!("{}/api/version", fake.url()))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn api_version_is_configurable() {
+        let default = FakeBackend::start(FakeConfig::new(FakeMode::Ollama)).await;
+        assert_eq!(
+            version(&default).await,
+            (
+                200,
+                format!(r#"{{"version":"{}"}}"#, FakeConfig::DEFAULT_VERSION)
+            )
+        );
+        let old = FakeBackend::start(FakeConfig::new(FakeMode::Ollama).version("0.5.7")).await;
+        assert_eq!(
+            version(&old).await,
+            (200, r#"{"version":"0.5.7"}"#.to_owned())
+        );
+        assert_eq!(old.request_count("/api/version"), 1);
+        // Like every probe route: injected probe failures and the key apply.
+        old.set_probe_failure(FailureMode::Status(500));
+        assert_eq!(version(&old).await.0, 500);
+        old.set_probe_failure(FailureMode::None);
+        old.set_api_key(Some("k"));
+        assert_eq!(version(&old).await.0, 401);
+
+        let none = FakeBackend::start(
+            FakeConfig::new(FakeMode::Ollama)
+                .models(&["m:latest"])
+                .no_version(),
+        )
+        .await;
+        assert_eq!(version(&none).await.0, 404);
+        let tags = reqwest::get(format!("{}/api/tags", none.url()))
+            .await
+            .unwrap();
+        assert_eq!(tags.status(), 200);
+    }
 }
