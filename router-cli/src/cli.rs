@@ -106,7 +106,7 @@ pub enum Command {
     /// JSON: `{"total", "entries": [...]}`.
     Affinity {
         /// Most entries to show.
-        #[arg(long, default_value_t = 20, value_name = "N",
+        #[arg(long, default_value_t = 20, value_name = "N", env = "SWITCHYARD_AFFINITY_LIMIT",
               value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
@@ -129,7 +129,7 @@ pub enum Command {
         /// Model name as a client would send it (e.g. `llama3.2`, `gpt-4o`).
         model: String,
         /// Conversation-affinity key to route with (as a sidecar would compute it).
-        #[arg(long, value_name = "K")]
+        #[arg(long, value_name = "K", env = "SWITCHYARD_AFFINITY_KEY")]
         affinity_key: Option<String>,
     },
     /// Stop sending new requests to ENDPOINT; requests in flight finish.

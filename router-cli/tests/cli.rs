@@ -488,6 +488,27 @@ async fn every_subcommand_has_help() {
         let help = String::from_utf8_lossy(&out.stdout);
         assert!(help.contains(&format!("Usage: switchyard {cmd}")), "{help}");
         assert!(help.contains("--output"), "{cmd}: {help}");
+        // Every flag also reads an environment variable (DESIGN.md).
+        // Each option's block starts with a line "  -x, --flag" or "      --flag".
+        let options = help.split("Options:").nth(1).unwrap_or_default();
+        let mut blocks: Vec<String> = Vec::new();
+        for line in options.lines() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with('-') && line.len() - trimmed.len() <= 6 {
+                blocks.push(String::new());
+            }
+            if let Some(block) = blocks.last_mut() {
+                block.push_str(line);
+                block.push('\n');
+            }
+        }
+        assert!(!blocks.is_empty(), "{cmd}: {help}");
+        for block in blocks {
+            if block.contains("--help") || block.contains("--version") {
+                continue;
+            }
+            assert!(block.contains("[env: SWITCHYARD_"), "{cmd}: {block}");
+        }
     }
 }
 
