@@ -258,7 +258,10 @@ fn bare_version(version: &str) -> &str {
 /// How a version sorts: major, minor and patch numerically (missing ones
 /// are 0), then a pre-release (`0.6.0-rc1`; any suffix but `+build`)
 /// below its release. `None` when it is not a version: no leading number,
-/// an empty or non-numeric component, or more than three.
+/// an empty or non-numeric component, or more than three; or `0.0.0`,
+/// which is what an Ollama built from source reports (a development build,
+/// usually the newest, not the oldest: counting it would switch features
+/// off for every client).
 fn version_key(version: &str) -> Option<([u64; 3], bool)> {
     let version = bare_version(version);
     let end = version
@@ -274,6 +277,9 @@ fn version_key(version: &str) -> Option<([u64; 3], bool)> {
         }
     }
     if parts.next().is_some() {
+        return None;
+    }
+    if key == [0; 3] {
         return None;
     }
     let release = suffix.is_empty() || suffix.starts_with('+');
@@ -577,7 +583,7 @@ mod tests {
         assert!(key("0.6.0-rc1") < key("0.6.0"));
         assert!(key("0.5.7") < key("0.6.0-rc1"));
         for bad in [
-            "", "v", "dev", "latest", "1..2", "1.2.3.4", "x1.2.3", "-1.2",
+            "", "v", "dev", "latest", "1..2", "1.2.3.4", "x1.2.3", "-1.2", "0.0.0", "0",
         ] {
             assert_eq!(version_key(bad), None, "{bad:?}");
         }
