@@ -32,7 +32,7 @@ pub struct EndpointState {
     pub kind: EndpointKind,
     /// Position in the configuration (0 first; priority order).
     pub priority: u32,
-    /// Concurrent-request limit.
+    /// Concurrent-request limit per model on this endpoint.
     pub max_concurrent: u32,
     /// Last probe succeeded.
     pub healthy: bool,

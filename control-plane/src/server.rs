@@ -509,7 +509,7 @@ mod tests {
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().starts_with("session_id:"), "{e:?}");
         let e = routing
-            .choose_endpoint(choose(0, "nope"))
+            .choose_endpoint(choose(session.session_id, "nope"))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);

@@ -399,9 +399,13 @@ impl State {
         ) {
             Ok(s) => s,
             Err(rejection) => {
-                match rejection {
-                    Rejection::NoCandidates => self.counters.not_found += 1,
-                    Rejection::AllHardExcluded { .. } => self.counters.no_endpoint += 1,
+                // Only requests count: a dry run (`switchyard choose`)
+                // leaves the metrics as they were.
+                if reserve.is_some() {
+                    match rejection {
+                        Rejection::NoCandidates => self.counters.not_found += 1,
+                        Rejection::AllHardExcluded { .. } => self.counters.no_endpoint += 1,
+                    }
                 }
                 return Err(rejection.into_error(&req.model, || snap.available().to_vec()));
             }
@@ -454,7 +458,9 @@ impl State {
             }
             None => None,
         };
-        self.counters.decisions[reason_index(selection.reason)] += 1;
+        if lease.is_some() {
+            self.counters.decisions[reason_index(selection.reason)] += 1;
+        }
         Ok(Choice {
             endpoint: endpoint.url.clone(),
             endpoint_kind: endpoint.kind,

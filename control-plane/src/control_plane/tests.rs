@@ -138,7 +138,6 @@ fn unknown_model_lists_available_models() {
         }
     );
     assert!(err.to_string().contains("gpt-4o, llama3:latest, qwen:7b"));
-    assert_eq!(cp.stats().not_found, 1);
 }
 
 #[test]
@@ -300,6 +299,15 @@ fn unknown_session_is_refused_and_dry_runs_take_nothing() {
         "dry run records no affinity"
     );
     assert_eq!(cp.stats().leases_granted, 0);
+    // Nor does it count as a decision or a miss in the metrics.
+    assert!(cp.choose(&req("nope"), None, t0).is_err());
+    let stats = cp.stats();
+    assert!(
+        stats.decisions.iter().all(|&(_, n)| n == 0),
+        "{:?}",
+        stats.decisions
+    );
+    assert_eq!(stats.not_found, 0);
 }
 
 #[test]
@@ -896,7 +904,7 @@ fn stats_count_decisions_and_releases() {
     cp.release(l1, Outcome::Ok, TokenCounts::default(), t0);
     cp.release(l2, Outcome::Cancelled, TokenCounts::default(), t0);
     cp.release(l2, Outcome::Cancelled, TokenCounts::default(), t0);
-    let _ = cp.choose(&req("nope"), None, t0);
+    let _ = cp.choose(&req("nope"), Some(s), t0);
     let st = cp.stats();
     let d: Vec<(DecisionReason, u64)> = st.decisions.to_vec();
     assert_eq!(
