@@ -398,6 +398,22 @@ mod tests {
         version_calls: Arc<Mutex<usize>>,
     }
 
+    /// Discovery feeding `cp`, as the control-plane process runs it; stop
+    /// it with `cancel.cancel()`, then close and wait for the tracker.
+    fn run_discovery(cp: &crate::control_plane::ControlPlane) -> (TaskTracker, CancellationToken) {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        spawn(
+            cp.config(),
+            Arc::new(cp.clone()),
+            cp.probe_rounds().clone(),
+            &tracker,
+            cancel.clone(),
+        )
+        .unwrap();
+        (tracker, cancel)
+    }
+
     async fn serve_fake(fake: Fake) -> String {
         async fn tags(State(f): State<Fake>) -> Result<Json<Value>, StatusCode> {
             if *f.broken.lock() {
@@ -671,16 +687,7 @@ mod tests {
         let url = serve_fake(fake.clone()).await;
         let yaml = format!("endpoints: [\"{url}\"]\nprobe_interval: 50ms\nprobe_timeout: 1s\n");
         let cp = ControlPlane::new(Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap()));
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        spawn(
-            cp.config(),
-            Arc::new(cp.clone()),
-            cp.probe_rounds().clone(),
-            &tracker,
-            cancel.clone(),
-        )
-        .unwrap();
+        let (tracker, cancel) = run_discovery(&cp);
 
         let wait = |pred: fn(&crate::cluster::EndpointState) -> bool| {
             let cp = cp.clone();
@@ -736,16 +743,7 @@ mod tests {
             cp.reprobe(&[url.as_str()]).await,
             Err(ReprobeError::TimedOut(_))
         ));
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        spawn(
-            cp.config(),
-            Arc::new(cp.clone()),
-            cp.probe_rounds().clone(),
-            &tracker,
-            cancel.clone(),
-        )
-        .unwrap();
+        let (tracker, cancel) = run_discovery(&cp);
         cp.reprobe(&[]).await.unwrap();
         assert_eq!(cp.state().endpoints[0].advertised_models.len(), 1);
 
@@ -830,16 +828,7 @@ mod tests {
         let yaml = format!("endpoints: [\"{url}\"]\nprobe_interval: 50ms\nprobe_timeout: 1s\n");
         let cp = ControlPlane::new(Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap()));
         assert_eq!(cp.state().endpoints[0].version, "");
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        spawn(
-            cp.config(),
-            Arc::new(cp.clone()),
-            cp.probe_rounds().clone(),
-            &tracker,
-            cancel.clone(),
-        )
-        .unwrap();
+        let (tracker, cancel) = run_discovery(&cp);
 
         cp.reprobe(&[]).await.unwrap();
         let state = cp.state();

@@ -76,6 +76,17 @@ struct Fake {
 
 impl Fake {
     async fn start(kind: &'static str, models: &[&'static str], behaviour: Behaviour) -> Fake {
+        Self::start_versioned(kind, models, behaviour, None).await
+    }
+
+    /// [`Fake::start`] whose `GET /api/version` answers `version` (without
+    /// one the route is missing: 404).
+    async fn start_versioned(
+        kind: &'static str,
+        models: &[&'static str],
+        behaviour: Behaviour,
+        version: Option<&'static str>,
+    ) -> Fake {
         let state = FakeState {
             kind,
             models: models.to_vec(),
@@ -96,8 +107,15 @@ impl Fake {
             .route("/v1/embeddings", post(fake_infer))
             .route("/v1/rerank", post(fake_infer))
             .route("/v1/responses", post(fake_infer))
-            .route("/v1/messages", post(fake_infer))
-            .with_state(state.clone());
+            .route("/v1/messages", post(fake_infer));
+        let app = match version {
+            Some(version) => app.route(
+                "/api/version",
+                get(move || async move { Json(json!({ "version": version })) }),
+            ),
+            None => app,
+        }
+        .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
@@ -1856,41 +1874,13 @@ async fn a_missing_backend_route_is_named_in_the_error() {
 // ---- `/api/version`: the lowest Ollama backend version, capped ----
 
 /// A serving fake like [`Fake::start`]'s, with `GET /api/version` answering
-/// `version` (a plain [`Fake`] has no such route: 404).
+/// `version`.
 async fn versioned_fake(
     kind: &'static str,
     models: &[&'static str],
     version: &'static str,
 ) -> Fake {
-    let state = FakeState {
-        kind,
-        models: models.to_vec(),
-        behaviour: Behaviour::Serve,
-        seen: Arc::default(),
-        dropped: Arc::default(),
-        dropped_signal: Arc::default(),
-    };
-    let app = AxumRouter::new()
-        .route("/api/tags", get(fake_tags))
-        .route("/api/ps", get(fake_ps))
-        .route("/v1/models", get(fake_models))
-        .route("/api/chat", post(fake_infer))
-        .route("/v1/chat/completions", post(fake_infer))
-        .route(
-            "/api/version",
-            get(move || async move { Json(json!({ "version": version })) }),
-        )
-        .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Fake {
-        addr,
-        state,
-        _server: server,
-    }
+    Fake::start_versioned(kind, models, Behaviour::Serve, Some(version)).await
 }
 
 /// The sidecar's `/api/version` answer.
