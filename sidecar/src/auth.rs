@@ -104,7 +104,7 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 }
 
 /// `name=value` pairs of a query string, percent-decoded (`+` is a space).
-fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+pub(crate) fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
     query.split('&').filter(|p| !p.is_empty()).map(|pair| {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(name), percent_decode(value))

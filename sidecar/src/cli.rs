@@ -56,6 +56,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:12434";
         /api/tags /api/ps /api/version, OpenAI /v1/chat/completions /v1/completions\n\
         /v1/embeddings /v1/responses /v1/models /v1/models/{id}, Anthropic /v1/messages,\n\
         reranking /v1/rerank /rerank, plus GET / (liveness), /health and /metrics.\n\
+        Stored responses, asked of every endpoint, answered by the one holding the id:\n\
+        GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items,\n\
+        POST /v1/responses/{id}/cancel.\n\
         Model management fanned out to the Ollama endpoints: POST /api/pull /api/push\n\
         /api/create /api/copy, DELETE /api/delete, HEAD/POST /api/blobs/{digest}.\n\n\
         Exit codes: 0 clean shutdown, 2 bad usage or configuration, 1 runtime failure."

@@ -162,6 +162,33 @@ pub enum ProxyError {
         /// Every failed endpoint and why.
         message: String,
     },
+    /// Stored responses: the id in the path is empty, too long, or has
+    /// characters other than `[A-Za-z0-9_-]`.
+    #[error("invalid response id: {0}")]
+    InvalidResponseId(String),
+    /// Stored responses: `GET /v1/responses/{id}?stream=true` (replaying a
+    /// stored response as events) is not supported.
+    #[error(
+        "streaming a stored response (`stream=true`) is not supported by this router; retrieve it without `stream`"
+    )]
+    StoredResponseStreamUnsupported,
+    /// Stored responses: every backend asked answered 404.
+    #[error("No response found with id '{id}'.")]
+    ResponseNotFound {
+        /// The response id asked for.
+        id: String,
+    },
+    /// Stored responses: no backend gave an answer (all unreachable or
+    /// failing, or none to ask); `status` is 502 or 503.
+    #[error("no backend could be asked for response '{id}': {detail}")]
+    StoredResponseUnavailable {
+        /// The status to answer.
+        status: StatusCode,
+        /// The response id asked for.
+        id: String,
+        /// What happened (counts, no URLs).
+        detail: String,
+    },
     /// The control plane is unreachable and no cluster state is known yet.
     #[error("control plane unreachable and no cluster state known yet")]
     NoClusterState,
@@ -249,10 +276,14 @@ impl ProxyError {
             | Self::NotAnObject
             | Self::MissingModel
             | Self::MissingField { .. }
-            | Self::InvalidField { .. } => StatusCode::BAD_REQUEST,
-            Self::ModelNotFound { .. } | Self::ManagedModelNotFound { .. } | Self::UnknownRoute => {
-                StatusCode::NOT_FOUND
-            }
+            | Self::InvalidField { .. }
+            | Self::InvalidResponseId(_)
+            | Self::StoredResponseStreamUnsupported => StatusCode::BAD_REQUEST,
+            Self::ModelNotFound { .. }
+            | Self::ManagedModelNotFound { .. }
+            | Self::ResponseNotFound { .. }
+            | Self::UnknownRoute => StatusCode::NOT_FOUND,
+            Self::StoredResponseUnavailable { status, .. } => *status,
             Self::NoOllamaEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::FanOutFailed { status, .. } => *status,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -291,6 +322,12 @@ impl ProxyError {
             }
             Self::MissingModel => ("invalid_request_error", Some("model"), None),
             Self::InvalidField { field, .. } => ("invalid_request_error", Some(field), None),
+            Self::InvalidResponseId(_) => ("invalid_request_error", Some("response_id"), None),
+            Self::StoredResponseStreamUnsupported => {
+                ("invalid_request_error", Some("stream"), None)
+            }
+            // As OpenAI answers an unknown response id.
+            Self::ResponseNotFound { .. } => ("invalid_request_error", None, Some("not_found")),
             Self::ModelNotFound { .. } => (
                 "invalid_request_error",
                 Some("model"),
@@ -304,6 +341,7 @@ impl ProxyError {
             | Self::ManagedModelNotFound { .. }
             | Self::NoOllamaEndpoint { .. }
             | Self::FanOutFailed { .. }
+            | Self::StoredResponseUnavailable { .. }
             | Self::NoEndpointAvailable { .. }
             | Self::NoClusterState
             | Self::ControlPlane(_)

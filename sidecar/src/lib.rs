@@ -18,7 +18,10 @@
 //!   [`metrics`]: `/metrics`; [`manage`]: model management (`/api/pull`,
 //!   `/api/push`, `/api/create`, `/api/copy`, `/api/delete`, blobs, and
 //!   `ollama stop`'s unload) fanned out to the Ollama endpoints;
-//!   [`usage`]: nomyo-router's `/api/usage` and `/api/usage-stream`.
+//!   [`usage`]: nomyo-router's `/api/usage` and `/api/usage-stream`;
+//!   [`stored_responses`]: the Responses API's stored-response routes
+//!   (`GET`/`DELETE /v1/responses/{id}`, `input_items`, `cancel`), asked
+//!   of every endpoint that may hold the response.
 //! - [`router`]: the routing handle (`Router`, `Lease`) over the control
 //!   plane; [`translate`] and [`framing`]: Ollama ⇄ OpenAI translation and
 //!   stream decoders.
@@ -52,6 +55,7 @@ pub mod router;
 pub mod routes;
 pub mod server;
 pub mod standalone;
+pub mod stored_responses;
 pub mod translate;
 pub mod usage;
 

@@ -21,6 +21,10 @@
 //! (`switchyard_cp_*`: decisions by reason, leases, probes, endpoint health;
 //! see `switchyard_control_plane::metrics`) in the same exposition.
 //!
+//! The stored-response routes ([`crate::stored_responses`]) count in
+//! `requests_total` too, `route` being the pattern (`/v1/responses/{id}`,
+//! never the id), `model` empty and `endpoint` the one that answered.
+//!
 //! `model` is the client's model name only once an endpoint was chosen for
 //! it (otherwise `""`), so arbitrary unknown names cannot grow the label set.
 //! `status` is the status the client received in the response head: a

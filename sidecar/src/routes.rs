@@ -36,7 +36,10 @@ use http::Method;
 use switchyard_control_plane::outcome::RequestKind;
 use tower_service::Service;
 
-use crate::{auth, cors, errors::ProxyError, listing, manage, metrics, proxy, server::AppState};
+use crate::{
+    auth, cors, errors::ProxyError, listing, manage, metrics, proxy, server::AppState,
+    stored_responses,
+};
 
 /// The API family a client speaks; decides the shape of every error it gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -232,6 +235,7 @@ pub(crate) fn app(state: AppState) -> Router {
         .route("/v1/models/{*model}", get(listing::openai_model))
         .route("/metrics", get(metrics::handler))
         .merge(manage::routes())
+        .merge(stored_responses::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

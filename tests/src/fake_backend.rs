@@ -9,7 +9,9 @@
 //! loaded models, delays, scripted replies, a gate that holds requests, failure
 //! injection, and records of what the server saw. In Ollama mode it also
 //! imitates model management (pull, push, create, copy, delete: see
-//! `manage.rs`), changing its advertised models.
+//! `manage.rs`), changing its advertised models. In every mode it stores its
+//! Responses API answers and serves them back (`GET`/`DELETE
+//! /v1/responses/{id}`, `input_items`, `cancel`: see `stored.rs`).
 //!
 //! Invariants it keeps:
 //! - every inference request is counted in flight from the moment its body is
@@ -29,6 +31,7 @@ mod manage;
 mod render;
 mod server;
 mod state;
+mod stored;
 
 #[cfg(test)]
 mod tests;
@@ -764,6 +767,12 @@ impl FakeControl {
             .rev()
             .find(|r| r.path == path)
             .cloned()
+    }
+
+    /// Whether the fake stores the Responses API answer with id `id`
+    /// (given, with `store` not false, and not deleted).
+    pub fn stores_response(&self, id: &str) -> bool {
+        self.shared.has_response(id)
     }
 
     /// Forget the recorded requests.

@@ -4,6 +4,8 @@
 //! - [`events`]: progress operations; every endpoint's NDJSON lines as
 //!   [`Event`]s in arrival order (one merged stream, nothing buffered).
 //! - [`unary`]: copy and delete; each endpoint's result.
+//! - [`send`]: one request within a deadline for its head (also how
+//!   [`crate::stored_responses`] asks every endpoint for a response).
 //!
 //! Dropping either future or stream drops every upstream request (the
 //! pooled connection is closed: the backend sees the cancel).
@@ -170,7 +172,7 @@ fn line_event(index: usize, line: &str) -> Event {
 
 /// Sends `call`; a failure before the response head is a 502 (504 when no
 /// head came within `first_byte`).
-async fn send(
+pub(crate) async fn send(
     client: &UpstreamClient,
     call: Call,
     first_byte: Duration,
@@ -191,7 +193,7 @@ async fn send(
 
 /// A non-2xx answer as a failure with the backend's status and message
 /// (`{"error":..}`'s text, else the body's first line).
-pub(super) async fn refusal(response: http::Response<UpstreamBody>) -> EndpointFailure {
+pub(crate) async fn refusal(response: http::Response<UpstreamBody>) -> EndpointFailure {
     let status = response.status();
     let limited = http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY);
     let body = match tokio::time::timeout(ERROR_BODY_WAIT, limited.collect()).await {

@@ -212,6 +212,9 @@ pub(super) fn router(shared: Arc<Shared>, config: &FakeConfig) -> Router {
                 .post(move |req: Request| super::manage::blob_post(p.clone(), req)),
         );
     }
+    if Route::V1Responses.served_in(mode, config.no_completions) {
+        router = router.merge(super::stored::router(&shared));
+    }
     let s = shared.clone();
     router.fallback(move |req: Request| not_found(s.clone(), req))
 }
@@ -254,7 +257,7 @@ pub(super) enum ErrorStyle {
 }
 
 impl ErrorStyle {
-    fn of(mode: FakeMode, route: Route) -> ErrorStyle {
+    pub(super) fn of(mode: FakeMode, route: Route) -> ErrorStyle {
         match mode {
             FakeMode::Ollama if route.is_v1() => ErrorStyle::OllamaV1,
             FakeMode::Ollama => ErrorStyle::Ollama,
@@ -270,6 +273,8 @@ pub(super) enum ApiError {
     BadRequest(String),
     Unauthorized,
     ModelNotFound(String),
+    /// No stored response with this id.
+    NoResponse(String),
     /// An injected failure with this status.
     Injected(u16),
     /// An injected error inside a stream (always reported as 500).
@@ -281,7 +286,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::NoResponse(_) => StatusCode::NOT_FOUND,
             ApiError::Injected(code) => {
                 StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
             }
@@ -303,6 +308,7 @@ impl ApiError {
             (ApiError::ModelNotFound(m), ErrorStyle::OpenAi) => {
                 format!("The model `{m}` does not exist.")
             }
+            (ApiError::NoResponse(id), _) => format!("No response found with id '{id}'."),
             (ApiError::Injected(503), ErrorStyle::Ollama | ErrorStyle::OllamaV1) => {
                 "server busy, please try again.  maximum pending requests exceeded".to_owned()
             }
@@ -512,6 +518,7 @@ pub(super) struct InferBody {
     pub(super) input: Option<Value>,
     pub(super) keep_alive: Option<Value>,
     pub(super) previous_response_id: Option<String>,
+    pub(super) store: Option<bool>,
 }
 
 async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response {
@@ -616,7 +623,9 @@ async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response
         }
         Route::V1Chat => render::openai_chat(&ctx, stream, include_usage),
         Route::V1Completions => render::openai_completion(&ctx, stream, include_usage),
-        Route::V1Responses => render::openai_responses(&ctx, stream),
+        Route::V1Responses => {
+            render::openai_responses(&ctx, stream, body.input.as_ref(), body.store != Some(false))
+        }
         Route::V1Messages => render::anthropic_messages(&ctx, stream),
         Route::Embed | Route::EmbeddingsLegacy | Route::V1Embeddings => {
             match render::embeddings(&ctx, route, &body) {

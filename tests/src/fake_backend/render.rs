@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::handlers::{ErrorStyle, InferBody, Route};
-use super::state::Shared;
+use super::state::{Shared, StoredResponse};
 use super::{FakeMode, FinishReason, ReplyScript, embedding_for};
 
 pub(super) const NDJSON: &str = "application/x-ndjson";
@@ -462,9 +462,14 @@ pub(super) fn openai_chat(ctx: &ReplyCtx<'_>, stream: bool, include_usage: bool)
 /// output item; streamed as typed events (`event:` and `data:` lines)
 /// ending with `response.completed`, which carries the usage, and no
 /// `[DONE]`.
-pub(super) fn openai_responses(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
+pub(super) fn openai_responses(
+    ctx: &ReplyCtx<'_>,
+    stream: bool,
+    input: Option<&Value>,
+    store: bool,
+) -> Reply {
     let script = ctx.script;
-    let id = ctx.shared.store_response(ctx.id);
+    let id = ctx.shared.response_id(ctx.id);
     let p = ctx.prompt_tokens();
     let c = ctx.completion_tokens();
     let usage = json!({"input_tokens": p, "output_tokens": c, "total_tokens": p + c});
@@ -476,8 +481,18 @@ pub(super) fn openai_responses(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
                "status": status, "error": null, "incomplete_details": null, "output": output,
                "usage": usage})
     };
+    let completed = response("completed", json!([message]), usage.clone());
+    if store {
+        ctx.shared.store_response(
+            id.clone(),
+            StoredResponse {
+                object: completed.clone(),
+                input_items: input_items(ctx.id, input),
+            },
+        );
+    }
     if !stream {
-        return Reply::Json(response("completed", json!([message]), usage));
+        return Reply::Json(completed);
     }
     let mut seq = 0u64;
     let mut event = |kind: &str, mut data: Value| {
@@ -511,6 +526,37 @@ pub(super) fn openai_responses(ctx: &ReplyCtx<'_>, stream: bool) -> Reply {
         frames,
         fail_at: fail_index(1, middle),
     })
+}
+
+/// A Responses request's `input` as stored input items: a string is one
+/// user message; list items keep their fields, get an `id` if they have
+/// none, `type: "message"` when they have a `role`, and string `content`
+/// becomes one `input_text` part. Answer `n`'s items are `item_{n}_{i}`.
+fn input_items(n: u64, input: Option<&Value>) -> Vec<Value> {
+    let text_part = |text: &Value| json!([{"type": "input_text", "text": text}]);
+    match input {
+        Some(text @ Value::String(_)) => {
+            vec![json!({"id": format!("item_{n}_0"), "type": "message",
+            "role": "user", "status": "completed", "content": text_part(text)})]
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| {
+                let mut item = item.as_object()?.clone();
+                item.entry("id")
+                    .or_insert_with(|| json!(format!("item_{n}_{i}")));
+                if item.contains_key("role") {
+                    item.entry("type").or_insert_with(|| json!("message"));
+                }
+                if let Some(text) = item.get("content").filter(|c| c.is_string()).cloned() {
+                    item.insert("content".into(), text_part(&text));
+                }
+                Some(Value::Object(item))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// `/v1/messages` reply (Anthropic Messages, content only): one text

@@ -7,7 +7,7 @@
 //! lock is released, so [`super::FakeControl::wait_until`] re-checks without
 //! polling.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use axum::http::HeaderValue;
 use axum::http::request::Parts;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
+use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::handlers::Route;
@@ -52,6 +53,15 @@ impl Failures {
     }
 }
 
+/// A stored Responses API answer.
+#[derive(Clone, Debug)]
+pub(super) struct StoredResponse {
+    /// The response object as the final answer carried it.
+    pub(super) object: Value,
+    /// The request's input as items (`input_items`), in request order.
+    pub(super) input_items: Vec<Value>,
+}
+
 pub(super) struct Shared {
     pub(super) mode: FakeMode,
     pub(super) label: HeaderValue,
@@ -79,10 +89,12 @@ pub(super) struct Shared {
     /// Blobs stored by `POST /api/blobs/{digest}`: digest (`sha256:` form)
     /// → the bytes received.
     pub(super) blobs: Mutex<HashMap<String, Bytes>>,
-    /// Ids of the Responses API answers given, as a backend that stores
-    /// responses keeps them: a request continuing one that is not here
-    /// (`previous_response_id`) is refused, as OpenAI and vLLM do.
-    responses: Mutex<HashSet<String>>,
+    /// The Responses API answers given (unless `store: false`), by id, as
+    /// a backend that stores responses keeps them: a request continuing one
+    /// that is not here (`previous_response_id`) is refused, as OpenAI and
+    /// vLLM do; `GET`/`DELETE /v1/responses/{id}`, `input_items` and
+    /// `cancel` serve them (see `stored.rs`).
+    responses: Mutex<HashMap<String, StoredResponse>>,
     /// Makes response ids unique across fakes, as real ones are.
     instance: u64,
 }
@@ -126,7 +138,7 @@ impl Shared {
             context_length: config.context_length,
             load_on_request: AtomicBool::new(config.load_on_request),
             blobs: Mutex::new(HashMap::new()),
-            responses: Mutex::new(HashSet::new()),
+            responses: Mutex::new(HashMap::new()),
             instance: {
                 use std::hash::{BuildHasher, Hasher};
                 let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -242,16 +254,29 @@ impl Shared {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The id of Responses API answer `n`, now stored.
-    pub(super) fn store_response(&self, n: u64) -> String {
-        let id = format!("resp_{:016x}{n}", self.instance);
-        self.responses.lock().insert(id.clone());
-        id
+    /// The id of Responses API answer `n` (unique across fakes).
+    pub(super) fn response_id(&self, n: u64) -> String {
+        format!("resp_{:016x}{n}", self.instance)
     }
 
-    /// Whether this fake gave the answer with id `id`.
+    /// Stores a Responses API answer under its id.
+    pub(super) fn store_response(&self, id: String, stored: StoredResponse) {
+        self.responses.lock().insert(id, stored);
+    }
+
+    /// Whether this fake stores the answer with id `id`.
     pub(super) fn has_response(&self, id: &str) -> bool {
-        self.responses.lock().contains(id)
+        self.responses.lock().contains_key(id)
+    }
+
+    /// The stored answer with id `id`.
+    pub(super) fn stored_response(&self, id: &str) -> Option<StoredResponse> {
+        self.responses.lock().get(id).cloned()
+    }
+
+    /// Forgets the stored answer with id `id`; whether it was there.
+    pub(super) fn delete_response(&self, id: &str) -> bool {
+        self.responses.lock().remove(id).is_some()
     }
 
     /// `true` when the request carries the configured key (or none is needed).

@@ -1188,3 +1188,105 @@ async fn llama_health_reports_loading_and_probes_are_counted() {
     // Probes are not inference: nothing was in flight.
     assert_eq!(fake.peak_in_flight(), 0);
 }
+
+// ---- stored responses -------------------------------------------------------
+
+#[tokio::test]
+async fn stored_responses_are_served_back_until_deleted() {
+    let fake = FakeBackend::start(FakeConfig::new(FakeMode::OpenAi).models(&["m"])).await;
+    let base = format!("{}/v1/responses", fake.url());
+    let created: Value = post(
+        base.clone(),
+        json!({"model": "m", "input": [{"role": "user", "content": "a"},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "b"}]}]}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(fake.stores_response(&id));
+    let get = |path: String| async move { client().get(path).send().await.unwrap() };
+    let r = get(format!("{base}/{id}")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), created);
+
+    // Newest first by default; `limit`, `order` and `after` page.
+    let page: Value = get(format!("{base}/{id}/input_items"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let texts = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["content"][0]["text"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(texts(&page), ["b", "a"]);
+    assert_eq!(page["object"], "list");
+    assert_eq!(page["has_more"], false);
+    assert_eq!(page["first_id"], page["data"][0]["id"]);
+    let page: Value = get(format!("{base}/{id}/input_items?limit=1&order=asc"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (texts(&page), &page["has_more"]),
+        (vec!["a".to_owned()], &json!(true))
+    );
+    let after = page["last_id"].as_str().unwrap();
+    let page: Value = get(format!("{base}/{id}/input_items?order=asc&after={after}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(texts(&page), ["b"]);
+
+    let r = client()
+        .post(format!("{base}/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "completed");
+    let r = client()
+        .delete(format!("{base}/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"id": id, "object": "response.deleted", "deleted": true})
+    );
+    for r in [
+        get(format!("{base}/{id}")).await,
+        client()
+            .delete(format!("{base}/{id}"))
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(r.status(), 404);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body["error"]["message"],
+            format!("No response found with id '{id}'.")
+        );
+    }
+
+    // `store: false` is not kept.
+    let created: Value = post(
+        base.clone(),
+        json!({"model": "m", "input": "x", "store": false}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = created["id"].as_str().unwrap();
+    assert!(!fake.stores_response(id));
+    assert_eq!(get(format!("{base}/{id}")).await.status(), 404);
+}

@@ -72,6 +72,16 @@ def main():
     r = client.responses.create(model=chat_model, input="hi")
     check(r.output_text == expect_text,
           f"responses non-stream: output_text {r.output_text!r} != {expect_text!r}")
+    # The stored response: retrieved, deleted, then gone (through a
+    # sidecar, from the backend that holds it).
+    got = client.responses.retrieve(r.id)
+    check(got.id == r.id and got.output_text == expect_text, f"responses.retrieve: {got!r}")
+    client.responses.delete(r.id)
+    try:
+        client.responses.retrieve(r.id)
+        check(False, "responses.retrieve after delete: no error raised")
+    except openai.NotFoundError as err:
+        check(r.id in str(err), f"responses.retrieve after delete: message {err}")
     text, completed, kinds = "", None, []
     for event in client.responses.create(model=chat_model, input="hi", stream=True):
         kinds.append(event.type)
