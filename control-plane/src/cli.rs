@@ -139,7 +139,7 @@ pub fn config_summary(config: &Config) -> String {
         .iter()
         .map(|e| {
             format!(
-                "{} ({}, max {}{}{})",
+                "{} ({}, max {} per model{}{})",
                 display_url(&e.url),
                 e.kind,
                 e.max_concurrent,
@@ -427,12 +427,15 @@ mod tests {
         assert_eq!(out.lines().count(), 1, "{out}");
         assert!(out.contains("3 endpoints"), "{out}");
         assert!(
-            out.contains("http://10.0.0.5:11434 (ollama, max 1)"),
+            out.contains("http://10.0.0.5:11434 (ollama, max 1 per model)"),
             "{out}"
         );
-        assert!(out.contains("(llama_server, max 1, draining)"), "{out}");
         assert!(
-            out.contains("https://api.example.com/v1 (openai, max 1, api key)"),
+            out.contains("(llama_server, max 1 per model, draining)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("https://api.example.com/v1 (openai, max 1 per model, api key)"),
             "{out}"
         );
         assert!(out.contains("(llama_server"), "{out}");

@@ -22,7 +22,7 @@ JSON output (--output json; field names are stable):
      conversation_affinity, in_flight, endpoints: [{url, kind, priority,
      healthy, health_detail, draining, circuit_open, in_flight, max_concurrent,
      advertised_models, loaded_models, failing_models, missing_models,
-     last_probe_ok_unix_ms,
+     last_probe_ok_unix_ms, server_version,
      usage: [{model, in_flight, requests, prompt_tokens, completion_tokens}]}]}
   models:   {version, models: [{model, in_flight, endpoints: [{url, kind,
              advertised_as, tracking_model, loaded, in_flight, healthy, draining}]}]}
@@ -73,9 +73,11 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand, PartialEq, Eq)]
 pub enum Command {
-    /// List endpoints: kind, health, drain state, circuit breaker, models, in-flight.
+    /// List endpoints: kind, version, health, drain state, circuit breaker, models, in-flight.
     ///
     /// One row per configured endpoint, in configuration (priority) order.
+    /// VERSION is what an Ollama endpoint reports on `/api/version` (`-`
+    /// when unknown or not Ollama);
     /// HEALTH is `ok` or `down` followed by the last probe error; CIRCUIT is
     /// `open` while the circuit breaker keeps the endpoint out after
     /// consecutive failures; IN-FLIGHT is requests in flight over all

@@ -133,6 +133,16 @@ fn health(e: &EndpointView) -> String {
     text
 }
 
+/// The value, or a dash for an empty one (an empty cell would shift the
+/// columns for a reader splitting on whitespace).
+fn or_dash(value: &str) -> String {
+    if value.is_empty() {
+        "-".to_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
 fn drain_state(draining: bool) -> &'static str {
     if draining { "draining" } else { "active" }
 }
@@ -153,6 +163,7 @@ pub fn endpoints(out: &mut dyn Write, state: &StateView) -> io::Result<()> {
     let mut t = Table::new(&[
         "URL",
         "KIND",
+        "VERSION",
         "HEALTH",
         "DRAIN",
         "CIRCUIT",
@@ -165,6 +176,7 @@ pub fn endpoints(out: &mut dyn Write, state: &StateView) -> io::Result<()> {
         t.row(vec![
             e.url.clone(),
             e.kind.clone(),
+            or_dash(&e.server_version),
             health(e),
             drain_state(e.draining).to_owned(),
             circuit(e.circuit_open).to_owned(),
@@ -204,11 +216,7 @@ pub fn models(out: &mut dyn Write, models: &ModelsView) -> io::Result<()> {
                 m.in_flight.to_string(),
                 e.url.clone(),
                 e.kind.clone(),
-                if e.advertised_as.is_empty() {
-                    "-".to_owned()
-                } else {
-                    e.advertised_as.clone()
-                },
+                or_dash(&e.advertised_as),
                 yes_no(e.loaded).to_owned(),
                 e.in_flight.to_string(),
                 state.to_owned(),
@@ -419,6 +427,8 @@ mod tests {
             (cell(ollama, "IN-FLIGHT"), cell(ollama, "LIMIT/MODEL")),
             ("2".to_owned(), "4".to_owned())
         );
+        // The version Ollama reported; a dash where none is known.
+        assert_eq!(cell(ollama, "VERSION"), "0.5.7");
         let vllm = lines[2];
         for want in [
             "openai",
@@ -432,6 +442,7 @@ mod tests {
             (cell(vllm, "IN-FLIGHT"), cell(vllm, "LIMIT/MODEL")),
             ("0".to_owned(), "8".to_owned())
         );
+        assert_eq!(cell(vllm, "VERSION"), "-");
         // No loaded models: a dash, not an empty cell.
         assert!(vllm.trim_end().ends_with('-'), "{vllm:?}");
     }
@@ -590,6 +601,7 @@ mod tests {
                 "max_concurrent",
                 "missing_models",
                 "priority",
+                "server_version",
                 "url",
                 "usage"
             ]

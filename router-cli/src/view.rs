@@ -74,6 +74,9 @@ pub struct EndpointView {
     pub usage: Vec<ModelUsageView>,
     /// Unix milliseconds of the last successful probe; 0 if never.
     pub last_probe_ok_unix_ms: u64,
+    /// The server version the endpoint reported (Ollama's `/api/version`);
+    /// empty when unknown or not an Ollama endpoint.
+    pub server_version: String,
 }
 
 /// The whole cluster (`endpoints`, `watch`).
@@ -309,6 +312,7 @@ impl EndpointView {
                 })
                 .collect(),
             last_probe_ok_unix_ms: e.last_probe_ok_unix_ms,
+            server_version: e.version,
         })
     }
 
