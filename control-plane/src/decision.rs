@@ -92,7 +92,8 @@ pub enum ChooseError {
         available: Vec<String>,
     },
     /// Every endpoint advertising the model is excluded for this request
-    /// (already failed) or draining.
+    /// (already failed) or draining; or none advertises it but an endpoint
+    /// has never answered a probe, so it may have it.
     #[error("no endpoint available for model {model:?}: {detail}")]
     NoEndpointAvailable {
         /// The model asked for.

@@ -10,6 +10,7 @@
 //! |---|---|
 //! | invalid field | `INVALID_ARGUMENT`, message names the field |
 //! | model not advertised anywhere | `NOT_FOUND`, message lists available models |
+//! | model not advertised anywhere, but an endpoint never answered a probe (it may have it) | `UNAVAILABLE` |
 //! | every candidate excluded or draining | `UNAVAILABLE` |
 //! | unknown session (choose, register) | `FAILED_PRECONDITION` `unknown session N` (the sidecar re-opens) |
 //! | unknown endpoint (drain) | `NOT_FOUND`, message lists configured endpoints |

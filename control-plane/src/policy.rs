@@ -112,10 +112,28 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// The client-facing error. `available` is only called for
-    /// [`Rejection::NoCandidates`] (it may be costly to build).
-    pub fn into_error(self, model: &str, available: impl FnOnce() -> Vec<String>) -> ChooseError {
+    /// The client-facing error. `unknown` is the number of endpoints whose
+    /// models nobody knows ([`models_unknown`]): while there are any, a
+    /// model no endpoint advertises may still be on one of them, so
+    /// [`Rejection::NoCandidates`] is "no endpoint available" (503, try
+    /// again), not "model not found" (404), which would send a user to
+    /// pull a model they have because the backend was down when the router
+    /// started. `available` is only called for a real not-found (it may be
+    /// costly to build).
+    pub fn into_error(
+        self,
+        model: &str,
+        unknown: usize,
+        available: impl FnOnce() -> Vec<String>,
+    ) -> ChooseError {
         match self {
+            Self::NoCandidates if unknown > 0 => ChooseError::NoEndpointAvailable {
+                model: model.to_owned(),
+                detail: format!(
+                    "no endpoint that answered its probes advertises it, and {unknown} \
+                     endpoint(s) never reached since the router started may have it"
+                ),
+            },
             Self::NoCandidates => ChooseError::ModelNotFound {
                 model: model.to_owned(),
                 available: available(),
@@ -130,6 +148,14 @@ impl Rejection {
             },
         }
     }
+}
+
+/// Whether nobody knows an endpoint's models: it has never answered a
+/// probe since the control plane started (`last_probe_ok_unix_ms` 0, not
+/// healthy) and is not draining (a draining endpoint gets no requests, so
+/// what it has does not matter).
+pub fn models_unknown(healthy: bool, last_probe_ok_unix_ms: u64, draining: bool) -> bool {
+    !healthy && last_probe_ok_unix_ms == 0 && !draining
 }
 
 /// The tier a candidate falls in: rules 5, 6 and 7 in one ordering.
@@ -454,7 +480,12 @@ pub fn select_from_cluster_state(
     }
 
     let selection = select(&loads, affinity, state.priority_routing, rng).map_err(|r| {
-        r.into_error(&req.model, || {
+        let unknown = state
+            .endpoints
+            .iter()
+            .filter(|e| models_unknown(e.healthy, e.last_probe_ok_unix_ms, e.draining))
+            .count();
+        r.into_error(&req.model, unknown, || {
             let mut all: Vec<String> = state
                 .endpoints
                 .iter()

@@ -32,7 +32,7 @@ use crate::{
     decision::{Choice, ChooseError, ChooseRequest, DecisionReason},
     ids::{IdAllocator, LeaseId, SessionId},
     outcome::{Outcome, TokenCounts},
-    policy::{self, CandidateLoad, HardExclusion, Rejection},
+    policy::{self, CandidateLoad, HardExclusion},
 };
 
 use self::{
@@ -399,15 +399,25 @@ impl State {
         ) {
             Ok(s) => s,
             Err(rejection) => {
+                let unknown = (0..self.config.endpoints.len())
+                    .filter(|&ep| {
+                        policy::models_unknown(
+                            self.health.healthy(ep),
+                            self.health.probe(ep).map_or(0, |p| p.last_ok_unix_ms),
+                            admission.get(ep).is_none_or(|a| a.draining),
+                        )
+                    })
+                    .count();
+                let error = rejection.into_error(&req.model, unknown, || snap.available().to_vec());
                 // Only requests count: a dry run (`switchyard choose`)
                 // leaves the metrics as they were.
                 if reserve.is_some() {
-                    match rejection {
-                        Rejection::NoCandidates => self.counters.not_found += 1,
-                        Rejection::AllHardExcluded { .. } => self.counters.no_endpoint += 1,
+                    match error {
+                        ChooseError::ModelNotFound { .. } => self.counters.not_found += 1,
+                        _ => self.counters.no_endpoint += 1,
                     }
                 }
-                return Err(rejection.into_error(&req.model, || snap.available().to_vec()));
+                return Err(error);
             }
         };
         let internal = |detail: &str| ChooseError::NoEndpointAvailable {

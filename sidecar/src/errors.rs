@@ -132,7 +132,8 @@ pub enum ProxyError {
         /// Models advertised in the cluster.
         available: Vec<String>,
     },
-    /// Every endpoint with the model is excluded, draining or failed.
+    /// Every endpoint with the model is excluded, draining or failed; or
+    /// none has it but one was never reached (it may have it).
     #[error("no backend available for model '{model}': {detail}")]
     NoEndpointAvailable {
         /// The model asked for.

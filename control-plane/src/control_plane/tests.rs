@@ -129,6 +129,7 @@ fn unknown_model_lists_available_models() {
     probe(&cp, 0, &["qwen:7b", "llama3:latest"], &[], t0);
     probe(&cp, 1, &["llama3:latest"], &[], t0);
     probe(&cp, 2, &["gpt-4o"], &[], t0);
+    probe(&cp, 3, &[], &[], t0);
     let err = cp.choose(&req("mistral"), None, t0).unwrap_err();
     assert_eq!(
         err,
@@ -138,6 +139,51 @@ fn unknown_model_lists_available_models() {
         }
     );
     assert!(err.to_string().contains("gpt-4o, llama3:latest, qwen:7b"));
+}
+
+#[test]
+fn a_model_is_not_called_missing_while_an_endpoint_was_never_reached() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    let s = cp.open_session("sc", t0).id;
+    probe(&cp, 0, &["llama3:latest"], &[], t0);
+    probe(&cp, 1, &["llama3:latest"], &[], t0);
+    probe(&cp, 2, &["gpt-4o"], &[], t0);
+    // l (index 3) has not answered a probe yet, nor ever (refused).
+    cp.apply_probe(
+        3,
+        ProbeReport::Failed {
+            detail: "connection refused".into(),
+        },
+        t0,
+    );
+    let err = cp.choose(&req("mistral"), Some(s), t0).unwrap_err();
+    match &err {
+        ChooseError::NoEndpointAvailable { model, detail } => {
+            assert_eq!(model, "mistral");
+            assert!(detail.contains("1 endpoint(s) never reached"), "{detail}");
+        }
+        other => panic!("expected NoEndpointAvailable, got {other:?}"),
+    }
+    assert_eq!(cp.stats().not_found, 0, "not counted as model not found");
+    // Models that are known are still chosen meanwhile.
+    let ch = cp.choose(&req("llama3"), Some(s), t0).unwrap();
+    assert!([A, B].contains(&&*ch.endpoint), "{ch:?}");
+    // Once it has answered, a model nobody has is not found.
+    probe(&cp, 3, &["unsloth/x-GGUF:Q4_K_M"], &[], t0);
+    let err = cp.choose(&req("mistral"), Some(s), t0).unwrap_err();
+    assert!(matches!(err, ChooseError::ModelNotFound { .. }), "{err:?}");
+    assert_eq!(cp.stats().not_found, 1);
+    // Down again later, its models stay known: still not found.
+    cp.apply_probe(
+        3,
+        ProbeReport::Failed {
+            detail: "connection refused".into(),
+        },
+        t0,
+    );
+    let err = cp.choose(&req("mistral"), Some(s), t0).unwrap_err();
+    assert!(matches!(err, ChooseError::ModelNotFound { .. }), "{err:?}");
 }
 
 #[test]
@@ -904,6 +950,10 @@ fn stats_count_decisions_and_releases() {
     cp.release(l1, Outcome::Ok, TokenCounts::default(), t0);
     cp.release(l2, Outcome::Cancelled, TokenCounts::default(), t0);
     cp.release(l2, Outcome::Cancelled, TokenCounts::default(), t0);
+    // Once every endpoint has answered a probe, "nope" is not found.
+    for ep in 1..4 {
+        probe(&cp, ep, &[], &[], t0);
+    }
     let _ = cp.choose(&req("nope"), Some(s), t0);
     let st = cp.stats();
     let d: Vec<(DecisionReason, u64)> = st.decisions.to_vec();

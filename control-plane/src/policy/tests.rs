@@ -60,7 +60,7 @@ fn no_candidates_is_not_found() {
         select(&[], None, false, &mut rng()),
         Err(Rejection::NoCandidates)
     );
-    let err = Rejection::NoCandidates.into_error("m", || vec!["a".into(), "b".into()]);
+    let err = Rejection::NoCandidates.into_error("m", 0, || vec!["a".into(), "b".into()]);
     assert_eq!(
         err,
         ChooseError::ModelNotFound {
@@ -68,6 +68,15 @@ fn no_candidates_is_not_found() {
             available: vec!["a".into(), "b".into()]
         }
     );
+    // An endpoint never reached may have it: unavailable, not unknown.
+    let err = Rejection::NoCandidates.into_error("m", 2, || unreachable!("no list needed"));
+    match err {
+        ChooseError::NoEndpointAvailable { model, detail } => {
+            assert_eq!(model, "m");
+            assert!(detail.contains("2 endpoint(s) never reached"), "{detail}");
+        }
+        other => panic!("expected NoEndpointAvailable, got {other:?}"),
+    }
 }
 
 /// A required affinity (a request continuing a response stored on that
@@ -127,7 +136,7 @@ fn hard_exclusions_never_get_the_request() {
             draining: 1
         }
     );
-    let msg = err.into_error("m", Vec::new).to_string();
+    let msg = err.into_error("m", 0, Vec::new).to_string();
     assert!(
         msg.contains("1 already failed") && msg.contains("1 draining"),
         "{msg}"
@@ -695,6 +704,45 @@ fn cluster_state_not_found_lists_models_sorted_and_deduplicated() {
             .to_vec(),
         }
     );
+}
+
+#[test]
+fn cluster_state_model_on_no_known_endpoint_is_unavailable_while_one_was_never_reached() {
+    let not_found = |state: &ClusterState| {
+        select_from_cluster_state(
+            state,
+            &LocalUsage::default(),
+            &request("mistral"),
+            None,
+            &mut rng(),
+        )
+        .unwrap_err()
+    };
+    let mut state = cluster();
+    // Down now, but answered once: its models are known, so "not found"
+    // stands.
+    state.endpoints[2].healthy = false;
+    assert!(
+        matches!(not_found(&state), ChooseError::ModelNotFound { .. }),
+        "{:?}",
+        not_found(&state)
+    );
+    // Never answered a probe: it may have the model.
+    state.endpoints[2].last_probe_ok_unix_ms = 0;
+    state.endpoints[2].advertised_models.clear();
+    match not_found(&state) {
+        ChooseError::NoEndpointAvailable { model, detail } => {
+            assert_eq!(model, "mistral");
+            assert!(detail.contains("1 endpoint(s) never reached"), "{detail}");
+        }
+        other => panic!("expected NoEndpointAvailable, got {other:?}"),
+    }
+    // Draining, it gets no requests whatever it has.
+    state.endpoints[2].draining = true;
+    assert!(matches!(
+        not_found(&state),
+        ChooseError::ModelNotFound { .. }
+    ));
 }
 
 #[test]

@@ -1,14 +1,20 @@
 //! Client errors and unavailability, always in the client's API format:
 //! malformed JSON and a missing model are 400, a body over
-//! `max_body_bytes` is 413, no healthy backend is 503.
+//! `max_body_bytes` is 413, no healthy backend is 503, and so is a model
+//! no backend has while one backend has never been reached (it may have
+//! it: "not found" would be a guess).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::json;
+use switchyard_control_plane::endpoint::EndpointKind;
 use switchyard_system_tests::{
-    Cluster,
+    Cluster, SOON,
     client::{Reply, ollama_error_text, openai_error_message, post_json, send},
+    config::EndpointEntry,
     ollama_fake, openai_fake,
+    process::free_addr,
+    wait_for,
 };
 
 /// Routed paths with their API format (`true` = OpenAI).
@@ -98,6 +104,53 @@ async fn body_over_max_body_bytes_is_413_in_client_format() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text);
+    c.wait_usage(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_no_reached_backend_has_is_503_while_another_was_never_reached() {
+    let never = free_addr(); // nothing listens there
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .extra_endpoint(EndpointEntry {
+            url: format!("http://{never}"),
+            kind: EndpointKind::Ollama,
+            max_concurrent: None,
+            api_key: None,
+        })
+        .start()
+        .await;
+    let down = format!("http://{never}");
+    wait_for(
+        "the unreachable endpoint's first probe",
+        SOON,
+        || {
+            c.state()
+                .endpoints
+                .iter()
+                .find(|e| *e.url == *down)
+                .map(|e| e.health_detail.clone())
+        },
+        |detail| detail.as_deref().is_some_and(|d| d.contains("connect")),
+    )
+    .await;
+    let chat = |model: &str| {
+        json!({"model": model, "stream": false,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    for (path, openai) in [("/api/chat", false), ("/v1/chat/completions", true)] {
+        let r = post_json(c.http(), &c.at(path), &chat("llama3")).await;
+        assert_eq!(r.status, 503, "{path}: {}", r.text);
+        let text = assert_format(path, openai, &r);
+        assert!(
+            text.contains("llama3") && text.contains("never reached"),
+            "{path}: {text}"
+        );
+        assert!(!text.contains(&never.to_string()), "names no URL: {text}");
+        // What the reachable backend has is served meanwhile.
+        let r = post_json(c.http(), &c.at(path), &chat("m")).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+    }
     c.wait_usage(0).await;
 }
 
