@@ -56,6 +56,10 @@ pub struct ControlPlaneStats {
     pub decisions: [(DecisionReason, u64); 4],
     /// Choices refused: model not advertised anywhere.
     pub not_found: u64,
+    /// Choices refused: every endpoint advertising the model excluded or
+    /// draining, or none advertising it while an endpoint was never
+    /// reached (so it may have it).
+    pub no_endpoint: u64,
     /// `release` calls that ended a lease, by outcome (every outcome listed).
     pub releases: Vec<(Outcome, u64)>,
     /// Leases granted by reserving choices.
@@ -510,6 +514,7 @@ impl ControlPlane {
                 (r, c.decisions.get(i).copied().unwrap_or(0))
             }),
             not_found: c.not_found,
+            no_endpoint: c.no_endpoint,
             releases: Outcome::ALL
                 .iter()
                 .zip(c.releases)

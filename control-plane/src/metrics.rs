@@ -134,6 +134,13 @@ fn render_with(mut e: Encoder, stats: &ControlPlaneStats, state: &ClusterState) 
         "Choices refused because no endpoint advertises the model.",
         stats.not_found,
     );
+    e.single(
+        "switchyard_cp_no_endpoint_total",
+        Kind::Counter,
+        "Choices refused because every endpoint advertising the model was excluded \
+         or draining, or none does while an endpoint was never reached.",
+        stats.no_endpoint,
+    );
     e.family(
         "switchyard_cp_releases_total",
         Kind::Counter,
@@ -289,6 +296,7 @@ mod tests {
         ControlPlaneStats {
             decisions: DecisionReason::ALL.map(|r| (r, 3)),
             not_found: 1,
+            no_endpoint: 4,
             releases: Outcome::ALL.iter().map(|o| (*o, 2)).collect(),
             leases_granted: 10,
             leases_registered: 0,
@@ -337,6 +345,7 @@ mod tests {
         for family in [
             "switchyard_cp_decisions_total",
             "switchyard_cp_model_not_found_total",
+            "switchyard_cp_no_endpoint_total",
             "switchyard_cp_releases_total",
             "switchyard_cp_leases_active",
             "switchyard_cp_leases_granted_total",
@@ -361,6 +370,7 @@ mod tests {
         assert!(text.contains("switchyard_cp_decisions_total{reason=\"loaded_free\"} 3\n"));
         assert!(text.contains("switchyard_cp_releases_total{outcome=\"idle_timeout\"} 2\n"));
         assert!(text.contains("switchyard_cp_probes_total{result=\"failed\"} 6\n"));
+        assert!(text.contains("switchyard_cp_no_endpoint_total 4\n"));
         assert!(text.contains("switchyard_cp_endpoint_healthy{endpoint=\"http://a:11434\"} 1\n"));
         assert!(text.contains("# TYPE switchyard_cp_leases_active gauge\n"));
         assert!(text.contains("# TYPE switchyard_cp_leases_granted_total counter\n"));
