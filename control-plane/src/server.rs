@@ -96,9 +96,36 @@ pub async fn serve(
     type Cluster = ClusterServer<ClusterService>;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::Serving).await;
-    health.set_serving::<Routing>().await;
+    // Ready ("" and Routing SERVING) once every endpoint has had a probe
+    // round applied. Before that a fresh control plane knows no endpoint's
+    // models and would refuse every request (503, `policy::models_unknown`),
+    // so Kubernetes' readiness probe keeps it out of its Service and the
+    // sidecars keep routing degraded on their last state meanwhile. The
+    // wait is bounded (a round takes at most about two probe timeouts);
+    // Cluster (inspection) serves at once.
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health.set_not_serving::<Routing>().await;
     health.set_serving::<Cluster>().await;
+    let ready = tokio::spawn({
+        let health = health.clone();
+        let rounds = cp.probe_rounds().clone();
+        let bound = cp.config().probe.timeout.saturating_mul(2) + Duration::from_secs(1);
+        async move {
+            if tokio::time::timeout(bound, rounds.all_applied_once())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    after = ?bound,
+                    "not every endpoint has been probed yet; reporting ready anyway"
+                );
+            }
+            health.set_service_status("", ServingStatus::Serving).await;
+            health.set_serving::<Routing>().await;
+        }
+    });
 
     let reflection_v1 = reflection_builder()
         .build_v1()
@@ -111,6 +138,9 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
+            // The readiness task must not report SERVING after this.
+            ready.abort();
+            let _ = ready.await;
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
@@ -411,6 +441,77 @@ mod tests {
             request_kind: v1::RequestKind::Chat as i32,
             ..Default::default()
         }
+    }
+
+    /// gRPC health of `service` (`""` is the whole server).
+    async fn health_of(channel: &Channel, service: &str) -> i32 {
+        tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    }
+
+    #[tokio::test]
+    async fn ready_only_once_every_endpoint_has_been_probed() {
+        use tonic_health::pb::health_check_response::ServingStatus as Status;
+        // An endpoint that takes connections and never answers: its first
+        // probe round ends at probe_timeout.
+        let hang = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hang_url = format!("http://{}", hang.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = hang.accept().await {
+                open.push(socket);
+            }
+        });
+        let yaml =
+            format!("endpoints: [\"{hang_url}\"]\nprobe_interval: 1h\nprobe_timeout: 700ms\n");
+        let started = std::time::Instant::now();
+        let running = RunningControlPlane::start(Config::from_yaml(&yaml, &|_| None).unwrap())
+            .await
+            .unwrap();
+        let channel = Channel::from_shared(running.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        if started.elapsed() < Duration::from_millis(500) {
+            for service in ["", "switchyard.v1.Routing"] {
+                assert_eq!(
+                    health_of(&channel, service).await,
+                    Status::NotServing as i32,
+                    "{service:?} before the first probe round"
+                );
+            }
+        }
+        // Inspection serves at once.
+        assert_eq!(
+            health_of(&channel, "switchyard.v1.Cluster").await,
+            Status::Serving as i32
+        );
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while health_of(&channel, "").await != Status::Serving as i32 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("ready once the round failed at probe_timeout");
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "ready after {:?}, before the probe timed out",
+            started.elapsed()
+        );
+        assert_eq!(
+            health_of(&channel, "switchyard.v1.Routing").await,
+            Status::Serving as i32
+        );
+        assert!(!running.cp.state().endpoints[0].healthy);
+        running.shutdown().await.unwrap();
+        held.abort();
     }
 
     #[tokio::test]

@@ -85,6 +85,19 @@ impl ProbeRounds {
         }
     }
 
+    /// Resolves once every endpoint has had a probe round applied (at once
+    /// with no endpoints): from then on every endpoint's models are known
+    /// or its failure is. Never resolves while a probe loop is missing:
+    /// callers bound the wait.
+    pub async fn all_applied_once(&self) {
+        for round in &self.endpoints {
+            let mut progress = round.progress.subscribe();
+            // The sender lives in `self`: the wait cannot fail while we
+            // hold it.
+            let _ = progress.wait_for(|p| p.applied >= 1).await;
+        }
+    }
+
     /// Asks `endpoint` for a probe now and resolves once a round started
     /// after this call has been applied. Never resolves while no probe loop
     /// runs for it: callers bound the wait. `false` for an index out of
@@ -132,6 +145,34 @@ mod tests {
                 .unwrap()
                 .unwrap()
         );
+    }
+
+    #[tokio::test]
+    async fn all_applied_once_waits_for_every_endpoint() {
+        assert!(
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                ProbeRounds::new(0).all_applied_once()
+            )
+            .await
+            .is_ok(),
+            "no endpoints: at once"
+        );
+        let rounds = Arc::new(ProbeRounds::new(2));
+        let waiter = tokio::spawn({
+            let rounds = rounds.clone();
+            async move { rounds.all_applied_once().await }
+        });
+        let first = rounds.start(1);
+        rounds.applied(1, first);
+        let started = rounds.start(0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "endpoint 0's round is not applied");
+        rounds.applied(0, started);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("resolves once both are applied")
+            .unwrap();
     }
 
     #[tokio::test]
