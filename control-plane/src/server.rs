@@ -443,6 +443,15 @@ mod tests {
         }
     }
 
+    /// A connected channel to `running`'s gRPC API.
+    async fn channel_to(running: &RunningControlPlane) -> Channel {
+        Channel::from_shared(running.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     /// gRPC health of `service` (`""` is the whole server).
     async fn health_of(channel: &Channel, service: &str) -> i32 {
         tonic_health::pb::health_client::HealthClient::new(channel.clone())
@@ -474,11 +483,7 @@ mod tests {
         let running = RunningControlPlane::start(Config::from_yaml(&yaml, &|_| None).unwrap())
             .await
             .unwrap();
-        let channel = Channel::from_shared(running.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = channel_to(&running).await;
         if started.elapsed() < Duration::from_millis(500) {
             for service in ["", "switchyard.v1.Routing"] {
                 assert_eq!(
@@ -521,11 +526,7 @@ mod tests {
         let running = RunningControlPlane::start_with_metrics(config(&backend))
             .await
             .unwrap();
-        let channel = Channel::from_shared(running.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = channel_to(&running).await;
         let mut routing = RoutingClient::new(channel.clone());
         let mut cluster = ClusterClient::new(channel.clone());
 
@@ -688,16 +689,8 @@ mod tests {
         // Health: overall and per service.
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         for service in ["", "switchyard.v1.Routing", "switchyard.v1.Cluster"] {
-            let status = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: service.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .status;
             assert_eq!(
-                status,
+                health_of(&channel, service).await,
                 tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
                 "{service:?}"
             );
