@@ -13,7 +13,8 @@
 //!   hop-by-hop headers, `host`, `content-length` (recomputed),
 //!   `authorization` (the client's key is for the router, never for the
 //!   backend), `accept-encoding` (responses must stay readable for the
-//!   stream observers and translators) and the session headers. The
+//!   stream observers and translators), `expect` (the whole body goes at
+//!   once, so no `100 Continue` is wanted) and the session headers. The
 //!   endpoint's own API key is added as `Authorization: Bearer`.
 //!
 //! The clients that send it are in [`super::upstream`].
@@ -21,7 +22,7 @@
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue,
-    header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST},
+    header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST},
 };
 use std::time::SystemTime;
 
@@ -250,6 +251,9 @@ fn is_dropped_request_header(name: &HeaderName) -> bool {
         || name == AUTHORIZATION
         || name == ACCEPT_ENCODING
         || name == CONTENT_TYPE
+        // The sidecar sends the whole body at once: asking the backend
+        // for a 100 Continue first would only add an interim answer.
+        || name == EXPECT
         || SESSION_HEADERS.contains(&n)
         || n == crate::auth::X_API_KEY
 }
@@ -509,6 +513,7 @@ mod tests {
             ("accept-encoding", "gzip"),
             ("x-session-id", "abc"),
             ("content-type", "text/plain"),
+            ("expect", "100-continue"),
             ("user-agent", "ollama-python/0.4"),
             ("traceparent", "00-abc-def-01"),
         ] {
@@ -526,6 +531,7 @@ mod tests {
             "transfer-encoding",
             "accept-encoding",
             "x-session-id",
+            "expect",
         ] {
             assert!(!names.contains(&dropped), "{dropped} forwarded: {names:?}");
         }

@@ -889,6 +889,51 @@ async fn first_byte_timeout_is_504() {
 }
 
 #[tokio::test]
+async fn a_client_expecting_100_continue_gets_its_answer() {
+    // curl sends `Expect: 100-continue` on large bodies and waits for the
+    // interim answer before sending the body; the backend must then answer
+    // at once, not after the first-byte timeout.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let body = r#"{"model":"llama3","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
+    let mut sock = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    let head = format!(
+        "POST /api/chat HTTP/1.1\r\nhost: sidecar\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let exchange = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("100 Continue") {
+            let n = sock.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before 100 Continue");
+            got.extend_from_slice(&buf[..n]);
+        }
+        sock.write_all(body.as_bytes()).await.unwrap();
+        while !String::from_utf8_lossy(&got).contains("\"done\":true") {
+            let n = sock.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before the answer: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    };
+    let got = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("no answer within 10 s");
+    assert!(got.contains("HTTP/1.1 200 OK"), "{got}");
+    wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test]
 async fn router_key_is_required_and_backend_key_sent() {
     let fake = Fake::start("llama_server", &["qwen"], Behaviour::Serve).await;
     let yaml = format!(

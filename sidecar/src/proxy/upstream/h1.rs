@@ -317,18 +317,21 @@ async fn exchange(
             Ok(_) => {}
             Err(e) => return Err(Failure::Broken(H1Error::Io(e))),
         }
-        match parse_head(&mut buf) {
-            // Interim (100 Continue and friends): the final answer follows
-            // on the same connection.
-            Ok(Some(Parsed::Interim)) => {}
-            Ok(Some(Parsed::Final(head))) => return Ok((head, io, buf)),
-            Ok(None) if buf.len() > MAX_HEAD => {
-                return Err(Failure::Broken(H1Error::Protocol(
-                    "response head too large",
-                )));
+        // One read can hold an interim head (100 Continue and friends)
+        // and the final one after it: parse until the buffer holds no
+        // complete head before reading again.
+        loop {
+            match parse_head(&mut buf) {
+                Ok(Some(Parsed::Interim)) => {}
+                Ok(Some(Parsed::Final(head))) => return Ok((head, io, buf)),
+                Ok(None) if buf.len() > MAX_HEAD => {
+                    return Err(Failure::Broken(H1Error::Protocol(
+                        "response head too large",
+                    )));
+                }
+                Ok(None) => break,
+                Err(e) => return Err(Failure::Broken(e)),
             }
-            Ok(None) => {}
-            Err(e) => return Err(Failure::Broken(e)),
         }
     }
 }

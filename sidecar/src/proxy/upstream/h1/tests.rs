@@ -322,6 +322,24 @@ async fn interim_responses_are_skipped() {
 }
 
 #[tokio::test]
+async fn an_interim_response_read_together_with_the_final_one_is_skipped() {
+    // Both heads in one write, so they usually arrive in one read: the
+    // final head must be parsed from what is already buffered, not waited
+    // for (it would never come).
+    let b = backend(
+        vec![vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ]],
+        10,
+    )
+    .await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), post(&pool(), &b.addr, b"{}"))
+        .await
+        .expect("the final response was already buffered");
+    assert_eq!(answer.unwrap(), (200, Bytes::from("ok")));
+}
+
+#[tokio::test]
 async fn a_body_cut_short_is_an_error_and_dropping_a_body_closes_its_connection() {
     let short: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc";
     let b = backend(vec![vec![short]], 1).await;
