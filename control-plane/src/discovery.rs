@@ -218,7 +218,10 @@ impl Prober {
             .map_err(|e| format!("GET {path}: {}", describe(&e, self.timeout)))?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(format!("GET {path}: HTTP {status}"));
+            return Err(format!(
+                "GET {path}: HTTP {status}{}",
+                hint(endpoint, path, status)
+            ));
         }
         let mut body = Vec::new();
         while let Some(chunk) = resp
@@ -234,6 +237,22 @@ impl Prober {
             body.extend_from_slice(&chunk);
         }
         Ok(body)
+    }
+}
+
+/// What an operator likely got wrong when a probe's route does not exist:
+/// an OpenAI-compatible server (vLLM, llama-server, a hosted API) listed
+/// under `endpoints` without `/v1` in its URL is probed as an Ollama
+/// server, and has no `/api/tags`.
+fn hint(endpoint: &EndpointConfig, path: &str, status: reqwest::StatusCode) -> &'static str {
+    if status == reqwest::StatusCode::NOT_FOUND
+        && endpoint.kind == EndpointKind::Ollama
+        && path == "/api/tags"
+    {
+        " (no Ollama API at this URL: list an OpenAI-compatible server with /v1 at the \
+         end of its URL, a llama-server under llama_server_endpoints)"
+    } else {
+        ""
     }
 }
 
@@ -552,6 +571,38 @@ mod tests {
                 advertised: vec!["org/m-GGUF:Q4_K_M".into(), "other".into(), "plain".into()],
                 loaded: vec!["org/m-GGUF:Q4_K_M".into(), "plain".into()],
                 items: ModelItems::default(),
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_url_without_the_ollama_api_gets_a_hint() {
+        let url = serve_fake(Fake::default()).await;
+        // An OpenAI-compatible server listed as an Ollama endpoint: no
+        // `/api/tags` under its URL.
+        let report = prober()
+            .probe(&endpoint(&format!("{url}/v1"), EndpointKind::Ollama, None))
+            .await;
+        let ProbeReport::Failed { detail } = report else {
+            panic!("{report:?}");
+        };
+        assert!(
+            detail.starts_with("GET /api/tags: HTTP 404 Not Found (no Ollama API"),
+            "{detail}"
+        );
+        assert!(detail.contains("/v1 at the end of its URL"), "{detail}");
+
+        // Any other failure says only what failed.
+        let fake = Fake::default();
+        *fake.broken.lock() = true;
+        let url = serve_fake(fake).await;
+        let report = prober()
+            .probe(&endpoint(&url, EndpointKind::Ollama, None))
+            .await;
+        assert_eq!(
+            report,
+            ProbeReport::Failed {
+                detail: "GET /api/tags: HTTP 500 Internal Server Error".into()
             }
         );
     }
