@@ -217,6 +217,9 @@ pub struct RawConfig {
     pub max_attempts: Option<u32>,
     /// Sidecar: how long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Option<RawDuration>,
+    /// Sidecar: how long a client connection may take to send a request
+    /// head before it is closed.
+    pub client_header_timeout: Option<RawDuration>,
     /// Sidecar: threads serving client connections (0 = one per core).
     pub server_threads: Option<usize>,
     /// Sidecar: browser origins allowed besides Ollama's defaults.
@@ -306,6 +309,12 @@ pub struct SidecarConfig {
     pub max_attempts: u32,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How long a client connection may take to send its first byte, or a
+    /// complete request head once started, and may sit idle between
+    /// requests, before the sidecar closes it: a client that opens
+    /// connections and sends nothing, or a head byte by byte, cannot hold
+    /// them forever.
+    pub client_header_timeout: Duration,
     /// Threads serving client connections, each with its own runtime,
     /// backend connection pools and `Route` stream; 0 = one per core.
     pub server_threads: usize,
@@ -403,6 +412,10 @@ pub mod defaults {
     pub const MAX_ATTEMPTS: u32 = 3;
     /// Shutdown grace.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// Time a client has to send a request head, and the longest a
+    /// kept-alive client connection may sit idle (nginx's
+    /// `client_header_timeout`).
+    pub const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
     /// Sidecar server threads.
     pub const SERVER_THREADS: usize = 1;
     /// Browser origins allowed without configuration: Ollama's defaults
@@ -814,6 +827,14 @@ impl Config {
                 &raw.shutdown_grace,
                 defaults::SHUTDOWN_GRACE,
             )?,
+            client_header_timeout: positive(
+                "client_header_timeout",
+                dur(
+                    "client_header_timeout",
+                    &raw.client_header_timeout,
+                    defaults::CLIENT_HEADER_TIMEOUT,
+                )?,
+            )?,
             server_threads: match raw.server_threads {
                 Some(n) if n > MAX_SERVER_THREADS => {
                     return Err(invalid(
@@ -1122,6 +1143,26 @@ api_keys:
         let err = error("allowed_origins: [\"ok://x\", \"bad one\"]\n");
         assert!(
             err.contains("allowed_origins[1]") && err.contains("bad one"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn client_header_timeout_defaults_to_60s_and_must_be_positive() {
+        let timeout = |yaml: &str| {
+            Config::from_yaml(yaml, &env)
+                .unwrap()
+                .sidecar
+                .client_header_timeout
+        };
+        assert_eq!(timeout(""), Duration::from_secs(60));
+        assert_eq!(
+            timeout("client_header_timeout: 250ms\n"),
+            Duration::from_millis(250)
+        );
+        let err = error("client_header_timeout: 0\n");
+        assert!(
+            err.contains("client_header_timeout") && err.contains("greater than zero"),
             "{err}"
         );
     }

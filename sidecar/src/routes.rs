@@ -272,6 +272,14 @@ impl Service<Request> for Entry {
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
+        self.respond(req)
+    }
+}
+
+impl Entry {
+    /// Answers one request: the CORS check, then [`Entry::serve`]. Needs
+    /// no `&mut`: the server calls it on the connection's shared copy.
+    pub(crate) fn respond(&self, req: Request) -> <Self as Service<Request>>::Future {
         match cors::admit(self.state.allowed_origins(), &req) {
             cors::Admission::Plain => self.serve(req),
             cors::Admission::Answered(response) => Box::pin(async move { Ok(response) }),
@@ -289,7 +297,7 @@ impl Service<Request> for Entry {
 
 impl Entry {
     /// Serves one request: the fast path or the router.
-    fn serve(&mut self, req: Request) -> <Self as Service<Request>>::Future {
+    fn serve(&self, req: Request) -> <Self as Service<Request>>::Future {
         // A query string may carry `api_key` (stripped by the middleware):
         // the router path handles those.
         let fast = if req.method() == Method::POST && req.uri().query().is_none() {

@@ -368,7 +368,8 @@ pub async fn start(options: StartOptions) -> Result<SidecarHandle, StartError> {
         }
     };
     let stop = state.stopping_token();
-    let servers = match spawn_servers(&cores, &state, &stop, addr) {
+    let client_header_timeout = config.sidecar.client_header_timeout;
+    let servers = match spawn_servers(&cores, &state, &stop, client_header_timeout) {
         Ok(servers) => servers,
         Err(e) => {
             router.close().await;
@@ -471,7 +472,7 @@ fn spawn_servers(
     cores: &CoreRuntimes,
     state: &AppState,
     stop: &CancellationToken,
-    addr: SocketAddr,
+    client_header_timeout: Duration,
 ) -> Result<Vec<ThreadServer>, StartError> {
     let mut servers = Vec::with_capacity(cores.len());
     for (i, runtime) in cores.handles().enumerate() {
@@ -481,16 +482,12 @@ fn spawn_servers(
         } else {
             state.for_thread()?
         };
-        let entry = axum::ServiceExt::<axum::extract::Request>::into_make_service(
+        let done = runtime.spawn(connections::serve(
+            Inbox { sockets },
             routes::Entry::new(state),
-        );
-        let listener = Inbox { sockets, addr };
-        let stop = stop.clone();
-        let done = runtime.spawn(async move {
-            axum::serve(listener, entry)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
+            client_header_timeout,
+            stop.clone(),
+        ));
         servers.push(ThreadServer { inbox, done });
     }
     Ok(servers)
@@ -500,13 +497,12 @@ fn spawn_servers(
 /// registered with this thread's reactor.
 struct Inbox {
     sockets: mpsc::UnboundedReceiver<std::net::TcpStream>,
-    addr: SocketAddr,
 }
 
-impl axum::serve::Listener for Inbox {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
+impl Inbox {
+    /// The next socket, registered with this thread's reactor; waits
+    /// forever once the accept loop has ended (the server stops on its
+    /// shutdown signal).
     async fn accept(&mut self) -> (TcpStream, SocketAddr) {
         loop {
             let Some(socket) = self.sockets.recv().await else {
@@ -524,10 +520,6 @@ impl axum::serve::Listener for Inbox {
                 Err(e) => tracing::debug!(error = %e, "dropping an accepted connection"),
             }
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
     }
 }
 
@@ -602,5 +594,6 @@ async fn serve(
     tracing::info!("sidecar stopped");
 }
 
+mod connections;
 #[cfg(test)]
 mod tests;

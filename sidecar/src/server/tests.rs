@@ -535,7 +535,11 @@ async fn failing_then_serving(failing: Behaviour) -> (Fake, Fake, SidecarHandle)
 
 /// A non-streaming `/api/chat` for `llama3` through `sc`.
 async fn chat_llama3(sc: &SidecarHandle) -> reqwest::Response {
-    client()
+    chat_with(&client(), sc).await
+}
+
+async fn chat_with(client: &reqwest::Client, sc: &SidecarHandle) -> reqwest::Response {
+    client
         .post(format!("http://{}/api/chat", sc.addr))
         .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": false}))
         .send()
@@ -930,6 +934,54 @@ async fn a_client_expecting_100_continue_gets_its_answer() {
         .expect("no answer within 10 s");
     assert!(got.contains("HTTP/1.1 200 OK"), "{got}");
     wait_no_leases(&sc).await;
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_sends_no_complete_head_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let yaml = format!("{}client_header_timeout: 0.3\n", endpoints_yaml(&[&fake]));
+    let sc = sidecar(&yaml).await;
+    wait_routable(&sc, 1).await;
+    let closed_within = |mut sock: tokio::net::TcpStream, what: &'static str| async move {
+        let mut buf = [0u8; 1024];
+        let started = tokio::time::Instant::now();
+        // End of stream or a reset: either way the sidecar let go.
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "{what}: connection still open after 5 s");
+        started.elapsed()
+    };
+
+    // Half a head, then silence.
+    let mut sock = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    sock.write_all(b"POST /api/chat HTTP/1.1\r\nhost: sidecar\r\n")
+        .await
+        .unwrap();
+    let took = closed_within(sock, "half a head").await;
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+    // Nothing at all.
+    let sock = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    closed_within(sock, "nothing").await;
+
+    // A client that sends its requests is served, also after pausing for
+    // longer than the timeout (its idle connection was closed meanwhile,
+    // and it opens another).
+    let client = client();
+    for pause in [0, 500] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let r = chat_with(&client, &sc).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
     sc.shutdown().await;
 }
 
