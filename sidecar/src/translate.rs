@@ -154,6 +154,31 @@ impl LocalReply {
     }
 }
 
+/// Whether the backend's reasoning reaches an Ollama client.
+///
+/// Ollama answers `think:false` without `thinking`. An OpenAI-API backend
+/// may reason anyway: llama-server is told not to (`reasoning_effort:"none"`),
+/// but other OpenAI-compatible servers have no portable switch (hosted
+/// OpenAI rejects llama.cpp's and vLLM's), so the reasoning they send is
+/// left out of the translated answer instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Thinking {
+    /// Reasoning becomes `thinking`, as the backend sends it.
+    Shown,
+    /// The client sent `think:false`: reasoning is dropped.
+    Hidden,
+}
+
+impl Thinking {
+    /// What an Ollama `/api/chat` or `/api/generate` body asks for.
+    pub fn requested(body: &Value) -> Self {
+        match body.get("think") {
+            Some(Value::Bool(false)) => Self::Hidden,
+            _ => Self::Shown,
+        }
+    }
+}
+
 /// What the caller measured, for a non-stream response conversion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResponseMeta<'a> {
@@ -163,6 +188,8 @@ pub struct ResponseMeta<'a> {
     pub now: SystemTime,
     /// Whole-request time measured by the caller (`total_duration`).
     pub total_duration: Duration,
+    /// Whether reasoning is passed on as `thinking`.
+    pub thinking: Thinking,
 }
 
 /// A converted response body plus the tokens it reports.

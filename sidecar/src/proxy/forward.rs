@@ -39,7 +39,7 @@ use crate::{
     proxy::request::RequestContext,
     routes::ApiRoute,
     translate::{
-        Plan, Target, chat,
+        Plan, Target, Thinking, chat,
         embed::{self, EmbedApi},
         generate::{self, GenerateRoute},
         listing,
@@ -107,9 +107,9 @@ pub enum Handling {
     /// Same API on both sides: bytes pass unchanged (observed for tokens).
     PassThrough,
     /// Ollama `/api/chat` answered by `/v1/chat/completions`.
-    Chat,
+    Chat(Thinking),
     /// Ollama `/api/generate` answered by `/v1/completions` or chat.
-    Generate,
+    Generate(Thinking),
     /// Ollama `/api/embed` or `/api/embeddings` answered by `/v1/embeddings`.
     Embed(EmbedApi),
 }
@@ -178,12 +178,18 @@ pub fn plan(
     };
     let body = || ctx.json_object().map(Value::Object);
     let (plan, handling) = match ctx.route {
-        ApiRoute::OllamaChat => (chat::chat_request(&body()?, &target)?, Handling::Chat),
+        ApiRoute::OllamaChat => {
+            let body = body()?;
+            (
+                chat::chat_request(&body, &target)?,
+                Handling::Chat(Thinking::requested(&body)),
+            )
+        }
         ApiRoute::OllamaGenerate => {
             let body = body()?;
             (
                 generate::generate_request(&body, &target, generate_route(kind, &body))?,
-                Handling::Generate,
+                Handling::Generate(Thinking::requested(&body)),
             )
         }
         ApiRoute::OllamaEmbed => (
@@ -447,7 +453,7 @@ mod tests {
         let llama = choice("http://l:8080", EndpointKind::LlamaServer, "qwen-backend");
         let (call, body) = body_of(plan(&ctx, &llama, None).unwrap());
         assert_eq!(call.url, "http://l:8080/v1/chat/completions");
-        assert_eq!(call.handling, Handling::Chat);
+        assert_eq!(call.handling, Handling::Chat(Thinking::Shown));
         assert_eq!(body["model"], "qwen-backend");
         assert_eq!(body["temperature"], 0.25);
         assert_eq!(body["max_tokens"], 7);
@@ -469,7 +475,7 @@ mod tests {
             .unwrap();
             let (call, body) = body_of(plan(&ctx, &hosted, None).unwrap());
             assert_eq!(call.url, format!("https://api.x.com/v1{path}"));
-            assert_eq!(call.handling, Handling::Generate);
+            assert_eq!(call.handling, Handling::Generate(Thinking::Shown));
             assert_eq!(body["model"], "qwen");
         }
     }

@@ -59,7 +59,7 @@ use crate::{
     routes::{ApiFormat, ApiRoute},
     server::AppState,
     translate::{
-        ResponseMeta, TranslateError, UpstreamError, chat, embed, generate,
+        ResponseMeta, Thinking, TranslateError, UpstreamError, chat, embed, generate,
         observe::{OllamaStreamObserver, OpenAiStreamObserver, observe_answer, response_id_of},
         stream::{SseToNdjson, StreamEnd, StreamMode, StreamTranslator},
     },
@@ -310,14 +310,15 @@ pub(crate) async fn exchange(
             };
             (transform, headers)
         }
-        Handling::Chat | Handling::Generate => {
-            let mode = if handling == Handling::Chat {
+        Handling::Chat(thinking) | Handling::Generate(thinking) => {
+            let mode = if matches!(handling, Handling::Chat(_)) {
                 StreamMode::Chat
             } else {
                 StreamMode::Generate
             };
             let translator =
-                StreamTranslator::new(mode, ctx.model.clone(), ctx.received, ctx.received_wall);
+                StreamTranslator::new(mode, ctx.model.clone(), ctx.received, ctx.received_wall)
+                    .with_thinking(thinking);
             let mut headers = HeaderMap::new();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static(NDJSON));
             (
@@ -393,14 +394,19 @@ fn whole_answer(
             );
         }
     };
+    let thinking = match handling {
+        Handling::Chat(thinking) | Handling::Generate(thinking) => thinking,
+        Handling::Embed(_) | Handling::PassThrough => Thinking::Shown,
+    };
     let meta = ResponseMeta {
         model: &ctx.model,
         now: SystemTime::now(),
         total_duration: ctx.received.elapsed(),
+        thinking,
     };
     let converted = match handling {
-        Handling::Chat => chat::chat_response(&value, &meta),
-        Handling::Generate => generate::generate_response(&value, &meta),
+        Handling::Chat(_) => chat::chat_response(&value, &meta),
+        Handling::Generate(_) => generate::generate_response(&value, &meta),
         Handling::Embed(api) => embed::embed_response(&value, &meta, api),
         Handling::PassThrough => Err(TranslateError::BadBackendResponse("unreachable".into())),
     };

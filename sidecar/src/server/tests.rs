@@ -43,6 +43,9 @@ enum Behaviour {
     /// Answer every inference request as a FastAPI server without that
     /// route does (404 `{"detail":"Not Found"}`).
     NoRoute,
+    /// Answer every inference request as Ollama (gin) does for a route it
+    /// does not have (404, plain text `404 page not found`).
+    NoRouteGin,
     /// Stream one chunk, then hold the stream open until dropped.
     StallAfterFirstChunk,
     /// Never send response headers.
@@ -222,6 +225,9 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
         Behaviour::Serve | Behaviour::StallAfterFirstChunk => {}
         Behaviour::NoRoute => {
             return (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))).into_response();
+        }
+        Behaviour::NoRouteGin => {
+            return (StatusCode::NOT_FOUND, "404 page not found").into_response();
         }
         Behaviour::ModelGone => {
             let model = body["model"].as_str().unwrap_or_default();
@@ -1935,9 +1941,15 @@ async fn a_missing_backend_route_is_named_in_the_error() {
     let chat_only = Fake::start("llama_server", &["m"], Behaviour::Serve).await;
     // A FastAPI-style 404 body.
     let fastapi = Fake::start("ollama", &["llama3:latest"], Behaviour::NoRoute).await;
-    let sc = sidecar(&endpoints_yaml(&[&chat_only, &fastapi])).await;
-    wait_routable(&sc, 2).await;
-    for (model, path) in [("m", "/v1/completions"), ("llama3", "/api/generate")] {
+    // Ollama's own unknown-route answer, which says "not found" too.
+    let gin = Fake::start("ollama", &["gemma:latest"], Behaviour::NoRouteGin).await;
+    let sc = sidecar(&endpoints_yaml(&[&chat_only, &fastapi, &gin])).await;
+    wait_routable(&sc, 3).await;
+    for (model, path) in [
+        ("m", "/v1/completions"),
+        ("llama3", "/api/generate"),
+        ("gemma", "/api/generate"),
+    ] {
         let r = client()
             .post(format!("http://{}/api/generate", sc.addr))
             .json(&json!({"model": model, "prompt": "hi", "stream": false}))

@@ -18,7 +18,7 @@ use super::options::{
     ollama_stream,
 };
 use super::{
-    Converted, LocalReply, OpenAiRoute, OutboundRequest, Plan, ResponseMeta, Target,
+    Converted, LocalReply, OpenAiRoute, OutboundRequest, Plan, ResponseMeta, Target, Thinking,
     TranslateError, bad_request, body_error, content_text, done_reason, first_choice,
     nonstream_stats, reasoning_text, timestamp,
 };
@@ -308,24 +308,27 @@ pub fn chat_response(body: &Value, meta: &ResponseMeta<'_>) -> Result<Converted,
         .get("message")
         .and_then(Value::as_object)
         .ok_or_else(|| TranslateError::BadBackendResponse("choice without message".into()))?;
+    let mut content = content_text(message.get("content"));
+    let mut tool_calls = Vec::new();
+    if let Some(Value::Array(calls)) = message.get("tool_calls") {
+        for call in calls {
+            match ollama_tool_call(tool_calls.len(), call) {
+                Some(Ok(call)) => tool_calls.push(call),
+                Some(Err(text)) => content.push_str(&text),
+                None => {}
+            }
+        }
+    }
     let mut msg = Map::new();
     msg.insert("role".into(), "assistant".into());
-    msg.insert(
-        "content".into(),
-        content_text(message.get("content")).into(),
-    );
-    if let Some(thinking) = reasoning_text(message) {
+    msg.insert("content".into(), content.into());
+    if let Some(thinking) = reasoning_text(message)
+        && meta.thinking == Thinking::Shown
+    {
         msg.insert("thinking".into(), thinking.into());
     }
-    if let Some(Value::Array(calls)) = message.get("tool_calls") {
-        let calls: Vec<Value> = calls
-            .iter()
-            .enumerate()
-            .filter_map(|(k, c)| ollama_tool_call(k, c))
-            .collect();
-        if !calls.is_empty() {
-            msg.insert("tool_calls".into(), Value::Array(calls));
-        }
+    if !tool_calls.is_empty() {
+        msg.insert("tool_calls".into(), Value::Array(tool_calls));
     }
     let stats = nonstream_stats(body, meta.total_duration);
     let mut out = Map::new();
@@ -346,11 +349,15 @@ pub fn chat_response(body: &Value, meta: &ResponseMeta<'_>) -> Result<Converted,
 }
 
 /// An OpenAI tool call (`{id, type, function:{name, arguments:"<json>"}}`)
-/// as an Ollama one (`{id, function:{index, name, arguments:{..}}}`).
-pub(crate) fn ollama_tool_call(index: usize, call: &Value) -> Option<Value> {
+/// as an Ollama one (`{id, function:{index, name, arguments:{..}}}`), or, when
+/// its arguments are not a JSON object, as text ([`unreadable_tool_call`]).
+pub(crate) fn ollama_tool_call(index: usize, call: &Value) -> Option<Result<Value, String>> {
     let function = call.get("function")?.as_object()?;
     let name = function.get("name").and_then(Value::as_str).unwrap_or("");
-    let arguments = parse_arguments(function.get("arguments"));
+    let arguments = match parse_arguments(function.get("arguments")) {
+        Ok(arguments) => arguments,
+        Err(raw) => return Some(Err(unreadable_tool_call(name, &raw))),
+    };
     let mut f = Map::new();
     f.insert("index".into(), index.into());
     f.insert("name".into(), name.into());
@@ -364,21 +371,37 @@ pub(crate) fn ollama_tool_call(index: usize, call: &Value) -> Option<Value> {
         out.insert("id".into(), id.into());
     }
     out.insert("function".into(), Value::Object(f));
-    Some(Value::Object(out))
+    Some(Ok(Value::Object(out)))
 }
 
 /// Tool arguments as Ollama wants them: a JSON object parsed from the
-/// OpenAI string; empty means `{}`; unparsable text is kept as a string so
-/// nothing the model produced is lost.
-pub(crate) fn parse_arguments(arguments: Option<&Value>) -> Value {
+/// OpenAI string; empty or `null` means `{}`. Anything else (a call cut off
+/// by the token limit, malformed JSON, an array) is `Err` with the text the
+/// model produced.
+pub(crate) fn parse_arguments(arguments: Option<&Value>) -> Result<Value, String> {
     match arguments {
-        None | Some(Value::Null) => json!({}),
-        Some(Value::String(s)) if s.trim().is_empty() => json!({}),
-        Some(Value::String(s)) => {
-            serde_json::from_str::<Value>(s).unwrap_or_else(|_| Value::String(s.clone()))
-        }
-        Some(other) => other.clone(),
+        None | Some(Value::Null) => Ok(json!({})),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(json!({})),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(v @ Value::Object(_)) => Ok(v),
+            Ok(Value::Null) => Ok(json!({})),
+            _ => Err(s.clone()),
+        },
+        Some(v @ Value::Object(_)) => Ok(v.clone()),
+        Some(other) => Err(other.to_string()),
     }
+}
+
+/// A tool call whose arguments are not a JSON object, as the text a model
+/// writes for a call: `{"name":"f","arguments":<the text as sent>}`.
+///
+/// Ollama's `arguments` is always an object and its clients reject
+/// anything else (the Python client fails validation), so such a call
+/// cannot be a `tool_calls` entry. Ollama itself returns a call its parser
+/// cannot read as content; so does the translation, and nothing the model
+/// produced is lost.
+pub(crate) fn unreadable_tool_call(name: &str, raw: &str) -> String {
+    format!("{{\"name\":{},\"arguments\":{raw}}}", Value::from(name))
 }
 
 #[cfg(test)]
@@ -550,7 +573,11 @@ mod tests {
             json!({"model": "m", "format": schema, "messages": [{"role": "user", "content": "x"}]});
         let r = forward(chat_request(&body, &target(EndpointKind::OpenAi)).unwrap());
         assert_eq!(r.body["response_format"]["json_schema"]["schema"], schema);
-        assert_eq!(r.body["response_format"]["json_schema"]["strict"], true);
+        assert!(
+            r.body["response_format"]["json_schema"]
+                .get("strict")
+                .is_none()
+        );
 
         let load = chat_request(
             &json!({"model": "m", "messages": []}),
@@ -576,6 +603,7 @@ mod tests {
             model: "qwen3:8b",
             now: SystemTime::UNIX_EPOCH + Duration::new(1_735_725_600, 5),
             total_duration: Duration::from_millis(900),
+            thinking: Thinking::Shown,
         }
     }
 
@@ -599,20 +627,46 @@ mod tests {
         assert_eq!(v["created_at"], "2025-01-01T10:00:00.000000005Z");
         assert_eq!(v["done"], true);
         assert_eq!(v["done_reason"], "stop");
-        assert_eq!(v["message"]["content"], "");
         assert_eq!(
-            v["message"]["tool_calls"][0],
-            json!({"id":"call_1","function":{"index":0,"name":"get_weather","arguments":{"city":"Oslo"}}})
+            v["message"]["tool_calls"],
+            json!([{"id":"call_1","function":{"index":0,"name":"get_weather","arguments":{"city":"Oslo"}}}])
         );
+        // Arguments that are not a JSON object (Ollama clients accept
+        // only an object) come as the call's text instead.
         assert_eq!(
-            v["message"]["tool_calls"][1]["function"]["arguments"],
-            "{not json"
+            v["message"]["content"],
+            r#"{"name":"broken","arguments":{not json}"#
         );
         assert_eq!(v["prompt_eval_count"], 20);
         assert_eq!(v["eval_count"], 9);
         assert_eq!(v["total_duration"], 900_000_000u64);
         assert_eq!(v["load_duration"], 0);
         assert_eq!(v["eval_duration"], 900_000_000u64);
+    }
+
+    #[test]
+    fn tool_arguments_are_an_object_or_the_call_is_text() {
+        assert_eq!(parse_arguments(None), Ok(json!({})));
+        assert_eq!(parse_arguments(Some(&json!(" "))), Ok(json!({})));
+        assert_eq!(parse_arguments(Some(&json!("null"))), Ok(json!({})));
+        assert_eq!(
+            parse_arguments(Some(&json!("{\"a\":1}"))),
+            Ok(json!({"a": 1}))
+        );
+        assert_eq!(parse_arguments(Some(&json!({"a": 1}))), Ok(json!({"a": 1})));
+        // Cut off by the token limit, an array, a bare string.
+        for raw in [r#"{"city": "Os"#, "[1,2]", r#""Oslo""#] {
+            assert_eq!(parse_arguments(Some(&json!(raw))), Err(raw.to_owned()));
+        }
+        assert_eq!(parse_arguments(Some(&json!([1]))), Err("[1]".to_owned()));
+        let body = json!({"choices":[{"index":0,"finish_reason":"length","message":{"role":"assistant","content":"",
+            "tool_calls":[{"id":"c","type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Os"}}]}}]});
+        let v = chat_response(&body, &meta()).unwrap().body;
+        assert_eq!(
+            v["message"],
+            json!({"role":"assistant","content":"{\"name\":\"get_weather\",\"arguments\":{\"city\": \"Os}"})
+        );
+        assert_eq!(v["done_reason"], "length");
     }
 
     #[test]
@@ -638,6 +692,13 @@ mod tests {
             chat_response(&body, &meta()).unwrap().body["message"]["thinking"],
             "r"
         );
+        // `think:false`: a backend that reasoned anyway is not shown to.
+        let hidden = ResponseMeta {
+            thinking: Thinking::Hidden,
+            ..meta()
+        };
+        let c = chat_response(&body, &hidden).unwrap();
+        assert_eq!(c.body["message"], json!({"role":"assistant","content":"x"}));
     }
 
     #[test]

@@ -125,7 +125,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::translate::{EndpointKind, TokenCounts};
+    use crate::translate::{EndpointKind, Thinking, TokenCounts};
 
     fn target() -> Target<'static> {
         Target {
@@ -139,6 +139,7 @@ mod tests {
             model: "nomic-embed-text:latest",
             now: SystemTime::UNIX_EPOCH,
             total_duration: Duration::from_millis(12),
+            thinking: Thinking::Shown,
         }
     }
 

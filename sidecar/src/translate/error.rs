@@ -210,13 +210,15 @@ impl UpstreamError {
     }
 
     /// A 404 that names nothing: FastAPI's `Not Found` (vLLM,
-    /// llama-cpp-python), llama.cpp's `File Not Found`, or no body at all.
+    /// llama-cpp-python), llama.cpp's `File Not Found`, Go's and gin's
+    /// `404 page not found` (Ollama's unknown route), or no body at all.
     /// The backend has no such route; a missing model is named in the text.
     pub fn is_missing_route(&self) -> bool {
         let message = self.message.trim();
         self.status == StatusCode::NOT_FOUND
             && (message.eq_ignore_ascii_case("not found")
                 || message.eq_ignore_ascii_case("file not found")
+                || message.eq_ignore_ascii_case("404 page not found")
                 || message == default_message(StatusCode::NOT_FOUND))
     }
 
@@ -321,6 +323,10 @@ mod tests {
             br#"{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}"#;
         assert!(UpstreamError::parse(StatusCode::NOT_FOUND, llama).is_missing_route());
         assert!(UpstreamError::parse(StatusCode::NOT_FOUND, b"").is_missing_route());
+        // Ollama's (gin's) unknown route: plain text, and not a missing model.
+        let gin = UpstreamError::parse(StatusCode::NOT_FOUND, b"404 page not found");
+        assert!(gin.is_missing_route());
+        assert!(!gin.is_model_not_found());
         // Ollama's missing model is named: not a missing route.
         let ollama = br#"{"error":"model 'llama3' not found"}"#;
         assert!(!UpstreamError::parse(StatusCode::NOT_FOUND, ollama).is_missing_route());

@@ -25,7 +25,7 @@ use super::options::{
     ollama_stream, opt_str,
 };
 use super::{
-    Converted, LocalReply, OpenAiRoute, OutboundRequest, Plan, ResponseMeta, Target,
+    Converted, LocalReply, OpenAiRoute, OutboundRequest, Plan, ResponseMeta, Target, Thinking,
     TranslateError, bad_request, body_error, content_text, done_reason, first_choice,
     nonstream_stats, reasoning_text, timestamp,
 };
@@ -149,7 +149,9 @@ pub fn generate_response(
         timestamp::rfc3339_nanos(meta.now).into(),
     );
     out.insert("response".into(), response.into());
-    if let Some(thinking) = thinking {
+    if let Some(thinking) = thinking
+        && meta.thinking == Thinking::Shown
+    {
         out.insert("thinking".into(), thinking.into());
     }
     out.insert("done".into(), true.into());
@@ -247,6 +249,7 @@ mod tests {
             model: "gemma:latest",
             now: SystemTime::UNIX_EPOCH,
             total_duration: Duration::from_secs(1),
+            thinking: Thinking::Shown,
         }
     }
 
@@ -279,6 +282,13 @@ mod tests {
         let c = generate_response(&body, &meta()).unwrap();
         assert_eq!(c.body["response"], "Hi");
         assert_eq!(c.body["thinking"], "hmm");
+        let hidden = ResponseMeta {
+            thinking: Thinking::Hidden,
+            ..meta()
+        };
+        let c = generate_response(&body, &hidden).unwrap();
+        assert_eq!(c.body["response"], "Hi");
+        assert!(c.body.get("thinking").is_none());
         assert!(generate_response(&json!({"choices":[{"index":0}]}), &meta()).is_err());
     }
 }

@@ -78,8 +78,14 @@ pub(crate) fn apply_options(
 /// `format` → `response_format`.
 ///
 /// `"json"` → `json_object`; a schema object → `json_schema` wrapper named
-/// `response` with `strict:true`; `""`/`null` → nothing. Any other string is
+/// `response`, without `strict`; `""`/`null` → nothing. Any other string is
 /// rejected as Ollama does.
+///
+/// No `strict:true`: OpenAI refuses a strict schema unless every object in it
+/// sets `additionalProperties:false` and lists all its properties as
+/// `required`, which Ollama schemas (pydantic's `model_json_schema()` among
+/// them) rarely do, so every such request would be a 400. llama-server and
+/// vLLM constrain the output to the schema either way.
 pub(crate) fn apply_format(
     out: &mut Map<String, Value>,
     format: Option<&Value>,
@@ -96,7 +102,7 @@ pub(crate) fn apply_format(
                 "response_format".into(),
                 json!({
                     "type": "json_schema",
-                    "json_schema": {"name": "response", "schema": schema, "strict": true}
+                    "json_schema": {"name": "response", "schema": schema}
                 }),
             );
             Ok(())
@@ -111,7 +117,8 @@ pub(crate) fn apply_format(
 ///
 /// `false` turns reasoning off where that can be expressed (llama-server
 /// `reasoning_effort:"none"`); elsewhere it is omitted, as is `true` (the
-/// model's default). Level strings pass as `reasoning_effort`, with Ollama's
+/// model's default), and the reasoning the backend sends anyway is left
+/// out of the answer ([`super::Thinking`]). Level strings pass as `reasoning_effort`, with Ollama's
 /// `max` mapped to OpenAI's highest level `high`.
 pub(crate) fn apply_think(
     out: &mut Map<String, Value>,
@@ -252,7 +259,7 @@ mod tests {
         apply_format(&mut out, Some(&schema)).unwrap();
         assert_eq!(
             out["response_format"],
-            json!({"type": "json_schema", "json_schema": {"name": "response", "schema": schema, "strict": true}})
+            json!({"type": "json_schema", "json_schema": {"name": "response", "schema": schema}})
         );
         assert!(apply_format(&mut Map::new(), Some(&json!("yaml"))).is_err());
         let mut out = Map::new();

@@ -31,11 +31,11 @@ use std::time::{Instant, SystemTime};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value, json};
 
-use super::chat::parse_arguments;
+use super::chat::{parse_arguments, unreadable_tool_call};
 use super::usage::{Timings, Usage, token_counts};
 use super::{
-    FinalStats, TokenCounts, UpstreamError, done_reason, duration_ns, first_choice, ms_to_ns,
-    ollama_error, reasoning_text, timestamp,
+    FinalStats, Thinking, TokenCounts, UpstreamError, done_reason, duration_ns, first_choice,
+    ms_to_ns, ollama_error, reasoning_text, timestamp,
 };
 use crate::framing::{SSE_DONE, SseDecoder};
 
@@ -107,6 +107,8 @@ pub struct StreamTranslator {
     /// the backend reports neither `usage` nor `timings` (llama-cpp-python's
     /// server ignores `include_usage`; llama.cpp streams one token per chunk).
     deltas: u64,
+    /// Whether reasoning deltas become `thinking` (see [`Thinking`]).
+    thinking: Thinking,
 }
 
 impl StreamTranslator {
@@ -134,7 +136,15 @@ impl StreamTranslator {
             failure: None,
             tokens: TokenCounts::default(),
             deltas: 0,
+            thinking: Thinking::Shown,
         }
+    }
+
+    /// Passes reasoning on as `thinking`, or drops it (`think:false`).
+    #[must_use]
+    pub fn with_thinking(mut self, thinking: Thinking) -> Self {
+        self.thinking = thinking;
+        self
     }
 
     /// Feeds one SSE data payload (JSON text or `[DONE]`) received at
@@ -179,7 +189,13 @@ impl StreamTranslator {
             }
             if !content.is_empty() || !reasoning.is_empty() {
                 self.deltas += 1;
-                out.push(self.delta_chunk(content, reasoning, now));
+                let shown = match self.thinking {
+                    Thinking::Shown => reasoning,
+                    Thinking::Hidden => "",
+                };
+                if !content.is_empty() || !shown.is_empty() {
+                    out.push(self.delta_chunk(content, shown, now));
+                }
             }
             if let Some(reason) = choice
                 .get("finish_reason")
@@ -336,27 +352,35 @@ impl StreamTranslator {
         if self.mode != StreamMode::Chat || self.tools.is_empty() {
             return None;
         }
-        let calls: Vec<Value> = std::mem::take(&mut self.tools)
-            .into_values()
-            .enumerate()
-            .map(|(k, acc)| {
-                let arguments = parse_arguments(Some(&Value::String(acc.arguments)));
-                let mut call = Map::new();
-                if let Some(id) = acc.id {
-                    call.insert("id".into(), id.into());
+        let mut calls = Vec::new();
+        // Calls whose arguments are not a JSON object go out as text.
+        let mut content = String::new();
+        for acc in std::mem::take(&mut self.tools).into_values() {
+            let arguments = match parse_arguments(Some(&Value::String(acc.arguments))) {
+                Ok(arguments) => arguments,
+                Err(raw) => {
+                    content.push_str(&unreadable_tool_call(&acc.name, &raw));
+                    continue;
                 }
-                call.insert(
-                    "function".into(),
-                    json!({"index": k, "name": acc.name, "arguments": arguments}),
-                );
-                Value::Object(call)
-            })
-            .collect();
+            };
+            let mut call = Map::new();
+            if let Some(id) = acc.id {
+                call.insert("id".into(), id.into());
+            }
+            call.insert(
+                "function".into(),
+                json!({"index": calls.len(), "name": acc.name, "arguments": arguments}),
+            );
+            calls.push(Value::Object(call));
+        }
+        let mut msg = Map::new();
+        msg.insert("role".into(), "assistant".into());
+        msg.insert("content".into(), content.into());
+        if !calls.is_empty() {
+            msg.insert("tool_calls".into(), Value::Array(calls));
+        }
         let mut obj = self.base(now);
-        obj.insert(
-            "message".into(),
-            json!({"role": "assistant", "content": "", "tool_calls": calls}),
-        );
+        obj.insert("message".into(), Value::Object(msg));
         obj.insert("done".into(), false.into());
         Some(Value::Object(obj))
     }
@@ -640,10 +664,11 @@ mod tests {
         t.feed(&chunk(r#"{"index":0,"delta":{"tool_calls":[{"index":0,"id":"x","function":{"name":"f","arguments":"{bad"}}]}}"#), c.at(5));
         let out = t.feed(SSE_DONE, c.at(6));
         assert_eq!(out.len(), 2);
-        // Unparsable arguments are kept as the string the model produced.
+        // Unparsable arguments cannot be an Ollama tool call (an object):
+        // the call comes as the text the model produced.
         assert_eq!(
-            out[0]["message"]["tool_calls"][0]["function"]["arguments"],
-            "{bad"
+            out[0]["message"],
+            json!({"role":"assistant","content":"{\"name\":\"f\",\"arguments\":{bad}"})
         );
         assert_eq!(out[1]["done"], true);
     }
@@ -673,6 +698,39 @@ mod tests {
         assert_eq!(out[0]["thinking"], "r");
         assert_eq!(out[0]["response"], "c");
         assert!(out[0].get("message").is_none());
+    }
+
+    #[test]
+    fn think_false_drops_the_reasoning_a_backend_streams_anyway() {
+        let c = Clock::new();
+        let mut t = chat(&c).with_thinking(Thinking::Hidden);
+        // A reasoning-only delta sends nothing; the content still comes.
+        let out = t.feed(
+            &chunk(r#"{"index":0,"delta":{"reasoning_content":"hmm"},"finish_reason":null}"#),
+            c.at(1),
+        );
+        assert!(out.is_empty(), "{out:?}");
+        let out = t.feed(
+            &chunk(r#"{"index":0,"delta":{"reasoning":"r","content":"Hi"},"finish_reason":null}"#),
+            c.at(2),
+        );
+        assert_eq!(
+            out[0]["message"],
+            json!({"role":"assistant","content":"Hi"})
+        );
+        let out = t.feed(SSE_DONE, c.at(3));
+        assert_eq!(out[0]["done"], true);
+        assert!(out[0]["message"].get("thinking").is_none());
+        // Reasoning deltas still count as completion tokens without usage.
+        assert_eq!(t.tokens().completion, 2);
+        let mut g = StreamTranslator::new(StreamMode::Generate, "m", c.at(0), wall())
+            .with_thinking(Thinking::Hidden);
+        let out = g.feed(
+            &chunk(r#"{"index":0,"delta":{"reasoning":"r","content":"c"}}"#),
+            c.at(1),
+        );
+        assert_eq!(out[0]["response"], "c");
+        assert!(out[0].get("thinking").is_none());
     }
 
     #[test]

@@ -521,6 +521,45 @@ async fn chat_reply_case(mode: FakeMode, field: ReasoningField) {
     assert_eq!(calls[0]["function"]["name"], json!("get_weather"), "{v}");
     assert_eq!(calls[0]["function"]["arguments"], want_call, "{v}");
     assert_final(&v, "stop", counts, DELAY, wall);
+
+    // `think:false` to a backend that reasons anyway (the fake ignores
+    // `reasoning_effort`): as from Ollama, no `thinking` reaches the client,
+    // streamed or not; the content and the call still do.
+    let r = chat_stream(
+        &c,
+        json!({"model": MODEL, "messages": msgs, "tools": tools(), "think": false}),
+    )
+    .await;
+    let lines = assert_stream_shape(&r);
+    assert!(
+        lines.iter().all(|l| l["message"].get("thinking").is_none()),
+        "{mode}: {}",
+        r.dump()
+    );
+    assert_eq!(
+        joined(&lines, |l| l["message"]["content"].as_str()),
+        script.text(),
+        "{}",
+        r.dump()
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"].get("tool_calls").is_some()),
+        "{}",
+        r.dump()
+    );
+    let (r, _) = timed_post(
+        &c,
+        "/api/chat",
+        &json!({"model": MODEL, "stream": false, "messages": msgs, "tools": tools(),
+                "think": false}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    assert!(v["message"].get("thinking").is_none(), "{mode}: {v}");
+    assert_eq!(v["message"]["content"], json!(script.text()), "{v}");
     c.wait_usage(0).await;
 }
 
