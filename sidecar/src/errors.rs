@@ -218,6 +218,11 @@ pub enum ProxyError {
     /// No such route.
     #[error("route not found")]
     UnknownRoute,
+
+    /// A path parameter that cannot be read (not UTF-8 once
+    /// percent-decoded).
+    #[error("invalid URL path: {0}")]
+    InvalidPath(String),
     /// The route exists with another method.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -279,6 +284,7 @@ impl ProxyError {
             | Self::MissingField { .. }
             | Self::InvalidField { .. }
             | Self::InvalidResponseId(_)
+            | Self::InvalidPath(_)
             | Self::StoredResponseStreamUnsupported => StatusCode::BAD_REQUEST,
             Self::ModelNotFound { .. }
             | Self::ManagedModelNotFound { .. }
@@ -351,6 +357,7 @@ impl ProxyError {
             | Self::Translate(_)
             | Self::ShuttingDown
             | Self::UnknownRoute
+            | Self::InvalidPath(_)
             | Self::MethodNotAllowed
             | Self::OriginNotAllowed { .. }
             | Self::Internal(_) => (openai_error_type(self.status()), None, None),

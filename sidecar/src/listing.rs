@@ -29,7 +29,7 @@ use std::{
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::{Path, State, rejection::PathRejection},
     response::{IntoResponse, Response},
 };
 use http::StatusCode;
@@ -359,8 +359,14 @@ pub(crate) async fn openai_models(State(state): State<AppState>) -> Json<Value> 
 /// item, or 404 `model_not_found` in OpenAI's format.
 pub(crate) async fn openai_model(
     State(state): State<AppState>,
-    Path(model): Path<String>,
+    model: Result<Path<String>, PathRejection>,
 ) -> Response {
+    let model = match model {
+        Ok(Path(model)) => model,
+        Err(e) => {
+            return ProxyError::InvalidPath(e.body_text()).into_response_for(ApiFormat::OpenAi);
+        }
+    };
     let router = state.router();
     let catalog = router.model_items().await;
     let models = openai_models_body(&router.cluster_state(), &catalog);

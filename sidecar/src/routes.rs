@@ -58,9 +58,12 @@ impl ApiFormat {
     /// ([`ApiRoute::format`]); otherwise `/v1` and below are OpenAI, the rest
     /// Ollama.
     pub fn for_path(path: &str) -> Self {
+        // `//v1/models` (a base URL ending in `/` plus `/v1/...`) is still
+        // an OpenAI client's path, and gets its error format.
+        let rest = path.trim_start_matches('/');
         if let Some(route) = ApiRoute::for_path(path) {
             route.format()
-        } else if path == "/v1" || path.starts_with("/v1/") {
+        } else if rest == "v1" || rest.starts_with("v1/") {
             Self::OpenAi
         } else {
             Self::Ollama
@@ -351,6 +354,8 @@ mod tests {
             );
         }
         assert_eq!(ApiFormat::for_path("/v1"), ApiFormat::OpenAi);
+        assert_eq!(ApiFormat::for_path("//v1/models"), ApiFormat::OpenAi);
+        assert_eq!(ApiFormat::for_path("//api/chat"), ApiFormat::Ollama);
         assert_eq!(ApiFormat::for_path("/v1x"), ApiFormat::Ollama);
         assert_eq!(ApiFormat::for_path("/"), ApiFormat::Ollama);
     }

@@ -23,7 +23,7 @@ use std::{io, time::Duration};
 
 use axum::{
     body::Body,
-    extract::{Path, Request, State},
+    extract::{Path, Request, State, rejection::PathRejection},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
@@ -61,9 +61,15 @@ pub const BLOB_STALL: Duration = Duration::from_secs(5 * 60);
 /// `HEAD /api/blobs/{digest}`.
 pub(super) async fn head(
     State(state): State<AppState>,
-    Path(digest): Path<String>,
+    digest: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
+    let digest = match digest {
+        Ok(Path(digest)) => digest,
+        Err(e) => {
+            return ProxyError::InvalidPath(e.body_text()).into_response_for(ApiFormat::Ollama);
+        }
+    };
     match check(&state, &digest, req).await {
         Ok(status) => status.into_response(),
         Err(e) => e.into_response_for(ApiFormat::Ollama),
@@ -73,9 +79,15 @@ pub(super) async fn head(
 /// `POST /api/blobs/{digest}`.
 pub(super) async fn post(
     State(state): State<AppState>,
-    Path(digest): Path<String>,
+    digest: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
+    let digest = match digest {
+        Ok(Path(digest)) => digest,
+        Err(e) => {
+            return ProxyError::InvalidPath(e.body_text()).into_response_for(ApiFormat::Ollama);
+        }
+    };
     let shutdown = state.shutdown_token();
     let result = tokio::select! {
         r = upload(&state, &digest, req) => r,

@@ -240,10 +240,10 @@ pub fn plan(
 }
 
 /// The body to forward: the original bytes when the backend's model name is
-/// the client's, otherwise the body with the model field's value replaced
-/// (no JSON tree either way).
+/// the client's as sent, otherwise the body with the model field's value
+/// replaced (no JSON tree either way).
 pub fn passthrough_body(ctx: &RequestContext, choice: &Choice) -> Result<Bytes, ProxyError> {
-    if *choice.backend_model == *ctx.model {
+    if *choice.backend_model == *ctx.model && !ctx.model_padded {
         return Ok(ctx.body.clone());
     }
     ctx.body_with_model(&choice.backend_model)
@@ -407,6 +407,20 @@ mod tests {
         .unwrap();
         let v: Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["name"], "llama3:latest");
+
+        // A name with whitespace around it is routed trimmed, and the
+        // backend gets the trimmed name too: it knows no `" llama3\t"`.
+        let ctx = parse(
+            ApiRoute::OpenAiChat,
+            HeaderMap::new(),
+            Bytes::from(r#"{"model":" llama3\t","messages":[]}"#),
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!((ctx.model.as_str(), ctx.model_padded), ("llama3", true));
+        let b =
+            passthrough_body(&ctx, &choice("http://o", EndpointKind::OpenAi, "llama3")).unwrap();
+        assert_eq!(&b[..], br#"{"model":"llama3","messages":[]}"#);
     }
 
     #[test]

@@ -59,8 +59,12 @@ use crate::{
 pub struct RequestContext {
     /// Which route the client called.
     pub route: ApiRoute,
-    /// The model as the client named it.
+    /// The model as the client named it, without surrounding whitespace.
     pub model: String,
+    /// The body's model value had whitespace around the name: the backend
+    /// must get the trimmed name (it would not know `" llama3"`, and its
+    /// "model not found" would make the router avoid it for that model).
+    pub model_padded: bool,
     /// The body field the model came from (`model`, or `name` for old
     /// `/api/show` clients); rewritten there when the backend names the
     /// model differently.
@@ -188,7 +192,7 @@ pub fn parse_for(
             problem: "appears more than once",
         });
     }
-    let (model_field, model_value, model) = find_model(route, &envelope)?;
+    let (model_field, model_value, model, model_padded) = find_model(route, &envelope)?;
     let model_span = span_in(text, model_value).ok_or_else(|| {
         ProxyError::Internal("parsed model value does not point into the body".into())
     })?;
@@ -206,6 +210,7 @@ pub fn parse_for(
     Ok(RequestContext {
         route,
         model,
+        model_padded,
         model_field,
         stream,
         stream_explicit,
@@ -225,7 +230,7 @@ pub fn parse_for(
 fn find_model<'a>(
     route: ApiRoute,
     envelope: &Envelope<'a>,
-) -> Result<(&'static str, &'a RawValue, String), ProxyError> {
+) -> Result<(&'static str, &'a RawValue, String, bool), ProxyError> {
     for &field in route.model_fields() {
         let Some(raw) = envelope.get(field) else {
             continue;
@@ -239,10 +244,10 @@ fn find_model<'a>(
                 problem: "must be a string",
             });
         }
-        let name = decode_str(raw).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
-        let name = name.trim();
+        let decoded = decode_str(raw).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
+        let name = decoded.trim();
         if !name.is_empty() {
-            return Ok((field, raw, name.to_owned()));
+            return Ok((field, raw, name.to_owned(), name.len() != decoded.len()));
         }
     }
     Err(ProxyError::MissingModel)

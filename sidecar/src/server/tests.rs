@@ -720,6 +720,55 @@ async fn bad_requests_are_400_and_413() {
         .unwrap();
     assert_eq!(r.status(), 404);
     assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    // A base URL ending in `/` doubles the slash: still OpenAI's format.
+    let r = client()
+        .get(format!("{base}//v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["message"],
+        "route not found"
+    );
+    // A path parameter that is not UTF-8: 400 in the client's format, not
+    // axum's plain-text rejection.
+    for (path, openai) in [("/v1/models/%FF", true), ("/api/blobs/%C3%28", false)] {
+        let r = client().head(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 400, "HEAD {path}");
+        let r = client()
+            .request(
+                if openai {
+                    reqwest::Method::GET
+                } else {
+                    reqwest::Method::POST
+                },
+                format!("{base}{path}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        assert!(
+            r.headers()[reqwest::header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{path}"
+        );
+        let body = r.json::<Value>().await.unwrap();
+        let message = if openai {
+            &body["error"]["message"]
+        } else {
+            &body["error"]
+        };
+        assert!(
+            message
+                .as_str()
+                .is_some_and(|m| m.starts_with("invalid URL path")),
+            "{path}: {body}"
+        );
+    }
     sc.shutdown().await;
 }
 
