@@ -493,6 +493,10 @@ fn expand_env(
     Ok(out)
 }
 
+/// An endpoint URL as written, without surrounding space or trailing `/`,
+/// once it is known to be one the probes and the proxy can use (a host, a
+/// port that exists, nothing `reqwest` or `http::Uri` would refuse later:
+/// such an endpoint would only ever show as down).
 fn normalize_url(key: &str, url: &str) -> Result<String, ConfigError> {
     let trimmed = url.trim().trim_end_matches('/');
     let rest = trimmed
@@ -502,7 +506,35 @@ fn normalize_url(key: &str, url: &str) -> Result<String, ConfigError> {
     if rest.is_empty() || rest.starts_with('/') {
         return Err(invalid(key, url, "has no host"));
     }
+    if trimmed.contains("${") {
+        return Err(invalid(
+            key,
+            url,
+            "${...} is not expanded in endpoint URLs (only in api_keys and router_api_key)",
+        ));
+    }
+    let parsed = reqwest::Url::parse(trimmed)
+        .map_err(|e| invalid(key, url, format!("not a valid URL: {e}")))?;
+    trimmed
+        .parse::<tonic::codegen::http::Uri>()
+        .map_err(|e| invalid(key, url, format!("not a valid URL: {e}")))?;
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(invalid(key, url, "must not have a query or fragment"));
+    }
     Ok(trimmed.to_owned())
+}
+
+/// What makes two endpoint URLs the same server: scheme and host case,
+/// a default port written out (`:80`, `:443`) or a port's leading zeros do
+/// not. Only for URLs [`normalize_url`] accepted.
+fn same_endpoint(a: &str, b: &str) -> bool {
+    let identity = |u: &str| {
+        reqwest::Url::parse(u).map_or_else(
+            |_| u.to_owned(),
+            |p| p.as_str().trim_end_matches('/').to_owned(),
+        )
+    };
+    a == b || identity(a) == identity(b)
 }
 
 impl Config {
@@ -558,8 +590,13 @@ impl Config {
             );
         for (key, url, llama) in listed {
             let url = normalize_url(&key, url)?;
-            if endpoints.iter().any(|e| *e.url == *url) {
-                return Err(invalid(key, &url, "endpoint listed twice"));
+            if let Some(first) = endpoints.iter().find(|e| same_endpoint(&e.url, &url)) {
+                let problem = if *first.url == *url {
+                    "endpoint listed twice".to_owned()
+                } else {
+                    format!("endpoint listed twice (as {})", first.url)
+                };
+                return Err(invalid(key, &url, problem));
             }
             let kind = if llama {
                 EndpointKind::LlamaServer
@@ -584,7 +621,7 @@ impl Config {
             let norm = normalize_url(key, url)?;
             endpoints
                 .iter()
-                .position(|e| *e.url == *norm)
+                .position(|e| same_endpoint(&e.url, &norm))
                 .ok_or_else(|| invalid(key, url, "not a configured endpoint"))
         };
 
@@ -599,7 +636,7 @@ impl Config {
         for (url, value) in &raw.api_keys {
             let key = format!("api_keys.{url}");
             let norm = normalize_url(&key, url)?;
-            let Some(idx) = endpoints.iter().position(|e| *e.url == *norm) else {
+            let Some(idx) = endpoints.iter().position(|e| same_endpoint(&e.url, &norm)) else {
                 warnings.push(format!(
                     "{key}: not a configured endpoint (not in `endpoints` or \
                      `llama_server_endpoints`); the key is ignored"
@@ -951,6 +988,64 @@ endpoint_config:
   "http://192.168.0.51:11434":
     max_concurrent_connections: 4
 "#;
+
+    #[test]
+    fn endpoint_urls_the_probes_could_not_use_are_refused() {
+        for (url, problem) in [
+            ("http://exa mple:11434", "not a valid URL"),
+            ("http://a:99999", "not a valid URL"),
+            ("http://${HOST}:11434", "not expanded in endpoint URLs"),
+            ("http://a:11434/?x=1", "must not have a query"),
+            ("ftp://a", "must start with http://"),
+            ("http:///v1", "has no host"),
+        ] {
+            let e = error(&format!("endpoints:\n  - \"{url}\"\n"));
+            assert!(
+                e.contains("endpoints[0]") && e.contains(problem),
+                "{url}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_server_written_two_ways_is_listed_twice() {
+        for (a, b) in [
+            ("http://127.0.0.1:80", "http://127.0.0.1"),
+            (
+                "https://api.example.com:443/v1",
+                "https://api.example.com/v1",
+            ),
+            ("http://127.0.0.1:23001", "http://127.0.0.1:023001"),
+            ("http://Host.example:11434", "http://host.example:11434/"),
+        ] {
+            let e = error(&format!("endpoints:\n  - {a}\n  - {b}\n"));
+            assert!(
+                e.contains("endpoints[1]") && e.contains("listed twice"),
+                "{a} / {b}: {e}"
+            );
+        }
+        // Keys match the endpoint however its URL is written.
+        let c = Config::from_yaml(
+            "endpoints:\n  - http://127.0.0.1:80\n\
+             api_keys:\n  \"http://127.0.0.1\": k\n\
+             endpoint_config:\n  \"HTTP://127.0.0.1:80/\":\n    max_concurrent_connections: 7\n",
+            &env,
+        );
+        let e = c.err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("must start with")),
+            "{e:?}"
+        );
+        let c = Config::from_yaml(
+            "endpoints:\n  - http://127.0.0.1:80\n\
+             api_keys:\n  \"http://127.0.0.1\": k\n\
+             endpoint_config:\n  \"http://127.0.0.1:080/\":\n    max_concurrent_connections: 7\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.endpoints[0].api_key.as_ref().unwrap().expose(), "k");
+        assert_eq!(c.endpoints[0].max_concurrent, 7);
+    }
 
     #[test]
     fn accepts_nomyo_config_unchanged() {

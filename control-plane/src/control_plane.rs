@@ -52,7 +52,7 @@ use crate::{
 /// Cumulative counters (monotonic) plus gauges, for Prometheus rendering.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ControlPlaneStats {
-    /// Successful choices by reason (dry runs included).
+    /// Successful choices by reason (dry runs not counted).
     pub decisions: [(DecisionReason, u64); 4],
     /// Choices refused: model not advertised anywhere.
     pub not_found: u64,

@@ -149,7 +149,7 @@ impl Routing for RoutingService {
     ) -> Result<Response<v1::OpenSessionResponse>, Status> {
         let name = request.into_inner().name;
         let grant = self.cp.open_session(&name, Instant::now());
-        tracing::info!(session = grant.id.0, %name, "session opened");
+        tracing::info!(session = %grant.id, %name, "session opened");
         Ok(Response::new((&grant).into()))
     }
 
@@ -168,7 +168,7 @@ impl Routing for RoutingService {
     ) -> Result<Response<v1::CloseSessionResponse>, Status> {
         let id = session_id_from_proto(request.into_inner().session_id).map_err(invalid)?;
         let released = self.cp.close_session(id);
-        tracing::info!(session = id.0, released, "session closed");
+        tracing::info!(session = %id, released, "session closed");
         Ok(Response::new(v1::CloseSessionResponse {
             released_leases: released as u64,
         }))
@@ -190,7 +190,7 @@ impl Routing for RoutingService {
         out.affinity_restored = self.cp.restore_affinity(&affinity, now);
         if !affinity.is_empty() {
             tracing::info!(
-                session = id.0,
+                session = %id,
                 offered = affinity.len(),
                 restored = out.affinity_restored,
                 "affinity entries restored from a sidecar"

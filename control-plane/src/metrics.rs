@@ -119,7 +119,7 @@ fn render_with(mut e: Encoder, stats: &ControlPlaneStats, state: &ClusterState) 
     e.family(
         "switchyard_cp_decisions_total",
         Kind::Counter,
-        "Endpoint choices made, by the reason for the choice (dry runs included).",
+        "Endpoint choices made, by the reason for the choice (dry runs such as `switchyard choose` not counted).",
     );
     for (reason, n) in &stats.decisions {
         e.sample(

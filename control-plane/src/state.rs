@@ -46,7 +46,7 @@ use self::{
 /// Cumulative counters (monotonic).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Decisions by reason, in [`DecisionReason::ALL`] order (dry runs included).
+    /// Decisions by reason, in [`DecisionReason::ALL`] order (dry runs not counted).
     pub decisions: [u64; 4],
     /// Choices refused because no endpoint advertises the model.
     pub not_found: u64,
@@ -210,9 +210,19 @@ impl State {
     /// number of leases reclaimed.
     pub fn expire_sessions(&mut self, now: Instant) -> usize {
         let mut reclaimed = 0;
-        for (_, s) in self.sessions.take_expired(now) {
+        for (id, s) in self.sessions.take_expired(now) {
             self.counters.sessions_expired += 1;
-            reclaimed += self.drop_leases(s.leases);
+            let released = self.drop_leases(s.leases);
+            reclaimed += released;
+            // Rare (a sidecar died or lost the network) and worth a line:
+            // its in-flight requests stopped counting.
+            tracing::info!(
+                session = %id,
+                name = %s.name,
+                released,
+                silent_for = ?now.saturating_duration_since(s.last_keepalive),
+                "session expired (no keep-alive within its TTL); its leases were released"
+            );
         }
         self.counters.leases_expired += reclaimed as u64;
         reclaimed

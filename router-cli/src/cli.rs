@@ -44,7 +44,7 @@ JSON output (--output json; field names are stable):
 #[derive(Debug, Parser)]
 #[command(name = "switchyard", version, about, long_about, after_long_help = JSON_HELP)]
 pub struct Cli {
-    /// Control-plane gRPC address (http:// or https://).
+    /// Control-plane gRPC address (http://; the control plane serves plaintext gRPC).
     #[arg(
         long,
         global = true,
@@ -117,8 +117,9 @@ pub enum Command {
     /// On a terminal the view is redrawn in place; otherwise each update is
     /// printed after the previous one. With `--output json`, one JSON object
     /// per line per update (the same object as `endpoints --output json`
-    /// plus cluster totals). Exits 0 on Ctrl-C or when the control plane ends
-    /// the stream, 1 if the stream breaks.
+    /// plus cluster totals). Exits 0 on Ctrl-C; 1 with a message when the
+    /// stream breaks or the control plane ends it (it shut down or
+    /// restarted), so a script following it notices.
     Watch,
     /// Dry-run a routing decision for MODEL: which endpoint would serve it, and why.
     ///
@@ -159,7 +160,9 @@ pub enum OutputFormat {
     Json,
 }
 
-/// A control-plane address: an absolute `http://` or `https://` URL with a host.
+/// A control-plane address: an absolute `http://` URL with a host. `https://`
+/// is refused, not silently connected to in plaintext: the control plane
+/// serves plaintext gRPC.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ControlPlaneUrl(http::Uri);
 
@@ -184,9 +187,15 @@ pub enum ControlPlaneUrlError {
     /// Not a URI at all.
     #[error("not a valid URL: {0}")]
     Invalid(#[from] http::uri::InvalidUri),
-    /// Scheme missing or not http/https.
-    #[error("must start with http:// or https:// (e.g. {DEFAULT_CONTROL_PLANE})")]
+    /// Scheme missing or not http.
+    #[error("must start with http:// (e.g. {DEFAULT_CONTROL_PLANE})")]
     Scheme,
+    /// `https://`: the control plane serves plaintext gRPC only.
+    #[error(
+        "https:// is not supported: the control plane serves plaintext gRPC; use http:// \
+         (encrypt the link with a service mesh or tunnel if it leaves the host)"
+    )]
+    Tls,
     /// No host.
     #[error("has no host")]
     NoHost,
@@ -201,7 +210,8 @@ impl FromStr for ControlPlaneUrl {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let uri: http::Uri = s.trim().parse()?;
         match uri.scheme_str() {
-            Some("http" | "https") => {}
+            Some(s) if s.eq_ignore_ascii_case("http") => {}
+            Some(s) if s.eq_ignore_ascii_case("https") => return Err(ControlPlaneUrlError::Tls),
             _ => return Err(ControlPlaneUrlError::Scheme),
         }
         if uri.host().is_none_or(str::is_empty) {
@@ -411,9 +421,22 @@ mod tests {
 
     #[test]
     fn url_display_keeps_what_was_written() {
-        let u: ControlPlaneUrl = "https://cp.example:443".parse().unwrap();
-        assert_eq!(u.to_string(), "https://cp.example:443");
+        let u: ControlPlaneUrl = "http://cp.example:50051".parse().unwrap();
+        assert_eq!(u.to_string(), "http://cp.example:50051");
         let u: ControlPlaneUrl = "http://10.0.0.1:50051/".parse().unwrap();
         assert_eq!(u.to_string(), "http://10.0.0.1:50051");
+    }
+
+    #[test]
+    fn https_is_refused_not_used_in_plaintext() {
+        for url in ["https://cp.example:443", "HTTPS://cp.example"] {
+            let e = url.parse::<ControlPlaneUrl>().unwrap_err();
+            assert!(matches!(e, ControlPlaneUrlError::Tls), "{url}: {e}");
+            assert!(e.to_string().contains("https:// is not supported"), "{e}");
+        }
+        assert!(matches!(
+            "ftp://cp".parse::<ControlPlaneUrl>(),
+            Err(ControlPlaneUrlError::Scheme)
+        ));
     }
 }

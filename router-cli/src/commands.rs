@@ -14,8 +14,9 @@ use crate::{
 /// Runs the parsed command line, printing to `out`.
 ///
 /// `terminal` says whether `out` is a terminal (then `watch` redraws in
-/// place). `watch` returns `Ok` when `shutdown` completes (Ctrl-C) or the
-/// control plane ends the stream; other commands ignore `shutdown`.
+/// place). `watch` returns `Ok` when `shutdown` completes (Ctrl-C), and an
+/// error when the stream breaks or the control plane ends it; other
+/// commands ignore `shutdown`.
 pub async fn run(
     cli: &Cli,
     out: &mut dyn Write,
@@ -86,7 +87,8 @@ fn emit<V: serde::Serialize>(
     Ok(())
 }
 
-/// Follows `WatchUsage` until `shutdown`, the end of the stream, or an error.
+/// Follows `WatchUsage` until `shutdown` (`Ok`) or the end of the stream
+/// (an error: the control plane shut down or restarted).
 async fn watch(
     client: &mut ControlPlaneClient,
     out: &mut dyn Write,
@@ -105,7 +107,13 @@ async fn watch(
         };
         let state = match next {
             Ok(Some(state)) => StateView::try_from(state)?,
-            Ok(None) => return Ok(()),
+            Ok(None) => {
+                return Err(CliError::StreamBroken {
+                    addr: client.addr().to_owned(),
+                    message: "the control plane ended the stream (it shut down or restarted)"
+                        .to_owned(),
+                });
+            }
             Err(status) => {
                 return Err(CliError::StreamBroken {
                     addr: client.addr().to_owned(),

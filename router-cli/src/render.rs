@@ -266,7 +266,8 @@ pub fn sessions(out: &mut dyn Write, sessions: &SessionsView) -> io::Result<()> 
     let mut t = Table::new(&["ID", "NAME", "LEASES", "LAST-KEEPALIVE", "EXPIRES-IN"]);
     for s in &sessions.sessions {
         t.row(vec![
-            s.id.to_string(),
+            // As the sidecars and the control plane log it.
+            format!("{:016x}", s.id),
             s.name.clone(),
             s.leases.to_string(),
             format!("{} ago", duration_ms(s.last_keepalive_ms_ago)),
@@ -495,7 +496,10 @@ mod tests {
         let out = text(|o| sessions(o, &s));
         let row = out.lines().nth(1).unwrap();
         let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cells, ["9", "ingress-a", "3", "1.2s", "ago", "8.7s"]);
+        assert_eq!(
+            cells,
+            ["0000000000000009", "ingress-a", "3", "1.2s", "ago", "8.7s"]
+        );
 
         let a = AffinityView::from(v1::ListAffinityResponse {
             total: 40,

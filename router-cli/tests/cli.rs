@@ -26,7 +26,7 @@ use switchyard_control_plane::{
     outcome::{Outcome, RequestKind, TokenCounts},
     server::RunningControlPlane,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 const OLLAMA: &str = "http://127.0.0.1:1";
 const OPENAI: &str = "http://127.0.0.1:2/v1";
@@ -286,7 +286,7 @@ async fn sessions_in_both_formats() {
     assert!(s.expires_in_ms > 0 && s.expires_in_ms <= 10_000, "{s:?}");
 
     let table = ok(&url, &["sessions"]).await;
-    let row = row_of(&table, &session.0.to_string());
+    let row = row_of(&table, &session.to_string());
     assert!(row.contains("ingress-a") && row.contains(" ago"), "{row}");
 
     running.shutdown().await.unwrap();
@@ -566,6 +566,17 @@ impl Watch {
             .unwrap()
             .code()
     }
+
+    async fn exit_code_and_stderr(mut self) -> (Option<i32>, String) {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            tokio::time::timeout(BOUND, pipe.read_to_string(&mut stderr))
+                .await
+                .expect("watch did not exit in time")
+                .unwrap();
+        }
+        (self.exit_code().await, stderr)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,9 +619,15 @@ async fn watch_json_follows_a_request_and_ends_with_the_stream() {
         (1, 7, 3)
     );
 
-    // The control plane shuts down: the stream ends and watch exits 0.
+    // The control plane shuts down: the stream ends, and watch says so and
+    // exits 1 (a script following it must notice).
     running.shutdown().await.unwrap();
-    assert_eq!(watch.exit_code().await, Some(0));
+    let (code, stderr) = watch.exit_code_and_stderr().await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the control plane ended the stream"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,10 +119,19 @@ pub struct Args {
 
 fn parse_url(s: &str) -> Result<String, String> {
     let s = s.trim();
+    if s.get(..8)
+        .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
+    {
+        // Refused rather than connected to in plaintext: whoever writes
+        // https:// expects the link to be encrypted.
+        return Err(format!(
+            "{s:?}: https:// is not supported: the control plane serves plaintext gRPC; \
+             use http:// (encrypt the link with a service mesh or tunnel if it leaves the host)"
+        ));
+    }
     let rest = s
         .strip_prefix("http://")
-        .or_else(|| s.strip_prefix("https://"))
-        .ok_or_else(|| format!("{s:?} must start with http:// or https://"))?;
+        .ok_or_else(|| format!("{s:?} must start with http://"))?;
     if rest.is_empty() || rest.starts_with('/') {
         return Err(format!("{s:?} has no host"));
     }
@@ -402,6 +411,9 @@ mod tests {
             Mode::Standalone { .. } => panic!("expected remote"),
         }
         assert!(parse(&["--control-plane", "cp:50051"]).is_err());
+        // Refused, not connected to in plaintext.
+        let e = parse(&["--control-plane", "https://cp:443"]).unwrap_err();
+        assert!(e.to_string().contains("https:// is not supported"), "{e}");
         assert!(parse(&["--standalone", "--control-plane", "http://cp:1"]).is_err());
         // The embedded control plane's gRPC API is for standalone only.
         assert!(
