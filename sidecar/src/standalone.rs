@@ -35,6 +35,10 @@ pub(crate) fn embedded_router(
     tasks: &TaskTracker,
     cancel: &CancellationToken,
 ) -> Result<Router, StartError> {
+    // What a newcomer needs first: where requests will go.
+    for e in &config.endpoints {
+        tracing::info!(endpoint = %e.url, kind = %e.kind, "standalone: routing to endpoint");
+    }
     let cp = ControlPlane::with_state_file(config)?;
     spawn_background(&cp, tasks, cancel.child_token()).map_err(StartError::Discovery)?;
     if let Some(listener) = grpc {
