@@ -29,6 +29,11 @@ pub struct OpenAiStreamObserver {
     error: Option<String>,
     /// The Responses API's `response.id` (from `response.created` on).
     response_id: Option<String>,
+    /// Chunks that carried generated text: the completion-token count
+    /// when the stream reports no usage (a client that did not ask for
+    /// `stream_options.include_usage`; one token per chunk is what Ollama,
+    /// vLLM and llama.cpp stream).
+    deltas: u64,
 }
 
 impl OpenAiStreamObserver {
@@ -74,17 +79,26 @@ impl OpenAiStreamObserver {
         if let Some(t) = Timings::of(&v) {
             self.timings = Some(t);
         }
-        let finished = v
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(|cs| {
-                cs.iter().any(|c| {
-                    c.get("finish_reason")
-                        .and_then(Value::as_str)
-                        .is_some_and(|r| !r.is_empty())
-                })
-            });
-        self.finish_seen |= finished;
+        let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+            return;
+        };
+        let non_empty = |c: &Value, k: &str| {
+            c.get(k)
+                .and_then(Value::as_str)
+                .is_some_and(|t| !t.is_empty())
+        };
+        for c in choices {
+            let generated = match c.get("delta") {
+                Some(d) => {
+                    non_empty(d, "content")
+                        || non_empty(d, "reasoning_content")
+                        || non_empty(d, "reasoning")
+                }
+                None => non_empty(c, "text"),
+            };
+            self.deltas += u64::from(generated);
+            self.finish_seen |= non_empty(c, "finish_reason");
+        }
     }
 
     /// A typed event of the Responses API (`/v1/responses`) or the
@@ -160,9 +174,15 @@ impl OpenAiStreamObserver {
         }
     }
 
-    /// Latest usage seen (`usage` first, llama.cpp `timings` as fallback).
+    /// Latest usage seen (`usage` first, llama.cpp `timings` as fallback;
+    /// without either, the chunks that carried text count as completion
+    /// tokens).
     pub fn tokens(&self) -> TokenCounts {
-        token_counts(self.usage, self.timings)
+        let mut tokens = token_counts(self.usage, self.timings);
+        if self.usage.is_none() && self.timings.is_none() {
+            tokens.completion = self.deltas;
+        }
+        tokens
     }
 
     /// The id of the response a Responses API stream carried, if any.
@@ -415,6 +435,39 @@ mod tests {
     }
 
     #[test]
+    fn openai_observer_without_usage_counts_text_chunks() {
+        // A client that did not ask for `include_usage` gets no usage chunk.
+        let mut o = OpenAiStreamObserver::new();
+        o.push(concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning\":\"r\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"text\":\"lo\"}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+        ).as_bytes());
+        assert_eq!(o.finish(), StreamEnd::Complete);
+        assert_eq!(
+            o.tokens(),
+            TokenCounts {
+                prompt: 0,
+                completion: 3
+            }
+        );
+        // Reported usage wins over the count.
+        o.push(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":9}}\n\n",
+        );
+        assert_eq!(
+            o.tokens(),
+            TokenCounts {
+                prompt: 4,
+                completion: 9
+            }
+        );
+    }
+
+    #[test]
     fn openai_observer_usage_after_finish_split_anywhere() {
         let body = concat!(
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
@@ -471,7 +524,14 @@ mod tests {
             b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\ndata: {\"cho",
         );
         assert_eq!(o.finish(), StreamEnd::Truncated);
-        assert_eq!(o.tokens(), TokenCounts::default());
+        // The one chunk of text sent before the cut, counted without usage.
+        assert_eq!(
+            o.tokens(),
+            TokenCounts {
+                prompt: 0,
+                completion: 1
+            }
+        );
     }
 
     /// A Responses API stream (typed events, no `[DONE]`), as Ollama and
