@@ -40,6 +40,7 @@ use crate::{
     cluster::ClusterState,
     decision::{Choice, ChooseError, ChooseRequest, DecisionReason},
     model_name::tracking_name,
+    state::discovery_snapshot::ready_without_loading,
 };
 
 /// Why a candidate can never get this request.
@@ -472,7 +473,8 @@ pub fn select_from_cluster_state(
             model_in_flight: add_clamped(published, local.get(&ep.url, &tracking)),
             total_in_flight: add_clamped(ep.in_flight, local.endpoint_total(&ep.url)),
             max_concurrent: ep.max_concurrent,
-            loaded: ep.loaded_models.iter().any(|m| index_key(m) == key),
+            loaded: ready_without_loading(ep.kind)
+                || ep.loaded_models.iter().any(|m| index_key(m) == key),
             hard,
             avoid,
         });

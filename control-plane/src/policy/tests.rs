@@ -672,7 +672,8 @@ fn cluster_state_choice_names_backend_and_tracking_models() {
     assert_eq!(&*ch.endpoint, "http://b/v1");
     assert_eq!(&*ch.backend_model, "llama3");
     assert_eq!(&*ch.tracking_model, "llama3");
-    assert_eq!(ch.reason, DecisionReason::FreeSlot);
+    // What an OpenAI-compatible server lists, it serves without loading.
+    assert_eq!(ch.reason, DecisionReason::LoadedFree);
 }
 
 #[test]
@@ -749,6 +750,10 @@ fn cluster_state_model_on_no_known_endpoint_is_unavailable_while_one_was_never_r
 fn cluster_state_counts_local_usage_and_health() {
     let mut state = cluster();
     state.priority_routing = true;
+    // Loaded on a, as it always is on the OpenAI endpoint b.
+    state.endpoints[0]
+        .loaded_models
+        .push(Arc::from("llama3:latest"));
     let mut local = LocalUsage::default();
     // Priority routing picks endpoint a first while both are idle.
     let req = request("llama3");
@@ -787,7 +792,8 @@ fn cluster_state_counts_local_usage_and_health() {
 #[test]
 fn cluster_state_affinity_needs_key_loaded_and_free() {
     let mut state = cluster();
-    state.endpoints[1].loaded_models.push(Arc::from("llama3"));
+    // (An OpenAI endpoint's models count as loaded whether it lists them
+    // so or not: see the test below.)
     state.endpoints[0]
         .loaded_models
         .push(Arc::from("llama3:latest"));
@@ -817,6 +823,37 @@ fn cluster_state_affinity_needs_key_loaded_and_free() {
     let ch =
         select_from_cluster_state(&state, &local, &req, Some("http://b/v1"), &mut rng()).unwrap();
     assert_eq!(&*ch.endpoint, "http://a:11434");
+}
+
+/// vLLM and hosted APIs say nothing about loading: a conversation still
+/// stays on the OpenAI-compatible endpoint that served it, although the
+/// other one is idle.
+#[test]
+fn affinity_applies_to_openai_endpoints_which_report_no_load_state() {
+    let mut state = cluster();
+    state.endpoints[0].advertised_models.clear();
+    state.endpoints[0].kind = EndpointKind::OpenAi;
+    state.endpoints[0].url = Arc::from("http://a2/v1");
+    state.endpoints[0]
+        .advertised_models
+        .push(Arc::from("llama3"));
+    state.endpoints[1].usage.push(ModelUsage {
+        model: Arc::from("llama3"),
+        in_flight: 1,
+        ..ModelUsage::default()
+    });
+    state.endpoints[1].in_flight = 1;
+    let local = LocalUsage::default();
+    let mut req = request("llama3");
+    req.affinity_key = Some("conv".to_owned());
+    for _ in 0..20 {
+        let ch = select_from_cluster_state(&state, &local, &req, Some("http://b/v1"), &mut rng())
+            .unwrap();
+        assert_eq!(
+            (&*ch.endpoint, ch.reason),
+            ("http://b/v1", DecisionReason::Affinity)
+        );
+    }
 }
 
 #[test]
@@ -882,6 +919,6 @@ fn cluster_state_limit_is_per_endpoint_and_model() {
     let ch = select_from_cluster_state(&state, &local, &req, None, &mut rng()).unwrap();
     assert_eq!(
         (&*ch.endpoint, ch.reason),
-        ("http://b/v1", DecisionReason::FreeSlot)
+        ("http://b/v1", DecisionReason::LoadedFree)
     );
 }

@@ -13,6 +13,17 @@ use std::{collections::HashMap, sync::Arc};
 
 use crate::{endpoint::EndpointKind, model_name::tracking_name, policy::index_key};
 
+/// Whether every model the endpoint advertises counts as loaded for
+/// selection: OpenAI-compatible servers (vLLM, hosted APIs) have no load
+/// state and serve what they list at once. Without this they were never
+/// "loaded", so conversation affinity (which follows only a loaded
+/// endpoint) never applied to them, and they always ranked behind an Ollama
+/// endpoint with the model loaded. Listings (`/api/ps`) still show nothing
+/// loaded there, as nomyo-router does.
+pub fn ready_without_loading(kind: EndpointKind) -> bool {
+    kind == EndpointKind::OpenAi
+}
+
 /// One model an endpoint advertises.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdvertisedModel {
@@ -22,7 +33,8 @@ pub struct AdvertisedModel {
     pub backend_name: Arc<str>,
     /// The name usage is counted under.
     pub tracking_name: Arc<str>,
-    /// Loaded there at the last probe.
+    /// Loaded there at the last probe, or served by an OpenAI-compatible
+    /// endpoint (see [`ready_without_loading`]).
     pub loaded: bool,
     /// Position of the (endpoint, tracking model) usage counters.
     pub slot: u32,
@@ -53,7 +65,7 @@ impl EndpointDiscovery {
                 key: Box::from(key),
                 backend_name: Arc::from(name.trim()),
                 tracking_name: Arc::from(tracking_name(kind, name.trim())),
-                loaded: loaded_keys.contains(&key),
+                loaded: ready_without_loading(kind) || loaded_keys.contains(&key),
                 slot: 0,
             });
         }
@@ -188,7 +200,8 @@ mod tests {
             let c = snap.candidates(spelling);
             assert_eq!(c.len(), 2, "{spelling}");
             assert_eq!((c[0].endpoint, c[0].loaded), (0, true));
-            assert_eq!((c[1].endpoint, c[1].loaded), (1, false));
+            // An OpenAI-compatible endpoint has no load state: ready.
+            assert_eq!((c[1].endpoint, c[1].loaded), (1, true));
             assert_eq!(&*snap.model(&c[1]).unwrap().backend_name, "llama3");
             assert_eq!(&*snap.model(&c[1]).unwrap().tracking_name, "llama3");
             assert_eq!(&*snap.model(&c[0]).unwrap().tracking_name, "llama3:latest");
