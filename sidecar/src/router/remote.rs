@@ -688,7 +688,16 @@ impl PendingChoose<'_> {
 impl Drop for PendingChoose<'_> {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            reap_late_grant(self.shared, call, self.generation);
+            // A choose on the `Route` stream is answered whenever the
+            // control plane gets to it (it may have been paused for
+            // seconds), or fails when the stream ends (HTTP/2 keep-alive
+            // ends it if the control plane stays silent): wait for that,
+            // however long. A unary call gives up at its own deadline.
+            let limit = match call {
+                Either::Left(_) => None,
+                Either::Right(_) => Some(settings_rpc_timeout(&self.shared.settings)),
+            };
+            reap_late_grant(self.shared, call, self.generation, limit);
         }
     }
 }
@@ -705,20 +714,31 @@ fn settings_rpc_timeout(settings: &RemoteSettings) -> Duration {
 }
 
 /// Lets a choose call that missed its deadline finish in a tracked task and
-/// releases the lease it may still grant.
-fn reap_late_grant<F>(shared: &Arc<Shared>, call: F, generation: u64)
+/// releases the lease it may still grant; `limit` bounds the wait (`None`:
+/// until the call itself ends).
+///
+/// Giving up while the control plane may still answer leaks the lease it
+/// grants then for as long as the session lives: with a 2 s bound, a
+/// control plane paused for 3 s (SIGSTOP, a VM freeze) with chooses
+/// queued kept those leases until it restarted.
+fn reap_late_grant<F>(shared: &Arc<Shared>, call: F, generation: u64, limit: Option<Duration>)
 where
     F: Future<Output = ChooseAnswer> + Send + 'static,
 {
     let ledger = shared.ledger.clone();
     let cancel = shared.cancel.clone();
-    let limit = settings_rpc_timeout(&shared.settings);
     shared.tasks.spawn(async move {
+        let bounded = async {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, call).await.ok(),
+                None => Some(call.await),
+            }
+        };
         let answer = tokio::select! {
             () = cancel.cancelled() => return,
-            a = tokio::time::timeout(limit, call) => a,
+            a = bounded => a,
         };
-        if let Ok(Ok(response)) = answer {
+        if let Some(Ok(response)) = answer {
             let lease = response.lease_id;
             if lease != 0 {
                 tracing::debug!(lease, "late choice granted a lease; releasing it");

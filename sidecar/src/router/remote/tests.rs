@@ -715,6 +715,47 @@ async fn late_answer_goes_degraded_and_its_lease_is_released() {
     server.stop().await;
 }
 
+/// A control plane paused for longer than the RPC timeout (SIGSTOP, a VM
+/// freeze) answers the chooses queued on the `Route` stream when it
+/// resumes: the leases it grants then must still be released. Waiting only
+/// the RPC timeout for them leaked one lease per such choose for as long as
+/// the session lived.
+#[tokio::test]
+async fn a_stream_choose_answered_after_the_rpc_timeout_is_still_released() {
+    let (server, control) = GatedServer::start(true).await;
+    let control = control.unwrap();
+    let h = Harness::new();
+    let s = RemoteSettings {
+        rpc_timeout: Duration::from_millis(300),
+        ..settings()
+    };
+    let router = h.router(server.url.clone(), s.clone()).await;
+    wait_until("cluster state with models", || has_models(&router)).await;
+    let warm = router.choose(&request("llama3")).await.unwrap();
+    assert!(!warm.degraded());
+    warm.finish(Outcome::Ok, TokenCounts::default());
+    assert!(router.remote_inner().unwrap().route_stream_open());
+    wait_until("warm-up released", || server.cp.state().leases == 0).await;
+
+    control.open.send_replace(false);
+    let local = router.choose(&request("llama3")).await.unwrap();
+    assert!(local.degraded());
+    // Paused well past the RPC timeout, then answering again.
+    tokio::time::sleep(s.rpc_timeout * 3).await;
+    control.open.send_replace(true);
+    wait_until("late grant released, local lease registered", || {
+        let stats = server.cp.stats();
+        stats.leases_granted == 2 && stats.leases_released == 2 && server.cp.state().leases == 1
+    })
+    .await;
+    drop(local);
+    wait_until("all released", || server.cp.state().leases == 0).await;
+
+    router.close().await;
+    h.stop().await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn released_leases_go_on_the_open_stream_not_through_the_sender() {
     let rcp = start_cp(None).await;
