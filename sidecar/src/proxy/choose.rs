@@ -3,11 +3,12 @@
 //! Each attempt asks the router for an endpoint (excluding the ones that
 //! already failed for this request), takes its lease, and runs the exchange.
 //! A failure before anything reached the client releases that lease with
-//! its outcome and tries again, up to `max_attempts` in all. When no
+//! its outcome and tries again, up to `max_attempts` in all (except for a
+//! request that must reach the endpoint holding its previous response). When no
 //! endpoint is left (or attempts run out) the client gets the last failure,
 //! in its own format.
 
-use switchyard_control_plane::decision::ChooseRequest;
+use switchyard_control_plane::decision::{ChooseRequest, DecisionReason};
 use tracing::Span;
 
 use super::{
@@ -78,6 +79,18 @@ pub(crate) async fn route(
                     failure = %failure,
                     "attempt failed before the first byte"
                 );
+                if ctx.affinity_required && choice.reason == DecisionReason::Affinity {
+                    // The request continues a response stored on this
+                    // endpoint alone (`previous_response_id`): another one
+                    // would only answer that it does not know the id, a
+                    // permanent error for a conversation that still
+                    // exists. The client gets this failure (502/503/504),
+                    // which it may retry.
+                    return Err(ProxyError::AttemptsFailed {
+                        attempts: attempt,
+                        last: failure,
+                    });
+                }
                 exclude.push(choice.endpoint.to_string());
                 last = Some(failure);
             }

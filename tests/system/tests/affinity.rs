@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{Value, json};
-use switchyard_system_tests::{Cluster, client::send, ollama_fake};
+use switchyard_system_tests::{Cluster, FailureMode, client::send, ollama_fake};
 
 /// Index of the backend that served the last request (the only one whose
 /// served count grew).
@@ -259,5 +259,45 @@ async fn a_continued_response_queues_on_its_full_backend() {
         before[1 - holder],
         "{before:?} -> {after:?}"
     );
+    c.wait_usage(0).await;
+}
+
+/// The backend holding a stored response fails the next turn before
+/// answering: the client gets that failure (retryable), not the other
+/// backend's "previous response not found" (a permanent 400 for a
+/// conversation that still exists), and the other backend is not asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continued_response_is_not_retried_on_a_backend_without_it() {
+    let c = affinity_cluster().await;
+    let url = c.at("/v1/responses");
+    let before = counts(&c);
+    let r = send(
+        c.http()
+            .post(&url)
+            .json(&json!({"model": "m", "input": "opens"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let holder = served_by(&c, &before);
+    let id = serde_json::from_str::<Value>(&r.text).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.backend(holder)
+        .control()
+        .fail_next(1, FailureMode::Status(500));
+    let before = counts(&c);
+    let next = json!({"model": "m", "previous_response_id": id, "input": "next"});
+    let r = send(c.http().post(&url).json(&next)).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    let after = counts(&c);
+    assert_eq!(
+        after[1 - holder],
+        before[1 - holder],
+        "tried on the backend without the response: {before:?} -> {after:?}"
+    );
+    // The failure was the backend's: the chain goes on there.
+    let r = send(c.http().post(&url).json(&next)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
     c.wait_usage(0).await;
 }
