@@ -179,9 +179,23 @@ fn content_bytes(content: Option<&RawValue>) -> Cow<'_, [u8]> {
 /// `Value`'s map order), which is what the key has always hashed. A value a
 /// `Value` cannot hold (numbers beyond `f64`, very deep nesting) was a 400
 /// before; it is hashed as written.
+///
+/// Anthropic's `cache_control` markers are left out of part arrays: a
+/// client moves them to the newest message every turn (Claude Code marks
+/// the last blocks), so the first user message carries one on turn 1 and
+/// none later, and the conversation's key would change on turn 2, moving
+/// it off the backend holding its KV cache.
 fn value_text(raw: &RawValue) -> Cow<'_, str> {
-    serde_json::from_str::<Value>(raw.get())
-        .map_or(Cow::Borrowed(raw.get()), |v| Cow::Owned(v.to_string()))
+    serde_json::from_str::<Value>(raw.get()).map_or(Cow::Borrowed(raw.get()), |mut v| {
+        if let Value::Array(parts) = &mut v {
+            for part in parts {
+                if let Value::Object(fields) = part {
+                    fields.remove("cache_control");
+                }
+            }
+        }
+        Cow::Owned(v.to_string())
+    })
 }
 
 /// Hash of the system messages up to and including the first user message,
@@ -421,6 +435,24 @@ mod tests {
             key(ApiRoute::OpenAiChat, "m", parts.clone()),
             key(ApiRoute::OpenAiChat, "m", parts)
         );
+    }
+
+    #[test]
+    fn anthropic_cache_markers_do_not_change_the_key() {
+        // Turn 1: the only user message carries the marker (it is the
+        // last); turn 2: the marker moved to the newest message.
+        let turn1 = json!({"system": [{"type":"text","text":"be brief","cache_control":{"type":"ephemeral"}}],
+            "messages":[{"role":"user","content":[{"type":"text","text":"hi","cache_control":{"type":"ephemeral"}}]}]});
+        let turn2 = json!({"system": [{"type":"text","text":"be brief"}],
+            "messages":[{"role":"user","content":[{"type":"text","text":"hi"}]},
+                        {"role":"assistant","content":"hello"},
+                        {"role":"user","content":[{"type":"text","text":"more","cache_control":{"type":"ephemeral"}}]}]});
+        let k1 = key(ApiRoute::AnthropicMessages, "m", turn1);
+        assert!(k1.is_some());
+        assert_eq!(k1, key(ApiRoute::AnthropicMessages, "m", turn2));
+        // The text still counts.
+        let other = json!({"messages":[{"role":"user","content":[{"type":"text","text":"bye"}]}]});
+        assert_ne!(k1, key(ApiRoute::AnthropicMessages, "m", other));
     }
 
     #[test]
