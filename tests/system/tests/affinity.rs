@@ -213,6 +213,25 @@ async fn a_responses_chain_stays_on_the_backend_that_stored_it() {
     }
 }
 
+/// Stores a first response through `url`: the backend that holds it, and
+/// its id.
+async fn open_response(c: &Cluster, url: &str) -> (usize, String) {
+    let before = counts(c);
+    let r = send(
+        c.http()
+            .post(url)
+            .json(&json!({"model": "m", "input": "opens"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let holder = served_by(c, &before);
+    let id = serde_json::from_str::<Value>(&r.text).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (holder, id)
+}
+
 /// Two branches continuing the same stored response at once, with one
 /// request per backend allowed: both go to the backend holding the
 /// response, the second queueing there, instead of the second being
@@ -228,19 +247,7 @@ async fn a_continued_response_queues_on_its_full_backend() {
         .start()
         .await;
     let url = c.at("/v1/responses");
-    let before = counts(&c);
-    let r = send(
-        c.http()
-            .post(&url)
-            .json(&json!({"model": "m", "input": "opens"})),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    let holder = served_by(&c, &before);
-    let id = serde_json::from_str::<Value>(&r.text).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (holder, id) = open_response(&c, &url).await;
     let before = counts(&c);
     let branch = |n: usize| {
         let request = c.http().post(&url).json(
@@ -270,19 +277,7 @@ async fn a_continued_response_queues_on_its_full_backend() {
 async fn a_continued_response_is_not_retried_on_a_backend_without_it() {
     let c = affinity_cluster().await;
     let url = c.at("/v1/responses");
-    let before = counts(&c);
-    let r = send(
-        c.http()
-            .post(&url)
-            .json(&json!({"model": "m", "input": "opens"})),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    let holder = served_by(&c, &before);
-    let id = serde_json::from_str::<Value>(&r.text).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (holder, id) = open_response(&c, &url).await;
     c.backend(holder)
         .control()
         .fail_next(1, FailureMode::Status(500));
