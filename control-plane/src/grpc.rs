@@ -28,6 +28,13 @@
 pub mod convert;
 pub mod route_stream;
 
+/// Why an `https://` control-plane URL is refused (by the sidecar and the
+/// CLI alike) instead of being connected to in plaintext: the control plane
+/// serves plaintext gRPC only, and whoever writes https expects encryption.
+pub const HTTPS_UNSUPPORTED: &str = "https:// is not supported: the control plane serves \
+    plaintext gRPC; use http:// (encrypt the link with a service mesh or tunnel if it \
+    leaves the host)";
+
 use std::{pin::Pin, sync::Arc, time::Instant};
 
 use futures::Stream;

@@ -191,10 +191,7 @@ pub enum ControlPlaneUrlError {
     #[error("must start with http:// (e.g. {DEFAULT_CONTROL_PLANE})")]
     Scheme,
     /// `https://`: the control plane serves plaintext gRPC only.
-    #[error(
-        "https:// is not supported: the control plane serves plaintext gRPC; use http:// \
-         (encrypt the link with a service mesh or tunnel if it leaves the host)"
-    )]
+    #[error("{}", switchyard_control_plane::grpc::HTTPS_UNSUPPORTED)]
     Tls,
     /// No host.
     #[error("has no host")]

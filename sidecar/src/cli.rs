@@ -125,8 +125,8 @@ fn parse_url(s: &str) -> Result<String, String> {
         // Refused rather than connected to in plaintext: whoever writes
         // https:// expects the link to be encrypted.
         return Err(format!(
-            "{s:?}: https:// is not supported: the control plane serves plaintext gRPC; \
-             use http:// (encrypt the link with a service mesh or tunnel if it leaves the host)"
+            "{s:?}: {}",
+            switchyard_control_plane::grpc::HTTPS_UNSUPPORTED
         ));
     }
     let rest = s

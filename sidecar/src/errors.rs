@@ -16,6 +16,7 @@
 
 use axum::{
     Json,
+    extract::rejection::PathRejection,
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
@@ -251,6 +252,14 @@ fn list_models(models: &[String]) -> String {
         out.push_str(&format!(", … ({} more)", models.len() - MAX_LISTED_MODELS));
     }
     out
+}
+
+/// A path parameter that cannot be read (not UTF-8 once percent-decoded):
+/// a 400 in the client's format instead of axum's plain-text rejection.
+impl From<PathRejection> for ProxyError {
+    fn from(e: PathRejection) -> Self {
+        Self::InvalidPath(e.body_text())
+    }
 }
 
 impl From<RouteError> for ProxyError {

@@ -363,9 +363,7 @@ pub(crate) async fn openai_model(
 ) -> Response {
     let model = match model {
         Ok(Path(model)) => model,
-        Err(e) => {
-            return ProxyError::InvalidPath(e.body_text()).into_response_for(ApiFormat::OpenAi);
-        }
+        Err(e) => return ProxyError::from(e).into_response_for(ApiFormat::OpenAi),
     };
     let router = state.router();
     let catalog = router.model_items().await;

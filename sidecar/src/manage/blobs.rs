@@ -66,9 +66,7 @@ pub(super) async fn head(
 ) -> Response {
     let digest = match digest {
         Ok(Path(digest)) => digest,
-        Err(e) => {
-            return ProxyError::InvalidPath(e.body_text()).into_response_for(ApiFormat::Ollama);
-        }
+        Err(e) => return ProxyError::from(e).into_response_for(ApiFormat::Ollama),
     };
     match check(&state, &digest, req).await {
         Ok(status) => status.into_response(),
@@ -84,9 +82,7 @@ pub(super) async fn post(
 ) -> Response {
     let digest = match digest {
         Ok(Path(digest)) => digest,
-        Err(e) => {
-            return ProxyError::InvalidPath(e.body_text()).into_response_for(ApiFormat::Ollama);
-        }
+        Err(e) => return ProxyError::from(e).into_response_for(ApiFormat::Ollama),
     };
     let shutdown = state.shutdown_token();
     let result = tokio::select! {

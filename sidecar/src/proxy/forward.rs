@@ -114,6 +114,17 @@ pub enum Handling {
     Embed(EmbedApi),
 }
 
+impl Handling {
+    /// Whether a translated answer passes reasoning on (only chat and
+    /// generate carry a choice; nothing else has reasoning to drop).
+    pub fn thinking(self) -> Thinking {
+        match self {
+            Self::Chat(thinking) | Self::Generate(thinking) => thinking,
+            Self::Embed(_) | Self::PassThrough => Thinking::Shown,
+        }
+    }
+}
+
 /// A request ready to send to the chosen backend.
 #[derive(Clone, Debug)]
 pub struct UpstreamCall {

@@ -59,7 +59,7 @@ use crate::{
     routes::{ApiFormat, ApiRoute},
     server::AppState,
     translate::{
-        ResponseMeta, Thinking, TranslateError, UpstreamError, chat, embed, generate,
+        ResponseMeta, TranslateError, UpstreamError, chat, embed, generate,
         observe::{OllamaStreamObserver, OpenAiStreamObserver, observe_answer, response_id_of},
         stream::{SseToNdjson, StreamEnd, StreamMode, StreamTranslator},
     },
@@ -310,7 +310,7 @@ pub(crate) async fn exchange(
             };
             (transform, headers)
         }
-        Handling::Chat(thinking) | Handling::Generate(thinking) => {
+        Handling::Chat(_) | Handling::Generate(_) => {
             let mode = if matches!(handling, Handling::Chat(_)) {
                 StreamMode::Chat
             } else {
@@ -318,7 +318,7 @@ pub(crate) async fn exchange(
             };
             let translator =
                 StreamTranslator::new(mode, ctx.model.clone(), ctx.received, ctx.received_wall)
-                    .with_thinking(thinking);
+                    .with_thinking(handling.thinking());
             let mut headers = HeaderMap::new();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static(NDJSON));
             (
@@ -394,15 +394,11 @@ fn whole_answer(
             );
         }
     };
-    let thinking = match handling {
-        Handling::Chat(thinking) | Handling::Generate(thinking) => thinking,
-        Handling::Embed(_) | Handling::PassThrough => Thinking::Shown,
-    };
     let meta = ResponseMeta {
         model: &ctx.model,
         now: SystemTime::now(),
         total_duration: ctx.received.elapsed(),
-        thinking,
+        thinking: handling.thinking(),
     };
     let converted = match handling {
         Handling::Chat(_) => chat::chat_response(&value, &meta),
