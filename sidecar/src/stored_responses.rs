@@ -38,8 +38,10 @@
 //!   "param":null,"code":"not_found"}}`, as OpenAI answers.
 //! - No answer at all (every backend unreachable, timed out or 5xx, or
 //!   none to ask): 503 naming that no backend could be asked; some 404 and
-//!   some failed: 502 (the holder may be among the failed ones). Messages
-//!   carry counts, never URLs (the log line names the endpoints).
+//!   some failed or left out for failing their probes: 502 (the holder may
+//!   be among those), never a 404 that would tell the client its response
+//!   is gone. Messages carry counts, never URLs (the log line names the
+//!   endpoints).
 //!
 //! Refused before any backend is asked, with 400 in OpenAI format: an id
 //! that is empty, longer than [`MAX_ID_LEN`] or has characters other than
@@ -319,7 +321,7 @@ async fn run(
     if let Some((index, answer)) = held {
         return Ok((answer.into_response(), targets[index].url.clone()));
     }
-    if failed.is_empty() {
+    if failed.is_empty() && down == 0 {
         return Err(ProxyError::ResponseNotFound { id });
     }
     let named: Vec<String> = failed
@@ -338,19 +340,24 @@ async fn run(
         id,
         not_found,
         failed = %named.join(", "),
+        not_asked = down,
         "stored response: some backends could not be asked"
     );
+    // Endpoints failing their probes were not asked: the holder may be
+    // one of them, so their silence is not a 404 either.
+    let unanswered = failed.len() + down;
     let (status, detail) = if not_found == 0 {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("all {} backend(s) failed or were unreachable", failed.len()),
+            format!(
+                "all {unanswered} backend(s) failed, were unreachable or fail their health probes"
+            ),
         )
     } else {
         (
             StatusCode::BAD_GATEWAY,
             format!(
-                "not found on {not_found} backend(s); {} other(s) failed or were unreachable",
-                failed.len()
+                "not found on {not_found} backend(s); {unanswered} other(s) failed, were unreachable or fail their health probes"
             ),
         )
     };

@@ -262,6 +262,39 @@ async fn failures_are_502_or_503_without_urls() {
         "{message}"
     );
     assert!(!message.contains("127.0.0.1"), "{message}");
+    // The others 404, one endpoint fails its probes (not asked): the
+    // holder may be that one, so no 404.
+    let down = "http://127.0.0.1:1/v1";
+    let urls = format!(
+        "endpoints: [\"{}\", \"{down}\"]\nprobe_interval: 0.1\n",
+        empty.url
+    );
+    let config = Config::from_yaml(&urls, &|_| None).unwrap();
+    let with_down = start(StartOptions {
+        mode: Mode::Standalone {
+            config,
+            control_plane_listen: None,
+        },
+        listen: "127.0.0.1:0".parse().unwrap(),
+        name: "test".into(),
+    })
+    .await
+    .unwrap();
+    // Wait for the probe to mark it down (before that it is asked, and
+    // its refused connection is a failure like any other).
+    for _ in 0..500 {
+        let (_, down) = targets(&with_down.router().cluster_state());
+        if down == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(targets(&with_down.router().cluster_state()).1, 1);
+    let answered = get_json(&with_down, "/v1/responses/resp_1").await;
+    assert_eq!(answered.0, 502, "{}", answered.1);
+    assert_eq!(empty.asked.load(Ordering::SeqCst), 2);
+    let message = answered.1["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("fail their health probes"), "{message}");
     // Nobody answered.
     let handle = sidecar(&[&failing]).await;
     let (status, body) = get_json(&handle, "/v1/responses/resp_1").await;
