@@ -56,6 +56,10 @@ pub struct EndpointState {
     pub missing_models: Vec<Arc<str>>,
     /// Circuit breaker open: recent consecutive failures.
     pub circuit_open: bool,
+    /// Circuit breaker half-open: its open period is over and one trial
+    /// request may go (or is in flight; then `circuit_open` too) to decide
+    /// between closing it and opening it again.
+    pub circuit_half_open: bool,
     /// Unix milliseconds of the last successful probe; 0 if never.
     pub last_probe_ok_unix_ms: u64,
     /// The server version the endpoint reported, as it sent it (an Ollama
@@ -88,6 +92,7 @@ impl EndpointState {
             failing_models: Vec::new(),
             missing_models: Vec::new(),
             circuit_open: false,
+            circuit_half_open: false,
             last_probe_ok_unix_ms: 0,
             version: String::new(),
         }

@@ -332,6 +332,7 @@ mod tests {
                 failing_models: vec![],
                 missing_models: vec![],
                 circuit_open: false,
+                circuit_half_open: false,
                 last_probe_ok_unix_ms: 0,
                 version: String::new(),
             }],

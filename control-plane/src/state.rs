@@ -647,6 +647,7 @@ impl State {
                 .filter_map(|s| self.leases.slot_name(s).cloned())
                 .collect(),
             circuit_open: self.health.circuit_open(ep, now),
+            circuit_half_open: self.health.circuit_half_open(ep, now),
             last_probe_ok_unix_ms: probe.map_or(0, |p| p.last_ok_unix_ms),
             version: self.versions.get(ep).cloned().unwrap_or_default(),
         })

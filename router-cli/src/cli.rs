@@ -20,7 +20,8 @@ JSON output (--output json; field names are stable):
   endpoints, each watch line:
     {version, sessions, leases, affinity_entries, priority_routing,
      conversation_affinity, in_flight, endpoints: [{url, kind, priority,
-     healthy, health_detail, draining, circuit_open, in_flight, max_concurrent,
+     healthy, health_detail, draining, circuit_open, circuit_half_open,
+     in_flight, max_concurrent,
      advertised_models, loaded_models, failing_models, missing_models,
      last_probe_ok_unix_ms, server_version,
      usage: [{model, in_flight, requests, prompt_tokens, completion_tokens}]}]}
@@ -80,7 +81,10 @@ pub enum Command {
     /// when unknown or not Ollama);
     /// HEALTH is `ok` or `down` followed by the last probe error; CIRCUIT is
     /// `open` while the circuit breaker keeps the endpoint out after
-    /// consecutive failures; IN-FLIGHT is requests in flight over all
+    /// consecutive failures, `half-open` once that period is over (the next
+    /// request is a trial), `trial` while that request is in flight (the
+    /// endpoint is kept out until it ends: success closes the breaker,
+    /// failure opens it again), else `closed`; IN-FLIGHT is requests in flight over all
     /// models; LIMIT/MODEL is `max_concurrent_connections`, the limit per
     /// endpoint and model (like OLLAMA_NUM_PARALLEL; nomyo-router's meaning)
     /// that the router fills before queueing. JSON: `{"version", "endpoints": [...]}`.

@@ -147,8 +147,13 @@ fn drain_state(draining: bool) -> &'static str {
     if draining { "draining" } else { "active" }
 }
 
-fn circuit(open: bool) -> &'static str {
-    if open { "open" } else { "closed" }
+fn circuit(open: bool, half_open: bool) -> &'static str {
+    match (open, half_open) {
+        (true, true) => "trial",
+        (false, true) => "half-open",
+        (true, false) => "open",
+        (false, false) => "closed",
+    }
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -179,7 +184,7 @@ pub fn endpoints(out: &mut dyn Write, state: &StateView) -> io::Result<()> {
             or_dash(&e.server_version),
             health(e),
             drain_state(e.draining).to_owned(),
-            circuit(e.circuit_open).to_owned(),
+            circuit(e.circuit_open, e.circuit_half_open).to_owned(),
             e.in_flight.to_string(),
             e.max_concurrent.to_string(),
             list_or_dash(&e.advertised_models),
@@ -403,6 +408,14 @@ mod tests {
     }
 
     #[test]
+    fn circuit_names_each_breaker_state() {
+        assert_eq!(circuit(false, false), "closed");
+        assert_eq!(circuit(true, false), "open");
+        assert_eq!(circuit(false, true), "half-open");
+        assert_eq!(circuit(true, true), "trial");
+    }
+
+    #[test]
     fn endpoints_table_shows_every_column() {
         let out = text(|o| endpoints(o, &state()));
         let lines: Vec<&str> = out.lines().collect();
@@ -435,10 +448,11 @@ mod tests {
             "openai",
             "down: connection refused (failing: llama3)",
             "draining",
-            "open",
         ] {
             assert!(vllm.contains(want), "{want:?} missing in {vllm:?}");
         }
+        assert_eq!(cell(ollama, "CIRCUIT"), "closed");
+        assert_eq!(cell(vllm, "CIRCUIT"), "half-open");
         assert_eq!(
             (cell(vllm, "IN-FLIGHT"), cell(vllm, "LIMIT/MODEL")),
             ("0".to_owned(), "8".to_owned())
@@ -593,6 +607,7 @@ mod tests {
             keys(&v["endpoints"][0]),
             [
                 "advertised_models",
+                "circuit_half_open",
                 "circuit_open",
                 "draining",
                 "failing_models",

@@ -55,8 +55,11 @@ pub struct EndpointView {
     pub health_detail: String,
     /// Receives no new work.
     pub draining: bool,
-    /// Circuit breaker open after consecutive failures.
+    /// Circuit breaker open after consecutive failures (also while a
+    /// half-open breaker's trial request is in flight).
     pub circuit_open: bool,
+    /// Circuit breaker half-open: one trial request may go, or is in flight.
+    pub circuit_half_open: bool,
     /// Requests in flight over all models.
     pub in_flight: u32,
     /// Concurrency limit per model on the endpoint.
@@ -294,6 +297,7 @@ impl EndpointView {
             health_detail: e.health_detail,
             draining: e.draining,
             circuit_open: e.circuit_open,
+            circuit_half_open: e.circuit_half_open,
             in_flight: e.in_flight,
             max_concurrent: e.max_concurrent,
             advertised_models: e.advertised_models,
@@ -540,6 +544,7 @@ pub(crate) mod tests {
                     failing_models: vec![],
                     missing_models: vec![],
                     circuit_open: false,
+                    circuit_half_open: false,
                     last_probe_ok_unix_ms: 1_700_000_000_000,
                     version: "0.5.7".into(),
                 },
@@ -563,7 +568,8 @@ pub(crate) mod tests {
                     in_flight: 0,
                     failing_models: vec!["llama3".into()],
                     missing_models: vec![],
-                    circuit_open: true,
+                    circuit_open: false,
+                    circuit_half_open: true,
                     last_probe_ok_unix_ms: 0,
                     version: String::new(),
                 },

@@ -708,7 +708,8 @@ fn breaker_opens_then_half_open_allows_one_trial() {
             t0,
         );
     }
-    assert!(cp.state().endpoints[0].circuit_open);
+    let a = &cp.state().endpoints[0];
+    assert!(a.circuit_open && !a.circuit_half_open);
     // Open: a is avoided even though b gets busier.
     let held: Vec<LeaseId> = (0..2)
         .map(|_| {
@@ -721,7 +722,8 @@ fn breaker_opens_then_half_open_allows_one_trial() {
     let t1 = t0 + secs(5);
     let trial = cp.choose(&req("m"), Some(s), t1).unwrap();
     assert_eq!(&*trial.endpoint, A);
-    assert!(cp.state().endpoints[0].circuit_open, "trial in flight");
+    let a = &cp.state().endpoints[0];
+    assert!(a.circuit_open && a.circuit_half_open, "trial in flight");
     let other = cp.choose(&req("m"), Some(s), t1).unwrap();
     assert_eq!(
         &*other.endpoint, B,
@@ -734,7 +736,8 @@ fn breaker_opens_then_half_open_allows_one_trial() {
         TokenCounts::default(),
         t1,
     );
-    assert!(!cp.state().endpoints[0].circuit_open);
+    let a = &cp.state().endpoints[0];
+    assert!(!a.circuit_open && !a.circuit_half_open);
     assert_eq!(&*cp.choose(&req("m"), None, t1).unwrap().endpoint, A);
     for l in held.into_iter().chain(other.lease) {
         assert!(cp.release(l, Outcome::Ok, TokenCounts::default(), t1));

@@ -583,6 +583,7 @@ impl From<&EndpointState> for v1::EndpointState {
             failing_models: strings(&e.failing_models),
             missing_models: strings(&e.missing_models),
             circuit_open: e.circuit_open,
+            circuit_half_open: e.circuit_half_open,
             last_probe_ok_unix_ms: e.last_probe_ok_unix_ms,
             version: e.version.clone(),
         }
@@ -619,6 +620,7 @@ impl TryFrom<v1::EndpointState> for EndpointState {
             failing_models: arcs(m.failing_models),
             missing_models: arcs(m.missing_models),
             circuit_open: m.circuit_open,
+            circuit_half_open: m.circuit_half_open,
             last_probe_ok_unix_ms: m.last_probe_ok_unix_ms,
             version: m.version,
         })
@@ -739,6 +741,7 @@ mod tests {
             failing_models: vec![Arc::from("b:7b"), Arc::from("c:1b")],
             missing_models: vec![Arc::from("c:1b")],
             circuit_open: true,
+            circuit_half_open: true,
             last_probe_ok_unix_ms: 1_700_000_000_000,
             version: "0.5.7".to_owned(),
         }

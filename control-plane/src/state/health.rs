@@ -75,6 +75,17 @@ impl Breaker {
         }
     }
 
+    /// True once the open period is over and until a trial decides:
+    /// one request may go (or is in flight) to test the endpoint.
+    #[inline]
+    pub fn half_open(&self, now: Instant) -> bool {
+        match self.state {
+            BreakerState::Closed => false,
+            BreakerState::Open { until } => now >= until,
+            BreakerState::HalfOpen { .. } => true,
+        }
+    }
+
     /// Open whose time has passed → half-open.
     fn advance(&mut self, now: Instant) -> bool {
         if let BreakerState::Open { until } = self.state
@@ -237,6 +248,11 @@ impl Health {
         self.breakers.get(ep).is_some_and(|b| b.blocks(now))
     }
 
+    /// True while the breaker is half-open: a trial may go, or is in flight.
+    pub fn circuit_half_open(&self, ep: usize, now: Instant) -> bool {
+        self.breakers.get(ep).is_some_and(|b| b.half_open(now))
+    }
+
     /// A lease was granted on `ep`: if the breaker is (or has become)
     /// half-open with no trial, this lease is the trial.
     pub fn on_grant(&mut self, ep: usize, lease: LeaseId, now: Instant) {
@@ -387,7 +403,9 @@ mod tests {
         assert!(h.is_failing(0, 0, t0) && !h.is_failing(0, 1, t0));
         h.on_release(0, 1, LeaseId(2), Outcome::ConnectError, t0);
         assert!(h.circuit_open(0, t0) && h.circuit_open(0, t0 + s(4)));
+        assert!(!h.circuit_half_open(0, t0 + s(4)));
         assert!(!h.circuit_open(0, t0 + s(5)), "open period over");
+        assert!(h.circuit_half_open(0, t0 + s(5)), "a trial may go");
         // First grant after the open period is the trial; others are kept away.
         h.on_grant(0, LeaseId(3), t0 + s(5));
         assert_eq!(
@@ -397,9 +415,10 @@ mod tests {
             }
         );
         assert!(h.avoid(0, 5, t0 + s(5)));
+        assert!(h.circuit_open(0, t0 + s(5)) && h.circuit_half_open(0, t0 + s(5)));
         // Trial fails: open again.
         h.on_release(0, 0, LeaseId(3), Outcome::FirstByteTimeout, t0 + s(6));
-        assert!(h.circuit_open(0, t0 + s(10)));
+        assert!(h.circuit_open(0, t0 + s(10)) && !h.circuit_half_open(0, t0 + s(10)));
         // A successful probe moves it to half-open at once.
         h.probe_ok(0, 2);
         assert!(!h.circuit_open(0, t0 + s(7)));
