@@ -42,6 +42,8 @@ pub(crate) struct Snapshot {
     pub(crate) arrived: Notify,
     /// Notified when the `WatchUsage` stream is lost.
     pub(crate) went_away: Notify,
+    /// Notified whenever a state of the sidecar's own probes is stored.
+    pub(crate) local: Notify,
 }
 
 #[derive(Debug)]
@@ -69,6 +71,7 @@ impl Default for Snapshot {
             }),
             arrived: Notify::new(),
             went_away: Notify::new(),
+            local: Notify::new(),
         }
     }
 }
@@ -125,6 +128,8 @@ impl Snapshot {
         }
         feed.local_items = Some(items);
         self.state.store(Some(state));
+        drop(feed);
+        self.local.notify_waiters();
         true
     }
 

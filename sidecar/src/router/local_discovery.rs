@@ -16,7 +16,8 @@
 //! those results: its own requests counted against each endpoint's limit,
 //! as in any degraded decision. [`supervise`] starts the probes once no
 //! state from the control plane has arrived within `startup_wait` of
-//! start-up, or once its `WatchUsage` stream has been gone for a session
+//! start-up (the router's start then waits for the first round, bounded by
+//! the probe timeout, before the sidecar serves), or once its `WatchUsage` stream has been gone for a session
 //! TTL (by then the control plane has expired this sidecar's session too);
 //! [`run`] publishes nothing until every endpoint has been probed once (an
 //! unprobed endpoint advertises no models, and every request would be

@@ -303,6 +303,13 @@ impl RemoteRouter {
         }
         if let Some(config) = probe_config {
             let outage = config.sessions.ttl;
+            // Started without the control plane: the probes begin now, and
+            // the first round (bounded by the probe timeout) is waited for,
+            // so the first requests and listings see the endpoints instead
+            // of a refusal and an empty `/api/tags`.
+            let first_round = (shared.snapshot.get().is_none() && !cancel.is_cancelled())
+                .then(|| config.probe.timeout + FIRST_ROUND_SLACK);
+            let local = shared.snapshot.local.notified();
             tasks.spawn(local_discovery::supervise(
                 config,
                 shared.snapshot.clone(),
@@ -310,6 +317,15 @@ impl RemoteRouter {
                 tasks.clone(),
                 cancel.clone(),
             ));
+            if let Some(limit) = first_round {
+                let arrived = shared.snapshot.arrived.notified();
+                tokio::select! {
+                    () = local => {}
+                    () = arrived => {}
+                    () = tokio::time::sleep(limit) => {}
+                    () = cancel.cancelled() => {}
+                }
+            }
         }
         router
     }
@@ -701,6 +717,10 @@ impl Drop for PendingChoose<'_> {
         }
     }
 }
+
+/// Beyond the probe timeout, how long a sidecar started without the control
+/// plane waits for its own first probe round to be published.
+const FIRST_ROUND_SLACK: Duration = Duration::from_secs(1);
 
 /// Longest wait for `Cluster.Reprobe`: the control plane bounds it by
 /// twice its probe timeout plus a second.
