@@ -527,7 +527,7 @@ fn normalize_url(key: &str, url: &str) -> Result<String, ConfigError> {
 /// What makes two endpoint URLs the same server: scheme and host case,
 /// a default port written out (`:80`, `:443`) or a port's leading zeros do
 /// not. Only for URLs [`normalize_url`] accepted.
-fn same_endpoint(a: &str, b: &str) -> bool {
+pub(crate) fn same_endpoint(a: &str, b: &str) -> bool {
     let identity = |u: &str| {
         reqwest::Url::parse(u).map_or_else(
             |_| u.to_owned(),
@@ -600,7 +600,7 @@ impl Config {
             }
             let kind = if llama {
                 EndpointKind::LlamaServer
-            } else if url.contains("/v1") {
+            } else if crate::endpoint::url_path(&url).contains("/v1") {
                 EndpointKind::OpenAi
             } else {
                 EndpointKind::Ollama
@@ -693,8 +693,19 @@ impl Config {
         };
         let router_api_key = match router_api_key {
             Some((key, v)) => {
-                let v = expand_env(key, v, env)?;
-                (!v.is_empty()).then(|| Secret::new(v))
+                let expanded = expand_env(key, v, env)?;
+                // Left empty: no key (nomyo-router's "leave empty to
+                // disable"). Empty only once expanded: a variable set to
+                // nothing, as dangerous as an unset one.
+                if expanded.is_empty() && v.contains("${") {
+                    return Err(invalid(
+                        key,
+                        v.as_str(),
+                        "expands to an empty key, which would open the router to everyone \
+                         (set the variable, or leave the key empty to run without one)",
+                    ));
+                }
+                (!expanded.is_empty()).then(|| Secret::new(expanded))
             }
             None => None,
         };
@@ -1060,6 +1071,17 @@ endpoint_config:
     }
 
     #[test]
+    fn the_kind_is_read_from_the_path_not_the_host() {
+        let c = Config::from_yaml(
+            "endpoints: [\"http://v1-gpu.internal:11434\", \"http://gpu:8000/v1\"]\n",
+            &env,
+        )
+        .unwrap();
+        let kinds: Vec<_> = c.endpoints.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EndpointKind::Ollama, EndpointKind::OpenAi]);
+    }
+
+    #[test]
     fn endpoint_can_start_drained() {
         let yaml = "endpoints:\n  - http://a:1\n  - http://b:1\nendpoint_config:\n  \"http://b:1/\":\n    draining: true\n";
         let c = Config::from_yaml(yaml, &env).unwrap();
@@ -1114,6 +1136,15 @@ endpoint_config:
 
     #[test]
     fn an_unset_router_key_variable_is_an_error_since_it_would_open_the_router() {
+        let empty = Config::from_yaml("router_api_key: \"${EMPTY}\"\n", &|name| {
+            (name == "EMPTY").then(String::new)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            empty.contains("router_api_key") && empty.contains("expands to an empty key"),
+            "{empty}"
+        );
         let err = error("router_api_key: \"${NOPE}\"\n");
         assert!(
             err.contains("NOPE") && err.contains("router_api_key"),

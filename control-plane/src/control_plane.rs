@@ -219,7 +219,18 @@ impl ControlPlane {
     }
 
     fn endpoint_index(&self, url: &str) -> Option<u32> {
-        self.shared.urls.get(url.trim_end_matches('/')).copied()
+        if let Some(&index) = self.shared.urls.get(url.trim_end_matches('/')) {
+            return Some(index);
+        }
+        // Written another way (`HTTP://`, a default port, ...): the same
+        // endpoint as the config means it.
+        let index = self
+            .shared
+            .config
+            .endpoints
+            .iter()
+            .position(|e| crate::config::same_endpoint(&e.url, url))?;
+        u32::try_from(index).ok()
     }
 
     /// Records a visible change; the publisher picks it up.

@@ -65,6 +65,16 @@ impl FromStr for EndpointKind {
     }
 }
 
+/// The path of an `http(s)://host[:port]/path` URL (empty when it has
+/// none), so a host such as `v1-gpu.internal` says nothing about the API.
+pub fn url_path(url: &str) -> &str {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
+    rest.find('/').map_or("", |at| &rest[at..])
+}
+
 /// Base URL for OpenAI-style routes (`{base}/models`, `{base}/chat/completions`).
 ///
 /// OpenAI-compatible endpoints are configured with their `/v1` base (as
@@ -73,7 +83,7 @@ impl FromStr for EndpointKind {
 pub fn openai_base(url: &str, kind: EndpointKind) -> String {
     let url = url.trim_end_matches('/');
     match kind {
-        EndpointKind::OpenAi if url.contains("/v1") => url.to_owned(),
+        EndpointKind::OpenAi if url_path(url).contains("/v1") => url.to_owned(),
         EndpointKind::OpenAi | EndpointKind::LlamaServer | EndpointKind::Ollama => {
             if url.ends_with("/v1") {
                 url.to_owned()
@@ -114,5 +124,12 @@ mod tests {
             openai_base("http://h:8080/v1", EndpointKind::LlamaServer),
             "http://h:8080/v1"
         );
+    }
+
+    #[test]
+    fn only_the_path_says_v1() {
+        assert_eq!(url_path("http://v1-gpu.internal:11434"), "");
+        assert_eq!(url_path("https://api.x.com/openai/v1"), "/openai/v1");
+        assert_eq!(url_path("http://h:8000/v1"), "/v1");
     }
 }

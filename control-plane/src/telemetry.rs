@@ -46,7 +46,8 @@ pub enum TelemetryError {
     /// `--otlp-endpoint` given to a binary built without the `otlp` feature.
     #[error(
         "--otlp-endpoint: this binary was built without the otlp feature \
-         (rebuild with `--features otlp`)"
+         (rebuild with `cargo build --release --features \
+         switchyard-sidecar/otlp,switchyard-control-plane/otlp`)"
     )]
     OtlpNotBuilt,
     /// The OTLP endpoint is not an `http://` or `https://` URL.

@@ -166,8 +166,7 @@ pub fn strip_api_key(uri: &Uri) -> Option<Uri> {
 /// Routes that answer without a key: liveness probes must work without
 /// credentials (Kubernetes, load balancers).
 fn is_public(method: &Method, path: &str) -> bool {
-    (path == "/" && (method == Method::GET || method == Method::HEAD))
-        || (path == "/health" && method == Method::GET)
+    (path == "/" || path == "/health") && (method == Method::GET || method == Method::HEAD)
 }
 
 /// axum middleware: checks the router key, then strips `api_key` from the
@@ -278,6 +277,8 @@ mod tests {
         assert!(is_public(&Method::GET, "/"));
         assert!(is_public(&Method::HEAD, "/"));
         assert!(is_public(&Method::GET, "/health"));
+        assert!(is_public(&Method::HEAD, "/health"));
+        assert!(!is_public(&Method::POST, "/health"));
         assert!(!is_public(&Method::GET, "/api/tags"));
         assert!(!is_public(&Method::POST, "/"));
         assert!(!is_public(&Method::GET, "/metrics"));

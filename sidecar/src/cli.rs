@@ -266,8 +266,9 @@ pub fn run_cli_code(
             return EXIT_USAGE;
         }
     };
-    if let Some(config) = plan.options.mode.config() {
-        config.log_warnings();
+    match plan.options.mode.config() {
+        Some(config) => config.log_warnings(),
+        None => tracing::warn!("{NO_CONFIG}"),
     }
     // This runtime accepts connections and runs the background tasks
     // (discovery, the control-plane session, metrics); requests are served
@@ -295,15 +296,22 @@ pub fn run_cli_code(
     }
 }
 
+/// What a remote sidecar started without `--config` goes without: the
+/// keys never cross the gRPC wire, so they come from its own config only.
+const NO_CONFIG: &str = "no --config: this sidecar checks no router API key (every client is \
+     served), sends no backend API keys, and cannot probe the endpoints itself while the \
+     control plane is unreachable; give it the cluster's config file";
+
 /// `--check-config`: the configuration's warnings on stderr, then what the
 /// control plane's `--check-config` reports (with the drains saved in
 /// `state_file`, which a standalone sidecar reads at start: a file it could
 /// not start with fails the check).
 fn check_config(mode: &Mode, stdout: &mut dyn Write, stderr: &mut dyn Write) -> u8 {
     let Some(config) = mode.config() else {
+        let _ = writeln!(stderr, "switchyard-sidecar: warning: {NO_CONFIG}");
         let _ = writeln!(
             stdout,
-            "config ok: no --config (the control plane supplies the endpoints and settings)"
+            "config ok: no --config (the control plane supplies the endpoints)"
         );
         return EXIT_OK;
     };
@@ -387,6 +395,25 @@ mod tests {
             }
             Mode::Remote { .. } => panic!("expected standalone"),
         }
+    }
+
+    #[test]
+    fn a_remote_sidecar_without_config_is_told_what_it_goes_without() {
+        let plan = parse(&["--control-plane", "http://cp:50051"])
+            .unwrap()
+            .plan()
+            .unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(
+            check_config(&plan.options.mode, &mut out, &mut err),
+            EXIT_OK
+        );
+        let err = String::from_utf8(err).unwrap();
+        assert!(
+            err.contains("warning: no --config") && err.contains("no router API key"),
+            "{err}"
+        );
+        assert!(String::from_utf8(out).unwrap().starts_with("config ok"));
     }
 
     #[test]

@@ -214,6 +214,10 @@ fn excluded_and_draining_endpoints_never_get_the_request() {
         assert_eq!(&*cp.choose(&r, None, t0).unwrap().endpoint, A);
     }
     assert!(!cp.set_draining(B, false).unwrap().draining);
+    // The same endpoint written another way.
+    let drained = cp.set_draining("HTTP://B:11434/", true).unwrap();
+    assert!(drained.draining && &*drained.url == B);
+    assert!(!cp.set_draining(B, false).unwrap().draining);
     let err = cp.set_draining("http://nope:1", true).unwrap_err();
     let AdminError::UnknownEndpoint(err) = err else {
         panic!("{err:?}");
