@@ -106,6 +106,30 @@ impl AdminFile {
         Ok(saved.drained)
     }
 
+    /// [`AdminFile::load`], then a check that the file can be written
+    /// where it is (its temporary file is created and removed): a
+    /// directory that does not exist or is read-only would otherwise show
+    /// only when `switchyard drain` fails to save, long after start-up.
+    pub fn load_checked(&self) -> Result<Vec<String>, AdminFileError> {
+        let drained = self.load()?;
+        let tmp = self.tmp_path();
+        fs::File::create(&tmp).map_err(|source| AdminFileError::Io {
+            path: self.path.clone(),
+            source: io::Error::new(
+                source.kind(),
+                format!("cannot be written there ({source}); drains could not be saved"),
+            ),
+        })?;
+        let _ = fs::remove_file(&tmp);
+        Ok(drained)
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".tmp");
+        PathBuf::from(tmp)
+    }
+
     /// Replaces the saved set with `drained()`, read while holding the
     /// write lock, so concurrent changes never leave an older set last.
     pub fn save(&self, drained: impl FnOnce() -> Vec<String>) -> Result<(), AdminFileError> {
@@ -121,9 +145,7 @@ impl AdminFile {
         let mut text =
             serde_json::to_string_pretty(&saved).map_err(|e| io_err(io::Error::other(e)))?;
         text.push('\n');
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        let tmp = self.tmp_path();
         {
             use std::io::Write as _;
             let mut f = fs::File::create(&tmp).map_err(io_err)?;
@@ -179,9 +201,15 @@ mod tests {
         fs::write(&path, "{\"version\": 7, \"drained\": []}").unwrap();
         let e = f.load().unwrap_err().to_string();
         assert!(e.contains("version 7"), "{e}");
-        // A file in a directory that does not exist cannot be written.
+        // A file in a directory that does not exist cannot be written:
+        // said at start, not at the first drain.
         let f = AdminFile::new(dir.path().join("missing").join("state.json"));
         let e = f.save(Vec::new).unwrap_err().to_string();
         assert!(e.starts_with("state_file "), "{e}");
+        let e = f.load_checked().unwrap_err().to_string();
+        assert!(e.contains("cannot be written there"), "{e}");
+        let ok = AdminFile::new(dir.path().join("fresh.json"));
+        assert!(ok.load_checked().unwrap().is_empty());
+        assert!(!dir.path().join("fresh.json.tmp").exists());
     }
 }

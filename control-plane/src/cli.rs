@@ -115,7 +115,7 @@ pub fn display_url(url: &str) -> String {
 pub fn check_report(config: &Config) -> Result<String, AdminFileError> {
     let mut summary = config_summary(config);
     if let Some(path) = &config.state_file {
-        let drained = AdminFile::new(path.clone()).load()?;
+        let drained = AdminFile::new(path.clone()).load_checked()?;
         let _ = write!(
             summary,
             "; drains saved in {} ({} now: {})",

@@ -175,7 +175,7 @@ impl ControlPlane {
             return Ok(cp);
         };
         let file = AdminFile::new(path);
-        let saved = file.load()?;
+        let saved = file.load_checked()?;
         let mut drained = Vec::new();
         {
             let mut st = cp.shared.state.lock();

@@ -91,10 +91,15 @@ pub enum Command {
     Endpoints,
     /// List models: which endpoints serve each one, where it is loaded, in-flight.
     ///
-    /// Models are grouped under the name the control plane counts usage by
-    /// (Ollama names get `:latest`, llama-server names lose their org prefix
-    /// and quantization suffix), so one model served by several kinds of
-    /// backend appears once. JSON: `{"version", "models": [...]}`.
+    /// Models are grouped by the name a client sends, in canonical form (an
+    /// untagged name gets `:latest`; nothing else is changed), so `llama3` on
+    /// an Ollama endpoint and `llama3` on an OpenAI-compatible one are one
+    /// model served by two endpoints. Each endpoint row shows the name the
+    /// endpoint advertises (AS; `-` for a model no longer advertised that
+    /// still has requests in flight there) and EP-IN-FLIGHT, counted under
+    /// the endpoint's tracking name (`tracking_model` in JSON; llama-server
+    /// names without org prefix and quantization suffix); IN-FLIGHT is the
+    /// sum over the model's endpoints. JSON: `{"version", "models": [...]}`.
     Models,
     /// Show in-flight requests and token counts per endpoint and model, with totals.
     ///
