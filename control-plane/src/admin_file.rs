@@ -112,6 +112,13 @@ impl AdminFile {
     /// only when `switchyard drain` fails to save, long after start-up.
     pub fn load_checked(&self) -> Result<Vec<String>, AdminFileError> {
         let drained = self.load()?;
+        self.check_writable()?;
+        Ok(drained)
+    }
+
+    /// Whether the file can be written where it is: its temporary file is
+    /// created and removed.
+    pub fn check_writable(&self) -> Result<(), AdminFileError> {
         let tmp = self.tmp_path();
         fs::File::create(&tmp).map_err(|source| AdminFileError::Io {
             path: self.path.clone(),
@@ -121,7 +128,7 @@ impl AdminFile {
             ),
         })?;
         let _ = fs::remove_file(&tmp);
-        Ok(drained)
+        Ok(())
     }
 
     fn tmp_path(&self) -> PathBuf {

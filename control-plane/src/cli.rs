@@ -112,10 +112,19 @@ pub fn display_url(url: &str) -> String {
 /// What `--check-config` prints for a valid configuration: the
 /// [`config_summary`] and, with `state_file`, the drains saved there (read
 /// now, so a file the control plane could not start with fails the check).
-pub fn check_report(config: &Config) -> Result<String, AdminFileError> {
+/// A `state_file` that cannot be written where it is goes to `warnings`:
+/// the check may run elsewhere than the control plane (a ConfigMap
+/// validated in CI), and the start checks it again, there as an error.
+pub fn check_report(config: &Config, warnings: &mut Vec<String>) -> Result<String, AdminFileError> {
     let mut summary = config_summary(config);
     if let Some(path) = &config.state_file {
-        let drained = AdminFile::new(path.clone()).load_checked()?;
+        let file = AdminFile::new(path.clone());
+        let drained = file.load()?;
+        if let Err(e) = file.check_writable() {
+            warnings.push(format!(
+                "{e} (the control plane refuses to start like this)"
+            ));
+        }
         let _ = write!(
             summary,
             "; drains saved in {} ({} now: {})",
@@ -207,7 +216,12 @@ where
         for warning in &config.warnings {
             let _ = writeln!(err, "switchyard-control-plane: warning: {warning}");
         }
-        return match check_report(&config) {
+        let mut warnings = Vec::new();
+        let report = check_report(&config, &mut warnings);
+        for warning in &warnings {
+            let _ = writeln!(err, "switchyard-control-plane: warning: {warning}");
+        }
+        return match report {
             Ok(report) => {
                 let _ = writeln!(out, "{report}");
                 Exit::Ok
@@ -329,6 +343,27 @@ mod tests {
         Args::try_parse_from(
             std::iter::once("switchyard-control-plane").chain(args.iter().copied()),
         )
+    }
+
+    #[test]
+    fn an_unwritable_state_file_is_a_warning_of_the_check_and_an_error_at_start() {
+        let config = Config::from_yaml(
+            "endpoints: [\"http://127.0.0.1:9\"]\nstate_file: /nonexistent-dir/state.json\n",
+            &|_| None,
+        )
+        .unwrap();
+        let mut warnings = Vec::new();
+        let report = check_report(&config, &mut warnings).unwrap();
+        assert!(report.starts_with("config ok"), "{report}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("cannot be written there"),
+            "{warnings:?}"
+        );
+        let e = crate::control_plane::ControlPlane::with_state_file(std::sync::Arc::new(config))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent-dir/state.json"), "{e}");
     }
 
     #[test]

@@ -318,10 +318,14 @@ fn check_config(mode: &Mode, stdout: &mut dyn Write, stderr: &mut dyn Write) -> 
     for warning in &config.warnings {
         let _ = writeln!(stderr, "switchyard-sidecar: warning: {warning}");
     }
+    let mut warnings = Vec::new();
     let report = match mode {
-        Mode::Standalone { .. } => check_report(config),
+        Mode::Standalone { .. } => check_report(config, &mut warnings),
         Mode::Remote { .. } => Ok(config_summary(config)),
     };
+    for warning in &warnings {
+        let _ = writeln!(stderr, "switchyard-sidecar: warning: {warning}");
+    }
     match report {
         Ok(report) => {
             let _ = writeln!(stdout, "{report}");
