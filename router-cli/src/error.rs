@@ -34,6 +34,19 @@ pub enum CliError {
         /// The server's message.
         message: String,
     },
+    /// What answered is an HTTP server, not a gRPC one (tonic maps its
+    /// status to a gRPC code: "grpc-status header missing, mapped from
+    /// HTTP status code 404").
+    #[error(
+        "{addr} answered plain HTTP, not gRPC ({message}): is it the control plane's gRPC \
+         address (its --listen), not its metrics port or a sidecar?"
+    )]
+    NotGrpc {
+        /// Address tried.
+        addr: String,
+        /// tonic's message.
+        message: String,
+    },
     /// Any other gRPC error status: the server's message first.
     #[error("{message} ({code:?} from control plane at {addr})")]
     Status {
@@ -106,6 +119,10 @@ impl CliError {
                     cause: root_cause(&status),
                 }
             }
+            _ if status.message().starts_with("grpc-status header missing") => Self::NotGrpc {
+                addr: addr.to_owned(),
+                message: status.message().to_owned(),
+            },
             code => Self::Status {
                 addr: addr.to_owned(),
                 code,
@@ -185,6 +202,23 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "control plane at http://cp:1 did not answer within 10s"
+        );
+    }
+
+    #[test]
+    fn a_plain_http_server_is_named_as_not_grpc() {
+        let e = CliError::status(
+            "http://cp:9090",
+            tonic::Status::unimplemented(
+                "grpc-status header missing, mapped from HTTP status code 404",
+            ),
+            Duration::from_secs(1),
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("http://cp:9090 answered plain HTTP, not gRPC")
+                && text.contains("metrics port"),
+            "{text}"
         );
     }
 

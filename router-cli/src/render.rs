@@ -88,7 +88,10 @@ pub fn json_line(out: &mut dyn Write, value: &impl Serialize) -> Result<(), crat
 
 /// `850ms`, `3.2s`, `4m05s`, `2h07m`.
 pub fn duration_ms(ms: u64) -> String {
-    if ms < 1_000 {
+    if ms >= NEVER_MS {
+        // The embedded control plane's own session does not expire.
+        "never".to_owned()
+    } else if ms < 1_000 {
         format!("{ms}ms")
     } else if ms < 60_000 {
         // One decimal, truncated: never claims more time than there is.
@@ -101,6 +104,9 @@ pub fn duration_ms(ms: u64) -> String {
         format!("{}h{:02}m", m / 60, m % 60)
     }
 }
+
+/// A year: anything longer is shown as `never`.
+const NEVER_MS: u64 = 365 * 24 * 3_600_000;
 
 fn list_or_dash(items: &[String]) -> String {
     if items.is_empty() {
@@ -579,6 +585,8 @@ mod tests {
         assert_eq!(duration_ms(60_000), "1m00s");
         assert_eq!(duration_ms(3_599_999), "59m59s");
         assert_eq!(duration_ms(3_600_000 * 2 + 7 * 60_000), "2h07m");
+        assert_eq!(duration_ms(NEVER_MS - 60_000), "8759h59m");
+        assert_eq!(duration_ms(876_000 * 3_600_000), "never");
     }
 
     #[test]
