@@ -234,7 +234,17 @@ pub fn run_cli_code(
         Ok(a) => a,
         Err(e) => {
             let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
-            let text = e.render().to_string();
+            let mut text = e.render().to_string();
+            // The CLI reads the same variable: exported for it, it turns a
+            // standalone start into a conflict nobody typed.
+            if e.kind() == clap::error::ErrorKind::ArgumentConflict
+                && std::env::var_os("SWITCHYARD_CONTROL_PLANE").is_some()
+            {
+                text.push_str(
+                    "\nnote: --control-plane is set by the environment variable \
+                     SWITCHYARD_CONTROL_PLANE (unset it to run standalone)\n",
+                );
+            }
             let _ = if code == 0 {
                 stdout.write_all(text.as_bytes())
             } else {

@@ -149,6 +149,28 @@ async fn a_standalone_sidecar_serves_its_control_plane_to_the_cli() {
     assert_eq!(drained, [false, true], "{state:?}\n{}", sidecar.logs());
 }
 
+/// `SWITCHYARD_CONTROL_PLANE`, exported for the CLI, conflicts with a
+/// sidecar's `--standalone`: the error says where the value came from.
+#[tokio::test]
+async fn a_conflict_from_the_environment_names_the_variable() {
+    use switchyard_system_tests::process::{Binary, binary};
+    let output = tokio::process::Command::new(binary(Binary::Sidecar).await)
+        .arg("--standalone")
+        .env("SWITCHYARD_CONTROL_PLANE", "http://127.0.0.1:9")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(SOON, output)
+        .await
+        .expect("the sidecar did not exit")
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("set by the environment variable SWITCHYARD_CONTROL_PLANE"),
+        "{err}"
+    );
+}
+
 /// Every flag also reads an environment variable (DESIGN.md), boolean ones
 /// in the usual spellings: `SWITCHYARD_STANDALONE=1` and
 /// `SWITCHYARD_CHECK_CONFIG=yes` check a standalone configuration, and the
