@@ -312,7 +312,7 @@ async fn exchange(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         make_room(&mut buf);
-        match read(&io, &mut buf).await {
+        match read(&mut io, &mut buf).await {
             Ok(0) => return Err(Failure::Broken(H1Error::Closed)),
             Ok(_) => {}
             Err(e) => return Err(Failure::Broken(H1Error::Io(e))),
@@ -343,24 +343,22 @@ fn make_room(buf: &mut BytesMut) {
     }
 }
 
-async fn read(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+async fn read(io: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     std::future::poll_fn(|cx| poll_read(io, cx, buf)).await
 }
 
-/// Reads what is available into `buf` (0 = end of stream).
-fn poll_read(io: &TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
-    loop {
-        match io.try_read_buf(buf) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Err(e) = std::task::ready!(io.poll_read_ready(cx)) {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
+/// Reads what is available into `buf` (0 = end of stream), through
+/// tokio's `AsyncRead`: a read that leaves room in `buf` tells the reactor
+/// the socket is drained (epoll), so the liveness check of the idle
+/// connection at its next checkout ([`cleanly_idle`]) costs no syscall.
+/// (`try_read_buf` keeps the readiness until a read would block: one
+/// `EAGAIN` syscall per request.)
+fn poll_read(
+    io: &mut TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
 enum Parsed {
@@ -676,7 +674,7 @@ impl http_body::Body for H1Body {
                 Ok(Decoded::NeedMore) => {}
                 Err(e) => return this.fail(e),
             }
-            let Some(io) = this.conn.as_ref() else {
+            let Some(io) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
             make_room(&mut this.buf);
