@@ -154,7 +154,18 @@ pub async fn accept_in_turn(
     let mut next = 0usize;
     loop {
         let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                // Connections whose handshake completed before the stop
+                // are served too: closing the listener would reset them.
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                while let std::task::Poll::Ready(Ok((socket, _))) = listener.poll_accept(&mut cx) {
+                    if let Ok(socket) = socket.into_std() {
+                        hand(next % count.max(1), socket);
+                        next = next.wrapping_add(1);
+                    }
+                }
+                return;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted.and_then(|(socket, _)| socket.into_std()) {

@@ -4,6 +4,8 @@
 //!
 //! Shutdown ([`SidecarHandle::shutdown`], or SIGTERM/Ctrl-C in `main`):
 //! 1. stop accepting connections; idle keep-alive connections close;
+//!    connections opened before (the listener's backlog included) still
+//!    get their request answered, then close (`server/connections.rs`);
 //! 2. in-flight requests and streams run on for up to `shutdown_grace`;
 //! 3. then the remaining ones are cancelled: streams end with an error chunk
 //!    in the client's format, waiting requests answer 503, and their leases
@@ -504,22 +506,30 @@ impl Inbox {
     /// forever once the accept loop has ended (the server stops on its
     /// shutdown signal).
     async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            let Some(socket) = self.sockets.recv().await else {
-                // The accept loop ended (shutdown): the server stops
-                // accepting on its shutdown signal.
-                return std::future::pending().await;
-            };
+        match self.remaining().await {
+            Some(accepted) => accepted,
+            // The accept loop ended (shutdown): the server stops accepting
+            // on its shutdown signal.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The next socket, or `None` once the accept loop has ended and every
+    /// socket it handed over was taken (after a stop: those it accepted
+    /// before, its backlog included).
+    async fn remaining(&mut self) -> Option<(TcpStream, SocketAddr)> {
+        while let Some(socket) = self.sockets.recv().await {
             let registered = cores::register(socket).and_then(|tcp| {
                 let peer = tcp.peer_addr()?;
                 Ok((tcp, peer))
             });
             match registered {
-                Ok(accepted) => return accepted,
+                Ok(accepted) => return Some(accepted),
                 // Reset before it got here: nothing to serve.
                 Err(e) => tracing::debug!(error = %e, "dropping an accepted connection"),
             }
         }
+        None
     }
 }
 
@@ -545,6 +555,9 @@ async fn serve(
             let _ = inboxes[i].send(socket);
         })
         .await;
+        // Every socket accepted is handed over: the threads serve what is
+        // in their inboxes, then stop waiting for more.
+        drop(inboxes);
         let mut result = Ok(());
         for server in done {
             match server.await {

@@ -9,11 +9,15 @@
 //!   client that opens connections and sends nothing, or a head byte by
 //!   byte, cannot hold sockets forever (hyper applies no such limit unless
 //!   given a timer, and none before the first byte).
-//! - On `stop`, the thread takes no more sockets and every connection is
-//!   asked to shut down gracefully: an idle one closes, one with a request
-//!   in flight closes after answering it (HTTP/2: `GOAWAY`, open streams
-//!   finish). [`serve`] returns once all of them have closed; the caller
-//!   bounds that wait with the shutdown grace.
+//! - On `stop`, every connection is asked to shut down gracefully: an idle
+//!   one closes, one with a request in flight closes after answering it
+//!   (HTTP/2: `GOAWAY`, open streams finish). Connections a client opened
+//!   before the stop are not dropped unanswered: the sockets the accept
+//!   loop took (its backlog included, see `cores::accept_in_turn`) are
+//!   still served, and one that has not sent its request yet gets
+//!   [`LAST_CALL`] to send it; each of those answers one request and
+//!   closes (`connection: close`). [`serve`] returns once all of them have
+//!   closed; the caller bounds that wait with the shutdown grace.
 
 use std::{convert::Infallible, io, time::Duration};
 
@@ -21,12 +25,20 @@ use axum::{body::Body, response::Response};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::Inbox;
 use crate::routes;
+
+/// How long a connection opened before the stop, that has not sent its
+/// request yet, may still send it (a client sends right after connecting).
+const LAST_CALL: Duration = Duration::from_millis(500);
 
 /// Serves the sockets arriving in `inbox` until `stop`, then waits for the
 /// open connections to finish (see the module docs).
@@ -41,42 +53,91 @@ pub(super) async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(client_header_timeout);
+    // For connections that start after the stop: one request, then closed.
+    let mut last_call = builder.clone();
+    last_call.http1().keep_alive(false);
     let graceful = GracefulShutdown::new();
     let service = HyperEntry(entry);
-    loop {
-        let io = tokio::select! {
-            (io, _peer) = inbox.accept() => io,
-            () = stop.cancelled() => break,
+    let spawn = |io: TcpStream| {
+        let connection = Connection {
+            watcher: graceful.watcher(),
+            builder: builder.clone(),
+            last_call: last_call.clone(),
+            service: service.clone(),
+            client_header_timeout,
+            stop: stop.clone(),
         };
-        let (watcher, builder, service, stop) = (
-            graceful.watcher(),
-            builder.clone(),
-            service.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            // hyper's header timer starts with the first bytes: wait for
-            // them here, bounded.
-            tokio::select! {
-                first = tokio::time::timeout(client_header_timeout, io.readable()) => {
-                    if !matches!(first, Ok(Ok(()))) {
-                        tracing::debug!("client connection sent nothing in time; closing it");
-                        return;
-                    }
-                }
-                () = stop.cancelled() => return,
-            }
-            let connection = builder.serve_connection(TokioIo::new(io), service);
-            if let Err(e) = watcher.watch(connection).await {
-                // Clients resetting, timing out or speaking garbage: theirs
-                // to see, not an operator's.
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-        });
+        tokio::spawn(connection.serve(io));
+    };
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            (io, _peer) = inbox.accept() => spawn(io),
+        }
+    }
+    // Sockets accepted before the stop and still on their way here.
+    while let Some((io, _peer)) = inbox.remaining().await {
+        spawn(io);
     }
     drop(inbox);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// One client connection and what serving it needs.
+struct Connection {
+    /// Held until the connection ends: [`serve`] waits for every one.
+    watcher: Watcher,
+    builder: auto::Builder<TokioExecutor>,
+    last_call: auto::Builder<TokioExecutor>,
+    service: HyperEntry,
+    client_header_timeout: Duration,
+    stop: CancellationToken,
+}
+
+impl Connection {
+    async fn serve(self, io: TcpStream) {
+        // hyper's header timer starts with the first bytes: wait for them
+        // here, bounded.
+        if !first_bytes(&io, self.client_header_timeout, &self.stop).await {
+            tracing::debug!("client connection sent nothing in time; closing it");
+            return;
+        }
+        let served = if self.stop.is_cancelled() {
+            // Its request arrived as the server stops: answered, not
+            // dropped (a graceful shutdown before hyper has read anything
+            // would close it unanswered). The watcher, held meanwhile,
+            // keeps [`serve`] waiting for it.
+            let _waited_for = self.watcher;
+            self.last_call
+                .serve_connection(TokioIo::new(io), self.service)
+                .await
+        } else {
+            let connection = self
+                .builder
+                .serve_connection(TokioIo::new(io), self.service);
+            self.watcher.watch(connection).await
+        };
+        if let Err(e) = served {
+            // Clients resetting, timing out or speaking garbage: theirs to
+            // see, not an operator's.
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+/// Whether the client sent something within `limit`; once `stop` fires,
+/// within [`LAST_CALL`] at most.
+async fn first_bytes(io: &TcpStream, limit: Duration, stop: &CancellationToken) -> bool {
+    let within = |limit| async move {
+        matches!(tokio::time::timeout(limit, io.readable()).await, Ok(Ok(())))
+    };
+    tokio::select! {
+        biased;
+        sent = within(limit) => sent,
+        () = stop.cancelled() => within(limit.min(LAST_CALL)).await,
+    }
 }
 
 /// [`routes::Entry`] as a hyper service.

@@ -1543,6 +1543,44 @@ async fn health_is_503_when_every_backend_is_down() {
     sc.shutdown().await;
 }
 
+/// A client that connected before the shutdown and sends its request just
+/// after it is answered (then the connection closes), not dropped: curl
+/// saw "Empty reply from server" for such requests.
+#[tokio::test]
+async fn a_request_on_a_connection_opened_before_the_shutdown_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let mut sock = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    // Accepted and waiting for its first bytes when the shutdown begins.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let trigger = sc.shutdown_trigger();
+    let stopped = tokio::spawn(sc.wait());
+    trigger.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let body = r#"{"model":"llama3","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
+    let request = format!(
+        "POST /api/chat HTTP/1.1\r\nhost: sidecar\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut answer))
+        .await
+        .expect("the connection was neither answered nor closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("connection: close"), "{answer:?}");
+    assert!(answer.contains("\"done\":true"), "{answer:?}");
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("shutdown hung")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn shutdown_cancels_streams_after_the_grace() {
     let fake = Fake::start(
