@@ -159,13 +159,16 @@ impl StreamStop {
 /// the request span's `outcome` field and a log line.
 ///
 /// Exactly-once release: [`TrackedLease::finish`] consumes it; dropping it
-/// unfinished (client disconnect, shutdown, panic unwinding) drops the inner
-/// [`Lease`], whose own guard releases it as `Cancelled`.
+/// unfinished (client disconnect, shutdown, panic unwinding) releases it as
+/// `Cancelled`, with the tokens a stream noted so far
+/// ([`TrackedLease::note_tokens`]).
 pub struct TrackedLease {
     lease: Option<Lease>,
     choice: Choice,
     metrics: Metrics,
     span: Span,
+    /// What a stream delivered so far, reported if it is cancelled.
+    so_far: TokenCounts,
 }
 
 impl std::fmt::Debug for TrackedLease {
@@ -186,7 +189,14 @@ impl TrackedLease {
             choice,
             metrics,
             span,
+            so_far: TokenCounts::default(),
         }
+    }
+
+    /// Records the tokens streamed so far: a stream the client leaves (or
+    /// a shutdown ends) still counts what it was sent.
+    pub fn note_tokens(&mut self, tokens: TokenCounts) {
+        self.so_far = tokens;
     }
 
     /// The choice the lease was taken for.
@@ -220,9 +230,11 @@ impl Drop for TrackedLease {
             tracing::info!(
                 parent: &self.span,
                 endpoint = &*self.choice.endpoint,
+                prompt_tokens = self.so_far.prompt,
+                completion_tokens = self.so_far.completion,
                 "request cancelled (client gone or shutdown); lease released as cancelled"
             );
-            drop(lease);
+            lease.finish(Outcome::Cancelled, self.so_far);
         }
     }
 }

@@ -594,10 +594,11 @@ impl LiveStream {
     fn into_body(self) -> Body {
         let format = self.format;
         let body = async_stream::stream! {
-            let LiveStream { lease, mut upstream, first, mut transform, idle, format, shutdown, in_flight, mut pin } = self;
+            let LiveStream { mut lease, mut upstream, first, mut transform, idle, format, shutdown, in_flight, mut pin } = self;
             // Held until the stream ends or is dropped.
             let _in_flight = in_flight;
             let out = transform.push(first, Instant::now());
+            lease.note_tokens(transform.tokens());
             ResponsePin::pin_once(&mut pin, &transform, &lease).await;
             if !out.is_empty() {
                 yield Ok::<Bytes, Infallible>(out);
@@ -616,6 +617,7 @@ impl LiveStream {
                 match next {
                     Next::Chunk(chunk) => {
                         let out = transform.push(chunk, Instant::now());
+                        lease.note_tokens(transform.tokens());
                         ResponsePin::pin_once(&mut pin, &transform, &lease).await;
                         if !out.is_empty() {
                             yield Ok(out);
@@ -654,7 +656,8 @@ impl LiveStream {
                     }
                     Next::Shutdown => {
                         yield Ok(transform.abort(format, "sidecar is shutting down"));
-                        // Dropping the lease releases it as Cancelled.
+                        // Dropping the lease releases it as Cancelled,
+                        // with the tokens streamed so far.
                         drop(lease);
                         break;
                     }

@@ -890,6 +890,15 @@ async fn client_disconnect_mid_stream_cancels_upstream_and_releases() {
         .expect("upstream stream not cancelled");
     assert_eq!(fake.state.dropped.load(Ordering::SeqCst), 1);
     wait_no_leases(&sc).await;
+    // Released as cancelled, with what was streamed: one chunk, one token.
+    let state = sc.router().cluster_state();
+    let usage = &state.endpoints[0].usage;
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(
+        (usage[0].requests, usage[0].completion_tokens),
+        (1, 1),
+        "{usage:?}"
+    );
     sc.shutdown().await;
 }
 

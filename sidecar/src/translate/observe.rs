@@ -216,6 +216,8 @@ impl OpenAiStreamObserver {
 pub struct OllamaStreamObserver {
     decoder: NdjsonDecoder,
     tokens: TokenCounts,
+    /// Lines before the final one: each carries about one token.
+    chunks: u64,
     done_seen: bool,
     error: Option<String>,
 }
@@ -252,12 +254,23 @@ impl OllamaStreamObserver {
         if v.get("done").and_then(Value::as_bool) == Some(true) {
             self.done_seen = true;
             self.tokens = tokens_from_ollama_body(&v);
+        } else {
+            self.chunks += 1;
         }
     }
 
-    /// Counts from the final `done:true` chunk (zero before it).
+    /// Counts from the final `done:true` chunk; before it (a stream cut
+    /// short, cancelled or still running), the chunks so far stand in for
+    /// the completion tokens (Ollama streams one token per line).
     pub fn tokens(&self) -> TokenCounts {
-        self.tokens
+        if self.done_seen {
+            self.tokens
+        } else {
+            TokenCounts {
+                prompt: 0,
+                completion: self.chunks,
+            }
+        }
     }
 
     /// Whether the final `done:true` chunk was seen.
@@ -668,7 +681,16 @@ mod tests {
         );
         let mut o = OllamaStreamObserver::new();
         o.push(b"{\"message\":{\"content\":\"a\"},\"done\":false}\n");
+        o.push(b"{\"message\":{\"content\":\"b\"},\"done\":false}\n");
         assert_eq!(o.finish(), StreamEnd::Truncated);
+        // Cut short: the lines so far stand in for the completion tokens.
+        assert_eq!(
+            o.tokens(),
+            TokenCounts {
+                prompt: 0,
+                completion: 2
+            }
+        );
         // A final line without trailing newline still counts.
         let mut o = OllamaStreamObserver::new();
         o.push(b"{\"done\":true,\"prompt_eval_count\":1}");

@@ -14,13 +14,25 @@ use super::TokenCounts;
 /// A JSON number as `u64` (floats rounded, negatives and junk ignored).
 pub(crate) fn num_u64(v: Option<&Value>) -> Option<u64> {
     let v = v?;
-    if let Some(n) = v.as_u64() {
-        return Some(n);
-    }
-    let f = v.as_f64()?;
-    // Checked finite and non-negative; `as` saturates, which is the intent.
-    (f.is_finite() && f >= 0.0).then(|| f.round() as u64)
+    let n = match v.as_u64() {
+        Some(n) => n,
+        None => {
+            let f = v.as_f64()?;
+            // Checked finite and non-negative; `as` saturates.
+            if !(f.is_finite() && f >= 0.0) {
+                return None;
+            }
+            f.round() as u64
+        }
+    };
+    // A count no model produces in one request is a broken (or hostile)
+    // backend's: taken as absent, so it cannot pin the cluster's totals.
+    (n <= MAX_TOKEN_COUNT).then_some(n)
 }
+
+/// The largest token count believed for one request (2^32: beyond any
+/// context window by orders of magnitude).
+pub(crate) const MAX_TOKEN_COUNT: u64 = 1 << 32;
 
 /// OpenAI `usage` (`prompt_tokens`, `completion_tokens`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -124,6 +136,12 @@ mod tests {
     #[test]
     fn num_u64_is_lenient() {
         assert_eq!(num_u64(Some(&json!(3.6))), Some(4));
+        assert_eq!(
+            num_u64(Some(&json!(MAX_TOKEN_COUNT))),
+            Some(MAX_TOKEN_COUNT)
+        );
+        assert_eq!(num_u64(Some(&json!(u64::MAX))), None);
+        assert_eq!(num_u64(Some(&json!(1e30))), None);
         assert_eq!(num_u64(Some(&json!(-1))), None);
         assert_eq!(num_u64(Some(&json!("3"))), None);
         assert_eq!(Usage::of(&json!({"usage": null})), None);
