@@ -203,7 +203,13 @@ async fn tiny(name: &'static str, does: Does) -> Tiny {
 }
 
 async fn sidecar(backends: &[&Tiny]) -> SidecarHandle {
-    let urls: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.url)).collect();
+    let urls: Vec<&str> = backends.iter().map(|b| b.url.as_str()).collect();
+    sidecar_on(&urls).await
+}
+
+/// A standalone sidecar over the endpoints at `urls`, probing every 0.1 s.
+async fn sidecar_on(urls: &[&str]) -> SidecarHandle {
+    let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
     let yaml = format!("endpoints: [{}]\nprobe_interval: 0.1\n", urls.join(", "));
     let config = Config::from_yaml(&yaml, &|_| None).unwrap();
     start(StartOptions {
@@ -265,21 +271,7 @@ async fn failures_are_502_or_503_without_urls() {
     // The others 404, one endpoint fails its probes (not asked): the
     // holder may be that one, so no 404.
     let down = "http://127.0.0.1:1/v1";
-    let urls = format!(
-        "endpoints: [\"{}\", \"{down}\"]\nprobe_interval: 0.1\n",
-        empty.url
-    );
-    let config = Config::from_yaml(&urls, &|_| None).unwrap();
-    let with_down = start(StartOptions {
-        mode: Mode::Standalone {
-            config,
-            control_plane_listen: None,
-        },
-        listen: "127.0.0.1:0".parse().unwrap(),
-        name: "test".into(),
-    })
-    .await
-    .unwrap();
+    let with_down = sidecar_on(&[&empty.url, down]).await;
     // Wait for the probe to mark it down (before that it is asked, and
     // its refused connection is a failure like any other).
     for _ in 0..500 {
