@@ -116,17 +116,25 @@ impl AdminFile {
         Ok(drained)
     }
 
-    /// Whether the file can be written where it is: its temporary file is
-    /// created and removed.
+    /// Whether the file can be written where it is: a probe file of this
+    /// process's own beside it is created and removed (never the name
+    /// [`AdminFile::save`] writes, which a running control plane may be
+    /// using).
     pub fn check_writable(&self) -> Result<(), AdminFileError> {
-        let tmp = self.tmp_path();
-        fs::File::create(&tmp).map_err(|source| AdminFileError::Io {
-            path: self.path.clone(),
-            source: io::Error::new(
-                source.kind(),
-                format!("cannot be written there ({source}); drains could not be saved"),
-            ),
-        })?;
+        let mut probe = self.path.clone().into_os_string();
+        probe.push(format!(".check-{}", std::process::id()));
+        let tmp = PathBuf::from(probe);
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|source| AdminFileError::Io {
+                path: self.path.clone(),
+                source: io::Error::new(
+                    source.kind(),
+                    format!("cannot be written there ({source}); drains could not be saved"),
+                ),
+            })?;
         let _ = fs::remove_file(&tmp);
         Ok(())
     }
@@ -217,6 +225,11 @@ mod tests {
         assert!(e.contains("cannot be written there"), "{e}");
         let ok = AdminFile::new(dir.path().join("fresh.json"));
         assert!(ok.load_checked().unwrap().is_empty());
-        assert!(!dir.path().join("fresh.json.tmp").exists());
+        let mut left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["state.json"], "a probe file was left behind");
     }
 }

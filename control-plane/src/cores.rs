@@ -142,6 +142,25 @@ pub fn register(socket: std::net::TcpStream) -> io::Result<TcpStream> {
     Ok(socket)
 }
 
+/// How many completed connections the kernel may queue for `accept`
+/// (capped by `net.core.somaxconn`). tokio's `TcpListener::bind` asks for
+/// 128, which a burst of new clients overflows: the rest wait for SYN
+/// retransmits (1 s, then 3 s, ...).
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (`SO_REUSEADDR` set, as
+/// std's own `bind` does on Unix).
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Accepts on `listener` until `shutdown`, handing each socket (as a std
 /// socket, to be [`register`]ed with the receiving runtime's reactor) to
 /// `hand` with the index of the runtime whose turn it is, out of `count`.
@@ -156,14 +175,12 @@ pub async fn accept_in_turn(
         let accepted = tokio::select! {
             () = shutdown.cancelled() => {
                 // Connections whose handshake completed before the stop
-                // are served too: closing the listener would reset them.
-                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                while let std::task::Poll::Ready(Ok((socket, _))) = listener.poll_accept(&mut cx) {
-                    if let Ok(socket) = socket.into_std() {
-                        hand(next % count.max(1), socket);
-                        next = next.wrapping_add(1);
-                    }
-                }
+                // are handed over too (closing the listener would reset
+                // them): the kernel's whole backlog, read without the
+                // reactor (no cached readiness, no task budget). The
+                // sidecar serves them; the control plane's gRPC server,
+                // already stopping, closes them.
+                drain_backlog(listener, count, next, &mut hand);
                 return;
             }
             accepted = listener.accept() => accepted,
@@ -183,11 +200,71 @@ pub async fn accept_in_turn(
     }
 }
 
+/// Accepts every connection waiting in `listener`'s backlog and hands it
+/// on, continuing from turn `next`.
+fn drain_backlog(
+    listener: TcpListener,
+    count: usize,
+    mut next: usize,
+    hand: &mut impl FnMut(usize, std::net::TcpStream),
+) {
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    // Already non-blocking (tokio's), said again so a WouldBlock ends it.
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    loop {
+        match listener.accept() {
+            Ok((socket, _)) => {
+                // std's accept returns a blocking socket; tokio needs
+                // non-blocking ones.
+                if socket.set_nonblocking(true).is_ok() {
+                    hand(next % count.max(1), socket);
+                    next = next.wrapping_add(1);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_stop_hands_over_the_whole_backlog_as_non_blocking_sockets() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // More than tokio's task budget (128) and its default backlog (128),
+        // all waiting in the backlog.
+        let clients: Vec<_> = (0..300)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let mut handed = vec![0usize; 2];
+        let mut sockets = Vec::new();
+        accept_in_turn(listener, 2, &stop, |i, socket| {
+            handed[i] += 1;
+            sockets.push(socket);
+        })
+        .await;
+        assert_eq!(handed, [150, 150]);
+        for socket in sockets {
+            register(socket).expect("registered with the reactor");
+        }
+        drop(clients);
+    }
 
     #[tokio::test]
     async fn tasks_run_on_the_runtime_they_were_spawned_on_and_stop_ends_them() {

@@ -111,6 +111,22 @@ pub struct TokenCounts {
     pub completion: u64,
 }
 
+impl TokenCounts {
+    /// The largest count believed for one request (2^32: beyond any
+    /// context window by orders of magnitude).
+    pub const MAX_PER_REQUEST: u64 = 1 << 32;
+
+    /// These counts with any above [`Self::MAX_PER_REQUEST`] taken as 0:
+    /// a broken or hostile reporter cannot pin the cluster's totals.
+    pub fn believable(self) -> Self {
+        let cap = |n: u64| if n > Self::MAX_PER_REQUEST { 0 } else { n };
+        Self {
+            prompt: cap(self.prompt),
+            completion: cap(self.completion),
+        }
+    }
+}
+
 /// What a routed request does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

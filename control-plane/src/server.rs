@@ -357,9 +357,7 @@ fn loopback() -> SocketAddr {
 
 /// Binds `addr`, naming it in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })
+    crate::cores::listen(addr).map_err(|source| ServeError::Bind { addr, source })
 }
 
 fn local_addr(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, ServeError> {

@@ -230,6 +230,11 @@ pub fn run_cli_code(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> u8 {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let typed_control_plane = args
+        .iter()
+        .skip(1)
+        .any(|a| a == "--control-plane" || a.to_string_lossy().starts_with("--control-plane="));
     let args = match Args::try_parse_from(args) {
         Ok(a) => a,
         Err(e) => {
@@ -238,6 +243,7 @@ pub fn run_cli_code(
             // The CLI reads the same variable: exported for it, it turns a
             // standalone start into a conflict nobody typed.
             if e.kind() == clap::error::ErrorKind::ArgumentConflict
+                && !typed_control_plane
                 && std::env::var_os("SWITCHYARD_CONTROL_PLANE").is_some()
             {
                 text.push_str(

@@ -339,12 +339,10 @@ pub async fn start_remote(
 
 /// Starts a sidecar.
 pub async fn start(options: StartOptions) -> Result<SidecarHandle, StartError> {
-    let listener = TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: options.listen,
-            source,
-        })?;
+    let listener = cores::listen(options.listen).map_err(|source| StartError::Bind {
+        addr: options.listen,
+        source,
+    })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: options.listen,
         source,

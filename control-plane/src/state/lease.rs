@@ -163,6 +163,7 @@ impl LeaseTable {
             debug_assert!(*n > 0, "slot in-flight underflow");
             *n = n.saturating_sub(1);
         }
+        let tokens = tokens.believable();
         if let Some(c) = self.slots.get_mut(lease.slot as usize) {
             c.prompt_tokens = c.prompt_tokens.saturating_add(tokens.prompt);
             c.completion_tokens = c.completion_tokens.saturating_add(tokens.completion);
@@ -241,6 +242,15 @@ mod tests {
             (n, m.prompt_tokens, m.completion_tokens, m.requests),
             (0, 3, 4, 1)
         );
+        // A count no request produces is taken as none.
+        assert!(t.grant(LeaseId(2), lease));
+        let absurd = TokenCounts {
+            prompt: 5,
+            completion: u64::MAX,
+        };
+        assert!(t.release(LeaseId(2), absurd).is_some());
+        let (m, _) = t.endpoint_usage(0).next().unwrap();
+        assert_eq!((m.prompt_tokens, m.completion_tokens), (8, 4));
         t.check_invariants();
     }
 }

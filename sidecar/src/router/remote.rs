@@ -307,9 +307,12 @@ impl RemoteRouter {
             // the first round (bounded by the probe timeout) is waited for,
             // so the first requests and listings see the endpoints instead
             // of a refusal and an empty `/api/tags`.
+            // Both notifications armed before the check: a state arriving
+            // in between still ends the wait.
+            let local = shared.snapshot.local.notified();
+            let arrived = shared.snapshot.arrived.notified();
             let first_round = (shared.snapshot.get().is_none() && !cancel.is_cancelled())
                 .then(|| config.probe.timeout + FIRST_ROUND_SLACK);
-            let local = shared.snapshot.local.notified();
             tasks.spawn(local_discovery::supervise(
                 config,
                 shared.snapshot.clone(),
@@ -318,7 +321,6 @@ impl RemoteRouter {
                 cancel.clone(),
             ));
             if let Some(limit) = first_round {
-                let arrived = shared.snapshot.arrived.notified();
                 tokio::select! {
                     () = local => {}
                     () = arrived => {}

@@ -53,9 +53,13 @@ pub(super) async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(client_header_timeout);
-    // For connections that start after the stop: one request, then closed.
-    let mut last_call = builder.clone();
+    // For connections that start after the stop. HTTP/1: one request,
+    // then closed. HTTP/2 (no version sniffing, which a graceful shutdown
+    // would cancel): watched, so it gets its GOAWAY and answers the
+    // streams already sent.
+    let mut last_call = builder.clone().http1_only();
     last_call.http1().keep_alive(false);
+    let last_call_h2 = builder.clone().http2_only();
     let graceful = GracefulShutdown::new();
     let service = HyperEntry(entry);
     let spawn = |io: TcpStream| {
@@ -63,6 +67,7 @@ pub(super) async fn serve(
             watcher: graceful.watcher(),
             builder: builder.clone(),
             last_call: last_call.clone(),
+            last_call_h2: last_call_h2.clone(),
             service: service.clone(),
             client_header_timeout,
             stop: stop.clone(),
@@ -91,6 +96,7 @@ struct Connection {
     watcher: Watcher,
     builder: auto::Builder<TokioExecutor>,
     last_call: auto::Builder<TokioExecutor>,
+    last_call_h2: auto::Builder<TokioExecutor>,
     service: HyperEntry,
     client_header_timeout: Duration,
     stop: CancellationToken,
@@ -105,14 +111,21 @@ impl Connection {
             return;
         }
         let served = if self.stop.is_cancelled() {
-            // Its request arrived as the server stops: answered, not
-            // dropped (a graceful shutdown before hyper has read anything
-            // would close it unanswered). The watcher, held meanwhile,
-            // keeps [`serve`] waiting for it.
-            let _waited_for = self.watcher;
-            self.last_call
-                .serve_connection(TokioIo::new(io), self.service)
-                .await
+            if opens_http2(&io).await {
+                let connection = self
+                    .last_call_h2
+                    .serve_connection(TokioIo::new(io), self.service);
+                self.watcher.watch(connection).await
+            } else {
+                // Its request arrived as the server stops: answered, not
+                // dropped (a graceful shutdown before hyper has read
+                // anything would close it unanswered). The watcher, held
+                // meanwhile, keeps [`serve`] waiting for it.
+                let _waited_for = self.watcher;
+                self.last_call
+                    .serve_connection(TokioIo::new(io), self.service)
+                    .await
+            }
         } else {
             let connection = self
                 .builder
@@ -125,6 +138,13 @@ impl Connection {
             tracing::debug!(error = %e, "client connection ended with an error");
         }
     }
+}
+
+/// Whether the bytes a client sent first start the HTTP/2 preface
+/// (`PRI * HTTP/2.0`); HTTP/1 methods never start with `PRI `.
+async fn opens_http2(io: &TcpStream) -> bool {
+    let mut head = [0u8; 4];
+    matches!(io.peek(&mut head).await, Ok(4) if &head == b"PRI ")
 }
 
 /// Whether the client sent something within `limit`; once `stop` fires,

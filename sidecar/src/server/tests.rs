@@ -1590,6 +1590,49 @@ async fn a_request_on_a_connection_opened_before_the_shutdown_is_answered() {
         .unwrap();
 }
 
+/// The same over HTTP/2 with prior knowledge: answered, and the connection
+/// gets its `GOAWAY`, so the shutdown does not wait out the grace (30 s
+/// by default) for a client that keeps it open.
+#[tokio::test]
+async fn an_http2_connection_opened_before_the_shutdown_is_answered_and_told_to_go() {
+    use http_body_util::BodyExt;
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let sock = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let trigger = sc.shutdown_trigger();
+    let stopped = tokio::spawn(sc.wait());
+    trigger.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(sock),
+    )
+    .await
+    .unwrap();
+    // The client side stays open as long as the server lets it.
+    let client_side = tokio::spawn(connection);
+    let body = r#"{"model":"llama3","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
+    let request = http::Request::post("http://sidecar/api/chat")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let answer = sender.send_request(request).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let text = answer.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&text).contains("\"done\":true"),
+        "{text:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("the shutdown waited for the HTTP/2 client to leave")
+        .unwrap();
+    drop(sender);
+    let _ = client_side.await;
+}
+
 #[tokio::test]
 async fn shutdown_cancels_streams_after_the_grace() {
     let fake = Fake::start(

@@ -254,6 +254,11 @@ impl OllamaStreamObserver {
         if v.get("done").and_then(Value::as_bool) == Some(true) {
             self.done_seen = true;
             self.tokens = tokens_from_ollama_body(&v);
+            if self.tokens.completion == 0 {
+                // No (believable) count in the final line: the lines
+                // streamed stand in.
+                self.tokens.completion = self.chunks;
+            }
         } else {
             self.chunks += 1;
         }
@@ -688,6 +693,15 @@ mod tests {
             o.tokens(),
             TokenCounts {
                 prompt: 0,
+                completion: 2
+            }
+        );
+        // So they do when the final line carries no count.
+        o.push(b"{\"done\":true,\"prompt_eval_count\":5}\n");
+        assert_eq!(
+            o.tokens(),
+            TokenCounts {
+                prompt: 5,
                 completion: 2
             }
         );

@@ -30,9 +30,10 @@ pub(crate) fn num_u64(v: Option<&Value>) -> Option<u64> {
     (n <= MAX_TOKEN_COUNT).then_some(n)
 }
 
-/// The largest token count believed for one request (2^32: beyond any
-/// context window by orders of magnitude).
-pub(crate) const MAX_TOKEN_COUNT: u64 = 1 << 32;
+/// The largest token count believed for one request (the control plane's
+/// own cap on what a release reports).
+pub(crate) const MAX_TOKEN_COUNT: u64 =
+    switchyard_control_plane::outcome::TokenCounts::MAX_PER_REQUEST;
 
 /// OpenAI `usage` (`prompt_tokens`, `completion_tokens`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
