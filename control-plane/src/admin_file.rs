@@ -121,9 +121,7 @@ impl AdminFile {
     /// [`AdminFile::save`] writes, which a running control plane may be
     /// using).
     pub fn check_writable(&self) -> Result<(), AdminFileError> {
-        let mut probe = self.path.clone().into_os_string();
-        probe.push(format!(".check-{}", std::process::id()));
-        let tmp = PathBuf::from(probe);
+        let tmp = self.beside(&format!(".check-{}", std::process::id()));
         fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -139,10 +137,11 @@ impl AdminFile {
         Ok(())
     }
 
-    fn tmp_path(&self) -> PathBuf {
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
-        PathBuf::from(tmp)
+    /// The file's path with `suffix` appended (a file beside it).
+    fn beside(&self, suffix: &str) -> PathBuf {
+        let mut path = self.path.clone().into_os_string();
+        path.push(suffix);
+        PathBuf::from(path)
     }
 
     /// Replaces the saved set with `drained()`, read while holding the
@@ -160,7 +159,7 @@ impl AdminFile {
         let mut text =
             serde_json::to_string_pretty(&saved).map_err(|e| io_err(io::Error::other(e)))?;
         text.push('\n');
-        let tmp = self.tmp_path();
+        let tmp = self.beside(".tmp");
         {
             use std::io::Write as _;
             let mut f = fs::File::create(&tmp).map_err(io_err)?;

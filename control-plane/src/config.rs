@@ -528,13 +528,17 @@ fn normalize_url(key: &str, url: &str) -> Result<String, ConfigError> {
 /// a default port written out (`:80`, `:443`) or a port's leading zeros do
 /// not. Only for URLs [`normalize_url`] accepted.
 pub(crate) fn same_endpoint(a: &str, b: &str) -> bool {
-    let identity = |u: &str| {
-        reqwest::Url::parse(u).map_or_else(
-            |_| u.to_owned(),
-            |p| p.as_str().trim_end_matches('/').to_owned(),
-        )
-    };
-    a == b || identity(a) == identity(b)
+    a == b || endpoint_identity(a) == endpoint_identity(b)
+}
+
+/// An endpoint URL in the one form [`same_endpoint`] compares (parsed and
+/// printed back, without a trailing `/`); the URL as given if it does not
+/// parse.
+pub(crate) fn endpoint_identity(url: &str) -> String {
+    reqwest::Url::parse(url).map_or_else(
+        |_| url.to_owned(),
+        |p| p.as_str().trim_end_matches('/').to_owned(),
+    )
 }
 
 impl Config {

@@ -89,6 +89,9 @@ struct Shared {
     config: Arc<Config>,
     /// Endpoint URL → index, for exclude lists, leases and admin calls.
     urls: HashMap<Arc<str>, u32>,
+    /// The same by [`crate::config::endpoint_identity`], for a URL written
+    /// another way (`HTTP://`, a default port, ...).
+    identities: HashMap<String, u32>,
     discovery: ArcSwap<DiscoverySnapshot>,
     discovery_writer: Mutex<()>,
     state: Mutex<State>,
@@ -139,16 +142,21 @@ impl ControlPlane {
         let snap = DiscoverySnapshot::empty(config_len);
         let initial = Arc::new(state.cluster_state(&snap, 0, Instant::now()));
         let (watch, _) = watch::channel(initial);
-        let urls = config
+        let urls: HashMap<Arc<str>, u32> = config
             .endpoints
             .iter()
             .enumerate()
             .map(|(i, e)| (e.url.clone(), u32::try_from(i).unwrap_or(u32::MAX)))
             .collect();
+        let identities = urls
+            .iter()
+            .map(|(url, &i)| (crate::config::endpoint_identity(url), i))
+            .collect();
         Self {
             shared: Arc::new(Shared {
                 config,
                 urls,
+                identities,
                 discovery: ArcSwap::from_pointee(snap),
                 discovery_writer: Mutex::new(()),
                 state: Mutex::new(state),
@@ -224,13 +232,8 @@ impl ControlPlane {
         }
         // Written another way (`HTTP://`, a default port, ...): the same
         // endpoint as the config means it.
-        let index = self
-            .shared
-            .config
-            .endpoints
-            .iter()
-            .position(|e| crate::config::same_endpoint(&e.url, url))?;
-        u32::try_from(index).ok()
+        let identity = crate::config::endpoint_identity(url);
+        self.shared.identities.get(&identity).copied()
     }
 
     /// Records a visible change; the publisher picks it up.

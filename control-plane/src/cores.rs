@@ -171,6 +171,11 @@ pub async fn accept_in_turn(
     mut hand: impl FnMut(usize, std::net::TcpStream),
 ) {
     let mut next = 0usize;
+    // In turn, across the runtimes.
+    let mut give = |socket| {
+        hand(next % count.max(1), socket);
+        next = next.wrapping_add(1);
+    };
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => {
@@ -180,16 +185,13 @@ pub async fn accept_in_turn(
                 // reactor (no cached readiness, no task budget). The
                 // sidecar serves them; the control plane's gRPC server,
                 // already stopping, closes them.
-                drain_backlog(listener, count, next, &mut hand);
+                drain_backlog(listener, &mut give);
                 return;
             }
             accepted = listener.accept() => accepted,
         };
         match accepted.and_then(|(socket, _)| socket.into_std()) {
-            Ok(socket) => {
-                hand(next % count.max(1), socket);
-                next = next.wrapping_add(1);
-            }
+            Ok(socket) => give(socket),
             Err(e) => {
                 // Out of file descriptors, or a connection reset while
                 // queued: keep accepting, without spinning.
@@ -200,14 +202,9 @@ pub async fn accept_in_turn(
     }
 }
 
-/// Accepts every connection waiting in `listener`'s backlog and hands it
-/// on, continuing from turn `next`.
-fn drain_backlog(
-    listener: TcpListener,
-    count: usize,
-    mut next: usize,
-    hand: &mut impl FnMut(usize, std::net::TcpStream),
-) {
+/// Accepts every connection waiting in `listener`'s backlog and gives it
+/// on.
+fn drain_backlog(listener: TcpListener, give: &mut impl FnMut(std::net::TcpStream)) {
     let Ok(listener) = listener.into_std() else {
         return;
     };
@@ -221,8 +218,7 @@ fn drain_backlog(
                 // std's accept returns a blocking socket; tokio needs
                 // non-blocking ones.
                 if socket.set_nonblocking(true).is_ok() {
-                    hand(next % count.max(1), socket);
-                    next = next.wrapping_add(1);
+                    give(socket);
                 }
             }
             Err(e)

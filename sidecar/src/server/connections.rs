@@ -19,7 +19,7 @@
 //!   closes (`connection: close`). [`serve`] returns once all of them have
 //!   closed; the caller bounds that wait with the shutdown grace.
 
-use std::{convert::Infallible, io, time::Duration};
+use std::{convert::Infallible, io, sync::Arc, time::Duration};
 
 use axum::{body::Body, response::Response};
 use hyper::body::Incoming;
@@ -60,17 +60,20 @@ pub(super) async fn serve(
     let mut last_call = builder.clone().http1_only();
     last_call.http1().keep_alive(false);
     let last_call_h2 = builder.clone().http2_only();
+    // Shared by every connection of this thread (one `Arc` clone each).
+    let kit = Arc::new(Kit {
+        builder,
+        last_call,
+        last_call_h2,
+        service: HyperEntry(entry),
+        client_header_timeout,
+        stop: stop.clone(),
+    });
     let graceful = GracefulShutdown::new();
-    let service = HyperEntry(entry);
     let spawn = |io: TcpStream| {
         let connection = Connection {
             watcher: graceful.watcher(),
-            builder: builder.clone(),
-            last_call: last_call.clone(),
-            last_call_h2: last_call_h2.clone(),
-            service: service.clone(),
-            client_header_timeout,
-            stop: stop.clone(),
+            kit: kit.clone(),
         };
         tokio::spawn(connection.serve(io));
     };
@@ -90,11 +93,10 @@ pub(super) async fn serve(
     Ok(())
 }
 
-/// One client connection and what serving it needs.
-struct Connection {
-    /// Held until the connection ends: [`serve`] waits for every one.
-    watcher: Watcher,
+/// What serving a thread's connections needs.
+struct Kit {
     builder: auto::Builder<TokioExecutor>,
+    /// For connections whose first bytes come after the stop.
     last_call: auto::Builder<TokioExecutor>,
     last_call_h2: auto::Builder<TokioExecutor>,
     service: HyperEntry,
@@ -102,35 +104,40 @@ struct Connection {
     stop: CancellationToken,
 }
 
+/// One client connection.
+struct Connection {
+    /// Held until the connection ends: [`serve`] waits for every one.
+    watcher: Watcher,
+    kit: Arc<Kit>,
+}
+
 impl Connection {
     async fn serve(self, io: TcpStream) {
+        let Self { watcher, kit } = self;
+        let service = kit.service.clone();
         // hyper's header timer starts with the first bytes: wait for them
         // here, bounded.
-        if !first_bytes(&io, self.client_header_timeout, &self.stop).await {
+        if !first_bytes(&io, kit.client_header_timeout, &kit.stop).await {
             tracing::debug!("client connection sent nothing in time; closing it");
             return;
         }
-        let served = if self.stop.is_cancelled() {
+        let served = if kit.stop.is_cancelled() {
             if opens_http2(&io).await {
-                let connection = self
-                    .last_call_h2
-                    .serve_connection(TokioIo::new(io), self.service);
-                self.watcher.watch(connection).await
+                let connection = kit.last_call_h2.serve_connection(TokioIo::new(io), service);
+                watcher.watch(connection).await
             } else {
                 // Its request arrived as the server stops: answered, not
                 // dropped (a graceful shutdown before hyper has read
                 // anything would close it unanswered). The watcher, held
                 // meanwhile, keeps [`serve`] waiting for it.
-                let _waited_for = self.watcher;
-                self.last_call
-                    .serve_connection(TokioIo::new(io), self.service)
+                let _waited_for = watcher;
+                kit.last_call
+                    .serve_connection(TokioIo::new(io), service)
                     .await
             }
         } else {
-            let connection = self
-                .builder
-                .serve_connection(TokioIo::new(io), self.service);
-            self.watcher.watch(connection).await
+            let connection = kit.builder.serve_connection(TokioIo::new(io), service);
+            watcher.watch(connection).await
         };
         if let Err(e) = served {
             // Clients resetting, timing out or speaking garbage: theirs to
