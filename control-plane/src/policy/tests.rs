@@ -25,6 +25,16 @@ fn utilization_cmp(a: &CandidateLoad, b: &CandidateLoad) -> std::cmp::Ordering {
     ratio_cmp(a, a.model_in_flight, b, b.model_in_flight)
 }
 
+/// `endpoint` with one request of `model` in flight (and nothing else).
+fn one_in_flight(endpoint: &mut EndpointState, model: &str) {
+    endpoint.usage.push(ModelUsage {
+        model: Arc::from(model),
+        in_flight: 1,
+        ..ModelUsage::default()
+    });
+    endpoint.in_flight = 1;
+}
+
 fn rng() -> SmallRng {
     SmallRng::seed_from_u64(7)
 }
@@ -797,12 +807,7 @@ fn cluster_state_affinity_needs_key_loaded_and_free() {
     state.endpoints[0]
         .loaded_models
         .push(Arc::from("llama3:latest"));
-    state.endpoints[1].usage.push(ModelUsage {
-        model: Arc::from("llama3"),
-        in_flight: 1,
-        ..ModelUsage::default()
-    });
-    state.endpoints[1].in_flight = 1;
+    one_in_flight(&mut state.endpoints[1], "llama3");
     let local = LocalUsage::default();
     let mut req = request("llama3");
     // Without a key the affinity URL is ignored: a is less busy.
@@ -837,12 +842,7 @@ fn affinity_applies_to_openai_endpoints_which_report_no_load_state() {
     state.endpoints[0]
         .advertised_models
         .push(Arc::from("llama3"));
-    state.endpoints[1].usage.push(ModelUsage {
-        model: Arc::from("llama3"),
-        in_flight: 1,
-        ..ModelUsage::default()
-    });
-    state.endpoints[1].in_flight = 1;
+    one_in_flight(&mut state.endpoints[1], "llama3");
     let local = LocalUsage::default();
     let mut req = request("llama3");
     req.affinity_key = Some("conv".to_owned());
@@ -895,12 +895,7 @@ fn cluster_state_limit_is_per_endpoint_and_model() {
     state.endpoints[0]
         .loaded_models
         .extend([Arc::from("llama3:latest"), Arc::from("qwen:7b")]);
-    state.endpoints[0].usage.push(ModelUsage {
-        model: Arc::from("qwen:7b"),
-        in_flight: 1,
-        ..ModelUsage::default()
-    });
-    state.endpoints[0].in_flight = 1;
+    one_in_flight(&mut state.endpoints[0], "qwen:7b");
     let mut local = LocalUsage::default();
     local.add("http://a:11434", "qwen:7b", 1);
     let req = request("llama3");

@@ -1552,22 +1552,30 @@ async fn health_is_503_when_every_backend_is_down() {
     sc.shutdown().await;
 }
 
+/// A sidecar over a llama3 fake, a client connection to it that is
+/// accepted and waiting for its first bytes when the shutdown begins, and
+/// the task that ends when the sidecar has stopped; returned 100 ms into
+/// the shutdown, the connection still silent.
+async fn connected_then_stopping() -> (Fake, tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
+    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
+    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+    wait_routable(&sc, 1).await;
+    let sock = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let trigger = sc.shutdown_trigger();
+    let stopped = tokio::spawn(sc.wait());
+    trigger.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (fake, sock, stopped)
+}
+
 /// A client that connected before the shutdown and sends its request just
 /// after it is answered (then the connection closes), not dropped: curl
 /// saw "Empty reply from server" for such requests.
 #[tokio::test]
 async fn a_request_on_a_connection_opened_before_the_shutdown_is_answered() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
-    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
-    wait_routable(&sc, 1).await;
-    let mut sock = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
-    // Accepted and waiting for its first bytes when the shutdown begins.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let trigger = sc.shutdown_trigger();
-    let stopped = tokio::spawn(sc.wait());
-    trigger.cancel();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_fake, mut sock, stopped) = connected_then_stopping().await;
     let body = r#"{"model":"llama3","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
     let request = format!(
         "POST /api/chat HTTP/1.1\r\nhost: sidecar\r\ncontent-type: application/json\r\n\
@@ -1596,15 +1604,7 @@ async fn a_request_on_a_connection_opened_before_the_shutdown_is_answered() {
 #[tokio::test]
 async fn an_http2_connection_opened_before_the_shutdown_is_answered_and_told_to_go() {
     use http_body_util::BodyExt;
-    let fake = Fake::start("ollama", &["llama3:latest"], Behaviour::Serve).await;
-    let sc = sidecar(&endpoints_yaml(&[&fake])).await;
-    wait_routable(&sc, 1).await;
-    let sock = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let trigger = sc.shutdown_trigger();
-    let stopped = tokio::spawn(sc.wait());
-    trigger.cancel();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_fake, sock, stopped) = connected_then_stopping().await;
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(sock),

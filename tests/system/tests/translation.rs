@@ -430,13 +430,17 @@ async fn chat_reply_case(mode: FakeMode, field: ReasoningField) {
     let counts = (PROMPT_TOKENS, eval);
     let want_call = json!({"city": "Oslo", "days": 2});
     let msgs = json!([{"role": "user", "content": "weather in Oslo?"}]);
+    // The request, without `stream` (Ollama streams then) or not streamed.
+    let ask =
+        |think: bool| json!({"model": MODEL, "messages": msgs, "tools": tools(), "think": think});
+    let whole = |think: bool| {
+        let mut body = ask(think);
+        body["stream"] = json!(false);
+        body
+    };
 
     // Stream.
-    let r = chat_stream(
-        &c,
-        json!({"model": MODEL, "messages": msgs, "tools": tools(), "think": true}),
-    )
-    .await;
+    let r = chat_stream(&c, ask(true)).await;
     let wall = r.ended - r.started;
     let lines = assert_stream_shape(&r);
     assert_eq!(
@@ -493,13 +497,7 @@ async fn chat_reply_case(mode: FakeMode, field: ReasoningField) {
     assert_final(last, "stop", counts, DELAY, wall);
 
     // Not streamed.
-    let (r, wall) = timed_post(
-        &c,
-        "/api/chat",
-        &json!({"model": MODEL, "stream": false, "messages": msgs, "tools": tools(),
-                "think": true}),
-    )
-    .await;
+    let (r, wall) = timed_post(&c, "/api/chat", &whole(true)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(
         r.header("content-type")
@@ -525,11 +523,7 @@ async fn chat_reply_case(mode: FakeMode, field: ReasoningField) {
     // `think:false` to a backend that reasons anyway (the fake ignores
     // `reasoning_effort`): as from Ollama, no `thinking` reaches the client,
     // streamed or not; the content and the call still do.
-    let r = chat_stream(
-        &c,
-        json!({"model": MODEL, "messages": msgs, "tools": tools(), "think": false}),
-    )
-    .await;
+    let r = chat_stream(&c, ask(false)).await;
     let lines = assert_stream_shape(&r);
     assert!(
         lines.iter().all(|l| l["message"].get("thinking").is_none()),
@@ -549,13 +543,7 @@ async fn chat_reply_case(mode: FakeMode, field: ReasoningField) {
         "{}",
         r.dump()
     );
-    let (r, _) = timed_post(
-        &c,
-        "/api/chat",
-        &json!({"model": MODEL, "stream": false, "messages": msgs, "tools": tools(),
-                "think": false}),
-    )
-    .await;
+    let (r, _) = timed_post(&c, "/api/chat", &whole(false)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let v = r.json();
     assert!(v["message"].get("thinking").is_none(), "{mode}: {v}");
