@@ -541,6 +541,36 @@ pub(crate) fn endpoint_identity(url: &str) -> String {
     )
 }
 
+/// The YAML parser's message, with the line numbers of a duplicated key
+/// added: serde reports a duplicate field without its place.
+fn syntax_error(text: &str, err: &serde_yaml_ng::Error) -> String {
+    let message = err.to_string();
+    let Some(field) = message
+        .strip_prefix("duplicate field `")
+        .and_then(|rest| rest.split('`').next())
+    else {
+        return message;
+    };
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            let key = line.trim_start().trim_start_matches("- ");
+            let key = key
+                .strip_prefix('"')
+                .and_then(|k| k.strip_prefix(field))
+                .and_then(|k| k.strip_prefix('"'))
+                .or_else(|| key.strip_prefix(field));
+            key.is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|(i, _)| (i + 1).to_string())
+        .collect();
+    if lines.len() < 2 {
+        return message;
+    }
+    format!("{message} (lines {})", lines.join(" and "))
+}
+
 impl Config {
     /// Reads and validates a config file; `${ENV}` comes from the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -559,7 +589,8 @@ impl Config {
         let raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
-            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?
+            serde_yaml_ng::from_str(text)
+                .map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?
         };
         Self::validate(raw, env)
     }
@@ -764,6 +795,14 @@ impl Config {
             )?,
             jitter,
         };
+        if probe.timeout > probe.interval {
+            warnings.push(format!(
+                "probe_timeout ({:?}) is longer than probe_interval ({:?}): a backend that stops \
+                 answering is marked down only after probe_timeout, and each of its probe \
+                 rounds takes that long",
+                probe.timeout, probe.interval
+            ));
+        }
 
         let sessions = SessionConfig {
             ttl: positive(
@@ -834,14 +873,22 @@ impl Config {
                 &format!("{key}.idle"),
                 dur(&format!("{key}.idle"), &t.idle, defaults::IDLE_TIMEOUT)?,
             )?;
-            kind_timeouts.insert(
-                kind.as_str(),
-                Timeouts {
-                    connect,
-                    first_byte,
-                    idle,
-                },
-            );
+            let spelled = Timeouts {
+                connect,
+                first_byte,
+                idle,
+            };
+            if kind_timeouts.insert(kind.as_str(), spelled).is_some() {
+                return Err(invalid(
+                    &key,
+                    kind_name,
+                    format!(
+                        "timeouts for {} are given twice (`llama_server` and `llama-server` \
+                         are the same kind)",
+                        kind.as_str()
+                    ),
+                ));
+            }
         }
         let default_timeouts = Timeouts {
             connect: defaults::CONNECT_TIMEOUT,
@@ -1304,6 +1351,34 @@ api_keys:
         );
         let err = error("server_threads: -1\n");
         assert!(err.contains("server_threads"), "{err}");
+    }
+
+    #[test]
+    fn a_duplicated_key_names_its_lines() {
+        let err = error("endpoints: [\"http://a:1\"]\nprobe_interval: 1s\nprobe_interval: 2s\n");
+        assert!(
+            err.contains("duplicate field `probe_interval`") && err.ends_with("(lines 2 and 3)"),
+            "{err}"
+        );
+        // The same kind's timeouts under both spellings.
+        let err =
+            error("timeouts:\n  llama_server: {connect: 1s}\n  llama-server: {connect: 2s}\n");
+        assert!(
+            err.contains("timeouts.llama") && err.contains("given twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_probe_timeout_longer_than_the_interval_is_a_warning() {
+        let warnings = |yaml: &str| Config::from_yaml(yaml, &env).unwrap().warnings;
+        assert!(warnings("probe_interval: 5s\nprobe_timeout: 5s\n").is_empty());
+        let w = warnings("probe_interval: 1s\nprobe_timeout: 5s\n");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("probe_timeout (5s)") && w[0].contains("probe_interval (1s)"),
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -246,9 +246,27 @@ impl ControlPlane {
 
     /// Opens a sidecar session.
     pub fn open_session(&self, name: &str, now: Instant) -> SessionGrant {
-        let grant = self.shared.state.lock().open_session(name, now);
-        self.bump();
-        grant
+        self.open_session_once(name, None, now).0
+    }
+
+    /// Opens a sidecar session, or grants again the live session opened with
+    /// the same `open_token` (false: not new), so that an open the sidecar
+    /// retried after a timeout leaves no second session behind.
+    pub fn open_session_once(
+        &self,
+        name: &str,
+        open_token: Option<u64>,
+        now: Instant,
+    ) -> (SessionGrant, bool) {
+        let (grant, new) = self
+            .shared
+            .state
+            .lock()
+            .open_session_once(name, open_token, now);
+        if new {
+            self.bump();
+        }
+        (grant, new)
     }
 
     /// Extends a session's life; false if unknown (expired or never opened).

@@ -154,9 +154,14 @@ impl Routing for RoutingService {
         &self,
         request: Request<v1::OpenSessionRequest>,
     ) -> Result<Response<v1::OpenSessionResponse>, Status> {
-        let name = request.into_inner().name;
-        let grant = self.cp.open_session(&name, Instant::now());
-        tracing::info!(session = %grant.id, %name, "session opened");
+        let v1::OpenSessionRequest { name, open_token } = request.into_inner();
+        let token = (open_token != 0).then_some(open_token);
+        let (grant, new) = self.cp.open_session_once(&name, token, Instant::now());
+        if new {
+            tracing::info!(session = %grant.id, %name, "session opened");
+        } else {
+            tracing::info!(session = %grant.id, %name, "session open retried; granted the same session again");
+        }
         Ok(Response::new((&grant).into()))
     }
 

@@ -547,6 +547,7 @@ mod tests {
         let session = routing
             .open_session(v1::OpenSessionRequest {
                 name: "test".into(),
+                open_token: 0,
             })
             .await
             .unwrap()

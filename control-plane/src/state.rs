@@ -173,11 +173,24 @@ impl State {
 
     /// Opens a session.
     pub fn open_session(&mut self, name: &str, now: Instant) -> SessionGrant {
-        SessionGrant {
-            id: self.sessions.open(name, now),
+        self.open_session_once(name, None, now).0
+    }
+
+    /// Opens a session, or grants again the live one opened with the same
+    /// `open_token` (false: not new); see [`SessionTable::open`].
+    pub fn open_session_once(
+        &mut self,
+        name: &str,
+        open_token: Option<u64>,
+        now: Instant,
+    ) -> (SessionGrant, bool) {
+        let (id, new) = self.sessions.open(name, open_token, now);
+        let grant = SessionGrant {
+            id,
             ttl: self.config.sessions.ttl,
             keepalive_interval: self.config.sessions.keepalive_interval,
-        }
+        };
+        (grant, new)
     }
 
     /// Extends a session; false if unknown.

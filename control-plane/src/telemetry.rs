@@ -112,6 +112,17 @@ fn log_layer(format: LogFormat) -> BoxedLayer {
     }
 }
 
+/// What is wrong with a set `RUST_LOG`, which [`filter`] replaces by
+/// `info`: said once at start, so a typo does not silently log nothing.
+fn rust_log_problem(value: Option<&str>) -> Option<String> {
+    let value = value?;
+    let err = EnvFilter::try_new(value).err()?;
+    Some(format!(
+        "{}={value:?} is not a valid filter ({err}); logging at info",
+        EnvFilter::DEFAULT_ENV
+    ))
+}
+
 /// Installs the global subscriber with logs only. Call once, early in
 /// `main`. A second call (tests, an embedding binary that set up its own)
 /// leaves the first subscriber in place.
@@ -175,7 +186,12 @@ where
     // `set_global_default` fails only when a global subscriber is already
     // set; keeping that one is the right outcome, so the error carries
     // nothing to act on.
-    let _already_set = tracing::subscriber::set_global_default(subscriber);
+    if tracing::subscriber::set_global_default(subscriber).is_ok()
+        && let Some(problem) =
+            rust_log_problem(std::env::var(EnvFilter::DEFAULT_ENV).ok().as_deref())
+    {
+        tracing::warn!("{problem}");
+    }
 }
 
 /// The URL spans are POSTed to: `endpoint` + `/v1/traces` (the OTLP/HTTP
@@ -257,6 +273,22 @@ mod tests {
         init(LogFormat::Json);
         init(LogFormat::Text);
         tracing::info!("still logging");
+    }
+
+    #[test]
+    fn an_invalid_rust_log_is_named() {
+        assert_eq!(rust_log_problem(None), None);
+        assert_eq!(rust_log_problem(Some("debug")), None);
+        assert_eq!(
+            rust_log_problem(Some("warn,switchyard_sidecar=debug")),
+            None
+        );
+        let problem = rust_log_problem(Some("foo=bar=baz")).unwrap();
+        assert!(
+            problem.starts_with("RUST_LOG=\"foo=bar=baz\" is not a valid filter")
+                && problem.ends_with("logging at info"),
+            "{problem}"
+        );
     }
 
     #[test]

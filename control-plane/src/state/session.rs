@@ -23,6 +23,8 @@ pub struct Session {
     pub deadline: Instant,
     /// Leases it holds.
     pub leases: HashSet<LeaseId>,
+    /// The token it was opened with, if any (see [`SessionTable::open`]).
+    pub open_token: Option<u64>,
 }
 
 /// All sessions.
@@ -43,8 +45,19 @@ impl SessionTable {
         }
     }
 
-    /// Opens a session.
-    pub fn open(&mut self, name: &str, now: Instant) -> SessionId {
+    /// Opens a session, or, when a live session was opened with the same
+    /// `open_token`, keeps that one alive and returns it (false: not new), so
+    /// that an open retried after a timeout does not leave a second session.
+    pub fn open(&mut self, name: &str, open_token: Option<u64>, now: Instant) -> (SessionId, bool) {
+        if let Some(token) = open_token
+            && let Some((&id, _)) = self
+                .sessions
+                .iter()
+                .find(|(_, s)| s.open_token == Some(token) && s.deadline > now)
+        {
+            self.keep_alive(id, now);
+            return (id, false);
+        }
         let id = SessionId(self.ids.next());
         self.sessions.insert(
             id,
@@ -53,9 +66,10 @@ impl SessionTable {
                 last_keepalive: now,
                 deadline: now + self.ttl,
                 leases: HashSet::new(),
+                open_token,
             },
         );
-        id
+        (id, true)
     }
 
     /// Extends a session's life; false if unknown.
@@ -133,8 +147,8 @@ mod tests {
     fn keep_alive_extends_and_expiry_removes() {
         let t0 = Instant::now();
         let mut t = SessionTable::new(Duration::from_secs(10));
-        let a = t.open("a", t0);
-        let b = t.open("b", t0);
+        let (a, _) = t.open("a", None, t0);
+        let (b, _) = t.open("b", None, t0);
         assert_ne!(a, b);
         assert!(t.keep_alive(a, t0 + Duration::from_secs(8)));
         assert!(!t.keep_alive(SessionId(12345), t0));
@@ -145,5 +159,29 @@ mod tests {
         assert!(t.take_expired(t0 + Duration::from_secs(17)).is_empty());
         assert_eq!(t.take_expired(t0 + Duration::from_secs(18)).len(), 1);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn an_open_retried_with_its_token_gets_the_same_live_session() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut t = SessionTable::new(s(10));
+        let (a, new) = t.open("a", Some(7), t0);
+        assert!(new);
+        // The retry finds it and extends it.
+        assert_eq!(t.open("a", Some(7), t0 + s(9)), (a, false));
+        assert_eq!(t.len(), 1);
+        assert!(t.take_expired(t0 + s(10)).is_empty());
+        // Another token, or none, is another session.
+        let (b, new) = t.open("a", Some(8), t0 + s(9));
+        assert!(new && b != a);
+        let (c, new) = t.open("a", None, t0 + s(9));
+        assert!(new && c != a && c != b);
+        // No token matches a tokenless session.
+        assert_ne!(t.open("a", None, t0 + s(9)).0, c);
+        // Once expired, the token opens a new one.
+        assert_eq!(t.take_expired(t0 + s(19)).len(), 4);
+        let (d, new) = t.open("a", Some(7), t0 + s(20));
+        assert!(new && d != a);
     }
 }

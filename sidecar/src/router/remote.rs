@@ -804,12 +804,20 @@ async fn pause(shared: &Shared, delay: Duration, cancel: &CancellationToken) -> 
     }
 }
 
-async fn open_session(shared: &Shared) -> Result<SessionGrant, Status> {
+/// A new open's token: its retries send the same one, so the control
+/// plane grants them the session a timed-out attempt opened instead of
+/// another one (`OpenSessionRequest.open_token`; never 0).
+fn open_token() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
+async fn open_session(shared: &Shared, open_token: u64) -> Result<SessionGrant, Status> {
     let timeout = shared.settings.rpc_timeout;
     let mut client = shared.client.clone();
     let call = client.open_session(request(
         v1::OpenSessionRequest {
             name: shared.name.clone(),
+            open_token,
         },
         timeout,
     ));
@@ -937,12 +945,17 @@ async fn offer_affinity(shared: &Shared, session: SessionId) -> Registered {
 async fn session_task(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut backoff = Backoff::new(shared.settings.retry_min, shared.settings.retry_max);
     let mut logged_failure = false;
+    let mut token = open_token();
     'session: loop {
         if shared.closed.load(Ordering::Acquire) {
             return;
         }
-        let grant = match open_session(&shared).await {
-            Ok(g) => g,
+        let grant = match open_session(&shared, token).await {
+            Ok(g) => {
+                // The next open (after this session is lost) is a new one.
+                token = open_token();
+                g
+            }
             Err(status) => {
                 shared.circuit.down(status.message());
                 if !logged_failure {

@@ -230,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
     let session = first
         .open_session(OpenSessionRequest {
             name: "grpc-bench".into(),
+            open_token: 0,
         })
         .await?
         .into_inner()

@@ -82,7 +82,10 @@ async fn next_state(watch: &mut tonic::Streaming<v1::ClusterState>) -> v1::Clust
 
 async fn open_session(routing: &mut RoutingClient<Channel>, name: &str) -> u64 {
     routing
-        .open_session(OpenSessionRequest { name: name.into() })
+        .open_session(OpenSessionRequest {
+            name: name.into(),
+            open_token: 0,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -212,6 +215,7 @@ async fn leases_of_a_session_that_stops_keeping_alive_are_reclaimed() {
     let session = routing
         .open_session(OpenSessionRequest {
             name: "silent".into(),
+            open_token: 0,
         })
         .await
         .unwrap()

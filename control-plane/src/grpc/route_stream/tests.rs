@@ -63,6 +63,7 @@ impl Served {
         self.routing()
             .open_session(v1::OpenSessionRequest {
                 name: "route-test".to_owned(),
+                open_token: 0,
             })
             .await
             .unwrap()

@@ -471,6 +471,10 @@ async fn starts_with_the_control_plane_down_and_connects_later() {
 struct Gated {
     inner: RoutingService,
     hold: Arc<AtomicBool>,
+    /// This many next `OpenSession` calls wait for the gate, then are
+    /// carried out even if their caller gave up meanwhile (as a stalled
+    /// control-plane process does when it resumes).
+    hold_opens: Arc<AtomicUsize>,
     gate: watch::Sender<bool>,
     route: RouteMode,
 }
@@ -549,7 +553,21 @@ impl Routing for Gated {
         &self,
         r: tonic::Request<v1::OpenSessionRequest>,
     ) -> Result<tonic::Response<v1::OpenSessionResponse>, tonic::Status> {
-        self.inner.open_session(r).await
+        let held = self
+            .hold_opens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if !held {
+            return self.inner.open_session(r).await;
+        }
+        let (inner, mut open) = (self.inner.clone(), self.gate.subscribe());
+        let carried_out = tokio::spawn(async move {
+            let _ = open.wait_for(|o| *o).await;
+            inner.open_session(r).await
+        });
+        carried_out
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
     }
     async fn keep_alive(
         &self,
@@ -617,6 +635,7 @@ struct GatedServer {
     cp: ControlPlane,
     url: String,
     hold: Arc<AtomicBool>,
+    hold_opens: Arc<AtomicUsize>,
     gate: watch::Sender<bool>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -633,11 +652,13 @@ impl GatedServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let hold = Arc::new(AtomicBool::new(false));
+        let hold_opens = Arc::new(AtomicUsize::new(0));
         let (gate, _) = watch::channel(false);
         let control = streams.then(|| StreamControl::new(stop.clone()));
         let service = Gated {
             inner: RoutingService::new(cp.clone(), stop.clone()),
             hold: hold.clone(),
+            hold_opens: hold_opens.clone(),
             gate: gate.clone(),
             route: control
                 .clone()
@@ -655,6 +676,7 @@ impl GatedServer {
             cp,
             url,
             hold,
+            hold_opens,
             gate,
             stop,
             tasks,
@@ -667,6 +689,35 @@ impl GatedServer {
         self.tasks.close();
         tokio::time::timeout(WAIT, self.tasks.wait()).await.unwrap();
     }
+}
+
+/// A control plane that stalls while a sidecar opens its session carries
+/// out the timed-out opens when it resumes: they grant the session the
+/// sidecar's retry got, not one session each.
+#[tokio::test]
+async fn opens_retried_after_a_stall_leave_one_session() {
+    let (server, _) = GatedServer::start(false).await;
+    server.hold_opens.store(2, Ordering::Release);
+    let h = Harness::new();
+    let s = RemoteSettings {
+        rpc_timeout: Duration::from_millis(200),
+        ..settings()
+    };
+    let router = h.router(server.url.clone(), s).await;
+    wait_until("a session", || server.cp.state().sessions == 1).await;
+    assert_eq!(server.hold_opens.load(Ordering::Acquire), 0);
+    let session = router.remote_inner().unwrap().session().unwrap();
+    // The stalled opens go through now, with the token of the retry.
+    server.gate.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.cp.state().sessions, 1);
+    let sessions = server.cp.sessions(Instant::now());
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(router.remote_inner().unwrap().session(), Some(session));
+    router.close().await;
+    wait_until("closed", || server.cp.state().sessions == 0).await;
+    h.stop().await;
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -764,6 +815,7 @@ async fn released_leases_go_on_the_open_stream_not_through_the_sender() {
         .clone()
         .open_session(v1::OpenSessionRequest {
             name: "ledger-test".into(),
+            open_token: 0,
         })
         .await
         .unwrap()
