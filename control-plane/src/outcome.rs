@@ -141,6 +141,8 @@ pub enum RequestKind {
     Show,
     /// Reranking documents against a query (`/v1/rerank`, `/rerank`).
     Rerank,
+    /// Counting a prompt's tokens (`/v1/messages/count_tokens`).
+    CountTokens,
 }
 
 impl RequestKind {
@@ -152,6 +154,7 @@ impl RequestKind {
             Self::Embed => "embed",
             Self::Show => "show",
             Self::Rerank => "rerank",
+            Self::CountTokens => "count_tokens",
         }
     }
 }

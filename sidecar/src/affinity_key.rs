@@ -128,6 +128,7 @@ pub fn affinity_key(
         | ApiRoute::OllamaEmbeddings
         | ApiRoute::OllamaShow
         | ApiRoute::OpenAiEmbeddings
+        | ApiRoute::AnthropicCountTokens
         | ApiRoute::Rerank
         | ApiRoute::RerankAlias => {
             return None;

@@ -54,9 +54,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:12434";
         Without --control-plane the sidecar runs standalone.\n\n\
         HTTP routes: Ollama /api/chat /api/generate /api/embed /api/embeddings /api/show\n\
         /api/tags /api/ps /api/version, OpenAI /v1/chat/completions /v1/completions\n\
-        /v1/embeddings /v1/responses /v1/models /v1/models/{id}, Anthropic /v1/messages,\n\
-        reranking /v1/rerank /rerank, plus GET / (liveness), /health, /metrics, and\n\
-        /api/usage /api/usage-stream (in-flight and token counts, nomyo-router's shape).\n\
+        /v1/embeddings /v1/responses /v1/models /v1/models/{id}, Anthropic /v1/messages\n\
+        /v1/messages/count_tokens, reranking /v1/rerank /rerank, plus GET / (liveness),\n\
+        /health, /metrics, and /api/usage /api/usage-stream (in-flight and token counts, nomyo-router's shape).\n\
         Stored responses, asked of every endpoint, answered by the one holding the id:\n\
         GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items,\n\
         POST /v1/responses/{id}/cancel.\n\

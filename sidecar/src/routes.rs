@@ -94,6 +94,9 @@ pub enum ApiRoute {
     /// recent llama-server builds serve it, for Claude Code and the
     /// Anthropic SDKs).
     AnthropicMessages,
+    /// Anthropic `POST /v1/messages/count_tokens` (llama-server and vLLM
+    /// serve it; Ollama answers 404, which Claude Code copes with).
+    AnthropicCountTokens,
     /// OpenAI `POST /v1/responses` (the Responses API, stateless: Ollama,
     /// vLLM and recent llama-server builds serve it).
     OpenAiResponses,
@@ -107,7 +110,7 @@ pub enum ApiRoute {
 
 impl ApiRoute {
     /// Every routed inference route.
-    pub const ALL: [ApiRoute; 12] = [
+    pub const ALL: [ApiRoute; 13] = [
         Self::OllamaChat,
         Self::OllamaGenerate,
         Self::OllamaEmbed,
@@ -118,6 +121,7 @@ impl ApiRoute {
         Self::OpenAiEmbeddings,
         Self::OpenAiResponses,
         Self::AnthropicMessages,
+        Self::AnthropicCountTokens,
         Self::Rerank,
         Self::RerankAlias,
     ];
@@ -140,6 +144,7 @@ impl ApiRoute {
             Self::OpenAiEmbeddings => "/v1/embeddings",
             Self::OpenAiResponses => "/v1/responses",
             Self::AnthropicMessages => "/v1/messages",
+            Self::AnthropicCountTokens => "/v1/messages/count_tokens",
             Self::Rerank => "/v1/rerank",
             Self::RerankAlias => "/rerank",
         }
@@ -159,7 +164,7 @@ impl ApiRoute {
             | Self::OpenAiResponses
             | Self::Rerank
             | Self::RerankAlias => ApiFormat::OpenAi,
-            Self::AnthropicMessages => ApiFormat::Anthropic,
+            Self::AnthropicMessages | Self::AnthropicCountTokens => ApiFormat::Anthropic,
         }
     }
 
@@ -176,6 +181,7 @@ impl ApiRoute {
             }
             Self::OllamaShow => RequestKind::Show,
             Self::Rerank | Self::RerankAlias => RequestKind::Rerank,
+            Self::AnthropicCountTokens => RequestKind::CountTokens,
         }
     }
 
@@ -192,6 +198,7 @@ impl ApiRoute {
             | Self::OllamaEmbeddings
             | Self::OllamaShow
             | Self::OpenAiEmbeddings
+            | Self::AnthropicCountTokens
             | Self::Rerank
             | Self::RerankAlias => false,
         }

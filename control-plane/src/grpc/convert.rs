@@ -109,6 +109,7 @@ pub fn request_kind_to_proto(kind: RequestKind) -> i32 {
         RequestKind::Embed => v1::RequestKind::Embed,
         RequestKind::Show => v1::RequestKind::Show,
         RequestKind::Rerank => v1::RequestKind::Rerank,
+        RequestKind::CountTokens => v1::RequestKind::CountTokens,
     };
     p as i32
 }
@@ -122,6 +123,7 @@ pub fn request_kind_from_proto(value: i32) -> Result<RequestKind, ConvertError> 
         Ok(v1::RequestKind::Embed) => Ok(RequestKind::Embed),
         Ok(v1::RequestKind::Show) => Ok(RequestKind::Show),
         Ok(v1::RequestKind::Rerank) => Ok(RequestKind::Rerank),
+        Ok(v1::RequestKind::CountTokens) => Ok(RequestKind::CountTokens),
         Ok(v1::RequestKind::Unspecified) => Err(ConvertError::new(
             FIELD,
             "must be set (chat, generate, embed, show or rerank)",
@@ -832,6 +834,7 @@ mod tests {
             RequestKind::Embed,
             RequestKind::Show,
             RequestKind::Rerank,
+            RequestKind::CountTokens,
         ] {
             assert_eq!(request_kind_from_proto(request_kind_to_proto(k)), Ok(k));
         }

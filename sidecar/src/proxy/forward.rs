@@ -67,6 +67,7 @@ fn openai_path(route: ApiRoute) -> Option<&'static str> {
         ApiRoute::OpenAiEmbeddings => Some("/embeddings"),
         ApiRoute::OpenAiResponses => Some("/responses"),
         ApiRoute::AnthropicMessages => Some("/messages"),
+        ApiRoute::AnthropicCountTokens => Some("/messages/count_tokens"),
         ApiRoute::Rerank | ApiRoute::RerankAlias => Some("/rerank"),
         ApiRoute::OllamaChat
         | ApiRoute::OllamaGenerate
@@ -223,6 +224,7 @@ pub fn plan(
         | ApiRoute::OpenAiEmbeddings
         | ApiRoute::OpenAiResponses
         | ApiRoute::AnthropicMessages
+        | ApiRoute::AnthropicCountTokens
         | ApiRoute::Rerank
         | ApiRoute::RerankAlias => {
             return Err(ProxyError::Internal(format!(

@@ -47,6 +47,7 @@ pub(super) enum Route {
     V1Models,
     V1Responses,
     V1Messages,
+    V1CountTokens,
     Health,
     Pull,
     Push,
@@ -56,7 +57,7 @@ pub(super) enum Route {
 }
 
 impl Route {
-    pub(super) const COUNT: usize = 21;
+    pub(super) const COUNT: usize = 22;
     const ALL: [Route; Route::COUNT] = [
         Route::Root,
         Route::Tags,
@@ -73,6 +74,7 @@ impl Route {
         Route::V1Models,
         Route::V1Responses,
         Route::V1Messages,
+        Route::V1CountTokens,
         Route::Health,
         Route::Pull,
         Route::Push,
@@ -102,6 +104,7 @@ impl Route {
             Route::V1Models => "/v1/models",
             Route::V1Responses => "/v1/responses",
             Route::V1Messages => "/v1/messages",
+            Route::V1CountTokens => "/v1/messages/count_tokens",
             Route::Health => "/health",
             Route::Pull => "/api/pull",
             Route::Push => "/api/push",
@@ -152,6 +155,7 @@ impl Route {
                 | Route::V1Models
                 | Route::V1Responses
                 | Route::V1Messages
+                | Route::V1CountTokens
         )
     }
 
@@ -165,7 +169,8 @@ impl Route {
             return false;
         }
         match mode {
-            FakeMode::Ollama => self != Route::Health,
+            // Ollama serves `/v1/messages` but not its token count.
+            FakeMode::Ollama => self != Route::Health && self != Route::V1CountTokens,
             FakeMode::OpenAi => self.is_v1(),
             FakeMode::LlamaServer => self.is_v1() || self == Route::Health,
         }
@@ -627,6 +632,7 @@ async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response
             render::openai_responses(&ctx, stream, body.input.as_ref(), body.store != Some(false))
         }
         Route::V1Messages => render::anthropic_messages(&ctx, stream),
+        Route::V1CountTokens => Reply::Json(json!({"input_tokens": ctx.shared.prompt_tokens})),
         Route::Embed | Route::EmbeddingsLegacy | Route::V1Embeddings => {
             match render::embeddings(&ctx, route, &body) {
                 Ok(v) => Reply::Json(v),

@@ -5,6 +5,7 @@ Usage: anthropic_client.py BASE_URL MODEL
 Environment:
   EXPECT_TEXT  the full reply text the fake backend produces
   API_KEY      key to send as `x-api-key` (default "unused")
+  EXPECT_INPUT_TOKENS  when set, messages.count_tokens must answer this count
 
 Checks messages.create (the text and the usage), the streaming helper (every
 text delta, then the final message with its usage), and that an unknown
@@ -38,6 +39,12 @@ def main():
     check(streamed == expect_text, f"messages stream: text {streamed!r} != {expect_text!r}")
     check(final.stop_reason == "end_turn" and final.usage.output_tokens > 0,
           f"messages stream: final message {final!r}")
+
+    expect_count = os.environ.get("EXPECT_INPUT_TOKENS")
+    if expect_count is not None:
+        for _ in range(4):
+            n = client.messages.count_tokens(model=model, messages=ask)
+            check(n.input_tokens == int(expect_count), f"count_tokens: {n!r}")
 
     try:
         client.messages.create(model="no-such-model", max_tokens=8, messages=ask)

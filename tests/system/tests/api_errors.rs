@@ -174,3 +174,26 @@ async fn no_healthy_backend_is_503_in_client_format() {
     }
     c.wait_usage(0).await;
 }
+
+/// A route no backend serves (`/v1/messages/count_tokens` on Ollama) is a
+/// 404 in the client's format naming the route, not a model error; and the
+/// model stays routable on that backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_on_a_backend_without_the_route_is_404_naming_it() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .start()
+        .await;
+    let ask = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_json(c.http(), &c.at("/v1/messages/count_tokens"), &ask).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    let body = r.json();
+    assert_eq!(body["type"], "error", "{}", r.text);
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("/v1/messages/count_tokens"), "{message}");
+    let mut chat = ask.clone();
+    chat["max_tokens"] = json!(8);
+    let r = post_json(c.http(), &c.at("/v1/messages"), &chat).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    c.wait_usage(0).await;
+}

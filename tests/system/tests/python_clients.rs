@@ -94,6 +94,27 @@ async fn anthropic_client_directly_and_through_a_sidecar() {
     c.wait_usage(0).await;
 }
 
+/// `messages.count_tokens` (Claude Code calls it) reaches a backend that
+/// serves `/v1/messages/count_tokens`; an Ollama backend, which does not,
+/// answers 404 for the route and the request is tried on the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_count_tokens_reaches_a_backend_that_serves_it() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .backend(openai_fake(&["m"]))
+        .start()
+        .await;
+    let env = [("EXPECT_TEXT", TEXT), ("EXPECT_INPUT_TOKENS", "10")];
+    let out = run_script_ok("anthropic_client.py", &[&c.url(0), "m"], &env).await;
+    assert!(out.stdout.contains("checks passed"), "{}", out.stdout);
+    assert_eq!(
+        c.backend(1).requests_to("/v1/messages/count_tokens").len(),
+        4,
+        "every count answered by the backend serving the route"
+    );
+    c.wait_usage(0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_client_through_a_sidecar() {
     let c = Cluster::builder()
