@@ -795,14 +795,6 @@ impl Config {
             )?,
             jitter,
         };
-        if probe.timeout > probe.interval {
-            warnings.push(format!(
-                "probe_timeout ({:?}) is longer than probe_interval ({:?}): a backend that stops \
-                 answering is marked down only after probe_timeout, and each of its probe \
-                 rounds takes that long",
-                probe.timeout, probe.interval
-            ));
-        }
 
         let sessions = SessionConfig {
             ttl: positive(
@@ -1366,18 +1358,6 @@ api_keys:
         assert!(
             err.contains("timeouts.llama") && err.contains("given twice"),
             "{err}"
-        );
-    }
-
-    #[test]
-    fn a_probe_timeout_longer_than_the_interval_is_a_warning() {
-        let warnings = |yaml: &str| Config::from_yaml(yaml, &env).unwrap().warnings;
-        assert!(warnings("probe_interval: 5s\nprobe_timeout: 5s\n").is_empty());
-        let w = warnings("probe_interval: 1s\nprobe_timeout: 5s\n");
-        assert_eq!(w.len(), 1, "{w:?}");
-        assert!(
-            w[0].contains("probe_timeout (5s)") && w[0].contains("probe_interval (1s)"),
-            "{w:?}"
         );
     }
 
