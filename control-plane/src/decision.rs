@@ -77,6 +77,10 @@ pub struct Choice {
     pub reason: DecisionReason,
     /// The lease taken, if the choice reserved one.
     pub lease: Option<LeaseId>,
+    /// The lease took the endpoint's last free slot for the model (or none
+    /// was free): its release is one other choices may be waiting for, so
+    /// it should reach the control plane without delay.
+    pub at_limit: bool,
 }
 
 /// Why no endpoint could be chosen.

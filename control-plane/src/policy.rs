@@ -519,6 +519,7 @@ pub fn select_from_cluster_state(
         backend_model: (*advertised).clone(),
         reason: selection.reason,
         lease: None,
+        at_limit: false,
     })
 }
 

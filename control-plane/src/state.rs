@@ -491,8 +491,11 @@ impl State {
             }
             None => None,
         };
+        let mut at_limit = false;
         if lease.is_some() {
             self.counters.decisions[reason_index(selection.reason)] += 1;
+            let limit = admission.get(ep).map_or(1, |a| a.max_concurrent.max(1));
+            at_limit = self.leases.model_in_flight(c.slot) >= limit;
         }
         Ok(Choice {
             endpoint: endpoint.url.clone(),
@@ -501,6 +504,7 @@ impl State {
             backend_model: model.backend_name.clone(),
             reason: selection.reason,
             lease,
+            at_limit,
         })
     }
 

@@ -667,6 +667,7 @@ pub(crate) mod tests {
                 backend_model: "org/llama3:Q4".into(),
                 lease_id: 0,
                 reason: v1::DecisionReason::FreeSlot as i32,
+                at_limit: false,
             },
         )
         .unwrap();

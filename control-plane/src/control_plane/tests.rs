@@ -389,6 +389,29 @@ fn loaded_free_then_free_slot_then_saturated() {
     check(&cp);
 }
 
+/// A lease that fills the endpoint's last slot for its model (limit 2
+/// here), or lands on a full one, says so: its release is one a choice may
+/// be waiting for. Dry runs take no slot.
+#[test]
+fn a_lease_taking_the_last_slot_is_at_limit() {
+    let t0 = Instant::now();
+    let cp = plane("");
+    probe(&cp, 0, &["m", "n"], &["m", "n"], t0);
+    probe(&cp, 1, &["m", "n"], &["m", "n"], t0);
+    let s = cp.open_session("sc", t0).id;
+    let mut on_a = req("m");
+    on_a.exclude = vec![B.to_owned()];
+    let at_limit = |r: &ChooseRequest, session| cp.choose(r, session, t0).unwrap().at_limit;
+    assert!(!at_limit(&on_a, None), "a dry run");
+    assert!(!at_limit(&on_a, Some(s)), "1 of 2");
+    assert!(at_limit(&on_a, Some(s)), "2 of 2");
+    assert!(at_limit(&on_a, Some(s)), "3 of 2 (saturated)");
+    let mut n_on_a = req("n");
+    n_on_a.exclude = vec![B.to_owned()];
+    assert!(!at_limit(&n_on_a, Some(s)), "the limit is per model");
+    check(&cp);
+}
+
 #[test]
 fn loaded_free_counts_in_flight_for_the_model_only() {
     let t0 = Instant::now();

@@ -284,6 +284,7 @@ impl From<&Choice> for v1::ChooseResponse {
             backend_model: c.backend_model.to_string(),
             lease_id: c.lease.map_or(0, |l| l.0),
             reason: decision_reason_to_proto(c.reason),
+            at_limit: c.at_limit,
         }
     }
 }
@@ -302,6 +303,7 @@ impl TryFrom<v1::ChooseResponse> for Choice {
             backend_model: Arc::from(m.backend_model),
             reason: decision_reason_from_proto(m.reason)?,
             lease: (m.lease_id != 0).then_some(LeaseId(m.lease_id)),
+            at_limit: m.at_limit,
         })
     }
 }
@@ -902,7 +904,7 @@ mod tests {
 
     #[test]
     fn choice_round_trips() {
-        for lease in [Some(LeaseId(77)), None] {
+        for (lease, at_limit) in [(Some(LeaseId(77)), true), (None, false)] {
             let c = Choice {
                 endpoint: Arc::from("http://l:8080/v1"),
                 endpoint_kind: EndpointKind::LlamaServer,
@@ -910,6 +912,7 @@ mod tests {
                 backend_model: Arc::from("unsloth/gpt-oss-20b-GGUF:Q8_0"),
                 reason: DecisionReason::FreeSlot,
                 lease,
+                at_limit,
             };
             assert_eq!(Choice::try_from(v1::ChooseResponse::from(&c)).unwrap(), c);
         }

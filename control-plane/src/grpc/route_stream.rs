@@ -219,7 +219,10 @@ const CLIENT_QUEUE: usize = 1024;
 /// requests last hundreds of milliseconds or more and `WatchUsage`
 /// publishes every 20 ms. Releases that make the control plane avoid an
 /// endpoint ([`Outcome::excludes_endpoint`]: a backend failure, a missing
-/// model) do not wait at all (see [`RouteClient::queue_release`]).
+/// model), and those queued as urgent (a lease that held its endpoint's
+/// last slot, [`crate::decision::Choice::at_limit`], which another choice
+/// may be waiting for) do not wait at all (see
+/// [`RouteClient::queue_release`]).
 pub const DEFAULT_RELEASE_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Hears how the coalesced releases queued with
@@ -366,9 +369,9 @@ struct Pending {
     /// release wakes it (later ones wait for its linger).
     idle: bool,
     /// A queued release excludes its endpoint (a backend failure, a missing
-    /// model): the writer sends what is
-    /// queued at once, so the control plane's health view never waits for
-    /// a linger.
+    /// model) or frees a slot a choice may be waiting for (queued as
+    /// urgent): the writer sends what is queued at once, so neither the
+    /// control plane's health view nor its counts wait for a linger.
     urgent: bool,
 }
 
@@ -478,8 +481,10 @@ impl RouteClient {
 
     /// Queues a coalesced release: it goes out with the next request
     /// written on the stream, or alone after the linger; at once (with
-    /// those queued) when its outcome makes the control plane avoid the
-    /// endpoint ([`Outcome::excludes_endpoint`]). The returned
+    /// those queued) when `urgent` (the caller knows a choice may be
+    /// waiting for the slot it frees: [`crate::decision::Choice::at_limit`]) or when its
+    /// outcome makes the control plane avoid the endpoint
+    /// ([`Outcome::excludes_endpoint`]). The returned
     /// future resolves when the control plane applied it (`Ok`, whether or
     /// not the lease was still held: releases are idempotent), or fails
     /// with `UNAVAILABLE` (stream gone, or the server does not apply
@@ -489,9 +494,12 @@ impl RouteClient {
     pub fn queue_release(
         &self,
         request: v1::ReleaseRequest,
+        urgent: bool,
     ) -> impl Future<Output = Result<(), Status>> + Send + 'static + use<> {
         let (done, acked) = oneshot::channel();
-        let refused = self.enqueue(request, || ReleaseDone::Future(done)).err();
+        let refused = self
+            .enqueue(request, urgent, || ReleaseDone::Future(done))
+            .err();
         let shared = self.shared.clone();
         async move {
             if let Some(status) = refused {
@@ -514,13 +522,14 @@ impl RouteClient {
     pub fn queue_release_to<L: ReleaseListener + 'static>(
         &self,
         request: v1::ReleaseRequest,
+        urgent: bool,
         listener: &Arc<L>,
         tag: u64,
     ) -> Result<(), NotQueued> {
         if !self.coalescing() {
             return Err(NotQueued::NotCoalescing);
         }
-        self.enqueue(request, || {
+        self.enqueue(request, urgent, || {
             let listener: Arc<dyn ReleaseListener> = listener.clone();
             ReleaseDone::Listener(Notice {
                 listener: Some(listener),
@@ -547,13 +556,15 @@ impl RouteClient {
     fn enqueue(
         &self,
         request: v1::ReleaseRequest,
+        urgent: bool,
         done: impl FnOnce() -> ReleaseDone,
     ) -> Result<(), Status> {
         let mut pending = self.shared.pending.lock();
         if let Some(status) = &pending.closed {
             return Err(status.clone());
         }
-        let urgent = release_outcome_from_proto(&request).is_ok_and(Outcome::excludes_endpoint);
+        let urgent =
+            urgent || release_outcome_from_proto(&request).is_ok_and(Outcome::excludes_endpoint);
         pending.queued.push((request, done()));
         pending.urgent |= urgent;
         if (urgent || (pending.idle && pending.queued.len() == 1))

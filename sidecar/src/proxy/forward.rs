@@ -347,6 +347,7 @@ mod tests {
             backend_model: Arc::from(backend_model),
             reason: DecisionReason::LoadedFree,
             lease: None,
+            at_limit: false,
         }
     }
 

@@ -24,6 +24,8 @@
 //! [`TrackedLease`] is the one place a lease is finished, so the metric, the
 //! span field and the release always agree.
 
+use std::time::Duration;
+
 use http::StatusCode;
 use switchyard_control_plane::{
     decision::Choice,
@@ -206,6 +208,34 @@ impl TrackedLease {
 
     /// Releases the lease with `outcome`.
     pub fn finish(mut self, outcome: Outcome, tokens: TokenCounts) {
+        if let Some(lease) = self.ending(outcome, tokens) {
+            lease.finish(outcome, tokens);
+        }
+    }
+
+    /// Releases the lease with `outcome` before the answer's end goes to
+    /// the client; when the lease held its endpoint's last slot for the
+    /// model ([`Choice::at_limit`]), returns only once the control plane
+    /// applied the release (at most [`APPLIED_WAIT`]). So a client that
+    /// sends its next request the instant this answer ends, through any
+    /// sidecar, finds the slot free instead of the endpoint full.
+    pub async fn finish_applied(mut self, outcome: Outcome, tokens: TokenCounts) {
+        let Some(lease) = self.ending(outcome, tokens) else {
+            return;
+        };
+        if !self.choice.at_limit {
+            return lease.finish(outcome, tokens);
+        }
+        if let Some(applied) = lease.finish_applied(outcome, tokens) {
+            // Not applied in time (or unknown): the answer goes on; the
+            // release is still on its way.
+            let _late = tokio::time::timeout(APPLIED_WAIT, applied).await;
+        }
+    }
+
+    /// Records the end (metrics, span, log) and hands over the lease to
+    /// release, if still held.
+    fn ending(&mut self, outcome: Outcome, tokens: TokenCounts) -> Option<Lease> {
         self.metrics
             .upstream_outcome(&self.choice.endpoint, outcome);
         self.span.record("outcome", outcome.as_str());
@@ -217,11 +247,15 @@ impl TrackedLease {
             completion_tokens = tokens.completion,
             "lease released"
         );
-        if let Some(lease) = self.lease.take() {
-            lease.finish(outcome, tokens);
-        }
+        self.lease.take()
     }
 }
+
+/// How long an answer waits for the control plane to apply the release of
+/// a lease that held its endpoint's last slot
+/// ([`TrackedLease::finish_applied`]): a round trip normally takes well
+/// under a millisecond; the choose deadline's 50 ms bounds a slow one.
+pub const APPLIED_WAIT: Duration = Duration::from_millis(50);
 
 impl Drop for TrackedLease {
     fn drop(&mut self) {

@@ -260,7 +260,7 @@ pub(crate) async fn exchange(
                 {
                     pin.pin(&id, &lease).await;
                 }
-                whole_answer(ctx, lease, handling, status, &upstream_headers, body)
+                whole_answer(ctx, lease, handling, status, &upstream_headers, body).await
             }
             Err((outcome, detail)) => retry_transport(lease, outcome, detail),
         };
@@ -364,7 +364,7 @@ pub(crate) fn local_response(stream: bool, body: Value) -> Response {
 }
 
 /// Handles a complete non-stream answer.
-fn whole_answer(
+async fn whole_answer(
     ctx: &RequestContext,
     lease: TrackedLease,
     handling: Handling,
@@ -378,7 +378,7 @@ fn whole_answer(
             // A 2xx carrying an error object: the backend failed.
             Err(error) => return retry_upstream(lease, Outcome::BackendError, error),
         };
-        lease.finish(Outcome::Ok, tokens);
+        lease.finish_applied(Outcome::Ok, tokens).await;
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
         *response.headers_mut() = forward::response_headers(upstream_headers);
@@ -408,7 +408,7 @@ fn whole_answer(
     };
     match converted {
         Ok(c) => {
-            lease.finish(Outcome::Ok, c.tokens);
+            lease.finish_applied(Outcome::Ok, c.tokens).await;
             Attempt::Answered(Json(c.body).into_response())
         }
         Err(TranslateError::Upstream(e)) => retry_upstream(lease, Outcome::BackendError, e),
@@ -635,13 +635,14 @@ impl LiveStream {
                             ));
                         }
                         let stop = StreamStop::Ended(end);
-                        lease.finish(stop.outcome(), transform.tokens());
+                        // Before the body's end reaches the client.
+                        lease.finish_applied(stop.outcome(), transform.tokens()).await;
                         break;
                     }
                     Next::Broken(_) | Next::Stalled if transform.complete() => {
                         // The final chunk already went out; the backend
                         // just closed untidily.
-                        lease.finish(Outcome::Ok, transform.tokens());
+                        lease.finish_applied(Outcome::Ok, transform.tokens()).await;
                         break;
                     }
                     Next::Broken(detail) => {

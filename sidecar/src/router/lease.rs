@@ -30,7 +30,25 @@ pub(crate) trait ReleaseSink: Send + Sync {
     fn release_owned(self: Arc<Self>, id: LeaseId, outcome: Outcome, tokens: TokenCounts) {
         self.release(id, outcome, tokens);
     }
+
+    /// [`ReleaseSink::release_owned`], and what resolves once the control
+    /// plane applied the release: `None` when there is nothing to wait for
+    /// (a control plane in the same process applied it already; or the
+    /// release is owed to no one). A sender dropped unsent means unknown.
+    fn release_applied(
+        self: Arc<Self>,
+        id: LeaseId,
+        outcome: Outcome,
+        tokens: TokenCounts,
+    ) -> Option<Applied> {
+        self.release_owned(id, outcome, tokens);
+        None
+    }
 }
+
+/// Resolves when the control plane applied a release
+/// ([`Lease::finish_applied`]).
+pub(crate) type Applied = tokio::sync::oneshot::Receiver<()>;
 
 /// A held lease. Exactly-once release: [`finish`](Self::finish) consumes
 /// it; dropping it unfinished (client disconnect, panic unwinding, early
@@ -98,6 +116,18 @@ impl Lease {
         self.release(outcome, tokens);
     }
 
+    /// [`Lease::finish`], returning what resolves once the control plane
+    /// applied the release (see [`ReleaseSink::release_applied`]).
+    pub(crate) fn finish_applied(
+        mut self,
+        outcome: Outcome,
+        tokens: TokenCounts,
+    ) -> Option<Applied> {
+        self.sink
+            .take()
+            .and_then(|sink| sink.release_applied(self.id, outcome, tokens))
+    }
+
     fn release(&mut self, outcome: Outcome, tokens: TokenCounts) {
         if let Some(sink) = self.sink.take() {
             sink.release_owned(self.id, outcome, tokens);
@@ -142,6 +172,7 @@ pub(crate) mod tests {
             backend_model: Arc::from("m:latest"),
             reason: DecisionReason::LoadedFree,
             lease: None,
+            at_limit: false,
         }
     }
 

@@ -31,8 +31,10 @@
 //!   its [`ReleaseListener`] (tag: the generation). No channel hop, no task
 //!   wake-up, no future or allocation per release: it rides on the next
 //!   choose written (or goes out after the ~5 ms linger; at once when it
-//!   reports a backend failure or a missing model), and the stream's
-//!   reader reports the acknowledgement here;
+//!   reports a backend failure or a missing model, or is urgent:
+//!   [`ReleaseJob::urgent`]), and the stream's reader reports the
+//!   acknowledgement here — and to whoever waits for it
+//!   ([`ReleaseSink::release_applied`]);
 //! - **retry path**: otherwise — and whenever the stream reports a
 //!   transport failure (it ended, or the client went away, before the ack;
 //!   or the control plane turned out not to apply coalesced releases) — the
@@ -81,10 +83,13 @@ use switchyard_control_plane::{
     policy::LocalUsage,
 };
 use switchyard_proto::v1;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tonic::Status;
 
-use super::{lease::ReleaseSink, remote::is_transport};
+use super::{
+    lease::{Applied, ReleaseSink},
+    remote::is_transport,
+};
 
 /// One lane's current `Route` stream, shared with the ledger: the remote
 /// router opens and replaces it, the ledger queues releases on it. `None`
@@ -105,6 +110,11 @@ pub(crate) struct ReleaseJob {
     pub(crate) tokens: TokenCounts,
     /// Session generation that counts the lease.
     pub(crate) generation: u64,
+    /// Send without waiting for a choose to ride on: the lease held its
+    /// endpoint's last slot for the model ([`Choice::at_limit`]), or nobody
+    /// used it (a late grant), or it is being sent again. See
+    /// [`RouteClient::queue_release`].
+    pub(crate) urgent: bool,
 }
 
 impl ReleaseJob {
@@ -124,6 +134,9 @@ struct Held {
     counted_in: Option<u64>,
     /// Counted in `Book::local` (granted locally, not registered yet).
     local: bool,
+    /// The control plane said the lease took its endpoint's last slot for
+    /// the model ([`Choice::at_limit`]): its release goes at once.
+    at_limit: bool,
 }
 
 #[derive(Debug, Default)]
@@ -163,6 +176,11 @@ pub(crate) struct Ledger {
     /// Ids for leases granted locally (tagged: never collide with the
     /// control plane's).
     local_ids: IdAllocator,
+    /// Who waits for the control plane to apply a release
+    /// ([`ReleaseSink::release_applied`]), by lease; and how many, so the
+    /// acknowledgement of every other release skips the lock.
+    applied_waiters: Mutex<HashMap<LeaseId, oneshot::Sender<()>>>,
+    waiting: AtomicUsize,
 }
 
 impl Ledger {
@@ -185,6 +203,24 @@ impl Ledger {
             pending: AtomicUsize::new(0),
             drained: Notify::new(),
             local_ids: IdAllocator::new(true),
+            applied_waiters: Mutex::new(HashMap::new()),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// The release of `lease` ended: applied by the control plane (its
+    /// waiter hears so), or refused or abandoned (its waiter's sender is
+    /// dropped: unknown).
+    pub(crate) fn release_settled(&self, lease: LeaseId, applied: bool) {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let Some(waiter) = self.applied_waiters.lock().remove(&lease) else {
+            return;
+        };
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        if applied {
+            let _gone = waiter.send(());
         }
     }
 
@@ -241,6 +277,7 @@ impl Ledger {
                 record: record(id, choice),
                 counted_in: Some(generation),
                 local: false,
+                at_limit: choice.at_limit,
             },
         );
     }
@@ -274,6 +311,7 @@ impl Ledger {
                 record: record(id, &choice),
                 counted_in: None,
                 local: true,
+                at_limit: false,
             },
         );
         Ok((choice, id))
@@ -287,6 +325,9 @@ impl Ledger {
             outcome: Outcome::Cancelled,
             tokens: TokenCounts::default(),
             generation,
+            // Counted for nothing: gone from the control plane's counts
+            // as soon as possible.
+            urgent: true,
         });
     }
 
@@ -369,7 +410,7 @@ impl Ledger {
             let route = self.routes[current_lane(self.routes.len())].lock();
             if let Some(route) = &*route
                 && route
-                    .queue_release_to(job.message(), self, job.generation)
+                    .queue_release_to(job.message(), job.urgent, self, job.generation)
                     .is_ok()
             {
                 return;
@@ -386,9 +427,10 @@ impl Ledger {
 
     /// Hands a pending job to the release sender (the retry path).
     fn to_sender(&self, job: ReleaseJob) {
-        if self.queue.send(job).is_err() {
+        if let Err(mpsc::error::SendError(job)) = self.queue.send(job) {
             // The sender stopped (shutdown): the session close or expiry
             // ends the lease at the control plane.
+            self.release_settled(job.lease, false);
             self.job_done();
         }
     }
@@ -429,13 +471,33 @@ impl ReleaseSink for Ledger {
             self.enqueue(job);
         }
     }
+
+    fn release_applied(
+        self: Arc<Self>,
+        id: LeaseId,
+        outcome: Outcome,
+        tokens: TokenCounts,
+    ) -> Option<Applied> {
+        let job = self.owe(id, outcome, tokens)?;
+        let (waiter, applied) = oneshot::channel();
+        // Registered before the release can be acknowledged.
+        if self.applied_waiters.lock().insert(id, waiter).is_none() {
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+        }
+        self.enqueue(job);
+        Some(applied)
+    }
 }
 
 /// Reports of the releases queued on the `Route` stream (the fast path).
 impl ReleaseListener for Ledger {
     fn settled(&self, release: v1::ReleaseRequest, generation: u64, result: Result<(), &Status>) {
+        let lease = LeaseId(release.lease_id);
         let status = match result {
-            Ok(()) => return self.job_done(),
+            Ok(()) => {
+                self.release_settled(lease, true);
+                return self.job_done();
+            }
             Err(status) => status,
         };
         let call = match ReleaseCall::try_from(release) {
@@ -444,6 +506,7 @@ impl ReleaseListener for Ledger {
                 // Built from a ReleaseJob, so it converts back; if it ever
                 // did not, the session's end still ends the lease.
                 tracing::error!(error = %e, "queued release does not convert back; dropped");
+                self.release_settled(lease, false);
                 return self.job_done();
             }
         };
@@ -456,9 +519,12 @@ impl ReleaseListener for Ledger {
                 outcome: call.outcome,
                 tokens: call.tokens,
                 generation,
+                // Late already: resent without waiting for a ride.
+                urgent: true,
             });
         } else {
             tracing::warn!(lease = %call.lease, code = ?status.code(), message = status.message(), "release refused; dropped");
+            self.release_settled(call.lease, false);
             self.job_done();
         }
     }
@@ -480,6 +546,7 @@ impl Ledger {
             outcome,
             tokens,
             generation,
+            urgent: h.at_limit,
         };
         if book.registering.as_ref().is_some_and(|r| r.contains(&id)) {
             book.deferred.push(job);
@@ -544,6 +611,35 @@ mod tests {
         assert_eq!(jobs.len(), 1);
         assert_eq!((jobs[0].lease, jobs[0].generation), (LeaseId(5), g));
         assert_eq!(l.held(), 0);
+    }
+
+    /// A lease that held its endpoint's last slot is released urgently,
+    /// and its releaser hears when the control plane applied it (or, when
+    /// it was refused or abandoned, that it will not hear).
+    #[tokio::test]
+    async fn the_release_of_a_lease_at_its_limit_is_urgent_and_heard() {
+        let (l, mut rx) = ledger();
+        let g = l.open_session(SessionId(1));
+        let mut at_limit = choice("http://a:1");
+        at_limit.at_limit = true;
+        for (id, applied) in [(5, true), (6, false)] {
+            l.insert_granted(LeaseId(id), &at_limit, g);
+            let lease = Lease::new(at_limit.clone(), LeaseId(id), false, sink(&l));
+            let waiter = lease
+                .finish_applied(Outcome::Ok, TokenCounts::default())
+                .unwrap();
+            let jobs = drain(&mut rx);
+            assert_eq!(jobs.len(), 1);
+            assert!(jobs[0].urgent);
+            l.release_settled(LeaseId(id), applied);
+            assert_eq!(waiter.await.is_ok(), applied);
+        }
+        // An ordinary lease is not urgent, and nobody waits for it.
+        l.insert_granted(LeaseId(7), &choice("http://a:1"), g);
+        Lease::new(choice("http://a:1"), LeaseId(7), false, sink(&l))
+            .finish(Outcome::Ok, TokenCounts::default());
+        assert!(!drain(&mut rx)[0].urgent);
+        assert_eq!(l.waiting.load(Ordering::Acquire), 0);
     }
 
     #[test]

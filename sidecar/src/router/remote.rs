@@ -26,9 +26,12 @@
 //!   lease). See [`super::ledger`] for the exactly-once rules and the fast
 //!   path. On the `Route` stream releases are coalesced: they ride on the
 //!   next choose written (or go out together after ~5 ms; at once with
-//!   one that makes the control plane avoid an endpoint), each still
-//!   acknowledged by the answer of the message that carried it; a control
-//!   plane that predates coalescing is detected and gets them one by one.
+//!   one that makes the control plane avoid an endpoint, frees an
+//!   endpoint's last slot for its model — `Choice::at_limit`, whose
+//!   acknowledgement the proxy waits for before the answer ends — or was
+//!   granted too late to be used), each still acknowledged by the answer
+//!   of the message that carried it; a control plane that predates
+//!   coalescing is detected and gets them one by one.
 //!
 //! A choice is one `ChooseEndpoint` with `reserve=true` and a local deadline
 //! of `choose_timeout`. On deadline, transport error, unknown session or a
@@ -1076,7 +1079,9 @@ async fn release_sender(
     let run = stream.for_each_concurrent(limit, |job| {
         let shared = shared.clone();
         async move {
-            send_release(&shared, job).await;
+            let lease = job.lease;
+            let applied = send_release(&shared, job).await;
+            shared.ledger.release_settled(lease, applied);
             shared.ledger.job_done();
         }
     });
@@ -1086,7 +1091,8 @@ async fn release_sender(
     }
 }
 
-async fn send_release(shared: &Shared, job: ReleaseJob) {
+/// Sends `job` until acknowledged (true) or refused or abandoned (false).
+async fn send_release(shared: &Shared, job: ReleaseJob) -> bool {
     let mut backoff = Backoff::new(shared.settings.retry_min, shared.settings.retry_max);
     let message = v1::ReleaseRequest::from(&ReleaseCall {
         lease: job.lease,
@@ -1096,15 +1102,17 @@ async fn send_release(shared: &Shared, job: ReleaseJob) {
     loop {
         if !shared.ledger.is_current(job.generation) {
             tracing::debug!(lease = %job.lease, "session replaced; its leases are gone at the control plane");
-            return;
+            return false;
         }
         let timeout = shared.settings.rpc_timeout;
         let answer = match route_client(shared).await {
             // Coalesced: rides on the next choose (one message, one answer
             // for both), or goes alone after the client's linger.
-            Some(route) if route.coalescing() => within(timeout, route.queue_release(message))
-                .await
-                .map(|()| None),
+            Some(route) if route.coalescing() => {
+                within(timeout, route.queue_release(message, job.urgent))
+                    .await
+                    .map(|()| None)
+            }
             Some(route) => within(timeout, route.release(message)).await.map(Some),
             None => {
                 let mut client = shared.client.clone();
@@ -1118,14 +1126,14 @@ async fn send_release(shared: &Shared, job: ReleaseJob) {
                 if r.is_some_and(|r| !r.released) {
                     tracing::debug!(lease = %job.lease, "lease already ended at the control plane");
                 }
-                return;
+                return true;
             }
             Err(status) if is_transport(status.code()) => {
                 tracing::debug!(lease = %job.lease, code = ?status.code(), "release not delivered; retrying");
             }
             Err(status) => {
                 tracing::warn!(lease = %job.lease, code = ?status.code(), message = status.message(), "release refused; dropped");
-                return;
+                return false;
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;

@@ -442,7 +442,7 @@ async fn coalesced_releases_apply_before_the_choose_they_ride_on() {
     assert_eq!(s.cp.stats().leases_active, 3);
     let acks: Vec<_> = leases
         .iter()
-        .map(|&l| tokio::spawn(client.queue_release(release(l))))
+        .map(|&l| tokio::spawn(client.queue_release(release(l), false)))
         .collect();
     // Nothing written yet: still counted.
     tokio::task::yield_now().await;
@@ -468,7 +468,7 @@ async fn a_release_reporting_a_backend_failure_leaves_at_once_with_those_queued(
     let session = s.session().await;
     let client = parked_client(&s).await;
     let leases = take_leases(&client, session, 2).await;
-    let ok = tokio::spawn(client.queue_release(release(leases[0])));
+    let ok = tokio::spawn(client.queue_release(release(leases[0]), false));
     // An ordinary release waits for a ride (the linger outlasts the test).
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(s.cp.stats().leases_active, 2);
@@ -478,7 +478,32 @@ async fn a_release_reporting_a_backend_failure_leaves_at_once_with_those_queued(
     };
     // A health signal does not wait, and takes the queued one along.
     let acks = async {
-        client.queue_release(failed).await.unwrap();
+        client.queue_release(failed, false).await.unwrap();
+        ok.await.unwrap().unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(10), acks)
+        .await
+        .expect("sent without waiting for the linger");
+    assert_eq!(s.cp.stats().leases_active, 0);
+    s.stop().await;
+}
+
+/// A release queued as urgent (it frees a slot a choice may wait for:
+/// `Choice::at_limit`) leaves at once, taking the queued ones along.
+#[tokio::test]
+async fn an_urgent_release_leaves_at_once_with_those_queued() {
+    let s = served().await;
+    let session = s.session().await;
+    let client = parked_client(&s).await;
+    let leases = take_leases(&client, session, 2).await;
+    let ok = tokio::spawn(client.queue_release(release(leases[0]), false));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(s.cp.stats().leases_active, 2);
+    let acks = async {
+        client
+            .queue_release(release(leases[1]), true)
+            .await
+            .unwrap();
         ok.await.unwrap().unwrap();
     };
     tokio::time::timeout(Duration::from_secs(10), acks)
@@ -498,7 +523,7 @@ async fn coalesced_releases_leave_alone_after_the_linger() {
     let leases = take_leases(&client, session, 50).await;
     let acks: Vec<_> = leases
         .iter()
-        .map(|&l| client.queue_release(release(l)))
+        .map(|&l| client.queue_release(release(l), false))
         .collect();
     for ack in acks {
         tokio::time::timeout(Duration::from_secs(10), ack)
@@ -508,7 +533,10 @@ async fn coalesced_releases_leave_alone_after_the_linger() {
     }
     assert_eq!(s.cp.stats().leases_active, 0);
     // Releasing again is idempotent and still acknowledged.
-    client.queue_release(release(leases[0])).await.unwrap();
+    client
+        .queue_release(release(leases[0]), false)
+        .await
+        .unwrap();
     s.stop().await;
 }
 
@@ -520,7 +548,7 @@ async fn coalesced_releases_fail_when_the_stream_ends_never_silently() {
     let leases = take_leases(&client, session, 2).await;
     let acks: Vec<_> = leases
         .iter()
-        .map(|&l| client.queue_release(release(l)))
+        .map(|&l| client.queue_release(release(l), false))
         .collect();
     // Ending the stream: the queued releases are failed, never dropped
     // silently, and the leases are still counted.
@@ -534,7 +562,10 @@ async fn coalesced_releases_fail_when_the_stream_ends_never_silently() {
     }
     assert!(client.is_closed());
     assert_eq!(s.cp.stats().leases_active, 2);
-    let e = client.queue_release(release(leases[0])).await.unwrap_err();
+    let e = client
+        .queue_release(release(leases[0]), false)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     s.stop().await;
 }
@@ -611,7 +642,7 @@ fn recorder() -> (Arc<Recorder>, mpsc::UnboundedReceiver<Heard>) {
 fn queue_all(client: &RouteClient, leases: &[u64], listener: &Arc<Recorder>, tag: u64) {
     for &lease in leases {
         client
-            .queue_release_to(release(lease), listener, tag)
+            .queue_release_to(release(lease), false, listener, tag)
             .unwrap();
     }
 }
@@ -641,7 +672,7 @@ async fn listener_releases_are_applied_and_reported_once() {
     let mut leases = take_leases(&client, session, 20).await;
     for (tag, &lease) in leases.iter().enumerate() {
         client
-            .queue_release_to(release(lease), &listener, tag as u64)
+            .queue_release_to(release(lease), false, &listener, tag as u64)
             .unwrap();
     }
     let reports = heard(&mut rx, leases.len()).await;
@@ -683,7 +714,7 @@ async fn listener_hears_unavailable_when_the_stream_dies() {
     }
     assert!(client.is_closed());
     assert_eq!(
-        client.queue_release_to(release(leases[0]), &listener, 1),
+        client.queue_release_to(release(leases[0]), false, &listener, 1),
         Err(NotQueued::Closed)
     );
     assert!(rx.try_recv().is_err(), "a refused release is not reported");
@@ -749,7 +780,7 @@ async fn listener_hears_invalid_argument_for_a_message_with_malformed_entries() 
     // Once the server showed it ignores them, none is queued any more.
     client.shared.no_coalescing.store(true, Ordering::Relaxed);
     assert_eq!(
-        client.queue_release_to(release(lease), &listener, 6),
+        client.queue_release_to(release(lease), false, &listener, 6),
         Err(NotQueued::NotCoalescing)
     );
     assert!(rx.try_recv().is_err(), "a refused release is not reported");
