@@ -47,8 +47,10 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
+# --interrupt_requests false: by default llama_cpp.server cuts the running
+# generation short whenever another request (a discovery probe) arrives.
 "$PY" -m llama_cpp.server --model "$GGUF" --model_alias smollm2 --host 127.0.0.1 --port "$LLAMA_PORT" \
-  --n_ctx 2048 > "$WORK/llama.log" 2>&1 &
+  --n_ctx 2048 --interrupt_requests false > "$WORK/llama.log" 2>&1 &
 PIDS+=($!)
 
 cat > "$WORK/config.yaml" <<YAML
@@ -56,6 +58,8 @@ llama_server_endpoints:
   - http://127.0.0.1:${LLAMA_PORT}/v1
 max_concurrent_connections: 2
 probe_interval: 1s
+# It answers probes only between generations (see README).
+probe_timeout: 30s
 YAML
 
 cargo build --quiet --bin switchyard-sidecar
