@@ -40,6 +40,18 @@ check("chat stream ends with done", chunks[-1].done is True, repr(chunks[-1]))
 check("chat stream final counts", (chunks[-1].eval_count or 0) > 0, repr(chunks[-1]))
 check("chat stream done_reason", chunks[-1].done_reason in ("stop", "length"), repr(chunks[-1]))
 
+# A JSON schema as `format` reaches llama.cpp as a grammar constraint.
+schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+try:
+    f = client.chat(model=MODEL, messages=[{"role": "user", "content": "How old is a 5 year old? JSON."}],
+                    format=schema, options=opts, stream=False)
+    content = f.message.content
+    parsed = json.loads(content)
+except (ValueError, ollama.ResponseError) as e:
+    content, parsed = repr(e), None
+check("chat format schema is followed", isinstance(parsed, dict) and isinstance(parsed.get("age"), int),
+      content)
+
 g = client.generate(model=MODEL, prompt="The capital of France is", options=opts, stream=False)
 check("generate non-stream has response", bool(g.response), repr(g))
 check("generate non-stream done", g.done is True, repr(g))

@@ -57,7 +57,10 @@ pub fn classify_status(status: StatusCode) -> StatusClass {
     match status.as_u16() {
         200..=299 => StatusClass::Success,
         401 | 403 | 429 => StatusClass::Retryable(Outcome::BackendError),
-        400..=499 => StatusClass::ClientError,
+        // 501: this backend does not offer what the request asks for
+        // (llama-server's embeddings without `--embeddings`): not its
+        // failure; another endpoint may (see `UpstreamError::is_unsupported`).
+        400..=499 | 501 => StatusClass::ClientError,
         // 1xx/3xx are not valid final answers for these POST routes
         // (redirects are not followed): the backend is misconfigured.
         _ => StatusClass::Retryable(Outcome::BackendError),
@@ -280,14 +283,14 @@ mod tests {
     #[test]
     fn statuses() {
         assert_eq!(classify_status(StatusCode::OK), StatusClass::Success);
-        for s in [500, 502, 503, 504, 429, 401, 403, 501, 302] {
+        for s in [500, 502, 503, 504, 429, 401, 403, 302] {
             assert_eq!(
                 classify_status(StatusCode::from_u16(s).unwrap_or(StatusCode::IM_A_TEAPOT)),
                 StatusClass::Retryable(Outcome::BackendError),
                 "{s}"
             );
         }
-        for s in [400, 404, 413, 422] {
+        for s in [400, 404, 413, 422, 501] {
             assert_eq!(
                 classify_status(StatusCode::from_u16(s).unwrap_or(StatusCode::IM_A_TEAPOT)),
                 StatusClass::ClientError,

@@ -108,6 +108,7 @@ fn bad_gateway(message: String) -> UpstreamError {
         message,
         error_type: None,
         code: None,
+        param: None,
     }
 }
 
@@ -230,6 +231,11 @@ pub(crate) async fn exchange(
                 // about the model: released as a client error, so the
                 // endpoint stays in the model's other requests' choices.
                 let error = name_missing_route(error, &url);
+                return retry_upstream(lease, Outcome::ClientError, error);
+            }
+            if error.is_unsupported() {
+                // Likewise for a feature this backend lacks (501): its
+                // health and the model's other requests are not affected.
                 return retry_upstream(lease, Outcome::ClientError, error);
             }
             if error.is_model_not_found() {

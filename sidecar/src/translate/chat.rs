@@ -53,7 +53,7 @@ pub fn chat_request(body: &Value, target: &Target<'_>) -> Result<Plan, Translate
         None | Some(Value::Null | Value::Array(_)) => {}
         Some(_) => return Err(bad_request("tools must be an array")),
     }
-    apply_format(&mut out, req.get("format"))?;
+    apply_format(&mut out, req.get("format"), target.kind)?;
     apply_options(&mut out, req.get("options"), target.kind)?;
     apply_think(&mut out, req.get("think"), target.kind)?;
     apply_stream(&mut out, stream);

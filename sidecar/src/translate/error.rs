@@ -75,6 +75,8 @@ pub struct UpstreamError {
     pub error_type: Option<String>,
     /// `code`, with integer codes rendered as decimal strings.
     pub code: Option<String>,
+    /// OpenAI `param` (the request field at fault), when given.
+    pub param: Option<String>,
 }
 
 impl UpstreamError {
@@ -97,6 +99,7 @@ impl UpstreamError {
             message,
             error_type: None,
             code: None,
+            param: None,
         }
     }
 
@@ -121,7 +124,9 @@ impl UpstreamError {
 
     fn from_value(status: StatusCode, v: &Value) -> Option<Self> {
         let obj = v.as_object()?;
+        let mut param = None;
         let (message, error_type, code) = if let Some(e) = error_object(obj) {
+            param = e.get("param").and_then(Value::as_str).map(str::to_owned);
             (
                 e.get("message").map(text_of),
                 e.get("type").and_then(Value::as_str).map(str::to_owned),
@@ -151,6 +156,7 @@ impl UpstreamError {
             message,
             error_type,
             code,
+            param,
         })
     }
 
@@ -164,7 +170,7 @@ impl UpstreamError {
     pub fn ollama_status(&self) -> StatusCode {
         match self.status.as_u16() {
             401 | 403 => StatusCode::BAD_GATEWAY,
-            503 | 504 => self.status,
+            501 | 503 | 504 => self.status,
             400..=499 => self.status,
             _ => StatusCode::BAD_GATEWAY,
         }
@@ -197,10 +203,13 @@ impl UpstreamError {
                 .as_deref()
                 .unwrap_or_else(|| openai_error_type(status)),
         };
-        (
-            status,
-            openai_error(&self.client_message(), error_type, self.code.as_deref()),
-        )
+        let mut body = openai_error(&self.client_message(), error_type, self.code.as_deref());
+        if let Some(param) = &self.param
+            && let Some(error) = body.get_mut("error").and_then(Value::as_object_mut)
+        {
+            error.insert("param".into(), Value::String(param.clone()));
+        }
+        (status, body)
     }
 
     /// Status and Anthropic error body for an Anthropic Messages client.
@@ -220,6 +229,13 @@ impl UpstreamError {
                 || message.eq_ignore_ascii_case("file not found")
                 || message.eq_ignore_ascii_case("404 page not found")
                 || message == default_message(StatusCode::NOT_FOUND))
+    }
+
+    /// 501 Not Implemented: the backend does not offer what the request
+    /// asks for (llama-server: embeddings without `--embeddings`,
+    /// `not_supported_error`). Like a missing route, another endpoint may.
+    pub fn is_unsupported(&self) -> bool {
+        self.status == StatusCode::NOT_IMPLEMENTED
     }
 
     /// A missing model: 404 with `not found` / `does not exist`, or code
@@ -290,6 +306,11 @@ mod tests {
         let (s, v) = e.to_ollama();
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert_eq!(v, json!({"error": "The model `gpt-x` does not exist"}));
+        // An OpenAI client gets the field at fault back.
+        assert_eq!(e.to_openai().1["error"]["param"], "model");
+        let no_param = br#"{"error":{"message":"x","type":"invalid_request_error"}}"#;
+        let (_, v) = UpstreamError::parse(StatusCode::BAD_REQUEST, no_param).to_openai();
+        assert_eq!(v["error"]["param"], Value::Null);
     }
 
     #[test]

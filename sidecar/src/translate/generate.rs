@@ -105,7 +105,7 @@ pub fn generate_request(
             OpenAiRoute::ChatCompletions
         }
     };
-    apply_format(&mut out, req.get("format"))?;
+    apply_format(&mut out, req.get("format"), target.kind)?;
     apply_options(&mut out, req.get("options"), target.kind)?;
     apply_stream(&mut out, stream);
     Ok(Plan::Forward(OutboundRequest {

@@ -78,8 +78,11 @@ pub(crate) fn apply_options(
 /// `format` → `response_format`.
 ///
 /// `"json"` → `json_object`; a schema object → `json_schema` wrapper named
-/// `response`, without `strict`; `""`/`null` → nothing. Any other string is
-/// rejected as Ollama does.
+/// `response`, without `strict` — for a llama-server endpoint
+/// `{"type":"json_object","schema":..}`, the form llama.cpp's server takes
+/// besides the wrapper and the only one llama-cpp-python's server takes
+/// (it answers 500 to the wrapper); `""`/`null` → nothing. Any other
+/// string is rejected as Ollama does.
 ///
 /// No `strict:true`: OpenAI refuses a strict schema unless every object in it
 /// sets `additionalProperties:false` and lists all its properties as
@@ -89,6 +92,7 @@ pub(crate) fn apply_options(
 pub(crate) fn apply_format(
     out: &mut Map<String, Value>,
     format: Option<&Value>,
+    kind: EndpointKind,
 ) -> Result<(), TranslateError> {
     match format {
         None | Some(Value::Null) => Ok(()),
@@ -98,13 +102,15 @@ pub(crate) fn apply_format(
             Ok(())
         }
         Some(Value::Object(schema)) => {
-            out.insert(
-                "response_format".into(),
+            let response_format = if kind == EndpointKind::LlamaServer {
+                json!({"type": "json_object", "schema": schema})
+            } else {
                 json!({
                     "type": "json_schema",
                     "json_schema": {"name": "response", "schema": schema}
-                }),
-            );
+                })
+            };
+            out.insert("response_format".into(), response_format);
             Ok(())
         }
         Some(other) => Err(bad_request(format!(
@@ -252,18 +258,24 @@ mod tests {
 
     #[test]
     fn format_json_and_schema() {
+        let openai = EndpointKind::OpenAi;
         let mut out = Map::new();
-        apply_format(&mut out, Some(&json!("json"))).unwrap();
+        apply_format(&mut out, Some(&json!("json")), openai).unwrap();
         assert_eq!(out["response_format"], json!({"type": "json_object"}));
         let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
-        apply_format(&mut out, Some(&schema)).unwrap();
+        apply_format(&mut out, Some(&schema), openai).unwrap();
         assert_eq!(
             out["response_format"],
             json!({"type": "json_schema", "json_schema": {"name": "response", "schema": schema}})
         );
-        assert!(apply_format(&mut Map::new(), Some(&json!("yaml"))).is_err());
+        apply_format(&mut out, Some(&schema), EndpointKind::LlamaServer).unwrap();
+        assert_eq!(
+            out["response_format"],
+            json!({"type": "json_object", "schema": schema})
+        );
+        assert!(apply_format(&mut Map::new(), Some(&json!("yaml")), openai).is_err());
         let mut out = Map::new();
-        apply_format(&mut out, Some(&json!(""))).unwrap();
+        apply_format(&mut out, Some(&json!("")), openai).unwrap();
         assert!(out.is_empty());
     }
 

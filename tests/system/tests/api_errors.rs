@@ -9,7 +9,7 @@
 use serde_json::json;
 use switchyard_control_plane::endpoint::EndpointKind;
 use switchyard_system_tests::{
-    Cluster, SOON,
+    Cluster, FailureMode, SOON,
     client::{Reply, ollama_error_text, openai_error_message, post_json, send},
     config::EndpointEntry,
     ollama_fake, openai_fake,
@@ -195,5 +195,37 @@ async fn count_tokens_on_a_backend_without_the_route_is_404_naming_it() {
     chat["max_tokens"] = json!(8);
     let r = post_json(c.http(), &c.at("/v1/messages"), &chat).await;
     assert_eq!(r.status, 200, "{}", r.text);
+    c.wait_usage(0).await;
+}
+
+/// A backend answering 501 Not Implemented (llama-server's embeddings
+/// without `--embeddings`) lacks a feature; it is not failing: the request
+/// is tried on another endpoint, and the backend is neither marked failing
+/// for the model nor has its breaker opened. With every endpoint answering
+/// 501, the client gets that 501.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_501_is_tried_elsewhere_and_marks_no_backend_failing() {
+    let c = Cluster::builder()
+        .backend(openai_fake(&["m"]).label("a"))
+        .backend(openai_fake(&["m"]).label("b"))
+        .start()
+        .await;
+    c.backend(0).set_failure(FailureMode::Status(501));
+    let embed = json!({"model": "m", "input": "hi"});
+    for _ in 0..6 {
+        let r = post_json(c.http(), &c.at("/v1/embeddings"), &embed).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let state = c.state();
+    for e in &state.endpoints {
+        assert!(
+            e.healthy && e.failing_models.is_empty() && !e.circuit_open,
+            "{e:?}"
+        );
+    }
+    c.backend(1).set_failure(FailureMode::Status(501));
+    let r = post_json(c.http(), &c.at("/v1/embeddings"), &embed).await;
+    assert_eq!(r.status, 501, "{}", r.text);
+    openai_error_message(&r);
     c.wait_usage(0).await;
 }
