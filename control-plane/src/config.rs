@@ -551,24 +551,64 @@ fn syntax_error(text: &str, err: &serde_yaml_ng::Error) -> String {
     else {
         return message;
     };
-    let lines: Vec<String> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, line)| {
-            let key = line.trim_start().trim_start_matches("- ");
-            let key = key
-                .strip_prefix('"')
-                .and_then(|k| k.strip_prefix(field))
-                .and_then(|k| k.strip_prefix('"'))
-                .or_else(|| key.strip_prefix(field));
-            key.is_some_and(|rest| rest.trim_start().starts_with(':'))
-        })
-        .map(|(i, _)| (i + 1).to_string())
-        .collect();
+    let lines = duplicated_key_lines(text, field);
     if lines.len() < 2 {
         return message;
     }
+    let lines: Vec<String> = lines.iter().map(usize::to_string).collect();
     format!("{message} (lines {})", lines.join(" and "))
+}
+
+/// The lines (1-based) of block-style keys named `field` whose whole path
+/// (parent keys, list items told apart) occurs more than once: the same
+/// key under two different parents is no duplicate. Best effort: flow
+/// style (`{a: 1}`) is not looked into.
+fn duplicated_key_lines(text: &str, field: &str) -> Vec<usize> {
+    /// The key a `key: value` line starts with, quotes removed.
+    fn key_of(body: &str) -> Option<&str> {
+        let (key, rest) = if let Some(quoted) = body.strip_prefix('"') {
+            let end = quoted.find('"')?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            let end = body.find(':')?;
+            (body[..end].trim_end(), &body[end..])
+        };
+        let rest = rest.trim_start().strip_prefix(':')?;
+        (rest.is_empty() || rest.starts_with(' ')).then_some(key)
+    }
+    let mut parents: Vec<(usize, String)> = Vec::new();
+    let mut found: Vec<(usize, String)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let body = line.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let mut indent = line.len() - body.len();
+        let mut body = body;
+        if let Some(item) = body.strip_prefix("- ") {
+            // A list item: its keys sit under an entry of their own.
+            parents.retain(|(depth, _)| *depth < indent);
+            parents.push((indent, format!("[{i}]")));
+            indent += 2;
+            body = item.trim_start();
+        }
+        let Some(key) = key_of(body) else {
+            continue;
+        };
+        parents.retain(|(depth, _)| *depth < indent);
+        let mut path: Vec<&str> = parents.iter().map(|(_, k)| k.as_str()).collect();
+        path.push(key);
+        let path = path.join("\u{0}");
+        if key == field {
+            found.push((i + 1, path.clone()));
+        }
+        parents.push((indent, key.to_owned()));
+    }
+    found
+        .iter()
+        .filter(|(_, path)| found.iter().filter(|(_, p)| p == path).count() > 1)
+        .map(|(line, _)| *line)
+        .collect()
 }
 
 impl Config {
@@ -1352,6 +1392,18 @@ api_keys:
             err.contains("duplicate field `probe_interval`") && err.ends_with("(lines 2 and 3)"),
             "{err}"
         );
+        // Nested, the parser names the path and line itself.
+        let nested =
+            "timeouts:\n  ollama:\n    connect: 1s\n  openai:\n    connect: 2s\n    connect: 3s\n";
+        let err = error(nested);
+        assert!(
+            err.contains("timeouts.openai") && err.contains("line"),
+            "{err}"
+        );
+        // The helper never names the same key under another parent.
+        assert_eq!(duplicated_key_lines(nested, "connect"), [5, 6]);
+        let list = "endpoints:\n  - url: a\n  - url: b\nurl: c\n";
+        assert!(duplicated_key_lines(list, "url").is_empty());
         // The same kind's timeouts under both spellings.
         let err =
             error("timeouts:\n  llama_server: {connect: 1s}\n  llama-server: {connect: 2s}\n");

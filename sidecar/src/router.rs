@@ -256,6 +256,26 @@ impl Router {
         }
     }
 
+    /// Whether the latest cluster state (`WatchUsage`, at most
+    /// `watch_interval` old) shows `endpoint` full for `model`: a release
+    /// there frees a slot another choice may be waiting for. Always false
+    /// for the embedded control plane, whose releases apply at once.
+    pub(crate) fn endpoint_full(&self, endpoint: &str, model: &str) -> bool {
+        let Mode::Remote(r) = &*self.mode else {
+            return false;
+        };
+        let state = r.cluster_state();
+        state
+            .endpoints
+            .iter()
+            .find(|e| &*e.url == endpoint)
+            .and_then(|e| {
+                let usage = e.usage.iter().find(|u| &*u.model == model)?;
+                Some(usage.in_flight >= e.max_concurrent.max(1))
+            })
+            .unwrap_or(false)
+    }
+
     /// Each endpoint's own listing items, for the merged `/api/tags`,
     /// `/api/ps` and `/v1/models` (embedded: the control plane's now; remote:
     /// `ListModelItems`, at most every two seconds, the last answer while the

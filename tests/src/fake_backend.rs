@@ -607,6 +607,12 @@ impl FakeControl {
         self.shared.set_chunk_delay(delay);
     }
 
+    /// Time a stream's body stays open after its last chunk (a backend
+    /// slow to end the response).
+    pub fn set_end_delay(&self, delay: Duration) {
+        self.shared.set_end_delay(delay);
+    }
+
     /// Number of content chunks of the generated reply (no effect while a
     /// script is set).
     pub fn set_chunks(&self, n: usize) {

@@ -67,7 +67,12 @@ pub(crate) async fn route(
         span.record("attempt", attempt);
         span.record("degraded", lease.degraded());
         progress.endpoint = Some(choice.endpoint.clone());
-        let lease = TrackedLease::new(lease, state.metrics().clone(), span.clone());
+        let lease = TrackedLease::new(
+            lease,
+            state.router().clone(),
+            state.metrics().clone(),
+            span.clone(),
+        );
         match exchange(state, ctx, lease, progress).await {
             Attempt::Answered(response) => return Ok(response),
             Attempt::Failed(error) => return Err(error),
@@ -84,8 +89,9 @@ pub(crate) async fn route(
                     // endpoint alone (`previous_response_id`): another one
                     // would only answer that it does not know the id, a
                     // permanent error for a conversation that still
-                    // exists. The client gets this failure (502/503/504),
-                    // which it may retry.
+                    // exists. The client gets this failure (with the
+                    // backend's status, 502 for a transport failure), which
+                    // it may retry.
                     return Err(ProxyError::AttemptsFailed {
                         attempts: attempt,
                         last: failure,

@@ -36,7 +36,7 @@ use tracing::Span;
 use crate::{
     metrics::Metrics,
     proxy::upstream::{BodyError, SendError},
-    router::Lease,
+    router::{Lease, Router},
     translate::stream::StreamEnd,
 };
 
@@ -168,8 +168,12 @@ impl StreamStop {
 /// `Cancelled`, with the tokens a stream noted so far
 /// ([`TrackedLease::note_tokens`]).
 pub struct TrackedLease {
+    /// `None` once finished: a later finish, or the drop, does nothing.
     lease: Option<Lease>,
     choice: Choice,
+    /// Whose cluster state says whether the endpoint is full
+    /// ([`TrackedLease::finish_applied`]).
+    router: Router,
     metrics: Metrics,
     span: Span,
     /// What a stream delivered so far, reported if it is cancelled.
@@ -187,11 +191,12 @@ impl std::fmt::Debug for TrackedLease {
 
 impl TrackedLease {
     /// Wraps a lease taken for the request recorded by `span`.
-    pub fn new(lease: Lease, metrics: Metrics, span: Span) -> Self {
+    pub fn new(lease: Lease, router: Router, metrics: Metrics, span: Span) -> Self {
         let choice = lease.choice().clone();
         Self {
             lease: Some(lease),
             choice,
+            router,
             metrics,
             span,
             so_far: TokenCounts::default(),
@@ -217,16 +222,22 @@ impl TrackedLease {
     }
 
     /// Releases the lease with `outcome` before the answer's end goes to
-    /// the client; when the lease held its endpoint's last slot for the
-    /// model ([`Choice::at_limit`]), returns only once the control plane
-    /// applied the release (at most [`APPLIED_WAIT`]). So a client that
-    /// sends its next request the instant this answer ends, through any
-    /// sidecar, finds the slot free instead of the endpoint full.
-    pub async fn finish_applied(mut self, outcome: Outcome, tokens: TokenCounts) {
+    /// the client (a later finish, or the drop, then does nothing). When the
+    /// endpoint is full for the model — this lease took its last slot
+    /// ([`Choice::at_limit`]), or the latest cluster state shows it full —
+    /// the release is sent at once and this returns only once the control
+    /// plane applied it (at most [`APPLIED_WAIT`]). So a client that sends
+    /// its next request the instant this answer ends, through any sidecar,
+    /// finds the slot free instead of the endpoint full.
+    pub async fn finish_applied(&mut self, outcome: Outcome, tokens: TokenCounts) {
         let Some(lease) = self.ending(outcome, tokens) else {
             return;
         };
-        if !self.choice.at_limit {
+        let full = self.choice.at_limit
+            || self
+                .router
+                .endpoint_full(&self.choice.endpoint, &self.choice.tracking_model);
+        if !full {
             return lease.finish(outcome, tokens);
         }
         if let Some(applied) = lease.finish_applied(outcome, tokens) {
@@ -237,8 +248,9 @@ impl TrackedLease {
     }
 
     /// Records the end (metrics, span, log) and hands over the lease to
-    /// release, if still held.
+    /// release; `None`, recording nothing, once it was finished.
     fn ending(&mut self, outcome: Outcome, tokens: TokenCounts) -> Option<Lease> {
+        let lease = self.lease.take()?;
         self.metrics
             .upstream_outcome(&self.choice.endpoint, outcome);
         self.span.record("outcome", outcome.as_str());
@@ -250,7 +262,7 @@ impl TrackedLease {
             completion_tokens = tokens.completion,
             "lease released"
         );
-        self.lease.take()
+        Some(lease)
     }
 }
 

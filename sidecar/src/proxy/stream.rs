@@ -372,7 +372,7 @@ pub(crate) fn local_response(stream: bool, body: Value) -> Response {
 /// Handles a complete non-stream answer.
 async fn whole_answer(
     ctx: &RequestContext,
-    lease: TrackedLease,
+    mut lease: TrackedLease,
     handling: Handling,
     status: StatusCode,
     upstream_headers: &HeaderMap,
@@ -532,6 +532,16 @@ impl Transform {
         }
     }
 
+    /// Whether the stream carried its final chunk with no error before it:
+    /// the request succeeded, whatever the connection does next.
+    fn ended_cleanly(&self) -> bool {
+        match self {
+            Self::Ollama(o) => o.done_seen() && !o.error_seen(),
+            Self::OpenAi(o) => o.done_seen() && !o.error_seen(),
+            Self::Translate(t) => t.status() == crate::translate::stream::StreamStatus::Done,
+        }
+    }
+
     /// Whether the stream already carried its final chunk (a transport
     /// failure after that is harmless).
     fn complete(&self) -> bool {
@@ -606,6 +616,10 @@ impl LiveStream {
             let out = transform.push(first, Instant::now());
             lease.note_tokens(transform.tokens());
             ResponsePin::pin_once(&mut pin, &transform, &lease).await;
+            if transform.ended_cleanly() {
+                // Released before the final chunk goes (see below).
+                lease.finish_applied(Outcome::Ok, transform.tokens()).await;
+            }
             if !out.is_empty() {
                 yield Ok::<Bytes, Infallible>(out);
             }
@@ -625,6 +639,15 @@ impl LiveStream {
                         let out = transform.push(chunk, Instant::now());
                         lease.note_tokens(transform.tokens());
                         ResponsePin::pin_once(&mut pin, &transform, &lease).await;
+                        if transform.ended_cleanly() {
+                            // The final chunk (`done:true`, `[DONE]`): the
+                            // release goes before it does (a client may
+                            // send its next request as soon as it sees
+                            // it), and the backend holding the connection
+                            // open afterwards no longer holds the lease.
+                            // The later `finish` calls do nothing.
+                            lease.finish_applied(Outcome::Ok, transform.tokens()).await;
+                        }
                         if !out.is_empty() {
                             yield Ok(out);
                         }

@@ -478,7 +478,9 @@ impl ReleaseSink for Ledger {
         outcome: Outcome,
         tokens: TokenCounts,
     ) -> Option<Applied> {
-        let job = self.owe(id, outcome, tokens)?;
+        let mut job = self.owe(id, outcome, tokens)?;
+        // The caller waits for it: no ride on a later choose.
+        job.urgent = true;
         let (waiter, applied) = oneshot::channel();
         // Registered before the release can be acknowledged.
         if self.applied_waiters.lock().insert(id, waiter).is_none() {

@@ -165,8 +165,8 @@ impl UpstreamError {
     /// The backend's own 4xx statuses pass through (400, 404, 413, 422, 429
     /// keep their meaning for the client), except 401/403: those mean the
     /// *sidecar's* configured backend key was refused, which is not the
-    /// client's fault, so they become 502. 503/504 stay (retryable), other
-    /// 5xx become 502 Bad Gateway.
+    /// client's fault, so they become 502. 501 (a feature the backend
+    /// lacks) and 503/504 stay, other 5xx become 502 Bad Gateway.
     pub fn ollama_status(&self) -> StatusCode {
         match self.status.as_u16() {
             401 | 403 => StatusCode::BAD_GATEWAY,

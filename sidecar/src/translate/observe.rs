@@ -195,6 +195,11 @@ impl OpenAiStreamObserver {
         self.done_seen
     }
 
+    /// Whether the stream carried an error object.
+    pub fn error_seen(&self) -> bool {
+        self.error.is_some()
+    }
+
     /// Ends observation (body exhausted): complete after `[DONE]` or a
     /// finish reason; failed on an in-band error; truncated otherwise.
     pub fn finish(&mut self) -> StreamEnd {
@@ -281,6 +286,11 @@ impl OllamaStreamObserver {
     /// Whether the final `done:true` chunk was seen.
     pub fn done_seen(&self) -> bool {
         self.done_seen
+    }
+
+    /// Whether the stream carried an error line.
+    pub fn error_seen(&self) -> bool {
+        self.error.is_some()
     }
 
     /// Ends observation: complete after `done:true`, failed on an error

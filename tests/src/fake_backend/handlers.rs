@@ -664,7 +664,7 @@ async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response
                 plan,
                 failure,
                 error_frame,
-                shared.chunk_delay(),
+                (shared.chunk_delay(), shared.end_delay()),
                 guard,
                 conn,
             )
@@ -700,14 +700,15 @@ fn truncated_json(value: &Value, mut guard: RequestGuard, conn: ConnCtx) -> Resp
     resp
 }
 
-/// A streaming reply: frames with `chunk_delay` between them, and the
-/// injected mid-stream failure at `plan.fail_at`. The guard lives in the body
-/// so a client that goes away mid-stream is counted when hyper drops it.
+/// A streaming reply: frames with `chunk_delay` between them, `end_delay`
+/// before the body ends, and the injected mid-stream failure at
+/// `plan.fail_at`. The guard lives in the body so a client that goes away
+/// mid-stream is counted when hyper drops it.
 fn stream_response(
     plan: StreamReply,
     failure: FailureMode,
     error_frame: Bytes,
-    chunk_delay: std::time::Duration,
+    (chunk_delay, end_delay): (std::time::Duration, std::time::Duration),
     mut guard: RequestGuard,
     conn: Option<ConnCtx>,
 ) -> Response {
@@ -736,6 +737,9 @@ fn stream_response(
                 }
             }
             yield Ok::<Bytes, Infallible>(frame);
+        }
+        if !end_delay.is_zero() {
+            tokio::time::sleep(end_delay).await;
         }
         guard.complete();
     };

@@ -70,6 +70,8 @@ pub(super) struct Shared {
     pub(super) models: RwLock<Vec<ModelEntry>>,
     delay_ns: AtomicU64,
     chunk_delay_ns: AtomicU64,
+    /// How long a stream's body stays open after its last chunk.
+    end_delay_ns: AtomicU64,
     /// The generated reply for the current chunk count, and the script that
     /// overrides it; kept as `Arc`s so a request clones a pointer, not text.
     generated: RwLock<Arc<ReplyScript>>,
@@ -123,6 +125,7 @@ impl Shared {
             models: RwLock::new(models),
             delay_ns: AtomicU64::new(duration_ns(config.delay)),
             chunk_delay_ns: AtomicU64::new(duration_ns(config.chunk_delay)),
+            end_delay_ns: AtomicU64::new(0),
             generated: RwLock::new(Arc::new(ReplyScript::generated(config.chunks))),
             custom: RwLock::new(config.reply.clone().map(Arc::new)),
             failures: Mutex::new(Failures::default()),
@@ -225,6 +228,14 @@ impl Shared {
 
     pub(super) fn set_delay(&self, d: Duration) {
         self.delay_ns.store(duration_ns(d), Ordering::Relaxed);
+    }
+
+    pub(super) fn end_delay(&self) -> Duration {
+        Duration::from_nanos(self.end_delay_ns.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn set_end_delay(&self, d: Duration) {
+        self.end_delay_ns.store(duration_ns(d), Ordering::Relaxed);
     }
 
     pub(super) fn set_chunk_delay(&self, d: Duration) {
