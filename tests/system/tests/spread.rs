@@ -7,7 +7,7 @@
 use serde_json::json;
 use switchyard_system_tests::{
     BackendOptions, Cluster, FakeConfig, FakeMode, SOON,
-    client::post_json,
+    client::{Reply, post_json},
     ollama_fake,
     wait::{wait_for, within},
 };
@@ -71,75 +71,11 @@ async fn six_requests_over_three_sidecars_never_exceed_two_per_backend() {
     c.shutdown().await;
 }
 
-/// A slot freed through one sidecar is free at once for a choice made
-/// through another: two backends limited to one request each, one kept
-/// busy by a held request, and requests alternating between two sidecars,
-/// each sent the instant the previous answer arrived, all go to the free
-/// backend. (A release used to wait up to 5 ms for a choose of its own
-/// sidecar to ride on; a request in that window found both backends full
-/// and could be queued behind the held one.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slot_freed_through_one_sidecar_is_free_at_once_through_another() {
-    let mut builder = Cluster::builder().sidecars(2);
-    for label in ["a", "b"] {
-        builder = builder.backend_with(
-            ollama_fake(&["m:latest"]).label(label),
-            BackendOptions::max_concurrent(1),
-        );
-    }
-    let c = builder.start().await;
-    let body = json!({"model": "m", "stream": false,
-                      "messages": [{"role": "user", "content": "hi"}]});
-    for b in &c.backends {
-        b.hold_requests(true);
-    }
-    let held = tokio::spawn({
-        let (http, url, body) = (
-            c.http().clone(),
-            format!("{}/api/chat", c.url(0)),
-            body.clone(),
-        );
-        async move { post_json(&http, &url, &body).await }
-    });
-    let waiting = wait_for(
-        "one request held",
-        SOON,
-        || c.backends.iter().map(|b| b.waiting()).collect::<Vec<_>>(),
-        |w| w.iter().sum::<usize>() == 1,
-    )
-    .await;
-    let busy = waiting.iter().position(|&n| n == 1).unwrap();
-    let free = 1 - busy;
-    c.backends[free].hold_requests(false);
-
-    for i in 0..20 {
-        let url = format!("{}/api/chat", c.url(i % 2));
-        let r = within(
-            "a request the free backend should serve",
-            SOON,
-            post_json(c.http(), &url, &body),
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.text);
-    }
-    assert_eq!(c.backends[free].model_requests("m"), 20);
-    assert_eq!(c.backends[busy].peak_in_flight(), 1);
-
-    c.backends[busy].hold_requests(false);
-    let r = within("the held request", SOON, held).await.unwrap();
-    assert_eq!(r.status, 200, "{}", r.text);
-    c.wait_usage(0).await;
-    c.shutdown().await;
-}
-
-/// With a limit above one, the release that frees a slot at a full
-/// endpoint need not be the lease that filled it: b allows two requests,
-/// takes A then B (full), and A ends first. A's release is sent, and
-/// applied, before A's answer reaches the client, because the cluster
-/// state shows b full; so the client's next request, through the other
-/// sidecar, finds b's freed slot instead of queueing on a (full, held).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slot_freed_at_a_full_endpoint_is_free_at_once_whichever_lease_filled_it() {
+/// Two sidecars over two backends: `a` (model loaded, so chosen first,
+/// limit 1) holds one request, sent through sidecar 0, for the whole test;
+/// `b` (not loaded, limit `b_limit`) gets every later request while it has
+/// a free slot. The held request ends when `a` lets go.
+async fn one_held_one_free(b_limit: u32) -> (Cluster, tokio::task::JoinHandle<Reply>) {
     let c = Cluster::builder()
         .sidecars(2)
         .backend_with(
@@ -147,33 +83,84 @@ async fn a_slot_freed_at_a_full_endpoint_is_free_at_once_whichever_lease_filled_
             BackendOptions::max_concurrent(1),
         )
         .backend_with(
-            // Not loaded: a, loaded and free, takes the first request.
             FakeConfig::new(FakeMode::Ollama)
                 .models(&["m:latest"])
                 .label("b"),
-            BackendOptions::max_concurrent(2),
+            BackendOptions::max_concurrent(b_limit),
         )
         .start()
         .await;
-    let (a, b) = (&c.backends[0], &c.backends[1]);
-    let body = |i: usize| {
-        json!({"model": "m", "stream": false,
-               "messages": [{"role": "user", "content": format!("request {i}")}]})
-    };
+    c.backends[0].hold_requests(true);
+    let held = tokio::spawn({
+        let (http, url) = (c.http().clone(), format!("{}/api/chat", c.url(0)));
+        async move { post_json(&http, &url, &chat(0, false)).await }
+    });
+    wait_for(
+        "a request held on a",
+        SOON,
+        || c.backends[0].waiting(),
+        |&w| w == 1,
+    )
+    .await;
+    (c, held)
+}
+
+/// An Ollama chat request, numbered.
+fn chat(i: usize, stream: bool) -> serde_json::Value {
+    json!({"model": "m", "stream": stream,
+           "messages": [{"role": "user", "content": format!("request {i}")}]})
+}
+
+/// Lets the held request on `a` finish, checks `a` never had a second
+/// one, and that nothing is left in flight.
+async fn finish_held(c: Cluster, held: tokio::task::JoinHandle<Reply>) {
+    assert_eq!(c.backends[0].waiting(), 1);
+    assert_eq!(c.backends[0].peak_in_flight(), 1, "a request queued on a");
+    c.backends[0].hold_requests(false);
+    let r = within("the held request", SOON, held).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text);
+    c.wait_usage(0).await;
+    c.shutdown().await;
+}
+
+/// A slot freed through one sidecar is free at once for a choice made
+/// through another: with `a` full (a held request) and `b` allowing one
+/// request, requests alternating between two sidecars, each sent the
+/// instant the previous answer arrived, all go to `b`. (A release used to
+/// wait up to 5 ms for a choose of its own sidecar to ride on; a request
+/// in that window found both backends full and could queue behind the
+/// held one: this failed 3 runs of 3.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_freed_through_one_sidecar_is_free_at_once_through_another() {
+    let (c, held) = one_held_one_free(1).await;
+    for i in 1..=20 {
+        let url = format!("{}/api/chat", c.url(i % 2));
+        let r = within(
+            "a request the free backend should serve",
+            SOON,
+            post_json(c.http(), &url, &chat(i, false)),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    assert_eq!(c.backends[1].model_requests("m"), 20);
+    finish_held(c, held).await;
+}
+
+/// With a limit above one, the release that frees a slot at a full
+/// endpoint need not be the lease that filled it: `b` allows two requests,
+/// takes A then B (full), and A ends first. A's release is sent, and
+/// applied, before A's answer reaches the client, because the cluster
+/// state shows `b` full; so the client's next request, through the other
+/// sidecar, finds `b`'s freed slot instead of queueing on `a`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_freed_at_a_full_endpoint_is_free_at_once_whichever_lease_filled_it() {
+    let (c, held) = one_held_one_free(2).await;
     let send = |sidecar: usize, i: usize| {
-        let (http, url, body) = (
-            c.http().clone(),
-            format!("{}/api/chat", c.url(sidecar)),
-            body(i),
-        );
-        tokio::spawn(async move { post_json(&http, &url, &body).await })
+        let (http, url) = (c.http().clone(), format!("{}/api/chat", c.url(sidecar)));
+        tokio::spawn(async move { post_json(&http, &url, &chat(i, false)).await })
     };
-    // a is full: one request held there for the whole test.
-    a.hold_requests(true);
-    let held = send(0, 0);
-    wait_for("a request held on a", SOON, || a.waiting(), |&w| w == 1).await;
-    // Every later request goes to b while it has a free slot.
-    b.set_delay(std::time::Duration::from_millis(300));
+    c.backends[1].set_delay(std::time::Duration::from_millis(300));
     for round in 0..5 {
         let first = send(0, 10 * round + 1);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -187,7 +174,7 @@ async fn a_slot_freed_at_a_full_endpoint_is_free_at_once_whichever_lease_filled_
             post_json(
                 c.http(),
                 &format!("{}/api/chat", c.url(1)),
-                &body(10 * round + 3),
+                &chat(10 * round + 3, false),
             ),
         )
         .await;
@@ -197,20 +184,8 @@ async fn a_slot_freed_at_a_full_endpoint_is_free_at_once_whichever_lease_filled_
             .unwrap();
         assert_eq!(r.status, 200, "{}", r.text);
     }
-    assert_eq!(a.waiting(), 1);
-    assert_eq!(a.peak_in_flight(), 1);
-    assert!(
-        b.peak_in_flight() <= 2,
-        "b allows 2: {}",
-        b.peak_in_flight()
-    );
-    a.hold_requests(false);
-    assert_eq!(
-        within("the held request", SOON, held).await.unwrap().status,
-        200
-    );
-    c.wait_usage(0).await;
-    c.shutdown().await;
+    assert!(c.backends[1].peak_in_flight() <= 2, "b allows 2");
+    finish_held(c, held).await;
 }
 
 /// Reads an Ollama stream until its `done:true` line and returns then,
@@ -242,41 +217,16 @@ async fn until_done(
 /// a backend that keeps the body open a while after that chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_frees_its_slot_before_its_final_chunk() {
-    let c = Cluster::builder()
-        .sidecars(2)
-        .backend_with(
-            ollama_fake(&["m:latest"]).label("a"),
-            BackendOptions::max_concurrent(1),
-        )
-        .backend_with(
-            FakeConfig::new(FakeMode::Ollama)
-                .models(&["m:latest"])
-                .label("b"),
-            BackendOptions::max_concurrent(1),
-        )
-        .start()
-        .await;
-    let (a, b) = (&c.backends[0], &c.backends[1]);
-    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
-    b.set_end_delay(std::time::Duration::from_millis(100));
-    a.hold_requests(true);
-    let held = tokio::spawn({
-        let (http, url, body) = (
-            c.http().clone(),
-            format!("{}/api/chat", c.url(0)),
-            body.clone(),
-        );
-        async move { post_json(&http, &url, &body).await }
-    });
-    wait_for("a request held on a", SOON, || a.waiting(), |&w| w == 1).await;
+    let (c, held) = one_held_one_free(1).await;
+    c.backends[1].set_end_delay(std::time::Duration::from_millis(100));
     let mut rests = Vec::new();
-    for i in 0..20 {
+    for i in 1..=20 {
         let url = format!("{}/api/chat", c.url(i % 2));
         rests.push(
             within(
                 "a stream the free backend should serve",
                 SOON,
-                until_done(c.http(), &url, &body),
+                until_done(c.http(), &url, &chat(i, true)),
             )
             .await,
         );
@@ -284,13 +234,6 @@ async fn a_stream_frees_its_slot_before_its_final_chunk() {
     for rest in rests {
         within("a stream's end", SOON, rest).await.unwrap();
     }
-    assert_eq!(b.model_requests("m"), 20);
-    assert_eq!(a.peak_in_flight(), 1);
-    a.hold_requests(false);
-    assert_eq!(
-        within("the held request", SOON, held).await.unwrap().status,
-        200
-    );
-    c.wait_usage(0).await;
-    c.shutdown().await;
+    assert_eq!(c.backends[1].model_requests("m"), 20);
+    finish_held(c, held).await;
 }

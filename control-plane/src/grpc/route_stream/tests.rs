@@ -462,55 +462,38 @@ async fn coalesced_releases_apply_before_the_choose_they_ride_on() {
     s.stop().await;
 }
 
+/// A release reporting a backend failure (a health signal), or one queued
+/// as urgent (it frees a slot a choice may be waiting for:
+/// `Choice::at_limit`), leaves at once, taking the queued ones along.
 #[tokio::test]
-async fn a_release_reporting_a_backend_failure_leaves_at_once_with_those_queued() {
-    let s = served().await;
-    let session = s.session().await;
-    let client = parked_client(&s).await;
-    let leases = take_leases(&client, session, 2).await;
-    let ok = tokio::spawn(client.queue_release(release(leases[0]), false));
-    // An ordinary release waits for a ride (the linger outlasts the test).
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(s.cp.stats().leases_active, 2);
-    let failed = v1::ReleaseRequest {
-        outcome: v1::Outcome::BackendError as i32,
-        ..release(leases[1])
-    };
-    // A health signal does not wait, and takes the queued one along.
-    let acks = async {
-        client.queue_release(failed, false).await.unwrap();
-        ok.await.unwrap().unwrap();
-    };
-    tokio::time::timeout(Duration::from_secs(10), acks)
-        .await
-        .expect("sent without waiting for the linger");
-    assert_eq!(s.cp.stats().leases_active, 0);
-    s.stop().await;
-}
-
-/// A release queued as urgent (it frees a slot a choice may wait for:
-/// `Choice::at_limit`) leaves at once, taking the queued ones along.
-#[tokio::test]
-async fn an_urgent_release_leaves_at_once_with_those_queued() {
-    let s = served().await;
-    let session = s.session().await;
-    let client = parked_client(&s).await;
-    let leases = take_leases(&client, session, 2).await;
-    let ok = tokio::spawn(client.queue_release(release(leases[0]), false));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(s.cp.stats().leases_active, 2);
-    let acks = async {
-        client
-            .queue_release(release(leases[1]), true)
+async fn failure_and_urgent_releases_leave_at_once_with_those_queued() {
+    for by_flag in [false, true] {
+        let s = served().await;
+        let session = s.session().await;
+        let client = parked_client(&s).await;
+        let leases = take_leases(&client, session, 2).await;
+        let ok = tokio::spawn(client.queue_release(release(leases[0]), false));
+        // An ordinary release waits for a ride (the linger outlasts the test).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(s.cp.stats().leases_active, 2);
+        let last = if by_flag {
+            release(leases[1])
+        } else {
+            v1::ReleaseRequest {
+                outcome: v1::Outcome::BackendError as i32,
+                ..release(leases[1])
+            }
+        };
+        let acks = async {
+            client.queue_release(last, by_flag).await.unwrap();
+            ok.await.unwrap().unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(10), acks)
             .await
-            .unwrap();
-        ok.await.unwrap().unwrap();
-    };
-    tokio::time::timeout(Duration::from_secs(10), acks)
-        .await
-        .expect("sent without waiting for the linger");
-    assert_eq!(s.cp.stats().leases_active, 0);
-    s.stop().await;
+            .expect("sent without waiting for the linger");
+        assert_eq!(s.cp.stats().leases_active, 0);
+        s.stop().await;
+    }
 }
 
 #[tokio::test]
