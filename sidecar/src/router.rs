@@ -257,10 +257,13 @@ impl Router {
     }
 
     /// Whether the latest cluster state (`WatchUsage`, at most
-    /// `watch_interval` old) shows `endpoint` full for `model`: a release
-    /// there frees a slot another choice may be waiting for. Always false
-    /// for the embedded control plane, whose releases apply at once.
-    pub(crate) fn endpoint_full(&self, endpoint: &str, model: &str) -> bool {
+    /// `watch_interval` old) shows `endpoint` full for `model`, or one
+    /// request short of full: a release there frees a slot another choice
+    /// may be waiting for. One short, because the state may not show yet a
+    /// lease granted since (another request filling the last slot while
+    /// this one ended). Always false for the embedded control plane, whose
+    /// releases apply at once.
+    pub(crate) fn endpoint_near_limit(&self, endpoint: &str, model: &str) -> bool {
         let Mode::Remote(r) = &*self.mode else {
             return false;
         };
@@ -271,7 +274,7 @@ impl Router {
             .find(|e| &*e.url == endpoint)
             .and_then(|e| {
                 let usage = e.usage.iter().find(|u| &*u.model == model)?;
-                Some(usage.in_flight >= e.max_concurrent.max(1))
+                Some(usage.in_flight.saturating_add(1) >= e.max_concurrent.max(1))
             })
             .unwrap_or(false)
     }

@@ -224,7 +224,8 @@ impl TrackedLease {
     /// Releases the lease with `outcome` before the answer's end goes to
     /// the client (a later finish, or the drop, then does nothing). When the
     /// endpoint is full for the model — this lease took its last slot
-    /// ([`Choice::at_limit`]), or the latest cluster state shows it full —
+    /// ([`Choice::at_limit`]), or the latest cluster state shows it full or
+    /// one request short ([`Router::endpoint_near_limit`]) —
     /// the release is sent at once and this returns only once the control
     /// plane applied it (at most [`APPLIED_WAIT`]). So a client that sends
     /// its next request the instant this answer ends, through any sidecar,
@@ -236,7 +237,7 @@ impl TrackedLease {
         let full = self.choice.at_limit
             || self
                 .router
-                .endpoint_full(&self.choice.endpoint, &self.choice.tracking_model);
+                .endpoint_near_limit(&self.choice.endpoint, &self.choice.tracking_model);
         if !full {
             return lease.finish(outcome, tokens);
         }

@@ -132,7 +132,9 @@ impl OpenAiStreamObserver {
                 true
             }
             "message_stop" => {
+                // The stream's last event: what `[DONE]` is elsewhere.
                 self.finish_seen = true;
+                self.done_seen = true;
                 true
             }
             "response.created" | "response.in_progress" => {
@@ -141,6 +143,7 @@ impl OpenAiStreamObserver {
             }
             "response.completed" | "response.incomplete" => {
                 self.finish_seen = true;
+                self.done_seen = true;
                 self.note_response_id(v);
                 if let Some(u) = v.get("response").and_then(Usage::of) {
                     self.usage = Some(u);
@@ -190,7 +193,9 @@ impl OpenAiStreamObserver {
         self.response_id.as_deref()
     }
 
-    /// Whether `data: [DONE]` was seen.
+    /// Whether the stream's last event was seen: `data: [DONE]`, or the
+    /// Messages API's `message_stop`, or the Responses API's
+    /// `response.completed` / `response.incomplete`.
     pub fn done_seen(&self) -> bool {
         self.done_seen
     }
@@ -589,8 +594,14 @@ mod tests {
                 }
             );
         }
-        // Cut before `response.completed`: truncated.
+        // Cut before `response.completed`: truncated, and its last event
+        // not seen yet.
         let cut = RESPONSES_STREAM.find("event: response.completed").unwrap();
+        let mut o = OpenAiStreamObserver::new();
+        o.push(&RESPONSES_STREAM.as_bytes()[..cut]);
+        assert!(!o.done_seen());
+        o.push(&RESPONSES_STREAM.as_bytes()[cut..]);
+        assert!(o.done_seen(), "response.completed is the last event");
         let mut o = OpenAiStreamObserver::new();
         o.push(&RESPONSES_STREAM.as_bytes()[..cut]);
         assert_eq!(o.finish(), StreamEnd::Truncated);
@@ -627,6 +638,7 @@ mod tests {
         );
         let mut o = OpenAiStreamObserver::new();
         o.push(body.as_bytes());
+        assert!(o.done_seen(), "message_stop is the last event");
         assert_eq!(o.finish(), StreamEnd::Complete);
         assert_eq!(
             o.tokens(),

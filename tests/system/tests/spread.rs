@@ -151,8 +151,10 @@ async fn a_slot_freed_through_one_sidecar_is_free_at_once_through_another() {
 /// endpoint need not be the lease that filled it: `b` allows two requests,
 /// takes A then B (full), and A ends first. A's release is sent, and
 /// applied, before A's answer reaches the client, because the cluster
-/// state shows `b` full; so the client's next request, through the other
-/// sidecar, finds `b`'s freed slot instead of queueing on `a`.
+/// state shows `b` full (B sent 200 ms after A), or one short of full (B
+/// sent 10 ms before A ends, so the state may not show it yet); so the
+/// client's next request, through the other sidecar, finds `b`'s freed
+/// slot instead of queueing on `a`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_freed_at_a_full_endpoint_is_free_at_once_whichever_lease_filled_it() {
     let (c, held) = one_held_one_free(2).await;
@@ -161,9 +163,10 @@ async fn a_slot_freed_at_a_full_endpoint_is_free_at_once_whichever_lease_filled_
         tokio::spawn(async move { post_json(&http, &url, &chat(i, false)).await })
     };
     c.backends[1].set_delay(std::time::Duration::from_millis(300));
-    for round in 0..5 {
+    for round in 0..10 {
         let first = send(0, 10 * round + 1);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let gap = if round % 2 == 0 { 100 } else { 290 };
+        tokio::time::sleep(std::time::Duration::from_millis(gap)).await;
         let second = send(0, 10 * round + 2);
         let r = within("the first of two on b", SOON, first).await.unwrap();
         assert_eq!(r.status, 200, "{}", r.text);
@@ -188,20 +191,22 @@ async fn a_slot_freed_at_a_full_endpoint_is_free_at_once_whichever_lease_filled_
     finish_held(c, held).await;
 }
 
-/// Reads an Ollama stream until its `done:true` line and returns then,
-/// before the body's end (a client acting on the final chunk), with the
-/// task that reads the rest (the connection stays open meanwhile).
+/// Reads a stream until its final event (`marker`: `"done":true`,
+/// `message_stop`) and returns then, before the body's end (a client
+/// acting on the final chunk), with the task that reads the rest (the
+/// connection stays open meanwhile).
 async fn until_done(
     http: &reqwest::Client,
     url: &str,
     body: &serde_json::Value,
+    marker: &str,
 ) -> tokio::task::JoinHandle<()> {
     let mut response = http.post(url).json(body).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let mut seen = Vec::new();
     while let Some(chunk) = response.chunk().await.unwrap() {
         seen.extend_from_slice(&chunk);
-        if String::from_utf8_lossy(&seen).contains("\"done\":true") {
+        if String::from_utf8_lossy(&seen).contains(marker) {
             return tokio::spawn(async move { while let Ok(Some(_)) = response.chunk().await {} });
         }
     }
@@ -213,20 +218,28 @@ async fn until_done(
 
 /// A stream's lease is released, and applied, before its final chunk goes
 /// out: a client that sends its next request the moment it sees
-/// `done:true`, through the other sidecar, finds the slot free, even from
-/// a backend that keeps the body open a while after that chunk.
+/// `done:true` (Ollama) or `message_stop` (Anthropic), through the other
+/// sidecar, finds the slot free, even from a backend that keeps the body
+/// open a while after that chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_frees_its_slot_before_its_final_chunk() {
     let (c, held) = one_held_one_free(1).await;
     c.backends[1].set_end_delay(std::time::Duration::from_millis(100));
+    let anthropic = json!({"model": "m", "max_tokens": 8, "stream": true,
+                           "messages": [{"role": "user", "content": "hi"}]});
     let mut rests = Vec::new();
-    for i in 1..=20 {
-        let url = format!("{}/api/chat", c.url(i % 2));
+    for i in 1..=30 {
+        let (path, body, marker) = if i <= 20 {
+            ("/api/chat", chat(i, true), "\"done\":true")
+        } else {
+            ("/v1/messages", anthropic.clone(), "message_stop")
+        };
+        let url = format!("{}{path}", c.url(i % 2));
         rests.push(
             within(
                 "a stream the free backend should serve",
                 SOON,
-                until_done(c.http(), &url, &chat(i, true)),
+                until_done(c.http(), &url, &body, marker),
             )
             .await,
         );
@@ -234,6 +247,6 @@ async fn a_stream_frees_its_slot_before_its_final_chunk() {
     for rest in rests {
         within("a stream's end", SOON, rest).await.unwrap();
     }
-    assert_eq!(c.backends[1].model_requests("m"), 20);
+    assert_eq!(c.backends[1].model_requests("m"), 30);
     finish_held(c, held).await;
 }
