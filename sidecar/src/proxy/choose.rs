@@ -8,7 +8,10 @@
 //! endpoint is left (or attempts run out) the client gets the last failure,
 //! in its own format.
 
-use switchyard_control_plane::decision::{ChooseRequest, DecisionReason};
+use switchyard_control_plane::{
+    decision::{ChooseRequest, DecisionReason},
+    endpoint::EndpointKind,
+};
 use tracing::Span;
 
 use super::{
@@ -19,8 +22,26 @@ use super::{
 };
 use crate::{
     errors::{AttemptFailure, ProxyError},
+    routes::ApiRoute,
     server::AppState,
 };
+
+/// Endpoints a route is known not to be served by, tried only when no
+/// other has the model: Ollama has no Anthropic token count (it answers
+/// 404, costing a lease and a round trip before the retry).
+fn avoided_first(state: &AppState, ctx: &RequestContext) -> Vec<String> {
+    if ctx.route != ApiRoute::AnthropicCountTokens {
+        return Vec::new();
+    }
+    state
+        .router()
+        .cluster_state()
+        .endpoints
+        .iter()
+        .filter(|e| e.kind == EndpointKind::Ollama)
+        .map(|e| e.url.to_string())
+        .collect()
+}
 
 /// Routes the request, retrying on another endpoint while nothing has
 /// reached the client.
@@ -32,16 +53,24 @@ pub(crate) async fn route(
 ) -> Result<axum::response::Response, ProxyError> {
     let max_attempts = state.max_attempts().max(1);
     let mut exclude: Vec<String> = Vec::new();
+    let mut avoid = avoided_first(state, ctx);
     let mut last: Option<AttemptFailure> = None;
     for attempt in 1..=max_attempts {
-        let request = ChooseRequest {
+        let mut request = ChooseRequest {
             model: ctx.model.clone(),
             affinity_key: ctx.affinity_key.clone(),
             affinity_required: ctx.affinity_required,
             kind: ctx.route.kind(),
-            exclude: exclude.clone(),
+            exclude: exclude.iter().chain(&avoid).cloned().collect(),
         };
-        let lease = match state.router().choose(&request).await {
+        let mut chosen = state.router().choose(&request).await;
+        if chosen.is_err() && !avoid.is_empty() {
+            // Nothing else has the model: try those after all.
+            avoid.clear();
+            request.exclude.clone_from(&exclude);
+            chosen = state.router().choose(&request).await;
+        }
+        let lease = match chosen {
             Ok(lease) => lease,
             Err(e) => {
                 return Err(match last {

@@ -95,8 +95,8 @@ async fn anthropic_client_directly_and_through_a_sidecar() {
 }
 
 /// `messages.count_tokens` (Claude Code calls it) reaches a backend that
-/// serves `/v1/messages/count_tokens`; an Ollama backend, which does not,
-/// answers 404 for the route and the request is tried on the other one.
+/// serves `/v1/messages/count_tokens`: an Ollama backend, which does not,
+/// is tried only when no other has the model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_count_tokens_reaches_a_backend_that_serves_it() {
     let c = Cluster::builder()
@@ -111,6 +111,12 @@ async fn anthropic_count_tokens_reaches_a_backend_that_serves_it() {
         c.backend(1).requests_to("/v1/messages/count_tokens").len(),
         4,
         "every count answered by the backend serving the route"
+    );
+    assert!(
+        c.backend(0)
+            .requests_to("/v1/messages/count_tokens")
+            .is_empty(),
+        "Ollama, which does not serve it, is not tried first"
     );
     c.wait_usage(0).await;
 }
