@@ -73,10 +73,17 @@ pub struct CandidateLoad {
     pub avoid: bool,
 }
 
+/// An endpoint's per-model limit from its `max_concurrent` (0 is 1).
+#[inline(always)]
+pub fn model_limit(max_concurrent: u32) -> u32 {
+    max_concurrent.max(1)
+}
+
 impl CandidateLoad {
+    /// The per-model limit ([`model_limit`]).
     #[inline(always)]
-    fn limit(&self) -> u32 {
-        self.max_concurrent.max(1)
+    pub fn limit(&self) -> u32 {
+        model_limit(self.max_concurrent)
     }
 
     /// True while the endpoint has a free slot for the model: its in-flight

@@ -460,6 +460,9 @@ impl State {
             .get(ep)
             .ok_or_else(|| internal("candidate endpoint not configured"))?;
 
+        // The chosen candidate as the policy saw it: a lease makes its
+        // in-flight for the model one more.
+        let chosen = load(selection.index);
         let lease = match reserve {
             Some(session) => {
                 let id = LeaseId(self.lease_ids.next());
@@ -491,12 +494,11 @@ impl State {
             }
             None => None,
         };
-        let mut at_limit = false;
         if lease.is_some() {
             self.counters.decisions[reason_index(selection.reason)] += 1;
-            let limit = admission.get(ep).map_or(1, |a| a.max_concurrent.max(1));
-            at_limit = self.leases.model_in_flight(c.slot) >= limit;
         }
+        let at_limit =
+            lease.is_some() && chosen.model_in_flight.saturating_add(1) >= chosen.limit();
         Ok(Choice {
             endpoint: endpoint.url.clone(),
             endpoint_kind: endpoint.kind,

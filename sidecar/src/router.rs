@@ -45,6 +45,7 @@ use switchyard_control_plane::{
     config::Config,
     control_plane::ControlPlane,
     decision::{Choice, ChooseError, ChooseRequest},
+    policy,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -274,7 +275,7 @@ impl Router {
             .find(|e| &*e.url == endpoint)
             .and_then(|e| {
                 let usage = e.usage.iter().find(|u| &*u.model == model)?;
-                Some(usage.in_flight.saturating_add(1) >= e.max_concurrent.max(1))
+                Some(usage.in_flight.saturating_add(1) >= policy::model_limit(e.max_concurrent))
             })
             .unwrap_or(false)
     }

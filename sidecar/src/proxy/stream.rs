@@ -614,12 +614,7 @@ impl LiveStream {
             // Held until the stream ends or is dropped.
             let _in_flight = in_flight;
             let out = transform.push(first, Instant::now());
-            lease.note_tokens(transform.tokens());
-            ResponsePin::pin_once(&mut pin, &transform, &lease).await;
-            if transform.ended_cleanly() {
-                // Released before the final chunk goes (see below).
-                lease.finish_applied(Outcome::Ok, transform.tokens()).await;
-            }
+            after_push(&mut lease, &transform, &mut pin).await;
             if !out.is_empty() {
                 yield Ok::<Bytes, Infallible>(out);
             }
@@ -637,17 +632,7 @@ impl LiveStream {
                 match next {
                     Next::Chunk(chunk) => {
                         let out = transform.push(chunk, Instant::now());
-                        lease.note_tokens(transform.tokens());
-                        ResponsePin::pin_once(&mut pin, &transform, &lease).await;
-                        if transform.ended_cleanly() {
-                            // The final chunk (`done:true`, `[DONE]`): the
-                            // release goes before it does (a client may
-                            // send its next request as soon as it sees
-                            // it), and the backend holding the connection
-                            // open afterwards no longer holds the lease.
-                            // The later `finish` calls do nothing.
-                            lease.finish_applied(Outcome::Ok, transform.tokens()).await;
-                        }
+                        after_push(&mut lease, &transform, &mut pin).await;
                         if !out.is_empty() {
                             yield Ok(out);
                         }
@@ -696,6 +681,25 @@ impl LiveStream {
         };
         let guarded = panic_safe(body, format);
         Body::from_stream(guarded)
+    }
+}
+
+/// What follows each backend chunk pushed into `transform`, before its
+/// output goes to the client: the tokens so far noted, a response id
+/// pinned, and, when it was the final chunk (`done:true`, `[DONE]`,
+/// `message_stop`, `response.completed`), the lease released. A client may
+/// send its next request as soon as it sees that chunk, and a backend
+/// holding the connection open afterwards no longer holds the lease; the
+/// later `finish` calls do nothing.
+async fn after_push(
+    lease: &mut TrackedLease,
+    transform: &Transform,
+    pin: &mut Option<ResponsePin>,
+) {
+    lease.note_tokens(transform.tokens());
+    ResponsePin::pin_once(pin, transform, lease).await;
+    if transform.ended_cleanly() {
+        lease.finish_applied(Outcome::Ok, transform.tokens()).await;
     }
 }
 
