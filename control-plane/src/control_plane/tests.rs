@@ -1074,6 +1074,81 @@ async fn watchers_see_initial_state_then_changes() {
     task.await.unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn publications_keep_their_spacing_and_a_change_after_quiet_goes_at_once() {
+    let cp = plane("watch_interval: 20ms\n");
+    let start = tokio::time::Instant::now();
+    let mut rx = cp.subscribe();
+    rx.borrow_and_update();
+    // Every publication's time and version.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let watcher = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let version = rx.borrow_and_update().version;
+                seen.lock()
+                    .push((tokio::time::Instant::now() - start, version));
+            }
+        })
+    };
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(cp.clone().run_background(cancel.clone()));
+    let now = || tokio::time::Instant::now().into_std();
+    let ms = Duration::from_millis;
+    probe(&cp, 0, &["m"], &["m"], now());
+    let s = cp.open_session("sc", now()).id;
+    tokio::time::sleep(ms(1)).await;
+    assert_eq!(
+        seen.lock().len(),
+        1,
+        "the first change is published at once"
+    );
+    // Quiet for a while, then a change every 5 ms for 100 ms.
+    tokio::time::sleep(ms(100)).await;
+    let burst = tokio::time::Instant::now() - start;
+    let mut last = 0;
+    for _ in 0..20 {
+        let l = cp.choose(&req("m"), Some(s), now()).unwrap().lease.unwrap();
+        cp.release(l, Outcome::Ok, TokenCounts::default(), now());
+        last = cp.state().version;
+        tokio::time::sleep(ms(5)).await;
+    }
+    let burst_end = tokio::time::Instant::now() - start;
+    tokio::time::sleep(ms(100)).await;
+    // Quiet again: the next change goes at once too.
+    cp.close_session(s);
+    let lone = tokio::time::Instant::now() - start;
+    tokio::time::sleep(ms(1)).await;
+    cancel.cancel();
+    task.await.unwrap();
+    watcher.abort();
+    let seen = seen.lock().clone();
+    let during: Vec<_> = seen
+        .iter()
+        .filter(|(t, _)| *t >= burst && *t < lone)
+        .copied()
+        .collect();
+    assert_eq!(
+        during[0].0, burst,
+        "a change after quiet is published at once"
+    );
+    for pair in during.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= ms(20), "spaced: {during:?}");
+    }
+    assert!(
+        during.len() >= 5,
+        "the burst is published as it goes: {during:?}"
+    );
+    let final_one = during.last().unwrap();
+    assert_eq!(final_one.1, last, "the burst's last state is published");
+    assert!(
+        final_one.0 <= burst_end + ms(20),
+        "within one interval: {during:?}"
+    );
+    assert_eq!(seen.last().unwrap().0, lone, "{seen:?}");
+}
+
 #[tokio::test]
 async fn background_reaper_expires_sessions() {
     let cp = plane("session_ttl: 200ms\nkeepalive_interval: 100ms\n");
