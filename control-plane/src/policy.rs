@@ -82,7 +82,7 @@ pub fn model_limit(max_concurrent: u32) -> u32 {
 impl CandidateLoad {
     /// The per-model limit ([`model_limit`]).
     #[inline(always)]
-    pub fn limit(&self) -> u32 {
+    fn limit(&self) -> u32 {
         model_limit(self.max_concurrent)
     }
 

@@ -460,9 +460,13 @@ impl State {
             .get(ep)
             .ok_or_else(|| internal("candidate endpoint not configured"))?;
 
-        // The chosen candidate as the policy saw it: a lease makes its
-        // in-flight for the model one more.
-        let chosen = load(selection.index);
+        // The chosen candidate's in-flight for the model and its limit, as
+        // the policy saw them (a lease makes the in-flight one more). Read
+        // here rather than by calling `load` again: a second call site
+        // makes the compiler stop inlining `load` into the policy's loop,
+        // which doubled the cost of a choice (policy_bench, BENCHMARKS.md).
+        let chosen_in_flight = leases.model_in_flight(c.slot);
+        let chosen_limit = policy::model_limit(admission.get(ep).map_or(1, |a| a.max_concurrent));
         let lease = match reserve {
             Some(session) => {
                 let id = LeaseId(self.lease_ids.next());
@@ -497,8 +501,7 @@ impl State {
         if lease.is_some() {
             self.counters.decisions[reason_index(selection.reason)] += 1;
         }
-        let at_limit =
-            lease.is_some() && chosen.model_in_flight.saturating_add(1) >= chosen.limit();
+        let at_limit = lease.is_some() && chosen_in_flight.saturating_add(1) >= chosen_limit;
         Ok(Choice {
             endpoint: endpoint.url.clone(),
             endpoint_kind: endpoint.kind,
