@@ -3,13 +3,6 @@
 
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc's malloc, as in the sidecar: each `Route`
-/// message decodes into fresh strings and frames (BENCHMARKS.md
-/// "mimalloc"). Without transparent huge pages (`no_thp`), which would
-/// raise idle RSS.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     switchyard_control_plane::cli::run_cli(
         std::env::args_os(),
