@@ -50,8 +50,13 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 const MAX_HEAD: usize = 64 * 1024;
 /// Most response headers accepted.
 const MAX_HEADERS: usize = 128;
-/// Read buffer size per connection.
-const READ_CHUNK: usize = 16 * 1024;
+/// Read buffer size per exchange (grown by this much when nearly full).
+/// Every stream in flight holds one, and the allocator keeps what a burst
+/// of streams held: 8 KB instead of 16 KB kept ~3.5 MB less after 500
+/// concurrent streams (BENCHMARKS.md, "Sidecar memory"); streamed events
+/// and most answers are far smaller, and a large answer costs a few more
+/// reads.
+const READ_CHUNK: usize = 8 * 1024;
 /// Idle connections kept per backend.
 const MAX_IDLE_PER_HOST: usize = 512;
 
