@@ -91,6 +91,18 @@ struct Admission {
     draining: bool,
 }
 
+impl Admission {
+    /// Endpoint `ep`'s entry in `table`; one missing from it is closed
+    /// (draining, limit 1).
+    #[inline(always)]
+    fn of(table: &[Admission], ep: usize) -> Admission {
+        table.get(ep).copied().unwrap_or(Admission {
+            max_concurrent: 1,
+            draining: true,
+        })
+    }
+}
+
 /// Everything mutable, owned by one lock.
 #[derive(Debug)]
 pub struct State {
@@ -391,10 +403,7 @@ impl State {
         let load = |i: usize| {
             let c = candidates[i];
             let ep = c.endpoint as usize;
-            let adm = admission.get(ep).copied().unwrap_or(Admission {
-                max_concurrent: 1,
-                draining: true,
-            });
+            let adm = Admission::of(admission, ep);
             let hard = if !excluded.is_empty() && excluded.contains(&c.endpoint) {
                 Some(HardExclusion::Excluded)
             } else if adm.draining {
@@ -427,7 +436,7 @@ impl State {
                         policy::models_unknown(
                             self.health.healthy(ep),
                             self.health.probe(ep).map_or(0, |p| p.last_ok_unix_ms),
-                            admission.get(ep).is_none_or(|a| a.draining),
+                            Admission::of(admission, ep).draining,
                         )
                     })
                     .count();
@@ -466,7 +475,7 @@ impl State {
         // makes the compiler stop inlining `load` into the policy's loop,
         // which doubled the cost of a choice (policy_bench, BENCHMARKS.md).
         let chosen_in_flight = leases.model_in_flight(c.slot);
-        let chosen_limit = policy::model_limit(admission.get(ep).map_or(1, |a| a.max_concurrent));
+        let chosen_limit = policy::model_limit(Admission::of(admission, ep).max_concurrent);
         let lease = match reserve {
             Some(session) => {
                 let id = LeaseId(self.lease_ids.next());
