@@ -35,6 +35,7 @@
 use std::{
     collections::HashMap,
     io,
+    mem::MaybeUninit,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -372,32 +373,31 @@ enum Parsed {
 }
 
 /// Takes the response head off the front of `buf` once it is complete
-/// (`None` while it is not). Header values are slices of the head's bytes,
-/// not copies: one allocation per head instead of one per header, and
-/// cloning them later is a reference count.
+/// (`None` while it is not). Header values are slices of one copy of the
+/// head, not copies each: one allocation per head instead of one per
+/// header, and cloning them later is a reference count. Parsed once, into
+/// uninitialised header slots (`MAX_HEADERS` initialised slots are 4 KB of
+/// writes per response).
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Error> {
-    let len = {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        match httparse::Response::new(&mut slots).parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(H1Error::Protocol("too many response headers"));
-            }
-            Err(_) => return Err(H1Error::Protocol("malformed response head")),
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Protocol("too many response headers"));
         }
+        Err(_) => return Err(H1Error::Protocol("malformed response head")),
     };
-    let head = buf.split_to(len).freeze();
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    // The same bytes as above: complete again.
-    if !matches!(parsed.parse(&head), Ok(httparse::Status::Complete(_))) {
-        return Err(H1Error::Protocol("malformed response head"));
-    }
     let code = parsed.code.unwrap_or(0);
     let status =
         StatusCode::from_u16(code).map_err(|_| H1Error::Protocol("invalid status code"))?;
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        buf.advance(len);
         return Ok(Some(Parsed::Interim));
     }
     let version = if parsed.version == Some(0) {
@@ -405,6 +405,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Error> {
     } else {
         Version::HTTP_11
     };
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    let base = buf.as_ptr().addr();
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     let mut chunked = false;
     let mut length: Option<u64> = None;
@@ -412,7 +414,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Error> {
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| H1Error::Protocol("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+        // httparse's slices lie within `buf[..len]`, which `head` copies.
+        let start = h.value.as_ptr().addr() - base;
+        let value = HeaderValue::from_maybe_shared(head.slice(start..start + h.value.len()))
             .map_err(|_| H1Error::Protocol("invalid header value"))?;
         if name == http::header::TRANSFER_ENCODING {
             // Chunked only counts as the last coding.
@@ -441,6 +445,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Error> {
         }
         headers.append(name, value);
     }
+    buf.advance(len);
     let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         Framing::Length(0)
     } else if chunked {
