@@ -48,6 +48,8 @@ pub(crate) struct Progress {
     pub backend_wait: Duration,
     /// The endpoint of the last attempt.
     pub endpoint: Option<Arc<str>>,
+    /// Attempts that got an endpoint (0 before the first).
+    pub attempts: u32,
     /// Held until the response ends; a stream takes it along.
     pub in_flight: Option<InFlightGuard>,
 }
@@ -71,16 +73,14 @@ pub(crate) async fn handle(state: AppState, route: ApiRoute, req: Request) -> Re
         route = route.path(),
         model = field::Empty,
         endpoint = field::Empty,
-        reason = field::Empty,
-        attempt = field::Empty,
-        degraded = field::Empty,
-        outcome = field::Empty,
+        attempts = field::Empty,
         status = field::Empty,
     );
     let mut progress = Progress {
         received: Instant::now(),
         backend_wait: Duration::ZERO,
         endpoint: None,
+        attempts: 0,
         in_flight: Some(state.metrics().in_flight()),
     };
     let mut model = None;
@@ -113,6 +113,12 @@ pub(crate) async fn handle(state: AppState, route: ApiRoute, req: Request) -> Re
         }
     };
     let status = response.status().as_u16();
+    // Recorded once, here (each attempt's own span has its decision and
+    // outcome): the endpoint that answered, or whose failure the client got.
+    if let Some(endpoint) = &progress.endpoint {
+        span.record("endpoint", &**endpoint);
+        span.record("attempts", progress.attempts);
+    }
     span.record("status", status);
     state.metrics().overhead(progress.overhead());
     let endpoint = progress.endpoint.as_deref().unwrap_or_default().to_owned();

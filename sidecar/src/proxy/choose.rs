@@ -12,7 +12,7 @@ use switchyard_control_plane::{
     decision::{ChooseRequest, DecisionReason},
     endpoint::EndpointKind,
 };
-use tracing::Span;
+use tracing::{Span, field};
 
 use super::{
     Progress,
@@ -91,16 +91,25 @@ pub(crate) async fn route(
             state.metrics().degraded_decision();
         }
         let choice = lease.choice().clone();
-        span.record("endpoint", &*choice.endpoint);
-        span.record("reason", choice.reason.as_str());
-        span.record("attempt", attempt);
-        span.record("degraded", lease.degraded());
+        // Each attempt's decision and outcome go on a span of its own, a
+        // child of the request's: recorded again on the request span after
+        // a retry, the log layer printed each field twice.
+        let attempt_span = tracing::debug_span!(
+            parent: span,
+            "attempt",
+            endpoint = &*choice.endpoint,
+            reason = choice.reason.as_str(),
+            attempt,
+            degraded = lease.degraded(),
+            outcome = field::Empty,
+        );
         progress.endpoint = Some(choice.endpoint.clone());
+        progress.attempts = attempt;
         let lease = TrackedLease::new(
             lease,
             state.router().clone(),
             state.metrics().clone(),
-            span.clone(),
+            attempt_span,
         );
         match exchange(state, ctx, lease, progress).await {
             Attempt::Answered(response) => return Ok(response),

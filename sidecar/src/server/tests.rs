@@ -1820,7 +1820,8 @@ async fn unreachable_control_plane_without_state_is_503() {
 }
 
 /// Captures every span's fields (as recorded at creation and later with
-/// `Span::record`) and keeps them once the span closes.
+/// `Span::record`) and keeps them once the span closes; notes every field
+/// recorded again (which the log layer prints twice).
 mod span_capture {
     use std::collections::{BTreeMap, HashMap};
 
@@ -1845,24 +1846,42 @@ mod span_capture {
     pub(super) struct SpanCapture {
         open: Arc<Mutex<HashMap<u64, ClosedSpan>>>,
         closed: Arc<Mutex<Vec<ClosedSpan>>>,
+        recorded_again: Arc<Mutex<Vec<String>>>,
     }
 
-    struct Fields<'a>(&'a mut BTreeMap<String, String>);
+    struct Fields<'a> {
+        fields: &'a mut BTreeMap<String, String>,
+        /// `span.field` of each field that already had a value.
+        again: Vec<String>,
+        span: &'a str,
+    }
+
+    impl Fields<'_> {
+        fn put(&mut self, field: &Field, value: String) {
+            if self.fields.insert(field.name().to_owned(), value).is_some() {
+                self.again.push(format!("{}.{}", self.span, field.name()));
+            }
+        }
+    }
 
     impl Visit for Fields<'_> {
         fn record_str(&mut self, field: &Field, value: &str) {
-            self.0.insert(field.name().to_owned(), value.to_owned());
+            self.put(field, value.to_owned());
         }
 
         fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-            self.0.insert(field.name().to_owned(), format!("{value:?}"));
+            self.put(field, format!("{value:?}"));
         }
     }
 
     impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanCapture {
         fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _ctx: Context<'_, S>) {
             let mut fields = BTreeMap::new();
-            attrs.record(&mut Fields(&mut fields));
+            attrs.record(&mut Fields {
+                fields: &mut fields,
+                again: Vec::new(),
+                span: "",
+            });
             self.open.lock().insert(
                 id.into_u64(),
                 ClosedSpan {
@@ -1874,7 +1893,13 @@ mod span_capture {
 
         fn on_record(&self, id: &Id, values: &Record<'_>, _ctx: Context<'_, S>) {
             if let Some(span) = self.open.lock().get_mut(&id.into_u64()) {
-                values.record(&mut Fields(&mut span.fields));
+                let mut visit = Fields {
+                    fields: &mut span.fields,
+                    again: Vec::new(),
+                    span: &span.name,
+                };
+                values.record(&mut visit);
+                self.recorded_again.lock().extend(visit.again);
             }
         }
 
@@ -1896,6 +1921,11 @@ mod span_capture {
                 .collect()
         }
 
+        /// Every `span.field` recorded while it already had a value.
+        pub(super) fn recorded_again(&self) -> Vec<String> {
+            self.recorded_again.lock().clone()
+        }
+
         /// Waits (bounded) until `n` spans named `name` have closed.
         pub(super) async fn wait_closed(&self, name: &str, n: usize) -> Vec<ClosedSpan> {
             for _ in 0..500 {
@@ -1913,10 +1943,14 @@ mod span_capture {
     }
 }
 
-/// The per-request span carries the decision: endpoint, reason, attempt,
-/// whether it was made locally, the release outcome and the status — for a
-/// retried non-stream request and for a stream (whose outcome is recorded
-/// when the stream ends, after the response head went out).
+/// The per-request span carries the route, model, the endpoint that
+/// answered, the number of attempts and the status; each attempt has a
+/// child span with its decision (endpoint, reason, attempt, whether it was
+/// made locally) and its release outcome. Each field is recorded once: the
+/// log layer prints a field recorded twice twice (which the request span's
+/// decision fields were after a retry). Shown for a retried non-stream
+/// request and for a stream (whose outcome is recorded when the stream
+/// ends, after the response head went out).
 ///
 /// Runs on its own (`tests/run.sh` runs it with `--ignored`): requests are
 /// served on the sidecar's server threads, so the capture must be the
@@ -1932,26 +1966,33 @@ async fn the_request_span_records_the_decision_and_outcome() {
         .expect("run this test alone: another test installed a global subscriber");
 
     // The failing endpoint is tried first (held to the end of the test).
-    let (_failing, good, sc) = failing_then_serving(Behaviour::Fail(503)).await;
+    let (failing, good, sc) = failing_then_serving(Behaviour::Fail(503)).await;
 
     assert_eq!(chat_llama3(&sc).await.status(), 200);
     let spans = capture.wait_closed("request", 1).await;
     let f = &spans[0].fields;
     assert_eq!(f["route"], "/api/chat", "{f:?}");
     assert_eq!(f["model"], "llama3", "{f:?}");
-    assert_eq!(
-        f["endpoint"],
-        good.url(),
-        "the last attempt's endpoint: {f:?}"
-    );
-    assert_eq!(f["reason"], "loaded_free", "{f:?}");
-    assert_eq!(f["attempt"], "2", "{f:?}");
-    assert_eq!(f["degraded"], "false", "{f:?}");
-    assert_eq!(f["outcome"], "ok", "{f:?}");
+    assert_eq!(f["endpoint"], good.url(), "the answering endpoint: {f:?}");
+    assert_eq!(f["attempts"], "2", "{f:?}");
     assert_eq!(f["status"], "200", "{f:?}");
+    assert!(
+        !f.contains_key("reason") && !f.contains_key("outcome"),
+        "decisions are on the attempt spans: {f:?}"
+    );
+    let attempts = capture.wait_closed("attempt", 2).await;
+    let (first, second) = (&attempts[0].fields, &attempts[1].fields);
+    assert_eq!(first["endpoint"], failing.url(), "{first:?}");
+    assert_eq!(first["attempt"], "1", "{first:?}");
+    assert_eq!(first["outcome"], "backend_error", "{first:?}");
+    assert_eq!(second["endpoint"], good.url(), "{second:?}");
+    assert_eq!(second["reason"], "loaded_free", "{second:?}");
+    assert_eq!(second["attempt"], "2", "{second:?}");
+    assert_eq!(second["degraded"], "false", "{second:?}");
+    assert_eq!(second["outcome"], "ok", "{second:?}");
 
-    // A stream: its span outlives the handler (the lease inside the body
-    // holds it) and gets its outcome when the backend's stream ends.
+    // A stream: its attempt span outlives the handler (the lease inside the
+    // body holds it) and gets its outcome when the backend's stream ends.
     let r = client()
         .post(format!("http://{}/api/chat", sc.addr))
         .json(&json!({"model": "llama3", "messages": [{"role":"user","content":"hi"}], "stream": true}))
@@ -1964,13 +2005,16 @@ async fn the_request_span_records_the_decision_and_outcome() {
     let f = &spans[1].fields;
     assert_eq!(f["endpoint"], good.url(), "{f:?}");
     assert_eq!(
-        f["attempt"], "1",
+        f["attempts"], "1",
         "the failing endpoint is avoided now: {f:?}"
     );
-    assert_eq!(f["outcome"], "ok", "{f:?}");
     assert_eq!(f["status"], "200", "{f:?}");
+    let attempts = capture.wait_closed("attempt", 3).await;
+    let f = &attempts[2].fields;
+    assert_eq!(f["endpoint"], good.url(), "{f:?}");
+    assert_eq!(f["outcome"], "ok", "{f:?}");
 
-    // An unknown model: no decision fields, the status only.
+    // An unknown model: no decision, the status only.
     let r = client()
         .post(format!("http://{}/api/chat", sc.addr))
         .json(&json!({"model": "nope", "messages": [], "stream": false}))
@@ -1983,8 +2027,14 @@ async fn the_request_span_records_the_decision_and_outcome() {
     assert_eq!(f["model"], "nope", "{f:?}");
     assert_eq!(f["status"], "404", "{f:?}");
     assert!(
-        !f.contains_key("endpoint") && !f.contains_key("outcome"),
+        !f.contains_key("endpoint") && !f.contains_key("attempts"),
         "{f:?}"
+    );
+    assert_eq!(capture.closed("attempt").len(), 3, "no attempt was made");
+    assert_eq!(
+        capture.recorded_again(),
+        Vec::<String>::new(),
+        "fields recorded twice"
     );
 
     wait_no_leases(&sc).await;
