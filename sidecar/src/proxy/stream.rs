@@ -145,10 +145,13 @@ impl ResponsePin {
 
     /// Pins `id` to the lease's endpoint; returns once the pin is in place
     /// (see [`Router::pin_response`]), before the client sees the answer.
+    ///
+    /// Boxed: the pin's future (a control-plane call in remote mode) is
+    /// ~5 KB, and awaited in place it made every request's state machine,
+    /// and every stream's, that much bigger, Responses API or not (the
+    /// boxed proxy future was ~8.5 KB, copied into its box per request).
     async fn pin(&self, id: &str, lease: &TrackedLease) {
-        self.router
-            .pin_response(&self.model, id, lease.choice())
-            .await;
+        Box::pin(self.router.pin_response(&self.model, id, lease.choice())).await;
     }
 
     /// Pins a stream's response id as soon as it shows (`response.created`
