@@ -9,7 +9,12 @@
 //! position of its usage counters in the lease table (assigned by the state
 //! before the snapshot is published, and stable forever).
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+// foldhash rather than std's SipHash: the keys are model names the endpoints advertise (requests only look them up), not
+// chosen by clients, and SipHash was ~10 % of the control plane's
+// instructions per choose + release (callgrind, BENCHMARKS.md).
+use foldhash::HashMap;
 
 use crate::{endpoint::EndpointKind, model_name::tracking_name, policy::index_key};
 
@@ -113,7 +118,7 @@ impl DiscoverySnapshot {
     pub fn empty(n: usize) -> Self {
         Self {
             endpoints: vec![EndpointDiscovery::default(); n],
-            index: HashMap::new(),
+            index: HashMap::default(),
             available: Vec::new(),
         }
     }
@@ -129,7 +134,7 @@ impl DiscoverySnapshot {
 
     /// Builds the index over per-endpoint discoveries.
     pub fn build(endpoints: Vec<EndpointDiscovery>) -> Self {
-        let mut index: HashMap<Box<str>, Vec<Candidate>> = HashMap::new();
+        let mut index: HashMap<Box<str>, Vec<Candidate>> = HashMap::default();
         let mut available: Vec<String> = Vec::new();
         for (e, disc) in endpoints.iter().enumerate() {
             let endpoint = u32::try_from(e).unwrap_or(u32::MAX);

@@ -13,7 +13,12 @@
 //! once: the second release finds nothing and changes nothing, and counters
 //! are decremented with saturating arithmetic.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+// foldhash rather than std's SipHash: the keys are lease ids this process allocates, not
+// chosen by clients, and SipHash was ~10 % of the control plane's
+// instructions per choose + release (callgrind, BENCHMARKS.md).
+use foldhash::HashMap;
 
 use crate::{
     ids::{LeaseId, SessionId},
@@ -64,7 +69,7 @@ impl LeaseTable {
     /// A table for `endpoints` endpoints.
     pub fn new(endpoints: usize) -> Self {
         Self {
-            leases: HashMap::new(),
+            leases: HashMap::default(),
             totals: vec![0; endpoints],
             in_flight: Vec::new(),
             slots: Vec::new(),
@@ -185,7 +190,7 @@ impl LeaseTable {
     /// Panics if a counter disagrees with the live leases (tests only).
     #[cfg(test)]
     pub fn check_invariants(&self) {
-        let mut expect: HashMap<u32, u32> = HashMap::new();
+        let mut expect: HashMap<u32, u32> = HashMap::default();
         for l in self.leases.values() {
             assert_eq!(self.slots[l.slot as usize].endpoint, l.endpoint);
             *expect.entry(l.slot).or_default() += 1;

@@ -5,10 +5,12 @@
 //! in its [`Lease`](super::lease::Lease); the owning [`State`](super::State)
 //! keeps both sides in step.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
+
+// foldhash rather than std's SipHash: the keys are session and lease ids this process allocates, not
+// chosen by clients, and SipHash was ~10 % of the control plane's
+// instructions per choose + release (callgrind, BENCHMARKS.md).
+use foldhash::{HashMap, HashSet};
 
 use crate::ids::{IdAllocator, LeaseId, SessionId};
 
@@ -39,7 +41,7 @@ impl SessionTable {
     /// An empty table whose sessions live `ttl` past each keep-alive.
     pub fn new(ttl: Duration) -> Self {
         Self {
-            sessions: HashMap::new(),
+            sessions: HashMap::default(),
             ids: IdAllocator::new(false),
             ttl,
         }
@@ -65,7 +67,7 @@ impl SessionTable {
                 name: name.to_owned(),
                 last_keepalive: now,
                 deadline: now + self.ttl,
-                leases: HashSet::new(),
+                leases: HashSet::default(),
                 open_token,
             },
         );

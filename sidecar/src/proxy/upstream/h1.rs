@@ -33,7 +33,6 @@
 //!   close (RFC 9112 §6.3).
 
 use std::{
-    collections::HashMap,
     io,
     mem::MaybeUninit,
     pin::Pin,
@@ -104,7 +103,9 @@ struct Idle {
 
 /// Idle connections by `host:port`, most recently used last.
 pub struct H1Pool {
-    idle: parking_lot::Mutex<HashMap<Box<str>, Vec<Idle>>>,
+    // foldhash rather than SipHash: keyed by configured endpoint
+    // authorities, not by anything a client chooses.
+    idle: parking_lot::Mutex<foldhash::HashMap<Box<str>, Vec<Idle>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -138,7 +139,7 @@ impl H1Pool {
     /// whose idle ones are dropped after `idle_timeout`.
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
         Self {
-            idle: parking_lot::Mutex::new(HashMap::new()),
+            idle: parking_lot::Mutex::new(foldhash::HashMap::default()),
             connect_timeout,
             idle_timeout,
         }
