@@ -387,6 +387,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Error> {
         buf,
         &mut slots,
     ) {
+        // The same limit whether the head came in one read or many (the
+        // read loop checks an incomplete one).
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            return Err(H1Error::Protocol("response head too large"));
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {

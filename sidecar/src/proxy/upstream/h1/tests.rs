@@ -413,6 +413,20 @@ fn malformed_heads_are_protocol_errors() {
             String::from_utf8_lossy(head)
         );
     }
+    // A head over the limit is refused also when it is complete in the
+    // buffer (one large read), not only while it is still arriving.
+    let big = format!(
+        "HTTP/1.1 200 OK\r\n{}content-length: 0\r\n\r\n",
+        format!("x-big: {}\r\n", "b".repeat(1000)).repeat(MAX_HEAD / 1000 + 1)
+    );
+    assert!(
+        matches!(
+            parse_head(&mut BytesMut::from(big.as_bytes())),
+            Err(H1Error::Protocol("response head too large"))
+        ),
+        "a complete {}-byte head",
+        big.len()
+    );
     let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
     assert!(matches!(parse_head(&mut partial), Ok(None)));
     assert_eq!(partial.len(), 17, "an incomplete head stays buffered");
