@@ -6,6 +6,8 @@
 //!   `data:` payloads out (one per event; multi-line data joined with `\n`).
 //! - [`NdjsonDecoder`]: Ollama-style newline-delimited JSON. Bytes in,
 //!   complete non-empty lines out.
+//! - [`WholeFrames`]: either framing passed on as bytes, in whole lines or
+//!   events only (the unfinished last one held back).
 //!
 //! Invariants: the output does not depend on how the input was split into
 //! chunks (property-tested below); a payload is only returned once its
@@ -13,6 +15,8 @@
 //! [`NdjsonDecoder::finish`]); a single line or event never grows past
 //! [`MAX_FRAME_BYTES`], so a misbehaving backend cannot make the sidecar
 //! buffer without bound. Neither decoder interprets the JSON it frames.
+
+use bytes::{Bytes, BytesMut};
 
 /// Largest line or event (in bytes) a decoder buffers before giving up.
 ///
@@ -289,6 +293,117 @@ impl NdjsonDecoder {
     }
 }
 
+/// Most a [`WholeFrames`] holds back: a longer line or event goes on in
+/// pieces (memory per stream stays bounded).
+pub const HOLD_LIMIT: usize = 64 * 1024;
+
+/// Passes a backend's stream on in whole frames: the unterminated last
+/// line (NDJSON) or unfinished last event (SSE) of what has arrived waits
+/// for the rest of it. If the backend then fails, the half frame is
+/// dropped and the error chunk that ends the stream is a frame of its own;
+/// glued onto half a line, neither could be parsed by the client. Complete
+/// frames go on as they arrive, without a copy when a chunk ends on a
+/// frame boundary (the usual case).
+#[derive(Debug)]
+pub struct WholeFrames {
+    sse: bool,
+    held: BytesMut,
+}
+
+impl WholeFrames {
+    /// For NDJSON: a frame ends at `\n`.
+    pub fn ndjson() -> Self {
+        Self {
+            sse: false,
+            held: BytesMut::new(),
+        }
+    }
+
+    /// For SSE: a frame ends at an empty line (`\n`, `\r\n` or `\r`
+    /// terminators).
+    pub fn sse() -> Self {
+        Self {
+            sse: true,
+            held: BytesMut::new(),
+        }
+    }
+
+    /// The bytes of `chunk` (after what was held) that complete frames.
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        let out = if self.held.is_empty() {
+            let end = self.frames_end(&chunk);
+            if end == chunk.len() {
+                return chunk;
+            }
+            self.held.extend_from_slice(&chunk[end..]);
+            chunk.slice(..end)
+        } else {
+            self.held.extend_from_slice(&chunk);
+            let end = self.frames_end(&self.held);
+            self.held.split_to(end).freeze()
+        };
+        if self.held.len() <= HOLD_LIMIT {
+            return out;
+        }
+        let mut all = BytesMut::with_capacity(out.len() + self.held.len());
+        all.extend_from_slice(&out);
+        all.extend_from_slice(&self.held.split());
+        all.freeze()
+    }
+
+    /// What is held: at a clean end, the last frame without its terminator.
+    pub fn take_held(&mut self) -> Bytes {
+        self.held.split().freeze()
+    }
+
+    /// What is held, terminated as a frame of its own (nothing when nothing
+    /// is held): what a backend sent before it ended without its final
+    /// chunk, so that the error chunk after it starts a frame.
+    pub fn take_held_terminated(&mut self) -> Bytes {
+        if self.held.is_empty() {
+            return Bytes::new();
+        }
+        let mut rest = self.held.split();
+        if self.sse {
+            while !rest.ends_with(b"\n\n") {
+                rest.extend_from_slice(b"\n");
+            }
+        } else {
+            rest.extend_from_slice(b"\n");
+        }
+        rest.freeze()
+    }
+
+    /// Drops the unfinished frame (the backend failed in the middle of it).
+    pub fn discard(&mut self) {
+        self.held.clear();
+    }
+
+    /// Where the last complete frame in `b` ends (0: none).
+    fn frames_end(&self, b: &[u8]) -> usize {
+        if !self.sse {
+            return b.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+        }
+        let terminator = |c: u8| c == b'\n' || c == b'\r';
+        let mut before = b.len();
+        while let Some(pos) = b[..before].iter().rposition(|&c| terminator(c)) {
+            // `\r\n` is one terminator.
+            let start = if b[pos] == b'\n' && pos > 0 && b[pos - 1] == b'\r' {
+                pos - 1
+            } else {
+                pos
+            };
+            // Right after another terminator, it ends an empty line: the
+            // end of an event.
+            if start > 0 && terminator(b[start - 1]) {
+                return pos + 1;
+            }
+            before = start;
+        }
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -489,6 +604,108 @@ mod tests {
             }
             got.extend(d.finish());
             prop_assert_eq!(got, lines);
+        }
+    }
+
+    fn push_all(frames: &mut WholeFrames, chunks: &[&[u8]]) -> Vec<Bytes> {
+        chunks
+            .iter()
+            .map(|c| frames.push(Bytes::copy_from_slice(c)))
+            .collect()
+    }
+
+    #[test]
+    fn whole_frames_hold_back_a_half_line_and_pass_whole_ones_uncopied() {
+        let mut f = WholeFrames::ndjson();
+        let whole = Bytes::from_static(b"{\"a\":1}\n{\"b\":2}\n");
+        let out = f.push(whole.clone());
+        assert_eq!(out.as_ptr(), whole.as_ptr(), "passed on as it came");
+        assert_eq!(
+            push_all(&mut f, &[b"{\"c\":3}\n{\"d\"", b":4}\n{", b"\"e\":5}"]),
+            [&b"{\"c\":3}\n"[..], b"{\"d\":4}\n", b""]
+        );
+        assert_eq!(
+            f.take_held(),
+            &b"{\"e\":5}"[..],
+            "a clean end gets the rest"
+        );
+        f.push(Bytes::from_static(b"{\"f\""));
+        assert_eq!(f.take_held_terminated(), &b"{\"f\"\n"[..]);
+        f.push(Bytes::from_static(b"{\"g\""));
+        f.discard();
+        assert_eq!(f.take_held(), &b""[..], "a failure drops the half line");
+    }
+
+    #[test]
+    fn whole_frames_end_sse_events_at_their_empty_line() {
+        let mut f = WholeFrames::sse();
+        assert_eq!(
+            push_all(
+                &mut f,
+                &[
+                    b"data: 1\n\ndata: 2\n",
+                    b"\n",
+                    b"data: 3\r\n\r",
+                    b"\ndata: 4\r\rdata: 5"
+                ]
+            ),
+            // A lone `\r` ends a line too: the event ends at it, and the
+            // `\n` that follows (one `\r\n` after all) goes on next.
+            [
+                &b"data: 1\n\n"[..],
+                b"data: 2\n\n",
+                b"data: 3\r\n\r",
+                b"\ndata: 4\r\r",
+            ]
+        );
+        assert_eq!(f.take_held_terminated(), &b"data: 5\n\n"[..]);
+        f.push(Bytes::from_static(b"data: 6\r"));
+        assert_eq!(f.take_held_terminated(), &b"data: 6\r\n\n"[..]);
+    }
+
+    #[test]
+    fn whole_frames_pass_a_line_over_the_hold_limit_in_pieces() {
+        let mut f = WholeFrames::ndjson();
+        let long = vec![b'x'; HOLD_LIMIT + 1];
+        assert_eq!(f.push(Bytes::from(long)).len(), HOLD_LIMIT + 1);
+        assert_eq!(f.take_held(), &b""[..]);
+    }
+
+    proptest! {
+        /// However the bytes are split, what goes on plus what is held is
+        /// exactly what came, and every piece that goes on ends a frame.
+        #[test]
+        fn whole_frames_lose_nothing_and_cut_only_at_frame_ends(
+            sse in any::<bool>(),
+            text in "(data: [a-z]{0,6}|[a-z{}:]{0,6}|\r|\n){0,24}",
+            cuts in proptest::collection::vec(0usize..200, 0..8),
+        ) {
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut f = if sse { WholeFrames::sse() } else { WholeFrames::ndjson() };
+            let mut out = Vec::new();
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                let piece = f.push(Bytes::copy_from_slice(&bytes[at..cut]));
+                if !piece.is_empty() {
+                    if sse {
+                        let end = piece.len();
+                        // A terminator (`\n`, `\r\n`, `\r`) right after
+                        // another.
+                        let ends_event = [&b"\n\n"[..], b"\r\r", b"\n\r", b"\n\r\n", b"\r\r\n"]
+                            .iter()
+                            .any(|end| piece.ends_with(end));
+                        prop_assert!(ends_event, "{:?} (len {end})", piece);
+                    } else {
+                        prop_assert!(piece.ends_with(b"\n"), "{:?}", piece);
+                    }
+                }
+                out.extend_from_slice(&piece);
+                at = cut;
+            }
+            out.extend_from_slice(&f.take_held());
+            prop_assert_eq!(out, bytes.to_vec());
         }
     }
 }

@@ -122,6 +122,11 @@ pub enum FailureMode {
     /// connection. A non-streaming request gets its headers (with the full
     /// `Content-Length`) and half of its body before the reset.
     MidStreamDrop,
+    /// Like `MidStreamDrop`, but the connection is reset halfway through a
+    /// line or event: the first half of the chunks, then the first half of
+    /// the next one's bytes. A non-streaming request is treated as by
+    /// `MidStreamDrop`.
+    MidLineDrop,
     /// Never answer; the request stays in flight until the client goes away
     /// or the server shuts down.
     Hang,

@@ -54,6 +54,7 @@ use super::{
 };
 use crate::{
     errors::{AttemptFailure, ProxyError, stream_error_chunk},
+    framing::WholeFrames,
     metrics::InFlightGuard,
     router::Router,
     routes::{ApiFormat, ApiRoute},
@@ -312,9 +313,11 @@ pub(crate) async fn exchange(
                 .entry(CONTENT_TYPE)
                 .or_insert(HeaderValue::from_static(default_type));
             let transform = match format {
-                ApiFormat::Ollama => Transform::Ollama(OllamaStreamObserver::new()),
+                ApiFormat::Ollama => {
+                    Transform::Ollama(OllamaStreamObserver::new(), WholeFrames::ndjson())
+                }
                 ApiFormat::OpenAi | ApiFormat::Anthropic => {
-                    Transform::OpenAi(OpenAiStreamObserver::new())
+                    Transform::OpenAi(OpenAiStreamObserver::new(), WholeFrames::sse())
                 }
             };
             (transform, headers)
@@ -502,10 +505,10 @@ async fn read_error_body(response: UpstreamResponse, idle: Duration) -> Bytes {
 
 /// What happens to each chunk of a streamed answer.
 enum Transform {
-    /// Ollama NDJSON passed through, observed.
-    Ollama(OllamaStreamObserver),
-    /// OpenAI SSE passed through, observed.
-    OpenAi(OpenAiStreamObserver),
+    /// Ollama NDJSON passed through in whole lines, observed.
+    Ollama(OllamaStreamObserver, WholeFrames),
+    /// OpenAI SSE passed through in whole events, observed.
+    OpenAi(OpenAiStreamObserver, WholeFrames),
     /// OpenAI SSE translated to Ollama NDJSON.
     Translate(Box<SseToNdjson>),
 }
@@ -514,24 +517,43 @@ impl Transform {
     /// The bytes to send for a backend chunk.
     fn push(&mut self, chunk: Bytes, now: Instant) -> Bytes {
         match self {
-            Self::Ollama(o) => {
+            Self::Ollama(o, frames) => {
                 o.push(&chunk);
-                chunk
+                frames.push(chunk)
             }
-            Self::OpenAi(o) => {
+            Self::OpenAi(o, frames) => {
                 o.push(&chunk);
-                chunk
+                frames.push(chunk)
             }
             Self::Translate(t) => t.push(&chunk, now),
         }
     }
 
     /// The backend ended the body: last bytes to send and how it ended.
+    /// Before its final chunk, what it sent of a last frame goes on
+    /// terminated, so that the error chunk after it starts a frame.
     fn finish(&mut self, now: Instant) -> (Bytes, StreamEnd) {
+        let pass_through = |end: StreamEnd, frames: &mut WholeFrames| {
+            let tail = if end == StreamEnd::Truncated {
+                frames.take_held_terminated()
+            } else {
+                frames.take_held()
+            };
+            (tail, end)
+        };
         match self {
-            Self::Ollama(o) => (Bytes::new(), o.finish()),
-            Self::OpenAi(o) => (Bytes::new(), o.finish()),
+            Self::Ollama(o, frames) => pass_through(o.finish(), frames),
+            Self::OpenAi(o, frames) => pass_through(o.finish(), frames),
             Self::Translate(t) => t.finish(now),
+        }
+    }
+
+    /// After the final chunk, the rest of what the backend sent (it then
+    /// failed or stalled, which no longer matters).
+    fn rest_after_final(&mut self) -> Bytes {
+        match self {
+            Self::Ollama(_, frames) | Self::OpenAi(_, frames) => frames.take_held(),
+            Self::Translate(_) => Bytes::new(),
         }
     }
 
@@ -539,8 +561,8 @@ impl Transform {
     /// the request succeeded, whatever the connection does next.
     fn ended_cleanly(&self) -> bool {
         match self {
-            Self::Ollama(o) => o.done_seen() && !o.error_seen(),
-            Self::OpenAi(o) => o.done_seen() && !o.error_seen(),
+            Self::Ollama(o, _) => o.done_seen() && !o.error_seen(),
+            Self::OpenAi(o, _) => o.done_seen() && !o.error_seen(),
             Self::Translate(t) => t.status() == crate::translate::stream::StreamStatus::Done,
         }
     }
@@ -549,16 +571,20 @@ impl Transform {
     /// failure after that is harmless).
     fn complete(&self) -> bool {
         match self {
-            Self::Ollama(o) => o.done_seen(),
-            Self::OpenAi(o) => o.done_seen(),
+            Self::Ollama(o, _) => o.done_seen(),
+            Self::OpenAi(o, _) => o.done_seen(),
             Self::Translate(t) => t.status() == crate::translate::stream::StreamStatus::Done,
         }
     }
 
-    /// The error chunk that ends a failed stream, in the client's framing.
+    /// The error chunk that ends a failed stream, in the client's framing
+    /// (a half frame held back is dropped: the backend failed inside it).
     fn abort(&mut self, format: ApiFormat, message: &str) -> Bytes {
         match self {
-            Self::Ollama(_) | Self::OpenAi(_) => stream_error_chunk(format, message),
+            Self::Ollama(_, frames) | Self::OpenAi(_, frames) => {
+                frames.discard();
+                stream_error_chunk(format, message)
+            }
             Self::Translate(t) => {
                 let line = t.abort(message);
                 if line.is_empty() {
@@ -572,8 +598,8 @@ impl Transform {
 
     fn tokens(&self) -> TokenCounts {
         match self {
-            Self::Ollama(o) => o.tokens(),
-            Self::OpenAi(o) => o.tokens(),
+            Self::Ollama(o, _) => o.tokens(),
+            Self::OpenAi(o, _) => o.tokens(),
             Self::Translate(t) => t.tokens(),
         }
     }
@@ -581,8 +607,8 @@ impl Transform {
     /// The Responses API's response id, when the stream carried one.
     fn response_id(&self) -> Option<&str> {
         match self {
-            Self::OpenAi(o) => o.response_id(),
-            Self::Ollama(_) | Self::Translate(_) => None,
+            Self::OpenAi(o, _) => o.response_id(),
+            Self::Ollama(..) | Self::Translate(_) => None,
         }
     }
 }
@@ -659,6 +685,10 @@ impl LiveStream {
                     Next::Broken(_) | Next::Stalled if transform.complete() => {
                         // The final chunk already went out; the backend
                         // just closed untidily.
+                        let rest = transform.rest_after_final();
+                        if !rest.is_empty() {
+                            yield Ok(rest);
+                        }
                         lease.finish_applied(Outcome::Ok, transform.tokens()).await;
                         break;
                     }

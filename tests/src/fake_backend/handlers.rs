@@ -419,7 +419,7 @@ async fn probe_phases(shared: &Shared, route: Route, req: Request) -> Result<Byt
     match failure {
         FailureMode::None => {}
         FailureMode::Status(code) => return Err(error_response(style, &ApiError::Injected(code))),
-        FailureMode::MidStreamError | FailureMode::MidStreamDrop => {
+        FailureMode::MidStreamError | FailureMode::MidStreamDrop | FailureMode::MidLineDrop => {
             return Err(error_response(style, &ApiError::Injected(500)));
         }
         FailureMode::Reset => return Err(abort(&parts).await),
@@ -477,7 +477,10 @@ pub(super) async fn injected_refusal(
         }
     };
     match failure {
-        FailureMode::None | FailureMode::MidStreamError | FailureMode::MidStreamDrop => None,
+        FailureMode::None
+        | FailureMode::MidStreamError
+        | FailureMode::MidStreamDrop
+        | FailureMode::MidLineDrop => None,
         FailureMode::Status(code) => {
             complete();
             Some(error_response(style, &ApiError::Injected(code)))
@@ -652,7 +655,9 @@ async fn inference(shared: &Arc<Shared>, route: Route, req: Request) -> Response
                 guard.complete();
                 error_response(style, &ApiError::MidStream)
             }
-            (FailureMode::MidStreamDrop, Some(conn)) => truncated_json(&value, guard, conn),
+            (FailureMode::MidStreamDrop | FailureMode::MidLineDrop, Some(conn)) => {
+                truncated_json(&value, guard, conn)
+            }
             _ => {
                 guard.complete();
                 json_response(StatusCode::OK, &value)
@@ -730,6 +735,11 @@ fn stream_response(
                         return;
                     }
                     (FailureMode::MidStreamDrop, Some(conn)) => {
+                        guard.complete();
+                        match conn.abort_after_flush().await {}
+                    }
+                    (FailureMode::MidLineDrop, Some(conn)) => {
+                        yield Ok::<Bytes, Infallible>(frame.slice(..frame.len() / 2));
                         guard.complete();
                         match conn.abort_after_flush().await {}
                     }

@@ -216,6 +216,48 @@ async fn bug04_backend_failure_mid_stream_ends_with_error_in_client_format() {
     c.wait_usage(0).await;
 }
 
+/// A backend that dies in the middle of a line or event: the half frame is
+/// not passed on, so every line the client gets parses and the error is a
+/// frame of its own (glued onto the half line, neither parsed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bug04_failure_mid_line_ends_with_an_error_frame_of_its_own() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]).chunks(6))
+        .backend(openai_fake(&["gpt-x"]).chunks(6))
+        .start()
+        .await;
+    c.backend(0).set_failure(FailureMode::MidLineDrop);
+    c.backend(1).set_failure(FailureMode::MidLineDrop);
+
+    // `ndjson()` fails on any line that is not JSON.
+    let r = stream_hi(&c, "/api/chat", "m", Framing::Ndjson).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let lines = r.ndjson();
+    assert!(lines[0]["message"]["content"].is_string(), "{}", r.dump());
+    assert!(
+        lines.last().is_some_and(|l| l["error"].is_string()),
+        "stream did not end with an {{\"error\":..}} line: {}",
+        r.dump()
+    );
+
+    let r = stream_hi(&c, "/v1/chat/completions", "gpt-x", Framing::Sse).await;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let events = r.sse();
+    assert!(
+        events.iter().all(|e| !matches!(e, SseEvent::Text(_))),
+        "an event that is not JSON: {}",
+        r.dump()
+    );
+    assert!(
+        events
+            .last()
+            .is_some_and(|e| matches!(e, SseEvent::Json(v) if v["error"]["message"].is_string())),
+        "stream did not end with an error event: {}",
+        r.dump()
+    );
+    c.wait_usage(0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bug04_failure_before_first_byte_is_retried_on_another_endpoint() {
     // priority_routing: the failing endpoint (first in config order) is
