@@ -294,8 +294,9 @@ impl NdjsonDecoder {
 }
 
 /// Most a [`WholeFrames`] holds back: a longer line or event goes on in
-/// pieces (memory per stream stays bounded).
-pub const HOLD_LIMIT: usize = 64 * 1024;
+/// pieces (memory per stream stays bounded). The decoders refuse frames
+/// this long anyway.
+pub const HOLD_LIMIT: usize = MAX_FRAME_BYTES;
 
 /// Passes a backend's stream on in whole frames: the unterminated last
 /// line (NDJSON) or unfinished last event (SSE) of what has arrived waits
@@ -308,6 +309,11 @@ pub const HOLD_LIMIT: usize = 64 * 1024;
 pub struct WholeFrames {
     sse: bool,
     held: BytesMut,
+    /// What went on ends inside a frame (one over [`HOLD_LIMIT`] went on
+    /// in pieces).
+    open: bool,
+    /// SSE: what went on ends in `\r`, which a `\n` may still complete.
+    after_cr: bool,
 }
 
 impl WholeFrames {
@@ -316,6 +322,8 @@ impl WholeFrames {
         Self {
             sse: false,
             held: BytesMut::new(),
+            open: false,
+            after_cr: false,
         }
     }
 
@@ -325,14 +333,21 @@ impl WholeFrames {
         Self {
             sse: true,
             held: BytesMut::new(),
+            open: false,
+            after_cr: false,
         }
     }
 
     /// The bytes of `chunk` (after what was held) that complete frames.
     pub fn push(&mut self, chunk: Bytes) -> Bytes {
         let out = if self.held.is_empty() {
-            let end = self.frames_end(&chunk);
+            let mut end = self.frames_end(&chunk);
+            if end == 0 && self.after_cr && chunk.first() == Some(&b'\n') {
+                // Completes the `\r\n` that ended the last event.
+                end = 1;
+            }
             if end == chunk.len() {
+                self.went_on(&chunk);
                 return chunk;
             }
             self.held.extend_from_slice(&chunk[end..]);
@@ -343,12 +358,28 @@ impl WholeFrames {
             self.held.split_to(end).freeze()
         };
         if self.held.len() <= HOLD_LIMIT {
+            self.went_on(&out);
             return out;
         }
         let mut all = BytesMut::with_capacity(out.len() + self.held.len());
         all.extend_from_slice(&out);
         all.extend_from_slice(&self.held.split());
+        self.open = true;
+        self.after_cr = false;
         all.freeze()
+    }
+
+    /// Notes where the whole frames that went on ended.
+    fn went_on(&mut self, out: &[u8]) {
+        if let Some(&last) = out.last() {
+            self.open = false;
+            self.after_cr = self.sse && last == b'\r';
+        }
+    }
+
+    /// Whether part of a frame is held back.
+    pub fn holds(&self) -> bool {
+        !self.held.is_empty()
     }
 
     /// What is held: at a clean end, the last frame without its terminator.
@@ -356,27 +387,16 @@ impl WholeFrames {
         self.held.split().freeze()
     }
 
-    /// What is held, terminated as a frame of its own (nothing when nothing
-    /// is held): what a backend sent before it ended without its final
-    /// chunk, so that the error chunk after it starts a frame.
-    pub fn take_held_terminated(&mut self) -> Bytes {
-        if self.held.is_empty() {
-            return Bytes::new();
-        }
-        let mut rest = self.held.split();
-        if self.sse {
-            while !rest.ends_with(b"\n\n") {
-                rest.extend_from_slice(b"\n");
-            }
-        } else {
-            rest.extend_from_slice(b"\n");
-        }
-        rest.freeze()
-    }
-
-    /// Drops the unfinished frame (the backend failed in the middle of it).
-    pub fn discard(&mut self) {
+    /// The backend failed or ended before its final chunk: drops the frame
+    /// it did not finish, and returns what must go before an error chunk so
+    /// that it starts a frame of its own (nothing, unless a frame over
+    /// [`HOLD_LIMIT`] already went on in part).
+    pub fn close_for_error(&mut self) -> &'static [u8] {
         self.held.clear();
+        if !std::mem::take(&mut self.open) {
+            return b"";
+        }
+        if self.sse { b"\n\n" } else { b"\n" }
     }
 
     /// Where the last complete frame in `b` ends (0: none).
@@ -629,10 +649,9 @@ mod tests {
             &b"{\"e\":5}"[..],
             "a clean end gets the rest"
         );
-        f.push(Bytes::from_static(b"{\"f\""));
-        assert_eq!(f.take_held_terminated(), &b"{\"f\"\n"[..]);
         f.push(Bytes::from_static(b"{\"g\""));
-        f.discard();
+        assert!(f.holds());
+        assert_eq!(f.close_for_error(), b"", "nothing of it went on");
         assert_eq!(f.take_held(), &b""[..], "a failure drops the half line");
     }
 
@@ -658,9 +677,13 @@ mod tests {
                 b"\ndata: 4\r\r",
             ]
         );
-        assert_eq!(f.take_held_terminated(), &b"data: 5\n\n"[..]);
-        f.push(Bytes::from_static(b"data: 6\r"));
-        assert_eq!(f.take_held_terminated(), &b"data: 6\r\n\n"[..]);
+        assert_eq!(f.take_held(), &b"data: 5"[..]);
+        // The `\n` completing a `\r\n` that ended an event goes on at once,
+        // not with the next event.
+        assert_eq!(
+            push_all(&mut f, &[b"data: 6\r\n\r", b"\n", b"data: 7"]),
+            [&b"data: 6\r\n\r"[..], b"\n", b""]
+        );
     }
 
     #[test]
@@ -669,6 +692,9 @@ mod tests {
         let long = vec![b'x'; HOLD_LIMIT + 1];
         assert_eq!(f.push(Bytes::from(long)).len(), HOLD_LIMIT + 1);
         assert_eq!(f.take_held(), &b""[..]);
+        // Part of a frame went on: an error after it needs a line of its own.
+        assert_eq!(f.close_for_error(), b"\n");
+        assert_eq!(f.close_for_error(), b"", "once");
     }
 
     proptest! {
@@ -696,7 +722,10 @@ mod tests {
                         let ends_event = [&b"\n\n"[..], b"\r\r", b"\n\r", b"\n\r\n", b"\r\r\n"]
                             .iter()
                             .any(|end| piece.ends_with(end));
-                        prop_assert!(ends_event, "{:?} (len {end})", piece);
+                        // Or the `\n` of a `\r\n` whose `\r` ended the
+                        // last piece's event.
+                        let completes_crlf = &piece[..] == b"\n" && out.last() == Some(&b'\r');
+                        prop_assert!(ends_event || completes_crlf, "{:?} (len {end})", piece);
                     } else {
                         prop_assert!(piece.ends_with(b"\n"), "{:?}", piece);
                     }

@@ -529,13 +529,13 @@ impl Transform {
         }
     }
 
-    /// The backend ended the body: last bytes to send and how it ended.
-    /// Before its final chunk, what it sent of a last frame goes on
-    /// terminated, so that the error chunk after it starts a frame.
+    /// The backend ended the body: last bytes to send and how it ended. A
+    /// last frame without its line ending goes on; one the backend did not
+    /// finish before its final chunk does not (the error chunk follows).
     fn finish(&mut self, now: Instant) -> (Bytes, StreamEnd) {
         let pass_through = |end: StreamEnd, frames: &mut WholeFrames| {
             let tail = if end == StreamEnd::Truncated {
-                frames.take_held_terminated()
+                Bytes::from_static(frames.close_for_error())
             } else {
                 frames.take_held()
             };
@@ -555,6 +555,19 @@ impl Transform {
             Self::Ollama(_, frames) | Self::OpenAi(_, frames) => frames.take_held(),
             Self::Translate(_) => Bytes::new(),
         }
+    }
+
+    /// The backend failed or stalled while a frame was held back: when
+    /// that frame is its final chunk, only without its line ending
+    /// (`done:true`, `[DONE]`, `message_stop`), the frame, and the stream
+    /// has ended well.
+    fn held_final(&mut self) -> Option<Bytes> {
+        let (end, frames) = match self {
+            Self::Ollama(o, frames) if frames.holds() => (o.finish(), frames),
+            Self::OpenAi(o, frames) if frames.holds() => (o.finish(), frames),
+            _ => return None,
+        };
+        (end == StreamEnd::Complete).then(|| frames.take_held())
     }
 
     /// Whether the stream carried its final chunk with no error before it:
@@ -582,8 +595,13 @@ impl Transform {
     fn abort(&mut self, format: ApiFormat, message: &str) -> Bytes {
         match self {
             Self::Ollama(_, frames) | Self::OpenAi(_, frames) => {
-                frames.discard();
-                stream_error_chunk(format, message)
+                let before = frames.close_for_error();
+                let chunk = stream_error_chunk(format, message);
+                if before.is_empty() {
+                    chunk
+                } else {
+                    [before, &chunk[..]].concat().into()
+                }
             }
             Self::Translate(t) => {
                 let line = t.abort(message);
@@ -689,6 +707,12 @@ impl LiveStream {
                         if !rest.is_empty() {
                             yield Ok(rest);
                         }
+                        lease.finish_applied(Outcome::Ok, transform.tokens()).await;
+                        break;
+                    }
+                    Next::Broken(_) | Next::Stalled if let Some(last) = transform.held_final() => {
+                        // The final chunk came without its line ending.
+                        yield Ok(last);
                         lease.finish_applied(Outcome::Ok, transform.tokens()).await;
                         break;
                     }

@@ -48,6 +48,12 @@ enum Behaviour {
     NoRouteGin,
     /// Stream one chunk, then hold the stream open until dropped.
     StallAfterFirstChunk,
+    /// Stream one chunk and the first half of the next, then end the body
+    /// cleanly.
+    HalfLineThenEnd,
+    /// Stream every chunk, the last without its line ending, then break
+    /// the connection (no end of the chunked body).
+    FinalUnterminatedThenDrop,
     /// Never send response headers.
     Hang,
 }
@@ -222,7 +228,10 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
         body: body.clone(),
     });
     match s.behaviour {
-        Behaviour::Serve | Behaviour::StallAfterFirstChunk => {}
+        Behaviour::Serve
+        | Behaviour::StallAfterFirstChunk
+        | Behaviour::HalfLineThenEnd
+        | Behaviour::FinalUnterminatedThenDrop => {}
         Behaviour::NoRoute => {
             return (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))).into_response();
         }
@@ -334,16 +343,30 @@ async fn fake_infer(State(s): State<FakeState>, req: Request) -> Response {
     } else {
         return Json(json!({"model":model,"message":{"role":"assistant","content":"Hello"},"done":true,"prompt_eval_count":3,"eval_count":2})).into_response();
     };
-    let stall = s.behaviour == Behaviour::StallAfterFirstChunk;
+    let behaviour = s.behaviour;
     let mut watch = DropWatch {
         done: false,
         dropped: s.dropped.clone(),
         signal: s.dropped_signal.clone(),
     };
+    let last = chunks.len() - 1;
     let body = async_stream::stream! {
         for (i, chunk) in chunks.into_iter().enumerate() {
-            yield Ok::<Bytes, Infallible>(Bytes::from(chunk));
-            if stall && i == 0 {
+            match behaviour {
+                Behaviour::HalfLineThenEnd if i == 1 => {
+                    yield Ok::<Bytes, std::io::Error>(Bytes::from(chunk[..chunk.len() / 2].to_owned()));
+                    break;
+                }
+                Behaviour::FinalUnterminatedThenDrop if i == last => {
+                    yield Ok(Bytes::from(chunk.trim_end_matches('\n').to_owned()));
+                    // Sent before the connection breaks.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    yield Err(std::io::Error::other("connection dropped"));
+                    return;
+                }
+                _ => yield Ok(Bytes::from(chunk)),
+            }
+            if behaviour == Behaviour::StallAfterFirstChunk && i == 0 {
                 std::future::pending::<()>().await;
             }
         }
@@ -860,6 +883,103 @@ async fn total_failure_is_reported_in_the_client_format() {
     wait_no_leases(&sc2).await;
     sc.shutdown().await;
     sc2.shutdown().await;
+}
+
+/// A streamed chat through `sc`: Ollama `/api/chat` (NDJSON lines) or, for
+/// `openai`, `/v1/chat/completions` (SSE `data:` payloads).
+async fn streamed_payloads(sc: &SidecarHandle, openai: bool) -> Vec<String> {
+    let path = if openai {
+        "/v1/chat/completions"
+    } else {
+        "/api/chat"
+    };
+    let r = client()
+        .post(format!("http://{}{path}", sc.addr))
+        .json(&json!({"model": "llama3", "stream": true, "messages": [{"role":"user","content":"hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    text.lines()
+        .filter_map(|l| {
+            if openai {
+                l.strip_prefix("data: ").map(str::to_owned)
+            } else {
+                Some(l.to_owned())
+            }
+        })
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// A backend that ends its body cleanly halfway through a line: the half
+/// line is not passed on (it would be a line the client cannot parse),
+/// and the error that follows is a line of its own.
+#[tokio::test]
+async fn half_a_line_at_a_clean_end_is_dropped_and_the_error_is_a_line_of_its_own() {
+    for kind in ["ollama", "llama_server"] {
+        let fake = Fake::start(kind, &["llama3:latest"], Behaviour::HalfLineThenEnd).await;
+        let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+        wait_routable(&sc, 1).await;
+        let openai = kind == "llama_server";
+        let payloads = streamed_payloads(&sc, openai).await;
+        for p in &payloads {
+            assert!(
+                serde_json::from_str::<Value>(p).is_ok(),
+                "{kind}: not JSON: {p:?} in {payloads:?}"
+            );
+        }
+        let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+        let message = if openai {
+            &last["error"]["message"]
+        } else {
+            &last["error"]
+        };
+        assert!(message.is_string(), "{kind}: {payloads:?}");
+        assert_eq!(payloads.len(), 2, "{kind}: one whole chunk, then the error");
+        wait_no_leases(&sc).await;
+        sc.shutdown().await;
+    }
+}
+
+/// A final chunk without its line ending, and then a broken connection:
+/// the chunk goes on and the stream ends well (no error after it), as it
+/// does when the connection ends cleanly.
+#[tokio::test]
+async fn a_final_chunk_without_its_line_ending_ends_the_stream_even_if_the_connection_breaks() {
+    for kind in ["ollama", "llama_server"] {
+        let fake = Fake::start(
+            kind,
+            &["llama3:latest"],
+            Behaviour::FinalUnterminatedThenDrop,
+        )
+        .await;
+        let sc = sidecar(&endpoints_yaml(&[&fake])).await;
+        wait_routable(&sc, 1).await;
+        let openai = kind == "llama_server";
+        let payloads = streamed_payloads(&sc, openai).await;
+        let last = payloads.last().unwrap();
+        if openai {
+            assert_eq!(last, "[DONE]", "{payloads:?}");
+        } else {
+            let last: Value = serde_json::from_str(last).unwrap();
+            assert_eq!(last["done"], json!(true), "{payloads:?}");
+        }
+        assert!(
+            !payloads.iter().any(|p| p.contains("\"error\"")),
+            "{kind}: {payloads:?}"
+        );
+        wait_no_leases(&sc).await;
+        // Released as ok: a failure would mark the model failing there.
+        let state = sc.router().cluster_state();
+        assert!(
+            state.endpoints[0].failing_models.is_empty(),
+            "{kind}: {:?}",
+            state.endpoints[0]
+        );
+        sc.shutdown().await;
+    }
 }
 
 #[tokio::test]
