@@ -495,7 +495,14 @@ impl SseToNdjson {
     pub fn finish(&mut self, now: Instant) -> (Bytes, StreamEnd) {
         let mut values = Vec::new();
         if let Some(payload) = self.decoder.finish() {
-            values.extend(self.translator.feed(&payload, now));
+            // An unterminated last event that does not parse was cut off:
+            // the stream ended before it was complete (as a passed-through
+            // stream reports it), rather than sent an invalid chunk.
+            let whole = payload == SSE_DONE
+                || serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_ok();
+            if whole {
+                values.extend(self.translator.feed(&payload, now));
+            }
         }
         let (last, end) = self.translator.finish(now);
         values.extend(last);
@@ -957,6 +964,13 @@ mod tests {
         );
         let (last, end) = s.finish(c.at(2));
         assert!(last.is_empty());
+        assert_eq!(end, StreamEnd::Truncated);
+
+        // Half an event, then the end: cut off, not an invalid chunk.
+        let mut s = SseToNdjson::new(chat(&c));
+        s.push(b"data: {\"id\":\"c1\",\"choi", c.at(1));
+        let (last, end) = s.finish(c.at(2));
+        assert!(last.is_empty(), "{last:?}");
         assert_eq!(end, StreamEnd::Truncated);
 
         let mut s = SseToNdjson::new(chat(&c));
