@@ -43,6 +43,16 @@ use self::{
     session::SessionTable,
 };
 
+/// The map and set of the tables every choose and release touches (leases,
+/// sessions and their leases, the discovery index). They hash with foldhash
+/// rather than std's SipHash, which was ~10 % of the control plane's
+/// instructions per choose + release (callgrind, BENCHMARKS.md): keep them
+/// to keys clients do not choose (ids this process allocates, names from
+/// config and discovery).
+pub type FastMap<K, V> = foldhash::HashMap<K, V>;
+/// See [`FastMap`].
+pub type FastSet<T> = foldhash::HashSet<T>;
+
 /// Cumulative counters (monotonic).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {

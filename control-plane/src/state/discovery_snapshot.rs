@@ -11,10 +11,8 @@
 
 use std::sync::Arc;
 
-// foldhash rather than std's SipHash: the keys are model names the endpoints advertise (requests only look them up), not
-// chosen by clients, and SipHash was ~10 % of the control plane's
-// instructions per choose + release (callgrind, BENCHMARKS.md).
-use foldhash::HashMap;
+// Keyed by the model names endpoints advertise (requests only look them up).
+use super::FastMap;
 
 use crate::{endpoint::EndpointKind, model_name::tracking_name, policy::index_key};
 
@@ -109,7 +107,7 @@ pub struct Candidate {
 pub struct DiscoverySnapshot {
     /// Per endpoint, configuration order.
     pub endpoints: Vec<EndpointDiscovery>,
-    index: HashMap<Box<str>, Vec<Candidate>>,
+    index: FastMap<Box<str>, Vec<Candidate>>,
     available: Vec<String>,
 }
 
@@ -118,7 +116,7 @@ impl DiscoverySnapshot {
     pub fn empty(n: usize) -> Self {
         Self {
             endpoints: vec![EndpointDiscovery::default(); n],
-            index: HashMap::default(),
+            index: FastMap::default(),
             available: Vec::new(),
         }
     }
@@ -134,7 +132,7 @@ impl DiscoverySnapshot {
 
     /// Builds the index over per-endpoint discoveries.
     pub fn build(endpoints: Vec<EndpointDiscovery>) -> Self {
-        let mut index: HashMap<Box<str>, Vec<Candidate>> = HashMap::default();
+        let mut index: FastMap<Box<str>, Vec<Candidate>> = FastMap::default();
         let mut available: Vec<String> = Vec::new();
         for (e, disc) in endpoints.iter().enumerate() {
             let endpoint = u32::try_from(e).unwrap_or(u32::MAX);

@@ -15,10 +15,8 @@
 
 use std::sync::Arc;
 
-// foldhash rather than std's SipHash: the keys are lease ids this process allocates, not
-// chosen by clients, and SipHash was ~10 % of the control plane's
-// instructions per choose + release (callgrind, BENCHMARKS.md).
-use foldhash::HashMap;
+// Keyed by lease ids this process allocates.
+use super::FastMap;
 
 use crate::{
     ids::{LeaseId, SessionId},
@@ -54,7 +52,7 @@ pub struct Lease {
 /// Leases and usage.
 #[derive(Debug)]
 pub struct LeaseTable {
-    leases: HashMap<LeaseId, Lease>,
+    leases: FastMap<LeaseId, Lease>,
     /// Per endpoint: live leases over all models.
     totals: Vec<u32>,
     /// Per slot: live leases.
@@ -69,7 +67,7 @@ impl LeaseTable {
     /// A table for `endpoints` endpoints.
     pub fn new(endpoints: usize) -> Self {
         Self {
-            leases: HashMap::default(),
+            leases: FastMap::default(),
             totals: vec![0; endpoints],
             in_flight: Vec::new(),
             slots: Vec::new(),
@@ -190,7 +188,7 @@ impl LeaseTable {
     /// Panics if a counter disagrees with the live leases (tests only).
     #[cfg(test)]
     pub fn check_invariants(&self) {
-        let mut expect: HashMap<u32, u32> = HashMap::default();
+        let mut expect: FastMap<u32, u32> = FastMap::default();
         for l in self.leases.values() {
             assert_eq!(self.slots[l.slot as usize].endpoint, l.endpoint);
             *expect.entry(l.slot).or_default() += 1;

@@ -7,10 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-// foldhash rather than std's SipHash: the keys are session and lease ids this process allocates, not
-// chosen by clients, and SipHash was ~10 % of the control plane's
-// instructions per choose + release (callgrind, BENCHMARKS.md).
-use foldhash::{HashMap, HashSet};
+// Keyed by session and lease ids this process allocates.
+use super::{FastMap, FastSet};
 
 use crate::ids::{IdAllocator, LeaseId, SessionId};
 
@@ -24,7 +22,7 @@ pub struct Session {
     /// Expiry without a further keep-alive.
     pub deadline: Instant,
     /// Leases it holds.
-    pub leases: HashSet<LeaseId>,
+    pub leases: FastSet<LeaseId>,
     /// The token it was opened with, if any (see [`SessionTable::open`]).
     pub open_token: Option<u64>,
 }
@@ -32,7 +30,7 @@ pub struct Session {
 /// All sessions.
 #[derive(Debug)]
 pub struct SessionTable {
-    sessions: HashMap<SessionId, Session>,
+    sessions: FastMap<SessionId, Session>,
     ids: IdAllocator,
     ttl: Duration,
 }
@@ -41,7 +39,7 @@ impl SessionTable {
     /// An empty table whose sessions live `ttl` past each keep-alive.
     pub fn new(ttl: Duration) -> Self {
         Self {
-            sessions: HashMap::default(),
+            sessions: FastMap::default(),
             ids: IdAllocator::new(false),
             ttl,
         }
@@ -67,7 +65,7 @@ impl SessionTable {
                 name: name.to_owned(),
                 last_keepalive: now,
                 deadline: now + self.ttl,
-                leases: HashSet::default(),
+                leases: FastSet::default(),
                 open_token,
             },
         );
