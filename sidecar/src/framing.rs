@@ -319,19 +319,18 @@ pub struct WholeFrames {
 impl WholeFrames {
     /// For NDJSON: a frame ends at `\n`.
     pub fn ndjson() -> Self {
-        Self {
-            sse: false,
-            held: BytesMut::new(),
-            open: false,
-            after_cr: false,
-        }
+        Self::new(false)
     }
 
     /// For SSE: a frame ends at an empty line (`\n`, `\r\n` or `\r`
     /// terminators).
     pub fn sse() -> Self {
+        Self::new(true)
+    }
+
+    fn new(sse: bool) -> Self {
         Self {
-            sse: true,
+            sse,
             held: BytesMut::new(),
             open: false,
             after_cr: false,

@@ -548,20 +548,18 @@ impl Transform {
         }
     }
 
-    /// After the final chunk, the rest of what the backend sent (it then
-    /// failed or stalled, which no longer matters).
-    fn rest_after_final(&mut self) -> Bytes {
-        match self {
-            Self::Ollama(_, frames) | Self::OpenAi(_, frames) => frames.take_held(),
-            Self::Translate(_) => Bytes::new(),
+    /// The backend failed or stalled: when its final chunk had come, the
+    /// rest to send, and the stream has ended well. The final chunk either
+    /// went out already (the rest is what followed it, which no longer
+    /// matters), or is the frame held back for want of its line ending
+    /// (`done:true`, `[DONE]`, `message_stop`).
+    fn rest_after_final(&mut self) -> Option<Bytes> {
+        if self.complete() {
+            return Some(match self {
+                Self::Ollama(_, frames) | Self::OpenAi(_, frames) => frames.take_held(),
+                Self::Translate(_) => Bytes::new(),
+            });
         }
-    }
-
-    /// The backend failed or stalled while a frame was held back: when
-    /// that frame is its final chunk, only without its line ending
-    /// (`done:true`, `[DONE]`, `message_stop`), the frame, and the stream
-    /// has ended well.
-    fn held_final(&mut self) -> Option<Bytes> {
         let (end, frames) = match self {
             Self::Ollama(o, frames) if frames.holds() => (o.finish(), frames),
             Self::OpenAi(o, frames) if frames.holds() => (o.finish(), frames),
@@ -700,19 +698,12 @@ impl LiveStream {
                         lease.finish_applied(stop.outcome(), transform.tokens()).await;
                         break;
                     }
-                    Next::Broken(_) | Next::Stalled if transform.complete() => {
-                        // The final chunk already went out; the backend
-                        // just closed untidily.
-                        let rest = transform.rest_after_final();
+                    Next::Broken(_) | Next::Stalled if let Some(rest) = transform.rest_after_final() => {
+                        // The final chunk came; the backend just closed
+                        // untidily.
                         if !rest.is_empty() {
                             yield Ok(rest);
                         }
-                        lease.finish_applied(Outcome::Ok, transform.tokens()).await;
-                        break;
-                    }
-                    Next::Broken(_) | Next::Stalled if let Some(last) = transform.held_final() => {
-                        // The final chunk came without its line ending.
-                        yield Ok(last);
                         lease.finish_applied(Outcome::Ok, transform.tokens()).await;
                         break;
                     }
