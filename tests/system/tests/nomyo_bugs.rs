@@ -40,6 +40,19 @@ async fn one_openai() -> Cluster {
         .await
 }
 
+/// An Ollama backend with `m` and an OpenAI one with `gpt-x`, six chunks
+/// per stream, both failing in `mode`.
+async fn both_failing(mode: FailureMode) -> Cluster {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]).chunks(6))
+        .backend(openai_fake(&["gpt-x"]).chunks(6))
+        .start()
+        .await;
+    c.backend(0).set_failure(mode);
+    c.backend(1).set_failure(mode);
+    c
+}
+
 /// A streamed one-message chat ("hi") to `model` on `path`.
 async fn stream_hi(c: &Cluster, path: &str, model: &str, framing: Framing) -> StreamReply {
     stream(
@@ -154,13 +167,7 @@ async fn bug03_unknown_model_is_404_in_client_format_listing_models() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bug04_backend_failure_mid_stream_ends_with_error_in_client_format() {
     // Ollama client, Ollama backend that resets the connection mid-stream.
-    let c = Cluster::builder()
-        .backend(ollama_fake(&["m:latest"]).chunks(6))
-        .backend(openai_fake(&["gpt-x"]).chunks(6))
-        .start()
-        .await;
-    c.backend(0).set_failure(FailureMode::MidStreamDrop);
-    c.backend(1).set_failure(FailureMode::MidStreamDrop);
+    let c = both_failing(FailureMode::MidStreamDrop).await;
     let r = stream_hi(&c, "/api/chat", "m", Framing::Ndjson).await;
     assert_eq!(r.status, 200, "{}", r.dump());
     let lines = r.ndjson();
@@ -221,13 +228,7 @@ async fn bug04_backend_failure_mid_stream_ends_with_error_in_client_format() {
 /// frame of its own (glued onto the half line, neither parsed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bug04_failure_mid_line_ends_with_an_error_frame_of_its_own() {
-    let c = Cluster::builder()
-        .backend(ollama_fake(&["m:latest"]).chunks(6))
-        .backend(openai_fake(&["gpt-x"]).chunks(6))
-        .start()
-        .await;
-    c.backend(0).set_failure(FailureMode::MidLineDrop);
-    c.backend(1).set_failure(FailureMode::MidLineDrop);
+    let c = both_failing(FailureMode::MidLineDrop).await;
 
     // `ndjson()` fails on any line that is not JSON.
     let r = stream_hi(&c, "/api/chat", "m", Framing::Ndjson).await;
