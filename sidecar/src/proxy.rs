@@ -104,11 +104,15 @@ pub(crate) async fn handle(state: AppState, route: ApiRoute, req: Request) -> Re
         Err(error) => {
             // The span may be off: these lines name the request themselves.
             let (route, model) = (route.path(), model.as_deref().unwrap_or_default());
-            if error.status().is_server_error() {
-                tracing::warn!(parent: &span, route, model, error = %error, "request failed");
-            } else {
-                tracing::info!(parent: &span, route, model, error = %error, "request refused");
-            }
+            // In the span's scope rather than `parent: &span`: the JSON log
+            // format lists only entered spans under "spans" (tracing#2973).
+            span.in_scope(|| {
+                if error.status().is_server_error() {
+                    tracing::warn!(route, model, error = %error, "request failed");
+                } else {
+                    tracing::info!(route, model, error = %error, "request refused");
+                }
+            });
             error.into_response_for(format)
         }
     };
@@ -136,7 +140,7 @@ pub(crate) async fn handle(state: AppState, route: ApiRoute, req: Request) -> Re
     // Per-request lines are debug: at thousands of requests per second an
     // info line each costs more CPU than the routing itself (BENCHMARKS.md).
     // Failures above are logged at info/warn; the counts are in /metrics.
-    tracing::debug!(parent: &span, status, "response started");
+    span.in_scope(|| tracing::debug!(status, "response started"));
     response
 }
 

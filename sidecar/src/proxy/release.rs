@@ -255,14 +255,16 @@ impl TrackedLease {
         self.metrics
             .upstream_outcome(&self.choice.endpoint, outcome);
         self.span.record("outcome", outcome.as_str());
-        tracing::debug!(
-            parent: &self.span,
-            endpoint = &*self.choice.endpoint,
-            %outcome,
-            prompt_tokens = tokens.prompt,
-            completion_tokens = tokens.completion,
-            "lease released"
-        );
+        // In the span's scope, not `parent:` (see `proxy::handle`).
+        self.span.in_scope(|| {
+            tracing::debug!(
+                endpoint = &*self.choice.endpoint,
+                %outcome,
+                prompt_tokens = tokens.prompt,
+                completion_tokens = tokens.completion,
+                "lease released"
+            );
+        });
         Some(lease)
     }
 }
@@ -277,13 +279,14 @@ impl Drop for TrackedLease {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
             self.span.record("outcome", Outcome::Cancelled.as_str());
-            tracing::info!(
-                parent: &self.span,
-                endpoint = &*self.choice.endpoint,
-                prompt_tokens = self.so_far.prompt,
-                completion_tokens = self.so_far.completion,
-                "request cancelled (client gone or shutdown); lease released as cancelled"
-            );
+            self.span.in_scope(|| {
+                tracing::info!(
+                    endpoint = &*self.choice.endpoint,
+                    prompt_tokens = self.so_far.prompt,
+                    completion_tokens = self.so_far.completion,
+                    "request cancelled (client gone or shutdown); lease released as cancelled"
+                );
+            });
             lease.finish(Outcome::Cancelled, self.so_far);
         }
     }

@@ -399,7 +399,7 @@ impl ChildProcess {
 
     /// `switchyard-sidecar --standalone --config FILE --listen ADDR`.
     pub async fn sidecar_standalone(config: &TestConfig) -> Self {
-        Self::sidecar_standalone_with(config, Vec::new()).await
+        Self::sidecar_standalone_with(config, Vec::new(), Vec::new()).await
     }
 
     /// [`ChildProcess::sidecar_standalone`] plus
@@ -408,12 +408,18 @@ impl ChildProcess {
         let grpc = free_addr();
         let extra = vec!["--control-plane-listen".to_owned(), grpc.to_string()];
         (
-            Self::sidecar_standalone_with(config, extra).await,
+            Self::sidecar_standalone_with(config, extra, Vec::new()).await,
             format!("http://{grpc}"),
         )
     }
 
-    async fn sidecar_standalone_with(config: &TestConfig, extra: Vec<String>) -> Self {
+    /// [`ChildProcess::sidecar_standalone`] plus `extra` arguments and
+    /// environment variables (`RUST_LOG` here replaces the harness's `info`).
+    pub async fn sidecar_standalone_with(
+        config: &TestConfig,
+        extra: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let addr = free_addr();
         let dir = temp_dir();
         let file = write_config(dir.path(), config);
@@ -425,7 +431,7 @@ impl ChildProcess {
             addr.to_string(),
         ];
         args.extend(extra);
-        Self::spawn_in(Binary::Sidecar, args, Vec::new(), addr, dir).await
+        Self::spawn_in(Binary::Sidecar, args, env, addr, dir).await
     }
 
     /// `fake-model-server --mode MODE --models M,.. --listen ADDR` plus

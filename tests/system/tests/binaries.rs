@@ -216,3 +216,69 @@ async fn boolean_flags_read_their_environment_variables() {
         );
     }
 }
+
+/// The spans of a JSON log line (`"spans"`: names from the root down).
+fn span_names(line: &serde_json::Value) -> Vec<String> {
+    line["spans"]
+        .as_array()
+        .map(|spans| {
+            spans
+                .iter()
+                .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// With `--log-format json` and debug logs, a request's lines carry its
+/// spans in `"spans"` (the JSON format lists only entered spans: a line
+/// logged with an explicit `parent` had `"spans":[]`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_list_the_request_spans() {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let fake = ChildProcess::fake_model_server("ollama", &["m:latest"], &["--chunks", "3"]).await;
+    let config = config_for(&fake);
+    let sidecar = ChildProcess::sidecar_standalone_with(
+        &config,
+        vec!["--log-format".to_owned(), "json".to_owned()],
+        vec![(
+            "RUST_LOG".to_owned(),
+            "info,switchyard_sidecar=debug".to_owned(),
+        )],
+    )
+    .await;
+    chat_ok(&http, &sidecar.url(), || sidecar.logs()).await;
+    let unknown = http
+        .post(format!("{}/api/chat", sidecar.url()))
+        .json(&json!({"model": "nope", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    let logs = sidecar.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let spans_of = |message: &str| -> Vec<Vec<String>> {
+        lines
+            .iter()
+            .filter(|l| l["message"] == message)
+            .map(span_names)
+            .collect()
+    };
+    let request = vec!["request".to_owned()];
+    let attempt = vec!["request".to_owned(), "attempt".to_owned()];
+    let started = spans_of("response started");
+    assert!(
+        started.len() >= 2 && started.iter().all(|s| *s == request),
+        "{started:?}\n{logs}"
+    );
+    let released = spans_of("lease released");
+    assert!(
+        !released.is_empty() && released.iter().all(|s| *s == attempt),
+        "{released:?}\n{logs}"
+    );
+    assert_eq!(spans_of("request refused"), vec![request], "{logs}");
+}
