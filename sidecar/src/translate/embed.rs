@@ -201,6 +201,21 @@ mod tests {
         assert_eq!(legacy.body, json!({"embedding": [0.1]}));
     }
 
+    proptest::proptest! {
+        /// The vectors come out with the backend's numbers, to the bit: a
+        /// float parse that is not correctly rounded (serde_json without
+        /// `float_roundtrip`) moved about one value in ten by one step.
+        #[test]
+        fn embeddings_keep_every_bit(vector in proptest::collection::vec(-1.0f64..1.0, 1..64)) {
+            let text = serde_json::to_string(&vector).unwrap();
+            let backend = format!(r#"{{"data":[{{"index":0,"embedding":{text}}}]}}"#);
+            let body: Value = serde_json::from_str(&backend).unwrap();
+            let c = embed_response(&body, &meta(), EmbedApi::Embed).unwrap();
+            let out = serde_json::to_string(&c.body["embeddings"][0]).unwrap();
+            proptest::prop_assert_eq!(out, text);
+        }
+    }
+
     #[test]
     fn bad_embedding_bodies() {
         let b64 = json!({"data":[{"index":0,"embedding":"AAAA"}]});
