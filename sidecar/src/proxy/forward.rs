@@ -252,14 +252,33 @@ pub fn plan(
     }
 }
 
-/// The body to forward: the original bytes when the backend's model name is
-/// the client's as sent, otherwise the body with the model field's value
-/// replaced (no JSON tree either way).
+/// The body to forward: the original bytes when the backend knows the model
+/// by the client's name as sent ([`name_for_backend`]), otherwise the body
+/// with the model field's value replaced (no JSON tree either way).
 pub fn passthrough_body(ctx: &RequestContext, choice: &Choice) -> Result<Bytes, ProxyError> {
-    if *choice.backend_model == *ctx.model && !ctx.model_padded {
+    let name = name_for_backend(&ctx.model, choice);
+    if name == ctx.model && !ctx.model_padded {
         return Ok(ctx.body.clone());
     }
-    ctx.body_with_model(&choice.backend_model)
+    ctx.body_with_model(name)
+}
+
+/// The model name to send: the backend's own, except that an Ollama backend
+/// gets an untagged name as the client wrote it (`llama3` for its
+/// `llama3:latest`). Ollama resolves the tag itself and answers with the
+/// name it was sent, so the client sees its own name, as it would from
+/// Ollama directly.
+fn name_for_backend<'a>(client: &'a str, choice: &'a Choice) -> &'a str {
+    let backend = &*choice.backend_model;
+    let untagged_latest = !client.contains(':')
+        && backend
+            .strip_suffix(":latest")
+            .is_some_and(|base| base == client);
+    if choice.endpoint_kind == EndpointKind::Ollama && untagged_latest {
+        client
+    } else {
+        backend
+    }
 }
 
 fn is_dropped_request_header(name: &HeaderName) -> bool {
@@ -396,13 +415,22 @@ mod tests {
         let same =
             passthrough_body(&ctx, &choice("http://o", EndpointKind::Ollama, "llama3")).unwrap();
         assert_eq!(&same[..], raw.as_bytes());
-        let other = passthrough_body(
+        // Ollama resolves the `:latest` itself and answers with the name it
+        // was sent: the client's, as from Ollama directly.
+        let untagged = passthrough_body(
             &ctx,
             &choice("http://o", EndpointKind::Ollama, "llama3:latest"),
         )
         .unwrap();
+        assert_eq!(&untagged[..], raw.as_bytes());
+        // Any other difference is the backend's name.
+        let other = passthrough_body(
+            &ctx,
+            &choice("http://o", EndpointKind::Ollama, "Llama3:latest"),
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&other).unwrap();
-        assert_eq!(v["model"], "llama3:latest");
+        assert_eq!(v["model"], "Llama3:latest");
         assert_eq!(v["messages"], Value::Array(vec![]));
         // The stream field is not added: Ollama's default (stream) holds.
         assert!(v.get("stream").is_none());
@@ -414,9 +442,14 @@ mod tests {
             Instant::now(),
         )
         .unwrap();
+        let b =
+            passthrough_body(&ctx, &choice("http://o", EndpointKind::OpenAi, "llama3:8b")).unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["name"], "llama3:8b");
+        // An OpenAI-compatible backend knows only its own listed name.
         let b = passthrough_body(
             &ctx,
-            &choice("http://o", EndpointKind::Ollama, "llama3:latest"),
+            &choice("http://o", EndpointKind::OpenAi, "llama3:latest"),
         )
         .unwrap();
         let v: Value = serde_json::from_slice(&b).unwrap();
@@ -449,7 +482,7 @@ mod tests {
         .unwrap();
         let out = passthrough_body(
             &ctx,
-            &choice("http://o", EndpointKind::Ollama, "llama3:latest"),
+            &choice("http://o", EndpointKind::OpenAi, "llama3:latest"),
         )
         .unwrap();
         assert_eq!(

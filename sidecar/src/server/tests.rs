@@ -604,15 +604,17 @@ async fn ollama_chat_streams_by_default_through_to_done() {
     let lines = ndjson(&r.text().await.unwrap());
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[2]["done"], true);
-    // The body was forwarded with the backend's model name and no stream
-    // field added (Ollama's default holds).
+    // The body was forwarded as sent: the client's untagged name (Ollama
+    // resolves `:latest` itself and answers with the name it was sent) and
+    // no stream field added (Ollama's default holds).
     let seen = fake.seen();
     assert_eq!(seen[0].path, "/api/chat");
-    assert_eq!(seen[0].body["model"], "llama3:latest");
+    assert_eq!(seen[0].body["model"], "llama3");
     assert!(seen[0].body.get("stream").is_none());
     wait_no_leases(&sc).await;
 
-    // `/api/show` from an older client (`name`) passes through, renamed.
+    // `/api/show` from an older client (`name`) passes through, with the
+    // name as sent (this fake echoes it; Ollama resolves `:latest`).
     let r = client()
         .post(format!("http://{}/api/show", sc.addr))
         .json(&json!({"name": "llama3"}))
@@ -620,10 +622,8 @@ async fn ollama_chat_streams_by_default_through_to_done() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["modelfile"],
-        "FROM llama3:latest"
-    );
+    assert_eq!(r.json::<Value>().await.unwrap()["modelfile"], "FROM llama3");
+    assert_eq!(fake.seen().last().unwrap().body["name"], "llama3");
 
     // Non-streaming.
     let r = client()
@@ -1335,10 +1335,7 @@ async fn anthropic_messages_pass_through_with_anthropic_errors() {
     let r = messages(streamed).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
-    assert_eq!(
-        r.text().await.unwrap(),
-        messages_events("llama3:latest").concat()
-    );
+    assert_eq!(r.text().await.unwrap(), messages_events("llama3").concat());
     let seen = fake.seen();
     assert_eq!(seen.len(), 2);
     for s in &seen {
@@ -1417,7 +1414,7 @@ async fn responses_api_passes_through_streamed_and_not() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let text = r.text().await.unwrap();
-    assert_eq!(text, responses_events("llama3:latest").concat());
+    assert_eq!(text, responses_events("llama3").concat());
 
     let seen = fake.seen();
     assert_eq!(seen.len(), 2);
