@@ -30,7 +30,8 @@ JSON output (--output json; field names are stable):
   usage:    {version, rows: [{endpoint, model, in_flight, requests,
              prompt_tokens, completion_tokens}], totals: {in_flight, requests,
              prompt_tokens, completion_tokens}}
-  sessions: {sessions: [{id, name, leases, last_keepalive_ms_ago, expires_in_ms}]}
+  sessions: {sessions: [{id (16 hex digits, as in the table), name, leases,
+             last_keepalive_ms_ago, expires_in_ms}]}
   affinity: {total, entries: [{key, endpoint, model, expires_in_ms}]}
   choose:   {model, endpoint, endpoint_kind, backend_model, tracking_model, reason}
   drain, undrain: {endpoint: {...as in endpoints...}}

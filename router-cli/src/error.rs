@@ -119,10 +119,16 @@ impl CliError {
                     cause: root_cause(&status),
                 }
             }
-            _ if status.message().starts_with("grpc-status header missing") => Self::NotGrpc {
-                addr: addr.to_owned(),
-                message: status.message().to_owned(),
-            },
+            // Plain HTTP: an answer without gRPC's status header, or a body
+            // read as gRPC frames (a JSON error's `{` is flag 123).
+            _ if status.message().starts_with("grpc-status header missing")
+                || status.message().contains("invalid compression flag") =>
+            {
+                Self::NotGrpc {
+                    addr: addr.to_owned(),
+                    message: status.message().to_owned(),
+                }
+            }
             code => Self::Status {
                 addr: addr.to_owned(),
                 code,
@@ -218,6 +224,26 @@ mod tests {
         assert!(
             text.starts_with("http://cp:9090 answered plain HTTP, not gRPC")
                 && text.contains("metrics port"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_json_error_body_is_named_as_not_grpc() {
+        // What a sidecar's port answers (401 with a JSON error) reads as.
+        let e = CliError::status(
+            "http://sidecar:12434",
+            tonic::Status::internal(
+                "protocol error: received message with invalid compression flag: 123 \
+                 (valid flags are 0 and 1) while receiving response with status: \
+                 401 Unauthorized",
+            ),
+            Duration::from_secs(1),
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("http://sidecar:12434 answered plain HTTP, not gRPC")
+                && text.contains("a sidecar?"),
             "{text}"
         );
     }

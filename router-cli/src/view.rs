@@ -190,7 +190,9 @@ pub struct UsageView {
 /// One sidecar session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionView {
-    /// Session id.
+    /// Session id; JSON carries it as the 16 hex digits the table and the
+    /// logs show (a number above 2^53 loses digits in `jq` and JavaScript).
+    #[serde(with = "hex_id")]
     pub id: u64,
     /// Sidecar name.
     pub name: String,
@@ -512,6 +514,21 @@ impl TryFrom<v1::DrainResponse> for DrainView {
     }
 }
 
+/// A `u64` id as a string of 16 hex digits (`SessionId`'s display form).
+mod hex_id {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(id: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{id:016x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        u64::from_str_radix(&text, 16)
+            .map_err(|e| D::Error::custom(format!("session id {text:?} is not hex: {e}")))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -580,6 +597,25 @@ pub(crate) mod tests {
             priority_routing: true,
             conversation_affinity: true,
         }
+    }
+
+    #[test]
+    fn session_ids_are_hex_strings_in_json() {
+        let view = SessionView {
+            id: 0x2e8a_cb34_0000_0001,
+            name: "ingress-a".into(),
+            leases: 2,
+            last_keepalive_ms_ago: 10,
+            expires_in_ms: 9_990,
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        // 3353716296729493505 as a JSON number would read back as ...500.
+        assert_eq!(json["id"], "2e8acb3400000001");
+        assert_eq!(serde_json::from_value::<SessionView>(json).unwrap(), view);
+        let bad = serde_json::json!({"id": "xyz", "name": "", "leases": 0,
+            "last_keepalive_ms_ago": 0, "expires_in_ms": 0});
+        let err = serde_json::from_value::<SessionView>(bad).unwrap_err();
+        assert!(err.to_string().contains("\"xyz\" is not hex"), "{err}");
     }
 
     #[test]
