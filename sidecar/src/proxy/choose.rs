@@ -26,19 +26,25 @@ use crate::{
     server::AppState,
 };
 
-/// Endpoints a route is known not to be served by, tried only when no
-/// other has the model: Ollama has no Anthropic token count (it answers
-/// 404, costing a lease and a round trip before the retry).
+/// Endpoints a route is known not to be served by (well), tried only when
+/// no other has the model:
+/// - Ollama has no Anthropic token count (it answers 404, costing a lease
+///   and a round trip before the retry);
+/// - only Ollama has `/api/show`: for the others the sidecar answers from
+///   what it knows (no template, no capabilities beyond completion), so an
+///   Ollama endpoint with the model answers it, the same way every time.
 fn avoided_first(state: &AppState, ctx: &RequestContext) -> Vec<String> {
-    if ctx.route != ApiRoute::AnthropicCountTokens {
-        return Vec::new();
-    }
+    let avoided: fn(EndpointKind) -> bool = match ctx.route {
+        ApiRoute::AnthropicCountTokens => |kind| kind == EndpointKind::Ollama,
+        ApiRoute::OllamaShow => |kind| kind != EndpointKind::Ollama,
+        _ => return Vec::new(),
+    };
     state
         .router()
         .cluster_state()
         .endpoints
         .iter()
-        .filter(|e| e.kind == EndpointKind::Ollama)
+        .filter(|e| avoided(e.kind))
         .map(|e| e.url.to_string())
         .collect()
 }

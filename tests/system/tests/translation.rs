@@ -1275,6 +1275,36 @@ async fn listings_show_openai_only_models_in_ollama_shape() {
     c.wait_usage(0).await;
 }
 
+/// With an Ollama and an OpenAI-only endpoint serving the same model,
+/// `/api/show` is answered by Ollama every time (the OpenAI endpoint would
+/// get the sidecar's stub, without template or tool capabilities), and by
+/// the other when Ollama is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_show_prefers_an_ollama_endpoint_with_the_model() {
+    let c = Cluster::builder()
+        .backend(FakeConfig::new(FakeMode::Ollama).models(&["m:latest"]))
+        .backend(FakeConfig::new(FakeMode::OpenAi).models(&["m"]))
+        .start()
+        .await;
+    for _ in 0..8 {
+        let r = post_json(c.http(), &c.at("/api/show"), &json!({"model": "m"})).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(r.json()["template"].is_string(), "{}", r.text);
+    }
+    assert_eq!(c.backend(0).request_count("/api/show"), 8);
+    // Ollama no longer has it: the OpenAI endpoint's turn after all.
+    c.backend(0).set_models::<&str>(&[]);
+    let stub = wait_for_async(
+        "/api/show to come from the OpenAI endpoint",
+        SOON,
+        || async { post_json(c.http(), &c.at("/api/show"), &json!({"model": "m"})).await },
+        |r| r.status == 200 && r.json()["details"]["format"] == json!(""),
+    )
+    .await;
+    assert!(stub.json()["capabilities"].is_array(), "{}", stub.text);
+    c.wait_usage(0).await;
+}
+
 // ---- 6. token counts reach the control plane ----------------------------------------------
 
 fn model_usage(c: &Cluster, i: usize) -> ModelUsage {
