@@ -41,6 +41,7 @@ use crate::{
     config::Config,
     decision::{Choice, ChooseError, ChooseRequest, DecisionReason},
     discovery::ProbeRounds,
+    endpoint::without_credentials,
     ids::{LeaseId, SessionId},
     outcome::{Outcome, TokenCounts},
     state::{
@@ -194,7 +195,7 @@ impl ControlPlane {
                         drained.push(url.as_str());
                     }
                     None => tracing::warn!(
-                        endpoint = %url,
+                        endpoint = %without_credentials(url),
                         file = %file.path().display(),
                         "the state file drains an endpoint that is no longer configured; ignored"
                     ),
@@ -233,7 +234,25 @@ impl ControlPlane {
         // Written another way (`HTTP://`, a default port, ...): the same
         // endpoint as the config means it.
         let identity = crate::config::endpoint_identity(url);
-        self.shared.identities.get(&identity).copied()
+        if let Some(&index) = self.shared.identities.get(&identity) {
+            return Some(index);
+        }
+        // As logs, metrics and the CLI show it, without the credentials of
+        // its configured URL: that endpoint, if only one is shown so.
+        // Admin calls are rare: a scan will do.
+        let mut shown = self
+            .shared
+            .config
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                crate::config::endpoint_identity(&without_credentials(&e.url)) == identity
+            });
+        match (shown.next(), shown.next()) {
+            (Some((index, _)), None) => u32::try_from(index).ok(),
+            _ => None,
+        }
     }
 
     /// Records a visible change; the publisher picks it up.
@@ -451,14 +470,15 @@ impl ControlPlane {
     // ---- admin / inspection ----
 
     fn unknown_endpoint(&self, url: &str) -> UnknownEndpoint {
+        // Without credentials: the answer goes to whoever asked.
         UnknownEndpoint {
-            url: url.to_owned(),
+            url: without_credentials(url).into_owned(),
             configured: self
                 .shared
                 .config
                 .endpoints
                 .iter()
-                .map(|e| e.url.to_string())
+                .map(|e| without_credentials(&e.url).into_owned())
                 .collect(),
         }
     }
@@ -515,7 +535,7 @@ impl ControlPlane {
                     .collect()
             })
             .map_err(|source| AdminError::NotSaved {
-                url: state.url.to_string(),
+                url: without_credentials(&state.url).into_owned(),
                 draining,
                 source,
             })?;

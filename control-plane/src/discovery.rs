@@ -14,7 +14,8 @@
 //!   concurrently; the version call never fails the round (see
 //!   [`Prober::version`]);
 //! - OpenAI-compatible: `GET {base}/models` with the endpoint's API key as
-//!   `Authorization: Bearer`; nothing is reported loaded (as nomyo-router
+//!   `Authorization: Bearer` (every probe sends the key, else the URL's
+//!   `user:pass@` as Basic: [`authorization`]); nothing is reported loaded (as nomyo-router
 //!   does), so these endpoints are chosen by free slot, not by "loaded";
 //! - llama-server: `GET {base}/models`, loaded decided by each item's status.
 //!
@@ -38,8 +39,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     api::{ModelItems, ProbeReport},
-    config::{Config, EndpointConfig, ProbeConfig},
-    endpoint::{EndpointKind, openai_base},
+    config::{Config, EndpointConfig, ProbeConfig, Secret},
+    endpoint::{EndpointKind, authorization, openai_base, without_credentials},
 };
 
 pub use rounds::ProbeRounds;
@@ -147,7 +148,7 @@ impl Prober {
         match found {
             Ok(version) => Some(version),
             Err(detail) => {
-                tracing::debug!(endpoint = %endpoint.url, %detail, "no server version");
+                tracing::debug!(endpoint = %without_credentials(&endpoint.url), %detail, "no server version");
                 None
             }
         }
@@ -199,7 +200,8 @@ impl Prober {
         }
     }
 
-    /// GET with the probe timeout, the endpoint's bearer key if it has one,
+    /// GET with the probe timeout, the endpoint's credentials
+    /// ([`authorization`]: its bearer key, else the URL's userinfo as Basic),
     /// and a bounded body. Errors are described by `path` only (no host, no
     /// credentials).
     async fn get(
@@ -208,9 +210,19 @@ impl Prober {
         url: &str,
         path: &str,
     ) -> Result<Vec<u8>, String> {
-        let mut req = self.client.get(url).timeout(self.timeout);
-        if let Some(key) = &endpoint.api_key {
-            req = req.bearer_auth(key.expose());
+        // The URL without its userinfo: reqwest would send that as Basic by
+        // itself, and add a bearer key as a second `Authorization` field.
+        let mut req = self
+            .client
+            .get(without_credentials(url).as_ref())
+            .timeout(self.timeout);
+        let key = endpoint.api_key.as_ref().map(Secret::expose);
+        if let Some(value) = authorization(&endpoint.url, key) {
+            let mut value = reqwest::header::HeaderValue::from_str(&value).map_err(|_| {
+                format!("GET {path}: the API key or URL credentials are not a valid header value")
+            })?;
+            value.set_sensitive(true);
+            req = req.header(reqwest::header::AUTHORIZATION, value);
         }
         let mut resp = req
             .send()
@@ -356,14 +368,14 @@ async fn probe_loop(
                 ProbeReport::Ok {
                     advertised, loaded, ..
                 } => tracing::info!(
-                    endpoint = %endpoint.url,
+                    endpoint = %without_credentials(&endpoint.url),
                     kind = %endpoint.kind,
                     advertised = advertised.len(),
                     loaded = loaded.len(),
                     "endpoint probe ok"
                 ),
                 ProbeReport::Failed { detail } => tracing::warn!(
-                    endpoint = %endpoint.url,
+                    endpoint = %without_credentials(&endpoint.url),
                     kind = %endpoint.kind,
                     %detail,
                     "endpoint probe failed"
@@ -450,9 +462,13 @@ mod tests {
             State(f): State<Fake>,
             headers: HeaderMap,
         ) -> Result<Json<Value>, StatusCode> {
-            let auth = headers
-                .get("authorization")
-                .map(|v| v.to_str().unwrap().to_owned());
+            // Every value, so a request carrying two would show.
+            let auth: Vec<&str> = headers
+                .get_all("authorization")
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            let auth = (!auth.is_empty()).then(|| auth.join(" | "));
             f.auth.lock().push(auth);
             if *f.broken.lock() {
                 return Err(StatusCode::INTERNAL_SERVER_ERROR);
@@ -551,6 +567,36 @@ mod tests {
             .probe(&endpoint(&format!("{url}/v1"), EndpointKind::OpenAi, None))
             .await;
         assert_eq!(fake.auth.lock().last().unwrap(), &None);
+
+        // Credentials in the URL: sent as Basic (percent-decoded), the URL
+        // requested without them.
+        let with_userinfo = url.replacen("http://", "http://al%40ice:pw@", 1);
+        let report = prober()
+            .probe(&endpoint(
+                &format!("{with_userinfo}/v1"),
+                EndpointKind::OpenAi,
+                None,
+            ))
+            .await;
+        assert!(matches!(report, ProbeReport::Ok { .. }), "{report:?}");
+        // base64("al@ice:pw")
+        assert_eq!(
+            fake.auth.lock().last().unwrap().as_deref(),
+            Some("Basic YWxAaWNlOnB3")
+        );
+
+        // Both: the API key alone, not a second Authorization field.
+        prober()
+            .probe(&endpoint(
+                &format!("{with_userinfo}/v1"),
+                EndpointKind::OpenAi,
+                Some("sk-secret"),
+            ))
+            .await;
+        assert_eq!(
+            fake.auth.lock().last().unwrap().as_deref(),
+            Some("Bearer sk-secret")
+        );
     }
 
     #[tokio::test]

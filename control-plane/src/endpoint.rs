@@ -1,8 +1,18 @@
 //! Endpoint identity and kind: which API family a backend speaks and how its
 //! URLs are formed. Kinds are an enum decided once at config load; nothing
 //! else compares kind strings.
+//!
+//! Credentials in an endpoint URL (`http://user:pass@host`): the configured
+//! URL, userinfo included, stays the endpoint's identity inside the router
+//! (config, cluster state, leases). Everything that shows a URL — logs,
+//! metric labels, errors, the CLI — shows [`without_credentials`]; every
+//! HTTP client connects to [`without_credentials`] and sends the userinfo
+//! as `Authorization: Basic` ([`basic_authorization`]), unless the endpoint
+//! has an API key ([`authorization`]).
 
-use std::{fmt, str::FromStr};
+use std::{borrow::Cow, fmt, str::FromStr};
+
+use base64::Engine as _;
 
 use serde::{Deserialize, Serialize};
 
@@ -94,6 +104,86 @@ pub fn openai_base(url: &str, kind: EndpointKind) -> String {
     }
 }
 
+/// The byte range of `userinfo@` in an `http(s)://` URL, when it has one.
+fn userinfo_span(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://")? + 3;
+    let rest = &url[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    // The last `@`: an unescaped `@` in a password is still userinfo (as
+    // `http::Uri` and `reqwest` read it).
+    let at = authority.rfind('@')?;
+    Some((start, start + at + 1))
+}
+
+/// `url` without its credentials (`http://user:pass@host/v1` becomes
+/// `http://host/v1`): the form in which an endpoint URL is shown (logs,
+/// metric labels, errors, `/api/usage`, the CLI) and the one HTTP clients
+/// connect to. Borrowed when there is nothing to remove.
+pub fn without_credentials(url: &str) -> Cow<'_, str> {
+    match userinfo_span(url) {
+        Some((start, end)) => Cow::Owned(format!("{}{}", &url[..start], &url[end..])),
+        None => Cow::Borrowed(url),
+    }
+}
+
+/// The `Authorization` value for the credentials in `url`'s userinfo:
+/// `Basic base64(user:pass)`, user and password percent-decoded (a
+/// password with `@` or `:` is written `%40`, `%3A`); `user:` when there is
+/// no password. `None` without userinfo (or with an empty one).
+pub fn basic_authorization(url: &str) -> Option<String> {
+    let (start, end) = userinfo_span(url)?;
+    let userinfo = &url[start..end - 1];
+    if userinfo.is_empty() {
+        return None;
+    }
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let mut plain = percent_decode(user);
+    plain.push(b':');
+    plain.extend(percent_decode(password));
+    Some(format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(plain)
+    ))
+}
+
+/// The `Authorization` value for requests to the endpoint at `url`: its API
+/// key as `Bearer` when it has one, else the URL's credentials as `Basic`
+/// ([`basic_authorization`]), else none. One header, never both: the key
+/// is the explicit setting (`api_keys`), and a server that takes a bearer
+/// key does not also want Basic credentials in the same field.
+pub fn authorization(url: &str, api_key: Option<&str>) -> Option<String> {
+    match api_key {
+        Some(key) => Some(format!("Bearer {key}")),
+        None => basic_authorization(url),
+    }
+}
+
+/// `%XX` escapes decoded to bytes (a `%` not followed by two hex digits is
+/// kept as is).
+fn percent_decode(s: &str) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let escaped = (b == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match escaped {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +214,56 @@ mod tests {
             openai_base("http://h:8080/v1", EndpointKind::LlamaServer),
             "http://h:8080/v1"
         );
+    }
+
+    #[test]
+    fn credentials_are_removed_for_display_and_connecting() {
+        assert_eq!(without_credentials("http://u:p@h:1/v1"), "http://h:1/v1");
+        assert_eq!(without_credentials("https://u@h"), "https://h");
+        // An unescaped `@` in the password: the last one ends the userinfo.
+        assert_eq!(without_credentials("http://u:p@ss@h:1"), "http://h:1");
+        // An `@` after the authority is not userinfo.
+        assert_eq!(without_credentials("http://h:1/a@b"), "http://h:1/a@b");
+        assert!(matches!(
+            without_credentials("http://h:1"),
+            Cow::Borrowed("http://h:1")
+        ));
+        assert_eq!(without_credentials("not a url"), "not a url");
+    }
+
+    #[test]
+    fn userinfo_becomes_basic_credentials() {
+        // base64("alice:CredPw999")
+        assert_eq!(
+            basic_authorization("http://alice:CredPw999@127.0.0.1:23007").as_deref(),
+            Some("Basic YWxpY2U6Q3JlZFB3OTk5")
+        );
+        // Percent-decoded: base64("a b:p@s:s")
+        assert_eq!(
+            basic_authorization("http://a%20b:p%40s%3As@h/v1").as_deref(),
+            Some("Basic YSBiOnBAczpz")
+        );
+        // No password: base64("u:")
+        assert_eq!(
+            basic_authorization("http://u@h").as_deref(),
+            Some("Basic dTo=")
+        );
+        assert_eq!(basic_authorization("http://h:1/a@b"), None);
+        assert_eq!(basic_authorization("http://@h"), None);
+        assert_eq!(basic_authorization("http://h"), None);
+    }
+
+    #[test]
+    fn an_api_key_wins_over_url_credentials() {
+        assert_eq!(
+            authorization("http://u:p@h", Some("k")).as_deref(),
+            Some("Bearer k")
+        );
+        assert_eq!(
+            authorization("http://u:p@h", None).as_deref(),
+            Some("Basic dTpw")
+        );
+        assert_eq!(authorization("http://h", None), None);
     }
 
     #[test]

@@ -48,6 +48,7 @@ use crate::{
     cluster::ClusterState,
     control_plane::ControlPlane,
     decision::ChooseError,
+    endpoint::without_credentials,
     grpc::convert::{
         ChooseCall, ConvertError, ReleaseCall, affinity_listing_to_proto,
         affinity_records_from_proto, lease_records_from_proto, session_id_from_proto,
@@ -316,7 +317,7 @@ impl ClusterService {
             .cp
             .set_draining(&url, draining)
             .map_err(GrpcError::from)?;
-        tracing::info!(endpoint = %state.url, draining, "endpoint admin state changed");
+        tracing::info!(endpoint = %without_credentials(&state.url), draining, "endpoint admin state changed");
         Ok(v1::DrainResponse {
             endpoint: Some((&state).into()),
         })

@@ -17,7 +17,10 @@ use axum::{Router, extract::State, http::header, response::IntoResponse, routing
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{cluster::ClusterState, control_plane::ControlPlane, control_plane::ControlPlaneStats};
+use crate::{
+    cluster::ClusterState, control_plane::ControlPlane, control_plane::ControlPlaneStats,
+    endpoint::without_credentials,
+};
 
 /// Content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -205,7 +208,10 @@ fn render_with(mut e: Encoder, stats: &ControlPlaneStats, state: &ClusterState) 
         for u in &ep.usage {
             e.sample(
                 "switchyard_cp_in_flight",
-                &[("endpoint", &ep.url), ("model", &u.model)],
+                &[
+                    ("endpoint", &without_credentials(&ep.url)),
+                    ("model", &u.model),
+                ],
                 u64::from(u.in_flight),
             );
         }
@@ -218,7 +224,7 @@ fn render_with(mut e: Encoder, stats: &ControlPlaneStats, state: &ClusterState) 
     for ep in &state.endpoints {
         e.sample(
             "switchyard_cp_endpoint_healthy",
-            &[("endpoint", &ep.url)],
+            &[("endpoint", &without_credentials(&ep.url))],
             u64::from(ep.healthy),
         );
     }
@@ -230,7 +236,7 @@ fn render_with(mut e: Encoder, stats: &ControlPlaneStats, state: &ClusterState) 
     for ep in &state.endpoints {
         e.sample(
             "switchyard_cp_endpoint_draining",
-            &[("endpoint", &ep.url)],
+            &[("endpoint", &without_credentials(&ep.url))],
             u64::from(ep.draining),
         );
     }

@@ -13,12 +13,12 @@
 //! - `sessions`: [`SessionsView`]. `affinity`: [`AffinityView`].
 //! - `choose`: [`ChoiceView`]. `drain` / `undrain`: [`DrainView`].
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use serde::{Deserialize, Serialize};
 use switchyard_control_plane::{
     decision::DecisionReason,
-    endpoint::EndpointKind,
+    endpoint::{EndpointKind, without_credentials},
     model_name::{canonical_request_name, tracking_name},
 };
 use switchyard_proto::v1;
@@ -287,12 +287,22 @@ pub fn decision_reason(field: &str, raw: i32) -> Result<DecisionReason, CliError
     }
 }
 
+/// An endpoint URL as the CLI shows it, in tables and JSON alike: without
+/// the credentials of a `http://user:pass@host` URL (`drain` and `undrain`
+/// take it so, as long as no other endpoint is shown alike).
+fn shown(url: String) -> String {
+    match without_credentials(&url) {
+        Cow::Owned(shown) => shown,
+        Cow::Borrowed(_) => url,
+    }
+}
+
 impl EndpointView {
     /// Converts one endpoint; `field` prefixes error field names.
     pub fn from_proto(field: &str, e: v1::EndpointState) -> Result<Self, CliError> {
         let kind = endpoint_kind(&format!("{field}.kind"), e.kind)?;
         Ok(Self {
-            url: e.url,
+            url: shown(e.url),
             kind: kind.as_str().to_owned(),
             priority: e.priority,
             healthy: e.healthy,
@@ -478,7 +488,7 @@ impl From<v1::ListAffinityResponse> for AffinityView {
                 .into_iter()
                 .map(|e| AffinityEntryView {
                     key: e.key,
-                    endpoint: e.endpoint,
+                    endpoint: shown(e.endpoint),
                     model: e.model,
                     expires_in_ms: e.expires_in_ms,
                 })
@@ -494,7 +504,7 @@ impl ChoiceView {
         let reason = decision_reason("reason", c.reason)?;
         Ok(Self {
             model: model.to_owned(),
-            endpoint: c.endpoint,
+            endpoint: shown(c.endpoint),
             endpoint_kind: kind.as_str().to_owned(),
             backend_model: c.backend_model,
             tracking_model: c.tracking_model,
@@ -640,6 +650,32 @@ pub(crate) mod tests {
         raw.endpoints[0].kind = 0;
         let err = StateView::try_from(raw).unwrap_err().to_string();
         assert!(err.contains("endpoints[0].kind"), "{err}");
+    }
+
+    #[test]
+    fn endpoint_urls_are_shown_without_credentials() {
+        let mut raw = sample_state();
+        raw.endpoints[0].url = "http://alice:sekret@10.0.0.5:11434".into();
+        let s = StateView::try_from(raw).unwrap();
+        assert_eq!(s.endpoints[0].url, "http://10.0.0.5:11434");
+        let m = ModelsView::from(&s);
+        assert_eq!(m.models[0].endpoints[0].url, "http://10.0.0.5:11434");
+        let u = UsageView::from(&s);
+        let json = serde_json::to_string(&(&s, &m, &u)).unwrap();
+        assert!(
+            !json.contains("sekret") && !json.contains("alice"),
+            "{json}"
+        );
+        let a = AffinityView::from(v1::ListAffinityResponse {
+            total: 1,
+            entries: vec![v1::AffinityEntry {
+                key: "k".into(),
+                endpoint: "http://alice:sekret@10.0.0.5:11434".into(),
+                model: "m".into(),
+                expires_in_ms: 1,
+            }],
+        });
+        assert_eq!(a.entries[0].endpoint, "http://10.0.0.5:11434");
     }
 
     #[test]

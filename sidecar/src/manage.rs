@@ -42,7 +42,7 @@
 //! - copy, delete: 200 with an empty body when every target succeeded,
 //!   otherwise as a non-streamed failure above.
 //!
-//! Errors name endpoints by URL without credentials ([`display_name`]):
+//! Errors name endpoints by URL without credentials ([`without_credentials`]):
 //! these are operator actions on many backends, and the operator must know
 //! which one to fix (the one exception to [`crate::errors`]' rule).
 //!
@@ -82,7 +82,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header::CONTENT_TYPE};
 use serde_json::{Value, json};
-use switchyard_control_plane::{cli::display_url, endpoint::EndpointKind};
+use switchyard_control_plane::endpoint::{EndpointKind, without_credentials};
 
 pub use progress::{EndpointFailure, Final, ProgressMerge, summarize, summarize_results};
 
@@ -192,11 +192,6 @@ pub(crate) fn routes() -> Router<AppState> {
     )
 }
 
-/// An endpoint as errors name it: its URL without credentials.
-pub fn display_name(url: &str) -> String {
-    display_url(url)
-}
-
 async fn handle(state: AppState, op: Operation, req: Request) -> Response {
     let started = Instant::now();
     let shutdown = state.shutdown_token();
@@ -243,7 +238,7 @@ async fn run(
         .send_to
         .iter()
         .chain(targets.down.iter().map(|(url, _)| url))
-        .map(|u| display_name(u))
+        .map(|u| without_credentials(u).into_owned())
         .collect();
     let down = targets.down.iter().map(|(_, detail)| {
         EndpointFailure::new(

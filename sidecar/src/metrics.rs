@@ -25,13 +25,16 @@
 //! `requests_total` too, `route` being the pattern (`/v1/responses/{id}`,
 //! never the id), `model` empty and `endpoint` the one that answered.
 //!
+//! `endpoint` is the endpoint's URL without credentials (`user:pass@`), as
+//! in the logs.
+//!
 //! `model` is the client's model name only once an endpoint was chosen for
 //! it (otherwise `""`), so arbitrary unknown names cannot grow the label set.
 //! `status` is the status the client received in the response head: a
 //! stream that fails after its first byte still counts as 200 there, and
 //! shows up in `upstream_errors_total` with its release outcome.
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use axum::{
     extract::State,
@@ -48,7 +51,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use switchyard_control_plane::outcome::Outcome;
+use switchyard_control_plane::{endpoint::without_credentials, outcome::Outcome};
 
 use crate::server::AppState;
 
@@ -59,7 +62,7 @@ pub struct RequestLabels {
     pub route: String,
     /// Model as the client named it (`""` when no endpoint was chosen).
     pub model: String,
-    /// Chosen endpoint URL (`""` when none).
+    /// Chosen endpoint URL (`""` when none), without credentials.
     pub endpoint: String,
     /// Response status code.
     pub status: u16,
@@ -204,8 +207,11 @@ impl Metrics {
         self.inner.management.get_or_create(&labels).inc();
     }
 
-    /// Counts one answered request.
-    pub fn request(&self, labels: RequestLabels) {
+    /// Counts one answered request (its endpoint label without credentials).
+    pub fn request(&self, mut labels: RequestLabels) {
+        if let Cow::Owned(shown) = without_credentials(&labels.endpoint) {
+            labels.endpoint = shown;
+        }
         self.inner.requests.get_or_create(&labels).inc();
     }
 
@@ -241,7 +247,7 @@ impl Metrics {
         self.inner
             .upstream_errors
             .get_or_create(&UpstreamLabels {
-                endpoint: endpoint.to_owned(),
+                endpoint: without_credentials(endpoint).into_owned(),
                 outcome: outcome.as_str().to_owned(),
             })
             .inc();
@@ -325,14 +331,14 @@ mod tests {
         m.request(RequestLabels {
             route: "/api/chat".into(),
             model: "m".into(),
-            endpoint: "http://e".into(),
+            endpoint: "http://u:sekret@e".into(),
             status: 200,
         });
         let g = m.in_flight();
         m.retry();
         m.degraded_decision();
         m.overhead(Duration::from_micros(300));
-        m.upstream_outcome("http://e", Outcome::ConnectError);
+        m.upstream_outcome("http://u:sekret@e", Outcome::ConnectError);
         m.upstream_outcome("http://e", Outcome::Ok);
         let text = m.render(true, true, 2).unwrap();
         for needle in [
@@ -349,6 +355,8 @@ mod tests {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
         assert!(!text.contains("outcome=\"ok\""));
+        // Endpoint labels never carry URL credentials.
+        assert!(!text.contains("sekret"), "{text}");
         drop(g);
         assert!(
             m.render(true, false, 0)

@@ -32,6 +32,7 @@ use std::{
 
 use axum::{extract::Request, response::Response};
 use futures::FutureExt;
+use switchyard_control_plane::endpoint::without_credentials;
 use tracing::{Instrument, Span, field};
 
 use crate::{
@@ -120,7 +121,7 @@ pub(crate) async fn handle(state: AppState, route: ApiRoute, req: Request) -> Re
     // Recorded once, here (each attempt's own span has its decision and
     // outcome): the endpoint that answered, or whose failure the client got.
     if let Some(endpoint) = &progress.endpoint {
-        span.record("endpoint", &**endpoint);
+        span.record("endpoint", &*without_credentials(endpoint));
         span.record("attempts", progress.attempts);
     }
     span.record("status", status);

@@ -14,7 +14,8 @@
 use std::sync::Arc;
 
 use switchyard_control_plane::{
-    config::Config, control_plane::ControlPlane, server::spawn_background,
+    config::Config, control_plane::ControlPlane, endpoint::without_credentials,
+    server::spawn_background,
 };
 use tokio::{net::TcpListener, runtime::Handle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -37,7 +38,7 @@ pub(crate) fn embedded_router(
 ) -> Result<Router, StartError> {
     // What a newcomer needs first: where requests will go.
     for e in &config.endpoints {
-        tracing::info!(endpoint = %e.url, kind = %e.kind, "standalone: routing to endpoint");
+        tracing::info!(endpoint = %without_credentials(&e.url), kind = %e.kind, "standalone: routing to endpoint");
     }
     let cp = ControlPlane::with_state_file(config)?;
     spawn_background(&cp, tasks, cancel.child_token()).map_err(StartError::Discovery)?;

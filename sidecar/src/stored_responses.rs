@@ -74,13 +74,13 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
 use switchyard_control_plane::{
     cluster::{ClusterState, NOT_PROBED},
-    endpoint::{EndpointKind, openai_base},
+    endpoint::{EndpointKind, openai_base, without_credentials},
 };
 
 use crate::{
     errors::ProxyError,
     manage::{
-        EndpointFailure, display_name,
+        EndpointFailure,
         fanout::{self, Call},
     },
     metrics::RequestLabels,
@@ -329,7 +329,7 @@ async fn run(
         .map(|(i, f)| {
             format!(
                 "{} ({}: {})",
-                display_name(&targets[*i].url),
+                without_credentials(&targets[*i].url),
                 f.status.as_u16(),
                 f.message
             )

@@ -11,7 +11,7 @@
 //! - The counts are cluster-wide (the control plane's view, every sidecar's
 //!   requests), not this sidecar's alone.
 //! - Endpoint keys are the configured URLs without credentials
-//!   ([`display_url`]); every endpoint appears (as `{}` until one of its
+//!   ([`without_credentials`]); every endpoint appears (as `{}` until one of its
 //!   models had a request), with every model the state lists (from its
 //!   first request on), zero counts included.
 //! - `/api/usage-stream` is Server-Sent Events: the current body at once,
@@ -38,7 +38,7 @@ use http::{
     header::{CACHE_CONTROL, CONTENT_TYPE},
 };
 use serde_json::{Value, json};
-use switchyard_control_plane::{cli::display_url, cluster::ClusterState};
+use switchyard_control_plane::{cluster::ClusterState, endpoint::without_credentials};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +57,7 @@ pub fn usage_body(state: &ClusterState) -> Value {
     for endpoint in &state.endpoints {
         // Two endpoints differing only in credentials share a key: their
         // counts add up.
-        let key = display_url(&endpoint.url);
+        let key = without_credentials(&endpoint.url).into_owned();
         let in_flight = in_flight.entry(key.clone()).or_default();
         let tokens = tokens.entry(key).or_default();
         for usage in &endpoint.usage {

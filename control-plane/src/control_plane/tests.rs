@@ -225,6 +225,42 @@ fn excluded_and_draining_endpoints_never_get_the_request() {
     assert_eq!(err.configured, strings(&[A, B, O, L]));
 }
 
+#[test]
+fn an_endpoint_with_credentials_is_named_without_them() {
+    let yaml = "endpoints:\n  - http://u:pw@c:11434\n  - http://u:pw2@d:11434\n  \
+                - http://v:pw3@d:11434\n";
+    let cp = ControlPlane::new(Arc::new(Config::from_yaml(yaml, &|_| None).unwrap()));
+    // Drained as the CLI shows it, or as configured.
+    let drained = cp.set_draining("http://c:11434", true).unwrap();
+    assert!(drained.draining && &*drained.url == "http://u:pw@c:11434");
+    assert!(
+        !cp.set_draining("http://u:pw@c:11434", false)
+            .unwrap()
+            .draining
+    );
+    // Two endpoints shown alike: only their full URLs name them.
+    let AdminError::UnknownEndpoint(err) = cp.set_draining("http://d:11434", true).unwrap_err()
+    else {
+        panic!("expected an unknown endpoint");
+    };
+    assert_eq!(
+        err.configured,
+        strings(&["http://c:11434", "http://d:11434", "http://d:11434"])
+    );
+    assert!(
+        cp.set_draining("http://v:pw3@d:11434", true)
+            .unwrap()
+            .draining
+    );
+    // Wrong credentials are not the endpoint; the error does not repeat them.
+    let AdminError::UnknownEndpoint(err) =
+        cp.set_draining("http://u:guess@c:11434", true).unwrap_err()
+    else {
+        panic!("expected an unknown endpoint");
+    };
+    assert_eq!(err.url, "http://c:11434");
+}
+
 fn with_state_file(path: &std::path::Path, extra: &str) -> ControlPlane {
     let cfg = config(&format!("state_file: {}\n{extra}", path.display()));
     ControlPlane::with_state_file(cfg).unwrap()

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Final, Operation, display_name,
+    Final, Operation,
     fanout::{self, Call, FIRST_BYTE},
     progress::{EndpointFailure, summarize_results},
     targets::{Targets, targets},
@@ -51,7 +51,7 @@ use crate::{
     routes::ApiFormat,
     server::AppState,
 };
-use switchyard_control_plane::endpoint::EndpointKind;
+use switchyard_control_plane::endpoint::{EndpointKind, without_credentials};
 
 /// Chunks queued per target before the client is read further.
 pub const BLOB_QUEUE: usize = 4;
@@ -215,7 +215,7 @@ async fn upload(state: &AppState, digest: &str, req: Request) -> Result<Response
         .send_to
         .iter()
         .chain(targets.down.iter().map(|(url, _)| url))
-        .map(|u| display_name(u))
+        .map(|u| without_credentials(u).into_owned())
         .collect();
     let down = targets.down.iter().map(|(_, detail)| {
         Some(EndpointFailure::new(

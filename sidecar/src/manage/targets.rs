@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use switchyard_control_plane::{
     cluster::{ClusterState, EndpointState},
-    endpoint::EndpointKind,
+    endpoint::{EndpointKind, without_credentials},
     model_name::canonical_request_name,
 };
 
@@ -128,7 +128,7 @@ fn no_ollama_endpoint(down: &[&EndpointState]) -> ProxyError {
     } else {
         let named = down
             .iter()
-            .map(|e| format!("{} ({})", super::display_name(&e.url), down_detail(e)))
+            .map(|e| format!("{} ({})", without_credentials(&e.url), down_detail(e)))
             .collect::<Vec<_>>()
             .join(", ");
         format!("no Ollama endpoint is reachable: {named}")

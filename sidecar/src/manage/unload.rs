@@ -27,11 +27,10 @@ use std::time::Instant;
 
 use axum::response::Response;
 use http::Method;
-use switchyard_control_plane::endpoint::EndpointKind;
+use switchyard_control_plane::endpoint::{EndpointKind, without_credentials};
 
 use super::{
-    display_name, fanout, fanout::Call, progress::summarize_results, record, reprobe,
-    targets::unload_targets,
+    fanout, fanout::Call, progress::summarize_results, record, reprobe, targets::unload_targets,
 };
 use crate::{
     errors::ProxyError,
@@ -73,7 +72,10 @@ pub(crate) async fn unload(
     let results = fanout::unary(state.clients().get(EndpointKind::Ollama), calls, first_byte).await;
     reprobe(state, route, &send_to).await;
     let what = format!("{VERB} '{}'", ctx.model);
-    let names: Vec<String> = send_to.iter().map(|u| display_name(u)).collect();
+    let names: Vec<String> = send_to
+        .iter()
+        .map(|u| without_credentials(u).into_owned())
+        .collect();
     let outcome = summarize_results(&what, &names, &results);
     record(state, VERB, route, &what, &outcome, started);
     match outcome {

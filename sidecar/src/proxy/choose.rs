@@ -10,7 +10,7 @@
 
 use switchyard_control_plane::{
     decision::{ChooseRequest, DecisionReason},
-    endpoint::EndpointKind,
+    endpoint::{EndpointKind, without_credentials},
 };
 use tracing::{Span, field};
 
@@ -103,7 +103,7 @@ pub(crate) async fn route(
         let attempt_span = tracing::debug_span!(
             parent: span,
             "attempt",
-            endpoint = &*choice.endpoint,
+            endpoint = %without_credentials(&choice.endpoint),
             reason = choice.reason.as_str(),
             attempt,
             degraded = lease.degraded(),
@@ -122,7 +122,7 @@ pub(crate) async fn route(
             Attempt::Failed(error) => return Err(error),
             Attempt::Retry(failure) => {
                 tracing::warn!(
-                    endpoint = &*choice.endpoint,
+                    endpoint = %without_credentials(&choice.endpoint),
                     attempt,
                     max_attempts,
                     failure = %failure,

@@ -29,6 +29,7 @@ use std::time::Duration;
 use http::StatusCode;
 use switchyard_control_plane::{
     decision::Choice,
+    endpoint::without_credentials,
     outcome::{Outcome, TokenCounts},
 };
 use tracing::Span;
@@ -258,7 +259,7 @@ impl TrackedLease {
         // In the span's scope, not `parent:` (see `proxy::handle`).
         self.span.in_scope(|| {
             tracing::debug!(
-                endpoint = &*self.choice.endpoint,
+                endpoint = %without_credentials(&self.choice.endpoint),
                 %outcome,
                 prompt_tokens = tokens.prompt,
                 completion_tokens = tokens.completion,
@@ -281,7 +282,7 @@ impl Drop for TrackedLease {
             self.span.record("outcome", Outcome::Cancelled.as_str());
             self.span.in_scope(|| {
                 tracing::info!(
-                    endpoint = &*self.choice.endpoint,
+                    endpoint = %without_credentials(&self.choice.endpoint),
                     prompt_tokens = self.so_far.prompt,
                     completion_tokens = self.so_far.completion,
                     "request cancelled (client gone or shutdown); lease released as cancelled"

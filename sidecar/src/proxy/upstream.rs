@@ -24,7 +24,12 @@
 //!
 //! Invariants: the body is sent as given (length known up front, except
 //! for [`UpstreamClient::send_streaming`]); the
-//! `Host` header is set by the client from the URL; send failures are
+//! `Host` header is set by the client from the URL; credentials in an
+//! endpoint URL (`http://user:pass@host`) are never part of the address,
+//! the `Host` header or an error: the request goes to the URL
+//! [`without_credentials`] and carries them as `Authorization: Basic`,
+//! unless the caller already set `Authorization` (the endpoint's API key
+//! wins, as in [`authorization`]'s order; see [`target`]); send failures are
 //! classified once, here ([`SendError`]), into connect / connect-timeout /
 //! other, so the outcome rules in [`super::release`] never look at error
 //! text.
@@ -42,7 +47,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header::AUTHORIZATION};
 use http_body::{Body, Frame};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -51,7 +56,12 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
-use switchyard_control_plane::{config::SidecarConfig, endpoint::EndpointKind};
+#[cfg(doc)]
+use switchyard_control_plane::endpoint::authorization;
+use switchyard_control_plane::{
+    config::SidecarConfig,
+    endpoint::{EndpointKind, basic_authorization, without_credentials},
+};
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -119,7 +129,7 @@ pub enum SendError {
     /// problem; never sent).
     #[error("invalid backend URL {url:?}: {source}")]
     BadUrl {
-        /// The URL.
+        /// The URL, without credentials.
         url: String,
         /// Why.
         #[source]
@@ -209,13 +219,10 @@ impl UpstreamClient {
     pub async fn post(
         &self,
         url: &str,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         body: Bytes,
     ) -> Result<UpstreamResponse, SendError> {
-        let uri = Uri::try_from(url).map_err(|source| SendError::BadUrl {
-            url: url.to_owned(),
-            source,
-        })?;
+        let uri = target(url, &mut headers)?;
         if uri.scheme() == Some(&http::uri::Scheme::HTTP)
             && let Some(authority) = uri.authority()
         {
@@ -247,16 +254,13 @@ impl UpstreamClient {
         &self,
         method: Method,
         url: &str,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         body: Bytes,
     ) -> Result<UpstreamResponse, SendError> {
         if method == Method::POST {
             return self.post(url, headers, body).await;
         }
-        let uri = Uri::try_from(url).map_err(|source| SendError::BadUrl {
-            url: url.to_owned(),
-            source,
-        })?;
+        let uri = target(url, &mut headers)?;
         self.via_hyper(method, uri, headers, body).await
     }
 
@@ -267,13 +271,10 @@ impl UpstreamClient {
         &self,
         method: Method,
         url: &str,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         body: StreamingBody,
     ) -> Result<UpstreamResponse, SendError> {
-        let uri = Uri::try_from(url).map_err(|source| SendError::BadUrl {
-            url: url.to_owned(),
-            source,
-        })?;
+        let uri = target(url, &mut headers)?;
         let mut request = Request::new(body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
@@ -301,6 +302,30 @@ impl UpstreamClient {
             Err(e) => Err(SendError::Transport(e)),
         }
     }
+}
+
+/// The URI to send to for `url`: without its credentials (`user:pass@`),
+/// which go into `headers` as `Authorization: Basic` unless `headers`
+/// already has an `Authorization` (the endpoint's API key, set by
+/// [`super::forward::upstream_headers`]). The inline client would otherwise
+/// take `user:pass@host` for the host to connect to and put the password in
+/// the `Host` header; hyper's client would connect to the host but send no
+/// credentials.
+fn target(url: &str, headers: &mut HeaderMap) -> Result<Uri, SendError> {
+    let bare = without_credentials(url);
+    if matches!(bare, Cow::Owned(_))
+        && !headers.contains_key(AUTHORIZATION)
+        && let Some(value) = basic_authorization(url)
+        // Base64 after `Basic `: always a valid header value.
+        && let Ok(mut value) = HeaderValue::from_str(&value)
+    {
+        value.set_sensitive(true);
+        headers.insert(AUTHORIZATION, value);
+    }
+    Uri::try_from(bare.as_ref()).map_err(|source| SendError::BadUrl {
+        url: bare.into_owned(),
+        source,
+    })
 }
 
 /// One pooled HTTP client per endpoint kind.
@@ -425,5 +450,106 @@ mod tests {
             assert!(lower.contains("x-test: 1\r\n"), "{req}");
             assert!(lower.contains("content-length: 2\r\n"), "{req}");
         }
+    }
+
+    /// A backend that answers `n` requests, one per connection, with an
+    /// empty 200, and returns each request's head as it was received.
+    async fn heads_of(n: usize) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            for _ in 0..n {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = sock.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "connection closed early");
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                heads.push(String::from_utf8(got[..end + 2].to_vec()).unwrap());
+                sock.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            }
+            heads
+        });
+        (addr, server)
+    }
+
+    /// The values of header `name` in a request head.
+    fn values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+        head.split("\r\n")
+            .filter_map(|line| line.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn url_credentials_become_basic_auth_not_the_host() {
+        let (addr, server) = heads_of(3).await;
+        let c = client();
+        // base64("alice:Cred@Pw999"): user and password percent-decoded.
+        let basic = "Basic YWxpY2U6Q3JlZEBQdzk5OQ==";
+        let url = format!("http://alice:Cred%40Pw999@{addr}/api/chat");
+
+        // The inline HTTP/1 client (POST).
+        let r = c.post(&url, HeaderMap::new(), Bytes::new()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        // An explicit key (the endpoint's `api_keys` entry) wins: one
+        // Authorization field, the caller's.
+        let mut keyed = HeaderMap::new();
+        keyed.insert(AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        let r = c.post(&url, keyed, Bytes::new()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        // hyper's client (other methods: model management's DELETE).
+        let r = c
+            .send(Method::DELETE, &url, HeaderMap::new(), Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+
+        let heads = server.await.unwrap();
+        let want_host = addr.to_string();
+        for head in &heads {
+            assert_eq!(values(head, "host"), [want_host.as_str()], "{head}");
+            assert!(!head.contains("alice"), "{head}");
+            assert!(!head.contains("Pw999"), "{head}");
+        }
+        assert!(
+            heads[0].starts_with("POST /api/chat HTTP/1.1\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert_eq!(values(&heads[0], "authorization"), [basic], "{}", heads[0]);
+        assert_eq!(
+            values(&heads[1], "authorization"),
+            ["Bearer k"],
+            "{}",
+            heads[1]
+        );
+        assert!(
+            heads[2].starts_with("DELETE /api/chat HTTP/1.1\r\n"),
+            "{}",
+            heads[2]
+        );
+        assert_eq!(values(&heads[2], "authorization"), [basic], "{}", heads[2]);
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_error_does_not_show_its_credentials() {
+        let e = client()
+            .post("http://u:sekret@exa mple/", HeaderMap::new(), Bytes::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::BadUrl { .. }), "{e:?}");
+        assert!(!e.to_string().contains("sekret"), "{e}");
     }
 }

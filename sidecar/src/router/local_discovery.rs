@@ -33,7 +33,8 @@ use std::{
 };
 
 use switchyard_control_plane::{
-    config::Config, control_plane::ControlPlane, server::spawn_background,
+    config::Config, control_plane::ControlPlane, endpoint::without_credentials,
+    server::spawn_background,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -103,7 +104,7 @@ async fn run(
         for e in last.endpoints.iter().filter(|e| e.draining) {
             if cp.set_draining(&e.url, true).is_err() {
                 tracing::debug!(
-                    endpoint = &*e.url,
+                    endpoint = %without_credentials(&e.url),
                     "drained endpoint not in this sidecar's config"
                 );
             }

@@ -60,6 +60,7 @@ use switchyard_control_plane::{
     cluster::ClusterState,
     config::Config,
     decision::{Choice, ChooseError, ChooseRequest},
+    endpoint::without_credentials,
     grpc::convert::{ReleaseCall, choose_error_from_status, choose_request_to_proto},
     ids::{LeaseId, SessionId},
     policy::select_from_cluster_state,
@@ -789,7 +790,7 @@ fn choose_locally(
     shared.circuit.degraded_decision(cause);
     shared.affinity.remember(req, &choice, now);
     tracing::debug!(
-        endpoint = &*choice.endpoint,
+        endpoint = %without_credentials(&choice.endpoint),
         cause = cause.as_str(),
         "degraded decision"
     );
