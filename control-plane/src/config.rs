@@ -94,40 +94,86 @@ pub enum RawDuration {
     Text(String),
 }
 
+/// The longest duration any key accepts: far beyond any useful timeout,
+/// period or lifetime, and short enough that a deadline computed from it
+/// (`now + d`, `2 * d`) cannot overflow, which would panic at run time.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
 impl RawDuration {
     fn parse(&self, key: &str) -> Result<Duration, ConfigError> {
         match self {
             Self::Seconds(s) => {
-                if s.is_finite() && *s >= 0.0 {
-                    Ok(Duration::from_secs_f64(*s))
-                } else {
-                    Err(invalid(key, s, "must be a non-negative number of seconds"))
-                }
+                seconds(*s).map_err(|problem| invalid(key, show_seconds(*s), problem.describe()))
             }
-            Self::Text(t) => parse_duration_text(t).ok_or_else(|| {
-                invalid(
-                    key,
-                    format!("{t:?}"),
-                    "expected seconds or a number with unit ms, s, m or h",
-                )
-            }),
+            Self::Text(t) => parse_duration_text(t)
+                .map_err(|problem| invalid(key, format!("{t:?}"), problem.describe())),
         }
     }
 }
 
-fn parse_duration_text(text: &str) -> Option<Duration> {
+/// Why a written duration is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DurationProblem {
+    /// Text not of the form `<number><unit>`.
+    Malformed,
+    /// Negative, or not a number (NaN).
+    Negative,
+    /// Longer than [`MAX_DURATION`], infinite included.
+    TooLong,
+}
+
+impl DurationProblem {
+    fn describe(self) -> String {
+        match self {
+            Self::Malformed => "expected seconds or a number with unit ms, s, m or h".to_owned(),
+            Self::Negative => "must be a non-negative number of seconds".to_owned(),
+            Self::TooLong => format!(
+                "must be at most 10 years ({} seconds)",
+                MAX_DURATION.as_secs()
+            ),
+        }
+    }
+}
+
+/// A number of seconds as a `Duration`, never panicking (as
+/// `Duration::from_secs_f64` does on a value it cannot hold): NaN,
+/// negative, infinite or longer than [`MAX_DURATION`] is refused.
+fn seconds(secs: f64) -> Result<Duration, DurationProblem> {
+    if secs.is_nan() || secs < 0.0 {
+        return Err(DurationProblem::Negative);
+    }
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(DurationProblem::TooLong),
+    }
+}
+
+/// A number of seconds as the operator may have written it: `30`, `0.5`,
+/// `1e20` (`Display` alone would print a huge one with all its digits).
+fn show_seconds(secs: f64) -> String {
+    if secs.is_finite() && secs.abs() < 1e16 {
+        secs.to_string()
+    } else {
+        format!("{secs:?}")
+    }
+}
+
+/// `"250ms"`, `"5s"`, `"2m"`, `"1h"` (a space before the unit allowed).
+fn parse_duration_text(text: &str) -> Result<Duration, DurationProblem> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or(DurationProblem::Malformed)?;
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().ok()?;
+    let n: f64 = num.parse().map_err(|_| DurationProblem::Malformed)?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return None,
+        _ => return Err(DurationProblem::Malformed),
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    seconds(secs)
 }
 
 /// Per-endpoint overrides under `endpoint_config.<url>`.
@@ -1321,6 +1367,102 @@ api_keys:
         assert_eq!(c.probe.interval, Duration::from_millis(250));
         let err = error("session_ttl: 2s\nkeepalive_interval: 2s\n");
         assert!(err.contains("keepalive_interval"), "{err}");
+    }
+
+    /// `Duration::from_secs_f64` panics on a value a `Duration` cannot
+    /// hold; every form must be a config error naming key and value.
+    #[test]
+    fn huge_negative_and_non_finite_durations_are_errors_naming_key_and_value() {
+        for (yaml, key, value, problem) in [
+            (
+                "probe_timeout: 1e20",
+                "probe_timeout",
+                "1e20",
+                "at most 10 years",
+            ),
+            (
+                "probe_timeout: \"99999999999999999999s\"",
+                "probe_timeout",
+                "99999999999999999999s",
+                "at most",
+            ),
+            (
+                "probe_timeout: 99999999999999999999s",
+                "probe_timeout",
+                "99999999999999999999s",
+                "at most",
+            ),
+            (
+                "conversation_affinity_ttl: 1e30",
+                "conversation_affinity_ttl",
+                "1e30",
+                "at most",
+            ),
+            (
+                "timeouts:\n  ollama:\n    idle: 1e20",
+                "timeouts.ollama.idle",
+                "1e20",
+                "at most",
+            ),
+            ("session_ttl: 100000h", "session_ttl", "100000h", "at most"),
+            (
+                "watch_interval: 315360001",
+                "watch_interval",
+                "315360001",
+                "at most",
+            ),
+            ("choose_timeout: .inf", "choose_timeout", "inf", "at most"),
+            ("shutdown_grace: -1", "shutdown_grace", "-1", "non-negative"),
+            (
+                "shutdown_grace: -.inf",
+                "shutdown_grace",
+                "-inf",
+                "non-negative",
+            ),
+            (
+                "probe_interval: .nan",
+                "probe_interval",
+                "NaN",
+                "non-negative",
+            ),
+            (
+                "probe_interval: \"1e30ms\"",
+                "probe_interval",
+                "1e30ms",
+                "number with unit",
+            ),
+            (
+                "probe_interval: \"-5s\"",
+                "probe_interval",
+                "-5s",
+                "number with unit",
+            ),
+            (
+                "probe_interval: \"nan s\"",
+                "probe_interval",
+                "nan s",
+                "number with unit",
+            ),
+        ] {
+            let err = Config::from_yaml(yaml, &env).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { .. }),
+                "{yaml}: {err:?}"
+            );
+            let err = err.to_string();
+            assert!(
+                err.contains(&format!("`{key}`")) && err.contains(value) && err.contains(problem),
+                "{yaml}: {err}"
+            );
+        }
+        // The longest accepted, in each form.
+        let c = Config::from_yaml(
+            "completion_failure_ttl: 315360000\nwatch_interval: 87600h\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.health.completion_failure_ttl, MAX_DURATION);
+        assert_eq!(c.watch_interval, MAX_DURATION);
     }
 
     #[test]
