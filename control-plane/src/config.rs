@@ -85,13 +85,62 @@ fn invalid(
 
 /// A duration as written in YAML: a number of seconds (`30`, `0.5`) or a
 /// string with a unit (`"250ms"`, `"5s"`, `"2m"`, `"1h"`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum RawDuration {
     /// Seconds.
     Seconds(f64),
     /// Number with unit.
     Text(String),
+}
+
+/// Written by hand rather than `#[serde(untagged)]`: an untagged enum
+/// refuses a value of another type (`true`, `[1]`, `{a: 1}`) with "data did
+/// not match any variant", without the key, the value or what is accepted;
+/// a visitor's error is an ordinary type error, which the YAML layer
+/// prefixes with the key and suffixes with the line.
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDuration;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a duration: seconds as a number, or a string such as \"250ms\", \"5s\", \"2m\"",
+                )
+            }
+
+            // Integers become seconds as f64: past 2^53 they lose precision,
+            // but any such value is far over MAX_DURATION and refused anyway.
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v as f64))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v as f64))
+            }
+
+            // The YAML layer hands integers past 64 bits over as 128-bit ones.
+            fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v as f64))
+            }
+
+            fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v as f64))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration::Text(v.to_owned()))
+            }
+        }
+
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// The longest duration any key accepts: far beyond any useful timeout,
@@ -1463,6 +1512,50 @@ api_keys:
         .unwrap();
         assert_eq!(c.health.completion_failure_ttl, MAX_DURATION);
         assert_eq!(c.watch_interval, MAX_DURATION);
+    }
+
+    /// A value of the wrong YAML type names the key, what was given and
+    /// what a duration may be, with its line.
+    #[test]
+    fn a_duration_of_the_wrong_type_names_the_key_and_what_is_accepted() {
+        for (yaml, key, given) in [
+            ("probe_interval: true\n", "probe_interval", "boolean `true`"),
+            ("session_ttl: [1]\n", "session_ttl", "sequence"),
+            ("choose_timeout: {a: 1}\n", "choose_timeout", "map"),
+            (
+                "timeouts:\n  openai:\n    idle: false\n",
+                "timeouts.openai.idle",
+                "boolean `false`",
+            ),
+        ] {
+            let err = error(yaml);
+            assert!(
+                err.contains(key)
+                    && err.contains(given)
+                    && err.contains("expected a duration: seconds as a number, or a string")
+                    && err.contains("line "),
+                "{yaml}: {err}"
+            );
+        }
+        // Every accepted form still reads as before.
+        let c = Config::from_yaml(
+            "probe_interval: 3\nprobe_timeout: 0.5\nsession_ttl: \"2m\"\nkeepalive_interval: 1h\n\
+             watch_interval: 0\nshutdown_grace: 250 ms\n",
+            &env,
+        );
+        let err = c.unwrap_err().to_string();
+        assert!(err.contains("keepalive_interval"), "{err}");
+        let c = Config::from_yaml(
+            "probe_interval: 3\nprobe_timeout: 0.5\nsession_ttl: \"2m\"\nkeepalive_interval: 60s\n\
+             watch_interval: 0\nshutdown_grace: 250 ms\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.probe.interval, Duration::from_secs(3));
+        assert_eq!(c.probe.timeout, Duration::from_millis(500));
+        assert_eq!(c.sessions.ttl, Duration::from_secs(120));
+        assert_eq!(c.watch_interval, Duration::ZERO);
+        assert_eq!(c.sidecar.shutdown_grace, Duration::from_millis(250));
     }
 
     #[test]
