@@ -17,7 +17,9 @@
 # 4. The config.yaml inside the ConfigMap, and deploy/config.example.yaml,
 #    pass `switchyard-control-plane --check-config` in a clean environment
 #    holding only the Secret's variables (dummy values): a ${NAME} the Secret
-#    does not provide fails here, as it would in the pod.
+#    does not provide fails here. (In the pod, one in `router_api_key` stops
+#    the start, exit 2; one in `api_keys` is only a warning and that backend
+#    gets no key, so here the warning is made an error.)
 #
 # Environment:
 #   VENV                 venv with kubernetes-validate (pip install
@@ -282,8 +284,13 @@ check_config() { # FILE, then VAR=value pairs
   local file=$1
   shift
   echo "== switchyard-control-plane --check-config --config $file"
-  env -i PATH="$PATH" "$@" "$CP_BIN" --check-config --config "$file" \
-    || fail "$file: --check-config failed"
+  local out
+  out=$(env -i PATH="$PATH" "$@" "$CP_BIN" --check-config --config "$file" 2>&1) \
+    || { echo "$out"; fail "$file: --check-config failed"; }
+  echo "$out"
+  if grep -q 'warning: .*environment variable .* not set' <<<"$out"; then
+    fail "$file: references a variable the Secret does not provide"
+  fi
 }
 SECRET_ENV=()
 while read -r var; do

@@ -69,6 +69,36 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: String,
     },
+    /// An entry of a map given twice, the same way or two ways that mean
+    /// the same (`http://a:1` and `http://a:1/`; `llama_server` and
+    /// `llama-server`): serde would keep the last one silently.
+    #[error(
+        "invalid config: key `{key}`: {}",
+        describe_duplicate(first, second, lines)
+    )]
+    Duplicate {
+        /// The map (`api_keys`, `endpoint_config`, `timeouts`).
+        key: String,
+        /// The entry as written first (credentials elided).
+        first: String,
+        /// The entry as written the second time (credentials elided).
+        second: String,
+        /// The lines (1-based) of the entries, when the YAML is block style.
+        lines: Vec<usize>,
+    },
+}
+
+fn describe_duplicate(first: &str, second: &str, lines: &[usize]) -> String {
+    let mut out = if first == second {
+        format!("`{first}` is given twice")
+    } else {
+        format!("`{first}` is given twice, also as `{second}`")
+    };
+    if lines.len() >= 2 {
+        let lines: Vec<String> = lines.iter().map(usize::to_string).collect();
+        out.push_str(&format!(" (lines {})", lines.join(" and ")));
+    }
+    out
 }
 
 fn invalid(
@@ -85,8 +115,7 @@ fn invalid(
 
 /// A duration as written in YAML: a number of seconds (`30`, `0.5`) or a
 /// string with a unit (`"250ms"`, `"5s"`, `"2m"`, `"1h"`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum RawDuration {
     /// Seconds.
     Seconds(f64),
@@ -94,40 +123,136 @@ pub enum RawDuration {
     Text(String),
 }
 
+/// Written by hand rather than `#[serde(untagged)]`: an untagged enum
+/// refuses a value of another type (`true`, `[1]`, `{a: 1}`) with "data did
+/// not match any variant", without the key, the value or what is accepted;
+/// a visitor's error is an ordinary type error, which the YAML layer
+/// prefixes with the key and suffixes with the line.
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDuration;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a duration: seconds as a number, or a string such as \"250ms\", \"5s\", \"2m\"",
+                )
+            }
+
+            // Integers become seconds as f64: past 2^53 they lose precision,
+            // but any such value is far over MAX_DURATION and refused anyway.
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v as f64))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v as f64))
+            }
+
+            // The YAML layer hands integers past 64 bits over as 128-bit ones.
+            fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v as f64))
+            }
+
+            fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v as f64))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration::Text(v.to_owned()))
+            }
+        }
+
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// The longest duration any key accepts: far beyond any useful timeout,
+/// period or lifetime, and short enough that a deadline computed from it
+/// (`now + d`, `2 * d`) cannot overflow, which would panic at run time.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
 impl RawDuration {
     fn parse(&self, key: &str) -> Result<Duration, ConfigError> {
         match self {
             Self::Seconds(s) => {
-                if s.is_finite() && *s >= 0.0 {
-                    Ok(Duration::from_secs_f64(*s))
-                } else {
-                    Err(invalid(key, s, "must be a non-negative number of seconds"))
-                }
+                seconds(*s).map_err(|problem| invalid(key, show_seconds(*s), problem.describe()))
             }
-            Self::Text(t) => parse_duration_text(t).ok_or_else(|| {
-                invalid(
-                    key,
-                    format!("{t:?}"),
-                    "expected seconds or a number with unit ms, s, m or h",
-                )
-            }),
+            Self::Text(t) => parse_duration_text(t)
+                .map_err(|problem| invalid(key, format!("{t:?}"), problem.describe())),
         }
     }
 }
 
-fn parse_duration_text(text: &str) -> Option<Duration> {
+/// Why a written duration is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DurationProblem {
+    /// Text not of the form `<number><unit>`.
+    Malformed,
+    /// Negative, or not a number (NaN).
+    Negative,
+    /// Longer than [`MAX_DURATION`], infinite included.
+    TooLong,
+}
+
+impl DurationProblem {
+    fn describe(self) -> String {
+        match self {
+            Self::Malformed => "expected seconds or a number with unit ms, s, m or h".to_owned(),
+            Self::Negative => "must be a non-negative number of seconds".to_owned(),
+            Self::TooLong => format!(
+                "must be at most 10 years ({} seconds)",
+                MAX_DURATION.as_secs()
+            ),
+        }
+    }
+}
+
+/// A number of seconds as a `Duration`, never panicking (as
+/// `Duration::from_secs_f64` does on a value it cannot hold): NaN,
+/// negative, infinite or longer than [`MAX_DURATION`] is refused.
+fn seconds(secs: f64) -> Result<Duration, DurationProblem> {
+    if secs.is_nan() || secs < 0.0 {
+        return Err(DurationProblem::Negative);
+    }
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(DurationProblem::TooLong),
+    }
+}
+
+/// A number of seconds as the operator may have written it: `30`, `0.5`,
+/// `1e20` (`Display` alone would print a huge one with all its digits).
+fn show_seconds(secs: f64) -> String {
+    if secs.is_finite() && secs.abs() < 1e16 {
+        secs.to_string()
+    } else {
+        format!("{secs:?}")
+    }
+}
+
+/// `"250ms"`, `"5s"`, `"2m"`, `"1h"` (a space before the unit allowed).
+fn parse_duration_text(text: &str) -> Result<Duration, DurationProblem> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or(DurationProblem::Malformed)?;
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().ok()?;
+    let n: f64 = num.parse().map_err(|_| DurationProblem::Malformed)?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return None,
+        _ => return Err(DurationProblem::Malformed),
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    seconds(secs)
 }
 
 /// Per-endpoint overrides under `endpoint_config.<url>`.
@@ -153,6 +278,45 @@ pub struct RawTimeouts {
     pub idle: Option<RawDuration>,
 }
 
+/// A YAML mapping as written: its entries in document order, one given
+/// twice kept twice, for [`Config::validate`] to refuse naming both (into a
+/// `BTreeMap`, serde would keep the last one silently).
+#[derive(Clone, Debug)]
+pub struct Entries<V>(pub Vec<(String, V)>);
+
+impl<V> Default for Entries<V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Entries<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<V>(std::marker::PhantomData<V>);
+
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<V> {
+            type Value = Entries<V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entries<V>, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<String, V>()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+
+        deserializer.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
 /// The YAML file as written. Every key optional; unknown keys are errors.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,7 +332,7 @@ pub struct RawConfig {
     pub max_concurrent_connections: Option<u32>,
     /// Backend API keys by endpoint URL; values may use `${ENV}`.
     #[serde(default)]
-    pub api_keys: BTreeMap<String, String>,
+    pub api_keys: Entries<String>,
     /// Router API key clients must present (nomyo spelling).
     #[serde(rename = "nomyo-router-api-key")]
     pub nomyo_router_api_key: Option<String>,
@@ -182,7 +346,7 @@ pub struct RawConfig {
     pub conversation_affinity_ttl: Option<RawDuration>,
     /// Per-endpoint overrides.
     #[serde(default)]
-    pub endpoint_config: BTreeMap<String, RawEndpointConfig>,
+    pub endpoint_config: Entries<RawEndpointConfig>,
 
     // --- Switchyard keys ---
     /// Most affinity entries held.
@@ -226,7 +390,7 @@ pub struct RawConfig {
     pub allowed_origins: Option<Vec<String>>,
     /// Sidecar: timeouts by endpoint kind (`ollama`, `openai`, `llama_server`).
     #[serde(default)]
-    pub timeouts: BTreeMap<String, RawTimeouts>,
+    pub timeouts: Entries<RawTimeouts>,
 }
 
 /// One backend.
@@ -564,20 +728,55 @@ fn syntax_error(text: &str, err: &serde_yaml_ng::Error) -> String {
 /// key under two different parents is no duplicate. Best effort: flow
 /// style (`{a: 1}`) is not looked into.
 fn duplicated_key_lines(text: &str, field: &str) -> Vec<usize> {
+    let found: Vec<(usize, Vec<String>)> = block_keys(text)
+        .into_iter()
+        .filter(|(_, path)| path.last().is_some_and(|key| key == field))
+        .collect();
+    found
+        .iter()
+        .filter(|(_, path)| found.iter().filter(|(_, p)| p == path).count() > 1)
+        .map(|(line, _)| *line)
+        .collect()
+}
+
+/// The lines (1-based) of the entries of the top-level map `map` written
+/// as one of `keys`. Best effort, as [`duplicated_key_lines`].
+fn entry_lines(text: &str, map: &str, keys: &[&str]) -> Vec<usize> {
+    block_keys(text)
+        .into_iter()
+        .filter(|(_, path)| match path.as_slice() {
+            [parent, key] => parent == map && keys.contains(&key.as_str()),
+            _ => false,
+        })
+        .map(|(line, _)| line)
+        .collect()
+}
+
+/// Every block-style `key:` of the YAML text: its line (1-based) and its
+/// path, parent keys first and the key last (quotes removed; a list item
+/// is an entry `[line]` of its own, so items are told apart).
+fn block_keys(text: &str) -> Vec<(usize, Vec<String>)> {
     /// The key a `key: value` line starts with, quotes removed.
     fn key_of(body: &str) -> Option<&str> {
         let (key, rest) = if let Some(quoted) = body.strip_prefix('"') {
             let end = quoted.find('"')?;
             (&quoted[..end], &quoted[end + 1..])
+        } else if let Some(quoted) = body.strip_prefix('\'') {
+            let end = quoted.find('\'')?;
+            (&quoted[..end], &quoted[end + 1..])
         } else {
-            let end = body.find(':')?;
+            // A plain key ends at `: ` or at a `:` ending the line; a URL's
+            // `://` is part of it.
+            let end = body
+                .find(": ")
+                .or_else(|| body.strip_suffix(':').map(str::len))?;
             (body[..end].trim_end(), &body[end..])
         };
         let rest = rest.trim_start().strip_prefix(':')?;
         (rest.is_empty() || rest.starts_with(' ')).then_some(key)
     }
     let mut parents: Vec<(usize, String)> = Vec::new();
-    let mut found: Vec<(usize, String)> = Vec::new();
+    let mut found = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let body = line.trim_start();
         if body.is_empty() || body.starts_with('#') {
@@ -596,19 +795,54 @@ fn duplicated_key_lines(text: &str, field: &str) -> Vec<usize> {
             continue;
         };
         parents.retain(|(depth, _)| *depth < indent);
-        let mut path: Vec<&str> = parents.iter().map(|(_, k)| k.as_str()).collect();
-        path.push(key);
-        let path = path.join("\u{0}");
-        if key == field {
-            found.push((i + 1, path.clone()));
-        }
+        let mut path: Vec<String> = parents.iter().map(|(_, k)| k.clone()).collect();
+        path.push(key.to_owned());
+        found.push((i + 1, path));
         parents.push((indent, key.to_owned()));
     }
     found
-        .iter()
-        .filter(|(_, path)| found.iter().filter(|(_, p)| p == path).count() > 1)
-        .map(|(line, _)| *line)
-        .collect()
+}
+
+/// A URL as it may be shown: `user:password@` replaced by `***@`.
+fn without_credentials(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let (head, rest) = url.split_at(scheme_end + 3);
+    let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
+    match authority.rfind('@') {
+        Some(at) => format!("{head}***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// The entries of the top-level map `map`, each with what it names
+/// (`identify`: its normalised URL, its endpoint kind), refusing an entry
+/// that names the same as one before it (`same`), with both spellings and,
+/// when `text` is given and block style, their lines.
+fn unique_entries<'a, V, I>(
+    map: &str,
+    entries: &'a Entries<V>,
+    text: Option<&str>,
+    identify: impl Fn(&str, &str) -> Result<I, ConfigError>,
+    same: impl Fn(&I, &I) -> bool,
+) -> Result<Vec<(&'a str, I, &'a V)>, ConfigError> {
+    let mut out: Vec<(&'a str, I, &'a V)> = Vec::with_capacity(entries.0.len());
+    for (written, value) in &entries.0 {
+        let id = identify(&format!("{map}.{written}"), written)?;
+        if let Some((first, _, _)) = out.iter().find(|(_, seen, _)| same(seen, &id)) {
+            return Err(ConfigError::Duplicate {
+                key: map.to_owned(),
+                first: without_credentials(first),
+                second: without_credentials(written),
+                lines: text.map_or_else(Vec::new, |text| {
+                    entry_lines(text, map, &[first, written.as_str()])
+                }),
+            });
+        }
+        out.push((written, id, value));
+    }
+    Ok(out)
 }
 
 impl Config {
@@ -632,13 +866,23 @@ impl Config {
             serde_yaml_ng::from_str(text)
                 .map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?
         };
-        Self::validate(raw, env)
+        Self::check(raw, env, Some(text))
     }
 
     /// The single validation step from raw to typed config.
     pub fn validate(
         raw: RawConfig,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::check(raw, env, None)
+    }
+
+    /// [`Config::validate`]; `text`, the YAML `raw` was read from, lets an
+    /// entry given twice be named with its lines.
+    fn check(
+        raw: RawConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+        text: Option<&str>,
     ) -> Result<Self, ConfigError> {
         let default_limit = raw
             .max_concurrent_connections
@@ -689,16 +933,17 @@ impl Config {
             });
         }
 
-        let find = |endpoints: &mut Vec<EndpointConfig>,
-                    key: &str,
-                    url: &str|
-         -> Result<usize, ConfigError> {
-            let norm = normalize_url(key, url)?;
-            endpoints
-                .iter()
-                .position(|e| same_endpoint(&e.url, &norm))
-                .ok_or_else(|| invalid(key, url, "not a configured endpoint"))
-        };
+        // Both maps are keyed by endpoint URL; one given twice (however
+        // written, as for `endpoints`) would silently lose the first entry.
+        let same_url = |a: &String, b: &String| same_endpoint(a, b);
+        let api_keys = unique_entries("api_keys", &raw.api_keys, text, normalize_url, same_url)?;
+        let endpoint_config = unique_entries(
+            "endpoint_config",
+            &raw.endpoint_config,
+            text,
+            normalize_url,
+            same_url,
+        )?;
 
         // Backend keys are forgiving where nomyo-router is (its own sample
         // config has both cases): a key for a URL that is not an endpoint is
@@ -708,9 +953,8 @@ impl Config {
         // `${VAR}` in the *router* key stays an error: it would silently
         // open the router to everyone.)
         let mut warnings = Vec::new();
-        for (url, value) in &raw.api_keys {
+        for (url, norm, value) in api_keys {
             let key = format!("api_keys.{url}");
-            let norm = normalize_url(&key, url)?;
             let Some(idx) = endpoints.iter().position(|e| same_endpoint(&e.url, &norm)) else {
                 warnings.push(format!(
                     "{key}: not a configured endpoint (not in `endpoints` or \
@@ -734,9 +978,12 @@ impl Config {
                 ep.api_key = Some(Secret::new(secret));
             }
         }
-        for (url, over) in &raw.endpoint_config {
+        for (url, norm, over) in endpoint_config {
             let key = format!("endpoint_config.{url}");
-            let idx = find(&mut endpoints, &key, url)?;
+            let idx = endpoints
+                .iter()
+                .position(|e| same_endpoint(&e.url, &norm))
+                .ok_or_else(|| invalid(&key, url, "not a configured endpoint"))?;
             if let Some(limit) = over.max_concurrent_connections {
                 if limit == 0 {
                     return Err(invalid(
@@ -879,12 +1126,22 @@ impl Config {
             )?,
         };
 
+        // `llama_server` and `llama-server` are the same kind: given both,
+        // one would be lost as surely as one given twice.
+        let timeouts = unique_entries(
+            "timeouts",
+            &raw.timeouts,
+            text,
+            |key, kind_name| {
+                kind_name
+                    .parse::<EndpointKind>()
+                    .map_err(|_| invalid(key, kind_name, "expected ollama, openai or llama_server"))
+            },
+            |a, b| a == b,
+        )?;
         let mut kind_timeouts = BTreeMap::new();
-        for (kind_name, t) in &raw.timeouts {
+        for (kind_name, kind, t) in timeouts {
             let key = format!("timeouts.{kind_name}");
-            let kind: EndpointKind = kind_name
-                .parse()
-                .map_err(|_| invalid(&key, kind_name, "expected ollama, openai or llama_server"))?;
             let connect = positive(
                 &format!("{key}.connect"),
                 dur(
@@ -910,17 +1167,7 @@ impl Config {
                 first_byte,
                 idle,
             };
-            if kind_timeouts.insert(kind.as_str(), spelled).is_some() {
-                return Err(invalid(
-                    &key,
-                    kind_name,
-                    format!(
-                        "timeouts for {} are given twice (`llama_server` and `llama-server` \
-                         are the same kind)",
-                        kind.as_str()
-                    ),
-                ));
-            }
+            kind_timeouts.insert(kind.as_str(), spelled);
         }
         let default_timeouts = Timeouts {
             connect: defaults::CONNECT_TIMEOUT,
@@ -1323,6 +1570,146 @@ api_keys:
         assert!(err.contains("keepalive_interval"), "{err}");
     }
 
+    /// `Duration::from_secs_f64` panics on a value a `Duration` cannot
+    /// hold; every form must be a config error naming key and value.
+    #[test]
+    fn huge_negative_and_non_finite_durations_are_errors_naming_key_and_value() {
+        for (yaml, key, value, problem) in [
+            (
+                "probe_timeout: 1e20",
+                "probe_timeout",
+                "1e20",
+                "at most 10 years",
+            ),
+            (
+                "probe_timeout: \"99999999999999999999s\"",
+                "probe_timeout",
+                "99999999999999999999s",
+                "at most",
+            ),
+            (
+                "probe_timeout: 99999999999999999999s",
+                "probe_timeout",
+                "99999999999999999999s",
+                "at most",
+            ),
+            (
+                "conversation_affinity_ttl: 1e30",
+                "conversation_affinity_ttl",
+                "1e30",
+                "at most",
+            ),
+            (
+                "timeouts:\n  ollama:\n    idle: 1e20",
+                "timeouts.ollama.idle",
+                "1e20",
+                "at most",
+            ),
+            ("session_ttl: 100000h", "session_ttl", "100000h", "at most"),
+            (
+                "watch_interval: 315360001",
+                "watch_interval",
+                "315360001",
+                "at most",
+            ),
+            ("choose_timeout: .inf", "choose_timeout", "inf", "at most"),
+            ("shutdown_grace: -1", "shutdown_grace", "-1", "non-negative"),
+            (
+                "shutdown_grace: -.inf",
+                "shutdown_grace",
+                "-inf",
+                "non-negative",
+            ),
+            (
+                "probe_interval: .nan",
+                "probe_interval",
+                "NaN",
+                "non-negative",
+            ),
+            (
+                "probe_interval: \"1e30ms\"",
+                "probe_interval",
+                "1e30ms",
+                "number with unit",
+            ),
+            (
+                "probe_interval: \"-5s\"",
+                "probe_interval",
+                "-5s",
+                "number with unit",
+            ),
+            (
+                "probe_interval: \"nan s\"",
+                "probe_interval",
+                "nan s",
+                "number with unit",
+            ),
+        ] {
+            let err = Config::from_yaml(yaml, &env).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { .. }),
+                "{yaml}: {err:?}"
+            );
+            let err = err.to_string();
+            assert!(
+                err.contains(&format!("`{key}`")) && err.contains(value) && err.contains(problem),
+                "{yaml}: {err}"
+            );
+        }
+        // The longest accepted, in each form.
+        let c = Config::from_yaml(
+            "completion_failure_ttl: 315360000\nwatch_interval: 87600h\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.health.completion_failure_ttl, MAX_DURATION);
+        assert_eq!(c.watch_interval, MAX_DURATION);
+    }
+
+    /// A value of the wrong YAML type names the key, what was given and
+    /// what a duration may be, with its line.
+    #[test]
+    fn a_duration_of_the_wrong_type_names_the_key_and_what_is_accepted() {
+        for (yaml, key, given) in [
+            ("probe_interval: true\n", "probe_interval", "boolean `true`"),
+            ("session_ttl: [1]\n", "session_ttl", "sequence"),
+            ("choose_timeout: {a: 1}\n", "choose_timeout", "map"),
+            (
+                "timeouts:\n  openai:\n    idle: false\n",
+                "timeouts.openai.idle",
+                "boolean `false`",
+            ),
+        ] {
+            let err = error(yaml);
+            assert!(
+                err.contains(key)
+                    && err.contains(given)
+                    && err.contains("expected a duration: seconds as a number, or a string")
+                    && err.contains("line "),
+                "{yaml}: {err}"
+            );
+        }
+        // Every accepted form still reads as before.
+        let c = Config::from_yaml(
+            "probe_interval: 3\nprobe_timeout: 0.5\nsession_ttl: \"2m\"\nkeepalive_interval: 1h\n\
+             watch_interval: 0\nshutdown_grace: 250 ms\n",
+            &env,
+        );
+        let err = c.unwrap_err().to_string();
+        assert!(err.contains("keepalive_interval"), "{err}");
+        let c = Config::from_yaml(
+            "probe_interval: 3\nprobe_timeout: 0.5\nsession_ttl: \"2m\"\nkeepalive_interval: 60s\n\
+             watch_interval: 0\nshutdown_grace: 250 ms\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.probe.interval, Duration::from_secs(3));
+        assert_eq!(c.probe.timeout, Duration::from_millis(500));
+        assert_eq!(c.sessions.ttl, Duration::from_secs(120));
+        assert_eq!(c.watch_interval, Duration::ZERO);
+        assert_eq!(c.sidecar.shutdown_grace, Duration::from_millis(250));
+    }
+
     #[test]
     fn allowed_origins_add_to_ollamas_defaults() {
         let origins = |extra: &str| {
@@ -1407,10 +1794,75 @@ api_keys:
         // The same kind's timeouts under both spellings.
         let err =
             error("timeouts:\n  llama_server: {connect: 1s}\n  llama-server: {connect: 2s}\n");
-        assert!(
-            err.contains("timeouts.llama") && err.contains("given twice"),
-            "{err}"
+        assert_eq!(
+            err,
+            "invalid config: key `timeouts`: `llama_server` is given twice, \
+             also as `llama-server` (lines 2 and 3)"
         );
+    }
+
+    /// Maps keyed by URL (or kind) lost the first of two entries for the
+    /// same key silently; now both are named, with their lines.
+    #[test]
+    fn an_entry_given_twice_in_a_keyed_map_is_named_with_its_lines() {
+        let err = error(
+            "endpoints: [\"http://a:1\"]\n\
+             endpoint_config:\n  \"http://a:1\":\n    draining: true\n  \"http://a:1\":\n    max_concurrent_connections: 2\n",
+        );
+        assert_eq!(
+            err,
+            "invalid config: key `endpoint_config`: `http://a:1` is given twice (lines 3 and 5)"
+        );
+        let err = error(
+            "endpoints: [\"https://x/v1\"]\napi_keys:\n  https://x/v1: k1\n  'https://x/v1': k2\n",
+        );
+        assert_eq!(
+            err,
+            "invalid config: key `api_keys`: `https://x/v1` is given twice (lines 3 and 4)"
+        );
+        // Written two ways for the same server (as in `endpoints`); also for
+        // a URL that is not an endpoint; credentials are not shown.
+        let err = error(
+            "endpoints: [\"http://a:1\"]\napi_keys:\n  \"http://u:pw@b:1/\": k1\n  \"http://a:1\": k\n  \"http://u:pw@B:1\": k2\n",
+        );
+        assert_eq!(
+            err,
+            "invalid config: key `api_keys`: `http://***@b:1/` is given twice, \
+             also as `http://***@B:1` (lines 3 and 5)"
+        );
+        assert!(!err.contains("pw"), "{err}");
+        // Flow style: named without lines.
+        let err = error(
+            "endpoints: [\"http://a:1\"]\napi_keys: {\"http://a:1\": k1, \"http://a:1/\": k2}\n",
+        );
+        assert_eq!(
+            err,
+            "invalid config: key `api_keys`: `http://a:1` is given twice, also as `http://a:1/`"
+        );
+        // The same timeouts kind twice.
+        let err = error("timeouts:\n  ollama:\n    idle: 1s\n  ollama:\n    idle: 2s\n");
+        assert_eq!(
+            err,
+            "invalid config: key `timeouts`: `ollama` is given twice (lines 2 and 4)"
+        );
+        // One entry per endpoint is still fine.
+        let c = Config::from_yaml(
+            "endpoints: [\"http://a:1\", \"http://b:1\"]\napi_keys:\n  \"http://a:1\": ka\n  \"http://b:1\": kb\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.endpoints[1].api_key.as_ref().unwrap().expose(), "kb");
+    }
+
+    #[test]
+    fn credentials_are_cut_from_urls_shown() {
+        assert_eq!(
+            without_credentials("http://u:p@h:1/v1"),
+            "http://***@h:1/v1"
+        );
+        assert_eq!(without_credentials("http://u@h"), "http://***@h");
+        assert_eq!(without_credentials("http://h:1/a@b"), "http://h:1/a@b");
+        assert_eq!(without_credentials("not a url"), "not a url");
     }
 
     #[test]
