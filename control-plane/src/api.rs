@@ -11,18 +11,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{LeaseId, SessionId};
 
-/// An Ollama endpoint's own listing items, each the JSON object text of one
-/// `/api/tags` or `/api/ps` item as the backend sent it (size, digest,
-/// modified_at, details, expires_at, size_vram, ... and whatever newer
-/// builds add), so the sidecar's merged listings show them instead of
-/// placeholders. Empty for OpenAI-style endpoints, whose listings carry
-/// none of that.
+/// An endpoint's own listing items, each the JSON object text of one item
+/// as the backend sent it, so the sidecar's merged listings show them
+/// instead of placeholders: an Ollama endpoint's `/api/tags` and `/api/ps`
+/// items (size, digest, modified_at, details, expires_at, size_vram, ...
+/// and whatever newer builds add), an OpenAI-style or llama-server
+/// endpoint's `{base}/models` `data` items (created, owned_by, vLLM's
+/// max_model_len, llama-server's status, ...). The lists of the other
+/// kind are empty.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelItems {
-    /// `/api/tags` items, in the backend's order, one per model name.
+    /// `/api/tags` items, in the backend's order, one per model name
+    /// (Ollama endpoints only).
     pub tags: Vec<Arc<str>>,
-    /// `/api/ps` items, in the backend's order, one per model name.
+    /// `/api/ps` items, in the backend's order, one per model name
+    /// (Ollama endpoints only).
     pub ps: Vec<Arc<str>>,
+    /// `{base}/models` `data` items, in the backend's order, one per model
+    /// id (OpenAI-style and llama-server endpoints only).
+    pub models: Vec<Arc<str>>,
 }
 
 /// What one discovery probe round found for one endpoint.
@@ -34,7 +41,7 @@ pub enum ProbeReport {
         advertised: Vec<String>,
         /// Models it has loaded, as it names them.
         loaded: Vec<String>,
-        /// The listing items themselves (Ollama endpoints only).
+        /// The listing items themselves.
         items: ModelItems,
     },
     /// The endpoint did not answer, or answered an error.

@@ -19,6 +19,10 @@
 //!   does), so these endpoints are chosen by free slot, not by "loaded";
 //! - llama-server: `GET {base}/models`, loaded decided by each item's status.
 //!
+//! Each report carries the endpoint's listing items as the backend sent
+//! them ([`ModelItems`]: Ollama's `/api/tags` and `/api/ps` items, the
+//! others' `{base}/models` items) for the sidecar's merged listings.
+//!
 //! Invariants: all probes share one pooled HTTP client; every probe is bounded
 //! by `probe.timeout` and by a body-size cap; failure details never carry the
 //! API key or URL credentials; tasks are owned by the caller's
@@ -77,12 +81,16 @@ impl ProbeSink for crate::control_plane::ControlPlane {
     }
 }
 
-/// What an OpenAI-style endpoint's probe found: names only.
-fn names_only(advertised: Vec<String>, loaded: Vec<String>) -> ProbeReport {
+/// What an OpenAI-style or llama-server endpoint's probe found: the
+/// advertised models with their `{base}/models` items, and the loaded ones.
+fn openai_report(advertised: listing::OpenAiListing, loaded: Vec<String>) -> ProbeReport {
     ProbeReport::Ok {
-        advertised,
+        advertised: advertised.names,
         loaded,
-        items: ModelItems::default(),
+        items: ModelItems {
+            models: advertised.items,
+            ..ModelItems::default()
+        },
     }
 }
 
@@ -174,6 +182,7 @@ impl Prober {
                     items: ModelItems {
                         tags: tags.items,
                         ps: ps.items,
+                        models: Vec::new(),
                     },
                 })
             }
@@ -186,7 +195,7 @@ impl Prober {
                     listing::parse_openai_models(&body).map_err(|e| format!("GET /models: {e}"))?;
                 // Hosted and vLLM servers do not say what is loaded; like
                 // nomyo-router, report nothing loaded.
-                Ok(names_only(advertised, Vec::new()))
+                Ok(openai_report(advertised, Vec::new()))
             }
             EndpointKind::LlamaServer => {
                 let base = openai_base(&endpoint.url, endpoint.kind);
@@ -195,7 +204,7 @@ impl Prober {
                     .await?;
                 let (advertised, loaded) = listing::parse_llama_server_models(&body)
                     .map_err(|e| format!("GET /models: {e}"))?;
-                Ok(names_only(advertised, loaded))
+                Ok(openai_report(advertised, loaded))
             }
         }
     }
@@ -532,6 +541,7 @@ mod tests {
                         r#"{"name":"b:7b"}"#.into()
                     ],
                     ps: vec![r#"{"name":"b:7b","size_vram":3}"#.into()],
+                    models: vec![],
                 },
             }
         );
@@ -554,7 +564,10 @@ mod tests {
             ProbeReport::Ok {
                 advertised: vec!["gpt-x".into()],
                 loaded: vec![],
-                items: ModelItems::default(),
+                items: ModelItems {
+                    models: vec![r#"{"id":"gpt-x","object":"model"}"#.into()],
+                    ..ModelItems::default()
+                },
             }
         );
         assert_eq!(
@@ -616,7 +629,14 @@ mod tests {
             ProbeReport::Ok {
                 advertised: vec!["org/m-GGUF:Q4_K_M".into(), "other".into(), "plain".into()],
                 loaded: vec!["org/m-GGUF:Q4_K_M".into(), "plain".into()],
-                items: ModelItems::default(),
+                items: ModelItems {
+                    models: vec![
+                        r#"{"id":"org/m-GGUF:Q4_K_M","status":{"value":"loaded"}}"#.into(),
+                        r#"{"id":"other","status":"unloaded"}"#.into(),
+                        r#"{"id":"plain"}"#.into(),
+                    ],
+                    ..ModelItems::default()
+                },
             }
         );
     }

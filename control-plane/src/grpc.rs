@@ -370,6 +370,7 @@ impl Cluster for ClusterService {
                 url: endpoint.url.to_string(),
                 tags: items.tags.iter().map(|t| t.to_string()).collect(),
                 ps: items.ps.iter().map(|t| t.to_string()).collect(),
+                models: items.models.iter().map(|t| t.to_string()).collect(),
             })
             .collect();
         Ok(Response::new(v1::ListModelItemsResponse { endpoints }))

@@ -16,9 +16,13 @@
 //! - An Ollama endpoint's own `/api/tags` and `/api/ps` items (size,
 //!   digest, modified_at, details, expires_at, size_vram, ...) are shown as
 //!   it sent them, from the control plane's discovery ([`ModelCatalog`]),
-//!   with `name` and `model` set to the listed name; models without one
-//!   (OpenAI-style endpoints, or items not known yet) get the placeholder
-//!   items of [`listing`].
+//!   with `name` and `model` set to the listed name. An OpenAI-style or
+//!   llama-server endpoint's own `/v1/models` items (created, owned_by,
+//!   max_model_len, status, ...) are shown as it sent them in
+//!   `/v1/models`, and give `modified_at` (`created`) in `/api/tags` and
+//!   `context_length` in `/api/ps`; everything else about those models in
+//!   the Ollama listings is the placeholder of [`listing`], as are the
+//!   items of models without an own item (not known yet).
 //! - `/api/version` is the lowest version among the routable Ollama
 //!   endpoints, capped at [`OLLAMA_COMPAT_VERSION`] ([`api_version`]).
 
@@ -70,35 +74,58 @@ fn routable(state: &ClusterState) -> impl Iterator<Item = &EndpointState> {
     state.endpoints.iter().filter(|e| e.healthy && !e.draining)
 }
 
-/// Which listing of an endpoint's own items to use.
+/// Which models of an endpoint a listing shows, and which of its own
+/// items go with them.
 #[derive(Clone, Copy)]
 enum Listing {
+    /// Advertised models; Ollama `/api/tags` items.
     Tags,
+    /// Loaded models; Ollama `/api/ps` items.
     Ps,
 }
 
-/// An endpoint's own items of one listing, by the name the endpoint uses.
-fn own_items(catalog: &ModelCatalog, url: &str, which: Listing) -> HashMap<String, Value> {
+/// An endpoint's own item for a model, in the shape its backend lists it.
+enum Own {
+    /// An Ollama `/api/tags` or `/api/ps` item.
+    Ollama(Value),
+    /// An OpenAI-style or llama-server `{base}/models` `data` item.
+    OpenAi(Value),
+}
+
+/// Each JSON object of `texts` by the name it gives under the first of
+/// `keys` it has (texts that are not such an object are skipped).
+fn objects_by_name(
+    texts: &[std::sync::Arc<str>],
+    keys: &[&str],
+) -> impl Iterator<Item = (String, Value)> {
+    texts.iter().filter_map(|text| {
+        let Ok(Value::Object(item)) = serde_json::from_str::<Value>(text) else {
+            return None;
+        };
+        let name = keys
+            .iter()
+            .find_map(|k| item.get(*k).and_then(Value::as_str))?
+            .to_owned();
+        Some((name, Value::Object(item)))
+    })
+}
+
+/// An endpoint's own items for one listing, by the name the endpoint uses:
+/// its Ollama items of that listing and its `{base}/models` items (an
+/// endpoint has one kind or the other; an Ollama item wins a name both
+/// give).
+fn own_items(catalog: &ModelCatalog, url: &str, which: Listing) -> HashMap<String, Own> {
     let Some((_, items)) = catalog.iter().find(|(u, _)| &**u == url) else {
         return HashMap::new();
     };
-    let texts = match which {
+    let ollama = match which {
         Listing::Tags => &items.tags,
         Listing::Ps => &items.ps,
     };
-    texts
-        .iter()
-        .filter_map(|text| {
-            let Ok(Value::Object(item)) = serde_json::from_str::<Value>(text) else {
-                return None;
-            };
-            let name = ["name", "model"]
-                .iter()
-                .find_map(|k| item.get(*k).and_then(Value::as_str))?
-                .to_owned();
-            Some((name, Value::Object(item)))
-        })
-        .collect()
+    let openai = objects_by_name(&items.models, &["id"]).map(|(n, item)| (n, Own::OpenAi(item)));
+    let ollama =
+        objects_by_name(ollama, &["name", "model"]).map(|(n, item)| (n, Own::Ollama(item)));
+    openai.chain(ollama).collect()
 }
 
 /// The endpoint's own item for `model`, named `name`.
@@ -121,7 +148,7 @@ fn merged(
     catalog: &ModelCatalog,
     which: Listing,
     key: impl Fn(&str) -> String,
-    item: impl Fn(&EndpointState, &str, &str, Option<Value>) -> Option<Value>,
+    item: impl Fn(&EndpointState, &str, &str, Option<Own>) -> Option<Value>,
 ) -> Vec<Value> {
     let mut items: BTreeMap<String, Value> = BTreeMap::new();
     for endpoint in routable(state) {
@@ -144,7 +171,8 @@ fn merged(
 }
 
 /// `/api/tags` body for a cluster state; `catalog` supplies the endpoints'
-/// own items.
+/// own items (an OpenAI-style model's `modified_at` is its `created`,
+/// `now` without one).
 pub fn tags_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) -> Value {
     let items = merged(
         state,
@@ -153,7 +181,10 @@ pub fn tags_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) 
         canonical_request_name,
         |endpoint, model, name, own| {
             Some(match own {
-                Some(item) => named(item, name),
+                Some(Own::Ollama(item)) => named(item, name),
+                Some(Own::OpenAi(item)) => {
+                    listing::tags_item_from_model(model, &item, endpoint.kind, now)
+                }
                 None => listing::tags_item(model, endpoint.kind, now),
             })
         },
@@ -162,9 +193,11 @@ pub fn tags_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) 
 }
 
 /// `/api/ps` body for a cluster state; `catalog` supplies the endpoints'
-/// own items. Sorted as Ollama sorts it: latest `expires_at` first (then by
-/// name).
+/// own items (a llama-server model's `context_length` is its serving
+/// context, when its item shows it). Sorted as Ollama sorts it: latest
+/// `expires_at` first (then by name).
 pub fn ps_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) -> Value {
+    let expires_at = now + PS_EXPIRES_IN;
     let mut items = merged(
         state,
         catalog,
@@ -172,8 +205,14 @@ pub fn ps_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) ->
         canonical_request_name,
         |endpoint, model, name, own| {
             Some(match own {
-                Some(item) => named(item, name),
-                None => listing::ps_item(model, endpoint.kind, now + PS_EXPIRES_IN, None),
+                Some(Own::Ollama(item)) => named(item, name),
+                Some(Own::OpenAi(item)) => listing::ps_item(
+                    model,
+                    endpoint.kind,
+                    expires_at,
+                    listing::model_context_length(&item),
+                ),
+                None => listing::ps_item(model, endpoint.kind, expires_at, None),
             })
         },
     );
@@ -187,20 +226,22 @@ pub fn ps_body(state: &ClusterState, catalog: &ModelCatalog, now: SystemTime) ->
     json!({ "models": items })
 }
 
-/// `/v1/models` body for a cluster state; an Ollama endpoint's own item
-/// gives `created` (its `modified_at`), as Ollama's own `/v1/models` does.
+/// `/v1/models` body for a cluster state. An OpenAI-style or llama-server
+/// endpoint's own `/v1/models` item is listed as the backend sent it
+/// (created, owned_by, max_model_len, status, ...); an Ollama endpoint's
+/// own `/api/tags` item gives `created` (its `modified_at`), as Ollama's
+/// own `/v1/models` does. Without an own item (not known yet, or a control
+/// plane that predates OpenAI-style items) the item is made from the name.
 pub fn openai_models_body(state: &ClusterState, catalog: &ModelCatalog) -> Value {
     let items = merged(
         state,
         catalog,
         Listing::Tags,
         str::to_owned,
-        |_, model, _, own| {
-            let tag = match own {
-                Some(item) => named(item, model),
-                None => json!({ "name": model }),
-            };
-            listing::openai_model_from_tag(&tag)
+        |_, model, _, own| match own {
+            Some(Own::OpenAi(item)) => Some(item),
+            Some(Own::Ollama(item)) => listing::openai_model_from_tag(&named(item, model)),
+            None => listing::openai_model_from_tag(&json!({ "name": model })),
         },
     );
     json!({ "object": "list", "data": items })
@@ -466,7 +507,11 @@ mod tests {
         let ps = vec![Arc::from(
             r#"{"model":"qwen3:8b","size":6000000000,"size_vram":5000000000,"digest":"d1","expires_at":"2026-11-27T16:00:00Z","context_length":8192}"#,
         )];
-        let items = ModelItems { tags, ps };
+        let items = ModelItems {
+            tags,
+            ps,
+            models: vec![],
+        };
         vec![(Arc::from("http://o1:11434"), Arc::new(items))]
     }
 
@@ -532,7 +577,11 @@ mod tests {
             Arc::from(r#"{"name":"b:1b","expires_at":"2027-01-01T00:00:00+02:00"}"#),
             Arc::from(r#"{"name":"c:1b","expires_at":"garbage"}"#),
         ];
-        let items = ModelItems { tags: vec![], ps };
+        let items = ModelItems {
+            tags: vec![],
+            ps,
+            models: vec![],
+        };
         let catalog = vec![(Arc::from("http://o1:11434"), Arc::new(items))];
         let body = ps_body(&state, &catalog, SystemTime::UNIX_EPOCH);
         let names = names(&body);
@@ -555,6 +604,155 @@ mod tests {
         // 0 without one.
         assert_eq!(body["data"][2]["created"], 1_746_889_608);
         assert_eq!(body["data"][1]["created"], 0);
+    }
+
+    /// Two vLLM endpoints serving `shared` (with different items), a
+    /// llama-server, and an OpenAI endpoint whose items are not known
+    /// (e.g. from a control plane that predates them).
+    fn openai_style() -> (ClusterState, ModelCatalog) {
+        let state = ClusterState {
+            endpoints: vec![
+                endpoint(
+                    "http://v1:8000/v1",
+                    EndpointKind::OpenAi,
+                    true,
+                    &["shared", "only-v1"],
+                    &[],
+                ),
+                endpoint(
+                    "http://v2:8000/v1",
+                    EndpointKind::OpenAi,
+                    true,
+                    &["shared"],
+                    &[],
+                ),
+                endpoint(
+                    "http://l:8080",
+                    EndpointKind::LlamaServer,
+                    true,
+                    &["org/g-GGUF:Q4_K_M", "org/off-GGUF:Q8_0"],
+                    &["org/g-GGUF:Q4_K_M"],
+                ),
+                endpoint(
+                    "https://api.x/v1",
+                    EndpointKind::OpenAi,
+                    true,
+                    &["gpt-4o-mini"],
+                    &[],
+                ),
+            ],
+            ..ClusterState::default()
+        };
+        let models = |texts: &[&str]| {
+            Arc::new(ModelItems {
+                models: texts.iter().map(|t| Arc::from(*t)).collect(),
+                ..ModelItems::default()
+            })
+        };
+        let catalog = vec![
+            (
+                Arc::from("http://v1:8000/v1"),
+                models(&[
+                    r#"{"id":"shared","object":"model","created":1700000000,"owned_by":"vllm","max_model_len":4096,"root":"/w/shared"}"#,
+                    r#"{"id":"only-v1","object":"model","created":0,"owned_by":"vllm","max_model_len":8192}"#,
+                ]),
+            ),
+            (
+                Arc::from("http://v2:8000/v1"),
+                models(&[
+                    r#"{"id":"shared","object":"model","created":1,"owned_by":"other","max_model_len":1}"#,
+                ]),
+            ),
+            (
+                Arc::from("http://l:8080"),
+                models(&[
+                    r#"{"id":"org/g-GGUF:Q4_K_M","object":"model","created":1700000001,"owned_by":"llamacpp","status":{"value":"loaded","args":["llama-server","-c","16384"]}}"#,
+                    r#"{"id":"org/off-GGUF:Q8_0","object":"model","owned_by":"llamacpp","status":{"value":"unloaded"}}"#,
+                ]),
+            ),
+        ];
+        (state, catalog)
+    }
+
+    #[test]
+    fn openai_style_models_are_listed_as_the_backend_sent_them() {
+        let (state, catalog) = openai_style();
+        let body = openai_models_body(&state, &catalog);
+        let data = body["data"].as_array().unwrap();
+        let ids: Vec<&str> = data.iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert_eq!(
+            ids,
+            [
+                "gpt-4o-mini",
+                "only-v1",
+                "org/g-GGUF:Q4_K_M",
+                "org/off-GGUF:Q8_0",
+                "shared"
+            ]
+        );
+        // Every field as sent; the first endpoint to list a model wins.
+        assert_eq!(
+            data[4],
+            json!({"id":"shared","object":"model","created":1_700_000_000,"owned_by":"vllm","max_model_len":4096,"root":"/w/shared"})
+        );
+        assert_eq!(data[1]["created"], 0);
+        assert_eq!(data[1]["max_model_len"], 8192);
+        // llama-server items keep their status and owner.
+        assert_eq!(data[2]["status"]["value"], "loaded");
+        assert_eq!(data[2]["owned_by"], "llamacpp");
+        assert_eq!(data[3]["status"]["value"], "unloaded");
+        // No own item: made from the name, as before.
+        assert_eq!(
+            data[0],
+            json!({"id":"gpt-4o-mini","object":"model","created":0,"owned_by":"library"})
+        );
+        // Retrieval gives the same item.
+        assert_eq!(openai_model_in(&body, "shared").unwrap(), data[4]);
+
+        // Without the v1 endpoint, v2's item is the one listed.
+        let mut without_v1 = state.clone();
+        without_v1.endpoints[0].healthy = false;
+        let body = openai_models_body(&without_v1, &catalog);
+        let shared = openai_model_in(&body, "shared").unwrap();
+        assert_eq!(shared["owned_by"], "other");
+        assert_eq!(shared["max_model_len"], 1);
+    }
+
+    #[test]
+    fn ollama_listings_of_openai_style_models_use_their_items() {
+        let (state, catalog) = openai_style();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(5);
+        let tags = tags_body(&state, &catalog, now);
+        assert_eq!(
+            names(&tags),
+            [
+                "gpt-4o-mini:latest",
+                "only-v1:latest",
+                "org/g-GGUF:Q4_K_M",
+                "org/off-GGUF:Q8_0",
+                "shared:latest"
+            ]
+        );
+        // `modified_at` is `created`; `now` when it is missing or 0.
+        let shared = by_name(&tags, "shared:latest");
+        assert_eq!(shared["modified_at"], "2023-11-14T22:13:20.000000000Z");
+        assert_eq!(shared["size"], 0);
+        assert_eq!(shared["model"], "shared:latest");
+        let now_text = "1970-01-01T00:00:05.000000000Z";
+        assert_eq!(by_name(&tags, "only-v1:latest")["modified_at"], now_text);
+        assert_eq!(by_name(&tags, "org/off-GGUF:Q8_0")["modified_at"], now_text);
+        assert_eq!(
+            by_name(&tags, "gpt-4o-mini:latest")["modified_at"],
+            now_text
+        );
+        let gguf = by_name(&tags, "org/g-GGUF:Q4_K_M");
+        assert_eq!(gguf["details"]["quantization_level"], "Q4_K_M");
+        assert_eq!(gguf["details"]["format"], "gguf");
+
+        // `/api/ps`: the llama-server's serving context.
+        let ps = ps_body(&state, &catalog, now);
+        assert_eq!(names(&ps), ["org/g-GGUF:Q4_K_M"]);
+        assert_eq!(by_name(&ps, "org/g-GGUF:Q4_K_M")["context_length"], 16384);
     }
 
     #[test]

@@ -44,7 +44,17 @@ pub struct OllamaListing {
 
 #[derive(Deserialize)]
 struct OpenAiList {
-    data: Option<Vec<OpenAiItem>>,
+    data: Option<Vec<Map<String, Value>>>,
+}
+
+/// An OpenAI-style `{base}/models` listing: the model ids and, for each,
+/// the `data` item's JSON text.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OpenAiListing {
+    /// Ids, first occurrence kept.
+    pub names: Vec<String>,
+    /// The item of each id, in the same order, as JSON object text.
+    pub items: Vec<Arc<str>>,
 }
 
 #[derive(Deserialize)]
@@ -105,41 +115,66 @@ pub fn parse_ollama_listing(body: &[u8]) -> Result<OllamaListing, ListingError> 
     Ok(listing)
 }
 
-fn openai_items(body: &[u8]) -> Result<Vec<(String, Option<LlamaStatus>)>, ListingError> {
+/// One `data` item of an OpenAI-style listing.
+struct DataItem {
+    /// Its `id`, not empty.
+    id: String,
+    /// llama-server's status, if it has one.
+    status: Option<LlamaStatus>,
+    /// The item itself (a JSON object).
+    item: Value,
+}
+
+fn openai_items(body: &[u8]) -> Result<Vec<DataItem>, ListingError> {
     let list: OpenAiList = serde_json::from_slice(body)?;
     list.data
         .unwrap_or_default()
         .into_iter()
         .enumerate()
-        .map(|(i, item)| match item.id.filter(|id| !id.is_empty()) {
-            Some(id) => Ok((id, item.status)),
-            None => Err(ListingError::MissingName {
-                field: format!("data[{i}].id"),
-            }),
+        .map(|(i, fields)| {
+            let item = Value::Object(fields);
+            let OpenAiItem { id, status } = OpenAiItem::deserialize(&item)?;
+            match id.filter(|id| !id.is_empty()) {
+                Some(id) => Ok(DataItem { id, status, item }),
+                None => Err(ListingError::MissingName {
+                    field: format!("data[{i}].id"),
+                }),
+            }
         })
         .collect()
 }
 
-/// Advertised models from an OpenAI-style `GET {base}/models` (`data[].id`).
-pub fn parse_openai_models(body: &[u8]) -> Result<Vec<String>, ListingError> {
-    let mut names = Vec::new();
-    for (id, _) in openai_items(body)? {
-        push_unique(&mut names, id);
+/// Adds `id` and its item to `listing` unless the id is there already.
+fn push_item(listing: &mut OpenAiListing, id: String, item: &Value) {
+    if !listing.names.contains(&id) {
+        listing.names.push(id);
+        listing.items.push(item.to_string().into());
     }
-    Ok(names)
 }
 
-/// Advertised and loaded models from llama-server's `GET {base}/models`:
-/// every item is advertised; it is loaded when its `status` says `loaded`
-/// or carries no status at all.
-pub fn parse_llama_server_models(body: &[u8]) -> Result<(Vec<String>, Vec<String>), ListingError> {
-    let mut advertised = Vec::new();
+/// Advertised models from an OpenAI-style `GET {base}/models` (`data[].id`)
+/// and each one's item.
+pub fn parse_openai_models(body: &[u8]) -> Result<OpenAiListing, ListingError> {
+    let mut listing = OpenAiListing::default();
+    for DataItem { id, item, .. } in openai_items(body)? {
+        push_item(&mut listing, id, &item);
+    }
+    Ok(listing)
+}
+
+/// Advertised models (with each one's item) and loaded models from
+/// llama-server's `GET {base}/models`: every item is advertised; it is
+/// loaded when its `status` says `loaded` or carries no status at all.
+pub fn parse_llama_server_models(
+    body: &[u8],
+) -> Result<(OpenAiListing, Vec<String>), ListingError> {
+    let mut advertised = OpenAiListing::default();
     let mut loaded = Vec::new();
-    for (id, status) in openai_items(body)? {
+    for DataItem { id, status, item } in openai_items(body)? {
         if status.as_ref().is_none_or(LlamaStatus::is_loaded) {
             push_unique(&mut loaded, id.clone());
         }
-        push_unique(&mut advertised, id);
+        push_item(&mut advertised, id, &item);
     }
     Ok((advertised, loaded))
 }
@@ -207,10 +242,23 @@ mod tests {
         let body = br#"{"object":"list","data":[
             {"id":"gpt-4o","object":"model","created":1700000000,"owned_by":"org"},
             {"id":"text-embedding-3-small","object":"model"}]}"#;
+        let listing = parse_openai_models(body).unwrap();
+        assert_eq!(listing.names, ["gpt-4o", "text-embedding-3-small"]);
+        // Each id's item is kept whole, unknown fields included.
+        let first: Value = serde_json::from_str(&listing.items[0]).unwrap();
         assert_eq!(
-            parse_openai_models(body).unwrap(),
-            ["gpt-4o", "text-embedding-3-small"]
+            first,
+            serde_json::json!({"id":"gpt-4o","object":"model","created":1700000000,"owned_by":"org"})
         );
+        let vllm = br#"{"data":[{"id":"m","max_model_len":32768,"root":"/w/m","permission":[]},
+            {"id":"m","max_model_len":1}]}"#;
+        let listing = parse_openai_models(vllm).unwrap();
+        // The duplicate and its item are dropped, the first kept.
+        assert_eq!(listing.names, ["m"]);
+        assert_eq!(listing.items.len(), 1);
+        let item: Value = serde_json::from_str(&listing.items[0]).unwrap();
+        assert_eq!(item["max_model_len"], 32768);
+        assert_eq!(item["root"], "/w/m");
         let err = parse_openai_models(br#"{"data":[{"object":"model"}]}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -231,7 +279,11 @@ mod tests {
             {"id":"single-model","owned_by":"llamacpp","meta":null},
             {"id":"null-status","status":null}]}"#;
         let (advertised, loaded) = parse_llama_server_models(body).unwrap();
-        assert_eq!(advertised.len(), 8);
+        assert_eq!(advertised.names.len(), 8);
+        assert_eq!(advertised.items.len(), 8);
+        let first: Value = serde_json::from_str(&advertised.items[0]).unwrap();
+        assert_eq!(first["path"], "/m/x.gguf");
+        assert_eq!(first["status"]["args"][2], "4096");
         assert_eq!(
             loaded,
             [

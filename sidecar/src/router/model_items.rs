@@ -1,5 +1,7 @@
 //! Each endpoint's own listing items (Ollama `/api/tags` and `/api/ps`
-//! items with their size, digest, details, ...), for the merged listings.
+//! items with their size, digest, details, ...; OpenAI-style and
+//! llama-server `/v1/models` items with their created, owned_by,
+//! max_model_len, status, ...), for the merged listings.
 //!
 //! The control plane keeps them from discovery, outside the published
 //! cluster state. Embedded, they are read directly; remote, they are asked
@@ -111,6 +113,7 @@ pub(crate) fn catalog_from_proto(answer: v1::ListModelItemsResponse) -> ModelCat
             let items = ModelItems {
                 tags: e.tags.into_iter().map(Arc::from).collect(),
                 ps: e.ps.into_iter().map(Arc::from).collect(),
+                models: e.models.into_iter().map(Arc::from).collect(),
             };
             (Arc::from(e.url), Arc::new(items))
         })
@@ -189,6 +192,7 @@ mod tests {
                     url: "http://o:1".into(),
                     tags: vec![format!(r#"{{"name":"m","call":{n}}}"#)],
                     ps: vec![],
+                    models: vec![],
                 }],
             }))
         }
@@ -205,6 +209,35 @@ mod tests {
         tonic::transport::Endpoint::from_shared(url)
             .unwrap()
             .connect_lazy()
+    }
+
+    #[test]
+    fn catalog_from_proto_keeps_every_kind_of_item() {
+        let catalog = catalog_from_proto(v1::ListModelItemsResponse {
+            endpoints: vec![
+                v1::EndpointModelItems {
+                    url: "http://o:1".into(),
+                    tags: vec![r#"{"name":"a:latest"}"#.into()],
+                    ps: vec![r#"{"name":"a:latest","size_vram":1}"#.into()],
+                    models: vec![],
+                },
+                v1::EndpointModelItems {
+                    url: "http://v:1/v1".into(),
+                    tags: vec![],
+                    ps: vec![],
+                    models: vec![r#"{"id":"m","max_model_len":4096}"#.into()],
+                },
+            ],
+        });
+        assert_eq!(catalog.len(), 2);
+        assert_eq!(&*catalog[0].1.tags[0], r#"{"name":"a:latest"}"#);
+        assert_eq!(&*catalog[0].1.ps[0], r#"{"name":"a:latest","size_vram":1}"#);
+        assert!(catalog[0].1.models.is_empty());
+        assert_eq!(&*catalog[1].0, "http://v:1/v1");
+        assert_eq!(
+            &*catalog[1].1.models[0],
+            r#"{"id":"m","max_model_len":4096}"#
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
 //! Model listings across API families: OpenAI/llama-server/vLLM model ids
 //! rendered as Ollama `/api/tags`, `/api/ps` and `/api/show` answers, and
-//! Ollama tag items rendered as OpenAI `/v1/models` items.
+//! Ollama tag items rendered as OpenAI `/v1/models` items (an OpenAI-style
+//! backend's own `/v1/models` items need no rendering: they are listed as
+//! sent).
 //!
 //! Every function is total: missing or odd fields give empty/zero values,
 //! never an error (nomyo-router's `/api/tags` failed with 500 when one
@@ -183,22 +185,32 @@ fn model_entries(body: &Value) -> impl Iterator<Item = (&str, &Value)> {
         })
 }
 
-/// `/api/tags` items for every model of a `/v1/models` body; `modified_at`
-/// is the item's `created` (Unix seconds) or `fallback_modified`.
+/// An `/api/tags` item for model `id` with its `/v1/models` item `item`:
+/// `modified_at` is the item's `created` (Unix seconds) or
+/// `fallback_modified`.
+pub fn tags_item_from_model(
+    id: &str,
+    item: &Value,
+    kind: EndpointKind,
+    fallback_modified: SystemTime,
+) -> Value {
+    let modified = item
+        .get("created")
+        .and_then(Value::as_i64)
+        .filter(|c| *c > 0)
+        .map_or(fallback_modified, timestamp::from_unix);
+    tags_item(id, kind, modified)
+}
+
+/// `/api/tags` items for every model of a `/v1/models` body
+/// ([`tags_item_from_model`]).
 pub fn tags_items_from_models(
     body: &Value,
     kind: EndpointKind,
     fallback_modified: SystemTime,
 ) -> Vec<Value> {
     model_entries(body)
-        .map(|(id, item)| {
-            let modified = item
-                .get("created")
-                .and_then(Value::as_i64)
-                .filter(|c| *c > 0)
-                .map_or(fallback_modified, timestamp::from_unix);
-            tags_item(id, kind, modified)
-        })
+        .map(|(id, item)| tags_item_from_model(id, item, kind, fallback_modified))
         .collect()
 }
 

@@ -1,11 +1,14 @@
 //! Listings answered from cluster state: `/api/tags`, `/api/ps`,
 //! `/v1/models`, `/api/version`, in each API's shape, merging every
-//! healthy backend and dropping a dead one.
+//! healthy backend and dropping a dead one; OpenAI-style backends' own
+//! `/v1/models` entries passed through as they sent them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
-use switchyard_system_tests::{Cluster, client::get, ollama_fake, openai_fake};
+use switchyard_system_tests::{
+    Cluster, FakeConfig, FakeMode, client::get, ollama_fake, openai_fake,
+};
 
 fn names(body: &Value, list: &str, field: &str) -> Vec<String> {
     body[list]
@@ -107,4 +110,95 @@ async fn listings_merge_healthy_backends_in_each_api_shape() {
         "/api/tags fanned out per request ({} backend calls for 20 requests)",
         after - before
     );
+}
+
+/// The entry for `id` in a `/v1/models` body.
+fn entry(body: &Value, id: &str) -> Value {
+    body["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no `data` array in {body}"))
+        .iter()
+        .find(|m| m["id"] == id)
+        .unwrap_or_else(|| panic!("{id} missing from {body}"))
+        .clone()
+}
+
+/// An OpenAI-compatible (vLLM-like: `max_model_len`) and a llama-server
+/// backend's own `/v1/models` entries come through the sidecar's
+/// `/v1/models` and `/v1/models/{id}` exactly as the backends send them;
+/// an Ollama backend's entry is still built from its `/api/tags` item.
+async fn openai_style_entries_pass_through(standalone: bool) {
+    let builder = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .backend(openai_fake(&["gpt-4o-mini"]))
+        .backend(
+            FakeConfig::new(FakeMode::LlamaServer)
+                .models(&["org/g-GGUF:Q4_K_M", "org/off-GGUF:Q8_0"])
+                .loaded(&["org/g-GGUF:Q4_K_M"]),
+        );
+    let c = if standalone {
+        builder.standalone()
+    } else {
+        builder
+    }
+    .start()
+    .await;
+
+    let models = get(c.http(), &c.at("/v1/models")).await;
+    assert_eq!(models.status, 200, "{}", models.text);
+    let body = models.json();
+    for (backend, id) in [
+        (1, "gpt-4o-mini"),
+        (2, "org/g-GGUF:Q4_K_M"),
+        (2, "org/off-GGUF:Q8_0"),
+    ] {
+        let direct = get(c.http(), &format!("{}/v1/models", c.backend(backend).url())).await;
+        assert_eq!(direct.status, 200, "{}", direct.text);
+        let sent = entry(&direct.json(), id);
+        assert_eq!(entry(&body, id), sent, "/v1/models entry for {id}");
+        let one = get(c.http(), &c.at(&format!("/v1/models/{id}"))).await;
+        assert_eq!(one.status, 200, "{}", one.text);
+        assert_eq!(one.json(), sent, "/v1/models/{id}");
+    }
+    // What the fakes send, so the comparison above means something.
+    let gpt = entry(&body, "gpt-4o-mini");
+    assert!(
+        gpt["max_model_len"].as_u64().is_some_and(|n| n > 0),
+        "{gpt}"
+    );
+    assert_eq!(gpt["owned_by"], "fake", "{gpt}");
+    assert_eq!(gpt["created"], 1_700_000_000, "{gpt}");
+    let gguf = entry(&body, "org/g-GGUF:Q4_K_M");
+    assert_eq!(gguf["status"]["value"], "loaded", "{gguf}");
+    assert_eq!(gguf["owned_by"], "llamacpp", "{gguf}");
+    // The Ollama entry: as Ollama's own `/v1/models` would give it.
+    let m = entry(&body, "m:latest");
+    assert_eq!(m["owned_by"], "library", "{m}");
+    assert!(m["created"].as_i64().is_some_and(|t| t > 0), "{m}");
+    assert!(m.get("max_model_len").is_none(), "{m}");
+
+    // `/api/tags` still lists them in Ollama's shape, dated by `created`.
+    let tags = get(c.http(), &c.at("/api/tags")).await.json();
+    let gpt = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "gpt-4o-mini:latest")
+        .unwrap_or_else(|| panic!("gpt-4o-mini:latest missing from {tags}"));
+    assert_eq!(
+        gpt["modified_at"], "2023-11-14T22:13:20.000000000Z",
+        "{gpt}"
+    );
+    assert!(gpt["details"].is_object(), "{gpt}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_style_model_entries_pass_through_remote() {
+    openai_style_entries_pass_through(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_style_model_entries_pass_through_standalone() {
+    openai_style_entries_pass_through(true).await;
 }
