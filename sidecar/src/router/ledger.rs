@@ -111,9 +111,8 @@ pub(crate) struct ReleaseJob {
     /// Session generation that counts the lease.
     pub(crate) generation: u64,
     /// Send without waiting for a choose to ride on: the lease held its
-    /// endpoint's last slot for the model ([`Choice::at_limit`]), or its
-    /// request was cancelled (its client gone, likely asking again at
-    /// once), or nobody used it (a late grant), or it is being sent again. See
+    /// endpoint's last slot for the model ([`Choice::at_limit`]), or nobody
+    /// used it (a late grant), or it is being sent again. See
     /// [`RouteClient::queue_release`].
     pub(crate) urgent: bool,
 }
@@ -549,10 +548,7 @@ impl Ledger {
             outcome,
             tokens,
             generation,
-            // A cancelled request's client often sends its next request at
-            // once, maybe through another sidecar: its slot must not wait
-            // ~5 ms for a choose to ride on. Cancellations are rare.
-            urgent: h.at_limit || outcome == Outcome::Cancelled,
+            urgent: h.at_limit,
         };
         if book.registering.as_ref().is_some_and(|r| r.contains(&id)) {
             book.deferred.push(job);
@@ -646,11 +642,6 @@ mod tests {
             .finish(Outcome::Ok, TokenCounts::default());
         assert!(!drain(&mut rx)[0].urgent);
         assert_eq!(l.waiting.load(Ordering::Acquire), 0);
-        // A cancelled one is: its client may already be asking again.
-        l.insert_granted(LeaseId(8), &choice("http://a:1"), g);
-        Lease::new(choice("http://a:1"), LeaseId(8), false, sink(&l))
-            .finish(Outcome::Cancelled, TokenCounts::default());
-        assert!(drain(&mut rx)[0].urgent);
     }
 
     #[test]
