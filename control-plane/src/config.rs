@@ -101,6 +101,10 @@ fn describe_duplicate(first: &str, second: &str, lines: &[usize]) -> String {
     out
 }
 
+/// The longest `saturated_hold`: a choice held longer than a sidecar's
+/// `choose_timeout` is decided by the sidecar without the control plane.
+const MAX_SATURATED_HOLD: Duration = Duration::from_secs(1);
+
 fn invalid(
     key: impl Into<String>,
     value: impl fmt::Display,
@@ -369,6 +373,9 @@ pub struct RawConfig {
     pub breaker_open_for: Option<RawDuration>,
     /// Least time between two `WatchUsage` publications.
     pub watch_interval: Option<RawDuration>,
+    /// How long a choice that finds every endpoint full waits for a slot to
+    /// free before it goes to the least utilised one anyway.
+    pub saturated_hold: Option<RawDuration>,
     /// Where the control plane keeps drains made at run time, so they
     /// survive a restart (the control-plane process and a standalone
     /// sidecar; a remote sidecar ignores it).
@@ -528,6 +535,10 @@ pub struct Config {
     pub health: HealthConfig,
     /// Least time between two `WatchUsage` publications.
     pub watch_interval: Duration,
+    /// How long a choice that finds every candidate full waits for a slot
+    /// to free (a release, a drain lifted, ...) before it is placed
+    /// `saturated` after all; zero: at once.
+    pub saturated_hold: Duration,
     /// Where drains made at run time are kept (`state_file`); `None`: in
     /// memory only.
     pub state_file: Option<PathBuf>,
@@ -568,6 +579,10 @@ pub mod defaults {
     pub const BREAKER_OPEN_FOR: Duration = Duration::from_secs(5);
     /// Watch publication spacing.
     pub const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+    /// Covers the race of a release and a choice arriving through different
+    /// sidecars within a millisecond or two of each other; short against
+    /// the wait behind a busy backend that a `saturated` placement means.
+    pub const SATURATED_HOLD: Duration = Duration::from_millis(5);
     /// Control-plane choice deadline.
     pub const CHOOSE_TIMEOUT: Duration = Duration::from_millis(50);
     /// Largest request body (images arrive base64-encoded).
@@ -1168,6 +1183,18 @@ impl Config {
                 .unwrap_or(default_timeouts)
         };
 
+        let saturated_hold = dur(
+            "saturated_hold",
+            &raw.saturated_hold,
+            defaults::SATURATED_HOLD,
+        )?;
+        if saturated_hold > MAX_SATURATED_HOLD {
+            return Err(invalid(
+                "saturated_hold",
+                format!("{saturated_hold:?}"),
+                "must be at most 1s",
+            ));
+        }
         let sidecar = SidecarConfig {
             choose_timeout: positive(
                 "choose_timeout",
@@ -1251,6 +1278,7 @@ impl Config {
                 &raw.watch_interval,
                 defaults::WATCH_INTERVAL,
             )?,
+            saturated_hold,
             state_file: match raw.state_file.as_deref().map(str::trim) {
                 None => None,
                 Some("") => return Err(invalid("state_file", "\"\"", "must be a file path")),
@@ -1258,7 +1286,21 @@ impl Config {
             },
             sidecar,
             warnings,
-        })
+        }
+        .with_hold_warning())
+    }
+
+    /// Warns when a held choice can outlast a sidecar's `choose_timeout`
+    /// (the sidecar then decides without the control plane).
+    fn with_hold_warning(mut self) -> Self {
+        if self.saturated_hold >= self.sidecar.choose_timeout {
+            self.warnings.push(format!(
+                "saturated_hold ({:?}) is not below choose_timeout ({:?}): a choice held \
+                 for a slot that long is decided by the sidecar without the control plane",
+                self.saturated_hold, self.sidecar.choose_timeout
+            ));
+        }
+        self
     }
 
     /// Logs each of [`Config::warnings`] at `warn` level.
@@ -1839,6 +1881,32 @@ api_keys:
         )
         .unwrap();
         assert_eq!(c.endpoints[1].api_key.as_ref().unwrap().expose(), "kb");
+    }
+
+    #[test]
+    fn saturated_hold_is_at_most_a_second_and_warned_about_past_choose_timeout() {
+        let read = |extra: &str| {
+            Config::from_yaml(&format!("endpoints: [\"http://a:1\"]\n{extra}"), &|_| None)
+        };
+        let c = read("").unwrap();
+        assert_eq!(c.saturated_hold, Duration::from_millis(5));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(
+            read("saturated_hold: 0\n").unwrap().saturated_hold,
+            Duration::ZERO
+        );
+        let err = read("saturated_hold: 2s\n").unwrap_err().to_string();
+        assert!(
+            err.contains("saturated_hold") && err.contains("at most 1s"),
+            "{err}"
+        );
+        let c = read("saturated_hold: 100ms\nchoose_timeout: 50ms\n").unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("saturated_hold") && c.warnings[0].contains("choose_timeout"),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]

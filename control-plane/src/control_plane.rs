@@ -21,7 +21,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -98,6 +98,11 @@ struct Shared {
     state: Mutex<State>,
     version: AtomicU64,
     changed: Notify,
+    /// Woken on every state change while a choice is held for a slot
+    /// ([`ControlPlane::wait_for_slot`]); `holding` counts those choices,
+    /// so a change with none held costs one atomic load.
+    freed: Arc<Notify>,
+    holding: AtomicUsize,
     watch: watch::Sender<Arc<ClusterState>>,
     /// Each endpoint's latest listing items, replaced on every successful
     /// probe (not part of the published state: they change rarely, are
@@ -107,6 +112,31 @@ struct Shared {
     probe_rounds: Arc<ProbeRounds>,
     /// Where drains are saved; set by [`ControlPlane::with_state_file`].
     admin_file: OnceLock<AdminFile>,
+}
+
+/// The answer of [`ControlPlane::choose_or_hold`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Chosen (and, for a request, leased) as [`ControlPlane::choose`] would.
+    Chosen(Choice),
+    /// Every candidate is full: nothing was granted; wait for a slot.
+    Full,
+}
+
+/// Counts one held choice while it lives.
+struct HoldingGuard<'a>(&'a AtomicUsize);
+
+impl<'a> HoldingGuard<'a> {
+    fn new(holding: &'a AtomicUsize) -> Self {
+        holding.fetch_add(1, Ordering::SeqCst);
+        Self(holding)
+    }
+}
+
+impl Drop for HoldingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The control plane: authoritative routing state and selection. Cheap to
@@ -163,6 +193,8 @@ impl ControlPlane {
                 state: Mutex::new(state),
                 version: AtomicU64::new(0),
                 changed: Notify::new(),
+                freed: Arc::new(Notify::new()),
+                holding: AtomicUsize::new(0),
                 watch,
                 model_items: Mutex::new(vec![Arc::default(); config_len]),
                 probe_rounds: Arc::new(ProbeRounds::new(config_len)),
@@ -259,6 +291,11 @@ impl ControlPlane {
     fn bump(&self) {
         self.shared.version.fetch_add(1, Ordering::Release);
         self.shared.changed.notify_one();
+        // SeqCst, as the holder's increment: a holder this load misses
+        // registered after the change and sees it when it asks again.
+        if self.shared.holding.load(Ordering::SeqCst) > 0 {
+            self.shared.freed.notify_waiters();
+        }
     }
 
     // ---- sessions ----
@@ -360,6 +397,79 @@ impl ControlPlane {
         reserve: Option<SessionId>,
         now: Instant,
     ) -> Result<Choice, ChooseError> {
+        self.choose_inner(req, reserve, now, false)?.ok_or_else(|| {
+            ChooseError::NoEndpointAvailable {
+                model: req.model.clone(),
+                detail: "internal: a choice was held though holding was off".to_owned(),
+            }
+        })
+    }
+
+    /// [`ControlPlane::choose`] for a request (`reserve` set) that may wait
+    /// briefly for a slot: when every candidate is full and
+    /// `saturated_hold` is not zero, nothing is granted and the answer is
+    /// [`Held::Full`]; ask again with [`ControlPlane::wait_for_slot`]. Dry
+    /// runs and everything else are answered at once.
+    pub fn choose_or_hold(
+        &self,
+        req: &ChooseRequest,
+        reserve: Option<SessionId>,
+        now: Instant,
+    ) -> Result<Held, ChooseError> {
+        let hold = !self.shared.config.saturated_hold.is_zero();
+        Ok(match self.choose_inner(req, reserve, now, hold)? {
+            Some(choice) => Held::Chosen(choice),
+            None => Held::Full,
+        })
+    }
+
+    /// Asks again, after [`Held::Full`], each time the state changes (a
+    /// release, a drain lifted, an endpoint back), until a slot is free or
+    /// `saturated_hold` from `since` has passed; then the choice is made
+    /// whatever it finds (`saturated` if still full). Dropping the future
+    /// grants nothing: leases are taken only inside a synchronous choice.
+    pub async fn wait_for_slot(
+        &self,
+        req: &ChooseRequest,
+        reserve: Option<SessionId>,
+        since: Instant,
+    ) -> Result<Choice, ChooseError> {
+        let deadline = since + self.shared.config.saturated_hold;
+        let _holding = HoldingGuard::new(&self.shared.holding);
+        loop {
+            // Registered before asking, so a change in between wakes it.
+            let freed = self.shared.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let now = Instant::now();
+            if let Some(choice) = self.choose_inner(req, reserve, now, now < deadline)? {
+                return Ok(choice);
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), freed).await;
+        }
+    }
+
+    /// [`ControlPlane::choose_or_hold`], then [`ControlPlane::wait_for_slot`]
+    /// when it was held: the whole choice of a request.
+    pub async fn choose_held(
+        &self,
+        req: &ChooseRequest,
+        reserve: Option<SessionId>,
+    ) -> Result<Choice, ChooseError> {
+        let since = Instant::now();
+        match self.choose_or_hold(req, reserve, since)? {
+            Held::Chosen(choice) => Ok(choice),
+            Held::Full => Box::pin(self.wait_for_slot(req, reserve, since)).await,
+        }
+    }
+
+    fn choose_inner(
+        &self,
+        req: &ChooseRequest,
+        reserve: Option<SessionId>,
+        now: Instant,
+        hold_full: bool,
+    ) -> Result<Option<Choice>, ChooseError> {
         let snap = self.shared.discovery.load();
         // Unknown URLs in the exclude list cannot match a candidate: dropped.
         let excluded: Vec<u32> = req
@@ -371,8 +481,8 @@ impl ControlPlane {
             .shared
             .state
             .lock()
-            .choose(&snap, req, &excluded, reserve, now);
-        if reserve.is_some() && result.is_ok() {
+            .choose_unless_full(&snap, req, &excluded, reserve, now, hold_full);
+        if reserve.is_some() && matches!(result, Ok(Some(_))) {
             self.bump();
         }
         result

@@ -21,7 +21,7 @@
 //!
 //! `Route` multiplexes choose and release on one bidirectional stream
 //! ([`route_stream`]); each message goes through the very same code as the
-//! unary `ChooseEndpoint` / `Release` calls ([`RoutingService::choose_now`],
+//! unary `ChooseEndpoint` / `Release` calls ([`RoutingService::choose_step`],
 //! [`RoutingService::release_now`]), so validation and error codes cannot
 //! drift apart.
 
@@ -46,7 +46,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     api::{AdminError, ReprobeError, UnknownEndpoint},
     cluster::ClusterState,
-    control_plane::ControlPlane,
+    control_plane::{ControlPlane, Held},
     decision::ChooseError,
     endpoint::without_credentials,
     grpc::convert::{
@@ -110,6 +110,23 @@ fn invalid(err: ConvertError) -> Status {
     status_from_error(GrpcError::Invalid(err))
 }
 
+/// What [`RoutingService::choose_step`] did.
+#[derive(Debug)]
+pub enum ChooseStep {
+    /// The answer.
+    Answered(v1::ChooseResponse),
+    /// Every endpoint is full: finish with
+    /// [`RoutingService::choose_after_hold`].
+    Held(HeldChoose),
+}
+
+/// A choose waiting for a slot.
+#[derive(Debug)]
+pub struct HeldChoose {
+    call: ChooseCall,
+    since: Instant,
+}
+
 /// The `Routing` service (sidecars' data path).
 #[derive(Clone, Debug)]
 pub struct RoutingService {
@@ -124,15 +141,46 @@ impl RoutingService {
         Self { cp, shutdown }
     }
 
-    /// One `ChooseEndpoint`, start to end (parse, choose, convert): the
-    /// unary call and a `Route` stream's `choose` both run exactly this.
-    pub fn choose_now(&self, request: v1::ChooseRequest) -> Result<v1::ChooseResponse, Status> {
+    /// One `ChooseEndpoint` (parse, choose, convert): the unary call and a
+    /// `Route` stream's `choose` both run exactly this. Answered at once,
+    /// or held while every endpoint is full ([`ControlPlane::choose_or_hold`]):
+    /// then [`RoutingService::choose_after_hold`] finishes it.
+    pub fn choose_step(&self, request: v1::ChooseRequest) -> Result<ChooseStep, Status> {
         let call = ChooseCall::try_from(request).map_err(invalid)?;
+        let since = Instant::now();
+        match self
+            .cp
+            .choose_or_hold(&call.request, call.reserve, since)
+            .map_err(GrpcError::from)?
+        {
+            Held::Chosen(choice) => Ok(ChooseStep::Answered((&choice).into())),
+            Held::Full => Ok(ChooseStep::Held(HeldChoose { call, since })),
+        }
+    }
+
+    /// The rest of a held choose: waits for a slot, at most
+    /// `saturated_hold` from when it was first asked.
+    pub async fn choose_after_hold(&self, held: HeldChoose) -> Result<v1::ChooseResponse, Status> {
+        let HeldChoose { call, since } = held;
         let choice = self
             .cp
-            .choose(&call.request, call.reserve, Instant::now())
+            .wait_for_slot(&call.request, call.reserve, since)
+            .await
             .map_err(GrpcError::from)?;
         Ok((&choice).into())
+    }
+
+    /// Releases a lease that was granted for a caller no longer there (its
+    /// `Route` stream ended while the choose was held).
+    pub fn release_unused(&self, lease: u64) {
+        if lease != 0 {
+            self.cp.release(
+                crate::ids::LeaseId(lease),
+                crate::outcome::Outcome::Cancelled,
+                crate::outcome::TokenCounts::default(),
+                Instant::now(),
+            );
+        }
     }
 
     /// One `Release`, start to end: the unary call and a `Route` stream's
@@ -216,7 +264,10 @@ impl Routing for RoutingService {
         &self,
         request: Request<v1::ChooseRequest>,
     ) -> Result<Response<v1::ChooseResponse>, Status> {
-        self.choose_now(request.into_inner()).map(Response::new)
+        match self.choose_step(request.into_inner())? {
+            ChooseStep::Answered(answer) => Ok(Response::new(answer)),
+            ChooseStep::Held(held) => self.choose_after_hold(held).await.map(Response::new),
+        }
     }
 
     async fn release(

@@ -373,15 +373,19 @@ impl State {
 
     /// Chooses an endpoint over `snap`; with `reserve`, takes a lease owned
     /// by that session and records affinity. `excluded` holds the endpoint
-    /// indexes of the request's exclude list.
-    pub fn choose(
+    /// indexes of the request's exclude list. With `hold_full` a reserving
+    /// choice that would be placed `saturated` (every candidate full) is
+    /// not made: `Ok(None)`, nothing granted, nothing counted; the caller
+    /// asks again once a slot may have freed. Otherwise always `Some`.
+    pub fn choose_unless_full(
         &mut self,
         snap: &DiscoverySnapshot,
         req: &ChooseRequest,
         excluded: &[u32],
         reserve: Option<SessionId>,
         now: Instant,
-    ) -> Result<Choice, ChooseError> {
+        hold_full: bool,
+    ) -> Result<Option<Choice>, ChooseError> {
         if let Some(s) = reserve
             && !self.sessions.contains(s)
         {
@@ -462,6 +466,9 @@ impl State {
                 return Err(error);
             }
         };
+        if hold_full && reserve.is_some() && selection.reason == DecisionReason::Saturated {
+            return Ok(None);
+        }
         let internal = |detail: &str| ChooseError::NoEndpointAvailable {
             model: req.model.clone(),
             detail: format!("internal: {detail}"),
@@ -521,7 +528,7 @@ impl State {
             self.counters.decisions[reason_index(selection.reason)] += 1;
         }
         let at_limit = lease.is_some() && chosen_in_flight.saturating_add(1) >= chosen_limit;
-        Ok(Choice {
+        Ok(Some(Choice {
             endpoint: endpoint.url.clone(),
             endpoint_kind: endpoint.kind,
             tracking_model: model.tracking_name.clone(),
@@ -529,7 +536,7 @@ impl State {
             reason: selection.reason,
             lease,
             at_limit,
-        })
+        }))
     }
 
     /// Ends a lease with an outcome; false if unknown or already released.

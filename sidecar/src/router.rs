@@ -243,7 +243,7 @@ impl Router {
     /// (`Lease::degraded() == true`).
     pub async fn choose(&self, req: &ChooseRequest) -> Result<Lease, RouteError> {
         match &*self.mode {
-            Mode::Embedded(e) => e.choose(req),
+            Mode::Embedded(e) => e.choose(req).await,
             Mode::Remote(r) => r.choose(req).await,
         }
     }

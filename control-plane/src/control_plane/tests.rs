@@ -425,6 +425,102 @@ fn loaded_free_then_free_slot_then_saturated() {
     check(&cp);
 }
 
+/// With every candidate full, a request's choice is held (nothing granted,
+/// nothing counted) and takes the slot a release frees meanwhile, on the
+/// endpoint that freed it, as `free_slot` / `loaded_free` rather than
+/// `saturated`. `saturated_hold: 0` places it at once, `saturated`; a dry
+/// run is never held.
+#[tokio::test]
+async fn a_choice_finding_every_endpoint_full_waits_for_a_release() {
+    let t0 = Instant::now();
+    let cp = plane("max_concurrent_connections: 1\nsaturated_hold: 1s\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    probe(&cp, 1, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    let first = cp.choose(&req("m"), Some(s), t0).unwrap();
+    let second = cp.choose(&req("m"), Some(s), t0).unwrap();
+    assert_ne!(first.endpoint, second.endpoint);
+    assert_eq!(
+        cp.choose_or_hold(&req("m"), Some(s), Instant::now())
+            .unwrap(),
+        Held::Full
+    );
+    assert_eq!(cp.state().leases, 2, "a held choice grants nothing");
+    assert_eq!(
+        cp.choose(&req("m"), None, Instant::now()).unwrap().reason,
+        DecisionReason::Saturated,
+        "a dry run answers at once"
+    );
+
+    let waiting = tokio::spawn({
+        let cp = cp.clone();
+        async move { cp.choose_held(&req("m"), Some(s)).await }
+    });
+    // Let it find both full and wait.
+    while cp.shared.holding.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    assert!(cp.release(
+        second.lease.unwrap(),
+        Outcome::Ok,
+        TokenCounts::default(),
+        Instant::now()
+    ));
+    let got = waiting.await.unwrap().unwrap();
+    assert_eq!(got.endpoint, second.endpoint, "the freed slot");
+    assert_eq!(got.reason, DecisionReason::LoadedFree);
+    assert_eq!(cp.shared.holding.load(Ordering::SeqCst), 0);
+    let decisions = cp.stats().decisions;
+    assert_eq!(
+        decisions
+            .iter()
+            .find(|(r, _)| *r == DecisionReason::Saturated)
+            .map(|(_, n)| *n),
+        Some(0),
+        "{decisions:?}"
+    );
+    check(&cp);
+
+    // Nothing frees: after the hold it is placed, saturated.
+    let cp = plane("max_concurrent_connections: 1\nsaturated_hold: 20ms\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    cp.choose(&req("m"), Some(s), t0).unwrap();
+    let late = cp.choose_held(&req("m"), Some(s)).await.unwrap();
+    assert_eq!(late.reason, DecisionReason::Saturated);
+    assert_eq!(in_flight(&cp, A), 2);
+
+    // No hold configured: saturated at once.
+    let cp = plane("max_concurrent_connections: 1\nsaturated_hold: 0\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    cp.choose(&req("m"), Some(s), t0).unwrap();
+    let Held::Chosen(now) = cp.choose_or_hold(&req("m"), Some(s), t0).unwrap() else {
+        panic!("held with saturated_hold: 0");
+    };
+    assert_eq!(now.reason, DecisionReason::Saturated);
+    check(&cp);
+}
+
+/// A held choice that is given up (its caller gone) takes nothing.
+#[tokio::test]
+async fn a_held_choice_given_up_takes_no_lease() {
+    let t0 = Instant::now();
+    let cp = plane("max_concurrent_connections: 1\nsaturated_hold: 1s\n");
+    probe(&cp, 0, &["m"], &["m"], t0);
+    let s = cp.open_session("sc", t0).id;
+    cp.choose(&req("m"), Some(s), t0).unwrap();
+    let given_up = tokio::time::timeout(
+        Duration::from_millis(20),
+        cp.choose_held(&req("m"), Some(s)),
+    )
+    .await;
+    assert!(given_up.is_err(), "still held after 20 ms of a 1 s hold");
+    assert_eq!(cp.state().leases, 1);
+    assert_eq!(cp.shared.holding.load(Ordering::SeqCst), 0);
+    check(&cp);
+}
+
 /// A lease that fills the endpoint's last slot for its model (limit 2
 /// here), or lands on a full one, says so: its release is one a choice may
 /// be waiting for. Dry runs take no slot.

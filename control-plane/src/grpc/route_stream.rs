@@ -9,8 +9,13 @@
 //! Server side ([`RouteStream`]): the response stream *is* the request
 //! stream mapped through [`route_one`], synchronously, in the task that
 //! writes the responses. Invariants:
-//! - every request gets exactly one answer, in request order;
-//! - each message runs exactly the unary code ([`RoutingService::choose_now`],
+//! - every request gets exactly one answer, in request order, except a
+//!   choose held while every endpoint is full (`saturated_hold`): it waits
+//!   for a slot in a task of its own and is answered when it has one (or
+//!   the hold ends), the requests after it meanwhile answered as they come
+//!   (the releases that free slots among them); the client matches answers
+//!   by correlation id;
+//! - each message runs exactly the unary code ([`RoutingService::choose_step`],
 //!   [`RoutingService::release_now`]); a failure becomes a [`v1::RouteError`]
 //!   carrying the status the unary call would return (the one
 //!   [`status_from_error`] mapping) and the stream stays open;
@@ -66,7 +71,7 @@ use tokio_util::{
 use tonic::{Code, Status, transport::Channel};
 
 use super::{
-    GrpcError, RoutingService,
+    ChooseStep, GrpcError, HeldChoose, RoutingService,
     convert::{ConvertError, release_outcome_from_proto},
     status_from_error,
 };
@@ -81,7 +86,7 @@ pub type RouteResponseStream =
 
 /// Answers one `Route` request: exactly what the unary call would do, with
 /// a failure carried as a [`v1::RouteError`].
-pub fn route_one(service: &RoutingService, request: v1::RouteRequest) -> v1::RouteResponse {
+pub fn route_one(service: &RoutingService, request: v1::RouteRequest) -> Routed {
     // Coalesced releases first: a choose in the same message sees the slots
     // they free.
     let carried = request.releases.len();
@@ -97,19 +102,46 @@ pub fn route_one(service: &RoutingService, request: v1::RouteRequest) -> v1::Rou
         }
     }
     let result = match request.op {
-        Some(Op::Choose(m)) => Some(service.choose_now(m).map(Answer::Choice)),
+        Some(Op::Choose(m)) => match service.choose_step(m) {
+            Ok(ChooseStep::Answered(answer)) => Some(Ok(Answer::Choice(answer))),
+            Ok(ChooseStep::Held(held)) => {
+                return Routed::Held {
+                    correlation_id: request.correlation_id,
+                    releases_applied: applied,
+                    held,
+                };
+            }
+            Err(status) => Some(Err(status)),
+        },
         Some(Op::Release(m)) => Some(service.release_now(m).map(Answer::Released)),
         None if carried > 0 => None,
         None => Some(Err(status_from_error(GrpcError::Invalid(
             ConvertError::new("op", "must be set (choose or release)"),
         )))),
     };
-    v1::RouteResponse {
+    Routed::Answer(v1::RouteResponse {
         correlation_id: request.correlation_id,
         result: result
             .map(|r| r.unwrap_or_else(|status| Answer::Error(route_error_from_status(&status)))),
         releases_applied: applied,
-    }
+    })
+}
+
+/// What [`route_one`] did with a request.
+#[derive(Debug)]
+pub enum Routed {
+    /// Its answer.
+    Answer(v1::RouteResponse),
+    /// A choose held while every endpoint is full (its carried releases
+    /// are applied): answered once a slot frees or the hold ends.
+    Held {
+        /// The request's correlation id.
+        correlation_id: u64,
+        /// Carried releases applied.
+        releases_applied: u32,
+        /// The choose.
+        held: HeldChoose,
+    },
 }
 
 /// The status a request failed with, as sent on a `Route` stream.
@@ -141,19 +173,71 @@ pub struct RouteStream<S> {
     shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Messages answered since the last shutdown check.
     unchecked: u32,
+    /// The answers of held chooses, from the tasks that wait for a slot.
+    held_tx: mpsc::UnboundedSender<v1::RouteResponse>,
+    held_rx: mpsc::UnboundedReceiver<v1::RouteResponse>,
+    /// Held chooses not answered yet.
+    held: usize,
+    /// The client ended its side; held chooses may still be answered.
+    inbound_done: bool,
     ended: bool,
 }
 
 impl<S> RouteStream<S> {
     /// Answers `inbound` with `service` until it ends or `shutdown` fires.
     pub fn new(service: RoutingService, inbound: S, shutdown: &CancellationToken) -> Self {
+        let (held_tx, held_rx) = mpsc::unbounded_channel();
         Self {
             service,
             inbound,
             shutdown: shutdown.clone(),
             shutdown_wait: Box::pin(shutdown.clone().cancelled_owned()),
             unchecked: 0,
+            held_tx,
+            held_rx,
+            held: 0,
+            inbound_done: false,
             ended: false,
+        }
+    }
+
+    /// Waits for a slot for `held` in a task of its own, so the stream
+    /// goes on answering (releases among them) meanwhile; its answer comes
+    /// back through `held_rx`. A lease granted after the stream is gone is
+    /// released at once.
+    fn hold(&mut self, correlation_id: u64, releases_applied: u32, held: HeldChoose) {
+        let service = self.service.clone();
+        let answers = self.held_tx.clone();
+        self.held += 1;
+        tokio::spawn(async move {
+            let result = service.choose_after_hold(held).await;
+            let lease = result.as_ref().map_or(0, |c| c.lease_id);
+            let answer = v1::RouteResponse {
+                correlation_id,
+                result: Some(result.map_or_else(
+                    |status| Answer::Error(route_error_from_status(&status)),
+                    Answer::Choice,
+                )),
+                releases_applied,
+            };
+            if answers.send(answer).is_err() {
+                service.release_unused(lease);
+            }
+        });
+    }
+
+    /// A held choose's answer when one is ready (registering the waker
+    /// otherwise).
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Option<v1::RouteResponse> {
+        if self.held == 0 {
+            return None;
+        }
+        match self.held_rx.poll_recv(cx) {
+            Poll::Ready(Some(answer)) => {
+                self.held -= 1;
+                Some(answer)
+            }
+            Poll::Ready(None) | Poll::Pending => None,
         }
     }
 
@@ -187,18 +271,49 @@ where
                 return this.end(Some(Err(Status::unavailable(SHUTTING_DOWN))));
             }
         }
-        match Pin::new(&mut this.inbound).poll_next(cx) {
-            Poll::Ready(Some(Ok(request))) => {
-                Poll::Ready(Some(Ok(route_one(&this.service, request))))
+        if let Some(answer) = this.poll_held(cx) {
+            return Poll::Ready(Some(Ok(answer)));
+        }
+        while !this.inbound_done {
+            match Pin::new(&mut this.inbound).poll_next(cx) {
+                Poll::Ready(Some(Ok(request))) => match route_one(&this.service, request) {
+                    Routed::Answer(answer) => return Poll::Ready(Some(Ok(answer))),
+                    Routed::Held {
+                        correlation_id,
+                        releases_applied,
+                        held,
+                    } => this.hold(correlation_id, releases_applied, held),
+                },
+                Poll::Ready(Some(Err(status))) => return this.end(Some(Err(status))),
+                Poll::Ready(None) => this.inbound_done = true,
+                Poll::Pending => break,
             }
-            Poll::Ready(Some(Err(status))) => this.end(Some(Err(status))),
-            Poll::Ready(None) => this.end(None),
-            Poll::Pending => {
-                this.unchecked = 0;
-                if this.shutdown_wait.as_mut().poll(cx).is_ready() {
-                    return this.end(Some(Err(Status::unavailable(SHUTTING_DOWN))));
-                }
-                Poll::Pending
+        }
+        // Nothing to read now (or ever): held answers, then the end.
+        if let Some(answer) = this.poll_held(cx) {
+            return Poll::Ready(Some(Ok(answer)));
+        }
+        if this.inbound_done && this.held == 0 {
+            return this.end(None);
+        }
+        this.unchecked = 0;
+        if this.shutdown_wait.as_mut().poll(cx).is_ready() {
+            return this.end(Some(Err(Status::unavailable(SHUTTING_DOWN))));
+        }
+        Poll::Pending
+    }
+}
+
+impl<S> Drop for RouteStream<S> {
+    /// Held chooses answered after the stream ended (shutdown, a broken
+    /// request stream) were never delivered: their leases go back now,
+    /// and those still waiting release theirs when they find the channel
+    /// closed.
+    fn drop(&mut self) {
+        self.held_rx.close();
+        while let Ok(answer) = self.held_rx.try_recv() {
+            if let Some(Answer::Choice(choice)) = answer.result {
+                self.service.release_unused(choice.lease_id);
             }
         }
     }

@@ -250,3 +250,57 @@ async fn a_stream_frees_its_slot_before_its_final_chunk() {
     assert_eq!(c.backends[1].model_requests("m"), 30);
     finish_held(c, held).await;
 }
+
+/// A request that finds every backend full waits at the control plane for
+/// a slot (`saturated_hold`) instead of queueing behind a busy backend:
+/// with `a`'s one slot taken through sidecar 0, a request through sidecar
+/// 1 reaches `a` only once the first one has ended, so `a` never has two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_finding_every_backend_full_waits_for_a_slot() {
+    let c = Cluster::builder()
+        .sidecars(2)
+        .backend_with(
+            ollama_fake(&["m:latest"]).label("a"),
+            BackendOptions::max_concurrent(1),
+        )
+        .set("saturated_hold", "1s")
+        .set("choose_timeout", "5s")
+        .start()
+        .await;
+    let a = &c.backends[0];
+    a.hold_requests(true);
+    let send = |i: usize| {
+        let (http, url) = (c.http().clone(), format!("{}/api/chat", c.url(i % 2)));
+        tokio::spawn(async move { post_json(&http, &url, &chat(i, false)).await })
+    };
+    let first = send(0);
+    wait_for(
+        "the first request held on a",
+        SOON,
+        || a.waiting(),
+        |&w| w == 1,
+    )
+    .await;
+    let second = send(1);
+    // Held at the control plane, not sent to the full backend.
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert_eq!((a.waiting(), a.model_requests("m")), (1, 1));
+    assert_eq!(a.release_held(1), 1);
+    let r = within("the first request", SOON, first).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text);
+    wait_for("the second request on a", SOON, || a.waiting(), |&w| w == 1).await;
+    a.hold_requests(false);
+    let r = within("the second request", SOON, second).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(a.peak_in_flight(), 1, "a limited to 1 had two at once");
+    let cp = &c.control_plane.as_ref().unwrap().cp;
+    let saturated = cp
+        .stats()
+        .decisions
+        .iter()
+        .find(|(reason, _)| reason.as_str() == "saturated")
+        .map(|(_, n)| *n);
+    assert_eq!(saturated, Some(0), "{:?}", cp.stats().decisions);
+    c.wait_usage(0).await;
+    c.shutdown().await;
+}

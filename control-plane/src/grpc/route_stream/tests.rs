@@ -30,7 +30,12 @@ struct Served {
 }
 
 async fn served() -> Served {
-    let yaml = format!("endpoints: [\"{BACKEND}\"]\nmax_concurrent_connections: 1000\n");
+    served_with("max_concurrent_connections: 1000\n").await
+}
+
+/// [`served`] with `extra` config lines (which set the limit).
+async fn served_with(extra: &str) -> Served {
+    let yaml = format!("endpoints: [\"{BACKEND}\"]\n{extra}");
     let cp = ControlPlane::new(Arc::new(Config::from_yaml(&yaml, &|_| None).unwrap()));
     cp.apply_probe(
         0,
@@ -841,5 +846,92 @@ async fn a_choose_dropped_while_waiting_for_room_leaves_no_waiter() {
         .expect("every sent choose answered");
     assert!(answers.iter().all(Result::is_ok));
     assert_eq!(client.shared.pending.lock().waiters.len(), 0);
+    s.stop().await;
+}
+
+fn lease_of(answer: &v1::RouteResponse) -> u64 {
+    match &answer.result {
+        Some(Answer::Choice(c)) => c.lease_id,
+        other => panic!("expected a choice, got {other:?}"),
+    }
+}
+
+/// A choose that finds the endpoint full is held without holding up the
+/// stream: the release sent after it is answered first, and the held
+/// choose then gets the slot it freed (not a `saturated` placement).
+#[tokio::test]
+async fn a_held_choose_lets_the_release_behind_it_through_and_takes_its_slot() {
+    let s = served_with("max_concurrent_connections: 1\nsaturated_hold: 1s\n").await;
+    let session = s.session().await;
+    let (tx, mut answers) = raw_stream(&s).await;
+    tx.send(request(1, Some(Op::Choose(choose(session, "m")))))
+        .await
+        .unwrap();
+    let first = lease_of(&next_answer(&mut answers).await);
+    tx.send(request(2, Some(Op::Choose(choose(session, "m")))))
+        .await
+        .unwrap();
+    tx.send(request(3, Some(Op::Release(release(first)))))
+        .await
+        .unwrap();
+    let released = next_answer(&mut answers).await;
+    assert_eq!(released.correlation_id, 3, "{released:?}");
+    let held = next_answer(&mut answers).await;
+    assert_eq!(held.correlation_id, 2, "{held:?}");
+    let Some(Answer::Choice(choice)) = &held.result else {
+        panic!("{held:?}");
+    };
+    assert_eq!(choice.reason, v1::DecisionReason::LoadedFree as i32);
+    assert_eq!(s.cp.state().leases, 1);
+    // The client ends its side while a choose is held: it is answered
+    // (saturated, after the hold), then the stream ends.
+    tx.send(request(4, Some(Op::Choose(choose(session, "m")))))
+        .await
+        .unwrap();
+    drop(tx);
+    let last = next_answer(&mut answers).await;
+    assert_eq!(last.correlation_id, 4);
+    let Some(Answer::Choice(choice)) = &last.result else {
+        panic!("{last:?}");
+    };
+    assert_eq!(choice.reason, v1::DecisionReason::Saturated as i32);
+    assert!(answers.next().await.is_none(), "the stream ends after it");
+    s.stop().await;
+}
+
+/// A choose held when its stream goes away takes no lease for good: one
+/// granted at the end of the hold, with nobody to answer, is released.
+#[tokio::test]
+async fn a_choose_held_when_its_stream_goes_away_leaves_no_lease() {
+    let s = served_with("max_concurrent_connections: 1\nsaturated_hold: 100ms\n").await;
+    let session = s.session().await;
+    let (tx, mut answers) = raw_stream(&s).await;
+    tx.send(request(1, Some(Op::Choose(choose(session, "m")))))
+        .await
+        .unwrap();
+    lease_of(&next_answer(&mut answers).await);
+    tx.send(request(2, Some(Op::Choose(choose(session, "m")))))
+        .await
+        .unwrap();
+    // Held now (the first lease keeps the endpoint full); the client goes.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop((tx, answers));
+    let saturated = |cp: &ControlPlane| {
+        cp.stats()
+            .decisions
+            .iter()
+            .find(|(r, _)| *r == crate::decision::DecisionReason::Saturated)
+            .map_or(0, |(_, n)| *n)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while saturated(&s.cp) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(saturated(&s.cp), 1, "the held choose was decided");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.cp.state().leases > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.cp.state().leases, 1, "only the delivered lease is held");
     s.stop().await;
 }
