@@ -105,14 +105,16 @@ fn describe_duplicate(first: &str, second: &str, lines: &[usize]) -> String {
 /// `choose_timeout` is decided by the sidecar without the control plane.
 const MAX_SATURATED_HOLD: Duration = Duration::from_secs(1);
 
+/// A config error naming `key` and `value`; an endpoint URL in either is
+/// shown without its credentials (errors go to logs and terminals).
 fn invalid(
     key: impl Into<String>,
     value: impl fmt::Display,
     problem: impl Into<String>,
 ) -> ConfigError {
     ConfigError::Invalid {
-        key: key.into(),
-        value: value.to_string(),
+        key: without_credentials(&key.into()).into_owned(),
+        value: without_credentials(&value.to_string()).into_owned(),
         problem: problem.into(),
     }
 }
@@ -956,7 +958,8 @@ impl Config {
         // open the router to everyone.)
         let mut warnings = Vec::new();
         for (url, norm, value) in api_keys {
-            let key = format!("api_keys.{url}");
+            // Shown in warnings: without the URL's credentials.
+            let key = format!("api_keys.{}", without_credentials(url));
             let Some(idx) = endpoints.iter().position(|e| same_endpoint(&e.url, &norm)) else {
                 warnings.push(format!(
                     "{key}: not a configured endpoint (not in `endpoints` or \
@@ -968,8 +971,9 @@ impl Config {
                 (secret, unset) if unset.is_empty() => secret,
                 (_, unset) => {
                     warnings.push(format!(
-                        "{key}: environment variable {} not set; no API key is sent to {url}",
-                        unset.join(", ")
+                        "{key}: environment variable {} not set; no API key is sent to {}",
+                        unset.join(", "),
+                        without_credentials(url)
                     ));
                     continue;
                 }
@@ -1881,6 +1885,35 @@ api_keys:
         )
         .unwrap();
         assert_eq!(c.endpoints[1].api_key.as_ref().unwrap().expose(), "kb");
+    }
+
+    /// Errors and warnings about an endpoint URL show it without the
+    /// credentials in it.
+    #[test]
+    fn config_errors_and_warnings_hide_url_credentials() {
+        let err = error("endpoints: [\"http://u:s3cret@h:1/?q=1\"]\n");
+        assert!(
+            err.contains("http://h:1/?q=1") && !err.contains("s3cret"),
+            "{err}"
+        );
+        let err = error(
+            "endpoints: [\"http://u:s3cret@h:1\"]\nendpoint_config:\n  \"http://u:s3cret@h:1\":\n    max_concurrent_connections: 0\n",
+        );
+        assert!(
+            err.contains("endpoint_config.http://h:1") && !err.contains("s3cret"),
+            "{err}"
+        );
+        let c = Config::from_yaml(
+            "endpoints: [\"http://a:1\"]\napi_keys:\n  \"http://u:s3cret@h:1\": k\n  \"http://a:1\": ${NOPE}\n",
+            &|_| None,
+        )
+        .unwrap();
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(
+            c.warnings.iter().all(|w| !w.contains("s3cret")),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]
