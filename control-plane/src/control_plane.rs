@@ -289,13 +289,19 @@ impl ControlPlane {
 
     /// Records a visible change; the publisher picks it up.
     fn bump(&self) {
-        self.shared.version.fetch_add(1, Ordering::Release);
-        self.shared.changed.notify_one();
+        self.bump_version();
         // SeqCst, as the holder's increment: a holder this load misses
         // registered after the change and sees it when it asks again.
         if self.shared.holding.load(Ordering::SeqCst) > 0 {
             self.shared.freed.notify_waiters();
         }
+    }
+
+    /// [`ControlPlane::bump`] for a change that frees no slot (a grant):
+    /// held choices are not woken for it.
+    fn bump_version(&self) {
+        self.shared.version.fetch_add(1, Ordering::Release);
+        self.shared.changed.notify_one();
     }
 
     // ---- sessions ----
@@ -483,7 +489,7 @@ impl ControlPlane {
             .lock()
             .choose_unless_full(&snap, req, &excluded, reserve, now, hold_full);
         if reserve.is_some() && matches!(result, Ok(Some(_))) {
-            self.bump();
+            self.bump_version();
         }
         result
     }
