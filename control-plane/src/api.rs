@@ -174,12 +174,15 @@ pub enum AdminError {
     },
 }
 
-/// An admin call named an endpoint that is not configured.
+/// An admin call named an endpoint that is not configured (or, shown
+/// without credentials, more than one).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown endpoint {url:?}; configured endpoints: {}", configured.join(", "))]
+#[error("unknown endpoint {url:?}{}; configured endpoints: {}", why.as_deref().map(|w| format!(" ({w})")).unwrap_or_default(), configured.join(", "))]
 pub struct UnknownEndpoint {
-    /// The URL given.
+    /// The URL given (without credentials).
     pub url: String,
-    /// Configured endpoint URLs.
+    /// Why a URL that looks configured did not name one endpoint.
+    pub why: Option<String>,
+    /// Configured endpoint URLs (without credentials).
     pub configured: Vec<String>,
 }

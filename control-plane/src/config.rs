@@ -14,7 +14,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::endpoint::{EndpointKind, without_credentials};
+use crate::endpoint::{EndpointKind, text_without_credentials, without_credentials};
 
 /// A secret string (API key). Never printed: `Debug` and `Display` show `***`.
 #[derive(Clone, PartialEq, Eq)]
@@ -867,8 +867,11 @@ impl Config {
         let raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
-            serde_yaml_ng::from_str(text)
-                .map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?
+            serde_yaml_ng::from_str(text).map_err(|e| {
+                // The key path may hold an endpoint URL with credentials.
+                let message = syntax_error(text, &e);
+                ConfigError::Syntax(text_without_credentials(&message).into_owned())
+            })?
         };
         Self::check(raw, env, Some(text))
     }
@@ -1903,6 +1906,23 @@ api_keys:
             err.contains("endpoint_config.http://h:1") && !err.contains("s3cret"),
             "{err}"
         );
+        // Type errors and unknown keys under a URL key (serde's messages).
+        for entry in [
+            "draining: maybe",
+            "bogus_key: 1",
+            "max_concurrent_connections: -3",
+        ] {
+            let err = error(&format!(
+                "endpoints: [\"http://u:s3cret@h:1\"]\nendpoint_config:\n  \"http://u:s3cret@h:1\":\n    {entry}\n"
+            ));
+            assert!(
+                err.contains("http://h:1") && !err.contains("s3cret"),
+                "{err}"
+            );
+        }
+        let err =
+            error("endpoints: [\"http://a:1\"]\napi_keys:\n  \"http://u:s3cret@h:1\": [1, 2]\n");
+        assert!(!err.contains("s3cret"), "{err}");
         let c = Config::from_yaml(
             "endpoints: [\"http://a:1\"]\napi_keys:\n  \"http://u:s3cret@h:1\": k\n  \"http://a:1\": ${NOPE}\n",
             &|_| None,

@@ -587,15 +587,33 @@ impl ControlPlane {
 
     fn unknown_endpoint(&self, url: &str) -> UnknownEndpoint {
         // Without credentials: the answer goes to whoever asked.
+        let shown = without_credentials(url);
+        let configured: Vec<String> = self
+            .shared
+            .config
+            .endpoints
+            .iter()
+            .map(|e| without_credentials(&e.url).into_owned())
+            .collect();
+        let identity = crate::config::endpoint_identity(&shown);
+        let look_alike = configured
+            .iter()
+            .filter(|c| crate::config::endpoint_identity(c) == identity)
+            .count();
+        let why = match (look_alike, shown.len() != url.len()) {
+            (0, _) => None,
+            (_, true) => Some(format!(
+                "no configured endpoint has these credentials; {look_alike} shown as {shown}"
+            )),
+            (_, false) => Some(format!(
+                "{look_alike} configured endpoints are shown as {shown}, differing only in \
+                 their credentials: give the URL with its credentials"
+            )),
+        };
         UnknownEndpoint {
-            url: without_credentials(url).into_owned(),
-            configured: self
-                .shared
-                .config
-                .endpoints
-                .iter()
-                .map(|e| without_credentials(&e.url).into_owned())
-                .collect(),
+            url: shown.into_owned(),
+            why,
+            configured,
         }
     }
 

@@ -126,6 +126,30 @@ pub fn without_credentials(url: &str) -> Cow<'_, str> {
     }
 }
 
+/// `text` with the credentials of every URL in it removed (each
+/// `scheme://user:pass@` becomes `scheme://`): for messages that quote
+/// URLs among other words, such as a YAML error's key path.
+pub fn text_without_credentials(text: &str) -> Cow<'_, str> {
+    if !text.contains('@') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let start = i + 3;
+        out.push_str(&rest[..start]);
+        rest = &rest[start..];
+        let end = rest
+            .find(|c: char| c.is_whitespace() || "/?#`'\",;()[]{}<>".contains(c))
+            .unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
 /// The `Authorization` value for the credentials in `url`'s userinfo:
 /// `Basic base64(user:pass)`, user and password percent-decoded (a
 /// password with `@` or `:` is written `%40`, `%3A`); `user:` when there is
@@ -214,6 +238,22 @@ mod tests {
             openai_base("http://h:8080/v1", EndpointKind::LlamaServer),
             "http://h:8080/v1"
         );
+    }
+
+    #[test]
+    fn every_url_in_a_text_loses_its_credentials() {
+        assert_eq!(
+            text_without_credentials(
+                "endpoint_config.http://alice:s3cr%40t@127.0.0.1:1.draining: invalid type, \
+                 also `https://b:pw@h/v1` and user@example"
+            ),
+            "endpoint_config.http://127.0.0.1:1.draining: invalid type, also `https://h/v1` \
+             and user@example"
+        );
+        assert!(matches!(
+            text_without_credentials("no credentials in http://h:1/x"),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]

@@ -495,6 +495,7 @@ mod tests {
             (
                 UnknownEndpoint {
                     url: "http://nope:1".into(),
+                    why: None,
                     configured: vec!["http://a:11434".into(), "http://b:11434".into()],
                 }
                 .into(),

@@ -247,6 +247,12 @@ fn an_endpoint_with_credentials_is_named_without_them() {
         err.configured,
         strings(&["http://c:11434", "http://d:11434", "http://d:11434"])
     );
+    let text = err.to_string();
+    assert!(
+        text.contains("2 configured endpoints are shown as http://d:11434")
+            && text.contains("give the URL with its credentials"),
+        "{text}"
+    );
     assert!(
         cp.set_draining("http://v:pw3@d:11434", true)
             .unwrap()
@@ -259,6 +265,16 @@ fn an_endpoint_with_credentials_is_named_without_them() {
         panic!("expected an unknown endpoint");
     };
     assert_eq!(err.url, "http://c:11434");
+    let text = err.to_string();
+    assert!(
+        text.contains("no configured endpoint has these credentials") && !text.contains("guess"),
+        "{text}"
+    );
+    // Nothing alike: no explanation.
+    let AdminError::UnknownEndpoint(err) = cp.set_draining("http://e:1", true).unwrap_err() else {
+        panic!("expected an unknown endpoint");
+    };
+    assert_eq!(err.why, None);
 }
 
 fn with_state_file(path: &std::path::Path, extra: &str) -> ControlPlane {
