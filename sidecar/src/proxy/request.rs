@@ -50,7 +50,7 @@ use serde_json::{Map, Value, value::RawValue};
 use crate::{
     affinity_key::{ConversationFields, affinity_key, affinity_required},
     errors::ProxyError,
-    routes::ApiRoute,
+    routes::{ApiFormat, ApiRoute},
     translate::options::is_zero_keep_alive,
 };
 
@@ -179,8 +179,25 @@ pub fn parse_for(
     derive_affinity: bool,
 ) -> Result<RequestContext, ProxyError> {
     // Skipped values are not decoded, so UTF-8 is checked here, for the
-    // whole body at once (as parsing into a `Value` did).
-    let text = std::str::from_utf8(&body).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
+    // whole body at once (as parsing into a `Value` did). Ollama's own
+    // decoder (Go's) takes invalid UTF-8 in strings as U+FFFD, and its
+    // clients rely on that: on its routes the body goes on so replaced.
+    // OpenAI-style servers differ (most refuse it): a 400 there.
+    let received_body = body;
+    let text = String::from_utf8_lossy(&received_body);
+    let body = match &text {
+        Cow::Borrowed(_) => received_body.clone(),
+        Cow::Owned(replaced) if route.format() == ApiFormat::Ollama => {
+            Bytes::from(replaced.clone().into_bytes())
+        }
+        Cow::Owned(_) => {
+            let problem = std::str::from_utf8(&received_body)
+                .err()
+                .map_or_else(|| "invalid UTF-8".to_owned(), |e| e.to_string());
+            return Err(ProxyError::InvalidJson(problem));
+        }
+    };
+    let text: &str = &text;
     let envelope = match serde_json::from_str::<TopLevel<'_>>(text) {
         Ok(TopLevel::Object(envelope)) => envelope,
         Ok(TopLevel::Other) => return Err(ProxyError::NotAnObject),
@@ -497,6 +514,34 @@ mod tests {
         )
     }
 
+    /// Invalid UTF-8 in a string: Ollama's routes take it as U+FFFD (as
+    /// Ollama does) and forward the body so replaced; OpenAI's refuse it.
+    #[test]
+    fn invalid_utf8_is_replaced_for_ollama_and_refused_for_openai() {
+        let raw = b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"a\xffb\"}]}";
+        let c = parse(
+            ApiRoute::OllamaChat,
+            HeaderMap::new(),
+            Bytes::from_static(raw),
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(c.model, "m");
+        let v: Value = serde_json::from_slice(&c.body).unwrap();
+        assert_eq!(v["messages"][0]["content"], "a\u{fffd}b");
+        let e = parse(
+            ApiRoute::OpenAiChat,
+            HeaderMap::new(),
+            Bytes::from_static(raw),
+            Instant::now(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::InvalidJson(m) if m.contains("invalid utf-8")),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn ollama_chat_streams_by_default_openai_does_not() {
         let c = p(ApiRoute::OllamaChat, r#"{"model":"m","messages":[]}"#).unwrap();
@@ -681,12 +726,13 @@ mod tests {
                 "{body:?}"
             );
         }
-        // Invalid UTF-8 in a value the sidecar never reads.
+        // Invalid UTF-8 in a value the sidecar never reads (an OpenAI route;
+        // Ollama's replace it: invalid_utf8_is_replaced_for_ollama_and_refused_for_openai).
         let mut bytes = br#"{"model":"m","x":""#.to_vec();
         bytes.extend_from_slice(b"\xff\"}");
         assert!(matches!(
             parse(
-                ApiRoute::OllamaChat,
+                ApiRoute::OpenAiChat,
                 HeaderMap::new(),
                 Bytes::from(bytes),
                 Instant::now()
