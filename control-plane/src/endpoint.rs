@@ -104,15 +104,24 @@ pub fn openai_base(url: &str, kind: EndpointKind) -> String {
     }
 }
 
+/// The length of `userinfo@` at the start of `after_scheme` (what follows
+/// a URL's `://`), when it has one. The authority ends at the path, query
+/// or fragment, or, for a URL quoted in a message, at a character no URL
+/// holds unescaped (whitespace, quotes, ...); the userinfo's own
+/// characters (`,` `;` `(` ...) are no end. The last `@` counts: an
+/// unescaped `@` in a password is still userinfo (as `http::Uri` and
+/// `reqwest` read it).
+fn userinfo_len(after_scheme: &str) -> Option<usize> {
+    let end = after_scheme
+        .find(|c: char| c.is_whitespace() || "/?#\"`<>\\{}|^".contains(c))
+        .unwrap_or(after_scheme.len());
+    after_scheme[..end].rfind('@').map(|at| at + 1)
+}
+
 /// The byte range of `userinfo@` in an `http(s)://` URL, when it has one.
 fn userinfo_span(url: &str) -> Option<(usize, usize)> {
     let start = url.find("://")? + 3;
-    let rest = &url[start..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    // The last `@`: an unescaped `@` in a password is still userinfo (as
-    // `http::Uri` and `reqwest` read it).
-    let at = authority.rfind('@')?;
-    Some((start, start + at + 1))
+    Some((start, start + userinfo_len(&url[start..])?))
 }
 
 /// `url` without its credentials (`http://user:pass@host/v1` becomes
@@ -139,11 +148,8 @@ pub fn text_without_credentials(text: &str) -> Cow<'_, str> {
         let start = i + 3;
         out.push_str(&rest[..start]);
         rest = &rest[start..];
-        let end = rest
-            .find(|c: char| c.is_whitespace() || "/?#`'\",;()[]{}<>".contains(c))
-            .unwrap_or(rest.len());
-        if let Some(at) = rest[..end].rfind('@') {
-            rest = &rest[at + 1..];
+        if let Some(len) = userinfo_len(rest) {
+            rest = &rest[len..];
         }
     }
     out.push_str(rest);
@@ -254,6 +260,11 @@ mod tests {
             text_without_credentials("no credentials in http://h:1/x"),
             Cow::Borrowed(_)
         ));
+        // Sub-delimiters are userinfo characters, not its end.
+        assert_eq!(
+            text_without_credentials("key http://u:p,a;s(s)@h:1.x: bad"),
+            "key http://h:1.x: bad"
+        );
     }
 
     #[test]
