@@ -271,20 +271,26 @@ impl ControlPlane {
         }
         // As logs, metrics and the CLI show it, without the credentials of
         // its configured URL: that endpoint, if only one is shown so.
-        // Admin calls are rare: a scan will do.
-        let mut shown = self
-            .shared
+        let mut shown = self.shown_as(&identity);
+        match (shown.next(), shown.next()) {
+            (Some(index), None) => u32::try_from(index).ok(),
+            _ => None,
+        }
+    }
+
+    /// The indexes of the configured endpoints whose URL, shown without its
+    /// credentials, has `identity` ([`crate::config::endpoint_identity`]).
+    /// Admin calls and unknown URLs are rare: a scan will do.
+    fn shown_as<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = usize> + 'a {
+        self.shared
             .config
             .endpoints
             .iter()
             .enumerate()
-            .filter(|(_, e)| {
+            .filter(move |(_, e)| {
                 crate::config::endpoint_identity(&without_credentials(&e.url)) == identity
-            });
-        match (shown.next(), shown.next()) {
-            (Some((index, _)), None) => u32::try_from(index).ok(),
-            _ => None,
-        }
+            })
+            .map(|(index, _)| index)
     }
 
     /// Records a visible change; the publisher picks it up.
@@ -595,10 +601,8 @@ impl ControlPlane {
             .iter()
             .map(|e| without_credentials(&e.url).into_owned())
             .collect();
-        let identity = crate::config::endpoint_identity(&shown);
-        let look_alike = configured
-            .iter()
-            .filter(|c| crate::config::endpoint_identity(c) == identity)
+        let look_alike = self
+            .shown_as(&crate::config::endpoint_identity(&shown))
             .count();
         let why = match (look_alike, shown.len() != url.len()) {
             (0, _) => None,
