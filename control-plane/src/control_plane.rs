@@ -86,6 +86,16 @@ pub struct ControlPlaneStats {
     pub probes_failed: u64,
 }
 
+impl ControlPlaneStats {
+    /// Successful choices with `reason` so far.
+    pub fn decisions_for(&self, reason: DecisionReason) -> u64 {
+        self.decisions
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
 struct Shared {
     config: Arc<Config>,
     /// Endpoint URL → index, for exclude lists, leases and admin calls.

@@ -486,14 +486,12 @@ async fn a_choice_finding_every_endpoint_full_waits_for_a_release() {
     assert_eq!(got.endpoint, second.endpoint, "the freed slot");
     assert_eq!(got.reason, DecisionReason::LoadedFree);
     assert_eq!(cp.shared.holding.load(Ordering::SeqCst), 0);
-    let decisions = cp.stats().decisions;
+    let stats = cp.stats();
     assert_eq!(
-        decisions
-            .iter()
-            .find(|(r, _)| *r == DecisionReason::Saturated)
-            .map(|(_, n)| *n),
-        Some(0),
-        "{decisions:?}"
+        stats.decisions_for(DecisionReason::Saturated),
+        0,
+        "{:?}",
+        stats.decisions
     );
     check(&cp);
 

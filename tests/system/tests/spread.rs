@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::json;
+use switchyard_control_plane::decision::DecisionReason;
 use switchyard_system_tests::{
     BackendOptions, Cluster, FakeConfig, FakeMode, SOON,
     client::{Reply, post_json},
@@ -294,13 +295,13 @@ async fn a_request_finding_every_backend_full_waits_for_a_slot() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(a.peak_in_flight(), 1, "a limited to 1 had two at once");
     let cp = &c.control_plane.as_ref().unwrap().cp;
-    let saturated = cp
-        .stats()
-        .decisions
-        .iter()
-        .find(|(reason, _)| reason.as_str() == "saturated")
-        .map(|(_, n)| *n);
-    assert_eq!(saturated, Some(0), "{:?}", cp.stats().decisions);
+    let stats = cp.stats();
+    assert_eq!(
+        stats.decisions_for(DecisionReason::Saturated),
+        0,
+        "{:?}",
+        stats.decisions
+    );
     c.wait_usage(0).await;
     c.shutdown().await;
 }

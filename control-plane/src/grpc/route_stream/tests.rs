@@ -918,10 +918,7 @@ async fn a_choose_held_when_its_stream_goes_away_leaves_no_lease() {
     drop((tx, answers));
     let saturated = |cp: &ControlPlane| {
         cp.stats()
-            .decisions
-            .iter()
-            .find(|(r, _)| *r == crate::decision::DecisionReason::Saturated)
-            .map_or(0, |(_, n)| *n)
+            .decisions_for(crate::decision::DecisionReason::Saturated)
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     while saturated(&s.cp) == 0 && Instant::now() < deadline {
