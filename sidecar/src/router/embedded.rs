@@ -26,7 +26,7 @@ use std::{
 use parking_lot::Mutex;
 use switchyard_control_plane::{
     cluster::ClusterState,
-    control_plane::{ControlPlane, Held},
+    control_plane::ControlPlane,
     decision::{ChooseError, ChooseRequest},
     ids::{LeaseId, SessionId},
     outcome::{Outcome, TokenCounts},
@@ -84,22 +84,16 @@ impl EmbeddedRouter {
     }
 
     /// Chooses and takes a lease; while every endpoint is full it waits
-    /// for a slot, at most `saturated_hold` ([`ControlPlane::choose_or_hold`]).
+    /// for a slot, at most `saturated_hold` ([`ControlPlane::choose_held`]).
     pub(crate) async fn choose(&self, req: &ChooseRequest) -> Result<Lease, RouteError> {
         let cp = &self.sink.cp;
-        let mut session = *self.session.lock();
-        let since = Instant::now();
-        let held = match cp.choose_or_hold(req, Some(session), since) {
+        let session = *self.session.lock();
+        let choice = match cp.choose_held(req, Some(session)).await {
             Err(ChooseError::UnknownSession(_)) => {
-                session = self.reopen(session);
-                cp.choose_or_hold(req, Some(session), since)?
+                let fresh = self.reopen(session);
+                cp.choose_held(req, Some(fresh)).await?
             }
             other => other?,
-        };
-        let choice = match held {
-            Held::Chosen(choice) => choice,
-            // Rare: boxed, so the common path's future stays small.
-            Held::Full => Box::pin(cp.wait_for_slot(req, Some(session), since)).await?,
         };
         let Some(id) = choice.lease else {
             // A reserving choice always carries a lease; refuse rather than
