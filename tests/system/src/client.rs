@@ -281,3 +281,33 @@ pub fn openai_error_message(reply: &Reply) -> String {
         ),
     }
 }
+
+/// Chats with model `m` at a sidecar (`base`) as a client would, after
+/// waiting until the sidecar lists `m:latest` (a first request may race
+/// discovery): a 200 stream ending in `done: true`. `logs` (the
+/// processes' output) goes into the failure message.
+pub async fn chat_ok(http: &reqwest::Client, base: &str, logs: impl Fn() -> String) {
+    crate::wait::wait_for_async(
+        "the sidecar to list the fake's model",
+        crate::SOON,
+        || async { get(http, &format!("{base}/api/tags")).await.text },
+        |t| t.contains("m:latest"),
+    )
+    .await;
+    let r = stream(
+        http.post(format!("{base}/api/chat"))
+            .json(&serde_json::json!({
+                "model": "m", "messages": [{"role": "user", "content": "hi"}]
+            })),
+        Framing::Ndjson,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}\n--- logs ---\n{}", r.dump(), logs());
+    let lines = r.ndjson();
+    assert_eq!(
+        lines.last().map(|l| &l["done"]),
+        Some(&Value::Bool(true)),
+        "{}",
+        r.dump()
+    );
+}

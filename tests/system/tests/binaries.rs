@@ -11,8 +11,8 @@ use serde_json::json;
 use switchyard_control_plane::{cluster::ClusterState, endpoint::EndpointKind};
 use switchyard_proto::v1::{DrainRequest, cluster_client::ClusterClient};
 use switchyard_system_tests::{
-    Framing, SOON, TestConfig,
-    client::{get, stream},
+    SOON, TestConfig,
+    client::{chat_ok, get},
     cluster::{grpc_cluster_state, wait_grpc_usage},
     config::EndpointEntry,
     process::ChildProcess,
@@ -28,27 +28,6 @@ fn config_for(fake: &ChildProcess) -> TestConfig {
         api_key: None,
     });
     config
-}
-
-async fn chat_ok(http: &reqwest::Client, base: &str, logs: impl Fn() -> String) {
-    // The first request may race discovery: wait until the model is listed.
-    wait_for_async(
-        "the sidecar to list the fake's model",
-        SOON,
-        || async { get(http, &format!("{base}/api/tags")).await.text },
-        |t| t.contains("m:latest"),
-    )
-    .await;
-    let r = stream(
-        http.post(format!("{base}/api/chat")).json(&json!({
-            "model": "m", "messages": [{"role": "user", "content": "hi"}]
-        })),
-        Framing::Ndjson,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}\n--- logs ---\n{}", r.dump(), logs());
-    let lines = r.ndjson();
-    assert_eq!(lines.last().unwrap()["done"], json!(true), "{}", r.dump());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,12 +10,11 @@
 use serde_json::json;
 use switchyard_control_plane::endpoint::EndpointKind;
 use switchyard_system_tests::{
-    FakeBackend, Framing, SOON, TestConfig,
-    client::{get, stream},
+    FakeBackend, TestConfig,
+    client::{chat_ok, get},
     config::EndpointEntry,
     ollama_fake,
     process::ChildProcess,
-    wait::wait_for_async,
 };
 
 const USER: &str = "alice";
@@ -46,29 +45,8 @@ async fn a_url_with_credentials_is_routed_with_basic_auth_and_never_shown() {
     .await;
     let base = sidecar.url();
 
-    // Probed with the credentials: the model is listed.
-    wait_for_async(
-        "the sidecar to list the fake's model",
-        SOON,
-        || async { get(&http, &format!("{base}/api/tags")).await.text },
-        |t| t.contains("m:latest"),
-    )
-    .await;
-
-    let r = stream(
-        http.post(format!("{base}/api/chat")).json(&json!({
-            "model": "m", "messages": [{"role": "user", "content": "hi"}]
-        })),
-        Framing::Ndjson,
-    )
-    .await;
-    assert_eq!(
-        r.status,
-        200,
-        "{}\n--- logs ---\n{}",
-        r.dump(),
-        sidecar.logs()
-    );
+    // Probed with the credentials: the model is listed; then a chat.
+    chat_ok(&http, &base, || sidecar.logs()).await;
 
     // Model management fans out through the same client.
     let pulled = http
