@@ -153,6 +153,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// [`ClusterBuilder::standalone`] when `standalone`, else as it is
+    /// (for tests that run both ways).
+    pub fn standalone_if(self, standalone: bool) -> Self {
+        if standalone { self.standalone() } else { self }
+    }
+
     /// Sets a top-level config key (YAML value).
     pub fn set(mut self, key: &str, yaml_value: &str) -> Self {
         self.config.set(key, yaml_value);

@@ -136,13 +136,7 @@ async fn openai_style_entries_pass_through(standalone: bool) {
                 .models(&["org/g-GGUF:Q4_K_M", "org/off-GGUF:Q8_0"])
                 .loaded(&["org/g-GGUF:Q4_K_M"]),
         );
-    let c = if standalone {
-        builder.standalone()
-    } else {
-        builder
-    }
-    .start()
-    .await;
+    let c = builder.standalone_if(standalone).start().await;
 
     let models = get(c.http(), &c.at("/v1/models")).await;
     assert_eq!(models.status, 200, "{}", models.text);

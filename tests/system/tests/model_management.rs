@@ -650,13 +650,7 @@ async fn changes_are_routable_as_soon_as_they_are_answered() {
             .backend(ollama_fake(&["m:latest"]))
             .set("probe_interval", "1h")
             .router_api_key(ROUTER_KEY);
-        let c = if standalone {
-            builder.standalone()
-        } else {
-            builder
-        }
-        .start()
-        .await;
+        let c = builder.standalone_if(standalone).start().await;
         let chat = |model: &str| {
             post(
                 &c,

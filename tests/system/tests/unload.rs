@@ -34,13 +34,7 @@ async fn cluster(standalone: bool) -> Cluster {
         .backend(openai_fake(&["m"]).label("d"))
         .set("probe_interval", "1h")
         .router_api_key(ROUTER_KEY);
-    if standalone {
-        builder.standalone()
-    } else {
-        builder
-    }
-    .start()
-    .await
+    builder.standalone_if(standalone).start().await
 }
 
 fn post(c: &Cluster, path: &str, body: &Value) -> reqwest::RequestBuilder {
