@@ -597,8 +597,10 @@ pub mod defaults {
     /// kept-alive client connection may sit idle (nginx's
     /// `client_header_timeout`).
     pub const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
-    /// Sidecar server threads.
-    pub const SERVER_THREADS: usize = 1;
+    /// Sidecar server threads: 0, one per core (as many as the process may
+    /// use: `std::thread::available_parallelism`, which honours a
+    /// container's CPU limit).
+    pub const SERVER_THREADS: usize = 0;
     /// Browser origins allowed without configuration: Ollama's defaults
     /// (local pages on any port, desktop and editor web views).
     pub const ALLOWED_ORIGINS: [&str; 17] = [
@@ -1789,15 +1791,16 @@ api_keys:
     }
 
     #[test]
-    fn server_threads_default_to_one_and_zero_means_one_per_core() {
+    fn server_threads_default_to_zero_which_means_one_per_core() {
         let threads = |yaml: &str| {
             Config::from_yaml(yaml, &env)
                 .unwrap()
                 .sidecar
                 .server_threads
         };
-        assert_eq!(threads(""), 1);
+        assert_eq!(threads(""), 0);
         assert_eq!(threads("server_threads: 0\n"), 0);
+        assert_eq!(threads("server_threads: 1\n"), 1);
         assert_eq!(threads("server_threads: 4\n"), 4);
         let err = error("server_threads: 5000\n");
         assert!(

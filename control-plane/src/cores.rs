@@ -16,7 +16,7 @@
 //! ([`CoreRuntimes::current`] tells code which thread it runs on).
 //!
 //! How many: the control plane runs one per core; the sidecar
-//! `server_threads` (default 1).
+//! `server_threads` (default 0: one per core too).
 //!
 //! Lifetime: the threads run until [`CoreRuntimes::stop`] or until the
 //! value is dropped; then each drops its runtime, which cancels the tasks

@@ -18,7 +18,7 @@
 //! fire-and-forget.
 //!
 //! Threads: connections are served on `server_threads` single-threaded
-//! runtimes (default 1, 0 = one per core;
+//! runtimes (default 0 = one per core;
 //! [`switchyard_control_plane::cores`]), each connection on the thread the
 //! accept loop handed it to, with that thread's own backend connection pools
 //! (and, in remote mode, its own `Route` stream): a request is handled from

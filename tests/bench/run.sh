@@ -19,7 +19,7 @@
 #   4. sidecar RSS idle and after load.
 # When nginx is installed (apt install nginx-light), a fourth path runs in
 # every round of 3: nginx as a plain reverse proxy in front of the same
-# backend (one worker, like the sidecar's one server thread; upstream
+# backend (one worker per core, like the sidecar's server threads; upstream
 # keep-alive; no buffering, so streams pass through as the sidecar's do).
 # It reads no body and asks no one where to send it, so it shows what
 # forwarding alone costs on this machine; its CPU is reported as "sidecar".
@@ -93,7 +93,7 @@ if command -v nginx > /dev/null; then
   mkdir -p "$WORK/nginx"
   cat > "$WORK/nginx/nginx.conf" <<NGINX
 daemon off;
-worker_processes 1;
+worker_processes auto;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
@@ -121,22 +121,24 @@ NGINX
   nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" 2> "$WORK/nginx/stderr.log" &
   NG_MASTER=$!; PIDS+=($NG_MASTER)
   wait_http "http://127.0.0.1:$NG_PORT/api/tags"
-  NG_WORKER=$(pgrep -P "$NG_MASTER" | head -1)
-  NGINX_PATH=("nginx http://127.0.0.1:$NG_PORT $NG_WORKER")
-  echo "# reference proxy: $(nginx -v 2>&1), one worker"
+  # Its workers' PIDs, comma-separated: ticks and wakes sum over them.
+  NG_WORKERS=$(pgrep -P "$NG_MASTER" | paste -sd,)
+  NGINX_PATH=("nginx http://127.0.0.1:$NG_PORT $NG_WORKERS")
+  echo "# reference proxy: $(nginx -v 2>&1), workers $NG_WORKERS (one per core)"
 else
   echo "# nginx not installed: skipping the reference-proxy path"
 fi
 
 FAKE_PID=${PIDS[0]}
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# ticks and wakes take one PID or several, comma-separated (nginx's workers).
+ticks() { local p; for p in ${1//,/ }; do cat "/proc/$p/stat"; done | awk '{n+=$14+$15} END{print n}'; }
 # Hypervisor steal (all CPUs, 10 ms ticks): time this VM's vCPUs were ready
 # to run but the host ran something else. Recorded per run as steal_ms, so
 # a slow round can be told apart from a slow path.
 steal() { awk '/^cpu /{print $9}' /proc/stat; }
 # Voluntary context switches of all a process's threads: each is a sleep,
 # so the count per request at the fixed rate is the wake-ups it costs.
-wakes() { [ "$1" = 0 ] && { echo 0; return; }; cat /proc/$1/task/*/status | awk '/^voluntary_ctxt_switches/{n+=$2} END{print n}'; }
+wakes() { [ "$1" = 0 ] && { echo 0; return; }; local p; for p in ${1//,/ }; do cat /proc/$p/task/*/status; done | awk '/^voluntary_ctxt_switches/{n+=$2} END{print n}'; }
 per_req() { python3 -c "print(round(($2 - $1) / max(1, $3), 2))"; }
 # CPU time each process spent per request during a run (utime+stime ticks
 # of 10 ms, read before and after), so the cost of each hop is visible
