@@ -23,11 +23,19 @@
 //!   `context_length` in `/api/ps`; everything else about those models in
 //!   the Ollama listings is the placeholder of [`listing`], as are the
 //!   items of models without an own item (not known yet).
+//! - Remote, the items come from the control plane (`ListModelItems`,
+//!   cached for two seconds) and the names from `WatchUsage`. A listing
+//!   whose items lack a model its state lists (one pulled or loaded on a
+//!   backend outside the router) asks for the items again at once
+//!   ([`state_and_items`]), so such a model does not show a placeholder
+//!   until the cached answer ages out.
 //! - `/api/version` is the lowest version among the routable Ollama
 //!   endpoints, capped at [`OLLAMA_COMPAT_VERSION`] ([`api_version`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -46,7 +54,7 @@ use switchyard_control_plane::{
 
 use crate::{
     errors::ProxyError,
-    router::{ModelCatalog, StateSource},
+    router::{ModelCatalog, Router, StateSource},
     routes::ApiFormat,
     server::AppState,
     translate::{listing, timestamp},
@@ -76,7 +84,7 @@ fn routable(state: &ClusterState) -> impl Iterator<Item = &EndpointState> {
 
 /// Which models of an endpoint a listing shows, and which of its own
 /// items go with them.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Listing {
     /// Advertised models; Ollama `/api/tags` items.
     Tags,
@@ -126,6 +134,43 @@ fn own_items(catalog: &ModelCatalog, url: &str, which: Listing) -> HashMap<Strin
     let ollama =
         objects_by_name(ollama, &["name", "model"]).map(|(n, item)| (n, Own::Ollama(item)));
     openai.chain(ollama).collect()
+}
+
+/// What `catalog` lacks that `state` lists, as a fingerprint, or `None`
+/// when it lacks nothing: the models (advertised or loaded) of routable
+/// endpoints it has an entry for that have no item of their own there.
+/// Discovery records an endpoint's names and items together, so a lack
+/// means the names reached the sidecar before the items.
+fn items_missing(state: &ClusterState, catalog: &ModelCatalog) -> Option<u64> {
+    let mut missing = None;
+    for endpoint in routable(state) {
+        if !catalog.iter().any(|(url, _)| **url == *endpoint.url) {
+            continue;
+        }
+        for (which, models) in [
+            (Listing::Tags, &endpoint.advertised_models),
+            (Listing::Ps, &endpoint.loaded_models),
+        ] {
+            let own = own_items(catalog, &endpoint.url, which);
+            for model in models.iter().filter(|m| !own.contains_key(&***m)) {
+                let hasher = missing.get_or_insert_with(DefaultHasher::new);
+                (&*endpoint.url, which as u8, &**model).hash(hasher);
+            }
+        }
+    }
+    missing.map(|h| h.finish())
+}
+
+/// The router's cluster state and the items to list it with: asked for
+/// again at once when the cached items newly lack what the state lists
+/// (see the module's invariants).
+async fn state_and_items(router: &Router) -> (Arc<ClusterState>, Arc<ModelCatalog>) {
+    let state = router.cluster_state();
+    let catalog = router.model_items().await;
+    if router.expire_items_behind(items_missing(&state, &catalog)) {
+        return (state, router.model_items().await);
+    }
+    (state, catalog)
 }
 
 /// The endpoint's own item for `model`, named `name`.
@@ -369,31 +414,20 @@ pub(crate) async fn health_handler(State(state): State<AppState>) -> Response {
 
 /// `GET /api/tags`.
 pub(crate) async fn tags(State(state): State<AppState>) -> Json<Value> {
-    let router = state.router();
-    let catalog = router.model_items().await;
-    Json(tags_body(
-        &router.cluster_state(),
-        &catalog,
-        SystemTime::now(),
-    ))
+    let (cluster, catalog) = state_and_items(state.router()).await;
+    Json(tags_body(&cluster, &catalog, SystemTime::now()))
 }
 
 /// `GET /api/ps`.
 pub(crate) async fn ps(State(state): State<AppState>) -> Json<Value> {
-    let router = state.router();
-    let catalog = router.model_items().await;
-    Json(ps_body(
-        &router.cluster_state(),
-        &catalog,
-        SystemTime::now(),
-    ))
+    let (cluster, catalog) = state_and_items(state.router()).await;
+    Json(ps_body(&cluster, &catalog, SystemTime::now()))
 }
 
 /// `GET /v1/models`.
 pub(crate) async fn openai_models(State(state): State<AppState>) -> Json<Value> {
-    let router = state.router();
-    let catalog = router.model_items().await;
-    Json(openai_models_body(&router.cluster_state(), &catalog))
+    let (cluster, catalog) = state_and_items(state.router()).await;
+    Json(openai_models_body(&cluster, &catalog))
 }
 
 /// `GET /v1/models/{model}` (OpenAI "retrieve model"): the `/v1/models`
@@ -406,9 +440,8 @@ pub(crate) async fn openai_model(
         Ok(Path(model)) => model,
         Err(e) => return ProxyError::from(e).into_response_for(ApiFormat::OpenAi),
     };
-    let router = state.router();
-    let catalog = router.model_items().await;
-    let models = openai_models_body(&router.cluster_state(), &catalog);
+    let (cluster, catalog) = state_and_items(state.router()).await;
+    let models = openai_models_body(&cluster, &catalog);
     match openai_model_in(&models, &model) {
         Ok(item) => Json(item).into_response(),
         Err(available) => {
@@ -513,6 +546,61 @@ mod tests {
             models: vec![],
         };
         vec![(Arc::from("http://o1:11434"), Arc::new(items))]
+    }
+
+    #[test]
+    fn a_catalog_lacking_a_listed_model_of_an_endpoint_it_has_is_behind() {
+        // o1 advertises llama3 and qwen3 (loaded); its items have qwen3 only.
+        assert!(items_missing(&state(), &catalog()).is_some());
+        // No entry for an endpoint (no items known for it): not behind.
+        assert_eq!(items_missing(&state(), &ModelCatalog::new()), None);
+        let only_o1 = |advertised: &[&str], loaded: &[&str]| ClusterState {
+            endpoints: vec![
+                endpoint(
+                    "http://o1:11434",
+                    EndpointKind::Ollama,
+                    true,
+                    advertised,
+                    loaded,
+                ),
+                // Down: what it lists does not count.
+                endpoint(
+                    "http://down:11434",
+                    EndpointKind::Ollama,
+                    false,
+                    &["ghost:1b"],
+                    &[],
+                ),
+            ],
+            ..ClusterState::default()
+        };
+        let mut catalog = catalog();
+        catalog.push((
+            Arc::from("http://down:11434"),
+            Arc::new(ModelItems::default()),
+        ));
+        let missing = |state: &ClusterState, catalog: &ModelCatalog| items_missing(state, catalog);
+        assert_eq!(
+            missing(&only_o1(&["qwen3:8b"], &["qwen3:8b"]), &catalog),
+            None
+        );
+        assert_eq!(missing(&only_o1(&["qwen3:8b"], &[]), &catalog), None);
+        // Pulled (advertised) or loaded outside the router: behind, and
+        // each lack has its own fingerprint.
+        let pulled = missing(&only_o1(&["qwen3:8b", "new:1b"], &[]), &catalog);
+        let other = missing(&only_o1(&["qwen3:8b", "other:1b"], &[]), &catalog);
+        assert!(pulled.is_some() && other.is_some() && pulled != other);
+        assert_eq!(
+            pulled,
+            missing(&only_o1(&["qwen3:8b", "new:1b"], &[]), &catalog)
+        );
+        let tags_only = ModelItems {
+            ps: vec![],
+            ..(*catalog[0].1).clone()
+        };
+        catalog[0].1 = Arc::new(tags_only);
+        let loaded = missing(&only_o1(&["qwen3:8b"], &["qwen3:8b"]), &catalog);
+        assert!(loaded.is_some() && loaded != pulled);
     }
 
     /// The `name` of each item of a listing body, in order.

@@ -291,6 +291,18 @@ impl Router {
         }
     }
 
+    /// Told by each listing what its items lack that its cluster state
+    /// lists (a fingerprint, `None` for nothing). Remote, the first time
+    /// they lack that, makes the next [`Self::model_items`] ask the control
+    /// plane again, and says it will. Embedded, the items are always
+    /// current: false.
+    pub fn expire_items_behind(&self, missing: Option<u64>) -> bool {
+        match &*self.mode {
+            Mode::Embedded(_) => false,
+            Mode::Remote(r) => r.expire_items_behind(missing),
+        }
+    }
+
     /// Has the control plane probe `urls` now, after a model was pulled,
     /// created, copied or deleted on them, and returns once this sidecar's
     /// cluster state includes the result: the change is routable and listed

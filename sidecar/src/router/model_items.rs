@@ -49,6 +49,10 @@ pub(crate) struct ItemsCache {
     /// Set when the endpoints' listings just changed (a model was pulled
     /// or deleted through this sidecar): the next listing asks again.
     expired: AtomicBool,
+    /// What the answer lacked when a listing last found it behind the
+    /// cluster state and had it asked for again
+    /// ([`Self::expire_if_newly_behind`]).
+    behind: Mutex<Option<u64>>,
 }
 
 impl ItemsCache {
@@ -92,6 +96,22 @@ impl ItemsCache {
     /// answer is still served while it is unreachable).
     pub(crate) fn expire(&self) {
         self.expired.store(true, Ordering::Release);
+    }
+
+    /// A listing found the answer lacking the items `missing` (a
+    /// fingerprint of them) that its cluster state lists, or nothing
+    /// (`None`). [`Self::expire`]s the answer, and says so, the first time
+    /// it lacks those: an answer that still lacks them after being asked
+    /// for again (a control plane that sends no items for some endpoints)
+    /// is asked for again only after [`MAX_AGE`], as usual.
+    pub(crate) fn expire_if_newly_behind(&self, missing: Option<u64>) -> bool {
+        let mut behind = self.behind.lock();
+        let newly = missing.is_some() && *behind != missing;
+        *behind = missing;
+        if newly {
+            self.expired.store(true, Ordering::Release);
+        }
+        newly
     }
 
     /// The cached catalog if it is fresh, or if the control plane is
@@ -267,5 +287,37 @@ mod tests {
         let empty = ItemsCache::default().get(&channel, false, timeout).await;
         assert!(empty.is_empty());
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_found_behind_is_asked_for_again_once_per_lack() {
+        let fake = Counting::default();
+        let channel = serve(fake.clone()).await;
+        let cache = ItemsCache::default();
+        let timeout = Duration::from_secs(5);
+        let calls = || fake.calls.load(Ordering::SeqCst);
+        cache.get(&channel, true, timeout).await;
+        assert!(!cache.expire_if_newly_behind(None));
+        cache.get(&channel, true, timeout).await;
+        assert_eq!(calls(), 1, "not behind: the cached answer");
+        // Behind: asked for again at once, well within MAX_AGE.
+        assert!(cache.expire_if_newly_behind(Some(7)));
+        let again = cache.get(&channel, true, timeout).await;
+        assert_eq!(calls(), 2);
+        assert_eq!(&*again[0].1.tags[0], r#"{"name":"m","call":1}"#);
+        // Still lacking the same: not again (until MAX_AGE).
+        assert!(!cache.expire_if_newly_behind(Some(7)));
+        cache.get(&channel, true, timeout).await;
+        assert_eq!(calls(), 2);
+        // Lacking something else: again.
+        assert!(cache.expire_if_newly_behind(Some(8)));
+        cache.get(&channel, true, timeout).await;
+        assert_eq!(calls(), 3);
+        // Caught up, then lacking the first again (say, deleted and
+        // pulled again): again.
+        assert!(!cache.expire_if_newly_behind(None));
+        assert!(cache.expire_if_newly_behind(Some(7)));
+        cache.get(&channel, true, timeout).await;
+        assert_eq!(calls(), 4);
     }
 }

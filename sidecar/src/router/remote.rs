@@ -375,6 +375,14 @@ impl RemoteRouter {
             .await
     }
 
+    /// See [`ItemsCache::expire_if_newly_behind`].
+    pub(crate) fn expire_items_behind(&self, missing: Option<u64>) -> bool {
+        self.shared.as_ref().is_some_and(|shared| {
+            shared.snapshot.local_items().is_none()
+                && shared.model_items.expire_if_newly_behind(missing)
+        })
+    }
+
     /// Has the control plane probe `urls` now (`Cluster.Reprobe`), then
     /// waits until this sidecar's `WatchUsage` state includes the result
     /// and makes the next listing fetch the endpoints' items again.

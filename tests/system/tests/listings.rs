@@ -7,7 +7,8 @@
 
 use serde_json::Value;
 use switchyard_system_tests::{
-    Cluster, FakeConfig, FakeMode, client::get, ollama_fake, openai_fake,
+    Cluster, FakeConfig, FakeMode, SOON, client::get, ollama_fake, openai_fake,
+    wait::wait_for_async,
 };
 
 fn names(body: &Value, list: &str, field: &str) -> Vec<String> {
@@ -195,4 +196,44 @@ async fn openai_style_model_entries_pass_through_remote() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_style_model_entries_pass_through_standalone() {
     openai_style_entries_pass_through(true).await;
+}
+
+/// A model pulled on a backend outside the router. Remote, the sidecar
+/// learns its name from `WatchUsage` and its item from `ListModelItems`,
+/// whose answer it caches for two seconds: the first listing to show the
+/// model must show the backend's own item (size, digest), not the
+/// placeholder (`size` 0, no digest) until the cache ages out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_pulled_outside_the_router_is_listed_with_its_own_item_at_once() {
+    let c = Cluster::builder()
+        .backend(ollama_fake(&["m:latest"]))
+        .start()
+        .await;
+    // The items are asked for, and cached.
+    let tags = get(c.http(), &c.at("/api/tags")).await;
+    assert!(
+        has(&names(&tags.json(), "models", "name"), "m"),
+        "{}",
+        tags.text
+    );
+    c.backend(0).set_models(&["m:latest", "fresh:1b"]);
+    let tags = wait_for_async(
+        "/api/tags to list fresh:1b",
+        SOON,
+        || async { get(c.http(), &c.at("/api/tags")).await },
+        |r| has(&names(&r.json(), "models", "name"), "fresh:1b"),
+    )
+    .await;
+    let body = tags.json();
+    let item = body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "fresh:1b")
+        .unwrap();
+    assert!(
+        item["size"].as_u64().unwrap_or(0) > 0
+            && !item["digest"].as_str().unwrap_or_default().is_empty(),
+        "the backend's own item, not the placeholder: {item}"
+    );
 }
