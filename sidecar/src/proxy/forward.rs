@@ -152,17 +152,27 @@ pub enum Planned {
     Local(Value),
 }
 
-/// Which OpenAI route serves `/api/generate` on an OpenAI-only backend:
-/// llama-server always has `/v1/completions`; for other OpenAI-compatible
-/// servers (hosted APIs often lack completions for chat models) chat is
-/// used, except for `raw` prompts, which are already templated and need the
-/// completions route.
+/// Which OpenAI route serves `/api/generate` on an OpenAI-only backend.
+/// Ollama applies the model's template to a prompt that is not `raw`;
+/// over the OpenAI API only chat applies one (the backend's chat template),
+/// so chat serves it, with `system` as a system message. A `raw` prompt is
+/// already templated and needs the completions route (chat would template
+/// it twice). A `suffix` (fill-in-the-middle) has no place in chat:
+/// llama-server, which always has `/v1/completions`, gets it there and
+/// answers it or refuses it; other OpenAI-compatible servers (hosted APIs
+/// often lack completions for chat models) get chat without it.
 fn generate_route(kind: EndpointKind, body: &Value) -> GenerateRoute {
     let raw = body.get("raw").and_then(Value::as_bool).unwrap_or(false);
+    let suffix = body
+        .get("suffix")
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty());
     match kind {
-        EndpointKind::LlamaServer => GenerateRoute::Completions,
-        EndpointKind::OpenAi | EndpointKind::Ollama if raw => GenerateRoute::Completions,
-        EndpointKind::OpenAi | EndpointKind::Ollama => GenerateRoute::Chat,
+        _ if raw => GenerateRoute::Completions,
+        EndpointKind::LlamaServer if suffix => GenerateRoute::Completions,
+        EndpointKind::LlamaServer | EndpointKind::OpenAi | EndpointKind::Ollama => {
+            GenerateRoute::Chat
+        }
     }
 }
 

@@ -1,16 +1,19 @@
-//! `/api/generate` → `/v1/completions` or, for backends without a
-//! completions route, `/v1/chat/completions`; and the reply back.
+//! `/api/generate` → `/v1/chat/completions` or `/v1/completions`; and the
+//! reply back. Which route serves a request is the caller's choice
+//! (`proxy::forward::generate_route`): chat for a prompt Ollama would
+//! template, completions for a `raw` one (and, on llama-server, for one
+//! with a `suffix`).
 //!
 //! Choices, documented because OpenAI backends have no Ollama templates:
+//! - Chat always applies the backend's chat template (it cannot be
+//!   disabled over the OpenAI API), as Ollama applies the model's to a
+//!   prompt that is not `raw`: `system` becomes a system message and the
+//!   prompt (with images) the user message; `suffix` is dropped.
 //! - `/v1/completions` never applies a chat template, so every prompt is
 //!   effectively `raw`; `system` has no place there and is dropped, and
 //!   `template` is always dropped. `suffix` is forwarded when non-empty and
 //!   the backend decides (servers without fill-in-the-middle reject it,
 //!   which is better than silently completing without the suffix).
-//! - The chat fallback always applies the backend's chat template (it
-//!   cannot be disabled over the OpenAI API): `system` becomes a system
-//!   message and the prompt (with images) the user message; `suffix` is
-//!   dropped.
 //! - `raw` together with `system`/`template`/`context` is rejected with 400,
 //!   as Ollama does. `context` (Ollama's token array) cannot be mapped and
 //!   no `context` is returned.
@@ -33,9 +36,9 @@ use super::{
 /// Which OpenAI route serves `/api/generate` for this backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GenerateRoute {
-    /// `/v1/completions` (llama-server, vLLM).
+    /// `/v1/completions`: `raw` prompts, and llama-server's `suffix` ones.
     Completions,
-    /// `/v1/chat/completions`, for backends without a completions route.
+    /// `/v1/chat/completions`: every other prompt.
     Chat,
 }
 

@@ -842,8 +842,44 @@ async fn generate_raw_prompt_without_a_completions_route_is_an_ollama_error() {
     c.wait_usage(0).await;
 }
 
+/// A prompt Ollama would template (not `raw`, no `suffix`) goes to
+/// llama-server's chat route, which applies the model's chat template,
+/// with `system` as a system message and `format` as `response_format`
+/// (QA: sent to `/v1/completions` as bare text, an instruct model
+/// answered gibberish and ignored `system` and `format`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn generate_goes_to_completions_on_llama_server() {
+async fn generate_goes_to_chat_on_llama_server() {
+    let c = cluster(fake(FakeMode::LlamaServer).chunks(3)).await;
+    let schema = json!({"type": "object", "properties": {"zeta": {"type": "integer"}}});
+    let body = json!({"model": MODEL, "prompt": "say hi", "system": "you are a pirate",
+                      "format": schema, "stream": false, "options": {"num_predict": 8}});
+    let r = post_json(c.http(), &c.at("/api/generate"), &body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["response"], json!("tok0 tok1 tok2"), "{v}");
+    assert_eq!(v["done"], json!(true), "{v}");
+    let sent = last_sent(&c, "/v1/chat/completions");
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "system", "content": "you are a pirate"},
+               {"role": "user", "content": "say hi"}]),
+        "{sent}"
+    );
+    assert_eq!(
+        sent["response_format"],
+        json!({"type": "json_object", "schema": schema}),
+        "{sent}"
+    );
+    assert_eq!(sent["max_tokens"], json!(8), "{sent}");
+    assert!(sent.get("prompt").is_none(), "{sent}");
+    assert_eq!(c.backend(0).request_count("/v1/completions"), 0);
+    c.wait_usage(0).await;
+}
+
+/// With a `suffix` (fill-in-the-middle), which chat cannot carry,
+/// llama-server gets the completions route and decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_with_a_suffix_goes_to_completions_on_llama_server() {
     let c = cluster(
         fake(FakeMode::LlamaServer)
             .chunks(4)
