@@ -2243,7 +2243,7 @@ async fn a_model_missing_everywhere_is_404_in_the_client_format() {
 async fn a_missing_backend_route_is_named_in_the_error() {
     // An OpenAI-API backend without `/v1/completions` (the fake has only
     // the chat route, and answers other paths with an empty 404), which a
-    // generate needs there.
+    // raw generate needs there.
     let chat_only = Fake::start("llama_server", &["m"], Behaviour::Serve).await;
     // A FastAPI-style 404 body.
     let fastapi = Fake::start("ollama", &["llama3:latest"], Behaviour::NoRoute).await;
@@ -2251,14 +2251,14 @@ async fn a_missing_backend_route_is_named_in_the_error() {
     let gin = Fake::start("ollama", &["gemma:latest"], Behaviour::NoRouteGin).await;
     let sc = sidecar(&endpoints_yaml(&[&chat_only, &fastapi, &gin])).await;
     wait_routable(&sc, 3).await;
-    for (model, path) in [
-        ("m", "/v1/completions"),
-        ("llama3", "/api/generate"),
-        ("gemma", "/api/generate"),
+    for (model, path, raw) in [
+        ("m", "/v1/completions", true),
+        ("llama3", "/api/generate", false),
+        ("gemma", "/api/generate", false),
     ] {
         let r = client()
             .post(format!("http://{}/api/generate", sc.addr))
-            .json(&json!({"model": model, "prompt": "hi", "stream": false}))
+            .json(&json!({"model": model, "prompt": "hi", "raw": raw, "stream": false}))
             .send()
             .await
             .unwrap();
