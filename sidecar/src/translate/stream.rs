@@ -437,10 +437,16 @@ impl StreamTranslator {
             }
         }
         obj.insert("done".into(), true.into());
-        obj.insert(
-            "done_reason".into(),
-            done_reason(self.finish_reason.as_deref()).into(),
-        );
+        // A stream that ended without a finish reason was cut short (as
+        // llama-cpp-python ends an interrupted generation: `[DONE]` alone).
+        // Ollama leaves `done_reason` out when generation did not finish
+        // normally; "stop" would hide the truncation.
+        if self.finish_reason.is_some() {
+            obj.insert(
+                "done_reason".into(),
+                done_reason(self.finish_reason.as_deref()).into(),
+            );
+        }
         stats.write(&mut obj);
         out.push(Value::Object(obj));
         self.status = StreamStatus::Done;
@@ -759,6 +765,30 @@ mod tests {
         assert_eq!(last["done"], true);
         assert_eq!(last["eval_count"], 3);
         assert_eq!(t.tokens().completion, 3);
+    }
+
+    #[test]
+    fn a_stream_cut_short_has_no_done_reason() {
+        // `[DONE]` without a finish chunk: how llama-cpp-python ends an
+        // interrupted generation. Not "stop", which would hide it.
+        let c = Clock::new();
+        let mut t = chat(&c);
+        t.feed(
+            &chunk(r#"{"index":0,"delta":{"content":"Hel"},"finish_reason":null}"#),
+            c.at(10),
+        );
+        let out = t.feed("[DONE]", c.at(20));
+        let last = out.last().unwrap();
+        assert_eq!(last["done"], true, "{last}");
+        assert!(last.get("done_reason").is_none(), "{last}");
+        // With its finish chunk, the same stream says why it ended.
+        let mut t = chat(&c);
+        t.feed(
+            &chunk(r#"{"index":0,"delta":{"content":"Hel"},"finish_reason":"length"}"#),
+            c.at(10),
+        );
+        let out = t.feed("[DONE]", c.at(20));
+        assert_eq!(out.last().unwrap()["done_reason"], "length");
     }
 
     #[test]
