@@ -252,6 +252,12 @@ pub(crate) async fn exchange(
                 return retry_upstream(lease, Outcome::ModelMissing, error);
             }
             lease.finish(Outcome::ClientError, TokenCounts::default());
+            if matches!(handling, Handling::PassThrough) && is_error_object(&body) {
+                // Same API on both sides: the backend's own error as it
+                // sent it, as a success would be (llama.cpp's `n_ctx` and
+                // `n_prompt_tokens`, integer codes, vendor fields).
+                return Attempt::Answered(backend_error(status, body));
+            }
             return Attempt::Failed(ProxyError::Upstream(error));
         }
     }
@@ -486,6 +492,22 @@ async fn read_whole(
             }
         }
     }
+}
+
+/// Whether `body` is a whole JSON object with an `error` member: an error
+/// in the backend's API shape (a body cut at [`MAX_ERROR_BODY`] is not).
+fn is_error_object(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| v.get("error").is_some())
+}
+
+/// A backend's error answer, passed on unchanged (JSON).
+fn backend_error(status: StatusCode, body: Bytes) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// Reads up to [`MAX_ERROR_BODY`] bytes of an error answer; whatever

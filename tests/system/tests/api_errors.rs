@@ -9,7 +9,7 @@
 use serde_json::json;
 use switchyard_control_plane::endpoint::EndpointKind;
 use switchyard_system_tests::{
-    Cluster, FailureMode, SOON,
+    Cluster, FailureMode, FakeConfig, FakeMode, SOON,
     client::{Reply, ollama_error_text, openai_error_message, post_json, send},
     config::EndpointEntry,
     ollama_fake, openai_fake,
@@ -227,5 +227,39 @@ async fn a_501_is_tried_elsewhere_and_marks_no_backend_failing() {
     let r = post_json(c.http(), &c.at("/v1/embeddings"), &embed).await;
     assert_eq!(r.status, 501, "{}", r.text);
     openai_error_message(&r);
+    c.wait_usage(0).await;
+}
+
+/// A backend's 4xx error on the client's own API reaches the client as
+/// the backend sent it, as a success would: llama-server's integer `code`
+/// stays an integer (QA: it became a string, and llama.cpp's `n_ctx` and
+/// `n_prompt_tokens` were dropped). Translated for an Ollama client, it is
+/// in Ollama's shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_error_on_the_clients_own_api_passes_unchanged() {
+    let c = Cluster::builder()
+        .backend(FakeConfig::new(FakeMode::LlamaServer).models(&["m"]))
+        .start()
+        .await;
+    c.backend(0).set_failure(FailureMode::Status(400));
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let direct = post_json(
+        c.http(),
+        &format!("{}/v1/chat/completions", c.backend(0).url()),
+        &chat,
+    )
+    .await;
+    assert_eq!(direct.status, 400, "{}", direct.text);
+    assert!(direct.json()["error"]["code"].is_u64(), "{}", direct.text);
+    let routed = post_json(c.http(), &c.at("/v1/chat/completions"), &chat).await;
+    assert_eq!(routed.status, 400, "{}", routed.text);
+    assert_eq!(routed.json(), direct.json());
+    let ollama = post_json(c.http(), &c.at("/api/chat"), &chat).await;
+    assert_eq!(ollama.status, 400, "{}", ollama.text);
+    assert!(
+        ollama_error_text(&ollama).contains("fake backend failure"),
+        "{}",
+        ollama.text
+    );
     c.wait_usage(0).await;
 }
