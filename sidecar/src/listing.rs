@@ -173,6 +173,17 @@ async fn state_and_items(router: &Router) -> (Arc<ClusterState>, Arc<ModelCatalo
     (state, catalog)
 }
 
+/// When `endpoint`'s `/v1/models` entry for `model` says it was created,
+/// if the router's items have that entry: the `modified_at` of its
+/// `/api/show` answer, the same as its `/api/tags` item's.
+pub(crate) async fn created_on(router: &Router, endpoint: &str, model: &str) -> Option<SystemTime> {
+    let catalog = router.model_items().await;
+    let (_, items) = catalog.iter().find(|(url, _)| &**url == endpoint)?;
+    objects_by_name(&items.models, &["id"])
+        .find(|(id, _)| id == model)
+        .and_then(|(_, item)| listing::created(&item))
+}
+
 /// The endpoint's own item for `model`, named `name`.
 fn named(mut item: Value, name: &str) -> Value {
     if let Value::Object(fields) = &mut item {

@@ -63,6 +63,7 @@ use crate::{
         ResponseMeta, TranslateError, UpstreamError, chat, embed, generate,
         observe::{OllamaStreamObserver, OpenAiStreamObserver, observe_answer, response_id_of},
         stream::{SseToNdjson, StreamEnd, StreamMode, StreamTranslator},
+        timestamp,
     },
 };
 
@@ -176,7 +177,17 @@ pub(crate) async fn exchange(
     let choice = lease.choice().clone();
     let call = match forward::plan(ctx, &choice, state.backend_key(&choice.endpoint)) {
         Ok(Planned::Send(call)) => call,
-        Ok(Planned::Local(body)) => {
+        Ok(Planned::Local(mut body)) => {
+            if ctx.route == ApiRoute::OllamaShow
+                && let Some(created) = crate::listing::created_on(
+                    state.router(),
+                    &choice.endpoint,
+                    &choice.backend_model,
+                )
+                .await
+            {
+                body["modified_at"] = timestamp::rfc3339_nanos(created).into();
+            }
             lease.finish(Outcome::Ok, TokenCounts::default());
             return Attempt::Answered(local_response(ctx.stream, body));
         }

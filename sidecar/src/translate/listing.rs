@@ -194,12 +194,16 @@ pub fn tags_item_from_model(
     kind: EndpointKind,
     fallback_modified: SystemTime,
 ) -> Value {
-    let modified = item
-        .get("created")
+    tags_item(id, kind, created(item).unwrap_or(fallback_modified))
+}
+
+/// A `/v1/models` item's `created` (Unix seconds), when it has a positive
+/// one: the `modified_at` of the model's Ollama listing items.
+pub fn created(item: &Value) -> Option<SystemTime> {
+    item.get("created")
         .and_then(Value::as_i64)
         .filter(|c| *c > 0)
-        .map_or(fallback_modified, timestamp::from_unix);
-    tags_item(id, kind, modified)
+        .map(timestamp::from_unix)
 }
 
 /// `/api/tags` items for every model of a `/v1/models` body

@@ -1312,6 +1312,14 @@ async fn listings_show_openai_only_models_in_ollama_shape() {
             assert!(v[k].is_string(), "{k}: {v}");
         }
     }
+    // The same `modified_at` as its /api/tags item (the `/v1/models`
+    // entry's `created`), not the time of the request (QA).
+    let tags = get(c.http(), &c.at("/api/tags")).await.json();
+    let tag = listed(&tags, &format!("{MODEL}:latest")).unwrap_or_else(|| panic!("{tags}"));
+    let shown = post_json(c.http(), &c.at("/api/show"), &json!({"model": MODEL}))
+        .await
+        .json();
+    assert_eq!(shown["modified_at"], tag["modified_at"], "{shown} / {tag}");
     // Shown from what the sidecar knows: the backends saw no /api/show.
     for i in 0..3 {
         assert_eq!(c.backend(i).request_count("/api/show"), 0);
