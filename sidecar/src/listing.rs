@@ -167,7 +167,7 @@ fn items_missing(state: &ClusterState, catalog: &ModelCatalog) -> Option<u64> {
 async fn state_and_items(router: &Router) -> (Arc<ClusterState>, Arc<ModelCatalog>) {
     let state = router.cluster_state();
     let catalog = router.model_items().await;
-    if router.expire_items_behind(items_missing(&state, &catalog)) {
+    if router.expire_items_behind(|| items_missing(&state, &catalog)) {
         return (state, router.model_items().await);
     }
     (state, catalog)
@@ -178,10 +178,10 @@ async fn state_and_items(router: &Router) -> (Arc<ClusterState>, Arc<ModelCatalo
 /// `/api/show` answer, the same as its `/api/tags` item's.
 pub(crate) async fn created_on(router: &Router, endpoint: &str, model: &str) -> Option<SystemTime> {
     let catalog = router.model_items().await;
-    let (_, items) = catalog.iter().find(|(url, _)| &**url == endpoint)?;
-    objects_by_name(&items.models, &["id"])
-        .find(|(id, _)| id == model)
-        .and_then(|(_, item)| listing::created(&item))
+    match own_items(&catalog, endpoint, Listing::Tags).remove(model)? {
+        Own::OpenAi(item) => listing::created(&item),
+        Own::Ollama(_) => None,
+    }
 }
 
 /// The endpoint's own item for `model`, named `name`.

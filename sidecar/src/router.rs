@@ -291,12 +291,13 @@ impl Router {
         }
     }
 
-    /// Told by each listing what its items lack that its cluster state
-    /// lists (a fingerprint, `None` for nothing). Remote, the first time
-    /// they lack that, makes the next [`Self::model_items`] ask the control
-    /// plane again, and says it will. Embedded, the items are always
-    /// current: false.
-    pub fn expire_items_behind(&self, missing: Option<u64>) -> bool {
+    /// Given by each listing what its items lack that its cluster state
+    /// lists (`missing`: a fingerprint, `None` for nothing). Remote, the
+    /// first time they lack that, makes the next [`Self::model_items`] ask
+    /// the control plane again, and says it will. Embedded (or with the
+    /// sidecar's own probes), the items are always current: false, and
+    /// `missing` is not worked out.
+    pub fn expire_items_behind(&self, missing: impl FnOnce() -> Option<u64>) -> bool {
         match &*self.mode {
             Mode::Embedded(_) => false,
             Mode::Remote(r) => r.expire_items_behind(missing),

@@ -376,10 +376,10 @@ impl RemoteRouter {
     }
 
     /// See [`ItemsCache::expire_if_newly_behind`].
-    pub(crate) fn expire_items_behind(&self, missing: Option<u64>) -> bool {
+    pub(crate) fn expire_items_behind(&self, missing: impl FnOnce() -> Option<u64>) -> bool {
         self.shared.as_ref().is_some_and(|shared| {
             shared.snapshot.local_items().is_none()
-                && shared.model_items.expire_if_newly_behind(missing)
+                && shared.model_items.expire_if_newly_behind(missing())
         })
     }
 

@@ -769,26 +769,26 @@ mod tests {
 
     #[test]
     fn a_stream_cut_short_has_no_done_reason() {
+        // One piece of content with `finish_reason` (JSON), then `[DONE]`:
+        // the final chunk.
+        let c = Clock::new();
+        let end = |finish: &str| {
+            let mut t = chat(&c);
+            t.feed(
+                &chunk(&format!(
+                    r#"{{"index":0,"delta":{{"content":"Hel"}},"finish_reason":{finish}}}"#
+                )),
+                c.at(10),
+            );
+            t.feed("[DONE]", c.at(20)).pop().unwrap()
+        };
         // `[DONE]` without a finish chunk: how llama-cpp-python ends an
         // interrupted generation. Not "stop", which would hide it.
-        let c = Clock::new();
-        let mut t = chat(&c);
-        t.feed(
-            &chunk(r#"{"index":0,"delta":{"content":"Hel"},"finish_reason":null}"#),
-            c.at(10),
-        );
-        let out = t.feed("[DONE]", c.at(20));
-        let last = out.last().unwrap();
+        let last = end("null");
         assert_eq!(last["done"], true, "{last}");
         assert!(last.get("done_reason").is_none(), "{last}");
         // With its finish chunk, the same stream says why it ended.
-        let mut t = chat(&c);
-        t.feed(
-            &chunk(r#"{"index":0,"delta":{"content":"Hel"},"finish_reason":"length"}"#),
-            c.at(10),
-        );
-        let out = t.feed("[DONE]", c.at(20));
-        assert_eq!(out.last().unwrap()["done_reason"], "length");
+        assert_eq!(end(r#""length""#)["done_reason"], "length");
     }
 
     #[test]
